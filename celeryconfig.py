@@ -1,0 +1,51 @@
+"""Celery settings for scripts-coordinator, read from environment variables.
+
+Every setting has a local-Redis default, so a laptop needs no configuration.
+
+| variable                 | default                      | meaning                              |
+|--------------------------|------------------------------|--------------------------------------|
+| SC_BROKER_URL            | redis://127.0.0.1:6379/0     | the Redis that holds the node queues |
+| SC_RESULT_BACKEND        | same as SC_BROKER_URL        | where task results are kept          |
+| SC_VISIBILITY_TIMEOUT    | 43200 (12 h)                 | an unacked job is redelivered after  |
+|                          |                              | this many seconds: longer than your  |
+|                          |                              | longest job                          |
+| SC_RESULT_EXPIRES        | 604800 (7 days)              | task results expire after (seconds)  |
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+
+broker_url = os.environ.get("SC_BROKER_URL", DEFAULT_BROKER_URL)
+result_backend = os.environ.get("SC_RESULT_BACKEND", broker_url)
+
+# JSON only: a pickle from anyone who can write to the broker would be code execution.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# A job lost with its worker is delivered again: ack after the job, not before.
+task_acks_late = True
+task_reject_on_worker_lost = True
+# One job at a time per node: the worker reserves nothing beyond the job it runs.
+worker_prefetch_multiplier = 1
+worker_concurrency = 1
+
+# Flower sees every job, and `started` is a real state.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+
+broker_transport_options = {
+    "visibility_timeout": int(os.environ.get("SC_VISIBILITY_TIMEOUT", "43200")),
+}
+result_backend_transport_options = dict(broker_transport_options)
+result_expires = int(os.environ.get("SC_RESULT_EXPIRES", str(7 * 24 * 3600)))
+
+# Jobs are routed explicitly to node.<node>; nothing goes to a shared default queue.
+task_default_queue = "node.unassigned"
+broker_connection_retry_on_startup = True
+worker_hijack_root_logger = False

@@ -1,0 +1,182 @@
+"""The jobs file: the input contract of the original tool, validated all or nothing.
+
+A jobs file is a JSON list of objects (see DESIGN.md). ``load_jobs`` either
+returns every job, valid, or raises ``InvalidJobsError`` with one line that
+names the file, the job (index and job_id) and the field. Unknown keys are
+ignored so that files written for the original tool keep working.
+
+Two kinds of entry are accepted:
+
+* a script job (``script`` + ``args``), the original format;
+* a legacy scoring job (``seeds`` inline, no ``script``), from the deprecated
+  coordinator; it is converted into a script job by ``coordinator.legacy``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from coordinator.errors import InvalidJobsError
+
+# job_id is used in file names and node in queue names: keep both to safe labels.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _safe_name(value: Any) -> Any:
+    if isinstance(value, str) and (not SAFE_NAME.match(value) or ".." in value):
+        raise ValueError(
+            f"{value!r} is not a safe name (letters, digits, '.', '_', '-'; no '..')"
+        )
+    return value
+
+
+def _script_path(value: Any) -> Any:
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("must not be empty")
+        path = PurePosixPath(value)
+        if path.is_absolute() or value.startswith("~"):
+            raise ValueError(f"{value!r} is absolute; give a path inside the scripts directory")
+        if ".." in path.parts:
+            raise ValueError(f"{value!r} climbs out of the scripts directory with '..'")
+    return value
+
+
+def _arg_text(value: Any) -> Any:
+    # Numbers are passed as text, as the original tool did; anything else is an error.
+    if isinstance(value, bool):
+        raise ValueError("booleans are not valid arguments; give a string")
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+SafeName = Annotated[str, BeforeValidator(_safe_name)]
+ScriptPath = Annotated[str, BeforeValidator(_script_path)]
+ArgText = Annotated[str, BeforeValidator(_arg_text)]
+
+
+class Job(BaseModel):
+    """One script job: run ``python <script> <args>`` on ``node`` with GPU ``gpu_id``.
+
+    Parameters:
+        job_id: unique in the file; a safe name, used in file names.
+        script: path relative to the worker's scripts directory.
+        args: arguments, as strings (numbers are converted).
+        node: the node that must run the job (queue ``node.<node>``).
+        gpu_id: the GPU index, exported as ``CUDA_VISIBLE_DEVICES``.
+        timeout: optional extension: seconds before the script is killed.
+        env: optional extension: extra environment variables for the script.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    job_id: SafeName
+    script: ScriptPath
+    args: list[ArgText] = Field(default_factory=list)
+    node: SafeName
+    gpu_id: int = Field(default=0, ge=0)
+    timeout: float | None = Field(default=None, gt=0)
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class LegacyScoringJob(BaseModel):
+    """A scoring job of the deprecated coordinator: seeds inline, no script.
+
+    Parameters:
+        job_id: optional; ``legacy_<index>`` when absent.
+        seeds: the candidate seeds (integers or objects with a ``seed``).
+        prng_type, mod: as for the scoring script.
+        train_history: a path to the history file, or the draws inline.
+        node, gpu_id: as for a script job.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    job_id: SafeName | None = None
+    seeds: list[Any] = Field(min_length=1)
+    prng_type: str
+    mod: int = Field(ge=1)
+    train_history: str | list[int]
+    node: SafeName
+    gpu_id: int = Field(default=0, ge=0)
+    skip: int = Field(default=0, ge=0)
+    timeout: float | None = Field(default=None, gt=0)
+
+
+def is_legacy_entry(entry: Any) -> bool:
+    """A legacy scoring entry carries its seeds inline and names no script."""
+    return isinstance(entry, dict) and "script" not in entry and "seeds" in entry
+
+
+def _field_error(source: str, index: int, entry: Any, err: ValidationError) -> InvalidJobsError:
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "(entry)"
+    job_id = entry.get("job_id") if isinstance(entry, dict) else None
+    who = f"job {index}" + (f" (job_id {job_id!r})" if isinstance(job_id, str) else "")
+    message = first["msg"].removeprefix("Value error, ")
+    return InvalidJobsError(f"{source}: {who}: field '{field}': {message}")
+
+
+def parse_jobs(entries: Any, source: str = "jobs") -> list[Job | LegacyScoringJob]:
+    """Validate a decoded jobs list; raise ``InvalidJobsError`` on the first problem."""
+    if not isinstance(entries, list):
+        raise InvalidJobsError(
+            f"{source}: expected a JSON list of job objects, got {type(entries).__name__}"
+        )
+    if not entries:
+        raise InvalidJobsError(f"{source}: the jobs list is empty")
+    jobs: list[Job | LegacyScoringJob] = []
+    first_index: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise InvalidJobsError(
+                f"{source}: job {index}: expected an object, got {type(entry).__name__}"
+            )
+        model = LegacyScoringJob if is_legacy_entry(entry) else Job
+        try:
+            job = model.model_validate(entry)
+        except ValidationError as err:
+            raise _field_error(source, index, entry, err) from None
+        if isinstance(job, LegacyScoringJob) and job.job_id is None:
+            job = job.model_copy(update={"job_id": f"legacy_{index:04d}"})
+        assert job.job_id is not None
+        if job.job_id in first_index:
+            raise InvalidJobsError(
+                f"{source}: job {index} (job_id {job.job_id!r}): field 'job_id': duplicate, "
+                f"first used by job {first_index[job.job_id]}"
+            )
+        first_index[job.job_id] = index
+        jobs.append(job)
+    return jobs
+
+
+def load_jobs_file(path: str | Path) -> list[Job | LegacyScoringJob]:
+    """Read and validate a jobs file; every error is one line naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidJobsError(f"{path}: jobs file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidJobsError(f"{path}: cannot read jobs file: {err}") from None
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InvalidJobsError(
+            f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from None
+    return parse_jobs(entries, source=str(path))
+
+
+def load_jobs(jobs: str | Path | Sequence[dict[str, Any]]) -> list[Job | LegacyScoringJob]:
+    """Accept a jobs file path or an already decoded list of job dicts."""
+    if isinstance(jobs, str | Path):
+        return load_jobs_file(jobs)
+    return parse_jobs(list(jobs), source="jobs")

@@ -1,0 +1,108 @@
+"""Planning: from validated jobs to the exact messages each node will receive.
+
+Path rewriting (the original tool's default): the value after ``--output-file``
+becomes ``<output-dir>/<its basename>``. With ``preserve_paths`` the args pass
+untouched (Step 5 writes where its args say).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from coordinator.errors import InvalidJobsError
+from coordinator.jobs import Job
+from worker_tasks.spec import JobSpec, done_path_for
+
+OUTPUT_FLAG = "--output-file"
+
+
+def find_output_file(args: Sequence[str]) -> str | None:
+    """The value after ``--output-file`` (or of ``--output-file=VALUE``), if any."""
+    for index, arg in enumerate(args):
+        if arg == OUTPUT_FLAG and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith(OUTPUT_FLAG + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def rewrite_output_path(args: Sequence[str], output_dir: str) -> list[str]:
+    """Args with the ``--output-file`` value moved to ``<output_dir>/<basename>``."""
+    out = list(args)
+    for index, arg in enumerate(out):
+        if arg == OUTPUT_FLAG and index + 1 < len(out):
+            out[index + 1] = posixpath.join(output_dir, posixpath.basename(out[index + 1]))
+        elif arg.startswith(OUTPUT_FLAG + "="):
+            value = arg.split("=", 1)[1]
+            out[index] = f"{OUTPUT_FLAG}={posixpath.join(output_dir, posixpath.basename(value))}"
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every job of a run, as messages, in jobs-file order."""
+
+    run_id: str
+    output_dir: str
+    preserve_paths: bool
+    specs: list[JobSpec]
+
+    def by_node(self) -> dict[str, list[JobSpec]]:
+        nodes: dict[str, list[JobSpec]] = defaultdict(list)
+        for spec in self.specs:
+            nodes[spec.node].append(spec)
+        return dict(sorted(nodes.items()))
+
+    def describe(self) -> str:
+        """The dry-run text: jobs per node with their final paths."""
+        lines = [
+            f"plan: {len(self.specs)} jobs on {len(self.by_node())} nodes; output dir "
+            f"{self.output_dir}; paths {'preserved' if self.preserve_paths else 'rewritten'}"
+        ]
+        for node, specs in self.by_node().items():
+            lines.append(f"node {node} (queue node.{node}): {len(specs)} jobs, run one at a time")
+            for spec in specs:
+                lines.append(
+                    f"  {spec.job_id}  gpu {spec.gpu_id}  {spec.script} {' '.join(spec.args)}"
+                )
+                lines.append(f"      output {spec.output_file or '-'}  done {spec.done_file}")
+        return "\n".join(lines)
+
+
+def plan_jobs(
+    jobs: Sequence[Job], run_id: str, output_dir: str, preserve_paths: bool = False
+) -> Plan:
+    """Rewrite paths and derive markers; refuse two jobs that would share an output."""
+    specs: list[JobSpec] = []
+    writers: dict[str, tuple[int, str]] = {}
+    for index, job in enumerate(jobs):
+        args = list(job.args) if preserve_paths else rewrite_output_path(job.args, output_dir)
+        output = find_output_file(args)
+        done = done_path_for(output, output_dir, job.job_id)
+        normal = posixpath.normpath(done)
+        if normal in writers:
+            other_index, other_id = writers[normal]
+            raise InvalidJobsError(
+                f"jobs: job {index} (job_id {job.job_id!r}): field 'args': output "
+                f"{output or done!r} is also written by job {other_index} (job_id {other_id!r})"
+            )
+        writers[normal] = (index, job.job_id)
+        specs.append(
+            JobSpec(
+                run_id=run_id,
+                job_id=job.job_id,
+                script=job.script,
+                args=args,
+                node=job.node,
+                gpu_id=job.gpu_id,
+                output_file=output,
+                done_file=done,
+                log_file=posixpath.join(output_dir, "logs", f"{job.job_id}.log"),
+                timeout=job.timeout,
+                env=dict(job.env),
+            )
+        )
+    return Plan(run_id=run_id, output_dir=output_dir, preserve_paths=preserve_paths, specs=specs)

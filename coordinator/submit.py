@@ -1,0 +1,214 @@
+"""Submit: validate all, plan, record the run in Redis, then publish.
+
+Order matters for "nothing half-published": the whole file is validated and
+planned before Redis is touched; the run and its jobs are recorded in one
+transaction; then messages go out. If the broker fails half-way, the run is
+marked cancelled, so workers drop the messages that did get out.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import redis
+from kombu.exceptions import OperationalError
+
+from coordinator import legacy
+from coordinator.broker import broker_url as resolve_broker_url
+from coordinator.broker import connect_tracking, publisher, redact
+from coordinator.errors import BrokerUnreachableError
+from coordinator.jobs import Job, load_jobs
+from coordinator.plan import Plan, plan_jobs
+from coordinator.run import Run
+from worker_tasks.spec import RUN_JOB_TASK, JobSpec, queue_for
+from worker_tasks.tracking import (
+    RUN_TTL_S,
+    JobState,
+    RunState,
+    encode,
+    job_key,
+    jobs_key,
+    run_key,
+    runs_key,
+)
+from worker_tasks.tracking import now as timestamp
+
+DEFAULT_OUTPUT_DIR = "full_scoring_results"
+DEFAULT_CHUNK_DIR = "scoring_chunks"
+
+JobsInput = str | Path | Sequence[dict[str, Any]]
+
+
+def new_run_id() -> str:
+    """Sortable and readable: ``20261129-081500-3f9a1c``."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def prepare(
+    jobs: JobsInput,
+    output_dir: str = DEFAULT_OUTPUT_DIR,
+    preserve_paths: bool = False,
+    chunk_dir: str = DEFAULT_CHUNK_DIR,
+    run_id: str | None = None,
+) -> tuple[Plan, list[legacy.Conversion]]:
+    """Validate and plan a run; returns the plan and the legacy conversions.
+
+    Raises ``InvalidJobsError`` (exit 2) before anything is written or published.
+    Nothing is written: legacy chunk files are written by ``legacy.write_chunks``.
+    """
+    entries = load_jobs(jobs)
+    conversions = legacy.convert_all(entries, chunk_dir=chunk_dir, output_dir=output_dir)
+    script_jobs: list[Job] = [
+        conversion.job if conversion else entry
+        for entry, conversion in zip(entries, conversions, strict=True)
+    ]
+    plan = plan_jobs(script_jobs, run_id or new_run_id(), output_dir, preserve_paths)
+    return plan, [conversion for conversion in conversions if conversion]
+
+
+def record_run(client: redis.Redis, plan: Plan) -> None:
+    """Create the run and its queued jobs in one transaction."""
+    created = timestamp()
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(run_key(plan.run_id), mapping=encode({
+        "run_id": plan.run_id,
+        "state": RunState.PUBLISHING,
+        "created_at": created,
+        "output_dir": plan.output_dir,
+        "preserve_paths": plan.preserve_paths,
+        "jobs_total": len(plan.specs),
+        "nodes": sorted(plan.by_node()),
+        "submitted_from": socket.gethostname(),
+    }))
+    pipe.rpush(jobs_key(plan.run_id), *[spec.job_id for spec in plan.specs])
+    for spec in plan.specs:
+        pipe.hset(job_key(plan.run_id, spec.job_id), mapping=encode(queued_record(spec, created)))
+    for key in [run_key(plan.run_id), jobs_key(plan.run_id)] + [
+        job_key(plan.run_id, spec.job_id) for spec in plan.specs
+    ]:
+        pipe.expire(key, RUN_TTL_S)
+    pipe.zadd(runs_key(), {plan.run_id: created})
+    pipe.execute()
+
+
+def queued_record(spec: JobSpec, queued_at: float) -> dict[str, Any]:
+    return {
+        "job_id": spec.job_id, "node": spec.node, "gpu_id": spec.gpu_id,
+        "script": spec.script, "args": spec.args, "output_file": spec.output_file,
+        "done_file": spec.done_file, "log_file": spec.log_file,
+        "state": JobState.QUEUED, "attempts": 0, "queued_at": queued_at,
+        "started_at": None, "finished_at": None, "exit_code": None,
+        "duration_s": None, "error": None, "host": None,
+        "task_id": f"{spec.run_id}.{spec.job_id}.0",
+        "spec": spec.to_message(),
+    }
+
+
+def publish(client: redis.Redis, specs: Sequence[JobSpec], url: str, generation: int = 0) -> None:
+    """Send each job to its node's queue; raises ``BrokerUnreachableError`` on failure."""
+    app = publisher(url)
+    try:
+        with app.producer_or_acquire() as producer:
+            for spec in specs:
+                task_id = f"{spec.run_id}.{spec.job_id}.{generation}"
+                app.send_task(
+                    RUN_JOB_TASK,
+                    args=[spec.to_message()],
+                    queue=queue_for(spec.node),
+                    task_id=task_id,
+                    producer=producer,
+                    retry=False,
+                )
+                client.hset(job_key(spec.run_id, spec.job_id), "task_id", json.dumps(task_id))
+    except (OperationalError, OSError, redis.RedisError) as err:
+        raise BrokerUnreachableError(f"broker {redact(url)} failed while publishing: {err}") from None
+
+
+def submit(
+    jobs: JobsInput,
+    output_dir: str = DEFAULT_OUTPUT_DIR,
+    preserve_paths: bool = False,
+    broker_url: str | None = None,
+    tracking_url: str | None = None,
+    chunk_dir: str = DEFAULT_CHUNK_DIR,
+    workdir: str | Path = ".",
+) -> Run:
+    """Validate, record and publish a run; returns its handle.
+
+    ``jobs`` is a jobs file path or a list of job dicts (the jobs-file format).
+    Raises ``InvalidJobsError`` (nothing published) or ``BrokerUnreachableError``.
+    """
+    url = resolve_broker_url(broker_url)
+    plan, conversions = prepare(jobs, output_dir, preserve_paths, chunk_dir)
+    client = connect_tracking(tracking_url, url)
+    # Only now, with the input valid and Redis up, are legacy chunk files written.
+    legacy.write_chunks(conversions, Path(workdir))
+    record_run(client, plan)
+    try:
+        publish(client, plan.specs, url)
+    except BrokerUnreachableError:
+        # Workers drop messages of a cancelled run: the half that got out is harmless.
+        try:
+            client.hset(run_key(plan.run_id), "state", json.dumps(RunState.CANCELLED))
+        except redis.RedisError:
+            pass
+        raise
+    client.hset(run_key(plan.run_id), "state", json.dumps(RunState.ACTIVE))
+    return Run(plan.run_id, client, url)
+
+
+def get_run(run_id: str, broker_url: str | None = None, tracking_url: str | None = None) -> Run:
+    """A handle on an existing run (raises ``RunNotFoundError`` if unknown)."""
+    url = resolve_broker_url(broker_url)
+    run = Run(run_id, connect_tracking(tracking_url, url), url)
+    run.info()
+    return run
+
+
+def latest_run_id(client: redis.Redis) -> str | None:
+    newest = client.zrevrange(runs_key(), 0, 0)
+    return newest[0].decode() if newest else None
+
+
+def cancel_run(run: Run) -> int:
+    """Mark the run cancelled, drop its queued jobs and terminate its running ones."""
+    status = run.status()
+    run.client.hset(run_key(run.id), "state", json.dumps(RunState.CANCELLED))
+    app = publisher(run.broker_url)
+    stopped = 0
+    for job in status.jobs:
+        if job.state is JobState.QUEUED:
+            run.client.hset(job_key(run.id, job.job_id), mapping=encode(
+                {"state": JobState.CANCELLED, "finished_at": timestamp()}))
+            stopped += 1
+        elif job.state is JobState.RUNNING and job.task_id:
+            app.control.revoke(job.task_id, terminate=True, signal="SIGTERM")
+            run.client.hset(job_key(run.id, job.job_id), mapping=encode(
+                {"state": JobState.CANCELLED, "finished_at": timestamp(),
+                 "error": "cancelled while running"}))
+            stopped += 1
+    return stopped
+
+
+def retry_failed(run: Run) -> int:
+    """Publish failed and cancelled jobs again, each with a fresh task id."""
+    status = run.status()
+    retry = [job for job in status.jobs if job.state in (JobState.FAILED, JobState.CANCELLED)]
+    if not retry:
+        return 0
+    run.client.hset(run_key(run.id), "state", json.dumps(RunState.ACTIVE))
+    specs = []
+    for job in retry:
+        specs.append(JobSpec.from_message(run.spec_message(job.job_id)))
+        run.client.hset(job_key(run.id, job.job_id), mapping=encode(
+            {"state": JobState.QUEUED, "queued_at": timestamp(), "error": None,
+             "finished_at": None, "exit_code": None}))
+    generation = max(job.attempts for job in retry) + 1
+    publish(run.client, specs, run.broker_url or resolve_broker_url(None), generation)
+    return len(specs)
