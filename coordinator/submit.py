@@ -8,6 +8,7 @@ marked cancelled, so workers drop the messages that did get out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import socket
@@ -127,7 +128,8 @@ def publish(client: redis.Redis, specs: Sequence[JobSpec], url: str, generation:
                 )
                 client.hset(job_key(spec.run_id, spec.job_id), "task_id", json.dumps(task_id))
     except (OperationalError, OSError, redis.RedisError) as err:
-        raise BrokerUnreachableError(f"broker {redact(url)} failed while publishing: {err}") from None
+        message = f"broker {redact(url)} failed while publishing: {err}"
+        raise BrokerUnreachableError(message) from None
 
 
 def submit(
@@ -154,10 +156,8 @@ def submit(
         publish(client, plan.specs, url)
     except BrokerUnreachableError:
         # Workers drop messages of a cancelled run: the half that got out is harmless.
-        try:
+        with contextlib.suppress(redis.RedisError):
             client.hset(run_key(plan.run_id), "state", json.dumps(RunState.CANCELLED))
-        except redis.RedisError:
-            pass
         raise
     client.hset(run_key(plan.run_id), "state", json.dumps(RunState.ACTIVE))
     return Run(plan.run_id, client, url)

@@ -49,7 +49,9 @@ def check_prng(prng_type: str, mod: int) -> None:
         )
     info = PRNGS[prng_type]
     if not 1 <= mod <= info.mod_max:
-        raise ScoringInputError(f"--mod {mod}: must be between 1 and {info.mod_max} for {prng_type}")
+        raise ScoringInputError(
+            f"--mod {mod}: must be between 1 and {info.mod_max} for {prng_type}"
+        )
 
 
 def is_int(value: Any) -> bool:

@@ -132,7 +132,9 @@ def reference_draws(prng_type: str, seed: int, mod: int, count: int, skip: int =
     return list(islice(GENERATORS[prng_type](seed, mod), skip, skip + count))
 
 
-def reference_matches(prng_type: str, seed: int, history: list[int], mod: int, skip: int = 0) -> int:
+def reference_matches(
+    prng_type: str, seed: int, history: list[int], mod: int, skip: int = 0
+) -> int:
     """Positions where the seed's draws equal the history: the plain per-seed loop."""
     draws = reference_draws(prng_type, seed, mod, len(history), skip)
     return sum(1 for a, b in zip(draws, history, strict=True) if a == b)

@@ -1,0 +1,124 @@
+"""The collector: turn a run into ``run_summary.json``, merged outputs and a table.
+
+Success is a file: a job counts as succeeded only if its ``.done`` marker
+exists where the collector runs (the output directory is shared, or local).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from coordinator.mergers import MERGERS, MergeResult
+from coordinator.run import JobRecord, Run, RunStatus
+from worker_tasks.tracking import JobState
+
+SUMMARY_NAME = "run_summary.json"
+
+
+@dataclass(frozen=True)
+class Collection:
+    """The collected run: summary dict, where it was written, merge results."""
+
+    summary: dict[str, Any]
+    path: Path
+    merged: list[MergeResult]
+    status: RunStatus
+
+    @property
+    def all_succeeded(self) -> bool:
+        return bool(self.summary["all_succeeded"])
+
+
+def settle(job: JobRecord, workdir: Path) -> JobRecord:
+    """The job's state by the ``.done`` rule, whatever the tracking record says."""
+    marker = (workdir / job.done_file).exists()
+    if marker and not job.state.is_success:
+        return replace(job, state=JobState.SUCCEEDED)
+    if not marker and job.state.is_success:
+        return replace(job, state=JobState.FAILED,
+                       error=f"marker {job.done_file} not found where the collector runs")
+    return job
+
+
+def job_summary(job: JobRecord) -> dict[str, Any]:
+    return {
+        "job_id": job.job_id, "state": job.state.value, "node": job.node, "gpu_id": job.gpu_id,
+        "attempts": job.attempts, "exit_code": job.exit_code, "duration_s": job.duration_s,
+        "started_at": job.started_at, "finished_at": job.finished_at, "host": job.host,
+        "log": job.log_file, "output_file": job.output_file, "done_file": job.done_file,
+        "error": job.error,
+    }
+
+
+def build_summary(status: RunStatus, jobs: list[JobRecord]) -> dict[str, Any]:
+    nodes: dict[str, dict[str, Any]] = {}
+    for job in jobs:
+        node = nodes.setdefault(job.node, {"jobs": 0, "succeeded": 0, "failed": 0,
+                                           "skipped": 0, "busy_s": 0.0})
+        node["jobs"] += 1
+        if job.state.value in node:
+            node[job.state.value] += 1
+        node["busy_s"] = round(node["busy_s"] + (job.duration_s or 0.0), 3)
+    starts = [job.started_at for job in jobs if job.started_at]
+    ends = [job.finished_at for job in jobs if job.finished_at]
+    makespan = round(max(ends) - min(starts), 3) if starts and ends else 0.0
+    ok = sum(1 for job in jobs if job.state.is_success)
+    return {
+        "run_id": status.run_id,
+        "output_dir": status.output_dir,
+        "created_at": status.created_at,
+        "finished": all(job.state.is_final for job in jobs),
+        "jobs_total": len(jobs),
+        "counts": {state.value: sum(1 for j in jobs if j.state is state) for state in JobState},
+        "succeeded": ok,
+        "success_rate": round(ok / len(jobs), 4) if jobs else 0.0,
+        "all_succeeded": ok == len(jobs),
+        "makespan_s": makespan,
+        "wall_s": round(max(ends) - status.created_at, 3) if ends else 0.0,
+        "nodes": dict(sorted(nodes.items())),
+        "jobs": [job_summary(job) for job in jobs],
+    }
+
+
+def collect(run: Run, workdir: str | Path = ".") -> Collection:
+    """Settle every job by its marker, run the merge steps, write the summary."""
+    base = Path(workdir)
+    status = run.status()
+    jobs = [settle(job, base) for job in status.jobs]
+    summary = build_summary(status, jobs)
+    output_dir = Path(status.output_dir)
+    merged: list[MergeResult] = []
+    for merger in MERGERS:
+        claimed = [job for job in jobs if merger.claims(job) and job.state.is_success]
+        if claimed:
+            merged.append(merger.merge(claimed, output_dir, base))
+    summary["merged"] = {result.kind: result.details for result in merged}
+    path = base / output_dir / "run_summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return Collection(summary=summary, path=path, merged=merged, status=status)
+
+
+def render(collection: Collection) -> str:
+    """The short table printed after a run."""
+    summary = collection.summary
+    lines = [f"run {summary['run_id']}: {summary['succeeded']}/{summary['jobs_total']} succeeded "
+             f"({summary['success_rate']:.0%}), makespan {summary['makespan_s']:.1f} s",
+             f"  {'node':<16} {'jobs':>5} {'ok':>5} {'failed':>6} {'skipped':>7} {'busy s':>8}"]
+    for name, node in summary["nodes"].items():
+        lines.append(f"  {name:<16} {node['jobs']:>5} {node['succeeded']:>5} "
+                     f"{node['failed']:>6} {node['skipped']:>7} {node['busy_s']:>8.1f}")
+    for job in summary["jobs"]:
+        if job["state"] not in ("succeeded", "skipped"):
+            lines.append(f"  {job['state'].upper()} {job['job_id']} on {job['node']}: "
+                         f"{job['error'] or 'not finished'} (log {job['log']})")
+    for result in collection.merged:
+        lines.extend(result.lines)
+    lines.append(f"summary written to {collection.path}")
+    return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""A whole cluster on one machine: a private Redis and one worker per node.
+
+``LocalCluster`` is what ``coordinator local`` and the tests run. Everything it
+starts is stopped when the ``with`` block ends: normally, on an error or on
+Ctrl-C. Worker logs go to ``<log_dir>/worker-<node>.log``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from coordinator.errors import ClusterStartError
+from coordinator.redis_server import RedisServer
+from worker_tasks.app import make_app
+from worker_tasks.spec import queue_for
+
+# How long workers may take to answer a ping after starting (seconds; 2 slow cores).
+READY_TIMEOUT_S = 90.0
+# Grace for a worker's warm shutdown before it is killed (seconds).
+STOP_GRACE_S = 10.0
+
+
+def worker_command(node: str, loglevel: str = "INFO") -> list[str]:
+    """The plain Celery command line of a node's worker (what the README shows)."""
+    return [
+        sys.executable, "-m", "celery", "-A", "worker_tasks", "worker",
+        "--queues", queue_for(node), "--concurrency", "1", "--prefetch-multiplier", "1",
+        "--task-events", "--hostname", worker_name(node), "--loglevel", loglevel,
+        "--without-gossip", "--without-mingle",
+    ]
+
+
+def worker_name(node: str) -> str:
+    return f"{node}@{socket.gethostname()}"
+
+
+class LocalCluster:
+    """A private Redis plus one Celery worker (concurrency 1) per node.
+
+    Parameters:
+        nodes: node labels; each gets a worker on queue ``node.<label>``.
+        scripts_dir: where workers look up job scripts.
+        workdir: where scripts run and relative paths resolve.
+        log_dir: where worker logs go (created).
+        broker_url: use this Redis instead of starting a private one.
+        extra_env: more environment for the workers (e.g. SC_VISIBILITY_TIMEOUT).
+    """
+
+    def __init__(
+        self,
+        nodes: Iterable[str],
+        scripts_dir: str | Path = ".",
+        workdir: str | Path = ".",
+        log_dir: str | Path | None = None,
+        broker_url: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.nodes = sorted(set(nodes))
+        self.scripts_dir = Path(scripts_dir).resolve()
+        self.workdir = Path(workdir).resolve()
+        self.log_dir = Path(log_dir or self.workdir / "logs").resolve()
+        self.redis: RedisServer | None = None
+        self._broker_url = broker_url
+        self.extra_env = extra_env or {}
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def broker_url(self) -> str:
+        if self._broker_url:
+            return self._broker_url
+        assert self.redis is not None, "cluster not started"
+        return self.redis.url
+
+    def worker_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env.update(
+            SC_BROKER_URL=self.broker_url,
+            SC_RESULT_BACKEND=self.broker_url,
+            SC_TRACKING_URL=self.broker_url,
+            SC_SCRIPTS_DIR=str(self.scripts_dir),
+            SC_WORKDIR=str(self.workdir),
+        )
+        return env
+
+    def start(self) -> LocalCluster:
+        if not self._broker_url:
+            self.redis = RedisServer().start()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for node in self.nodes:
+            self.start_worker(node)
+        self.wait_ready()
+        return self
+
+    def start_worker(self, node: str) -> subprocess.Popen[bytes]:
+        with (self.log_dir / f"worker-{node}.log").open("ab") as log:
+            process = subprocess.Popen(
+                worker_command(node), cwd=self.workdir, env=self.worker_env(),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: stopping it stops its pool too
+            )
+        self.workers[node] = process
+        return process
+
+    def wait_ready(self, nodes: Iterable[str] | None = None) -> None:
+        """Block until every worker answers a ping; raise if one dies or is too slow."""
+        wanted = {worker_name(node) for node in (nodes or self.nodes)}
+        app = make_app(self.broker_url)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        try:
+            while wanted and time.monotonic() < deadline:
+                for node, process in self.workers.items():
+                    if process.poll() is not None:
+                        raise ClusterStartError(
+                            f"worker for node {node} exited with status {process.returncode}; "
+                            f"see {self.log_dir / f'worker-{node}.log'}"
+                        )
+                replies = app.control.ping(timeout=1.0) or []
+                for reply in replies:
+                    wanted -= set(reply)
+        finally:
+            app.close()
+        if wanted:
+            raise ClusterStartError(
+                f"workers {', '.join(sorted(wanted))} did not answer within "
+                f"{READY_TIMEOUT_S:g} s; see their logs in {self.log_dir}"
+            )
+
+    def stop_workers(self, nodes: Iterable[str], grace: float = STOP_GRACE_S) -> None:
+        """Warm shutdown for all at once, then kill what is left after ``grace``."""
+        processes = [self.workers.pop(node) for node in list(nodes) if node in self.workers]
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # the pool child, if it outlived its parent
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=grace)
+
+    def kill_worker(self, node: str) -> None:
+        """Kill a worker and its running job at once (a node lost mid-job)."""
+        process = self.workers.pop(node)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=STOP_GRACE_S)
+
+    def stop(self) -> None:
+        self.stop_workers(list(self.workers))
+        if self.redis is not None:
+            self.redis.close()
+            self.redis = None
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

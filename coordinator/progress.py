@@ -1,0 +1,91 @@
+"""Live progress of a run: a bar per node on a terminal, a line per change elsewhere.
+
+Pass an instance as ``on_progress`` to ``Run.wait``::
+
+    with ProgressDisplay() as progress:
+        run.wait(on_progress=progress)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from coordinator.run import RunStatus
+from worker_tasks.tracking import JobState
+
+
+class ProgressDisplay:
+    """Shows a run's progress on ``stream`` (stderr by default).
+
+    Parameters:
+        stream: where to draw.
+        live: force bars (True) or plain lines (False); default: bars on a terminal.
+    """
+
+    def __init__(self, stream: TextIO | None = None, live: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty() if live is None else live
+        self.console = Console(file=self.stream, force_terminal=self.live or None)
+        self.progress: Progress | None = None
+        self.tasks: dict[str, int] = {}
+        self.seen: dict[str, tuple[JobState, int]] = {}
+
+    def __enter__(self) -> ProgressDisplay:
+        if self.live:
+            self.progress = Progress(
+                TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+                console=self.console, refresh_per_second=4,
+            )
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __call__(self, status: RunStatus) -> None:
+        if self.progress is not None:
+            self._draw_bars(status)
+        else:
+            self._print_changes(status)
+
+    def _draw_bars(self, status: RunStatus) -> None:
+        assert self.progress is not None
+        rows = {"all": status.jobs, **status.by_node()}
+        for name, jobs in rows.items():
+            if name not in self.tasks:
+                self.tasks[name] = self.progress.add_task(name, total=len(jobs), detail="")
+            done = sum(1 for job in jobs if job.state.is_final)
+            failed = sum(1 for job in jobs if job.state is JobState.FAILED)
+            running = [job.job_id for job in jobs if job.state is JobState.RUNNING]
+            detail = f"running {running[0]}" if name != "all" and running else ""
+            if name == "all":
+                detail = status.line()
+            elif failed:
+                detail = f"{detail}  [red]{failed} failed[/red]".strip()
+            self.progress.update(self.tasks[name], completed=done, detail=detail)
+
+    def _print_changes(self, status: RunStatus) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        for job in status.jobs:
+            key = (job.state, job.attempts)
+            if self.seen.get(job.job_id) == key:
+                continue
+            first = job.job_id not in self.seen
+            self.seen[job.job_id] = key
+            if first and job.state is JobState.QUEUED:
+                continue
+            extra = ""
+            if job.state.is_final and job.duration_s is not None:
+                extra = f" in {job.duration_s:.1f} s"
+            if job.state is JobState.FAILED and job.error:
+                extra += f": {job.error}"
+            self.stream.write(f"{stamp} [{job.node}] {job.job_id} {job.state}{extra}"
+                              f"  ({status.done}/{status.total})\n")
+        self.stream.flush()

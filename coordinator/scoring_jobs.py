@@ -1,0 +1,145 @@
+"""Step 3 on the head node: split survivors into chunk jobs, and make demo data."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coordinator.errors import InvalidJobsError
+from coordinator.jobs import SAFE_NAME
+from coordinator.legacy import SCORING_SCRIPT
+from scoring.inputs import ScoringInputError, check_prng, load_history, parse_seeds, read_json
+from scoring.prng import PRNGS, reference_draws
+
+
+def write_json(path: Path, document: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(document), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def parse_nodes(spec: str) -> list[tuple[str, int]]:
+    """``rig-a,rig-b:2`` -> [(rig-a, 0), (rig-b, 0), (rig-b, 1)]: one slot per GPU."""
+    slots: list[tuple[str, int]] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, count = part.partition(":")
+        if not SAFE_NAME.match(name):
+            raise InvalidJobsError(f"--nodes: {name!r} is not a valid node name")
+        try:
+            gpus = int(count) if count else 1
+        except ValueError:
+            raise InvalidJobsError(f"--nodes: {part!r}: GPU count must be an integer") from None
+        if gpus < 1:
+            raise InvalidJobsError(f"--nodes: {part!r}: GPU count must be >= 1")
+        slots.extend((name, gpu) for gpu in range(gpus))
+    if not slots:
+        raise InvalidJobsError("--nodes: give at least one node, e.g. rig-a,rig-b:2")
+    return slots
+
+
+@dataclass(frozen=True)
+class ScoringJobs:
+    jobs_file: Path
+    chunk_files: list[Path]
+    jobs: list[dict[str, Any]]
+
+
+def generate_scoring_jobs(
+    survivors: str | Path, train_history: str, nodes: str, chunks: int, prng_type: str,
+    mod: int, jobs_file: str | Path, chunk_dir: str, output_dir: str = "full_scoring_results",
+    skip: int = 0, workdir: str | Path = ".",
+) -> ScoringJobs:
+    """Write chunk seed files and a jobs file in the original format.
+
+    Chunks are contiguous slices of the survivors, dealt round-robin over the
+    nodes' GPU slots so every node gets the same share (give or take one).
+    """
+    base = Path(workdir)
+    slots = parse_nodes(nodes)
+    if chunks < 1:
+        raise InvalidJobsError(f"--chunks {chunks}: must be >= 1")
+    try:
+        check_prng(prng_type, mod)
+        data = read_json(survivors, "survivors file")
+        parse_seeds(data, prng_type, str(survivors))
+        load_history(base / train_history, mod)
+    except ScoringInputError as err:
+        raise InvalidJobsError(str(err)) from None
+    if len(data) < chunks:
+        raise InvalidJobsError(f"--chunks {chunks}: more chunks than survivors ({len(data)})")
+    bounds = np.linspace(0, len(data), chunks + 1).astype(int)
+    jobs: list[dict[str, Any]] = []
+    chunk_files: list[Path] = []
+    for index in range(chunks):
+        job_id = f"chunk_{index:04d}"
+        seeds_file = posixpath.join(chunk_dir, f"{job_id}.json")
+        path = base / seeds_file
+        write_json(path, data[bounds[index]:bounds[index + 1]])
+        chunk_files.append(path)
+        node, gpu = slots[index % len(slots)]
+        args = ["--seeds-file", seeds_file, "--train-history", train_history,
+                "--output-file", posixpath.join(output_dir, f"{job_id}.json"),
+                "--prng-type", prng_type, "--mod", str(mod)]
+        if skip:
+            args += ["--skip", str(skip)]
+        jobs.append({"job_id": job_id, "script": SCORING_SCRIPT, "args": args,
+                     "node": node, "gpu_id": gpu})
+    jobs_path = Path(jobs_file)
+    jobs_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = jobs_path.with_name(f".{jobs_path.name}.tmp")
+    tmp.write_text(json.dumps(jobs, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, jobs_path)
+    return ScoringJobs(jobs_file=jobs_path, chunk_files=chunk_files, jobs=jobs)
+
+
+@dataclass(frozen=True)
+class DemoData:
+    survivors: Path
+    history: Path
+    secret: Path
+    secret_seed: int
+    position: int  # index of the secret seed among the candidates
+
+
+def make_demo_data(
+    out_dir: str | Path, candidates: int, draws: int, prng_type: str, mod: int,
+    secret_seed: int | None = None, rng_seed: int = 2026,
+) -> DemoData:
+    """A history drawn from a secret seed, and candidates that contain it once."""
+    try:
+        check_prng(prng_type, mod)
+    except ScoringInputError as err:
+        raise InvalidJobsError(str(err)) from None
+    if candidates < 1 or draws < 1:
+        raise InvalidJobsError("--candidates and --draws must be >= 1")
+    info = PRNGS[prng_type]
+    rng = np.random.default_rng(rng_seed)
+    low, high = max(info.seed_min, -(1 << 62)), min(info.seed_max, (1 << 62))
+    if secret_seed is None:
+        secret_seed = int(rng.integers(max(low, 1), high))
+    elif not info.seed_min <= secret_seed <= info.seed_max:
+        raise InvalidJobsError(f"--secret-seed {secret_seed} is out of range for {prng_type}")
+    seeds = rng.integers(max(low, 1), high, size=candidates, dtype=np.int64)
+    seeds = seeds[seeds != secret_seed]
+    while seeds.shape[0] < candidates - 1:  # only if a random seed equalled the secret
+        seeds = np.append(seeds, rng.integers(max(low, 1), high))
+    seeds = seeds[: candidates - 1]
+    position = int(rng.integers(0, candidates))
+    seeds = np.insert(seeds, position, secret_seed)
+    out = Path(out_dir)
+    history = reference_draws(prng_type, secret_seed, mod, draws)
+    result = DemoData(survivors=out / "survivors.json", history=out / "train_history.json",
+                      secret=out / "secret.json", secret_seed=secret_seed, position=position)
+    write_json(result.survivors, seeds.tolist())
+    write_json(result.history, {"draws": history, "prng_type": prng_type, "mod": mod,
+                                "synthetic": True})
+    write_json(result.secret, {"secret_seed": secret_seed, "prng_type": prng_type, "mod": mod,
+                               "position": position})
+    return result

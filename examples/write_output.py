@@ -1,0 +1,40 @@
+"""A tiny job script: writes a JSON output file, like a real Step script would.
+
+    python write_output.py --output-file out/x.json [--sleep S] [--exit-code N]
+        [--no-output] [--invalid-json] [--record FILE]
+"""
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--output-file", required=True)
+parser.add_argument("--sleep", type=float, default=0.0)
+parser.add_argument("--exit-code", type=int, default=0)
+parser.add_argument("--no-output", action="store_true", help="exit without writing the output")
+parser.add_argument("--invalid-json", action="store_true")
+parser.add_argument("--record", help="append start/end times here (for overlap checks)")
+args, rest = parser.parse_known_args()
+
+started = time.time()
+print(f"job on {socket.gethostname()} with CUDA_VISIBLE_DEVICES="
+      f"{os.environ.get('CUDA_VISIBLE_DEVICES')}", flush=True)
+time.sleep(args.sleep)
+if not args.no_output:
+    os.makedirs(os.path.dirname(args.output_file) or ".", exist_ok=True)
+    with open(args.output_file, "w") as fh:
+        if args.invalid_json:
+            fh.write("{not json")
+        else:
+            json.dump({"job": os.environ.get("SC_JOB_ID"), "args": rest,
+                       "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}, fh)
+if args.record:
+    with open(args.record, "a") as fh:
+        fh.write(json.dumps({"job": os.environ.get("SC_JOB_ID"),
+                             "node": os.environ.get("SC_NODE"),
+                             "start": started, "end": time.time()}) + "\n")
+sys.exit(args.exit_code)
