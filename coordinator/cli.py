@@ -96,10 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Redis URL of the broker (default: $SC_BROKER_URL or local)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    # --broker is accepted after the command too (`coordinator status RUN --broker URL`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--broker", metavar="URL", default=argparse.SUPPRESS,
+                        help="Redis URL of the broker (default: $SC_BROKER_URL or local)")
+
     def command(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help_text, description=help_text,
                                    epilog=f"example:\n  {example}\n\n{EXIT_CODES}",
-                                   formatter_class=formatter)
+                                   formatter_class=formatter, parents=[common])
 
     sub = command("submit", "validate a jobs file and publish it; prints the run id",
                   "coordinator submit --jobs-file scoring_jobs.json --output-dir results --wait")
@@ -355,15 +360,16 @@ def _terminate(signum: int, frame: Any) -> NoReturn:
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
 
 
-def run_cli(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+def run_cli(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace,
+            prog: str = PROG) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(handler(args))
     except CoordinatorError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return int(err.exit_code)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; everything this command started was stopped",
+        print(f"{prog}: interrupted; everything this command started was stopped",
               file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
 
@@ -391,7 +397,7 @@ def build_legacy_parser() -> argparse.ArgumentParser:
 def legacy_main(argv: Sequence[str] | None = None) -> int:
     args = build_legacy_parser().parse_args(argv)
     args.wait, args.json = True, False
-    return run_cli(cmd_submit, args)
+    return run_cli(cmd_submit, args, prog="scripts-coordinator")
 
 
 if __name__ == "__main__":

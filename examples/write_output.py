@@ -1,7 +1,7 @@
 """A tiny job script: writes a JSON output file, like a real Step script would.
 
     python write_output.py --output-file out/x.json [--sleep S] [--exit-code N]
-        [--no-output] [--invalid-json] [--record FILE]
+        [--no-output] [--invalid-json] [--fail-unless-exists PATH] [--record FILE]
 """
 
 import argparse
@@ -17,6 +17,8 @@ parser.add_argument("--sleep", type=float, default=0.0)
 parser.add_argument("--exit-code", type=int, default=0)
 parser.add_argument("--no-output", action="store_true", help="exit without writing the output")
 parser.add_argument("--invalid-json", action="store_true")
+parser.add_argument("--fail-unless-exists", metavar="PATH",
+                    help="exit 1 unless PATH exists (a condition fixed before a retry)")
 parser.add_argument("--record", help="append start/end times here (for overlap checks)")
 args, rest = parser.parse_known_args()
 
@@ -24,6 +26,9 @@ started = time.time()
 print(f"job on {socket.gethostname()} with CUDA_VISIBLE_DEVICES="
       f"{os.environ.get('CUDA_VISIBLE_DEVICES')}", flush=True)
 time.sleep(args.sleep)
+if args.fail_unless_exists and not os.path.exists(args.fail_unless_exists):
+    print(f"{args.fail_unless_exists} is missing", flush=True)
+    sys.exit(1)
 if not args.no_output:
     os.makedirs(os.path.dirname(args.output_file) or ".", exist_ok=True)
     with open(args.output_file, "w") as fh:

@@ -1,0 +1,251 @@
+"""End to end on a real Redis and four real Celery workers (one per node)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import redis
+
+from coordinator import JobState, get_run, submit
+from coordinator.local import LocalCluster
+from tests.conftest import NODES, echo_job, queue_lengths, run_cli, write_jobs
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_36_seed_format_jobs_over_4_nodes(cluster: LocalCluster, cluster_workdir: Path,
+                                          tmp_path: Path) -> None:
+    """The original tool's case: 36/36 done, one at a time per node, nodes in parallel."""
+    record = tmp_path / "times.jsonl"
+    jobs = [
+        {"job_id": f"chunk_{i:04d}", "script": "examples/write_output.py",
+         "args": ["--seeds-file", f"scoring_chunks/chunk_{i:04d}.json",
+                  "--output-file", f"full_scoring_results/chunk_{i:04d}.json",
+                  "--sleep", 0.2, "--record", str(record)],
+         "node": NODES[i % 4], "gpu_id": i % 2}
+        for i in range(36)
+    ]
+    jobs_file = write_jobs(tmp_path / "jobs.json", jobs)
+    result = run_cli("--jobs-file", str(jobs_file), "--output-dir", "t36",
+                     "--broker", cluster.broker_url, tool="scripts-coordinator",
+                     cwd=cluster_workdir)
+    assert result.returncode == 0, result.stderr
+    out = cluster_workdir / "t36"
+    assert len(list(out.glob("chunk_*.json.done"))) == 36
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["succeeded"] == 36 and summary["success_rate"] == 1.0
+    assert summary["counts"]["failed"] == 0
+    assert {name: node["jobs"] for name, node in summary["nodes"].items()} == {
+        node: 9 for node in NODES}
+    by_id = {job["job_id"]: job for job in summary["jobs"]}
+    assert by_id["chunk_0005"]["node"] == "rig-b" and by_id["chunk_0005"]["gpu_id"] == 1
+    assert by_id["chunk_0005"]["log"] == "t36/logs/chunk_0005.log"
+    assert "36/36 succeeded" in result.stdout
+
+    times = read_records(record)
+    assert len(times) == 36
+    per_node: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for entry in times:
+        per_node[entry["node"]].append((entry["start"], entry["end"]))
+    for node, spans in per_node.items():
+        spans.sort()
+        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+            assert start >= end, f"two jobs of {node} overlapped"
+    a, b = per_node["rig-a"], per_node["rig-b"]
+    overlapping = sum(1 for s1, e1 in a for s2, e2 in b if s1 < e2 and s2 < e1)
+    assert overlapping > 0, "nodes did not run in parallel"
+    # Each job saw its own GPU.
+    output = json.loads((out / "chunk_0005.json").read_text())
+    assert output["gpu"] == "1"
+
+
+def test_failures_are_recorded_and_do_not_stop_others(cluster: LocalCluster,
+                                                      cluster_workdir: Path) -> None:
+    jobs = [
+        echo_job("ok_1", "rig-a"),
+        echo_job("exit_3", "rig-a", "x", "--exit-code", "3"),
+        echo_job("no_output", "rig-b", "x", "--no-output"),
+        echo_job("bad_json", "rig-b", "x", "--invalid-json"),
+        {"job_id": "missing_script", "script": "no/such_script.py", "args": [], "node": "rig-c"},
+        echo_job("ok_after_missing", "rig-c"),
+    ]
+    run = submit(jobs, output_dir="fail", broker_url=cluster.broker_url)
+    status = run.wait(timeout=120)
+    states = {job.job_id: job.state for job in status.jobs}
+    assert states == {"ok_1": JobState.SUCCEEDED, "exit_3": JobState.FAILED,
+                      "no_output": JobState.FAILED, "bad_json": JobState.FAILED,
+                      "missing_script": JobState.FAILED,
+                      "ok_after_missing": JobState.SUCCEEDED}
+    out = cluster_workdir / "fail"
+    assert sorted(p.name for p in out.glob("*.done")) == ["ok_1.json.done",
+                                                           "ok_after_missing.json.done"]
+    errors = {job.job_id: job.error for job in status.jobs}
+    assert errors["exit_3"] == "script exited with status 3"
+    assert "was not written" in errors["no_output"]
+    assert "not valid JSON" in errors["bad_json"]
+    assert "not found in scripts directory" in errors["missing_script"]
+    log = (out / "logs" / "missing_script.log").read_text()
+    assert "[scripts-coordinator] FAILED: script 'no/such_script.py' not found" in log
+
+    collected = run_cli("collect", run.id, "--broker", cluster.broker_url, cwd=cluster_workdir)
+    assert collected.returncode == 1
+    assert "FAILED exit_3 on rig-a: script exited with status 3 (log fail/logs/exit_3.log)" \
+        in collected.stdout
+    summary = json.loads((out / "run_summary.json").read_text())
+    failed = {job["job_id"]: job for job in summary["jobs"] if job["state"] == "failed"}
+    assert set(failed) == {"exit_3", "no_output", "bad_json", "missing_script"}
+    assert failed["exit_3"]["exit_code"] == 3
+    assert failed["exit_3"]["log"] == "fail/logs/exit_3.log"
+    assert summary["success_rate"] == round(2 / 6, 4)
+
+
+def test_done_marker_means_skip(cluster: LocalCluster, cluster_workdir: Path,
+                                tmp_path: Path) -> None:
+    record = tmp_path / "ran.jsonl"
+    out = cluster_workdir / "resume"
+    out.mkdir()
+    (out / "first.json").write_text("{}")
+    (out / "first.json.done").write_text("{}")
+    jobs = [echo_job(name, "rig-d", "elsewhere", "--record", str(record))
+            for name in ("first", "second")]
+    run = submit(jobs, output_dir="resume", broker_url=cluster.broker_url)
+    status = run.wait(timeout=60)
+    assert {job.job_id: job.state for job in status.jobs} == {
+        "first": JobState.SKIPPED, "second": JobState.SUCCEEDED}
+    assert [entry["job"] for entry in read_records(record)] == ["second"]
+    summary = run.summary(workdir=str(cluster_workdir))
+    assert summary["all_succeeded"] and summary["counts"]["skipped"] == 1
+
+
+def test_status_wait_collect_work_from_other_processes(cluster: LocalCluster,
+                                                       cluster_workdir: Path,
+                                                       tmp_path: Path) -> None:
+    jobs_file = write_jobs(tmp_path / "jobs.json",
+                           [echo_job(f"j{i}", NODES[i % 2], "o", "--sleep", "0.3")
+                            for i in range(4)])
+    submitted = run_cli("submit", "--jobs-file", str(jobs_file), "--output-dir", "cli",
+                        "--broker", cluster.broker_url, "--json", cwd=cluster_workdir)
+    assert submitted.returncode == 0, submitted.stderr
+    run_id = json.loads(submitted.stdout)["run_id"]
+    waited = run_cli("wait", run_id, "--timeout", "60", "--broker", cluster.broker_url,
+                     cwd=cluster_workdir)
+    assert waited.returncode == 0, waited.stderr
+    assert "4/4 succeeded" in waited.stdout
+    status = run_cli("status", run_id, "--json", "--broker", cluster.broker_url)
+    document = json.loads(status.stdout)
+    assert document["finished"] is True
+    assert {job["state"] for job in document["jobs"]} == {"succeeded"}
+    assert all(job["attempts"] == 1 and job["exit_code"] == 0 for job in document["jobs"])
+    assert all(job["host"].startswith(job["node"] + "@") for job in document["jobs"])
+    # The newest run is the default.
+    plain = run_cli("status", "--broker", cluster.broker_url)
+    assert plain.returncode == 0 and run_id in plain.stdout
+
+
+def test_dry_run_prints_plan_and_publishes_nothing(cluster: LocalCluster, tmp_path: Path,
+                                                   client: redis.Redis) -> None:
+    jobs_file = write_jobs(tmp_path / "jobs.json",
+                           [echo_job("dry_a", "rig-a", "deep/path"),
+                            echo_job("dry_b", "rig-b", "deep/path")])
+    runs_before = client.zcard("sc:runs")
+    result = run_cli("submit", "--jobs-file", str(jobs_file), "--output-dir", "plan",
+                     "--dry-run", "--broker", cluster.broker_url)
+    assert result.returncode == 0, result.stderr
+    assert "node rig-a (queue node.rig-a): 1 jobs" in result.stdout
+    assert "--output-file plan/dry_a.json" in result.stdout
+    assert "done plan/dry_b.json.done" in result.stdout
+    preserved = run_cli("submit", "--jobs-file", str(jobs_file), "--dry-run", "--preserve-paths")
+    assert "--output-file deep/path/dry_a.json" in preserved.stdout
+    assert client.zcard("sc:runs") == runs_before
+    assert queue_lengths(client) == dict.fromkeys(NODES, 0)
+
+
+def test_invalid_input_exits_2_and_publishes_nothing(cluster: LocalCluster, tmp_path: Path,
+                                                     client: redis.Redis) -> None:
+    runs_before = client.zcard("sc:runs")
+    good = echo_job("good", "rig-a")
+    cases = {
+        "missing.json": None,
+        "broken.json": '[{"job_id": "x",',
+        "notlist.json": '{"jobs": []}',
+        "dupe.json": json.dumps([good, good]),
+        "escape.json": json.dumps([good, dict(good, job_id="evil", script="../evil.py")]),
+        "abs.json": json.dumps([dict(good, script="/bin/sh")]),
+        "gpu.json": json.dumps([dict(good, gpu_id=-2)]),
+        "types.json": json.dumps([dict(good, args="--x 1")]),
+    }
+    for name, text in cases.items():
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        for tool in ("coordinator", "scripts-coordinator"):
+            argv = ["--jobs-file", str(path), "--broker", cluster.broker_url]
+            result = run_cli(*(["submit", *argv] if tool == "coordinator" else argv), tool=tool)
+            assert result.returncode == 2, (name, result.stderr)
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"{tool}: error: "), lines
+            assert str(path) in lines[0]
+    assert client.zcard("sc:runs") == runs_before
+    assert queue_lengths(client) == dict.fromkeys(NODES, 0)
+
+
+def test_unreachable_broker_exits_3_quickly(tmp_path: Path) -> None:
+    from coordinator.redis_server import free_port
+
+    jobs_file = write_jobs(tmp_path / "jobs.json", [echo_job("a", "rig-a")])
+    started = time.monotonic()
+    result = run_cli("submit", "--jobs-file", str(jobs_file),
+                     "--broker", f"redis://127.0.0.1:{free_port()}/0")
+    assert result.returncode == 3
+    assert time.monotonic() - started < 15
+    assert result.stderr.startswith("coordinator: error: cannot reach Redis at redis://127.0.0.1")
+    assert len(result.stderr.strip().splitlines()) == 1
+    status = run_cli("status", "x", "--broker", f"redis://127.0.0.1:{free_port()}/0")
+    assert status.returncode == 3
+
+
+def test_unknown_run_exits_4(cluster: LocalCluster) -> None:
+    result = run_cli("status", "20990101-000000-000000", "--broker", cluster.broker_url)
+    assert result.returncode == 4
+    assert "not found" in result.stderr
+
+
+def test_retry_runs_failed_jobs_again(cluster: LocalCluster, cluster_workdir: Path) -> None:
+    flag = cluster_workdir / "retry-flag"
+    job = echo_job("flaky", "rig-a", "r", "--fail-unless-exists", str(flag))
+    run = submit([job, echo_job("steady", "rig-b")], output_dir="retry",
+                 broker_url=cluster.broker_url)
+    first = {job.job_id: job for job in run.wait(timeout=60).jobs}
+    assert first["flaky"].state is JobState.FAILED and first["flaky"].exit_code == 1
+    flag.write_text("")  # the cause is fixed
+    retried = run_cli("retry", run.id, "--wait", "--timeout", "60", "--broker",
+                      cluster.broker_url, cwd=cluster_workdir)
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert "published 1 failed or cancelled jobs again" in retried.stdout
+    after = {job.job_id: job for job in get_run(run.id, cluster.broker_url).status().jobs}
+    assert after["flaky"].state is JobState.SUCCEEDED and after["flaky"].attempts == 2
+    assert after["steady"].attempts == 1  # succeeded jobs are not run again
+    assert (cluster_workdir / "retry" / "flaky.json.done").exists()
+
+
+def test_cancel_drops_queued_jobs(cluster: LocalCluster, cluster_workdir: Path) -> None:
+    jobs = [echo_job(f"slow_{i}", "rig-c", "c", "--sleep", "1.5") for i in range(4)]
+    run = submit(jobs, output_dir="cancel", broker_url=cluster.broker_url)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # until the first job runs
+        if any(job.state is JobState.RUNNING for job in run.status().jobs):
+            break
+        time.sleep(0.1)
+    result = run_cli("cancel", run.id, "--broker", cluster.broker_url)
+    assert result.returncode == 0, result.stderr
+    status = run.wait(timeout=30)
+    states = [job.state for job in status.jobs]
+    assert states.count(JobState.CANCELLED) >= 3
+    time.sleep(2)  # a dropped message must not run later either
+    assert len(list((cluster_workdir / "cancel").glob("*.done"))) <= 1
+    assert all(job.state is not JobState.RUNNING for job in run.status().jobs)
