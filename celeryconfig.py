@@ -9,6 +9,8 @@ Every setting has a local-Redis default, so a laptop needs no configuration.
 | SC_VISIBILITY_TIMEOUT    | 43200 (12 h)                 | an unacked job is redelivered after  |
 |                          |                              | this many seconds: longer than your  |
 |                          |                              | longest job                          |
+| SC_RESTORE_INTERVAL      | 60                           | how often (seconds) a worker looks   |
+|                          |                              | for jobs past the visibility timeout |
 | SC_RESULT_EXPIRES        | 604800 (7 days)              | task results expire after (seconds)  |
 """
 
@@ -41,8 +43,10 @@ task_track_started = True
 
 broker_transport_options = {
     "visibility_timeout": int(os.environ.get("SC_VISIBILITY_TIMEOUT", "43200")),
+    # Sweep for abandoned jobs every SC_RESTORE_INTERVAL s (kombu's default is ~100 s).
+    "unacked_restore_interval": int(os.environ.get("SC_RESTORE_INTERVAL", "60")),
+    "unacked_restore_throttle": 1,
 }
-result_backend_transport_options = dict(broker_transport_options)
 result_expires = int(os.environ.get("SC_RESULT_EXPIRES", str(7 * 24 * 3600)))
 
 # Jobs are routed explicitly to node.<node>; nothing goes to a shared default queue.

@@ -1,0 +1,72 @@
+"""Faults: a node lost mid-job, and a broker that goes away and comes back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coordinator import JobState, submit
+from coordinator.local import LocalCluster
+from coordinator.redis_server import RedisServer
+from tests.conftest import REPO, echo_job
+
+# Unacked jobs come back after this many seconds (short, for the test).
+VISIBILITY_S = 4
+
+
+@pytest.fixture()
+def fault_cluster(tmp_path: Path) -> Iterator[tuple[LocalCluster, RedisServer]]:
+    with RedisServer() as server, LocalCluster(
+        ["rig-x"], scripts_dir=REPO, workdir=tmp_path, log_dir=tmp_path / "worker-logs",
+        broker_url=server.url, extra_env={"SC_VISIBILITY_TIMEOUT": str(VISIBILITY_S), "SC_RESTORE_INTERVAL": "1"},
+    ) as cluster:
+        yield cluster, server
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_job_lost_with_its_worker_is_delivered_again(
+    fault_cluster: tuple[LocalCluster, RedisServer], tmp_path: Path
+) -> None:
+    cluster, _ = fault_cluster
+    run = submit([echo_job("long", "rig-x", "o", "--sleep", "3")], output_dir="lost",
+                 broker_url=cluster.broker_url)
+    wait_for(lambda: run.status().jobs[0].state is JobState.RUNNING, 60, "the job to start")
+    cluster.kill_worker("rig-x")  # SIGKILL: the node dies mid-job, nothing is acked
+    assert not (tmp_path / "lost" / "long.json.done").exists()
+    cluster.start_worker("rig-x")
+    cluster.wait_ready(["rig-x"])
+    status = run.wait(timeout=90)
+    job = status.jobs[0]
+    assert job.state is JobState.SUCCEEDED
+    assert job.attempts == 2
+    assert (tmp_path / "lost" / "long.json.done").exists()
+    log = (tmp_path / "lost" / "logs" / "long.log").read_text()
+    assert "attempt 1 of long" in log and "attempt 2 of long" in log
+
+
+def test_workers_survive_a_broker_restart(
+    fault_cluster: tuple[LocalCluster, RedisServer], tmp_path: Path
+) -> None:
+    cluster, server = fault_cluster
+    first = submit([echo_job("before", "rig-x")], output_dir="restart",
+                   broker_url=cluster.broker_url)
+    assert first.wait(timeout=60).jobs[0].state is JobState.SUCCEEDED
+    server.stop()
+    time.sleep(1.0)
+    server.start()  # same port, empty: the worker must reconnect by itself
+    run = submit([echo_job("after", "rig-x")], output_dir="restart",
+                 broker_url=cluster.broker_url)
+    assert run.wait(timeout=90).jobs[0].state is JobState.SUCCEEDED
+    assert (tmp_path / "restart" / "after.json.done").exists()
+    assert cluster.workers["rig-x"].poll() is None
