@@ -1,0 +1,243 @@
+"""Step 3 scoring: PRNGs exact against Java and C++ references, backends, the script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scoring import cpu
+from scoring.backends import select_backend
+from scoring.prng import PRNGS, reference_draws, reference_matches
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "full_scoring_worker.py"
+
+JAVA_SOURCE = """
+public class Draws {
+    public static void main(String[] a) {
+        long seed = Long.parseLong(a[0]); int bound = Integer.parseInt(a[1]);
+        int n = Integer.parseInt(a[2]);
+        java.util.Random r = new java.util.Random(seed);
+        StringBuilder sb = new StringBuilder();
+        for (int i = 0; i < n; i++) sb.append(r.nextInt(bound)).append(' ');
+        System.out.println(sb.toString().trim());
+    }
+}
+"""
+
+CPP_SOURCE = """
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+int main(int argc, char** argv) {
+    unsigned long long seed = strtoull(argv[2], 0, 10), mod = strtoull(argv[3], 0, 10);
+    int n = atoi(argv[4]);
+    if (!strcmp(argv[1], "mt19937")) {
+        std::mt19937 g((std::mt19937::result_type)seed);
+        for (int i = 0; i < n; i++) printf("%llu ", (unsigned long long)(g() % mod));
+    } else {
+        std::minstd_rand g((std::minstd_rand::result_type)seed);
+        for (int i = 0; i < n; i++) printf("%llu ", (unsigned long long)(g() % mod));
+    }
+    printf("\\n");
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def java_draws(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    if not (shutil.which("javac") and shutil.which("java")):
+        pytest.skip("no JDK here to run java.util.Random")
+    work = tmp_path_factory.mktemp("java")
+    (work / "Draws.java").write_text(JAVA_SOURCE)
+    subprocess.run(["javac", "Draws.java"], cwd=work, check=True, timeout=120)
+
+    def draws(seed: int, bound: int, n: int) -> list[int]:
+        out = subprocess.run(["java", "-cp", str(work), "Draws", str(seed), str(bound), str(n)],
+                             capture_output=True, text=True, check=True, timeout=60)
+        return [int(v) for v in out.stdout.split()]
+
+    return draws
+
+
+@pytest.fixture(scope="module")
+def cpp_draws(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if not compiler:
+        pytest.skip("no C++ compiler here for std::mt19937 / std::minstd_rand")
+    work = tmp_path_factory.mktemp("cpp")
+    (work / "draws.cpp").write_text(CPP_SOURCE)
+    subprocess.run([compiler, "-O1", "-o", "draws", "draws.cpp"], cwd=work, check=True,
+                   timeout=120)
+
+    def draws(kind: str, seed: int, mod: int, n: int) -> list[int]:
+        out = subprocess.run([str(work / "draws"), kind, str(seed), str(mod), str(n)],
+                             capture_output=True, text=True, check=True, timeout=60)
+        return [int(v) for v in out.stdout.split()]
+
+    return draws
+
+
+@pytest.mark.parametrize(("seed", "bound"), [
+    (42, 10), (0, 1000), (-1, 1000), (2**63 - 1, 1000), (-(2**63), 7), (123456789, 16),
+    (987654321, 1 << 30), (31337, 2**31 - 1), (5, 1_500_000_000), (77, 1),
+])
+def test_java_lcg_is_java_util_random(java_draws, seed: int, bound: int) -> None:  # noqa: ANN001
+    assert reference_draws("java_lcg", seed, bound, 200) == java_draws(seed, bound, 200)
+
+
+@pytest.mark.parametrize("kind", ["mt19937", "minstd"])
+@pytest.mark.parametrize(("seed", "mod"), [(5489, 2**32), (1, 1000), (0, 7), (2**32 - 1, 1000),
+                                           (2147483647, 97), (4294967294, 2**31)])
+def test_cpp_engines_match_std(cpp_draws, kind: str, seed: int, mod: int) -> None:  # noqa: ANN001
+    if kind == "minstd" and mod > PRNGS["minstd"].mod_max:
+        mod = PRNGS["minstd"].mod_max
+    # 1300 draws: past two mt19937 state regenerations.
+    assert reference_draws(kind, seed, mod, 1300) == cpp_draws(kind, seed, mod, 1300)
+
+
+def test_known_values_without_toolchains() -> None:
+    # Published check values: C++ [rand.predef] 10000th outputs, and Java's Random(42).
+    assert reference_draws("mt19937", 5489, 2**32, 1, skip=9999) == [4123659995]
+    assert reference_draws("minstd", 1, 2**31, 1, skip=9999) == [399268537]
+    assert reference_draws("java_lcg", 42, 10, 5) == [0, 3, 8, 4, 0]
+    # xorshift32 (Marsaglia 2003, 13/17/5) from state 1.
+    assert reference_draws("xorshift32", 1, 2**32, 3) == [270369, 67634689, 2647435461]
+
+
+def random_seeds(prng: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    info = PRNGS[prng]
+    low, high = max(info.seed_min, -(2**62)), min(info.seed_max, 2**62)
+    seeds = rng.integers(low, high, size=n, dtype=np.int64)
+    if prng == "xorshift32":
+        seeds[seeds == 0] = 1
+    extremes = [info.seed_min, info.seed_max] if prng == "java_lcg" else [info.seed_max, 1]
+    dtype = np.int64 if info.seed_min < 0 else np.uint64
+    return np.concatenate([seeds.astype(dtype), np.array(extremes, dtype=dtype)])
+
+
+@pytest.mark.parametrize("prng", list(PRNGS))
+@pytest.mark.parametrize(("mod", "skip"), [(1000, 0), (16, 3), (7, 650), (2**31 - 1, 1)])
+def test_cpu_backend_equals_reference(prng: str, mod: int, skip: int) -> None:
+    rng = np.random.default_rng(abs(hash((prng, mod, skip))) % 2**32)
+    seeds = random_seeds(prng, 60, rng)
+    secret = int(seeds[5])
+    history = reference_draws(prng, secret, mod, 40, skip)
+    # Blend in noise so matches vary between 0 and len(history).
+    history = [h if i % 3 else int(rng.integers(0, mod)) for i, h in enumerate(history)]
+    got = cpu.matches(prng, seeds, np.array(history), mod, skip, chunk=17)
+    want = [reference_matches(prng, int(s), history, mod, skip) for s in seeds]
+    assert got.tolist() == want
+    assert got[5] >= 26
+
+
+def test_select_backend_falls_back_to_cpu_and_refuses_cupy_without_gpu() -> None:
+    from scoring.backends import BackendUnavailable
+    from scoring.gpu import GpuUnavailable, probe
+
+    try:
+        probe()
+    except GpuUnavailable:
+        assert select_backend("auto").name == "numpy"
+        with pytest.raises(BackendUnavailable, match="--backend cupy"):
+            select_backend("cupy")
+    else:
+        assert select_backend("auto").name == "cupy"
+
+
+def test_gpu_backend_is_bit_identical_to_cpu() -> None:
+    from scoring import gpu
+
+    try:
+        gpu.probe()
+    except gpu.GpuUnavailable as err:
+        pytest.skip(f"no GPU for the parity test: {err}")
+    rng = np.random.default_rng(7)
+    for prng in PRNGS:
+        for mod, skip in [(1000, 0), (16, 2), (2**31 - 1, 1)]:
+            seeds = random_seeds(prng, 5000, rng)
+            history = np.array(reference_draws(prng, int(seeds[9]), mod, 50, skip))
+            assert np.array_equal(gpu.matches(prng, seeds, history, mod, skip),
+                                  cpu.matches(prng, seeds, history, mod, skip)), (prng, mod)
+
+
+def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def scoring_args(seeds: str = "seeds.json", history: str = "history.json",
+                 out: str = "out/scores.json", prng: str = "java_lcg",
+                 mod: str = "1000") -> list[str]:
+    return ["--seeds-file", seeds, "--train-history", history, "--output-file", out,
+            "--prng-type", prng, "--mod", mod]
+
+
+def test_script_scores_survivor_objects_and_writes_one_document(tmp_path: Path) -> None:
+    history = reference_draws("java_lcg", 99, 1000, 30, skip=2)
+    (tmp_path / "history.json").write_text(json.dumps({"draws": history}))
+    survivors = [{"seed": 98, "origin": "window_3"}, {"seed": 99, "origin": "window_1"}]
+    (tmp_path / "seeds.json").write_text(json.dumps(survivors))
+    result = run_script(*scoring_args(), "--skip", "2", "--backend", "numpy", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "backend: numpy" in result.stderr
+    doc = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert {k: doc[k] for k in ("prng_type", "mod", "skip", "n_draws", "backend")} == {
+        "prng_type": "java_lcg", "mod": 1000, "skip": 2, "n_draws": 30, "backend": "numpy"}
+    assert doc["results"][1] == {"seed": 99, "origin": "window_1", "matches": 30, "score": 1.0}
+    assert doc["results"][0]["origin"] == "window_3"
+    assert doc["results"][0]["matches"] == reference_matches("java_lcg", 98, history, 1000, 2)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["scores.json"]  # no temp left
+
+
+@pytest.mark.parametrize(("seeds", "history", "extra", "expected"), [
+    ("[1, 2, \"x\"]", "[1, 2]", [], "seeds file seeds.json: element 2: seed 'x' is not an integer"),
+    ("[1, 2.5]", "[1, 2]", [], "element 1: seed 2.5 is not an integer"),
+    ("[1, 9223372036854775808]", "[1]", [], "element 1: seed 9223372036854775808 is out of range"),
+    ("[{\"s\": 1}]", "[1]", [], "element 0: expected an object with a 'seed' field"),
+    ("{\"seeds\": 1}", "[1]", [], "expected a JSON list of seeds"),
+    ("[1]", "[1, 1000]", [], "history file history.json: draw 1: 1000 is outside [0, 1000)"),
+    ("[1]", "{\"draws\": []}", [], "the history has no draws"),
+    ("[1]", "{\"x\": [1]}", [], "expected a list of draws"),
+    ("[1]", "[1, true]", [], "draw 1: True is not an integer"),
+    ("[1", "[1]", [], "seeds file seeds.json: invalid JSON at line 1, column 3"),
+    ("[1]", "[1]", ["--prng-type", "lcg"], "unknown PRNG 'lcg'"),
+    ("[1]", "[0]", ["--mod", "0"], "--mod 0: must be between 1"),
+    ("[0]", "[1]", ["--prng-type", "xorshift32"], "seed 0 is out of range for xorshift32"),
+    ("[-1]", "[1]", ["--prng-type", "mt19937"], "seed -1 is out of range for mt19937"),
+    ("[1]", "[1]", ["--skip", "-1"], "--skip -1: must be >= 0"),
+])
+def test_script_bad_input_is_one_line_and_writes_nothing(
+    tmp_path: Path, seeds: str, history: str, extra: list[str], expected: str
+) -> None:
+    (tmp_path / "seeds.json").write_text(seeds)
+    (tmp_path / "history.json").write_text(history)
+    result = run_script(*scoring_args(), *extra, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("full_scoring_worker: error: ")
+    assert expected in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_script_missing_file_and_cupy_without_gpu(tmp_path: Path) -> None:
+    (tmp_path / "history.json").write_text("[1]")
+    result = run_script(*scoring_args(seeds="nope.json"), cwd=tmp_path)
+    assert result.returncode == 2 and "seeds file nope.json: file not found" in result.stderr
+    (tmp_path / "seeds.json").write_text("[1]")
+    try:
+        from scoring.gpu import probe
+
+        probe()
+    except Exception:
+        result = run_script(*scoring_args(), "--backend", "cupy", cwd=tmp_path)
+        assert result.returncode == 3
+        assert "--backend cupy:" in result.stderr
+        assert not (tmp_path / "out").exists()
