@@ -5,9 +5,10 @@ One compiled loop per PRNG, each ``(states, history, mod, skip, out)``:
 receives the number of matches of seed i. Seeds are scored in chunks of
 ``CHUNK_SEEDS``, so the working memory is bounded whatever the input size.
 
-Modulo by a run-time ``mod`` is done with a double-precision reciprocal and
-one correction step (exact for values below 2^33): it is several times
-cheaper than an integer division, which dominates the plain loop.
+Modulo by a run-time ``mod`` avoids the integer division that dominates the
+plain loop: java_lcg's 31-bit values use an exact multiply-and-shift
+(Granlund-Montgomery), the 32-bit PRNGs a double-precision reciprocal with
+one correction step (exact below 2^33).
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def _mod(x: int, d: int, inv: float) -> int:
     return r
 
 
+def java_magic(mod: int) -> tuple[int, int]:
+    """(m, shift) with (u * m) >> shift == u // mod for every 0 <= u < 2^31."""
+    shift = 31 + max(0, (mod - 1).bit_length())
+    return -(-(1 << shift) // mod), shift
+
+
 @nb.njit(inline="always")
 def _java_next31(state: np.uint64) -> tuple[np.uint64, int]:
     state = (state * J_MULT + J_INC) & J_MASK
@@ -50,30 +57,35 @@ def _java_next31(state: np.uint64) -> tuple[np.uint64, int]:
 
 
 @nb.njit(inline="always")
-def _java_next_int(state: np.uint64, mod: int, inv: float, pow2: bool) -> tuple[np.uint64, int]:
+def _java_next_int(state: np.uint64, mod: int, magic: int, shift: int,
+                   pow2: bool) -> tuple[np.uint64, int]:
     state, u = _java_next31(state)
     if pow2:
         return state, (mod * u) >> 31
-    r = _mod(u, mod, inv)
+    r = u - ((u * magic) >> shift) * mod
     while u - r + (mod - 1) >= TWO31:  # Java's int overflow test: reject, draw again
         state, u = _java_next31(state)
-        r = _mod(u, mod, inv)
+        r = u - ((u * magic) >> shift) * mod
     return state, r
 
 
 @nb.njit(parallel=True, cache=True)
-def java_lcg_matches(states, history, mod, skip, out):  # noqa: ANN001 - compiled
-    inv = 1.0 / mod
+def _java_lcg(states, history, mod, skip, out, magic, shift):  # noqa: ANN001 - compiled
     pow2 = (mod & (mod - 1)) == 0
     for s in nb.prange(states.shape[0]):
         state = states[s]
         for _ in range(skip):
-            state, r = _java_next_int(state, mod, inv, pow2)
+            state, r = _java_next_int(state, mod, magic, shift, pow2)
         matches = 0
         for i in range(history.shape[0]):
-            state, r = _java_next_int(state, mod, inv, pow2)
+            state, r = _java_next_int(state, mod, magic, shift, pow2)
             matches += r == history[i]
         out[s] = matches
+
+
+def java_lcg_matches(states, history, mod, skip, out):  # noqa: ANN001
+    magic, shift = java_magic(int(mod))
+    _java_lcg(states, history, mod, skip, out, np.int64(magic), np.int64(shift))
 
 
 @nb.njit(inline="always")

@@ -21,7 +21,8 @@ VISIBILITY_S = 4
 def fault_cluster(tmp_path: Path) -> Iterator[tuple[LocalCluster, RedisServer]]:
     with RedisServer() as server, LocalCluster(
         ["rig-x"], scripts_dir=REPO, workdir=tmp_path, log_dir=tmp_path / "worker-logs",
-        broker_url=server.url, extra_env={"SC_VISIBILITY_TIMEOUT": str(VISIBILITY_S), "SC_RESTORE_INTERVAL": "1"},
+        broker_url=server.url,
+        extra_env={"SC_VISIBILITY_TIMEOUT": str(VISIBILITY_S), "SC_RESTORE_INTERVAL": "1"},
     ) as cluster:
         yield cluster, server
 

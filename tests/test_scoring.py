@@ -241,3 +241,15 @@ def test_script_missing_file_and_cupy_without_gpu(tmp_path: Path) -> None:
         assert result.returncode == 3
         assert "--backend cupy:" in result.stderr
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mod", [1, 3, 7, 10, 999, 1000, 12345, 2**30 + 1, 1_500_000_000,
+                                 2**31 - 1])
+def test_java_modulo_magic_is_exact(mod: int) -> None:
+    magic, shift = cpu.java_magic(mod)
+    rng = np.random.default_rng(mod)
+    values = np.concatenate([rng.integers(0, 2**31, 20000),
+                             [0, 1, mod - 1, mod, mod + 1, 2**31 - 2, 2**31 - 1]])
+    values = values[values < 2**31].astype(object)  # exact Python integers
+    assert magic * (2**31 - 1) < 2**63  # the product fits a signed 64-bit register
+    assert all((int(u) * magic) >> shift == int(u) // mod for u in values)
