@@ -6,12 +6,11 @@ exists where the collector runs (the output directory is shared, or local).
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from coordinator.files import write_json_atomically
 from coordinator.mergers import MERGERS, MergeResult
 from coordinator.run import JobRecord, Run, RunStatus
 from worker_tasks.tracking import JobState
@@ -97,11 +96,7 @@ def collect(run: Run, workdir: str | Path = ".") -> Collection:
         if claimed:
             merged.append(merger.merge(claimed, output_dir, base))
     summary["merged"] = {result.kind: result.details for result in merged}
-    path = base / output_dir / "run_summary.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    path = write_json_atomically(base / output_dir / SUMMARY_NAME, summary, indent=2)
     return Collection(summary=summary, path=path, merged=merged, status=status)
 
 

@@ -7,8 +7,6 @@ Conversion is pure; ``write_chunks`` writes the files once the run is accepted.
 
 from __future__ import annotations
 
-import json
-import os
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.errors import InvalidJobsError
+from coordinator.files import write_json_atomically
 from coordinator.jobs import Job, LegacyScoringJob
 from scoring.inputs import ScoringInputError, check_prng, parse_history, parse_seeds
 
@@ -78,8 +77,4 @@ def write_chunks(conversions: Sequence[Conversion], workdir: Path) -> None:
     """Write every converted job's files under ``workdir`` (atomically, each)."""
     for conversion in conversions:
         for relative, document in conversion.files.items():
-            path = workdir / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(document), encoding="utf-8")
-            os.replace(tmp, path)
+            write_json_atomically(workdir / relative, document)

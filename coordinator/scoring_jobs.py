@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,17 +10,11 @@ from typing import Any
 import numpy as np
 
 from coordinator.errors import InvalidJobsError
+from coordinator.files import write_json_atomically
 from coordinator.jobs import SAFE_NAME
 from coordinator.legacy import SCORING_SCRIPT
 from scoring.inputs import ScoringInputError, check_prng, load_history, parse_seeds, read_json
 from scoring.prng import PRNGS, reference_draws
-
-
-def write_json(path: Path, document: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(document), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def parse_nodes(spec: str) -> list[tuple[str, int]]:
@@ -81,7 +73,7 @@ def generate_scoring_jobs(
         job_id = f"chunk_{index:04d}"
         seeds_file = posixpath.join(chunk_dir, f"{job_id}.json")
         path = base / seeds_file
-        write_json(path, data[bounds[index]:bounds[index + 1]])
+        write_json_atomically(path, data[bounds[index]:bounds[index + 1]])
         chunk_files.append(path)
         node, gpu = slots[index % len(slots)]
         args = ["--seeds-file", seeds_file, "--train-history", train_history,
@@ -91,11 +83,7 @@ def generate_scoring_jobs(
             args += ["--skip", str(skip)]
         jobs.append({"job_id": job_id, "script": SCORING_SCRIPT, "args": args,
                      "node": node, "gpu_id": gpu})
-    jobs_path = Path(jobs_file)
-    jobs_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = jobs_path.with_name(f".{jobs_path.name}.tmp")
-    tmp.write_text(json.dumps(jobs, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, jobs_path)
+    jobs_path = write_json_atomically(jobs_file, jobs, indent=2)
     return ScoringJobs(jobs_file=jobs_path, chunk_files=chunk_files, jobs=jobs)
 
 
@@ -137,9 +125,9 @@ def make_demo_data(
     history = reference_draws(prng_type, secret_seed, mod, draws)
     result = DemoData(survivors=out / "survivors.json", history=out / "train_history.json",
                       secret=out / "secret.json", secret_seed=secret_seed, position=position)
-    write_json(result.survivors, seeds.tolist())
-    write_json(result.history, {"draws": history, "prng_type": prng_type, "mod": mod,
-                                "synthetic": True})
-    write_json(result.secret, {"secret_seed": secret_seed, "prng_type": prng_type, "mod": mod,
-                               "position": position})
+    write_json_atomically(result.survivors, seeds.tolist())
+    params = {"prng_type": prng_type, "mod": mod}
+    write_json_atomically(result.history, {"draws": history, **params, "synthetic": True})
+    write_json_atomically(result.secret, {"secret_seed": secret_seed, **params,
+                                          "position": position})
     return result

@@ -70,7 +70,10 @@ def _java_next_int(state: np.uint64, mod: int, magic: int, shift: int,
 
 
 @nb.njit(parallel=True, cache=True)
-def _java_lcg(states, history, mod, skip, out, magic, shift):  # noqa: ANN001 - compiled
+def _java_lcg(
+    states: np.ndarray, history: np.ndarray, mod: int, skip: int, out: np.ndarray,
+    magic: int, shift: int,
+) -> None:
     pow2 = (mod & (mod - 1)) == 0
     for s in nb.prange(states.shape[0]):
         state = states[s]
@@ -83,13 +86,15 @@ def _java_lcg(states, history, mod, skip, out, magic, shift):  # noqa: ANN001 - 
         out[s] = matches
 
 
-def java_lcg_matches(states, history, mod, skip, out):  # noqa: ANN001
+def java_lcg_matches(
+    states: np.ndarray, history: np.ndarray, mod: int, skip: int, out: np.ndarray
+) -> None:
     magic, shift = java_magic(int(mod))
     _java_lcg(states, history, mod, skip, out, np.int64(magic), np.int64(shift))
 
 
 @nb.njit(inline="always")
-def _mt_twist(mt):  # noqa: ANN001
+def _mt_twist(mt: np.ndarray) -> None:
     for i in range(624):
         y = (mt[i] & U64(0x80000000)) | (mt[(i + 1) % 624] & U64(0x7FFFFFFF))
         v = mt[(i + 397) % 624] ^ (y >> U64(1))
@@ -99,7 +104,9 @@ def _mt_twist(mt):  # noqa: ANN001
 
 
 @nb.njit(parallel=True, cache=True)
-def mt19937_matches(states, history, mod, skip, out):  # noqa: ANN001
+def mt19937_matches(
+    states: np.ndarray, history: np.ndarray, mod: int, skip: int, out: np.ndarray
+) -> None:
     inv = 1.0 / mod
     n = states.shape[0]
     total = skip + history.shape[0]
@@ -129,7 +136,9 @@ def mt19937_matches(states, history, mod, skip, out):  # noqa: ANN001
 
 
 @nb.njit(parallel=True, cache=True)
-def minstd_matches(states, history, mod, skip, out):  # noqa: ANN001
+def minstd_matches(
+    states: np.ndarray, history: np.ndarray, mod: int, skip: int, out: np.ndarray
+) -> None:
     inv = 1.0 / mod
     for s in nb.prange(states.shape[0]):
         x = np.int64(states[s])
@@ -143,7 +152,9 @@ def minstd_matches(states, history, mod, skip, out):  # noqa: ANN001
 
 
 @nb.njit(parallel=True, cache=True)
-def xorshift32_matches(states, history, mod, skip, out):  # noqa: ANN001
+def xorshift32_matches(
+    states: np.ndarray, history: np.ndarray, mod: int, skip: int, out: np.ndarray
+) -> None:
     inv = 1.0 / mod
     for s in nb.prange(states.shape[0]):
         x = states[s] & M32

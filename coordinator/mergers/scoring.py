@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from coordinator.files import write_json_atomically
 
 if TYPE_CHECKING:
     from coordinator.mergers import MergeResult
@@ -45,12 +46,7 @@ class ScoringMerger:
         results.sort(key=lambda record: (-record["score"], record["seed"]))
         merged = {**parameters, "mixed_parameters": mixed, "chunks": len(jobs),
                   "n_seeds": len(results), "results": results}
-        path = workdir / output_dir / MERGED_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("w", encoding="utf-8") as fh:
-            json.dump(merged, fh, separators=(",", ":"))
-        os.replace(tmp, path)
+        path = write_json_atomically(workdir / output_dir / MERGED_NAME, merged)
         lines = [f"merged {len(results)} seeds from {len(jobs)} chunks into "
                  f"{output_dir / MERGED_NAME}", f"top {min(TOP_N, len(results))} by score:",
                  f"  {'rank':>4}  {'seed':>20}  {'matches':>7}  {'score':>8}"]
