@@ -45,5 +45,22 @@ def connect_tracking(url: str | None = None, broker: str | None = None) -> redis
 
 
 def publisher(url: str | None = None) -> Celery:
-    """The Celery app used to publish jobs (same settings as the workers)."""
-    return make_app(broker_url(url))
+    """The Celery app used to publish jobs (same settings as the workers).
+
+    Its result backend is disabled: the head node reads job states from the
+    tracking records, and a Redis backend would subscribe to every task's result
+    channel as it is sent. Workers still store results with their own settings.
+    """
+    app = make_app(broker_url(url))
+    app.conf.result_backend = None
+    return app
+
+
+def check_broker(app: Celery) -> None:
+    """Connect once, fast: raises ``BrokerUnreachableError`` instead of retrying for long."""
+    url = app.conf.broker_url
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=CONNECT_TIMEOUT_S)
+    except Exception as err:  # kombu raises OperationalError or the transport's own
+        raise BrokerUnreachableError(f"cannot reach the broker at {redact(url)}: {err}") from None

@@ -66,7 +66,7 @@ class ProgressDisplay:
             running = [job.job_id for job in jobs if job.state is JobState.RUNNING]
             detail = f"running {running[0]}" if name != "all" and running else ""
             if name == "all":
-                detail = status.line()
+                detail = status.counts_text()
             elif failed:
                 detail = f"{detail}  [red]{failed} failed[/red]".strip()
             self.progress.update(self.tasks[name], completed=done, detail=detail)

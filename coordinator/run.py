@@ -90,11 +90,14 @@ class RunStatus:
             nodes[job.node].append(job)
         return dict(sorted(nodes.items()))
 
+    def counts_text(self) -> str:
+        """``11 succeeded, 1 failed, 4 running``: the non-zero states."""
+        counts = self.counts
+        return ", ".join(f"{counts[state]} {state}" for state in JobState if counts[state])
+
     def line(self) -> str:
         """One line for logs: ``12/36 final: 11 succeeded, 1 failed, 4 running``."""
-        counts = self.counts
-        parts = [f"{counts[state]} {state}" for state in JobState if counts[state]]
-        return f"{self.done}/{self.total} final: " + ", ".join(parts)
+        return f"{self.done}/{self.total} final: {self.counts_text()}"
 
 
 class Run:

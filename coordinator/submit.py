@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from celery import Celery
 from kombu.exceptions import OperationalError
 
 from coordinator import legacy
 from coordinator.broker import broker_url as resolve_broker_url
-from coordinator.broker import connect_tracking, publisher, redact
+from coordinator.broker import check_broker, connect_tracking, publisher, redact
 from coordinator.errors import BrokerUnreachableError
 from coordinator.jobs import Job, load_jobs
 from coordinator.plan import Plan, plan_jobs
@@ -111,9 +112,10 @@ def queued_record(spec: JobSpec, queued_at: float) -> dict[str, Any]:
     }
 
 
-def publish(client: redis.Redis, specs: Sequence[JobSpec], url: str, generation: int = 0) -> None:
+def publish(
+    client: redis.Redis, specs: Sequence[JobSpec], app: Celery, generation: int = 0
+) -> None:
     """Send each job to its node's queue; raises ``BrokerUnreachableError`` on failure."""
-    app = publisher(url)
     try:
         with app.producer_or_acquire() as producer:
             for spec in specs:
@@ -128,7 +130,7 @@ def publish(client: redis.Redis, specs: Sequence[JobSpec], url: str, generation:
                 )
                 client.hset(job_key(spec.run_id, spec.job_id), "task_id", json.dumps(task_id))
     except (OperationalError, OSError, redis.RedisError) as err:
-        message = f"broker {redact(url)} failed while publishing: {err}"
+        message = f"broker {redact(app.conf.broker_url)} failed while publishing: {err}"
         raise BrokerUnreachableError(message) from None
 
 
@@ -149,11 +151,13 @@ def submit(
     url = resolve_broker_url(broker_url)
     plan, conversions = prepare(jobs, output_dir, preserve_paths, chunk_dir)
     client = connect_tracking(tracking_url, url)
+    app = publisher(url)
+    check_broker(app)
     # Only now, with the input valid and Redis up, are legacy chunk files written.
     legacy.write_chunks(conversions, Path(workdir))
     record_run(client, plan)
     try:
-        publish(client, plan.specs, url)
+        publish(client, plan.specs, app)
     except BrokerUnreachableError:
         # Workers drop messages of a cancelled run: the half that got out is harmless.
         with contextlib.suppress(redis.RedisError):
@@ -198,17 +202,19 @@ def cancel_run(run: Run) -> int:
 
 def retry_failed(run: Run) -> int:
     """Publish failed and cancelled jobs again, each with a fresh task id."""
-    status = run.status()
-    retry = [job for job in status.jobs if job.state in (JobState.FAILED, JobState.CANCELLED)]
+    retry = [job for job in run.status().jobs
+             if job.state in (JobState.FAILED, JobState.CANCELLED)]
     if not retry:
         return 0
-    run.client.hset(run_key(run.id), "state", json.dumps(RunState.ACTIVE))
-    specs = []
+    app = publisher(run.broker_url)
+    check_broker(app)
+    specs = [JobSpec.from_message(run.spec_message(job.job_id)) for job in retry]
+    pipe = run.client.pipeline(transaction=True)
     for job in retry:
-        specs.append(JobSpec.from_message(run.spec_message(job.job_id)))
-        run.client.hset(job_key(run.id, job.job_id), mapping=encode(
+        pipe.hset(job_key(run.id, job.job_id), mapping=encode(
             {"state": JobState.QUEUED, "queued_at": timestamp(), "error": None,
              "finished_at": None, "exit_code": None}))
-    generation = max(job.attempts for job in retry) + 1
-    publish(run.client, specs, run.broker_url or resolve_broker_url(None), generation)
+    pipe.hset(run_key(run.id), "state", json.dumps(RunState.ACTIVE))
+    pipe.execute()
+    publish(run.client, specs, app, generation=max(job.attempts for job in retry) + 1)
     return len(specs)

@@ -11,6 +11,7 @@ import redis
 
 from coordinator import JobState, get_run, submit
 from coordinator.local import LocalCluster
+from coordinator.redis_server import RedisServer, free_port
 from tests.conftest import NODES, echo_job, queue_lengths, run_cli, write_jobs
 
 
@@ -195,8 +196,6 @@ def test_invalid_input_exits_2_and_publishes_nothing(cluster: LocalCluster, tmp_
 
 
 def test_unreachable_broker_exits_3_quickly(tmp_path: Path) -> None:
-    from coordinator.redis_server import free_port
-
     jobs_file = write_jobs(tmp_path / "jobs.json", [echo_job("a", "rig-a")])
     started = time.monotonic()
     result = run_cli("submit", "--jobs-file", str(jobs_file),
@@ -207,6 +206,19 @@ def test_unreachable_broker_exits_3_quickly(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
     status = run_cli("status", "x", "--broker", f"redis://127.0.0.1:{free_port()}/0")
     assert status.returncode == 3
+
+
+def test_broker_down_with_tracking_up_records_nothing(
+    redis_server: RedisServer, client: redis.Redis, tmp_path: Path
+) -> None:
+    jobs_file = write_jobs(tmp_path / "jobs.json", [echo_job("a", "rig-a")])
+    runs_before = client.zcard("sc:runs")
+    result = run_cli("submit", "--jobs-file", str(jobs_file),
+                     "--broker", f"redis://127.0.0.1:{free_port()}/0",
+                     env={"SC_TRACKING_URL": redis_server.url})
+    assert result.returncode == 3
+    assert "cannot reach the broker at redis://127.0.0.1" in result.stderr
+    assert client.zcard("sc:runs") == runs_before
 
 
 def test_unknown_run_exits_4(cluster: LocalCluster) -> None:
