@@ -63,7 +63,8 @@ def formatter(prog: str) -> argparse.HelpFormatter:
 def add_original_flags(parser: argparse.ArgumentParser) -> None:
     """The original tool's flags, unchanged in name, default and meaning."""
     parser.add_argument("--jobs-file", required=True, metavar="FILE",
-                        help="JSON list of jobs (see DESIGN.md); refused whole if any is invalid")
+                        help="JSON list of jobs (job_id, script, args, node, gpu_id); refused "
+                             "whole if any job is invalid")
     parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, metavar="DIR",
                         help="base output directory (default: %(default)s); each job's "
                              "--output-file becomes DIR/<its basename>")
@@ -74,6 +75,16 @@ def add_original_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-dir", default=DEFAULT_CHUNK_DIR, metavar="DIR",
                         help="where inline seeds of legacy scoring jobs are written "
                              "(default: %(default)s)")
+
+
+def add_follow_flags(parser: argparse.ArgumentParser, workdir: bool = True) -> None:
+    """Flags of every command that follows a run to its end and collects it."""
+    parser.add_argument("--timeout", type=float, metavar="S",
+                        help="give up waiting after S seconds (exit 5; the run goes on)")
+    if workdir:
+        parser.add_argument("--workdir", default=".", metavar="DIR",
+                            help="where the output directory is, as the workers see it, for "
+                                 "collecting (default: .)")
 
 
 def add_run_arg(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_original_flags(sub)
     sub.add_argument("--wait", action="store_true",
                      help="follow the run with progress, then collect (like scripts-coordinator)")
-    sub.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up after S s")
+    add_follow_flags(sub)
     sub.add_argument("--json", action="store_true", help="print the run id as JSON")
     sub.set_defaults(handler=cmd_submit)
 
@@ -124,9 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("wait", "follow a run with a live progress display until every job is final",
                   "coordinator wait 20261129-081500-3f9a1c --timeout 900")
     add_run_arg(sub)
-    sub.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds (exit 5)")
-    sub.add_argument("--workdir", default=".", metavar="DIR",
-                     help="where the output directory is, to collect (default: .)")
+    add_follow_flags(sub)
     sub.set_defaults(handler=cmd_wait)
 
     sub = command("collect", "write run_summary.json (and merged outputs) and print the table",
@@ -145,8 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "coordinator retry 20261129-081500-3f9a1c --wait")
     add_run_arg(sub)
     sub.add_argument("--wait", action="store_true", help="follow the run, then collect")
-    sub.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up after S s")
-    sub.add_argument("--workdir", default=".", metavar="DIR", help="for collecting (default: .)")
+    add_follow_flags(sub)
     sub.set_defaults(handler=cmd_retry)
 
     sub = command("worker", "run this machine's Celery worker for one node (queue node.NAME)",
@@ -160,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "coordinator local --jobs-file examples/hello_jobs.json --output-dir out")
     add_original_flags(sub)
     add_place_flags(sub)
-    sub.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds (exit 5)")
+    add_follow_flags(sub, workdir=False)
     sub.set_defaults(handler=cmd_local)
 
     jobs = command("jobs", "write jobs files for a workload",
@@ -249,7 +257,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(json.dumps({"run_id": run.id}) if args.json else run.id, flush=True)
     print(f"published {total} jobs; follow with: coordinator wait {run.id}", file=sys.stderr)
     if args.wait:
-        return follow(run, args.timeout, ".")
+        return follow(run, args.timeout, args.workdir)
     return ExitCode.OK
 
 
@@ -390,7 +398,7 @@ def build_legacy_parser() -> argparse.ArgumentParser:
     )
     add_original_flags(parser)
     parser.add_argument("--broker", metavar="URL", help="Redis URL (default: $SC_BROKER_URL)")
-    parser.add_argument("--timeout", type=float, metavar="S", help="give up after S s (exit 5)")
+    add_follow_flags(parser)
     return parser
 
 

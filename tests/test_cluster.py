@@ -221,6 +221,20 @@ def test_broker_down_with_tracking_up_records_nothing(
     assert client.zcard("sc:runs") == runs_before
 
 
+def test_wait_timeout_exits_5_and_cancel_ends_the_run(cluster: LocalCluster,
+                                                      tmp_path: Path) -> None:
+    # No worker serves rig-z: the job stays queued.
+    run = submit([echo_job("orphan", "rig-z")], output_dir="orphan",
+                 broker_url=cluster.broker_url)
+    started = time.monotonic()
+    result = run_cli("wait", run.id, "--timeout", "1.5", "--broker", cluster.broker_url)
+    assert result.returncode == 5
+    assert time.monotonic() - started < 30
+    assert "not finished after 1.5 s (0/1 final: 1 queued)" in result.stderr
+    assert run_cli("cancel", run.id, "--broker", cluster.broker_url).returncode == 0
+    assert run.wait(timeout=5).jobs[0].state is JobState.CANCELLED
+
+
 def test_unknown_run_exits_4(cluster: LocalCluster) -> None:
     result = run_cli("status", "20990101-000000-000000", "--broker", cluster.broker_url)
     assert result.returncode == 4
