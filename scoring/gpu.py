@@ -16,7 +16,7 @@ import numpy as np
 
 from scoring.cpu import initial_states
 
-# Draws that fit the 48 KiB of static shared memory as int32.
+# Draws that fit the 48 KiB of static shared memory as uint32.
 SHARED_HISTORY_MAX = 12 * 1024
 THREADS_PER_BLOCK = 256
 # Seeds per launch: bounds device memory (8 + 4 bytes per seed) whatever the input.
@@ -61,9 +61,9 @@ __device__ __forceinline__ u32 draw(u64 &s) {
 }
 
 extern "C" __global__ void score(const u64* __restrict__ states,
-                                 const int* __restrict__ history, int n_draws,
+                                 const u32* __restrict__ history, int n_draws,
                                  int* __restrict__ out, long long n_seeds) {
-    __shared__ int hist[SHARED_N];
+    __shared__ u32 hist[SHARED_N];
     for (int i = threadIdx.x; i < SHARED_N && i < n_draws; i += blockDim.x) hist[i] = history[i];
     __syncthreads();
     long long seed = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -88,8 +88,8 @@ extern "C" __global__ void score(const u64* __restrict__ states,
         y ^= y >> 11; y ^= (y << 7) & 0x9d2c5680u; y ^= (y << 15) & 0xefc60000u; y ^= y >> 18;
         u32 r = (u32)((u64)y % (u64)MOD);
         if (i >= SKIP) {
-            int h = (i - SKIP < SHARED_N) ? hist[i - SKIP] : __ldg(&history[i - SKIP]);
-            matches += (r == (u32)h);
+            u32 h = (i - SKIP < SHARED_N) ? hist[i - SKIP] : __ldg(&history[i - SKIP]);
+            matches += (r == h);
         }
     }
     out[seed] = matches;
@@ -97,8 +97,8 @@ extern "C" __global__ void score(const u64* __restrict__ states,
     for (int i = 0; i < SKIP; i++) draw(s);
     int matches = 0;
     for (int i = 0; i < n_draws; i++) {
-        int h = (i < SHARED_N) ? hist[i] : __ldg(&history[i]);
-        matches += (draw(s) == (u32)h);
+        u32 h = (i < SHARED_N) ? hist[i] : __ldg(&history[i]);
+        matches += (draw(s) == h);
     }
     out[seed] = matches;
 #endif
@@ -154,7 +154,7 @@ def matches(
     import cupy
 
     kernel = _kernel(prng_type, int(mod), int(skip))
-    hist = cupy.asarray(np.ascontiguousarray(history, dtype=np.int32))
+    hist = cupy.asarray(np.asarray(history, dtype=np.int64).astype(np.uint32))  # draws < 2^32
     out = np.empty(seeds.shape[0], dtype=np.int32)
     for start in range(0, seeds.shape[0], chunk):
         states = cupy.asarray(initial_states(prng_type, seeds[start:start + chunk]))
