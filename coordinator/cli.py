@@ -212,10 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def existing_dir(value: str) -> str:
+    """An argparse type: the directory must exist (exit 2 otherwise)."""
+    if not Path(value).is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a directory")
+    return value
+
+
 def add_place_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scripts-dir", default=".", metavar="DIR",
+    parser.add_argument("--scripts-dir", default=".", metavar="DIR", type=existing_dir,
                         help="where job scripts are looked up (default: current directory)")
-    parser.add_argument("--workdir", default=".", metavar="DIR",
+    parser.add_argument("--workdir", default=".", metavar="DIR", type=existing_dir,
                         help="where scripts run and relative paths resolve (default: .)")
 
 
@@ -376,6 +383,9 @@ def run_cli(handler: Callable[[argparse.Namespace], int], args: argparse.Namespa
     except CoordinatorError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return int(err.exit_code)
+    except OSError as err:  # a file or directory the command needed; no traceback
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return int(ExitCode.JOBS_FAILED)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; everything this command started was stopped",
               file=sys.stderr)

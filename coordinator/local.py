@@ -94,6 +94,7 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         if not self._broker_url:
             self.redis = RedisServer().start()
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for node in self.nodes:
             self.start_worker(node)
