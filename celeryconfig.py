@@ -49,6 +49,10 @@ broker_transport_options = {
 }
 result_expires = int(os.environ.get("SC_RESULT_EXPIRES", str(7 * 24 * 3600)))
 
+# A broker blip must not kill a running GPU job: it finishes and writes its .done; its
+# message comes back after the visibility timeout and is skipped for that marker.
+worker_cancel_long_running_tasks_on_connection_loss = False
+
 # Jobs are routed explicitly to node.<node>; nothing goes to a shared default queue.
 task_default_queue = "node.unassigned"
 broker_connection_retry_on_startup = True

@@ -10,16 +10,17 @@ import argparse
 import json
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from coordinator.broker import broker_url as resolve_broker_url
-from coordinator.broker import connect_tracking
+from coordinator.broker import connect_tracking, publisher
 from coordinator.collector import collect, render
 from coordinator.errors import CoordinatorError, ExitCode, RunNotFoundError
 from coordinator.progress import ProgressDisplay
-from coordinator.run import Run
+from coordinator.run import Run, RunStatus
 from coordinator.submit import (
     DEFAULT_CHUNK_DIR,
     DEFAULT_OUTPUT_DIR,
@@ -28,6 +29,8 @@ from coordinator.submit import (
     prepare,
     submit,
 )
+from coordinator.workers import unserved_nodes, workers_by_node
+from worker_tasks.tracking import runs_key
 
 PROG = "coordinator"
 
@@ -131,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arg(sub)
     sub.add_argument("--json", action="store_true", help="machine-readable output")
     sub.set_defaults(handler=cmd_status)
+
+    sub = command("runs", "list the newest runs with their progress",
+                  "coordinator runs --limit 5")
+    sub.add_argument("--limit", type=int, default=10, help="how many runs (default: 10)")
+    sub.set_defaults(handler=cmd_runs)
 
     sub = command("wait", "follow a run with a live progress display until every job is final",
                   "coordinator wait 20261129-081500-3f9a1c --timeout 900")
@@ -260,11 +268,37 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return ExitCode.OK
     run = submit(args.jobs_file, args.output_dir, args.preserve_paths, args.broker,
                  chunk_dir=args.chunk_dir)
-    total = len(run.status().jobs)
+    status = run.status()
     print(json.dumps({"run_id": run.id}) if args.json else run.id, flush=True)
-    print(f"published {total} jobs; follow with: coordinator wait {run.id}", file=sys.stderr)
+    print(f"published {status.total} jobs; follow with: coordinator wait {run.id}",
+          file=sys.stderr)
+    warn_unserved(status, args.broker)
     if args.wait:
         return follow(run, args.timeout, args.workdir)
+    return ExitCode.OK
+
+
+def warn_unserved(status: RunStatus, broker: str | None) -> None:
+    """Say which nodes have no worker: their jobs would wait silently otherwise."""
+    by_node = status.by_node()
+    for node in unserved_nodes(publisher(broker), sorted(by_node)):
+        print(f"{PROG}: warning: no worker serves node {node} (queue node.{node}); its "
+              f"{len(by_node[node])} jobs wait until one starts: coordinator worker --node {node}",
+              file=sys.stderr)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    client = connect_tracking(None, args.broker)
+    run_ids = [raw.decode() for raw in client.zrevrange(runs_key(), 0, args.limit - 1)]
+    if not run_ids:
+        print("no runs recorded in this Redis yet")
+    for run_id in run_ids:
+        try:
+            status = Run(run_id, client).status()
+        except RunNotFoundError:  # expired since it was listed
+            continue
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.created_at))
+        print(f"{run_id}  {created}  {status.state:<10} {status.line()}")
     return ExitCode.OK
 
 
@@ -277,8 +311,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                           "jobs": [vars(job) for job in status.jobs]}, default=str, indent=2))
         return ExitCode.OK
     print(f"run {status.run_id} ({status.state}): {status.line()}")
+    served = workers_by_node(publisher(args.broker))
     for node, jobs in status.by_node().items():
-        print(f"  node {node}:")
+        workers = ", ".join(served.get(node, [])) or "no worker running"
+        print(f"  node {node} ({workers}):")
         for job in jobs:
             extra = f" exit {job.exit_code}" if job.exit_code not in (None, 0) else ""
             extra += f" {job.duration_s:.1f} s" if job.duration_s is not None else ""

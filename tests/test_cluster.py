@@ -223,16 +223,30 @@ def test_broker_down_with_tracking_up_records_nothing(
 
 def test_wait_timeout_exits_5_and_cancel_ends_the_run(cluster: LocalCluster,
                                                       tmp_path: Path) -> None:
-    # No worker serves rig-z: the job stays queued.
-    run = submit([echo_job("orphan", "rig-z")], output_dir="orphan",
-                 broker_url=cluster.broker_url)
+    # No worker serves rig-z: the job stays queued, and submit says so.
+    jobs_file = write_jobs(tmp_path / "jobs.json", [echo_job("orphan", "rig-z"),
+                                                    echo_job("served", "rig-a")])
+    submitted = run_cli("submit", "--jobs-file", str(jobs_file), "--output-dir", "orphan",
+                        "--broker", cluster.broker_url)
+    assert submitted.returncode == 0, submitted.stderr
+    assert ("coordinator: warning: no worker serves node rig-z (queue node.rig-z); its 1 jobs "
+            "wait until one starts") in submitted.stderr
+    assert "rig-a" not in submitted.stderr.split("warning", 1)[1]
+    run = get_run(submitted.stdout.strip(), cluster.broker_url)
     started = time.monotonic()
     result = run_cli("wait", run.id, "--timeout", "1.5", "--broker", cluster.broker_url)
     assert result.returncode == 5
     assert time.monotonic() - started < 30
-    assert "not finished after 1.5 s (0/1 final: 1 queued)" in result.stderr
+    assert f"run {run.id}: not finished after 1.5 s (" in result.stderr
+    assert "1 queued" in result.stderr  # the orphan; the other job may be done or not
+    status = run_cli("status", run.id, "--broker", cluster.broker_url)
+    assert "node rig-z (no worker running):" in status.stdout
+    assert "node rig-a (rig-a@" in status.stdout
+    listed = run_cli("runs", "--limit", "3", "--broker", cluster.broker_url)
+    assert listed.returncode == 0 and listed.stdout.startswith(run.id)
     assert run_cli("cancel", run.id, "--broker", cluster.broker_url).returncode == 0
-    assert run.wait(timeout=5).jobs[0].state is JobState.CANCELLED
+    assert {job.job_id: job.state for job in run.wait(timeout=5).jobs} == {
+        "orphan": JobState.CANCELLED, "served": JobState.SUCCEEDED}
 
 
 def test_unknown_run_exits_4(cluster: LocalCluster) -> None:
