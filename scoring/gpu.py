@@ -14,8 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from scoring.cpu import initial_states
-
 # Draws that fit the 48 KiB of static shared memory as uint32.
 SHARED_HISTORY_MAX = 12 * 1024
 THREADS_PER_BLOCK = 256
@@ -60,7 +58,19 @@ __device__ __forceinline__ u32 draw(u64 &s) {
 #endif
 }
 
-extern "C" __global__ void score(const u64* __restrict__ states,
+// The constructor's work, per thread: seeds arrive as raw 64-bit values.
+__device__ __forceinline__ u64 initial_state(u64 seed) {
+#if PRNG == 0
+    return (seed ^ 0x5DEECE66DULL) & ((1ULL << 48) - 1);  // java.util.Random(seed)
+#elif PRNG == 2
+    u64 s = seed % 2147483647ULL;  // linear_congruential_engine::seed
+    return s ? s : 1;
+#else
+    return seed & 0xffffffffULL;
+#endif
+}
+
+extern "C" __global__ void score(const u64* __restrict__ seeds,
                                  const u32* __restrict__ history, int n_draws,
                                  int* __restrict__ out, long long n_seeds) {
     __shared__ u32 hist[SHARED_N];
@@ -68,7 +78,7 @@ extern "C" __global__ void score(const u64* __restrict__ states,
     __syncthreads();
     long long seed = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (seed >= n_seeds) return;
-    u64 s = states[seed];
+    u64 s = initial_state(seeds[seed]);
 #if PRNG == 1
     // std::mt19937: per-thread 624-word state in local memory.
     u32 mt[624];
@@ -153,15 +163,24 @@ def matches(
     """Matches per seed (int32), computed on the GPU, chunk by chunk."""
     import cupy
 
-    kernel = _kernel(prng_type, int(mod), int(skip))
+    raw = np.ascontiguousarray(seeds).view(np.uint64)  # int64 Java longs keep their bits
     hist = cupy.asarray(np.asarray(history, dtype=np.int64).astype(np.uint32))  # draws < 2^32
-    out = np.empty(seeds.shape[0], dtype=np.int32)
-    for start in range(0, seeds.shape[0], chunk):
-        states = cupy.asarray(initial_states(prng_type, seeds[start:start + chunk]))
-        n = states.shape[0]
-        result = cupy.empty(n, dtype=cupy.int32)
-        blocks = (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
-        kernel((blocks,), (THREADS_PER_BLOCK,),
-               (states, hist, np.int32(hist.shape[0]), result, np.int64(n)))
-        out[start:start + n] = result.get()
+    out = np.empty(raw.shape[0], dtype=np.int32)
+    for start in range(0, raw.shape[0], chunk):
+        on_device = cupy.asarray(raw[start:start + chunk])
+        out[start:start + on_device.shape[0]] = device_matches(
+            prng_type, on_device, hist, mod, skip).get()
     return out
+
+
+def device_matches(prng_type: str, seeds: Any, history: Any, mod: int, skip: int = 0) -> Any:
+    """The kernel alone, on arrays already on the device (uint64 seeds, uint32 history)."""
+    import cupy
+
+    kernel = _kernel(prng_type, int(mod), int(skip))
+    n = seeds.shape[0]
+    result = cupy.empty(n, dtype=cupy.int32)
+    blocks = (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
+    kernel((blocks,), (THREADS_PER_BLOCK,),
+           (seeds, history, np.int32(history.shape[0]), result, np.int64(n)))
+    return result

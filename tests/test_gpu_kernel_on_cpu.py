@@ -38,7 +38,7 @@ template <typename T> static inline T __ldg(const T* p) { return *p; }
 HARNESS = r"""
 int main(int argc, char** argv) {
     long long n = atoll(argv[1]); int k = atoi(argv[2]);
-    std::vector<u64> states(n); std::vector<u32> hist(k); std::vector<int> out(n);
+    std::vector<u64> states(n);  // raw seeds std::vector<u32> hist(k); std::vector<int> out(n);
     FILE* f = fopen(argv[3], "rb"); fread(states.data(), 8, n, f); fclose(f);
     f = fopen(argv[4], "rb"); fread(hist.data(), 4, k, f); fclose(f);
     for (long long b = 0; b < n; b++) {
@@ -68,7 +68,7 @@ def run_kernel(compiler: str, work: Path, prng: str, seeds: np.ndarray, history:
     subprocess.run([compiler, "-O1", "-w", f"-DPRNG={PRNG_CODES[prng]}", f"-DMOD={mod_literal}",
                     f"-DSKIP={skip}", f"-DSHARED_N={shared_n}", "-o", str(binary), str(source)],
                    check=True, timeout=120)
-    cpu.initial_states(prng, seeds).tofile(work / "states.bin")
+    seeds.view(np.uint64).tofile(work / "states.bin")  # raw seeds, as the GPU receives them
     history.astype(np.uint32).tofile(work / "hist.bin")
     subprocess.run([str(binary), str(len(seeds)), str(len(history)), str(work / "states.bin"),
                     str(work / "hist.bin"), str(work / "out.bin")], check=True, timeout=120)
@@ -88,8 +88,11 @@ def test_cuda_kernel_source_matches_cpu_backend(compiler: str, tmp_path: Path, p
     rng = np.random.default_rng(mod + skip)
     info = PRNGS[prng]
     low, high = max(info.seed_min, -(2**62)), min(info.seed_max, 2**62)
-    seeds = rng.integers(max(low, 1), high, size=300, dtype=np.int64)
-    seeds = seeds.astype(np.int64 if info.seed_min < 0 else np.uint64)
+    seeds = rng.integers(max(low, 1), high, size=300, dtype=np.int64).tolist()
+    # Edge seeds: negative Java longs; minstd seeds that are multiples of 2^31 - 1.
+    seeds += ([-1, -(2**63), 2**63 - 1, -123456789] if prng == "java_lcg"
+              else [2**32 - 1, 2147483647, 4294967294, 1])
+    seeds = np.array(seeds, dtype=np.int64 if info.seed_min < 0 else np.uint64)
     draws = reference_draws(prng, int(seeds[11]), mod, 40, skip)
     history = np.array([d if i % 4 else int(rng.integers(0, mod)) for i, d in enumerate(draws)],
                        dtype=np.int64)
