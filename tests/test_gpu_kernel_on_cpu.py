@@ -38,7 +38,7 @@ template <typename T> static inline T __ldg(const T* p) { return *p; }
 HARNESS = r"""
 int main(int argc, char** argv) {
     long long n = atoll(argv[1]); int k = atoi(argv[2]);
-    std::vector<u64> states(n);  // raw seeds std::vector<u32> hist(k); std::vector<int> out(n);
+    std::vector<u64> states(n); std::vector<u32> hist(k); std::vector<int> out(n);
     FILE* f = fopen(argv[3], "rb"); fread(states.data(), 8, n, f); fclose(f);
     f = fopen(argv[4], "rb"); fread(hist.data(), 4, k, f); fclose(f);
     for (long long b = 0; b < n; b++) {
