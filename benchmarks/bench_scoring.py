@@ -1,7 +1,7 @@
 """Scoring throughput: seed-draws per second per backend, against two baselines.
 
     python benchmarks/bench_scoring.py [--seeds N] [--draws K] [--prng-type java_lcg]
-                                       [--mod 1000] [--python-seeds N]
+                                       [--mod 1000] [--python-seeds N] [--gpu-seeds N]
 
 Baselines, measured in the same run on the same seeds and history:
   * a plain per-seed Python loop (``scoring.prng.reference_matches``) on a subset;
@@ -89,6 +89,35 @@ def c_loop(
     return float(out.stdout), np.fromfile(work / "out.bin", dtype=np.int32)
 
 
+def gpu_rows(args: argparse.Namespace, seeds: np.ndarray, history: np.ndarray,
+             cpu_matches: np.ndarray) -> list[tuple[str, int, float]]:
+    """The CuPy backend on --gpu-seeds seeds: kernel alone, and end to end from host arrays."""
+    import cupy
+
+    from scoring import gpu
+
+    detail = gpu.probe()
+    # The first len(seeds) GPU seeds are the CPU rows' seeds, to check the matches.
+    extra = np.random.default_rng(2).integers(1, 2**62, size=max(0, args.gpu_seeds - len(seeds)))
+    big = np.concatenate([seeds, extra.astype(seeds.dtype)])
+    gpu.matches(args.prng_type, big[:1024], history, args.mod)  # compile once
+    t_end, on_gpu = timed(gpu.matches, args.prng_type, big, history, args.mod)
+    assert np.array_equal(on_gpu[: len(seeds)], cpu_matches), "GPU backend != CPU backend"
+    dev_seeds = cupy.asarray(big.view(np.uint64))
+    dev_hist = cupy.asarray(history.astype(np.uint32))
+    gpu.device_matches(args.prng_type, dev_seeds, dev_hist, args.mod)
+    cupy.cuda.Device().synchronize()
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        result = gpu.device_matches(args.prng_type, dev_seeds, dev_hist, args.mod)
+        cupy.cuda.Device().synchronize()
+        runs.append(time.perf_counter() - start)
+    assert np.array_equal(result.get(), on_gpu), "GPU kernel differs between runs"
+    return [(f"cupy kernel only, best of 3 ({detail})", len(big), min(runs)),
+            ("cupy end to end (host arrays in and out)", len(big), t_end)]
+
+
 def timed(fn, *args) -> tuple[float, np.ndarray]:  # noqa: ANN001
     start = time.perf_counter()
     result = fn(*args)
@@ -104,6 +133,8 @@ def main() -> int:
     parser.add_argument("--mod", type=int, default=1000)
     parser.add_argument("--python-seeds", type=int, default=3000,
                         help="seeds for the slow pure-Python baseline")
+    parser.add_argument("--gpu-seeds", type=int, default=100_000_000,
+                        help="seeds for the GPU rows (default: 10^8)")
     args = parser.parse_args()
 
     rng = np.random.default_rng(1)
@@ -145,13 +176,7 @@ def main() -> int:
     rows.append((f"numpy backend, {cores} threads", len(seeds), tn))
 
     try:
-        from scoring import gpu
-
-        detail = gpu.probe()
-        gpu.matches(args.prng_type, seeds[:1024], history, args.mod)  # compile
-        tg, on_gpu = timed(gpu.matches, args.prng_type, seeds, history, args.mod)
-        assert np.array_equal(on_gpu, single), "GPU backend != CPU backend"
-        rows.append((f"cupy backend ({detail})", len(seeds), tg))
+        rows += gpu_rows(args, seeds, history, single)
     except Exception as err:  # noqa: BLE001 - report and go on without a GPU
         print(f"cupy backend: not measured ({err})")
 

@@ -14,13 +14,17 @@ from typing import Any
 
 import numpy as np
 
-# Draws that fit the 48 KiB of static shared memory as uint32.
+# Draws kept in shared memory (48 KiB of uint32, the default per-block limit); the rest
+# is read from global memory.
 SHARED_HISTORY_MAX = 12 * 1024
 THREADS_PER_BLOCK = 256
 # Seeds per launch: bounds device memory (8 + 4 bytes per seed) whatever the input.
 CHUNK_SEEDS = 1 << 26
 
 KERNEL_SOURCE = r"""
+#ifndef DECLARE_SHARED_HISTORY
+#define DECLARE_SHARED_HISTORY extern __shared__ u32 hist[];
+#endif
 typedef unsigned long long u64;
 typedef unsigned int u32;
 
@@ -71,10 +75,11 @@ __device__ __forceinline__ u64 initial_state(u64 seed) {
 }
 
 extern "C" __global__ void score(const u64* __restrict__ seeds,
-                                 const u32* __restrict__ history, int n_draws,
+                                 const u32* __restrict__ history, int n_draws, int n_shared,
                                  int* __restrict__ out, long long n_seeds) {
-    __shared__ u32 hist[SHARED_N];
-    for (int i = threadIdx.x; i < SHARED_N && i < n_draws; i += blockDim.x) hist[i] = history[i];
+    // Dynamic shared memory sized to the history: short histories keep occupancy high.
+    DECLARE_SHARED_HISTORY
+    for (int i = threadIdx.x; i < n_shared; i += blockDim.x) hist[i] = history[i];
     __syncthreads();
     long long seed = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (seed >= n_seeds) return;
@@ -98,7 +103,7 @@ extern "C" __global__ void score(const u64* __restrict__ seeds,
         y ^= y >> 11; y ^= (y << 7) & 0x9d2c5680u; y ^= (y << 15) & 0xefc60000u; y ^= y >> 18;
         u32 r = (u32)((u64)y % (u64)MOD);
         if (i >= SKIP) {
-            u32 h = (i - SKIP < SHARED_N) ? hist[i - SKIP] : __ldg(&history[i - SKIP]);
+            u32 h = (i - SKIP < n_shared) ? hist[i - SKIP] : __ldg(&history[i - SKIP]);
             matches += (r == h);
         }
     }
@@ -107,7 +112,7 @@ extern "C" __global__ void score(const u64* __restrict__ seeds,
     for (int i = 0; i < SKIP; i++) draw(s);
     int matches = 0;
     for (int i = 0; i < n_draws; i++) {
-        u32 h = (i < SHARED_N) ? hist[i] : __ldg(&history[i]);
+        u32 h = (i < n_shared) ? hist[i] : __ldg(&history[i]);
         matches += (draw(s) == h);
     }
     out[seed] = matches;
@@ -150,7 +155,6 @@ def _kernel(prng_type: str, mod: int, skip: int) -> Any:
         f"-DPRNG={PRNG_CODES[prng_type]}",
         f"-DMOD={mod}u" if mod < (1 << 32) else f"-DMOD={mod}ULL",
         f"-DSKIP={skip}",
-        f"-DSHARED_N={SHARED_HISTORY_MAX}",
         "-std=c++14",
     )
     return cupy.RawModule(code=KERNEL_SOURCE, options=options).get_function("score")
@@ -181,6 +185,8 @@ def device_matches(prng_type: str, seeds: Any, history: Any, mod: int, skip: int
     n = seeds.shape[0]
     result = cupy.empty(n, dtype=cupy.int32)
     blocks = (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
+    n_shared = min(history.shape[0], SHARED_HISTORY_MAX)
     kernel((blocks,), (THREADS_PER_BLOCK,),
-           (seeds, history, np.int32(history.shape[0]), result, np.int64(n)))
+           (seeds, history, np.int32(history.shape[0]), np.int32(n_shared), result, np.int64(n)),
+           shared_mem=n_shared * 4)
     return result

@@ -28,7 +28,7 @@ PRELUDE = r"""
 #define __device__
 #define __forceinline__ inline
 #define __restrict__
-#define __shared__ static
+#define DECLARE_SHARED_HISTORY static u32 hist[1 << 16];
 struct dim { unsigned int x; };
 static dim threadIdx = {0}, blockIdx = {0}, blockDim = {1};
 static inline void __syncthreads() {}
@@ -37,13 +37,13 @@ template <typename T> static inline T __ldg(const T* p) { return *p; }
 
 HARNESS = r"""
 int main(int argc, char** argv) {
-    long long n = atoll(argv[1]); int k = atoi(argv[2]);
+    long long n = atoll(argv[1]); int k = atoi(argv[2]); int n_shared = atoi(argv[6]);
     std::vector<u64> states(n); std::vector<u32> hist(k); std::vector<int> out(n);
     FILE* f = fopen(argv[3], "rb"); fread(states.data(), 8, n, f); fclose(f);
     f = fopen(argv[4], "rb"); fread(hist.data(), 4, k, f); fclose(f);
     for (long long b = 0; b < n; b++) {
         blockIdx.x = (unsigned int)b;
-        score(states.data(), hist.data(), k, out.data(), n);
+        score(states.data(), hist.data(), k, n_shared, out.data(), n);
     }
     f = fopen(argv[5], "wb"); fwrite(out.data(), 4, n, f); fclose(f);
     return 0;
@@ -66,12 +66,14 @@ def run_kernel(compiler: str, work: Path, prng: str, seeds: np.ndarray, history:
     binary = work / f"kernel_{prng}_{mod}_{skip}_{shared_n}"
     mod_literal = f"{mod}u" if mod < (1 << 32) else f"{mod}ULL"
     subprocess.run([compiler, "-O1", "-w", f"-DPRNG={PRNG_CODES[prng]}", f"-DMOD={mod_literal}",
-                    f"-DSKIP={skip}", f"-DSHARED_N={shared_n}", "-o", str(binary), str(source)],
+                    f"-DSKIP={skip}", "-o", str(binary), str(source)],
                    check=True, timeout=120)
     seeds.view(np.uint64).tofile(work / "states.bin")  # raw seeds, as the GPU receives them
     history.astype(np.uint32).tofile(work / "hist.bin")
+    n_shared = min(shared_n, len(history))
     subprocess.run([str(binary), str(len(seeds)), str(len(history)), str(work / "states.bin"),
-                    str(work / "hist.bin"), str(work / "out.bin")], check=True, timeout=120)
+                    str(work / "hist.bin"), str(work / "out.bin"), str(n_shared)],
+                   check=True, timeout=120)
     return np.fromfile(work / "out.bin", dtype=np.int32)
 
 
