@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import redis
+
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.broker import connect_tracking, publisher
 from coordinator.collector import collect, render
@@ -244,10 +246,19 @@ def resolve_run(args: argparse.Namespace) -> Run:
     return get_run(newest, args.broker)
 
 
-def follow(run: Run, timeout: float | None, workdir: str | Path) -> int:
-    """Wait with progress, collect, print the table; the exit status of the run."""
-    with ProgressDisplay() as progress:
-        run.wait(timeout=timeout, on_progress=progress)
+def follow(run: Run, timeout: float | None, workdir: str | Path, detached: bool = True) -> int:
+    """Wait with progress, collect, print the table; the exit status of the run.
+
+    ``detached``: the run lives on a cluster that outlives this command (not ``local``).
+    """
+    try:
+        with ProgressDisplay() as progress:
+            run.wait(timeout=timeout, on_progress=progress)
+    except KeyboardInterrupt:
+        if detached:
+            print(f"{PROG}: stopped following run {run.id}; it goes on without this command "
+                  f"(coordinator wait {run.id} / coordinator cancel {run.id})", file=sys.stderr)
+        raise
     collection = collect(run, workdir=workdir)
     print(render(collection), flush=True)
     return ExitCode.OK if collection.all_succeeded else ExitCode.JOBS_FAILED
@@ -377,11 +388,17 @@ def cmd_local(args: argparse.Namespace) -> int:
     print(f"local cluster: private Redis and {len(nodes)} workers ({', '.join(nodes)})",
           file=sys.stderr, flush=True)
     log_dir = workdir / args.output_dir / "logs"
-    with LocalCluster(nodes, args.scripts_dir, workdir, log_dir=log_dir) as cluster:
-        run = submit(Path(args.jobs_file).resolve(), args.output_dir, args.preserve_paths,
-                     cluster.broker_url, chunk_dir=args.chunk_dir, workdir=workdir)
-        print(f"run {run.id}: {len(plan.specs)} jobs published", file=sys.stderr, flush=True)
-        return follow(run, args.timeout, workdir)
+    try:
+        with LocalCluster(nodes, args.scripts_dir, workdir, log_dir=log_dir) as cluster:
+            run = submit(Path(args.jobs_file).resolve(), args.output_dir, args.preserve_paths,
+                         cluster.broker_url, chunk_dir=args.chunk_dir, workdir=workdir)
+            print(f"run {run.id}: {len(plan.specs)} jobs published", file=sys.stderr,
+                  flush=True)
+            return follow(run, args.timeout, workdir, detached=False)
+    except KeyboardInterrupt:
+        print(f"{PROG}: stopped the local cluster: its Redis, workers and running jobs",
+              file=sys.stderr)
+        raise
 
 
 def cmd_jobs_scoring(args: argparse.Namespace) -> int:
@@ -419,12 +436,14 @@ def run_cli(handler: Callable[[argparse.Namespace], int], args: argparse.Namespa
     except CoordinatorError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return int(err.exit_code)
+    except redis.RedisError as err:  # Redis went away after the first contact
+        print(f"{prog}: error: lost the connection to Redis: {err}", file=sys.stderr)
+        return int(ExitCode.BROKER_UNREACHABLE)
     except OSError as err:  # a file or directory the command needed; no traceback
         print(f"{prog}: error: {err}", file=sys.stderr)
         return int(ExitCode.JOBS_FAILED)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; everything this command started was stopped",
-              file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
 
 

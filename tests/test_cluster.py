@@ -105,6 +105,18 @@ def test_failures_are_recorded_and_do_not_stop_others(cluster: LocalCluster,
     assert summary["success_rate"] == round(2 / 6, 4)
 
 
+def test_worker_side_errors_fail_the_job_instead_of_leaving_it_running(
+    cluster: LocalCluster, cluster_workdir: Path
+) -> None:
+    (cluster_workdir / "blocker").write_text("a file where the output directory should be")
+    run = submit([echo_job("blocked", "rig-b")], output_dir="blocker",
+                 broker_url=cluster.broker_url)
+    job = run.wait(timeout=60).jobs[0]
+    assert job.state is JobState.FAILED
+    assert job.error.startswith("worker error: ")
+    assert cluster.workers["rig-b"].poll() is None  # the worker lives on
+
+
 def test_done_marker_means_skip(cluster: LocalCluster, cluster_workdir: Path,
                                 tmp_path: Path) -> None:
     record = tmp_path / "ran.jsonl"

@@ -61,7 +61,8 @@ def test_ctrl_c_stops_redis_workers_and_running_jobs(tmp_path: Path) -> None:
             process.kill()
             process.wait()
     assert process.returncode == 130, stderr
-    assert "interrupted; everything this command started was stopped" in stderr
+    assert "stopped the local cluster: its Redis, workers and running jobs" in stderr
+    assert stderr.rstrip().endswith("coordinator: interrupted")
     time.sleep(0.5)
     left = [pid for pid in started if alive(pid)]
     for pid in left:  # clean up before failing, so nothing outlives the test

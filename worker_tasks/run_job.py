@@ -155,7 +155,22 @@ def log_line(log: Path, text: str) -> None:
 
 
 def execute(spec: JobSpec, host: str) -> dict[str, Any]:
-    """Run one job by the ``.done`` rule and record it; the task's body."""
+    """Run one job by the ``.done`` rule and record it; the task's body.
+
+    Whatever goes wrong on the worker's side (a full disk, a permission) is
+    recorded as the job's failure: a job is never left ``running`` by an error.
+    """
+    try:
+        return run_by_done_rule(spec, host)
+    except JobFailed:
+        raise
+    except Exception as err:
+        error = f"worker error: {type(err).__name__}: {err}"
+        track(spec.run_id, spec.job_id, state=JobState.FAILED, error=error, finished_at=now())
+        raise JobFailed(error) from err
+
+
+def run_by_done_rule(spec: JobSpec, host: str) -> dict[str, Any]:
     base = workdir()
     done = in_workdir(spec.done_file, base)
     log = in_workdir(spec.log_file, base)
@@ -165,7 +180,7 @@ def execute(spec: JobSpec, host: str) -> dict[str, Any]:
         "exit_code": None, "duration_s": 0.0, "state": None, "error": None,
     }
     if done.suffix != ".done" or log.suffix != ".log":
-        raise JobFailed(f"refused: marker {done} / log {log} do not end in .done / .log")
+        raise ValueError(f"refused: marker {done} / log {log} do not end in .done / .log")
 
     if done.exists():
         track(spec.run_id, spec.job_id, state=JobState.SKIPPED, host=host, finished_at=now())
