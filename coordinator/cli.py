@@ -82,14 +82,18 @@ def add_original_flags(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
 
 
+def add_collect_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default=".", metavar="DIR",
+                        help="where the output directory is, as the workers see it, for "
+                             "collecting (default: .)")
+
+
 def add_follow_flags(parser: argparse.ArgumentParser, workdir: bool = True) -> None:
     """Flags of every command that follows a run to its end and collects it."""
     parser.add_argument("--timeout", type=float, metavar="S",
                         help="give up waiting after S seconds (exit 5; the run goes on)")
     if workdir:
-        parser.add_argument("--workdir", default=".", metavar="DIR",
-                            help="where the output directory is, as the workers see it, for "
-                                 "collecting (default: .)")
+        add_collect_flags(parser)
 
 
 def add_run_arg(parser: argparse.ArgumentParser) -> None:
@@ -151,8 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("collect", "write run_summary.json (and merged outputs) and print the table",
                   "coordinator collect 20261129-081500-3f9a1c")
     add_run_arg(sub)
-    sub.add_argument("--workdir", default=".", metavar="DIR",
-                     help="where the output directory is, as the workers see it (default: .)")
+    add_collect_flags(sub)
     sub.set_defaults(handler=cmd_collect)
 
     sub = command("cancel", "drop a run's queued jobs and terminate its running ones",

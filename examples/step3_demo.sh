@@ -8,6 +8,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="${1:-demo}"
 mkdir -p "$work"
 cd "$work"
+# Fresh data every time: old .done markers would make the new run skip its jobs (resume).
+rm -rf full_scoring_results scoring_chunks
 coordinator demo-data --out-dir . --candidates 1000000 --draws 100 --prng-type java_lcg --mod 1000
 coordinator jobs scoring --survivors survivors.json --train-history train_history.json \
     --nodes rig-a,rig-b,rig-c,rig-d --chunks 36 --prng-type java_lcg --mod 1000 \
