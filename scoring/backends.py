@@ -34,7 +34,8 @@ def select_backend(choice: str = "auto") -> Backend:
     """``auto`` takes the GPU when CuPy sees a usable one, else the CPU."""
     if choice not in BACKEND_CHOICES:
         raise BackendUnavailable(f"unknown backend {choice!r}; choose {', '.join(BACKEND_CHOICES)}")
-    cpu_backend = Backend("numpy", "CPU, NumPy arrays with Numba-compiled loops", cpu.matches)
+    cpu_backend = Backend("numpy", "CPU: NumPy, Numba-compiled loops for large chunks",
+                          cpu.matches)
     if choice == "numpy":
         return cpu_backend
     try:

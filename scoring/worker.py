@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from scoring import cpu
 from scoring.backends import BACKEND_CHOICES, BackendUnavailable, select_backend
 from scoring.inputs import ScoringInputError, check_prng, load_history, load_seeds
 from scoring.prng import PRNGS
@@ -91,7 +92,11 @@ def run(args: argparse.Namespace) -> int:
     history = load_history(args.train_history, args.mod)
     seeds = load_seeds(args.seeds_file, args.prng_type)
     backend = select_backend(args.backend)
-    print(f"backend: {backend.name} ({backend.detail})", file=sys.stderr, flush=True)
+    detail = backend.detail
+    if backend.name == "numpy":
+        engine = cpu.choose_engine(args.prng_type, len(seeds.values), args.skip + len(history))
+        detail = f"{detail}; engine for this file: {engine}"
+    print(f"backend: {backend.name} ({detail})", file=sys.stderr, flush=True)
     started = time.perf_counter()
     counts = backend.matches(args.prng_type, seeds.values, history, args.mod, args.skip)
     elapsed = time.perf_counter() - started

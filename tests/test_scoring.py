@@ -123,19 +123,30 @@ def random_seeds(prng: str, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([seeds.astype(dtype), np.array(extremes, dtype=dtype)])
 
 
+@pytest.mark.parametrize("engine", ["compiled", "vectorized"])
 @pytest.mark.parametrize("prng", list(PRNGS))
 @pytest.mark.parametrize(("mod", "skip"), [(1000, 0), (16, 3), (7, 650), (2**31 - 1, 1)])
-def test_cpu_backend_equals_reference(prng: str, mod: int, skip: int) -> None:
+def test_cpu_backend_equals_reference(engine: str, prng: str, mod: int, skip: int) -> None:
     rng = np.random.default_rng(abs(hash((prng, mod, skip))) % 2**32)
     seeds = random_seeds(prng, 60, rng)
     secret = int(seeds[5])
     history = reference_draws(prng, secret, mod, 40, skip)
     # Blend in noise so matches vary between 0 and len(history).
     history = [h if i % 3 else int(rng.integers(0, mod)) for i, h in enumerate(history)]
-    got = cpu.matches(prng, seeds, np.array(history), mod, skip, chunk=17)
+    got = cpu.matches(prng, seeds, np.array(history), mod, skip, chunk=17, engine=engine)
     want = [reference_matches(prng, int(s), history, mod, skip) for s in seeds]
     assert got.tolist() == want
     assert got[5] >= 26
+
+
+def test_auto_engine_follows_the_amount_of_work() -> None:
+    assert cpu.choose_engine("java_lcg", 30_000, 100) == "vectorized"
+    assert cpu.choose_engine("java_lcg", 1_000_000, 100) == "compiled"
+    assert cpu.choose_engine("mt19937", 40_000, 100) == "vectorized"
+    assert cpu.choose_engine("mt19937", 100_000, 100) == "compiled"  # seeding dominates
+    assert cpu.choose_engine("java_lcg", 10, 10, engine="compiled") == "compiled"
+    with pytest.raises(ValueError, match="unknown CPU engine"):
+        cpu.choose_engine("java_lcg", 1, 1, engine="gpu")
 
 
 def test_select_backend_falls_back_to_cpu_and_refuses_cupy_without_gpu() -> None:
