@@ -14,6 +14,8 @@ by the chunk size, whatever the number of seeds.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 
 from scoring import vectorized
@@ -28,6 +30,15 @@ COMPILED_MIN_WORK = 100_000_000
 MT_SETUP_STEPS = 2 * 624  # seeding plus the first twist, per seed
 
 __all__ = ["ENGINES", "choose_engine", "initial_states", "java_magic", "matches"]
+
+
+def load_compiled() -> ModuleType | None:
+    """``scoring.compiled``, or None where Numba is missing (auto then stays vectorised)."""
+    try:
+        from scoring import compiled  # imports Numba: only when it pays
+    except ImportError:
+        return None
+    return compiled
 
 
 def choose_engine(prng_type: str, n_seeds: int, n_steps: int, engine: str = "auto") -> str:
@@ -47,8 +58,10 @@ def matches(
     """Matches per seed (int32): seeds scored ``chunk`` at a time by ``engine``."""
     hist = np.ascontiguousarray(history, dtype=np.int64)
     used = choose_engine(prng_type, seeds.shape[0], skip + hist.shape[0], engine)
-    if used == "compiled":
-        from scoring import compiled  # imports Numba: only when it pays
+    compiled = load_compiled() if used == "compiled" else None
+    if compiled is None and engine == "compiled":
+        raise RuntimeError("the compiled CPU engine needs Numba, which does not import here")
+    if compiled is not None:
 
         def kernel(states: np.ndarray, out: np.ndarray) -> None:
             compiled.KERNELS[prng_type](states, hist, np.int64(mod), np.int64(skip), out)
