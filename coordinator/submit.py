@@ -96,7 +96,13 @@ def record_run(client: redis.Redis, plan: Plan) -> None:
     ]:
         pipe.expire(key, RUN_TTL_S)
     pipe.zadd(runs_key(), {plan.run_id: created})
+    pipe.zremrangebyscore(runs_key(), 0, created - RUN_TTL_S)  # runs whose records expired
     pipe.execute()
+
+
+def task_id_for(spec: JobSpec, generation: int = 0) -> str:
+    """Readable in Flower: ``<run>.<job>.<generation>`` (generation grows with retries)."""
+    return f"{spec.run_id}.{spec.job_id}.{generation}"
 
 
 def queued_record(spec: JobSpec, queued_at: float) -> dict[str, Any]:
@@ -107,7 +113,7 @@ def queued_record(spec: JobSpec, queued_at: float) -> dict[str, Any]:
         "state": JobState.QUEUED, "attempts": 0, "queued_at": queued_at,
         "started_at": None, "finished_at": None, "exit_code": None,
         "duration_s": None, "error": None, "host": None,
-        "task_id": f"{spec.run_id}.{spec.job_id}.0",
+        "task_id": task_id_for(spec),
         "spec": spec.to_message(),
     }
 
@@ -119,7 +125,7 @@ def publish(
     try:
         with app.producer_or_acquire() as producer:
             for spec in specs:
-                task_id = f"{spec.run_id}.{spec.job_id}.{generation}"
+                task_id = task_id_for(spec, generation)
                 app.send_task(
                     RUN_JOB_TASK,
                     args=[spec.to_message()],
