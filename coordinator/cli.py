@@ -108,8 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                     ".done file.",
         epilog="examples:\n"
                "  coordinator local --jobs-file examples/hello_jobs.json   # all on this machine\n"
-               "  coordinator submit --jobs-file scoring_jobs.json --wait   # on a cluster\n"
-               "  coordinator status                                        # newest run\n\n"
+               "  coordinator worker --node rig-a                          # on each GPU node\n"
+               "  coordinator submit --jobs-file scoring_jobs.json --wait   # from the head node\n"
+               "  coordinator status                                        # newest run\n"
+               "  coordinator retry --wait                                  # failed jobs again\n"
+               "  coordinator COMMAND --help                                # each command\n\n"
                + EXIT_CODES + "\n\n" + ENVIRONMENT,
     )
     parser.add_argument("--broker", metavar="URL",
@@ -458,9 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_legacy_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="scripts-coordinator", formatter_class=formatter,
-        description="Drop-in for the original coordinator: validate the jobs file, publish it "
-                    "to the per-node queues, follow it with live progress, collect, print the "
-                    "summary. Needs workers running (coordinator worker --node NAME).",
+        description="Drop-in for the original coordinator: validate the jobs file, publish it\n"
+                    "to the per-node queues, follow it with live progress, collect, print the\n"
+                    "summary. Needs workers running (coordinator worker --node NAME), or use\n"
+                    "coordinator local to run everything on this machine.",
         epilog="example:\n  scripts-coordinator --jobs-file scoring_jobs.json "
                "--output-dir full_scoring_results\n\n" + EXIT_CODES + "\n\n" + ENVIRONMENT,
     )
