@@ -20,7 +20,8 @@ import redis
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.broker import connect_tracking, publisher
 from coordinator.collector import collect, render
-from coordinator.errors import CoordinatorError, ExitCode, RunNotFoundError
+from coordinator.errors import CoordinatorError, ExitCode, InvalidJobsError, RunNotFoundError
+from coordinator.plan import Plan
 from coordinator.progress import ProgressDisplay
 from coordinator.run import Run, RunStatus
 from coordinator.submit import (
@@ -382,6 +383,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     os.execv(sys.executable, command)  # the worker replaces this process: signals go to it
 
 
+def check_scripts_exist(plan: Plan, scripts_dir: Path) -> None:
+    """Locally the scripts directory is in sight: refuse a missing script before starting."""
+    for index, spec in enumerate(plan.specs):
+        if not (scripts_dir / spec.script).is_file():
+            raise InvalidJobsError(
+                f"jobs: job {index} (job_id {spec.job_id!r}): field 'script': {spec.script!r} "
+                f"not found in scripts directory {scripts_dir.resolve()} (see --scripts-dir)")
+
+
 def cmd_local(args: argparse.Namespace) -> int:
     from coordinator.local import LocalCluster
 
@@ -390,6 +400,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         return ExitCode.OK
     workdir = Path(args.workdir)
     plan, _ = prepare(args.jobs_file, args.output_dir, args.preserve_paths, args.chunk_dir)
+    check_scripts_exist(plan, Path(args.scripts_dir))
     nodes = sorted(plan.by_node())
     print(f"local cluster: private Redis and {len(nodes)} workers ({', '.join(nodes)})",
           file=sys.stderr, flush=True)

@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import BIN, REPO, echo_job, write_jobs
 
 
@@ -81,11 +83,19 @@ def test_local_dry_run_starts_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "full_scoring_results").exists()
 
 
-def test_local_refuses_bad_input_before_starting_anything(tmp_path: Path) -> None:
-    jobs = write_jobs(tmp_path / "jobs.json", [echo_job("a", "rig-a"), echo_job("a", "rig-b")])
-    result = subprocess.run([str(BIN / "coordinator"), "local", "--jobs-file", str(jobs)],
+@pytest.mark.parametrize(("jobs", "expected"), [
+    ([echo_job("a", "rig-a"), echo_job("a", "rig-b")], "field 'job_id': duplicate"),
+    ([echo_job("a", "rig-a"), dict(echo_job("b", "rig-b"), script="nope.py")],
+     "job 1 (job_id 'b'): field 'script': 'nope.py' not found in scripts directory"),
+])
+def test_local_refuses_bad_input_before_starting_anything(tmp_path: Path, jobs: list,
+                                                          expected: str) -> None:
+    jobs_file = write_jobs(tmp_path / "jobs.json", jobs)
+    result = subprocess.run([str(BIN / "coordinator"), "local", "--jobs-file", str(jobs_file),
+                             "--scripts-dir", str(REPO)],
                             cwd=tmp_path, capture_output=True, text=True, timeout=60,
                             check=False)
     assert result.returncode == 2
-    assert "duplicate" in result.stderr
-    assert "local cluster" not in result.stderr
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "full_scoring_results").exists()
