@@ -23,6 +23,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from coordinator.errors import InvalidJobsError
+from worker_tasks.spec import is_protected_env
 
 # job_id is used in file names and node in queue names: keep both to safe labels.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -57,6 +58,14 @@ def _arg_text(value: Any) -> Any:
     return value
 
 
+def _job_env(value: Any) -> Any:
+    if isinstance(value, dict):
+        refused = sorted(name for name in value if isinstance(name, str) and is_protected_env(name))
+        if refused:
+            raise ValueError(f"may not set {', '.join(refused)} (the worker controls these)")
+    return value
+
+
 SafeName = Annotated[str, BeforeValidator(_safe_name)]
 ScriptPath = Annotated[str, BeforeValidator(_script_path)]
 ArgText = Annotated[str, BeforeValidator(_arg_text)]
@@ -83,7 +92,7 @@ class Job(BaseModel):
     node: SafeName
     gpu_id: int = Field(default=0, ge=0)
     timeout: float | None = Field(default=None, gt=0)
-    env: dict[str, str] = Field(default_factory=dict)
+    env: Annotated[dict[str, str], BeforeValidator(_job_env)] = Field(default_factory=dict)
 
 
 class LegacyScoringJob(BaseModel):

@@ -63,6 +63,9 @@ def test_original_format_with_unknown_keys_and_numeric_args_is_accepted() -> Non
         (with_(job_id="a b"), "field 'job_id'"),
         (with_(node="rig a;rm"), "field 'node'"),
         (with_(timeout=0), "field 'timeout'"),
+        (with_(env={"LD_PRELOAD": "/tmp/x.so"}), "field 'env': may not set LD_PRELOAD"),
+        (with_(env={"PYTHONPATH": "/tmp", "OK": "1"}), "may not set PYTHONPATH"),
+        (with_(env={"CUDA_VISIBLE_DEVICES": "3"}), "may not set CUDA_VISIBLE_DEVICES"),
     ],
 )
 def test_each_bad_field_is_named_in_one_line(entry: dict[str, object], expected: str) -> None:

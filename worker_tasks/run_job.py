@@ -30,7 +30,7 @@ import redis
 from celery.utils.log import get_task_logger
 
 from worker_tasks.app import app
-from worker_tasks.spec import RUN_JOB_TASK, JobSpec
+from worker_tasks.spec import RUN_JOB_TASK, JobSpec, is_protected_env
 from worker_tasks.tracking import JobState, JobTracker, now
 
 logger = get_task_logger(__name__)
@@ -43,8 +43,9 @@ class JobFailed(Exception):
     """Raised after a failed job is recorded, so Celery and Flower show FAILURE."""
 
 
-class ScriptRefused(Exception):
-    """The job's script is outside the scripts directory or missing."""
+class JobRefused(Exception):
+    """The job asks for what the worker does not allow (a script outside the scripts
+    directory, a missing script, protected environment variables)."""
 
 
 def scripts_dir() -> Path:
@@ -73,12 +74,12 @@ def resolve_script(base: Path, script: str) -> Path:
     """The script's real path, refused unless it lies inside ``base``."""
     rel = PurePosixPath(script)
     if rel.is_absolute() or ".." in rel.parts:
-        raise ScriptRefused(f"script {script!r} is not a path inside {base}; refused")
+        raise JobRefused(f"script {script!r} is not a path inside {base}; refused")
     path = (base / rel).resolve()
     if not path.is_relative_to(base):
-        raise ScriptRefused(f"script {script!r} resolves outside {base} (symlink); refused")
+        raise JobRefused(f"script {script!r} resolves outside {base} (symlink); refused")
     if not path.is_file():
-        raise ScriptRefused(f"script {script!r} not found in scripts directory {base}")
+        raise JobRefused(f"script {script!r} not found in scripts directory {base}")
     return path
 
 
@@ -102,6 +103,9 @@ def _child_setup() -> None:
 def run_script(spec: JobSpec, script: Path, base: Path, log: Path) -> tuple[int, str | None]:
     """Run the script; returns (exit code, error text or None)."""
     env = dict(os.environ)
+    refused = sorted(name for name in spec.env if is_protected_env(name))
+    if refused:
+        raise JobRefused(f"job env may not set {', '.join(refused)}; refused")
     env.update(spec.env)
     env.update(
         CUDA_VISIBLE_DEVICES=str(spec.gpu_id),
@@ -199,7 +203,7 @@ def run_by_done_rule(spec: JobSpec, host: str) -> dict[str, Any]:
     try:
         script = resolve_script(scripts_dir(), spec.script)
         exit_code, error = run_script(spec, script, base, log)
-    except ScriptRefused as err:
+    except JobRefused as err:
         exit_code, error = None, str(err)
     except OSError as err:
         exit_code, error = None, f"could not start the script: {err}"

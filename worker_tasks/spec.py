@@ -13,6 +13,16 @@ from typing import Any
 RUN_JOB_TASK = "scripts_coordinator.run_job"
 
 
+# Environment a job may not set: these would let a message load code of its choosing
+# (LD_PRELOAD, PYTHONPATH, ...) or move it off its GPU. Checked on both sides.
+PROTECTED_ENV_PREFIXES = ("LD_", "PYTHON", "SC_")
+PROTECTED_ENV_NAMES = frozenset({"PATH", "CUDA_VISIBLE_DEVICES", "HOME"})
+
+
+def is_protected_env(name: str) -> bool:
+    return name in PROTECTED_ENV_NAMES or name.startswith(PROTECTED_ENV_PREFIXES)
+
+
 def queue_for(node: str) -> str:
     """The Redis queue of a node: ``node.<node>``."""
     return f"node.{node}"
