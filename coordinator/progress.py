@@ -13,7 +13,14 @@ import time
 from typing import TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from coordinator.run import RunStatus
 from worker_tasks.tracking import JobState
@@ -39,7 +46,7 @@ class ProgressDisplay:
         if self.live:
             self.progress = Progress(
                 TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[detail]}"),
                 console=self.console, refresh_per_second=4,
             )
             self.progress.start()

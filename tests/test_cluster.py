@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -47,6 +48,9 @@ def test_36_seed_format_jobs_over_4_nodes(cluster: LocalCluster, cluster_workdir
     assert by_id["chunk_0005"]["node"] == "rig-b" and by_id["chunk_0005"]["gpu_id"] == 1
     assert by_id["chunk_0005"]["log"] == "t36/logs/chunk_0005.log"
     assert "36/36 succeeded" in result.stdout
+    # Without a terminal, progress is one line per change seen (polled), on stderr.
+    assert re.search(r"\[rig-b\] chunk_0005 succeeded in \d+\.\d s", result.stderr)
+    assert "(36/36)" in result.stderr
 
     times = read_records(record)
     assert len(times) == 36
