@@ -290,7 +290,7 @@ def test_retry_runs_failed_jobs_again(cluster: LocalCluster, cluster_workdir: Pa
 
 
 def test_cancel_drops_queued_jobs(cluster: LocalCluster, cluster_workdir: Path) -> None:
-    jobs = [echo_job(f"slow_{i}", "rig-c", "c", "--sleep", "1.5") for i in range(4)]
+    jobs = [echo_job(f"slow_{i}", "rig-c", "c", "--sleep", "5") for i in range(4)]
     run = submit(jobs, output_dir="cancel", broker_url=cluster.broker_url)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # until the first job runs

@@ -40,7 +40,7 @@ def test_job_lost_with_its_worker_is_delivered_again(
     fault_cluster: tuple[LocalCluster, RedisServer], tmp_path: Path
 ) -> None:
     cluster, _ = fault_cluster
-    run = submit([echo_job("long", "rig-x", "o", "--sleep", "3")], output_dir="lost",
+    run = submit([echo_job("long", "rig-x", "o", "--sleep", "6")], output_dir="lost",
                  broker_url=cluster.broker_url)
     wait_for(lambda: run.status().jobs[0].state is JobState.RUNNING, 60, "the job to start")
     cluster.kill_worker("rig-x")  # SIGKILL: the node dies mid-job, nothing is acked
