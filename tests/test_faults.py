@@ -14,17 +14,22 @@ from coordinator.redis_server import RedisServer
 from tests.conftest import REPO, echo_job
 
 # Unacked jobs come back after this many seconds (short, for the test).
-VISIBILITY_S = 4
+VISIBILITY_S = 5
+
+
+def cluster_with_visibility(tmp_path: Path, seconds: int) -> Iterator[tuple[LocalCluster,
+                                                                            RedisServer]]:
+    with RedisServer() as server, LocalCluster(
+        ["rig-x"], scripts_dir=REPO, workdir=tmp_path, log_dir=tmp_path / "worker-logs",
+        broker_url=server.url,
+        extra_env={"SC_VISIBILITY_TIMEOUT": str(seconds), "SC_RESTORE_INTERVAL": "1"},
+    ) as cluster:
+        yield cluster, server
 
 
 @pytest.fixture()
 def fault_cluster(tmp_path: Path) -> Iterator[tuple[LocalCluster, RedisServer]]:
-    with RedisServer() as server, LocalCluster(
-        ["rig-x"], scripts_dir=REPO, workdir=tmp_path, log_dir=tmp_path / "worker-logs",
-        broker_url=server.url,
-        extra_env={"SC_VISIBILITY_TIMEOUT": str(VISIBILITY_S), "SC_RESTORE_INTERVAL": "1"},
-    ) as cluster:
-        yield cluster, server
+    yield from cluster_with_visibility(tmp_path, VISIBILITY_S)
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
@@ -40,7 +45,7 @@ def test_job_lost_with_its_worker_is_delivered_again(
     fault_cluster: tuple[LocalCluster, RedisServer], tmp_path: Path
 ) -> None:
     cluster, _ = fault_cluster
-    run = submit([echo_job("long", "rig-x", "o", "--sleep", "6")], output_dir="lost",
+    run = submit([echo_job("long", "rig-x", "o", "--sleep", "4")], output_dir="lost",
                  broker_url=cluster.broker_url)
     wait_for(lambda: run.status().jobs[0].state is JobState.RUNNING, 60, "the job to start")
     cluster.kill_worker("rig-x")  # SIGKILL: the node dies mid-job, nothing is acked
@@ -71,3 +76,21 @@ def test_workers_survive_a_broker_restart(
     assert run.wait(timeout=90).jobs[0].state is JobState.SUCCEEDED
     assert (tmp_path / "restart" / "after.json.done").exists()
     assert cluster.workers["rig-x"].poll() is None
+
+
+def test_a_job_longer_than_the_visibility_timeout_runs_once(tmp_path: Path) -> None:
+    """The message comes back while the job still runs; the .done marker stops a rerun."""
+    record = tmp_path / "ran.jsonl"
+    for cluster, _ in cluster_with_visibility(tmp_path, 2):
+        run = submit([echo_job("slow", "rig-x", "o", "--sleep", "5", "--record", str(record))],
+                     output_dir="twice", broker_url=cluster.broker_url)
+        job = run.wait(timeout=90).jobs[0]
+        assert job.state is JobState.SUCCEEDED and job.attempts == 1
+        time.sleep(3)  # the redelivered copy is taken and skipped meanwhile
+        assert run.status().jobs[0].state is JobState.SUCCEEDED
+        log = (tmp_path / "twice" / "logs" / "slow.log").read_text()
+        assert log.count("attempt ") == 1
+        # The scenario did happen: the worker was handed the same message twice.
+        worker_log = (tmp_path / "worker-logs" / "worker-rig-x.log").read_text()
+        assert worker_log.count(f"[{job.task_id}] received") == 2
+    assert len(record.read_text().splitlines()) == 1

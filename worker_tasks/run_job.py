@@ -187,7 +187,10 @@ def run_by_done_rule(spec: JobSpec, host: str) -> dict[str, Any]:
         raise ValueError(f"refused: marker {done} / log {log} do not end in .done / .log")
 
     if done.exists():
-        track(spec.run_id, spec.job_id, state=JobState.SKIPPED, host=host, finished_at=now())
+        try:
+            tracker().mark_skipped(spec.run_id, spec.job_id, host=host, finished_at=now())
+        except redis.RedisError as err:
+            logger.warning("tracking skip for %s failed: %s", spec.job_id, err)
         return result | {"state": JobState.SKIPPED}
     if tracker_cancelled(spec.run_id):
         track(spec.run_id, spec.job_id, state=JobState.CANCELLED, finished_at=now())

@@ -98,6 +98,17 @@ class JobTracker:
         pipe.expire(key, RUN_TTL_S)
         pipe.execute()
 
+    def mark_skipped(self, run_id: str, job_id: str, **fields: Any) -> None:
+        """Skipped for its marker, unless this run already recorded it succeeded.
+
+        A message delivered twice (a job longer than the visibility timeout) finds the
+        marker its first delivery wrote: the job stays ``succeeded``.
+        """
+        state = self.client.hget(job_key(run_id, job_id), "state")
+        if state is not None and json.loads(state) == JobState.SUCCEEDED:
+            return
+        self.update(run_id, job_id, state=JobState.SKIPPED, **fields)
+
     def start_attempt(self, run_id: str, job_id: str, **fields: Any) -> int:
         """Mark the job running and count the attempt; returns the attempt number."""
         key = job_key(run_id, job_id)
