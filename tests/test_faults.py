@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from coordinator import JobState, submit
+from coordinator.broker import redact
 from coordinator.local import LocalCluster
 from coordinator.redis_server import RedisServer
-from tests.conftest import REPO, echo_job
+from tests.conftest import BIN, REPO, echo_job
 
 # Unacked jobs come back after this many seconds (short, for the test).
 VISIBILITY_S = 5
@@ -94,3 +96,29 @@ def test_a_job_longer_than_the_visibility_timeout_runs_once(tmp_path: Path) -> N
         worker_log = (tmp_path / "worker-logs" / "worker-rig-x.log").read_text()
         assert worker_log.count(f"[{job.task_id}] received") == 2
     assert len(record.read_text().splitlines()) == 1
+
+
+def test_wait_reports_a_broker_lost_mid_run_as_exit_3(tmp_path: Path) -> None:
+    with RedisServer() as server:
+        run = submit([echo_job("waiting", "rig-nobody")], output_dir="o", broker_url=server.url)
+        waiter = subprocess.Popen([str(BIN / "coordinator"), "wait", run.id, "--broker",
+                                   server.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        try:
+            time.sleep(2.0)
+            assert waiter.poll() is None  # still following the queued job
+            server.stop()
+            _, stderr = waiter.communicate(timeout=60)
+        finally:
+            if waiter.poll() is None:
+                waiter.kill()
+                waiter.wait()
+    assert waiter.returncode == 3
+    assert "coordinator: error: lost the connection to Redis" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_passwords_are_masked_in_errors() -> None:
+    assert redact("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert redact("redis://user:s3cret@127.0.0.1/0") == "redis://user:***@127.0.0.1/0"
+    assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
