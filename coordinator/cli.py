@@ -18,9 +18,10 @@ from typing import Any, NoReturn
 import redis
 
 from coordinator.broker import broker_url as resolve_broker_url
-from coordinator.broker import connect_tracking, publisher
+from coordinator.broker import check_broker, connect_tracking, publisher
 from coordinator.collector import collect, render
 from coordinator.errors import CoordinatorError, ExitCode, InvalidJobsError, RunNotFoundError
+from coordinator.jobs import SAFE_NAME
 from coordinator.plan import Plan
 from coordinator.progress import ProgressDisplay
 from coordinator.run import Run, RunStatus
@@ -179,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--node", required=True, help="the node label jobs name, e.g. rig-a")
     add_place_flags(sub)
     sub.add_argument("--loglevel", default="INFO", help="Celery log level (default: INFO)")
+    sub.add_argument("--force", action="store_true",
+                     help="start even if another worker already serves this node")
     sub.set_defaults(handler=cmd_worker)
 
     sub = command("local", "run a jobs file on this machine: private Redis, one worker per node",
@@ -373,6 +376,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from coordinator.local import worker_command
 
+    if not SAFE_NAME.match(args.node):
+        raise InvalidJobsError(f"--node {args.node!r}: use letters, digits, '.', '_', '-'")
+    app = publisher(args.broker)
+    check_broker(app)
+    others = workers_by_node(app).get(args.node, [])
+    if others and not args.force:
+        raise InvalidJobsError(
+            f"node {args.node} is already served by {', '.join(others)}: a second worker would "
+            f"run its jobs in parallel (one at a time per node); --force starts it anyway")
     os.environ["SC_BROKER_URL"] = resolve_broker_url(args.broker)
     os.environ["SC_SCRIPTS_DIR"] = str(Path(args.scripts_dir).resolve())
     os.environ["SC_WORKDIR"] = str(Path(args.workdir).resolve())

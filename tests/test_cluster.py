@@ -265,6 +265,15 @@ def test_wait_timeout_exits_5_and_cancel_ends_the_run(cluster: LocalCluster,
         "orphan": JobState.CANCELLED, "served": JobState.SUCCEEDED}
 
 
+def test_a_second_worker_for_a_node_is_refused(cluster: LocalCluster) -> None:
+    result = run_cli("worker", "--node", "rig-a", "--broker", cluster.broker_url)
+    assert result.returncode == 2
+    assert "node rig-a is already served by rig-a@" in result.stderr
+    assert "--force starts it anyway" in result.stderr
+    bad = run_cli("worker", "--node", "rig a", "--broker", cluster.broker_url)
+    assert bad.returncode == 2 and "--node 'rig a'" in bad.stderr
+
+
 def test_unknown_run_exits_4(cluster: LocalCluster) -> None:
     result = run_cli("status", "20990101-000000-000000", "--broker", cluster.broker_url)
     assert result.returncode == 4
