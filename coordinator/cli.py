@@ -34,7 +34,7 @@ from coordinator.submit import (
     submit,
 )
 from coordinator.workers import unserved_nodes, workers_by_node
-from worker_tasks.tracking import runs_key
+from worker_tasks.tracking import JobState, runs_key
 
 PROG = "coordinator"
 
@@ -333,14 +333,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         return ExitCode.OK
     print(f"run {status.run_id} ({status.state}): {status.line()}")
     served = workers_by_node(publisher(args.broker))
+    alive = {worker for workers in served.values() for worker in workers}
     for node, jobs in status.by_node().items():
         workers = ", ".join(served.get(node, [])) or "no worker running"
         print(f"  node {node} ({workers}):")
         for job in jobs:
             extra = f" exit {job.exit_code}" if job.exit_code not in (None, 0) else ""
             extra += f" {job.duration_s:.1f} s" if job.duration_s is not None else ""
-            print(f"    {job.job_id:<24} {job.state:<10} attempts {job.attempts}{extra}"
-                  + (f"  {job.error}" if job.error else ""))
+            if job.error:
+                extra += f"  {job.error}"
+            if job.state is JobState.RUNNING and job.host not in alive:
+                extra += (f"  (its worker {job.host} does not answer: the job runs again once "
+                          f"a worker serves {node} and the visibility timeout has passed)")
+            print(f"    {job.job_id:<24} {job.state:<10} attempts {job.attempts}{extra}")
     return ExitCode.OK
 
 

@@ -13,7 +13,7 @@ import redis
 from coordinator import JobState, get_run, submit
 from coordinator.local import LocalCluster
 from coordinator.redis_server import RedisServer, free_port
-from tests.conftest import NODES, echo_job, queue_lengths, run_cli, write_jobs
+from tests.conftest import NODES, REPO, echo_job, queue_lengths, run_cli, write_jobs
 
 
 def read_records(path: Path) -> list[dict]:
@@ -162,6 +162,22 @@ def test_status_wait_collect_work_from_other_processes(cluster: LocalCluster,
     # The newest run is the default.
     plain = run_cli("status", "--broker", cluster.broker_url)
     assert plain.returncode == 0 and run_id in plain.stdout
+
+
+def test_preserve_paths_writes_where_the_args_say(cluster: LocalCluster,
+                                                  cluster_workdir: Path) -> None:
+    """Step 5 style (examples/step5_jobs.json): nested outputs kept where the args put them."""
+    example = REPO / "examples" / "step5_jobs.json"
+    result = run_cli("--jobs-file", str(example), "--preserve-paths", "--output-dir", "s5",
+                     "--broker", cluster.broker_url, tool="scripts-coordinator",
+                     cwd=cluster_workdir)
+    assert result.returncode == 0, result.stderr
+    for path in ("step5/trial_a/fold_0.json", "step5/trial_a/fold_1.json",
+                 "step5/trial_b/fold_2.json"):
+        assert (cluster_workdir / path).exists() and (cluster_workdir / f"{path}.done").exists()
+    assert not list((cluster_workdir / "s5").glob("*.json.done"))  # nothing rewritten
+    assert (cluster_workdir / "s5" / "run_summary.json").exists()
+    assert (cluster_workdir / "s5" / "logs" / "fold_2.log").exists()
 
 
 def test_dry_run_prints_plan_and_publishes_nothing(cluster: LocalCluster, tmp_path: Path,

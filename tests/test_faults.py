@@ -13,7 +13,7 @@ from coordinator import JobState, submit
 from coordinator.broker import redact
 from coordinator.local import LocalCluster
 from coordinator.redis_server import RedisServer
-from tests.conftest import BIN, REPO, echo_job
+from tests.conftest import BIN, REPO, echo_job, run_cli
 
 # Unacked jobs come back after this many seconds (short, for the test).
 VISIBILITY_S = 5
@@ -52,6 +52,9 @@ def test_job_lost_with_its_worker_is_delivered_again(
     wait_for(lambda: run.status().jobs[0].state is JobState.RUNNING, 60, "the job to start")
     cluster.kill_worker("rig-x")  # SIGKILL: the node dies mid-job, nothing is acked
     assert not (tmp_path / "lost" / "long.json.done").exists()
+    status = run_cli("status", run.id, "--broker", cluster.broker_url)
+    assert "node rig-x (no worker running):" in status.stdout
+    assert "does not answer: the job runs again once a worker serves rig-x" in status.stdout
     cluster.start_worker("rig-x")
     cluster.wait_ready(["rig-x"])
     status = run.wait(timeout=90)
