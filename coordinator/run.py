@@ -48,10 +48,12 @@ class JobRecord:
 
     @classmethod
     def from_redis(cls, raw: dict[str, Any]) -> JobRecord:
-        known = {f.name for f in fields(cls)}
-        values = {name: value for name, value in raw.items() if name in known}
+        values = {name: value for name, value in raw.items() if name in RECORD_FIELDS}
         values["state"] = JobState(values.get("state", JobState.QUEUED))
         return cls(**values)
+
+
+RECORD_FIELDS = [f.name for f in fields(JobRecord)]
 
 
 @dataclass(frozen=True)
@@ -129,9 +131,14 @@ class Run:
         info = self.info()
         job_ids = [raw.decode() for raw in self.client.lrange(jobs_key(self.id), 0, -1)]
         pipe = self.client.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hgetall(job_key(self.id, job_id))
-        records = [JobRecord.from_redis(decode(raw)) for raw in pipe.execute() if raw]
+        for job_id in job_ids:  # the record's fields only, not the stored message
+            pipe.hmget(job_key(self.id, job_id), RECORD_FIELDS)
+        records = [
+            JobRecord.from_redis(decode({name: value for name, value in zip(RECORD_FIELDS, row,
+                                                                            strict=True)
+                                         if value is not None}))
+            for row in pipe.execute() if any(value is not None for value in row)
+        ]
         return RunStatus(
             run_id=self.id,
             state=RunState(info["state"]),
