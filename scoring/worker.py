@@ -4,7 +4,8 @@ For each seed, ``matches`` is the number of positions i where the seed's i-th
 draw (after ``--skip``) equals history[i]; ``score = matches / len(history)``.
 The output is one JSON document, written atomically (temporary file, rename).
 
-Exit status: 0 scored; 2 bad input (nothing written); 3 backend unavailable.
+Exit status: 0 scored; 2 bad input (nothing written); 3 backend unavailable;
+4 the output could not be written.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from scoring.prng import PRNGS
 
 EXIT_BAD_INPUT = 2
 EXIT_NO_BACKEND = 3
+EXIT_CANNOT_WRITE = 4
 
 EPILOG = """\
 example:
@@ -120,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     except BackendUnavailable as err:
         print(f"full_scoring_worker: error: {err}", file=sys.stderr)
         return EXIT_NO_BACKEND
+    except OSError as err:
+        print(f"full_scoring_worker: error: cannot write {args.output_file}: {err}",
+              file=sys.stderr)
+        return EXIT_CANNOT_WRITE
 
 
 if __name__ == "__main__":

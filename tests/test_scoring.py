@@ -238,6 +238,17 @@ def test_script_bad_input_is_one_line_and_writes_nothing(
     assert not (tmp_path / "out").exists()
 
 
+def test_script_unwritable_output_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "seeds.json").write_text("[1, 2]")
+    (tmp_path / "history.json").write_text("[1]")
+    (tmp_path / "out").write_text("a file, not a directory")
+    result = run_script(*scoring_args(out="out/scores.json"), cwd=tmp_path)
+    assert result.returncode == 4
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "full_scoring_worker: error: cannot write out/scores.json:")
+    assert "Traceback" not in result.stderr
+
+
 def test_script_missing_file_and_cupy_without_gpu(tmp_path: Path) -> None:
     (tmp_path / "history.json").write_text("[1]")
     result = run_script(*scoring_args(seeds="nope.json"), cwd=tmp_path)
