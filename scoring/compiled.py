@@ -131,6 +131,18 @@ def mt19937_matches(
             out[s] = matches
 
 
+@nb.njit(inline="always")
+def _minstd_step(x: int) -> int:
+    return x * 48271 % 2147483647
+
+
+@nb.njit(inline="always")
+def _xorshift_step(x: np.uint64) -> np.uint64:
+    x ^= (x << U64(13)) & M32
+    x ^= x >> U64(17)
+    return x ^ ((x << U64(5)) & M32)
+
+
 @nb.njit(parallel=True, cache=True)
 def minstd_matches(
     states: np.ndarray, history: np.ndarray, mod: int, skip: int, out: np.ndarray
@@ -139,10 +151,10 @@ def minstd_matches(
     for s in nb.prange(states.shape[0]):
         x = np.int64(states[s])
         for _ in range(skip):
-            x = x * 48271 % 2147483647
+            x = _minstd_step(x)
         matches = 0
         for i in range(history.shape[0]):
-            x = x * 48271 % 2147483647
+            x = _minstd_step(x)
             matches += _mod(x, mod, inv) == history[i]
         out[s] = matches
 
@@ -155,14 +167,10 @@ def xorshift32_matches(
     for s in nb.prange(states.shape[0]):
         x = states[s] & M32
         for _ in range(skip):
-            x ^= (x << U64(13)) & M32
-            x ^= x >> U64(17)
-            x ^= (x << U64(5)) & M32
+            x = _xorshift_step(x)
         matches = 0
         for i in range(history.shape[0]):
-            x ^= (x << U64(13)) & M32
-            x ^= x >> U64(17)
-            x ^= (x << U64(5)) & M32
+            x = _xorshift_step(x)
             matches += _mod(np.int64(x), mod, inv) == history[i]
         out[s] = matches
 
