@@ -24,7 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from coordinator import submit  # noqa: E402
-from coordinator.collector import collect  # noqa: E402
 from coordinator.local import LocalCluster  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,7 +69,7 @@ def main() -> int:
             run = submit(jobs, output_dir="out", broker_url=cluster.broker_url,
                          workdir=work / "cluster")
             run.wait(timeout=600)
-            summary = collect(run, workdir=work / "cluster").summary
+            summary = run.summary(workdir=work / "cluster")
             elapsed = time.perf_counter() - start
         assert summary["all_succeeded"], json.dumps(summary["counts"])
 

@@ -8,12 +8,21 @@ The Python API for other pipeline steps::
     summary = run.summary()
 """
 
-from coordinator.errors import CoordinatorError, ExitCode
-from coordinator.run import JobRecord, Run, RunStatus
-from coordinator.submit import get_run, submit
+from coordinator.errors import (
+    BrokerUnreachableError,
+    CoordinatorError,
+    ExitCode,
+    InvalidJobsError,
+    NodeFailedError,
+    RunNotFoundError,
+    WaitTimeoutError,
+)
+from coordinator.records import JobRecord, RunStatus
+from coordinator.run import Run, get_run, submit
 from worker_tasks.tracking import JobState, RunState
 
 __all__ = [
-    "CoordinatorError", "ExitCode", "JobRecord", "JobState", "Run", "RunState", "RunStatus",
-    "get_run", "submit",
+    "BrokerUnreachableError", "CoordinatorError", "ExitCode", "InvalidJobsError", "JobRecord",
+    "JobState", "NodeFailedError", "Run", "RunNotFoundError", "RunState", "RunStatus",
+    "WaitTimeoutError", "get_run", "submit",
 ]

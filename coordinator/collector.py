@@ -1,19 +1,25 @@
 """The collector: turn a run into ``run_summary.json``, merged outputs and a table.
 
 Success is a file: a job counts as succeeded only if its ``.done`` marker
-exists where the collector runs (the output directory is shared, or local).
+exists where the collector runs. Where nodes keep their outputs on their own
+disks (an inventory with ``shared_storage = false``), each job's output and
+marker are first fetched from the node that ran it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coordinator.files import write_json_atomically
 from coordinator.mergers import MERGERS, MergeResult
-from coordinator.run import JobRecord, Run, RunStatus
+from coordinator.records import JobRecord, RunStatus
 from worker_tasks.tracking import JobState
+
+if TYPE_CHECKING:  # the cluster code (Fabric) is loaded only when outputs are fetched
+    from coordinator.cluster.inventory import Inventory
+    from coordinator.cluster.outputs import FetchReport
 
 SUMMARY_NAME = "run_summary.json"
 
@@ -26,14 +32,17 @@ class Collection:
     path: Path
     merged: list[MergeResult]
     status: RunStatus
+    fetched: FetchReport | None = None
 
     @property
     def all_succeeded(self) -> bool:
         return bool(self.summary["all_succeeded"])
 
 
-def settle(job: JobRecord, workdir: Path) -> JobRecord:
+def settle(job: JobRecord, workdir: Path, fetch_error: str | None = None) -> JobRecord:
     """The job's state by the ``.done`` rule, whatever the tracking record says."""
+    if fetch_error is not None:
+        return replace(job, state=JobState.FAILED, error=fetch_error)
     marker = (workdir / job.done_file).exists()
     if marker and not job.state.is_success:
         return replace(job, state=JobState.SUCCEEDED)
@@ -83,11 +92,22 @@ def build_summary(status: RunStatus, jobs: list[JobRecord]) -> dict[str, Any]:
     }
 
 
-def collect(run: Run, workdir: str | Path = ".") -> Collection:
-    """Settle every job by its marker, run the merge steps, write the summary."""
+def collect(status: RunStatus, workdir: str | Path = ".",
+            inventory: Inventory | None = None) -> Collection:
+    """Settle every job by its marker, run the merge steps, write the summary.
+
+    With an ``inventory``, outputs of nodes without shared storage are fetched
+    first; a job whose files could not be fetched fails with the reason.
+    """
     base = Path(workdir)
-    status = run.status()
-    jobs = [settle(job, base) for job in status.jobs]
+    fetched = None
+    if inventory is not None and inventory.any_node_local_storage:
+        from coordinator.cluster.outputs import fetch_outputs
+
+        fetched = fetch_outputs(inventory, [job for job in status.jobs if job.state.is_final],
+                                base)
+    errors = fetched.errors if fetched else {}
+    jobs = [settle(job, base, errors.get(job.job_id)) for job in status.jobs]
     summary = build_summary(status, jobs)
     output_dir = Path(status.output_dir)
     merged: list[MergeResult] = []
@@ -97,15 +117,18 @@ def collect(run: Run, workdir: str | Path = ".") -> Collection:
             merged.append(merger.merge(claimed, output_dir, base))
     summary["merged"] = {result.kind: result.details for result in merged}
     path = write_json_atomically(base / output_dir / SUMMARY_NAME, summary, indent=2)
-    return Collection(summary=summary, path=path, merged=merged, status=status)
+    return Collection(summary=summary, path=path, merged=merged, status=status, fetched=fetched)
 
 
 def render(collection: Collection) -> str:
     """The short table printed after a run."""
     summary = collection.summary
-    lines = [f"run {summary['run_id']}: {summary['succeeded']}/{summary['jobs_total']} succeeded "
-             f"({summary['success_rate']:.0%}), makespan {summary['makespan_s']:.1f} s",
-             f"  {'node':<16} {'jobs':>5} {'ok':>5} {'failed':>6} {'skipped':>7} {'busy s':>8}"]
+    lines = []
+    if collection.fetched is not None:
+        lines.extend(f"fetch: {outcome.line()}" for outcome in collection.fetched.node_lines)
+    lines += [f"run {summary['run_id']}: {summary['succeeded']}/{summary['jobs_total']} "
+              f"succeeded ({summary['success_rate']:.0%}), makespan {summary['makespan_s']:.1f} s",
+              f"  {'node':<16} {'jobs':>5} {'ok':>5} {'failed':>6} {'skipped':>7} {'busy s':>8}"]
     for name, node in summary["nodes"].items():
         lines.append(f"  {name:<16} {node['jobs']:>5} {node['succeeded']:>5} "
                      f"{node['failed']:>6} {node['skipped']:>7} {node['busy_s']:>8.1f}")

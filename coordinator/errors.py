@@ -18,7 +18,7 @@ class ExitCode(IntEnum):
     BROKER_UNREACHABLE = 3  # Redis did not answer; nothing (more) published
     RUN_NOT_FOUND = 4  # no such run id in Redis (expired, or a typo)
     WAIT_TIMEOUT = 5  # --timeout passed before the run finished
-    CLUSTER_FAILED = 6  # `local` could not start its Redis or a worker
+    CLUSTER_FAILED = 6  # `local` could not start, or a cluster node failed (SSH)
     INTERRUPTED = 130  # Ctrl-C
 
 
@@ -54,5 +54,11 @@ class WaitTimeoutError(CoordinatorError):
 
 class ClusterStartError(CoordinatorError):
     """The local cluster could not start Redis or one of its workers."""
+
+    exit_code = ExitCode.CLUSTER_FAILED
+
+
+class NodeFailedError(CoordinatorError):
+    """A cluster node could not do its part (unreachable, refused, worker died)."""
 
     exit_code = ExitCode.CLUSTER_FAILED

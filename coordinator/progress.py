@@ -22,7 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from coordinator.run import RunStatus
+from coordinator.records import RunStatus
 from worker_tasks.tracking import JobState
 
 

@@ -4,102 +4,41 @@
     run.status()            # a RunStatus snapshot, from Redis
     run.wait(timeout=600)   # blocks until every job is final
     run.summary()           # collects: writes run_summary.json, returns it
+
+The handle sits on top of publishing (``coordinator.submit``), reading
+records (``coordinator.records``) and collecting (``coordinator.collector``);
+none of those imports it.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import redis
 
-from coordinator.errors import RunNotFoundError, WaitTimeoutError
-from worker_tasks.tracking import JobState, RunState, decode, job_key, jobs_key, run_key
+from coordinator.broker import broker_url as resolve_broker_url
+from coordinator.broker import check_broker, connect_tracking, publisher
+from coordinator.cluster.inventory import Inventory, find_inventory
+from coordinator.collector import Collection, collect
+from coordinator.errors import InvalidJobsError, WaitTimeoutError
+from coordinator.records import RunStatus, read_info, read_spec, read_status
+from coordinator.submit import (
+    DEFAULT_CHUNK_DIR,
+    DEFAULT_OUTPUT_DIR,
+    JobsInput,
+    cancel_run,
+    prepare,
+    publish_run,
+    retry_failed,
+)
 
 # How often wait() reads the run's state from Redis (seconds).
 POLL_INTERVAL_S = 0.5
 
-
-@dataclass(frozen=True)
-class JobRecord:
-    """One job's tracked state."""
-
-    job_id: str
-    node: str
-    gpu_id: int
-    state: JobState
-    script: str = ""
-    args: list[str] = field(default_factory=list)
-    attempts: int = 0
-    exit_code: int | None = None
-    duration_s: float | None = None
-    queued_at: float | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    host: str | None = None
-    error: str | None = None
-    output_file: str | None = None
-    done_file: str = ""
-    log_file: str = ""
-    task_id: str | None = None
-
-    @classmethod
-    def from_redis(cls, raw: dict[str, Any]) -> JobRecord:
-        values = {name: value for name, value in raw.items() if name in RECORD_FIELDS}
-        values["state"] = JobState(values.get("state", JobState.QUEUED))
-        return cls(**values)
-
-
-RECORD_FIELDS = [f.name for f in fields(JobRecord)]
-
-
-@dataclass(frozen=True)
-class RunStatus:
-    """A snapshot of a run: its metadata and every job's record."""
-
-    run_id: str
-    state: RunState
-    output_dir: str
-    created_at: float
-    jobs: list[JobRecord]
-
-    @property
-    def counts(self) -> Counter[JobState]:
-        return Counter(job.state for job in self.jobs)
-
-    @property
-    def total(self) -> int:
-        return len(self.jobs)
-
-    @property
-    def done(self) -> int:
-        return sum(1 for job in self.jobs if job.state.is_final)
-
-    @property
-    def finished(self) -> bool:
-        return all(job.state.is_final for job in self.jobs)
-
-    @property
-    def all_succeeded(self) -> bool:
-        return all(job.state.is_success for job in self.jobs)
-
-    def by_node(self) -> dict[str, list[JobRecord]]:
-        nodes: dict[str, list[JobRecord]] = defaultdict(list)
-        for job in self.jobs:
-            nodes[job.node].append(job)
-        return dict(sorted(nodes.items()))
-
-    def counts_text(self) -> str:
-        """``11 succeeded, 1 failed, 4 running``: the non-zero states."""
-        counts = self.counts
-        return ", ".join(f"{counts[state]} {state}" for state in JobState if counts[state])
-
-    def line(self) -> str:
-        """One line for logs: ``12/36 final: 11 succeeded, 1 failed, 4 running``."""
-        return f"{self.done}/{self.total} final: {self.counts_text()}"
+InventoryInput = Inventory | str | Path | None
 
 
 class Run:
@@ -109,43 +48,27 @@ class Run:
         run_id: the id printed by ``submit``.
         client: a redis-py client on the tracking Redis.
         broker_url: the broker, for retrying or cancelling jobs.
+        inventory: the cluster inventory; nodes without shared storage have their
+            outputs fetched over SSH when the run is collected.
     """
 
-    def __init__(self, run_id: str, client: redis.Redis, broker_url: str | None = None) -> None:
+    def __init__(self, run_id: str, client: redis.Redis, broker_url: str | None = None,
+                 inventory: Inventory | None = None) -> None:
         self.id = run_id
         self.client = client
         self.broker_url = broker_url
+        self.inventory = inventory
 
     def __repr__(self) -> str:
         return f"Run({self.id!r})"
 
     def info(self) -> dict[str, Any]:
         """The run's metadata as recorded at submit time."""
-        raw = self.client.hgetall(run_key(self.id))
-        if not raw:
-            raise RunNotFoundError(f"run {self.id!r} not found in Redis (expired, or wrong id)")
-        return decode(raw)
+        return read_info(self.client, self.id)
 
     def status(self) -> RunStatus:
         """A snapshot of every job's state."""
-        info = self.info()
-        job_ids = [raw.decode() for raw in self.client.lrange(jobs_key(self.id), 0, -1)]
-        pipe = self.client.pipeline(transaction=False)
-        for job_id in job_ids:  # the record's fields only, not the stored message
-            pipe.hmget(job_key(self.id, job_id), RECORD_FIELDS)
-        records = [
-            JobRecord.from_redis(decode({name: value for name, value in zip(RECORD_FIELDS, row,
-                                                                            strict=True)
-                                         if value is not None}))
-            for row in pipe.execute() if any(value is not None for value in row)
-        ]
-        return RunStatus(
-            run_id=self.id,
-            state=RunState(info["state"]),
-            output_dir=info["output_dir"],
-            created_at=info["created_at"],
-            jobs=records,
-        )
+        return read_status(self.client, self.id)
 
     def wait(
         self,
@@ -173,24 +96,83 @@ class Run:
                 )
             time.sleep(poll_interval)
 
-    def summary(self, workdir: str = ".") -> dict[str, Any]:
-        """Collect the run: write ``<output-dir>/run_summary.json`` and return it."""
-        from coordinator.collector import collect
+    def collect(self, workdir: str | Path = ".", fetch: bool | None = None) -> Collection:
+        """Settle every job by its ``.done`` file, merge outputs, write ``run_summary.json``.
 
-        return collect(self, workdir=workdir).summary
+        ``fetch``: bring outputs home from nodes without shared storage first
+        (default: whenever the run's inventory has such nodes).
+        """
+        inventory = self.inventory if fetch is not False else None
+        if fetch and inventory is None:
+            raise InvalidJobsError("--fetch needs a cluster inventory (--inventory FILE)")
+        return collect(self.status(), workdir=workdir, inventory=inventory)
+
+    def summary(self, workdir: str | Path = ".") -> dict[str, Any]:
+        """Collect the run (see ``collect``) and return the summary as a dict."""
+        return self.collect(workdir).summary
 
     def cancel(self) -> int:
         """Stop the run: queued jobs are dropped, running ones terminated. Returns how many."""
-        from coordinator.submit import cancel_run
-
-        return cancel_run(self)
+        return cancel_run(self.client, self.id, self.broker_url)
 
     def retry_failed(self) -> int:
         """Publish the failed and cancelled jobs again. Returns how many."""
-        from coordinator.submit import retry_failed
-
-        return retry_failed(self)
+        return retry_failed(self.client, self.id, self.broker_url)
 
     def spec_message(self, job_id: str) -> dict[str, Any]:
         """The message the job was published with (for retries)."""
-        return decode(self.client.hgetall(job_key(self.id, job_id)))["spec"]
+        return read_spec(self.client, self.id, job_id)
+
+
+def load_inventory_input(inventory: InventoryInput) -> Inventory | None:
+    if inventory is None or isinstance(inventory, Inventory):
+        return inventory
+    return find_inventory(inventory)
+
+
+def submit(
+    jobs: JobsInput,
+    output_dir: str = DEFAULT_OUTPUT_DIR,
+    preserve_paths: bool = False,
+    broker_url: str | None = None,
+    tracking_url: str | None = None,
+    chunk_dir: str = DEFAULT_CHUNK_DIR,
+    workdir: str | Path = ".",
+    inventory: InventoryInput = None,
+) -> Run:
+    """Validate, record and publish a run; returns its handle.
+
+    ``jobs`` is a jobs file path or a list of job dicts (the jobs-file format).
+    ``inventory`` (an ``Inventory`` or its path): node names are resolved through
+    it (labels or hosts; a node it lacks is refused) and, for nodes without
+    shared storage, Step 3 inputs are pushed to the node before publishing and
+    outputs fetched when collecting.
+    Raises ``InvalidJobsError`` (nothing published), ``BrokerUnreachableError``,
+    or ``NodeFailedError`` (an input could not be pushed; nothing published).
+    """
+    url = resolve_broker_url(broker_url)
+    cluster = load_inventory_input(inventory)
+    plan, conversions = prepare(jobs, output_dir, preserve_paths, chunk_dir,
+                                resolve_node=cluster.resolve if cluster else None)
+    client = connect_tracking(tracking_url, url)
+    app = publisher(url)
+    check_broker(app)
+    before = None
+    if cluster is not None and cluster.any_node_local_storage:
+        from coordinator.cluster.outputs import push_inputs
+
+        def before(plan_: Any) -> None:
+            push_inputs(cluster, plan_, Path(workdir))
+
+    publish_run(plan, conversions, client, app, workdir, before_publish=before)
+    return Run(plan.run_id, client, url, inventory=cluster)
+
+
+def get_run(run_id: str, broker_url: str | None = None, tracking_url: str | None = None,
+            inventory: InventoryInput = None) -> Run:
+    """A handle on an existing run (raises ``RunNotFoundError`` if unknown)."""
+    url = resolve_broker_url(broker_url)
+    run = Run(run_id, connect_tracking(tracking_url, url), url,
+              inventory=load_inventory_input(inventory))
+    run.info()
+    return run

@@ -1,9 +1,10 @@
-"""Submit: validate all, plan, record the run in Redis, then publish.
+"""Publishing a run: validate all, plan, record the run in Redis, then publish.
 
 Order matters for "nothing half-published": the whole file is validated and
 planned before Redis is touched; the run and its jobs are recorded in one
 transaction; then messages go out. If the broker fails half-way, the run is
-marked cancelled, so workers drop the messages that did get out.
+marked cancelled, so workers drop the messages that did get out. Cancelling
+and retrying a run are here too: they publish (or unpublish) jobs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,11 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from coordinator import legacy
-from coordinator.broker import broker_url as resolve_broker_url
-from coordinator.broker import check_broker, connect_tracking, publisher, redact
-from coordinator.errors import BrokerUnreachableError
-from coordinator.jobs import Job, load_jobs
+from coordinator.broker import check_broker, publisher, redact
+from coordinator.errors import BrokerUnreachableError, InvalidJobsError
+from coordinator.jobs import Job, LegacyScoringJob, load_jobs
 from coordinator.plan import Plan, plan_jobs
-from coordinator.run import Run
+from coordinator.records import read_spec, read_status
 from worker_tasks.spec import RUN_JOB_TASK, JobSpec, queue_for
 from worker_tasks.tracking import (
     RUN_TTL_S,
@@ -45,6 +45,8 @@ DEFAULT_OUTPUT_DIR = "full_scoring_results"
 DEFAULT_CHUNK_DIR = "scoring_chunks"
 
 JobsInput = str | Path | Sequence[dict[str, Any]]
+# Maps a jobs file's node name to the queue label that serves it (None: no such node).
+NodeResolver = Callable[[str], str | None]
 
 
 def new_run_id() -> str:
@@ -58,13 +60,18 @@ def prepare(
     preserve_paths: bool = False,
     chunk_dir: str = DEFAULT_CHUNK_DIR,
     run_id: str | None = None,
+    resolve_node: NodeResolver | None = None,
 ) -> tuple[Plan, list[legacy.Conversion]]:
     """Validate and plan a run; returns the plan and the legacy conversions.
 
-    Raises ``InvalidJobsError`` (exit 2) before anything is written or published.
-    Nothing is written: legacy chunk files are written by ``legacy.write_chunks``.
+    ``resolve_node`` (from an inventory) maps each job's node name to a node label
+    and refuses a node it does not know. Raises ``InvalidJobsError`` (exit 2)
+    before anything is written or published. Nothing is written: legacy chunk
+    files are written by ``legacy.write_chunks``.
     """
     entries = load_jobs(jobs)
+    if resolve_node is not None:
+        entries = resolve_nodes(entries, resolve_node)
     conversions = legacy.convert_all(entries, chunk_dir=chunk_dir, output_dir=output_dir)
     script_jobs: list[Job] = [
         conversion.job if conversion else entry
@@ -72,6 +79,21 @@ def prepare(
     ]
     plan = plan_jobs(script_jobs, run_id or new_run_id(), output_dir, preserve_paths)
     return plan, [conversion for conversion in conversions if conversion]
+
+
+def resolve_nodes(entries: list[Job | LegacyScoringJob],
+                  resolve_node: NodeResolver) -> list[Job | LegacyScoringJob]:
+    """Each job's node as an inventory label; a node the inventory lacks is exit 2."""
+    resolved: list[Job | LegacyScoringJob] = []
+    for index, entry in enumerate(entries):
+        label = resolve_node(entry.node)
+        if label is None:
+            raise InvalidJobsError(
+                f"jobs: job {index} (job_id {entry.job_id!r}): field 'node': {entry.node!r} is "
+                f"not in the cluster inventory (add [nodes.{entry.node}] or fix the node)")
+        resolved.append(entry if label == entry.node
+                        else entry.model_copy(update={"node": label}))
+    return resolved
 
 
 def record_run(client: redis.Redis, plan: Plan) -> None:
@@ -140,27 +162,24 @@ def publish(
         raise BrokerUnreachableError(message) from None
 
 
-def submit(
-    jobs: JobsInput,
-    output_dir: str = DEFAULT_OUTPUT_DIR,
-    preserve_paths: bool = False,
-    broker_url: str | None = None,
-    tracking_url: str | None = None,
-    chunk_dir: str = DEFAULT_CHUNK_DIR,
+def publish_run(
+    plan: Plan,
+    conversions: Sequence[legacy.Conversion],
+    client: redis.Redis,
+    app: Celery,
     workdir: str | Path = ".",
-) -> Run:
-    """Validate, record and publish a run; returns its handle.
+    before_publish: Callable[[Plan], None] | None = None,
+) -> None:
+    """Record and publish a prepared run; the broker must have answered ``check_broker``.
 
-    ``jobs`` is a jobs file path or a list of job dicts (the jobs-file format).
-    Raises ``InvalidJobsError`` (nothing published) or ``BrokerUnreachableError``.
+    ``before_publish`` runs once the input is known good and Redis is up, before
+    anything is recorded (pushing input files to nodes, say); if it raises,
+    nothing was published.
     """
-    url = resolve_broker_url(broker_url)
-    plan, conversions = prepare(jobs, output_dir, preserve_paths, chunk_dir)
-    client = connect_tracking(tracking_url, url)
-    app = publisher(url)
-    check_broker(app)
     # Only now, with the input valid and Redis up, are legacy chunk files written.
     legacy.write_chunks(conversions, Path(workdir))
+    if before_publish is not None:
+        before_publish(plan)
     record_run(client, plan)
     try:
         publish(client, plan.specs, app)
@@ -170,15 +189,6 @@ def submit(
             client.hset(run_key(plan.run_id), "state", json.dumps(RunState.CANCELLED))
         raise
     client.hset(run_key(plan.run_id), "state", json.dumps(RunState.ACTIVE))
-    return Run(plan.run_id, client, url)
-
-
-def get_run(run_id: str, broker_url: str | None = None, tracking_url: str | None = None) -> Run:
-    """A handle on an existing run (raises ``RunNotFoundError`` if unknown)."""
-    url = resolve_broker_url(broker_url)
-    run = Run(run_id, connect_tracking(tracking_url, url), url)
-    run.info()
-    return run
 
 
 def latest_run_id(client: redis.Redis) -> str | None:
@@ -186,41 +196,41 @@ def latest_run_id(client: redis.Redis) -> str | None:
     return newest[0].decode() if newest else None
 
 
-def cancel_run(run: Run) -> int:
+def cancel_run(client: redis.Redis, run_id: str, broker_url: str | None) -> int:
     """Mark the run cancelled, drop its queued jobs and terminate its running ones."""
-    status = run.status()
-    run.client.hset(run_key(run.id), "state", json.dumps(RunState.CANCELLED))
-    app = publisher(run.broker_url)
+    status = read_status(client, run_id)
+    client.hset(run_key(run_id), "state", json.dumps(RunState.CANCELLED))
+    app = publisher(broker_url)
     stopped = 0
     for job in status.jobs:
         if job.state is JobState.QUEUED:
-            run.client.hset(job_key(run.id, job.job_id), mapping=encode(
+            client.hset(job_key(run_id, job.job_id), mapping=encode(
                 {"state": JobState.CANCELLED, "finished_at": timestamp()}))
             stopped += 1
         elif job.state is JobState.RUNNING and job.task_id:
             app.control.revoke(job.task_id, terminate=True, signal="SIGTERM")
-            run.client.hset(job_key(run.id, job.job_id), mapping=encode(
+            client.hset(job_key(run_id, job.job_id), mapping=encode(
                 {"state": JobState.CANCELLED, "finished_at": timestamp(),
                  "error": "cancelled while running"}))
             stopped += 1
     return stopped
 
 
-def retry_failed(run: Run) -> int:
+def retry_failed(client: redis.Redis, run_id: str, broker_url: str | None) -> int:
     """Publish failed and cancelled jobs again, each with a fresh task id."""
-    retry = [job for job in run.status().jobs
+    retry = [job for job in read_status(client, run_id).jobs
              if job.state in (JobState.FAILED, JobState.CANCELLED)]
     if not retry:
         return 0
-    app = publisher(run.broker_url)
+    app = publisher(broker_url)
     check_broker(app)
-    specs = [JobSpec.from_message(run.spec_message(job.job_id)) for job in retry]
-    pipe = run.client.pipeline(transaction=True)
+    specs = [JobSpec.from_message(read_spec(client, run_id, job.job_id)) for job in retry]
+    pipe = client.pipeline(transaction=True)
     for job in retry:
-        pipe.hset(job_key(run.id, job.job_id), mapping=encode(
+        pipe.hset(job_key(run_id, job.job_id), mapping=encode(
             {"state": JobState.QUEUED, "queued_at": timestamp(), "error": None,
              "finished_at": None, "exit_code": None}))
-    pipe.hset(run_key(run.id), "state", json.dumps(RunState.ACTIVE))
+    pipe.hset(run_key(run_id), "state", json.dumps(RunState.ACTIVE))
     pipe.execute()
-    publish(run.client, specs, app, generation=max(job.attempts for job in retry) + 1)
+    publish(client, specs, app, generation=max(job.attempts for job in retry) + 1)
     return len(specs)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from coordinator import submit
 from coordinator.errors import InvalidJobsError
 from coordinator.local import LocalCluster
 from coordinator.scoring_jobs import generate_scoring_jobs, make_demo_data, parse_nodes
-from coordinator.submit import prepare, submit
+from coordinator.submit import prepare
 from scoring.prng import reference_draws
 from tests.conftest import REPO, run_cli, write_jobs
 

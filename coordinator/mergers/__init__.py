@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from coordinator.run import JobRecord
+from coordinator.records import JobRecord
 
 
 @dataclass(frozen=True)

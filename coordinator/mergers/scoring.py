@@ -11,7 +11,7 @@ from coordinator.files import write_json_atomically
 
 if TYPE_CHECKING:
     from coordinator.mergers import MergeResult
-    from coordinator.run import JobRecord
+    from coordinator.records import JobRecord
 
 MERGED_NAME = "survivors_with_scores.json"
 SCORING_SCRIPTS = {"full_scoring_worker.py", "full-scoring-worker"}

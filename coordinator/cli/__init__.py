@@ -1,0 +1,70 @@
+"""Command line: ``coordinator <command>`` and the drop-in ``scripts-coordinator``.
+
+One module per group of verbs: ``runs`` (submit, status, wait, collect, ...),
+``node`` (worker, local), ``cluster`` (the SSH verbs), ``workload`` (jobs
+files and demo data); ``common`` holds what they share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from coordinator.cli import cluster, node, runs, workload
+from coordinator.cli.common import ENVIRONMENT, EXIT_CODES, PROG, ArgumentParser, formatter, run_cli
+from coordinator.cli.node import project_version
+
+GROUPS = (runs, node, cluster, workload)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog=PROG, formatter_class=formatter,
+        description="Fan GPU script jobs out over per-node Celery queues; success is a "
+                    ".done file.",
+        epilog="examples:\n"
+               "  coordinator local --jobs-file examples/hello_jobs.json   # all on this machine\n"
+               "  coordinator cluster up                                    # workers over SSH\n"
+               "  coordinator worker --node rig-a                          # or by hand, per node\n"
+               "  coordinator submit --jobs-file scoring_jobs.json --wait   # from the head node\n"
+               "  coordinator status                                        # newest run\n"
+               "  coordinator retry --wait                                  # failed jobs again\n"
+               "  coordinator COMMAND --help                                # each command\n\n"
+               + EXIT_CODES + "\n\n" + ENVIRONMENT,
+    )
+    parser.add_argument("--version", action="version",
+                        version=f"scripts-coordinator {project_version()}")
+    parser.add_argument("--broker", metavar="URL",
+                        help="Redis URL of the broker (default: $SC_BROKER_URL or local)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # --broker is accepted after the command too (`coordinator status RUN --broker URL`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--broker", metavar="URL", default=argparse.SUPPRESS,
+                        help="Redis URL of the broker (default: $SC_BROKER_URL or local)")
+
+    def command(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text,
+                                   epilog=f"example:\n  {example}\n\n{EXIT_CODES}",
+                                   formatter_class=formatter, parents=[common])
+
+    for group in GROUPS:
+        group.register(command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(args.handler, args)
+
+
+def legacy_main(argv: Sequence[str] | None = None) -> int:
+    """``scripts-coordinator``: the original tool's command line (submit and follow)."""
+    args = runs.build_legacy_parser().parse_args(argv)
+    args.wait, args.json = True, False
+    return run_cli(runs.cmd_submit, args, prog="scripts-coordinator")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Cluster verbs: ``coordinator cluster init|deploy|up|status|logs|down|unit`` over SSH.
+
+Every verb reads the inventory (``--inventory``, ``$SC_INVENTORY``, or
+``./cluster.toml``), acts on the named nodes (all by default) in parallel, and
+prints one line per node; the exit status is 6 if any node failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import redis
+
+from coordinator.broker import broker_url as resolve_broker_url
+from coordinator.broker import connect_tracking, publisher, redact
+from coordinator.cli.common import EXIT_CODES, CommandFactory, add_inventory_flag, formatter
+from coordinator.cli.node import project_version
+from coordinator.cluster.group import Cluster, NodeOutcome
+from coordinator.cluster.inventory import EXAMPLE, Inventory, inventory_path, load_inventory
+from coordinator.errors import BrokerUnreachableError, ExitCode, NodeFailedError
+
+if TYPE_CHECKING:  # Fabric is imported only by the verbs that use it
+    from coordinator.cluster.remote import RemoteNode
+
+# How long the head node waits for workers' replies to ping and inspect (seconds).
+INSPECT_TIMEOUT_S = 2.0
+
+
+def load(args: argparse.Namespace) -> Inventory:
+    return load_inventory(inventory_path(args.inventory))
+
+
+def report(outcomes: list[NodeOutcome], verb: str) -> int:
+    """One line per node; exit 6 naming the failed nodes if any failed."""
+    width = max((len(outcome.label) for outcome in outcomes), default=8) + 2
+    for outcome in outcomes:
+        print(outcome.line(width), flush=True)
+    failed = [outcome.label for outcome in outcomes if not outcome.ok]
+    if failed:
+        raise NodeFailedError(f"cluster {verb}: {len(failed)} of {len(outcomes)} nodes failed "
+                              f"({', '.join(failed)})")
+    return ExitCode.OK
+
+
+def on_nodes(args: argparse.Namespace, verb: str,
+             action: Callable[[RemoteNode], str | tuple[str, object]]) -> int:
+    with Cluster(load(args), args.nodes) as cluster:
+        return report(cluster.each(action), verb)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    sys.stdout.write(EXAMPLE)
+    return ExitCode.OK
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from coordinator.cluster import deploy
+
+    inventory = load(args)
+    scripts = (None if args.no_scripts
+               else deploy.scripts_files(Path(args.scripts_dir), args.exclude))
+    data = deploy.data_files(args.data, Path.cwd()) if args.data else None
+    with deploy.with_workdir() as scratch:
+        wheel = (deploy.project_wheel(args.project or None, Path(scratch))
+                 if args.project is not None else None)
+
+        def one(remote: RemoteNode) -> str:
+            done = []
+            if wheel is not None:
+                done.append(deploy.install_project(remote, wheel))
+            if scripts is not None:
+                done.append(deploy.deploy_scripts(remote, scripts))
+            if data is not None:
+                done.append(deploy.deploy_data(remote, data))
+            return "; ".join(done)
+
+        with Cluster(inventory, args.nodes) as cluster:
+            return report(cluster.each(one), "deploy")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from coordinator.cluster import workers
+
+    head_broker = resolve_broker_url(args.broker)
+    return on_nodes(args, "up", lambda remote: workers.up(remote, head_broker))
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from coordinator.cluster import workers
+
+    return on_nodes(args, "down", lambda remote: workers.down(remote, args.now, args.timeout))
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from coordinator.cluster import workers
+
+    with Cluster(load(args), args.nodes) as cluster:
+        outcomes = cluster.each(lambda remote: ("", workers.logs(remote, args.lines)))
+    for outcome in outcomes:
+        if len(outcomes) > 1:
+            print(f"==> {outcome.label} <==")
+        if outcome.ok:
+            sys.stdout.write(outcome.value)
+        else:
+            print(outcome.line())
+    failed = [outcome.label for outcome in outcomes if not outcome.ok]
+    if failed:
+        raise NodeFailedError(f"cluster logs: could not read the log of {', '.join(failed)}")
+    return ExitCode.OK
+
+
+def cmd_unit(args: argparse.Namespace) -> int:
+    from coordinator.cluster import workers
+
+    for node in load(args).select(args.nodes):
+        sys.stdout.write(workers.systemd_unit(node))
+    return ExitCode.OK
+
+
+class BrokerView:
+    """What the head node's broker says about each node: ping, queue length, current job."""
+
+    def __init__(self, broker: str | None) -> None:
+        self.error: str | None = None
+        self.answering: set[str] = set()
+        self.active: dict[str, list[dict[str, object]]] = {}
+        self.queues: dict[str, int] = {}
+        self.url = resolve_broker_url(broker)
+        try:
+            self.client = connect_tracking(None, broker)
+            app = publisher(broker)
+            self.answering = {name for reply in app.control.ping(timeout=INSPECT_TIMEOUT_S) or []
+                              for name in reply}
+            if self.answering:
+                self.active = app.control.inspect(destination=sorted(self.answering),
+                                                  timeout=INSPECT_TIMEOUT_S).active() or {}
+        except (BrokerUnreachableError, redis.RedisError, OSError) as err:
+            self.error = f"broker {redact(self.url)} unreachable from here: {err}"
+
+    def queue_length(self, queue: str) -> int | None:
+        if self.error:
+            return None
+        return int(self.client.llen(queue))
+
+    def current_job(self, worker: str) -> str | None:
+        for task in self.active.get(worker, []):
+            args = task.get("args") or []
+            message = args[0] if isinstance(args, list) and args else {}
+            if isinstance(message, dict):
+                return f"{message.get('job_id')} (run {message.get('run_id')})"
+        return None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from coordinator.cluster import workers
+    from coordinator.cluster.remote import NodeError
+
+    inventory = load(args)
+    view = BrokerView(args.broker)
+    head_version = project_version()
+
+    def one(remote: RemoteNode) -> str:
+        state = workers.state(remote)
+        parts = ["ssh ok"]
+        problems = []
+        if state.get("alive"):
+            parts.append(f"worker pid {state['pid']} alive")
+        else:
+            stale = f" (stale pid file, pid {state['pid']})" if state.get("stale") else ""
+            parts.append(f"no worker running{stale}")
+            problems.append("no worker")
+        name = str(state.get("worker_name"))
+        if view.error is None:
+            ping = name in view.answering
+            parts.append("ping ok" if ping else "no ping answer")
+            if not ping:
+                problems.append("no ping")
+            parts.append(f"queue {view.queue_length(remote.node.queue)}")
+            job = view.current_job(name)
+            parts.append(f"running {job}" if job else "idle")
+        if state.get("version") != head_version:
+            parts.append(f"version {state.get('version')} (head has {head_version}: "
+                         f"cluster deploy --project)")
+        line = ", ".join(parts)
+        if problems:
+            raise NodeError(line)
+        return line
+
+    with Cluster(inventory, args.nodes) as cluster:
+        outcomes = cluster.each(one)
+    if view.error:
+        print(view.error, file=sys.stderr)
+    code = report(outcomes, "status")
+    if view.error:
+        raise BrokerUnreachableError(view.error)
+    return code
+
+
+def register(command: CommandFactory) -> None:
+    cluster = command(
+        "cluster", "drive the GPU nodes of an inventory over SSH (Fabric)",
+        "coordinator cluster init > cluster.toml && coordinator cluster deploy && "
+        "coordinator cluster up")
+    verbs = cluster.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def verb(name: str, help_text: str, examples: str,
+             nodes: str = "*") -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=help_text, description=help_text,
+                               epilog=f"examples:\n{examples}\n\n{EXIT_CODES}",
+                               formatter_class=formatter)
+        if nodes == "*":
+            sub.add_argument("nodes", nargs="*", metavar="NODE",
+                             help="act on these node labels only (default: every node)")
+        elif nodes == "+":
+            sub.add_argument("nodes", nargs="+", metavar="NODE", help="node labels")
+        add_inventory_flag(sub, "the inventory (default: $SC_INVENTORY, else ./cluster.toml)")
+        sub.add_argument("--broker", metavar="URL", default=argparse.SUPPRESS,
+                         help="Redis URL as the head node reaches it (default: $SC_BROKER_URL)")
+        return sub
+
+    sub = verb("init", "print a commented example inventory to edit",
+               "  coordinator cluster init > cluster.toml", nodes="")
+    sub.set_defaults(handler=cmd_init)
+
+    sub = verb("deploy", "copy the scripts directory (and data, and the project) to the nodes; "
+                         "only changed files move",
+               "  coordinator cluster deploy --scripts-dir /opt/pipeline\n"
+               "  coordinator cluster deploy rig-b --data scoring_chunks --data "
+               "train_history.json\n"
+               "  coordinator cluster deploy --project            # build a wheel here, "
+               "install it there")
+    sub.add_argument("--scripts-dir", default=".", metavar="DIR",
+                     help="the head node's scripts directory, copied to each node's "
+                          "scripts_dir (default: .)")
+    sub.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                     help="leave out matching files or directories (repeatable; hidden "
+                          "files, __pycache__ and *.pyc always are)")
+    sub.add_argument("--no-scripts", action="store_true", help="do not copy the scripts")
+    sub.add_argument("--data", action="append", default=[], metavar="PATH",
+                     help="a file or directory under the current directory, copied to the same "
+                          "relative path under each node's workdir (repeatable)")
+    sub.add_argument("--project", nargs="?", const="", metavar="WHEEL",
+                     help="install scripts-coordinator on the nodes with their configured "
+                          "python: WHEEL, or a wheel built from this source tree")
+    sub.set_defaults(handler=cmd_deploy)
+
+    sub = verb("up", "start one detached worker per node (idempotent; replaces stale pid files)",
+               "  coordinator cluster up\n  coordinator cluster up rig-b rig-c")
+    sub.set_defaults(handler=cmd_up)
+
+    sub = verb("status", "per node: SSH, worker pid, Celery ping, queue length, current job",
+               "  coordinator cluster status")
+    sub.set_defaults(handler=cmd_status)
+
+    sub = verb("logs", "print the tail of nodes' worker logs",
+               "  coordinator cluster logs rig-a --lines 50", nodes="+")
+    sub.add_argument("--lines", type=int, default=50, metavar="N",
+                     help="how many lines (default: 50)")
+    sub.set_defaults(handler=cmd_logs)
+
+    sub = verb("down", "stop the workers that up started: warm (the running job finishes and "
+                       "writes its .done) or --now",
+               "  coordinator cluster down\n  coordinator cluster down rig-c --now")
+    sub.add_argument("--now", action="store_true",
+                     help="kill each worker and its running job at once (no .done is written; "
+                          "the job runs again when a worker serves the node)")
+    sub.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                     help="how long a warm stop may wait for the running job (default: "
+                          "%(default)s)")
+    sub.set_defaults(handler=cmd_down)
+
+    sub = verb("unit", "print a systemd unit that runs a node's worker",
+               "  coordinator cluster unit rig-a | ssh rig-a 'sudo tee "
+               "/etc/systemd/system/scripts-coordinator-worker-rig-a.service'", nodes="+")
+    sub.set_defaults(handler=cmd_unit)

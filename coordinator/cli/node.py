@@ -1,0 +1,245 @@
+"""Node verbs: ``worker`` (this machine's worker for one node) and ``local`` (a whole cluster here).
+
+``coordinator worker`` has four modes: in the foreground (default; the Celery
+worker replaces this process), ``--detach`` (in a session of its own, with a
+pid file and a log file; what ``cluster up`` runs over SSH), ``--stop`` and
+``--status`` (what ``cluster down`` and ``cluster status`` run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from coordinator.broker import broker_url as resolve_broker_url
+from coordinator.broker import check_broker, publisher
+from coordinator.cli.common import PROG, CommandFactory, existing_dir
+from coordinator.cli.runs import add_original_flags, follow, print_plan
+from coordinator.errors import ClusterStartError, ExitCode, InvalidJobsError, NodeFailedError
+from coordinator.jobs import SAFE_NAME
+from coordinator.local import READY_TIMEOUT_S, worker_command, worker_name
+from coordinator.plan import Plan
+from coordinator.submit import prepare
+from coordinator.workers import workers_by_node
+from worker_tasks import daemon
+from worker_tasks.spec import queue_for
+
+# Lines of the worker's log quoted when it dies at start.
+LOG_TAIL_LINES = 5
+# How often a detaching worker is pinged while it starts (seconds).
+PING_INTERVAL_S = 0.5
+
+
+def project_version() -> str:
+    try:
+        return version("scripts-coordinator")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def load_env_file(path: str) -> None:
+    """``KEY=VALUE`` lines (systemd's EnvironmentFile, unquoted) into this environment."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise InvalidJobsError(f"--env-file {path}: {err.strerror or err}") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise InvalidJobsError(f"--env-file {path}: line {number} is not NAME=VALUE")
+        os.environ[name.strip()] = value
+
+
+def state_path(args: argparse.Namespace, kind: str) -> Path:
+    """``--pidfile`` / ``--logfile``, else ``<workdir>/.scripts-coordinator/worker-<node>.pid``."""
+    given = getattr(args, f"{kind}file")
+    if given:
+        return Path(given)
+    return Path(args.workdir) / ".scripts-coordinator" / f"worker-{args.node}.{kind}"
+
+
+def log_tail(logfile: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    try:
+        text = logfile.read_text(errors="replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if line.strip()][-lines:]
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    if not SAFE_NAME.match(args.node) or ".." in args.node:
+        raise InvalidJobsError(f"--node {args.node!r}: use letters, digits, '.', '_', '-'")
+    if args.env_file:
+        load_env_file(args.env_file)
+    pidfile, logfile = state_path(args, "pid"), state_path(args, "log")
+    marker = queue_for(args.node)
+    if args.status:
+        return worker_status(args, pidfile, logfile, marker)
+    if args.stop:
+        try:
+            print(daemon.stop(pidfile, marker, now=args.now, timeout=args.timeout))
+        except TimeoutError as err:
+            raise NodeFailedError(str(err)) from None
+        return ExitCode.OK
+
+    current = daemon.read_pidfile(pidfile, marker)
+    if current.alive:
+        if args.detach:
+            print(f"already running (pid {current.pid}, log {logfile})")
+            return ExitCode.OK
+        raise InvalidJobsError(f"node {args.node}: a worker is already running (pid "
+                               f"{current.pid}, pid file {pidfile})")
+    note = f"; replaced stale pid file (pid {current.pid} gone)" if current.stale else ""
+    app = publisher(args.broker)
+    check_broker(app)
+    others = workers_by_node(app).get(args.node, [])
+    if others and not args.force:
+        raise InvalidJobsError(
+            f"node {args.node} is already served by {', '.join(others)}: a second worker would "
+            f"run its jobs in parallel (one at a time per node); --force starts it anyway")
+    os.environ["SC_BROKER_URL"] = resolve_broker_url(args.broker)
+    os.environ["SC_SCRIPTS_DIR"] = str(Path(args.scripts_dir).resolve())
+    os.environ["SC_WORKDIR"] = str(Path(args.workdir).resolve())
+    command = worker_command(args.node, args.loglevel)
+    if args.detach:
+        return start_detached(args, command, pidfile, logfile, note)
+    print(f"{PROG}: starting worker for node {args.node}: {' '.join(command[1:])}",
+          file=sys.stderr, flush=True)
+    os.chdir(args.workdir)
+    if args.pidfile:
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
+        pidfile.write_text(f"{os.getpid()}\n")  # exec keeps the pid
+    if args.logfile:
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        log_fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+    os.execv(sys.executable, command)  # the worker replaces this process: signals go to it
+
+
+def start_detached(args: argparse.Namespace, command: list[str], pidfile: Path, logfile: Path,
+                   note: str) -> int:
+    """Start the worker in its own session and wait until it answers a ping (or dies)."""
+    process = daemon.start_detached(command, os.environ, Path(args.workdir).resolve(), pidfile,
+                                    logfile)
+    name = worker_name(args.node)
+    app = publisher(args.broker)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pidfile.unlink(missing_ok=True)
+            tail = "\n".join(f"  {line}" for line in log_tail(logfile))
+            raise ClusterStartError(f"worker died at start (exit status {process.returncode}); "
+                                    f"last lines of {logfile}:\n{tail}")
+        if app.control.ping(destination=[name], timeout=PING_INTERVAL_S):
+            print(f"started worker {name} (pid {process.pid}, log {logfile}){note}")
+            return ExitCode.OK
+    raise ClusterStartError(f"worker pid {process.pid} did not answer within "
+                            f"{READY_TIMEOUT_S:g} s; see {logfile}")
+
+
+def worker_status(args: argparse.Namespace, pidfile: Path, logfile: Path, marker: str) -> int:
+    state = daemon.read_pidfile(pidfile, marker)
+    print(json.dumps({
+        "node": args.node, "pid": state.pid, "alive": state.alive, "stale": state.stale,
+        "worker_name": worker_name(args.node), "hostname": socket.gethostname(),
+        "version": project_version(), "python": sys.executable,
+        "pidfile": str(pidfile), "logfile": str(logfile),
+    }))
+    return ExitCode.OK
+
+
+def check_scripts_exist(plan: Plan, scripts_dir: Path) -> None:
+    """Locally the scripts directory is in sight: refuse a missing script before starting."""
+    for index, spec in enumerate(plan.specs):
+        if not (scripts_dir / spec.script).is_file():
+            raise InvalidJobsError(
+                f"jobs: job {index} (job_id {spec.job_id!r}): field 'script': {spec.script!r} "
+                f"not found in scripts directory {scripts_dir.resolve()} (see --scripts-dir)")
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from coordinator.local import LocalCluster
+    from coordinator.run import submit
+
+    if args.dry_run:
+        print_plan(args)
+        return ExitCode.OK
+    workdir = Path(args.workdir)
+    plan, _ = prepare(args.jobs_file, args.output_dir, args.preserve_paths, args.chunk_dir)
+    check_scripts_exist(plan, Path(args.scripts_dir))
+    nodes = sorted(plan.by_node())
+    print(f"local cluster: private Redis and {len(nodes)} workers ({', '.join(nodes)})",
+          file=sys.stderr, flush=True)
+    log_dir = workdir / args.output_dir / "logs"
+    try:
+        with LocalCluster(nodes, args.scripts_dir, workdir, log_dir=log_dir) as cluster:
+            run = submit(Path(args.jobs_file).resolve(), args.output_dir, args.preserve_paths,
+                         cluster.broker_url, chunk_dir=args.chunk_dir, workdir=workdir)
+            print(f"run {run.id}: {len(plan.specs)} jobs published", file=sys.stderr,
+                  flush=True)
+            return follow(run, args.timeout, workdir, detached=False)
+    except KeyboardInterrupt:
+        print(f"{PROG}: stopped the local cluster: its Redis, workers and running jobs",
+              file=sys.stderr)
+        raise
+
+
+def add_place_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scripts-dir", default=".", metavar="DIR", type=existing_dir,
+                        help="where job scripts are looked up (default: current directory)")
+    parser.add_argument("--workdir", default=".", metavar="DIR", type=existing_dir,
+                        help="where scripts run and relative paths resolve (default: .)")
+
+
+def register(command: CommandFactory) -> None:
+    sub = command("worker", "run this machine's Celery worker for one node (queue node.NAME)",
+                  "coordinator worker --node rig-a --scripts-dir /opt/pipeline --workdir /data\n"
+                  "  coordinator worker --node rig-a --workdir /data --detach   # in the "
+                  "background\n"
+                  "  coordinator worker --node rig-a --workdir /data --stop     # warm stop\n"
+                  "  coordinator worker --node rig-a --workdir /data --status   # JSON")
+    sub.add_argument("--node", required=True, help="the node label jobs name, e.g. rig-a")
+    add_place_flags(sub)
+    sub.add_argument("--loglevel", default="INFO", help="Celery log level (default: INFO)")
+    sub.add_argument("--force", action="store_true",
+                     help="start even if another worker already serves this node")
+    mode = sub.add_mutually_exclusive_group()
+    mode.add_argument("--detach", action="store_true",
+                      help="run in the background (own session, survives the shell or SSH "
+                           "connection); returns once the worker answers a ping")
+    mode.add_argument("--stop", action="store_true",
+                      help="stop the worker of --pidfile: warm (its running job finishes "
+                           "first), or at once with --now")
+    mode.add_argument("--status", action="store_true",
+                      help="print the worker's pid file state as JSON (pid, alive, stale)")
+    sub.add_argument("--now", action="store_true",
+                     help="with --stop: kill the worker and its running job at once")
+    sub.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                     help="with --stop: how long a warm stop may take (default: %(default)s)")
+    sub.add_argument("--pidfile", metavar="FILE",
+                     help="pid file (default: WORKDIR/.scripts-coordinator/worker-NODE.pid)")
+    sub.add_argument("--logfile", metavar="FILE",
+                     help="log file; with --detach the default is "
+                          "WORKDIR/.scripts-coordinator/worker-NODE.log")
+    sub.add_argument("--env-file", metavar="FILE",
+                     help="NAME=VALUE lines loaded first (SC_BROKER_URL, ...); keeps a broker "
+                          "password off the command line")
+    sub.set_defaults(handler=cmd_worker)
+
+    sub = command("local", "run a jobs file on this machine: private Redis, one worker per node",
+                  "coordinator local --jobs-file examples/hello_jobs.json --output-dir out")
+    add_original_flags(sub)
+    add_place_flags(sub)
+    sub.add_argument("--timeout", type=float, metavar="S",
+                     help="give up waiting after S seconds (exit 5); everything is stopped")
+    sub.set_defaults(handler=cmd_local)

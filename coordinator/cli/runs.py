@@ -1,0 +1,278 @@
+"""Run verbs: submit, status, runs, wait, collect, cancel, retry; and ``scripts-coordinator``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from coordinator.broker import connect_tracking, publisher
+from coordinator.cli.common import (
+    ENVIRONMENT,
+    EXIT_CODES,
+    PROG,
+    ArgumentParser,
+    CommandFactory,
+    add_inventory_flag,
+    formatter,
+)
+from coordinator.cluster.inventory import Inventory, find_inventory
+from coordinator.collector import render
+from coordinator.errors import ExitCode, RunNotFoundError
+from coordinator.progress import ProgressDisplay
+from coordinator.records import RunStatus
+from coordinator.run import Run, get_run, submit
+from coordinator.submit import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR, latest_run_id, prepare
+from coordinator.workers import unserved_nodes, workers_by_node
+from worker_tasks.tracking import JobState, runs_key
+
+
+def add_original_flags(parser: argparse.ArgumentParser) -> None:
+    """The original tool's flags, unchanged in name, default and meaning."""
+    parser.add_argument("--jobs-file", required=True, metavar="FILE",
+                        help="JSON list of jobs (job_id, script, args, node, gpu_id); refused "
+                             "whole if any job is invalid")
+    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, metavar="DIR",
+                        help="base output directory (default: %(default)s); each job's "
+                             "--output-file becomes DIR/<its basename>")
+    parser.add_argument("--preserve-paths", action="store_true",
+                        help="pass args untouched: no --output-file rewriting (Step 5)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (jobs per node, final paths); publish nothing")
+    parser.add_argument("--chunk-dir", default=DEFAULT_CHUNK_DIR, metavar="DIR",
+                        help="where inline seeds of legacy scoring jobs are written "
+                             "(default: %(default)s)")
+
+
+def add_collect_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default=".", metavar="DIR",
+                        help="where the output directory is, as the workers see it, for "
+                             "collecting (default: .)")
+    add_inventory_flag(parser)
+
+
+def add_follow_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of every command that follows a run to its end and collects it."""
+    parser.add_argument("--timeout", type=float, metavar="S",
+                        help="give up waiting after S seconds (exit 5; the run goes on)")
+    add_collect_flags(parser)
+
+
+def add_run_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_id", nargs="?", metavar="RUN",
+                        help="run id printed by submit (default: the newest run)")
+
+
+def inventory_of(args: argparse.Namespace) -> Inventory | None:
+    """The inventory of a command that collects (it has ``--inventory``), else None."""
+    if not hasattr(args, "inventory"):
+        return None
+    return find_inventory(args.inventory)
+
+
+def resolve_run(args: argparse.Namespace) -> Run:
+    inventory = inventory_of(args)
+    if args.run_id:
+        return get_run(args.run_id, args.broker, inventory=inventory)
+    client = connect_tracking(None, args.broker)
+    newest = latest_run_id(client)
+    if newest is None:
+        raise RunNotFoundError("no runs recorded in this Redis yet")
+    return get_run(newest, args.broker, inventory=inventory)
+
+
+def follow(run: Run, timeout: float | None, workdir: str | Path, detached: bool = True) -> int:
+    """Wait with progress, collect, print the table; the exit status of the run.
+
+    ``detached``: the run lives on a cluster that outlives this command (not ``local``).
+    """
+    try:
+        with ProgressDisplay() as progress:
+            run.wait(timeout=timeout, on_progress=progress)
+    except KeyboardInterrupt:
+        if detached:
+            print(f"{PROG}: stopped following run {run.id}; it goes on without this command "
+                  f"(coordinator wait {run.id} / coordinator cancel {run.id})", file=sys.stderr)
+        raise
+    collection = run.collect(workdir)
+    print(render(collection), flush=True)
+    return ExitCode.OK if collection.all_succeeded else ExitCode.JOBS_FAILED
+
+
+def print_plan(args: argparse.Namespace, inventory: Inventory | None = None) -> None:
+    plan, conversions = prepare(args.jobs_file, args.output_dir, args.preserve_paths,
+                                args.chunk_dir,
+                                resolve_node=inventory.resolve if inventory else None)
+    for conversion in conversions:
+        print(conversion.note)
+    print(plan.describe())
+    print("dry run: nothing published")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    inventory = inventory_of(args)
+    if args.dry_run:
+        print_plan(args, inventory)
+        return ExitCode.OK
+    run = submit(args.jobs_file, args.output_dir, args.preserve_paths, args.broker,
+                 chunk_dir=args.chunk_dir, workdir=args.workdir, inventory=inventory)
+    status = run.status()
+    print(json.dumps({"run_id": run.id}) if args.json else run.id, flush=True)
+    print(f"published {status.total} jobs; follow with: coordinator wait {run.id}",
+          file=sys.stderr)
+    warn_unserved(status, args.broker)
+    if args.wait:
+        return follow(run, args.timeout, args.workdir)
+    return ExitCode.OK
+
+
+def warn_unserved(status: RunStatus, broker: str | None) -> None:
+    """Say which nodes have no worker: their jobs would wait silently otherwise."""
+    by_node = status.by_node()
+    for node in unserved_nodes(publisher(broker), sorted(by_node)):
+        print(f"{PROG}: warning: no worker serves node {node} (queue node.{node}); its "
+              f"{len(by_node[node])} jobs wait until one starts: coordinator worker --node {node}"
+              f" (or coordinator cluster up {node})", file=sys.stderr)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    client = connect_tracking(None, args.broker)
+    run_ids = [raw.decode() for raw in client.zrevrange(runs_key(), 0, args.limit - 1)]
+    if not run_ids:
+        print("no runs recorded in this Redis yet")
+    for run_id in run_ids:
+        try:
+            status = Run(run_id, client).status()
+        except RunNotFoundError:  # expired since it was listed
+            continue
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.created_at))
+        print(f"{run_id}  {created}  {status.state:<10} {status.line()}")
+    return ExitCode.OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = resolve_run(args).status()
+    if args.json:
+        print(json.dumps({"run_id": status.run_id, "state": status.state,
+                          "finished": status.finished,
+                          "counts": {str(k): v for k, v in status.counts.items()},
+                          "jobs": [vars(job) for job in status.jobs]}, default=str, indent=2))
+        return ExitCode.OK
+    print(f"run {status.run_id} ({status.state}): {status.line()}")
+    served = workers_by_node(publisher(args.broker))
+    alive = {worker for workers in served.values() for worker in workers}
+    for node, jobs in status.by_node().items():
+        workers = ", ".join(served.get(node, [])) or "no worker running"
+        print(f"  node {node} ({workers}):")
+        for job in jobs:
+            extra = f" exit {job.exit_code}" if job.exit_code not in (None, 0) else ""
+            extra += f" {job.duration_s:.1f} s" if job.duration_s is not None else ""
+            if job.error:
+                extra += f"  {job.error}"
+            if job.state is JobState.RUNNING and job.host not in alive:
+                extra += (f"  (its worker {job.host} does not answer: the job runs again once "
+                          f"a worker serves {node} and the visibility timeout has passed)")
+            print(f"    {job.job_id:<24} {job.state:<10} attempts {job.attempts}{extra}")
+    return ExitCode.OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    return follow(resolve_run(args), args.timeout, args.workdir)
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    run = resolve_run(args)
+    collection = run.collect(args.workdir, fetch=True if args.fetch else None)
+    print(render(collection))
+    if not collection.summary["finished"]:
+        print(f"{PROG}: run {collection.summary['run_id']} is not finished", file=sys.stderr)
+    return ExitCode.OK if collection.all_succeeded else ExitCode.JOBS_FAILED
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    run = resolve_run(args)
+    print(f"run {run.id}: cancelled {run.cancel()} queued or running jobs")
+    return ExitCode.OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    run = resolve_run(args)
+    count = run.retry_failed()
+    print(f"run {run.id}: published {count} failed or cancelled jobs again")
+    if args.wait and count:
+        return follow(run, args.timeout, args.workdir)
+    return ExitCode.OK
+
+
+def register(command: CommandFactory) -> None:
+    sub = command("submit", "validate a jobs file and publish it; prints the run id",
+                  "coordinator submit --jobs-file scoring_jobs.json --output-dir results --wait")
+    add_original_flags(sub)
+    sub.add_argument("--wait", action="store_true",
+                     help="follow the run with progress, then collect (like scripts-coordinator)")
+    add_follow_flags(sub)
+    sub.add_argument("--json", action="store_true", help="print the run id as JSON")
+    sub.set_defaults(handler=cmd_submit)
+
+    sub = command("status", "show a run's jobs and their states",
+                  "coordinator status 20261129-081500-3f9a1c --json")
+    add_run_arg(sub)
+    sub.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.set_defaults(handler=cmd_status)
+
+    sub = command("runs", "list the newest runs with their progress",
+                  "coordinator runs --limit 5")
+    sub.add_argument("--limit", type=int, default=10, help="how many runs (default: 10)")
+    sub.set_defaults(handler=cmd_runs)
+
+    sub = command("wait", "follow a run with a live progress display until every job is final",
+                  "coordinator wait 20261129-081500-3f9a1c --timeout 900")
+    add_run_arg(sub)
+    add_follow_flags(sub)
+    sub.set_defaults(handler=cmd_wait)
+
+    sub = command("collect", "write run_summary.json (and merged outputs) and print the table",
+                  "coordinator collect 20261129-081500-3f9a1c --fetch")
+    add_run_arg(sub)
+    add_collect_flags(sub)
+    sub.add_argument("--fetch", action="store_true",
+                     help="first fetch each job's output and .done from the node that ran it "
+                          "(nodes with shared_storage = false); needs the inventory")
+    sub.set_defaults(handler=cmd_collect)
+
+    sub = command("cancel", "drop a run's queued jobs and terminate its running ones",
+                  "coordinator cancel 20261129-081500-3f9a1c")
+    add_run_arg(sub)
+    sub.set_defaults(handler=cmd_cancel)
+
+    sub = command("retry", "publish a run's failed and cancelled jobs again",
+                  "coordinator retry 20261129-081500-3f9a1c --wait")
+    add_run_arg(sub)
+    sub.add_argument("--wait", action="store_true", help="follow the run, then collect")
+    add_follow_flags(sub)
+    sub.set_defaults(handler=cmd_retry)
+
+
+def build_legacy_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="scripts-coordinator", formatter_class=formatter,
+        description="Drop-in for the original coordinator: validate the jobs file, publish it\n"
+                    "to the per-node queues, follow it with live progress, collect, print the\n"
+                    "summary. Needs workers running (coordinator cluster up, or coordinator\n"
+                    "worker --node NAME on each node), or use coordinator local to run\n"
+                    "everything on this machine. With a cluster inventory whose nodes keep\n"
+                    "outputs on their own disks, Step 3 inputs are pushed to the nodes first\n"
+                    "and every output is fetched home before collecting.",
+        epilog="examples:\n"
+               "  scripts-coordinator --jobs-file scoring_jobs.json "
+               "--output-dir full_scoring_results\n"
+               "  scripts-coordinator --jobs-file step5_jobs.json --preserve-paths\n"
+               "  scripts-coordinator --jobs-file scoring_jobs.json --dry-run\n\n"
+               + EXIT_CODES + "\n\n" + ENVIRONMENT,
+    )
+    add_original_flags(parser)
+    parser.add_argument("--broker", metavar="URL", help="Redis URL (default: $SC_BROKER_URL)")
+    add_follow_flags(parser)
+    return parser

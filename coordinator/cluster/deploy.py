@@ -1,0 +1,138 @@
+"""Putting what jobs need onto the nodes: scripts, data, and this project itself.
+
+Scripts go to each node's ``scripts_dir``, data to its ``workdir`` (at the same
+relative path as on the head node); nothing is ever written outside those two
+directories. ``--project`` installs this project on the node from a wheel built
+on the head node, so both sides run the same message contract.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from coordinator.cluster.remote import NodeError, RemoteNode
+from coordinator.cluster.sync import push, tree_files
+from coordinator.errors import InvalidJobsError
+
+# Seconds a node may take to install the project (pip resolving and downloading).
+INSTALL_TIMEOUT_S = 900.0
+# How long building the wheel on the head node may take (seconds).
+BUILD_TIMEOUT_S = 300.0
+
+
+def data_files(paths: Iterable[str], workdir: Path) -> dict[str, Path]:
+    """relative path -> local file for each ``--data`` file or directory (under ``workdir``)."""
+    files: dict[str, Path] = {}
+    base = workdir.resolve()
+    for given in paths:
+        local = (workdir / given).resolve()
+        if Path(given).is_absolute() or not local.is_relative_to(base):
+            raise InvalidJobsError(
+                f"--data {given}: give a path inside the working directory {base}; it lands at "
+                f"the same relative path under each node's workdir")
+        if local.is_dir():
+            for relative, path in tree_files(local).items():
+                files[posixpath.join(local.relative_to(base).as_posix(), relative)] = path
+        elif local.is_file():
+            files[local.relative_to(base).as_posix()] = local
+        else:
+            raise InvalidJobsError(f"--data {given}: no such file or directory")
+    return files
+
+
+def scripts_files(scripts_dir: Path, excludes: Iterable[str] = ()) -> dict[str, Path]:
+    if not scripts_dir.is_dir():
+        raise InvalidJobsError(f"--scripts-dir {scripts_dir}: not a directory")
+    files = tree_files(scripts_dir, excludes)
+    if not files:
+        raise InvalidJobsError(f"--scripts-dir {scripts_dir}: no files to deploy")
+    return files
+
+
+def deploy_scripts(remote: RemoteNode, files: dict[str, Path]) -> str:
+    return "scripts: " + push(remote, files, remote.node.config.scripts_dir).line()
+
+
+def deploy_data(remote: RemoteNode, files: dict[str, Path]) -> str:
+    return "data: " + push(remote, files, remote.node.config.workdir).line()
+
+
+def project_source() -> Path:
+    """The source tree this running copy of the project came from (it has pyproject.toml)."""
+    import coordinator
+
+    root = Path(coordinator.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise InvalidJobsError(
+            "--project: this installation has no source tree to build from; give a wheel: "
+            "--project dist/scripts_coordinator-<version>-py3-none-any.whl")
+    return root
+
+
+def build_wheel(source: Path, out_dir: Path) -> Path:
+    """Build this project's wheel (no dependencies) on the head node."""
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+               "--quiet", "--wheel-dir", str(out_dir), str(source)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
+                          check=False)
+    wheels = sorted(out_dir.glob("scripts_coordinator-*.whl"))
+    if done.returncode != 0 or not wheels:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise InvalidJobsError(f"--project: building the wheel from {source} failed: {tail[0]}")
+    return wheels[-1]
+
+
+def project_wheel(given: str | None, work: Path) -> Path:
+    """The wheel ``--project`` installs: the one given, or one built from the source tree."""
+    if given:
+        wheel = Path(given)
+        if not wheel.is_file() or wheel.suffix != ".whl":
+            raise InvalidJobsError(f"--project {given}: not a wheel file")
+        return wheel
+    return build_wheel(project_source(), work)
+
+
+def install_project(remote: RemoteNode, wheel: Path) -> str:
+    """Install the wheel with the node's configured Python (its venv is made if missing)."""
+    node = remote.node
+    python = node.config.python
+    wheels_dir = posixpath.join(node.state_dir, "wheels")
+    push(remote, {wheel.name: wheel}, wheels_dir)
+    remote_wheel = posixpath.join(wheels_dir, wheel.name)
+    venv_note = ""
+    if not remote.run(["test", "-x", python]).ok:
+        venv = venv_of(python)
+        made = remote.run(["python3", "-m", "venv", venv], timeout=INSTALL_TIMEOUT_S)
+        if not made.ok:
+            raise NodeError(f"no {python} on the node and `python3 -m venv {venv}` failed: "
+                            f"{made.last_line()}")
+        venv_note = f"created {venv}; "
+    # First the dependencies (as pip resolves them on the node), then this exact build.
+    for args in (["install", "--quiet", remote_wheel],
+                 ["install", "--quiet", "--force-reinstall", "--no-deps", remote_wheel]):
+        result = remote.run([python, "-m", "pip", *args], timeout=INSTALL_TIMEOUT_S)
+        if not result.ok:
+            raise NodeError(f"pip install of {wheel.name} failed on the node: "
+                            f"{result.last_line()}")
+    check = remote.coordinator("--version")
+    if not check.ok:
+        raise NodeError(f"installed, but `{python} -m coordinator` fails: {check.last_line()}")
+    return f"project: {venv_note}installed {wheel.name} ({check.stdout.strip()})"
+
+
+def venv_of(python: str) -> str:
+    """``/opt/x/.venv/bin/python`` -> ``/opt/x/.venv``; refuses paths that are not in a venv."""
+    directory, name = posixpath.split(python)
+    if posixpath.basename(directory) != "bin" or not name.startswith("python"):
+        raise NodeError(f"{python} does not exist and is not <venv>/bin/python: "
+                        f"create it on the node, or point 'python' at a venv path")
+    return posixpath.dirname(directory)
+
+
+def with_workdir(work: Path | None = None) -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix="sc-deploy-", dir=work)

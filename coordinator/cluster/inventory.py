@@ -1,0 +1,269 @@
+"""The inventory: which GPU nodes the head node drives, and how to reach them.
+
+``cluster.toml`` (read with the standard library's ``tomllib``) has a
+``[defaults]`` table and one ``[nodes.<label>]`` table per node; a node key
+left out of a node's table comes from ``[defaults]``. The label is the node
+name that jobs files use; ``host`` defaults to the label, so jobs files that
+name nodes by address work unchanged. Every problem is one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from coordinator.broker import redact
+from coordinator.errors import InvalidJobsError
+from coordinator.jobs import SAFE_NAME
+
+DEFAULT_INVENTORY = "cluster.toml"
+INVENTORY_ENV = "SC_INVENTORY"
+# Filled into a broker URL that has no password, so the file need not hold one.
+BROKER_PASSWORD_ENV = "SC_BROKER_PASSWORD"
+# Where a node keeps its worker's pid file, log and environment file (under its workdir).
+STATE_DIR = ".scripts-coordinator"
+
+
+def _absolute(value: Any) -> Any:
+    if isinstance(value, str) and not posixpath.isabs(value):
+        raise ValueError(f"{value!r} must be an absolute path on the node")
+    return value
+
+
+NodePath = Annotated[str, BeforeValidator(_absolute)]
+
+
+class NodeConfig(BaseModel):
+    """One node's settings, after ``[defaults]`` are applied.
+
+    Parameters:
+        host: SSH host name or address (default: the label).
+        port: SSH port.
+        user: SSH user (default: the SSH configuration's, else the local user).
+        key: private key file on the head node (default: the SSH agent and ~/.ssh keys).
+        python: the node's interpreter that has this project installed.
+        scripts_dir: where the node's worker looks up job scripts (``deploy`` fills it).
+        workdir: where the node's scripts run; outputs land under it.
+        broker: the Redis URL as the node reaches it (default: the head's broker URL).
+        shared_storage: the head node sees the node's workdir at its own workdir.
+        gpus: how many GPUs the node has (for ``coordinator jobs scoring``).
+        connect_timeout: seconds before an SSH connection attempt fails.
+        strict_host_keys: refuse hosts missing from known_hosts (default: accept new ones).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    host: str
+    port: int = Field(default=22, ge=1, le=65535)
+    user: str | None = None
+    key: str | None = None
+    python: str = "python3"
+    scripts_dir: NodePath
+    workdir: NodePath
+    broker: str | None = None
+    shared_storage: bool = False
+    gpus: int = Field(default=1, ge=1, le=64)
+    connect_timeout: float = Field(default=10.0, gt=0, le=600)
+    strict_host_keys: bool = False
+
+
+NODE_KEYS = frozenset(NodeConfig.model_fields)
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node of the inventory: its label (the name jobs files use) and its settings."""
+
+    label: str
+    config: NodeConfig
+
+    @property
+    def queue(self) -> str:
+        return f"node.{self.label}"
+
+    @property
+    def state_dir(self) -> str:
+        return posixpath.join(self.config.workdir, STATE_DIR)
+
+    @property
+    def pidfile(self) -> str:
+        return posixpath.join(self.state_dir, f"worker-{self.label}.pid")
+
+    @property
+    def logfile(self) -> str:
+        return posixpath.join(self.state_dir, f"worker-{self.label}.log")
+
+    @property
+    def envfile(self) -> str:
+        return posixpath.join(self.state_dir, f"worker-{self.label}.env")
+
+    @property
+    def address(self) -> str:
+        user = f"{self.config.user}@" if self.config.user else ""
+        return f"{user}{self.config.host}:{self.config.port}"
+
+    def broker_url(self, head_broker: str) -> str:
+        """The broker as this node reaches it, with a password from the environment."""
+        return with_password(self.config.broker or head_broker)
+
+    def remote_path(self, relative: str) -> str:
+        """A workdir-relative path (as jobs write them) on this node's disk."""
+        return posixpath.normpath(posixpath.join(self.config.workdir, relative))
+
+
+def with_password(url: str) -> str:
+    """``url`` with ``$SC_BROKER_PASSWORD`` filled in when the URL has no password."""
+    password = os.environ.get(BROKER_PASSWORD_ENV)
+    parts = urlsplit(url)
+    if not password or parts.password is not None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    netloc = f"{user}:{quote(password, safe='')}@{hostport}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Every node of an inventory file, by label (in file order)."""
+
+    path: Path
+    nodes: dict[str, Node]
+
+    def select(self, labels: Iterable[str] = ()) -> list[Node]:
+        """The named nodes (all when none are named); an unknown label is exit 2."""
+        wanted = list(labels)
+        if not wanted:
+            return list(self.nodes.values())
+        unknown = [label for label in wanted if label not in self.nodes]
+        if unknown:
+            raise InvalidJobsError(
+                f"{self.path}: no node {', '.join(map(repr, unknown))} in the inventory "
+                f"(it has {', '.join(self.nodes) or 'none'})")
+        return [self.nodes[label] for label in dict.fromkeys(wanted)]
+
+    def resolve(self, name: str) -> str | None:
+        """The label a jobs file's node name stands for: a label, or a node's host."""
+        if name in self.nodes:
+            return name
+        labels = [label for label, node in self.nodes.items() if node.config.host == name]
+        return labels[0] if len(labels) == 1 else None
+
+    @property
+    def any_node_local_storage(self) -> bool:
+        return any(not node.config.shared_storage for node in self.nodes.values())
+
+
+def inventory_path(explicit: str | Path | None = None) -> Path:
+    """``--inventory``, else ``$SC_INVENTORY``, else ``./cluster.toml``."""
+    return Path(explicit or os.environ.get(INVENTORY_ENV) or DEFAULT_INVENTORY)
+
+
+def find_inventory(explicit: str | Path | None = None) -> Inventory | None:
+    """The inventory in force for run commands: loaded if named or present, else None."""
+    path = inventory_path(explicit)
+    if explicit is None and INVENTORY_ENV not in os.environ and not path.exists():
+        return None
+    return load_inventory(path)
+
+
+def load_inventory(path: str | Path) -> Inventory:
+    """Read and validate an inventory file; every problem is one ``InvalidJobsError`` line."""
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidJobsError(
+            f"{path}: inventory not found (write one with: coordinator cluster init > {path}; "
+            f"or give --inventory FILE / ${INVENTORY_ENV})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidJobsError(f"{path}: cannot read the inventory: {err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise InvalidJobsError(f"{path}: invalid TOML: {err}") from None
+    return parse_inventory(document, path)
+
+
+def parse_inventory(document: dict[str, Any], path: Path) -> Inventory:
+    unknown = sorted(set(document) - {"defaults", "nodes"})
+    if unknown:
+        raise InvalidJobsError(f"{path}: unknown table {unknown[0]!r} (expected [defaults] "
+                               f"and [nodes.<label>])")
+    defaults = document.get("defaults", {})
+    tables = document.get("nodes", {})
+    if not isinstance(defaults, dict) or not isinstance(tables, dict):
+        raise InvalidJobsError(f"{path}: [defaults] and [nodes] must be tables")
+    check_keys(path, "[defaults]", defaults)
+    if not tables:
+        raise InvalidJobsError(f"{path}: no nodes (add a [nodes.<label>] table per GPU node)")
+    nodes: dict[str, Node] = {}
+    for label, table in tables.items():
+        where = f"[nodes.{label}]"
+        if not SAFE_NAME.match(label) or ".." in label:
+            raise InvalidJobsError(f"{path}: {where}: {label!r} is not a valid node label "
+                                   f"(letters, digits, '.', '_', '-')")
+        if not isinstance(table, dict):
+            raise InvalidJobsError(f"{path}: {where} must be a table")
+        check_keys(path, where, table)
+        merged = {"host": label, **defaults, **table}
+        try:
+            config = NodeConfig.model_validate(merged)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(part) for part in first["loc"])
+            message = first["msg"].removeprefix("Value error, ")
+            if first["type"] == "missing":
+                message = f"not set (in {where} or [defaults])"
+            raise InvalidJobsError(f"{path}: {where}: {field}: {message}") from None
+        nodes[label] = Node(label=label, config=config)
+    return Inventory(path=path, nodes=nodes)
+
+
+def check_keys(path: Path, where: str, table: dict[str, Any]) -> None:
+    unknown = sorted(set(table) - NODE_KEYS)
+    if unknown:
+        raise InvalidJobsError(f"{path}: {where}: unknown key {unknown[0]!r} "
+                               f"(known: {', '.join(sorted(NODE_KEYS))})")
+
+
+def describe(node: Node) -> str:
+    """One line about a node for listings; credentials masked."""
+    broker = redact(node.config.broker) if node.config.broker else "the head's broker"
+    storage = "shared" if node.config.shared_storage else "node-local"
+    return f"{node.address}  workdir {node.config.workdir} ({storage})  broker {broker}"
+
+
+EXAMPLE = '''\
+# scripts-coordinator inventory: the GPU nodes the head node drives over SSH.
+# Every [nodes.<label>] key may also be set once in [defaults].
+# Use: coordinator cluster deploy / up / status / logs / down  (--inventory FILE,
+# or $SC_INVENTORY; default ./cluster.toml).
+
+[defaults]
+user = "pipeline"                 # SSH user on the nodes
+# key = "~/.ssh/id_ed25519"       # private key on this head node; leave out for the SSH agent
+python = "/opt/pipeline/.venv/bin/python"   # the node's Python with scripts-coordinator installed
+scripts_dir = "/opt/pipeline"     # job scripts on the node (coordinator cluster deploy fills it)
+workdir = "/data/pipeline"        # where jobs run on the node; outputs land under it
+broker = "redis://zeus:6379/0"    # Redis as the nodes reach it; a password may come from
+                                  # $SC_BROKER_PASSWORD on the head node instead of this file
+shared_storage = false            # true if this head node sees each node's workdir (NFS)
+# connect_timeout = 10            # seconds before an SSH connection attempt fails
+# strict_host_keys = false        # true: refuse hosts missing from ~/.ssh/known_hosts
+
+[nodes.rig-a]                     # the label jobs files use ("node": "rig-a")
+host = "gpu-node-1.lan"           # defaults to the label, so addresses as labels work too
+port = 22
+gpus = 2
+
+[nodes.rig-b]
+host = "gpu-node-2.lan"
+gpus = 1
+'''

@@ -1,0 +1,140 @@
+"""A node's worker as a background process: pid file, log file, start, stop, inspect.
+
+``coordinator worker --detach`` and ``coordinator cluster up`` (which runs that
+command on the node over SSH) start the worker in a session of its own, so it
+outlives the shell or SSH connection that started it. The pid file names the
+session leader; every process of that session (the Celery worker, its pool
+process, the running script and the script's children) is the worker's, which
+is what a hard stop kills. This module is Linux-only (it reads ``/proc``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+# How often a stop looks whether the worker has exited (seconds).
+STOP_POLL_S = 0.2
+# After SIGKILL, how long the kernel may take to reap the session (seconds).
+KILL_SETTLE_S = 10.0
+
+
+@dataclass(frozen=True)
+class PidFileState:
+    """What a pid file says about its worker.
+
+    Parameters:
+        pid: the pid written in the file, or None (no file, or unreadable).
+        alive: that process exists and is still this node's worker.
+        stale: a pid file whose process is gone (or is some other program now).
+    """
+
+    pid: int | None
+    alive: bool
+
+    @property
+    def stale(self) -> bool:
+        return self.pid is not None and not self.alive
+
+
+def read_pidfile(pidfile: Path, marker: str) -> PidFileState:
+    """The worker named by ``pidfile``; alive only if one of its arguments is ``marker``.
+
+    The marker (the node's queue name) guards against pid reuse: after a reboot
+    the number may belong to an unrelated process.
+    """
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return PidFileState(pid=None, alive=False)
+    return PidFileState(pid=pid, alive=process_matches(pid, marker))
+
+
+def process_matches(pid: int, marker: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and marker.encode() in cmdline.split(b"\0")
+
+
+def session_members(sid: int) -> list[int]:
+    """Every live process whose session id is ``sid`` (the worker and all it started)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # Fields after the name: state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def start_detached(argv: Sequence[str], env: Mapping[str, str], cwd: Path, pidfile: Path,
+                   logfile: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a new session, output appended to ``logfile``; write ``pidfile``."""
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with logfile.open("ab") as log:
+        process = subprocess.Popen(
+            list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+        )
+    tmp = pidfile.with_name(f".{pidfile.name}.tmp")
+    tmp.write_text(f"{process.pid}\n")
+    os.replace(tmp, pidfile)
+    return process
+
+
+def stop(pidfile: Path, marker: str, now: bool = False, timeout: float = 60.0) -> str:
+    """Stop the worker of ``pidfile``; returns one line saying what happened.
+
+    Warm (default): SIGTERM to the worker, which finishes its running job (and
+    writes its ``.done``) before exiting; waits up to ``timeout`` seconds.
+    ``now``: SIGKILL to every process of the worker's session, scripts included.
+    Raises ``TimeoutError`` if a warm stop has not finished within ``timeout``.
+    """
+    state = read_pidfile(pidfile, marker)
+    if not state.alive:
+        pidfile.unlink(missing_ok=True)
+        return "not running" + (f" (removed stale pid file, pid {state.pid})"
+                                if state.stale else "")
+    assert state.pid is not None
+    if now:
+        kill_session(state.pid)
+        pidfile.unlink(missing_ok=True)
+        return f"killed worker pid {state.pid} and its jobs"
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(state.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process_matches(state.pid, marker):
+            pidfile.unlink(missing_ok=True)
+            return f"stopped worker pid {state.pid} (warm: its running job finished first)"
+        time.sleep(STOP_POLL_S)
+    raise TimeoutError(f"worker pid {state.pid} is still finishing its job after {timeout:g} s; "
+                       f"the warm shutdown goes on (--now kills it)")
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` and wait until none is left."""
+    deadline = time.monotonic() + KILL_SETTLE_S
+    while time.monotonic() < deadline:
+        members = session_members(sid)
+        if not members:
+            return
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(STOP_POLL_S)
