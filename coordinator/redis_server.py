@@ -49,28 +49,34 @@ class RedisServer:
         port: the port to listen on (default: a free one); the same port is kept
             across stop()/start(), so a test can restart its broker.
         binary: redis-server to run (default: ``find_redis_server()``).
+        password: require this password (``requirepass``); it is part of ``url``.
     """
 
-    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(self, port: int | None = None, binary: str | None = None,
+                 password: str | None = None) -> None:
         self.port = port or free_port()
         self.binary = binary or find_redis_server()
+        self.password = password
         self.dir = Path(tempfile.mkdtemp(prefix="sc-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         log = (self.dir / "redis.log").open("ab")
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", str(self.dir),
-             "--protected-mode", "yes"],
+             "--protected-mode", "yes",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         log.close()
-        client = redis.Redis(port=self.port, host="127.0.0.1", socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, host="127.0.0.1", password=self.password,
+                             socket_connect_timeout=0.5)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

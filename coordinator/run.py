@@ -58,6 +58,8 @@ class Run:
         self.client = client
         self.broker_url = broker_url
         self.inventory = inventory
+        # Lines about input files pushed to nodes before publishing (node-local storage).
+        self.pushed: list[str] = []
 
     def __repr__(self) -> str:
         return f"Run({self.id!r})"
@@ -157,15 +159,16 @@ def submit(
     client = connect_tracking(tracking_url, url)
     app = publisher(url)
     check_broker(app)
+    run = Run(plan.run_id, client, url, inventory=cluster)
     before = None
     if cluster is not None and cluster.any_node_local_storage:
         from coordinator.cluster.outputs import push_inputs
 
         def before(plan_: Any) -> None:
-            push_inputs(cluster, plan_, Path(workdir))
+            run.pushed = [outcome.line() for outcome in push_inputs(cluster, plan_, Path(workdir))]
 
     publish_run(plan, conversions, client, app, workdir, before_publish=before)
-    return Run(plan.run_id, client, url, inventory=cluster)
+    return run
 
 
 def get_run(run_id: str, broker_url: str | None = None, tracking_url: str | None = None,

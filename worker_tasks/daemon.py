@@ -121,7 +121,7 @@ def stop(pidfile: Path, marker: str, now: bool = False, timeout: float = 60.0) -
     while time.monotonic() < deadline:
         if not process_matches(state.pid, marker):
             pidfile.unlink(missing_ok=True)
-            return f"stopped worker pid {state.pid} (warm: its running job finished first)"
+            return f"stopped worker pid {state.pid} (warm: a running job finished first)"
         time.sleep(STOP_POLL_S)
     raise TimeoutError(f"worker pid {state.pid} is still finishing its job after {timeout:g} s; "
                        f"the warm shutdown goes on (--now kills it)")

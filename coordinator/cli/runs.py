@@ -118,6 +118,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return ExitCode.OK
     run = submit(args.jobs_file, args.output_dir, args.preserve_paths, args.broker,
                  chunk_dir=args.chunk_dir, workdir=args.workdir, inventory=inventory)
+    for line in run.pushed:
+        print(f"pushed {line}", file=sys.stderr)
     status = run.status()
     print(json.dumps({"run_id": run.id}) if args.json else run.id, flush=True)
     print(f"published {status.total} jobs; follow with: coordinator wait {run.id}",

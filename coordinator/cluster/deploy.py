@@ -75,11 +75,18 @@ def project_source() -> Path:
 
 
 def build_wheel(source: Path, out_dir: Path) -> Path:
-    """Build this project's wheel (no dependencies) on the head node."""
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-               "--quiet", "--wheel-dir", str(out_dir), str(source)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
-                          check=False)
+    """Build this project's wheel (no dependencies) on the head node.
+
+    With the build tools already installed here (offline); if they are missing or
+    too old, pip fetches them into an isolated build environment.
+    """
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
+               "--wheel-dir", str(out_dir), str(source)]
+    done = subprocess.run([*command, "--no-build-isolation"], capture_output=True, text=True,
+                          timeout=BUILD_TIMEOUT_S, check=False)
+    if done.returncode != 0:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
+                              check=False)
     wheels = sorted(out_dir.glob("scripts_coordinator-*.whl"))
     if done.returncode != 0 or not wheels:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -98,20 +105,15 @@ def project_wheel(given: str | None, work: Path) -> Path:
 
 
 def install_project(remote: RemoteNode, wheel: Path) -> str:
-    """Install the wheel with the node's configured Python (its venv is made if missing)."""
+    """Install the wheel with the node's configured Python (dependencies as pip resolves them)."""
     node = remote.node
     python = node.config.python
+    if not remote.run(["test", "-x", python]).ok:
+        raise NodeError(f"Python missing on the node: {python} not found (create it there, e.g. "
+                        f"python3 -m venv {venv_of(python)})")
     wheels_dir = posixpath.join(node.state_dir, "wheels")
     push(remote, {wheel.name: wheel}, wheels_dir)
     remote_wheel = posixpath.join(wheels_dir, wheel.name)
-    venv_note = ""
-    if not remote.run(["test", "-x", python]).ok:
-        venv = venv_of(python)
-        made = remote.run(["python3", "-m", "venv", venv], timeout=INSTALL_TIMEOUT_S)
-        if not made.ok:
-            raise NodeError(f"no {python} on the node and `python3 -m venv {venv}` failed: "
-                            f"{made.last_line()}")
-        venv_note = f"created {venv}; "
     # First the dependencies (as pip resolves them on the node), then this exact build.
     for args in (["install", "--quiet", remote_wheel],
                  ["install", "--quiet", "--force-reinstall", "--no-deps", remote_wheel]):
@@ -122,16 +124,12 @@ def install_project(remote: RemoteNode, wheel: Path) -> str:
     check = remote.coordinator("--version")
     if not check.ok:
         raise NodeError(f"installed, but `{python} -m coordinator` fails: {check.last_line()}")
-    return f"project: {venv_note}installed {wheel.name} ({check.stdout.strip()})"
+    return f"project: installed {wheel.name} ({check.stdout.strip()})"
 
 
 def venv_of(python: str) -> str:
-    """``/opt/x/.venv/bin/python`` -> ``/opt/x/.venv``; refuses paths that are not in a venv."""
-    directory, name = posixpath.split(python)
-    if posixpath.basename(directory) != "bin" or not name.startswith("python"):
-        raise NodeError(f"{python} does not exist and is not <venv>/bin/python: "
-                        f"create it on the node, or point 'python' at a venv path")
-    return posixpath.dirname(directory)
+    """``/opt/x/.venv/bin/python`` -> ``/opt/x/.venv`` (for the hint), else the bin's parent."""
+    return posixpath.dirname(posixpath.dirname(python)) or "/opt/venv"
 
 
 def with_workdir(work: Path | None = None) -> tempfile.TemporaryDirectory[str]:

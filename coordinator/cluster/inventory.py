@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,7 +39,16 @@ def _absolute(value: Any) -> Any:
     return value
 
 
+def _host(value: Any) -> Any:
+    # Names and addresses only (IPv6 included): no spaces, no ssh options smuggled in.
+    if isinstance(value, str) and not HOST_NAME.match(value):
+        raise ValueError(f"{value!r} is not a host name or address")
+    return value
+
+
 NodePath = Annotated[str, BeforeValidator(_absolute)]
+HostName = Annotated[str, BeforeValidator(_host)]
+HOST_NAME = re.compile(r"[A-Za-z0-9_.:%\[\]-]{1,253}\Z")
 
 
 class NodeConfig(BaseModel):
@@ -61,7 +71,7 @@ class NodeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    host: str
+    host: HostName
     port: int = Field(default=22, ge=1, le=65535)
     user: str | None = None
     key: str | None = None
@@ -170,7 +180,7 @@ def inventory_path(explicit: str | Path | None = None) -> Path:
 def find_inventory(explicit: str | Path | None = None) -> Inventory | None:
     """The inventory in force for run commands: loaded if named or present, else None."""
     path = inventory_path(explicit)
-    if explicit is None and INVENTORY_ENV not in os.environ and not path.exists():
+    if explicit is None and not os.environ.get(INVENTORY_ENV) and not path.exists():
         return None
     return load_inventory(path)
 

@@ -1,0 +1,464 @@
+"""The cluster verbs over real OpenSSH servers: two test hosts on 127.0.0.2 and 127.0.0.3.
+
+Each host is a real ``sshd`` with its own directory as its disk; the head node
+(the test) reaches them only over SSH/SFTP, so node-local outputs really are
+out of its sight until fetched. Workers are real Celery workers started by
+``coordinator cluster up`` through those sshd servers, on the suite's Redis.
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from coordinator import JobState, get_run, submit
+from coordinator.cli import build_parser
+from coordinator.redis_server import RedisServer
+from tests.conftest import BIN, REPO, echo_job, run_cli, write_jobs
+from tests.sshd import SshHost, free_port, inventory_text, keygen, require_sshd
+
+PYTHON = str(BIN / "python")
+LABELS = ("rig-a", "rig-b")
+
+
+@dataclass
+class SshCluster:
+    """Two test hosts, their inventory, the Redis they use, and the head node's directory."""
+
+    root: Path
+    key: Path
+    hosts: dict[str, SshHost]
+    redis: RedisServer
+    inventory: Path
+    head: Path
+
+    def cli(self, *args: str, tool: str = "coordinator", inventory: Path | None = None,
+            cwd: Path | None = None, env: dict[str, str] | None = None,
+            ) -> subprocess.CompletedProcess[str]:
+        full_env = {"SC_BROKER_URL": self.redis.url,
+                    "SC_INVENTORY": str(inventory or self.inventory), **(env or {})}
+        return run_cli(*args, tool=tool, cwd=cwd or self.head, env=full_env)
+
+    def pidfile(self, label: str) -> Path:
+        return self.hosts[label].workdir / ".scripts-coordinator" / f"worker-{label}.pid"
+
+    def worker_pid(self, label: str) -> int:
+        return int(self.pidfile(label).read_text())
+
+
+def session_alive(sid: int) -> list[int]:
+    from worker_tasks.daemon import session_members
+
+    return session_members(sid)
+
+
+def processes_under(root: Path) -> list[str]:
+    """Live processes whose command line or working directory lies under ``root``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(entry / "cwd")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and (str(root) in cmdline or cwd.startswith(str(root))):
+            found.append(f"{entry.name}: {cmdline[:120]}")
+    return found
+
+
+def kill_workers(env: SshCluster) -> None:
+    """Whatever a failed test left running on the hosts: their worker sessions."""
+    from worker_tasks.daemon import kill_session
+
+    for label in env.hosts:
+        try:
+            kill_session(env.worker_pid(label))
+        except (OSError, ValueError):
+            continue
+
+
+@pytest.fixture(scope="module")
+def ssh_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshCluster]:
+    require_sshd()
+    root = tmp_path_factory.mktemp("ssh-cluster")
+    key = keygen(root / "id_ed25519")
+    hosts = {label: SshHost(f"127.0.0.{index}", root / label, key.with_suffix(".pub"))
+             for index, label in enumerate(LABELS, start=2)}
+    head = root / "head"
+    (head / "scripts" / "examples").mkdir(parents=True)
+    shutil.copy(REPO / "full_scoring_worker.py", head / "scripts")
+    shutil.copy(REPO / "examples" / "write_output.py", head / "scripts" / "examples")
+    inventory = root / "cluster.toml"
+    inventory.write_text(inventory_text(hosts, key, PYTHON))
+    with RedisServer() as redis:
+        env = SshCluster(root, key, hosts, redis, inventory, head)
+        try:
+            for host in hosts.values():
+                host.start()
+            yield env
+        finally:
+            kill_workers(env)
+            for host in hosts.values():
+                host.stop()
+
+
+@pytest.fixture()
+def workers_up(ssh_cluster: SshCluster) -> Iterator[SshCluster]:
+    """Scripts deployed and both workers started; stopped (at once) after the test."""
+    deployed = ssh_cluster.cli("cluster", "deploy", "--scripts-dir", "scripts")
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    started = ssh_cluster.cli("cluster", "up")
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield ssh_cluster
+    ssh_cluster.cli("cluster", "down", "--now")
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_step3_over_ssh_from_init_to_down(ssh_cluster: SshCluster) -> None:
+    env = ssh_cluster
+    # init: a commented example that is itself a valid inventory.
+    example = env.cli("cluster", "init")
+    assert example.returncode == 0 and "[nodes.rig-a]" in example.stdout
+    (env.root / "example.toml").write_text(example.stdout)
+    listed = env.cli("cluster", "unit", "rig-b", inventory=env.root / "example.toml")
+    assert listed.returncode == 0 and "gpu-node-2.lan" in listed.stdout
+
+    # deploy: scripts to every node; a second deploy moves nothing.
+    deployed = env.cli("cluster", "deploy", "--scripts-dir", "scripts")
+    assert deployed.returncode == 0, deployed.stderr
+    for label, host in env.hosts.items():
+        assert f"{label}" in deployed.stdout
+        assert (host.scripts_dir / "examples" / "write_output.py").is_file()
+        assert (host.scripts_dir / "full_scoring_worker.py").read_bytes() == \
+            (REPO / "full_scoring_worker.py").read_bytes()
+    assert "sent 2 files" in deployed.stdout
+    again = env.cli("cluster", "deploy", "--scripts-dir", "scripts")
+    assert again.stdout.count("nothing to send; 2 files unchanged") == 2
+
+    # up: one detached worker per node, pid file and log on the node; idempotent.
+    up = env.cli("cluster", "up")
+    assert up.returncode == 0, up.stdout + up.stderr
+    pids = {label: env.worker_pid(label) for label in LABELS}
+    assert all(session_alive(pid) for pid in pids.values())
+    assert env.cli("cluster", "up").stdout.count("already running") == 2
+    assert {label: env.worker_pid(label) for label in LABELS} == pids
+
+    status = env.cli("cluster", "status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    for label in LABELS:
+        line = next(line for line in status.stdout.splitlines() if line.startswith(label))
+        assert f"ssh ok, worker pid {pids[label]} alive, ping ok, queue 0, idle" in line
+
+    # A 36-job Step 3 run in the original format; inputs exist only on the head node.
+    head = env.head
+    assert env.cli("demo-data", "--out-dir", ".", "--candidates", "20000", "--draws", "40",
+                   "--secret-seed", "123456789").returncode == 0
+    made = env.cli("jobs", "scoring", "--survivors", "survivors.json", "--train-history",
+                   "train_history.json", "--chunks", "36", "--prng-type", "java_lcg",
+                   "--mod", "1000")
+    assert made.returncode == 0, made.stderr
+    assert "36 jobs over rig-a, rig-b" in made.stdout  # --nodes from the inventory
+    run = env.cli("--jobs-file", "scoring_jobs.json", tool="scripts-coordinator")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "36/36 succeeded" in run.stdout
+    assert "pushed rig-a" in run.stderr and "pushed rig-b" in run.stderr
+    out = head / "full_scoring_results"
+    assert len(list(out.glob("chunk_*.json.done"))) == 36
+    assert len(list(out.glob("chunk_*.json"))) == 36
+    for label, host in env.hosts.items():
+        # Each node holds exactly its own half of the outputs, on its own disk.
+        node_out = host.workdir / "full_scoring_results"
+        assert len(list(node_out.glob("chunk_*.json.done"))) == 18
+        assert (host.workdir / "scoring_chunks").is_dir()  # inputs were pushed
+        line = next(line for line in run.stdout.splitlines() if line.startswith(f"fetch: {label}"))
+        assert "fetched 36 files (0 already here) for 18 jobs" in line
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["all_succeeded"] and summary["succeeded"] == 36
+
+    # The same jobs on a local cluster give the identical merged ranking.
+    local = env.cli("local", "--jobs-file", "scoring_jobs.json", "--output-dir", "local_results",
+                    "--scripts-dir", "scripts")
+    assert local.returncode == 0, local.stdout + local.stderr
+    over_ssh = json.loads((out / "survivors_with_scores.json").read_text())
+    on_local = json.loads((head / "local_results" / "survivors_with_scores.json").read_text())
+    assert over_ssh == on_local
+    assert over_ssh["results"][0]["seed"] == 123456789
+
+    # A second collect finds every file already home (same size): nothing moves.
+    run_id = summary["run_id"]
+    collected = env.cli("collect", run_id)
+    assert collected.returncode == 0
+    assert collected.stdout.count("fetched 0 files (36 already here)") == 2
+
+    logs = env.cli("cluster", "logs", "rig-a", "--lines", "3")
+    assert logs.returncode == 0
+    assert len(logs.stdout.splitlines()) == 3 and "succeeded in" in logs.stdout
+
+    down = env.cli("cluster", "down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert down.stdout.count("stopped worker pid") == 2
+    for label, pid in pids.items():
+        assert not env.pidfile(label).exists()
+        assert session_alive(pid) == []
+    assert env.cli("cluster", "status").returncode == 6
+    for host in env.hosts.values():
+        host.stop()
+    assert processes_under(env.root) == []
+    for host in env.hosts.values():
+        host.start()
+
+
+def test_up_reports_each_failed_node_in_one_line_and_starts_the_others(
+        ssh_cluster: SshCluster) -> None:
+    env = ssh_cluster
+    other_key = keygen(env.root / "not_authorized")
+    rig_a, rig_b = env.hosts["rig-a"], env.hosts["rig-b"]
+    extra = (f'[nodes.rig-gone]\nhost = "127.0.0.4"\nport = {free_port("127.0.0.4")}\n'
+             f'scripts_dir = "/nonexistent"\nworkdir = "/nonexistent"\n\n'
+             f'[nodes.rig-nokey]\nhost = "{rig_a.address}"\nport = {rig_a.port}\n'
+             f'key = "{other_key}"\nuser = "{rig_a.user}"\n'
+             f'scripts_dir = "{rig_a.scripts_dir}"\nworkdir = "{rig_a.workdir}"\n\n'
+             f'[nodes.rig-nopython]\nhost = "{rig_b.address}"\nport = {rig_b.port}\n'
+             f'user = "{rig_b.user}"\npython = "/nonexistent/venv/bin/python"\n'
+             f'scripts_dir = "{rig_b.scripts_dir}"\nworkdir = "{rig_b.workdir}"\n')
+    inventory = env.root / "faulty.toml"
+    inventory.write_text(inventory_text(env.hosts, env.key, PYTHON, extra_nodes=extra))
+    assert env.cli("cluster", "deploy", "--scripts-dir", "scripts", "rig-a", "rig-b",
+                   inventory=inventory).returncode == 0
+    try:
+        up = env.cli("cluster", "up", inventory=inventory)
+        assert up.returncode == 6
+        lines = {line.split()[0]: line for line in up.stdout.splitlines()}
+        assert set(lines) == {"rig-a", "rig-b", "rig-gone", "rig-nokey", "rig-nopython"}
+        assert " ok " in lines["rig-a"] and " ok " in lines["rig-b"]
+        assert "FAILED unreachable: " in lines["rig-gone"]
+        assert "Connection refused" in lines["rig-gone"] or "refused" in lines["rig-gone"]
+        assert f"FAILED auth refused by {rig_a.user}@{rig_a.address}:{rig_a.port}" in \
+            lines["rig-nokey"]
+        assert ("FAILED Python missing on the node: /nonexistent/venv/bin/python not found"
+                in lines["rig-nopython"])
+        assert "3 of 5 nodes failed (rig-gone, rig-nokey, rig-nopython)" in up.stderr
+        assert len(up.stderr.strip().splitlines()) == 1
+        assert all(session_alive(env.worker_pid(label)) for label in LABELS)
+    finally:
+        assert env.cli("cluster", "down", "rig-a", "rig-b", inventory=inventory).returncode == 0
+
+
+def test_a_killed_worker_is_seen_and_up_replaces_its_stale_pid_file(
+        workers_up: SshCluster) -> None:
+    env = workers_up
+    old = env.worker_pid("rig-b")
+    from worker_tasks.daemon import kill_session
+
+    kill_session(old)  # the node's worker dies (OOM killer, a reboot, ...)
+    status = env.cli("cluster", "status")
+    assert status.returncode == 6
+    line = next(line for line in status.stdout.splitlines() if line.startswith("rig-b"))
+    assert f"FAILED ssh ok, no worker running (stale pid file, pid {old}), no ping answer" in line
+    up = env.cli("cluster", "up")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert f"replaced stale pid file (pid {old} gone)" in up.stdout
+    assert "already running" in next(line for line in up.stdout.splitlines()
+                                     if line.startswith("rig-a"))
+    assert env.worker_pid("rig-b") != old and session_alive(env.worker_pid("rig-b"))
+    assert env.cli("cluster", "status").returncode == 0
+
+
+def test_a_worker_that_dies_at_start_is_reported_with_its_log(ssh_cluster: SshCluster) -> None:
+    env = ssh_cluster
+    # A result backend the worker cannot load: the Celery worker exits during start-up.
+    up = env.cli("cluster", "up", "rig-a", env={"SC_RESULT_BACKEND": "nosuchbackend://x"})
+    assert up.returncode == 6
+    line = up.stdout.strip()
+    assert line.startswith("rig-a") and "FAILED worker died at start (exit status 1)" in line
+    assert "No module named 'nosuchbackend'" in line  # the log's last line, quoted
+    assert len(up.stdout.strip().splitlines()) == 1
+    assert not env.pidfile("rig-a").exists()
+
+
+def test_down_is_warm_by_default_and_now_kills_the_job(workers_up: SshCluster,
+                                                       tmp_path: Path) -> None:
+    env = workers_up
+    workdir = env.hosts["rig-a"].workdir
+    warm = submit([echo_job("warm", "rig-a", "down", "--sleep", "4")], output_dir="down",
+                  broker_url=env.redis.url)
+    wait_for(lambda: warm.status().jobs[0].state is JobState.RUNNING, 60, "the job to start")
+    down = env.cli("cluster", "down", "rig-a")
+    assert down.returncode == 0, down.stdout + down.stderr
+    # Warm: the running job finished and wrote its marker before the worker exited.
+    assert (workdir / "down" / "warm.json.done").exists()
+    assert warm.status().jobs[0].state is JobState.SUCCEEDED
+
+    assert env.cli("cluster", "up", "rig-a").returncode == 0
+    pid = env.worker_pid("rig-a")
+    hard = submit([echo_job("hard", "rig-a", "down", "--sleep", "60")], output_dir="down",
+                  broker_url=env.redis.url)
+    wait_for(lambda: hard.status().jobs[0].state is JobState.RUNNING, 60, "the job to start")
+    script = [line for line in processes_under(workdir) if "write_output.py" in line]
+    assert len(script) == 1, script
+    down = env.cli("cluster", "down", "rig-a", "--now")
+    assert down.returncode == 0 and "killed worker pid" in down.stdout
+    assert session_alive(pid) == []
+    assert processes_under(workdir) == []  # no orphaned script
+    assert not (workdir / "down" / "hard.json.done").exists()
+
+
+def test_a_job_whose_output_cannot_be_fetched_is_named_in_the_summary(
+        workers_up: SshCluster) -> None:
+    env = workers_up
+    jobs = write_jobs(env.head / "fetch_jobs.json",
+                      [echo_job("kept", "rig-b", "f"), echo_job("lost", "rig-b", "f")])
+    submitted = env.cli("submit", "--jobs-file", str(jobs), "--output-dir", "fetchtest")
+    assert submitted.returncode == 0, submitted.stderr
+    run_id = submitted.stdout.strip()
+    node_out = env.hosts["rig-b"].workdir / "fetchtest"
+    wait_for(lambda: len(list(node_out.glob("*.done"))) == 2, 60, "both jobs to finish")
+    run = get_run(run_id, env.redis.url)
+    wait_for(lambda: run.status().finished, 30, "both records to settle")
+    (node_out / "lost.json").unlink()  # the node lost the output after the job succeeded
+    collected = env.cli("collect", run_id, "--fetch")
+    assert collected.returncode == 1
+    assert (f"FAILED lost on rig-b: could not fetch {node_out / 'lost.json'} from node rig-b: "
+            f"not on the node") in collected.stdout
+    summary = json.loads((env.head / "fetchtest" / "run_summary.json").read_text())
+    states = {job["job_id"]: job["state"] for job in summary["jobs"]}
+    assert states == {"kept": "succeeded", "lost": "failed"}
+    assert (env.head / "fetchtest" / "kept.json.done").exists()
+    assert not (env.head / "fetchtest" / "lost.json.done").exists()  # marker only with output
+
+
+def test_deploy_data_stays_inside_the_configured_paths(ssh_cluster: SshCluster) -> None:
+    env = ssh_cluster
+    (env.head / "inputs" / "deep").mkdir(parents=True)
+    (env.head / "inputs" / "deep" / "x.json").write_text("[1, 2, 3]")
+    done = env.cli("cluster", "deploy", "rig-b", "--no-scripts", "--data", "inputs")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "data: sent 1 files" in done.stdout
+    assert (env.hosts["rig-b"].workdir / "inputs" / "deep" / "x.json").read_text() == "[1, 2, 3]"
+    assert not (env.hosts["rig-a"].workdir / "inputs").exists()
+    for outside in ("../escape", "/etc/hostname"):
+        refused = env.cli("cluster", "deploy", "--no-scripts", "--data", outside)
+        assert refused.returncode == 2
+        assert "give a path inside the working directory" in refused.stderr
+    unknown = env.cli("cluster", "up", "rig-zz")
+    assert unknown.returncode == 2 and "no node 'rig-zz' in the inventory" in unknown.stderr
+
+
+def test_the_systemd_unit_runs_the_same_worker_command(ssh_cluster: SshCluster) -> None:
+    unit = ssh_cluster.cli("cluster", "unit", "rig-a")
+    assert unit.returncode == 0
+    parser = configparser.ConfigParser(strict=True, interpolation=None)
+    parser.read_string(unit.stdout)
+    service = parser["Service"]
+    host = ssh_cluster.hosts["rig-a"]
+    assert service["WorkingDirectory"] == str(host.workdir)
+    assert service["EnvironmentFile"] == str(host.workdir / ".scripts-coordinator" /
+                                             "worker-rig-a.env")
+    assert service["KillSignal"] == "SIGTERM" and service["KillMode"] == "mixed"
+    argv = shlex.split(service["ExecStart"])
+    assert argv[:3] == [PYTHON, "-m", "coordinator"]
+    args = build_parser().parse_args(argv[3:])
+    assert (args.command, args.node, args.detach) == ("worker", "rig-a", False)
+    assert args.scripts_dir == str(host.scripts_dir) and args.workdir == str(host.workdir)
+
+
+def test_node_names_resolve_through_the_inventory(ssh_cluster: SshCluster) -> None:
+    env = ssh_cluster
+    by_address = echo_job("by_address", env.hosts["rig-b"].address, "n")
+    jobs = write_jobs(env.head / "names.json", [by_address, echo_job("stranger", "rig-q", "n")])
+    refused = env.cli("submit", "--jobs-file", str(jobs), "--dry-run")
+    assert refused.returncode == 2
+    assert ("job 1 (job_id 'stranger'): field 'node': 'rig-q' is not in the cluster inventory"
+            in refused.stderr)
+    write_jobs(jobs, [by_address])
+    plan = env.cli("submit", "--jobs-file", str(jobs), "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert "node rig-b (queue node.rig-b): 1 jobs" in plan.stdout
+
+
+
+def test_deploy_project_installs_this_build_with_the_nodes_python(
+        ssh_cluster: SshCluster) -> None:
+    """A node venv without the project gets it from a wheel built here."""
+    env = ssh_cluster
+    host = env.hosts["rig-b"]
+    venv = host.disk / "venv"
+    subprocess.run([PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    node_python = venv / "bin" / "python"
+    site = subprocess.run([str(node_python), "-c", "import sysconfig; "
+                           "print(sysconfig.get_paths()['purelib'])"], check=True,
+                          capture_output=True, text=True, timeout=60).stdout.strip()
+    head_site = subprocess.run([PYTHON, "-c", "import sysconfig; "
+                                "print(sysconfig.get_paths()['purelib'])"], check=True,
+                               capture_output=True, text=True, timeout=60).stdout.strip()
+    # The node's dependencies (and pip) come from the head's environment; the project does not.
+    Path(site, "head_dependencies.pth").write_text(head_site + "\n")
+    inventory = env.root / "project.toml"
+    inventory.write_text(inventory_text({"rig-b": host}, env.key, str(node_python)))
+    before = env.cli("cluster", "up", inventory=inventory)
+    assert before.returncode == 6
+    assert "scripts-coordinator is not installed for" in before.stdout
+
+    deployed = env.cli("cluster", "deploy", "--no-scripts", "--project", inventory=inventory)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert "project: installed scripts_coordinator-" in deployed.stdout
+    where = subprocess.run([str(node_python), "-c",
+                            "import coordinator; print(coordinator.__file__)"],
+                           cwd=venv, check=True, capture_output=True, text=True,
+                           timeout=60).stdout
+    assert where.startswith(str(venv)), where
+    status = env.cli("cluster", "status", inventory=inventory)
+    assert "no worker running" in status.stdout and "version" not in status.stdout
+
+
+def test_a_broker_password_from_the_environment_never_shows(ssh_cluster: SshCluster) -> None:
+    env = ssh_cluster
+    secret = "s3cret-Pa55"
+    with RedisServer(password=secret) as private:
+        host = env.hosts["rig-a"]
+        inventory = env.root / "password.toml"
+        inventory.write_text(inventory_text({"rig-a": host}, env.key, PYTHON) +
+                             f'broker = "redis://127.0.0.1:{private.port}/0"\n')
+        secret_env = {"SC_BROKER_PASSWORD": secret, "SC_BROKER_URL": private.url}
+        try:
+            up = env.cli("cluster", "up", inventory=inventory, env=secret_env)
+            assert up.returncode == 0, up.stdout + up.stderr
+            status = env.cli("cluster", "status", inventory=inventory, env=secret_env)
+            assert status.returncode == 0, status.stdout + status.stderr
+            envfile = host.workdir / ".scripts-coordinator" / "worker-rig-a.env"
+            assert envfile.stat().st_mode & 0o777 == 0o600
+            assert f"SC_BROKER_URL=redis://:{secret}@127.0.0.1:{private.port}/0" in \
+                envfile.read_text()
+            for pid in session_alive(env.worker_pid("rig-a")):
+                assert secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+            # A wrong password on the head node: refused, and the error masks the URL given.
+            wrong = env.cli("cluster", "status", inventory=inventory,
+                            env={"SC_BROKER_URL": private.url.replace(secret, "wrong-pw")})
+            assert wrong.returncode == 3
+            assert f"broker redis://:***@127.0.0.1:{private.port}/0 unreachable" in wrong.stderr
+            for result in (up, status, wrong):
+                assert secret not in result.stdout + result.stderr
+                assert "wrong-pw" not in result.stdout + result.stderr
+        finally:
+            env.cli("cluster", "down", "--now", inventory=inventory, env=secret_env)
