@@ -2,12 +2,14 @@
 
     python write_output.py --output-file out/x.json [--sleep S] [--exit-code N]
         [--no-output] [--invalid-json] [--fail-unless-exists PATH] [--record FILE]
+        [--child-sleep S]
 """
 
 import argparse
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 
@@ -20,7 +22,14 @@ parser.add_argument("--invalid-json", action="store_true")
 parser.add_argument("--fail-unless-exists", metavar="PATH",
                     help="exit 1 unless PATH exists (a condition fixed before a retry)")
 parser.add_argument("--record", help="append start/end times here (for overlap checks)")
+parser.add_argument("--child-sleep", type=float, metavar="S",
+                    help="start a child process that sleeps S seconds (is it killed with us?)")
 args, rest = parser.parse_known_args()
+
+if args.child_sleep:
+    child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({args.child_sleep})",
+                              "write_output-child"])
+    print(f"child pid {child.pid}", flush=True)
 
 started = time.time()
 print(f"job on {socket.gethostname()} with CUDA_VISIBLE_DEVICES="

@@ -312,11 +312,10 @@ def test_down_is_warm_by_default_and_now_kills_the_job(workers_up: SshCluster,
 
     assert env.cli("cluster", "up", "rig-a").returncode == 0
     pid = env.worker_pid("rig-a")
-    hard = submit([echo_job("hard", "rig-a", "down", "--sleep", "60")], output_dir="down",
-                  broker_url=env.redis.url)
-    wait_for(lambda: hard.status().jobs[0].state is JobState.RUNNING, 60, "the job to start")
-    script = [line for line in processes_under(workdir) if "write_output.py" in line]
-    assert len(script) == 1, script
+    submit([echo_job("hard", "rig-a", "down", "--sleep", "60", "--child-sleep", "60")],
+            output_dir="down", broker_url=env.redis.url)
+    wait_for(lambda: len([line for line in processes_under(workdir)
+                          if "write_output" in line]) == 2, 60, "the script and its child")
     down = env.cli("cluster", "down", "rig-a", "--now")
     assert down.returncode == 0 and "killed worker pid" in down.stdout
     assert session_alive(pid) == []
