@@ -8,6 +8,7 @@ marker are first fetched from the node that ran it.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # the cluster code (Fabric) is loaded only when outputs are f
     from coordinator.cluster.outputs import FetchReport
 
 SUMMARY_NAME = "run_summary.json"
+JOBLOG_NAME = "joblog"
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,37 @@ def job_summary(job: JobRecord) -> dict[str, Any]:
         "attempts": job.attempts, "exit_code": job.exit_code, "duration_s": job.duration_s,
         "started_at": job.started_at, "finished_at": job.finished_at, "host": job.host,
         "log": job.log_file, "output_file": job.output_file, "done_file": job.done_file,
-        "error": job.error,
+        "error": job.error, "moved_from": job.moved_from,
+        # Every attempt: start, end, exit code, host, error (retries included).
+        "attempt_history": job.history,
     }
+
+
+JOBLOG_HEADER = "Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n"
+
+
+def joblog_lines(jobs: list[JobRecord]) -> list[str]:
+    """GNU parallel's ``--joblog`` lines, one per attempt (Seq is the job's place in the file)."""
+    lines = []
+    for seq, job in enumerate(jobs, start=1):
+        command = shlex.join([job.script, *job.args])
+        for attempt in job.history:
+            started = attempt.get("started_at") or 0.0
+            runtime = max(0.0, (attempt.get("finished_at") or started) - started)
+            code = attempt.get("exit_code")
+            exitval, signal = (0, -code) if isinstance(code, int) and code < 0 else (
+                code if isinstance(code, int) else -1, 0)
+            lines.append(f"{seq}\t{attempt.get('host') or ':'}\t{started:.3f}\t{runtime:8.3f}\t0"
+                         f"\t0\t{exitval}\t{signal}\t{command}\n")
+    return lines
+
+
+def write_joblog(path: Path, jobs: list[JobRecord]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(JOBLOG_HEADER + "".join(joblog_lines(jobs)), encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def build_summary(status: RunStatus, jobs: list[JobRecord]) -> dict[str, Any]:
@@ -88,12 +119,14 @@ def build_summary(status: RunStatus, jobs: list[JobRecord]) -> dict[str, Any]:
         "makespan_s": makespan,
         "wall_s": round(max(ends) - status.created_at, 3) if ends else 0.0,
         "nodes": dict(sorted(nodes.items())),
+        # Jobs moved off a node (coordinator move, --failover): from, to, which.
+        "moves": status.info.get("moves", []),
         "jobs": [job_summary(job) for job in jobs],
     }
 
 
 def collect(status: RunStatus, workdir: str | Path = ".",
-            inventory: Inventory | None = None) -> Collection:
+            inventory: Inventory | None = None, joblog: str | Path | None = None) -> Collection:
     """Settle every job by its marker, run the merge steps, write the summary.
 
     With an ``inventory``, outputs of nodes without shared storage are fetched
@@ -116,6 +149,8 @@ def collect(status: RunStatus, workdir: str | Path = ".",
         if claimed:
             merged.append(merger.merge(claimed, output_dir, base))
     summary["merged"] = {result.kind: result.details for result in merged}
+    summary["joblog"] = str(write_joblog(Path(joblog) if joblog else
+                                         base / output_dir / JOBLOG_NAME, jobs))
     path = write_json_atomically(base / output_dir / SUMMARY_NAME, summary, indent=2)
     return Collection(summary=summary, path=path, merged=merged, status=status, fetched=fetched)
 
@@ -132,10 +167,13 @@ def render(collection: Collection) -> str:
     for name, node in summary["nodes"].items():
         lines.append(f"  {name:<16} {node['jobs']:>5} {node['succeeded']:>5} "
                      f"{node['failed']:>6} {node['skipped']:>7} {node['busy_s']:>8.1f}")
+    for move in summary["moves"]:
+        lines.append(f"  moved {len(move['jobs'])} jobs from {move['from']} to {move['to']}")
     for job in summary["jobs"]:
         if job["state"] not in ("succeeded", "skipped"):
+            error = (job["error"] or "not finished").splitlines()[0]
             lines.append(f"  {job['state'].upper()} {job['job_id']} on {job['node']}: "
-                         f"{job['error'] or 'not finished'} (log {job['log']})")
+                         f"{error} (log {job['log']})")
     for result in collection.merged:
         lines.extend(result.lines)
     lines.append(f"summary written to {collection.path}")

@@ -15,7 +15,7 @@ Two kinds of entry are accepted:
 from __future__ import annotations
 
 import json
-import re
+import math
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
@@ -23,17 +23,23 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from coordinator.errors import InvalidJobsError
-from worker_tasks.spec import is_protected_env
+from worker_tasks import spec as rules
+from worker_tasks.spec import SAFE_NAME
 
-# job_id is used in file names and node in queue names: keep both to safe labels.
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+__all__ = ["SAFE_NAME", "Job", "LegacyScoringJob", "load_jobs", "load_jobs_file", "parse_jobs"]
+
+
+def _rule(check: Any, *args: Any) -> Any:
+    """Run a shared rule; its message (without the field name, which pydantic adds) on failure."""
+    try:
+        return check(*args)
+    except rules.InvalidMessage as err:
+        raise ValueError(str(err).strip()) from None
 
 
 def _safe_name(value: Any) -> Any:
-    if isinstance(value, str) and (not SAFE_NAME.match(value) or ".." in value):
-        raise ValueError(
-            f"{value!r} is not a safe name (letters, digits, '.', '_', '-'; no '..')"
-        )
+    if isinstance(value, str):
+        _rule(rules.check_name, value, "")
     return value
 
 
@@ -41,6 +47,7 @@ def _script_path(value: Any) -> Any:
     if isinstance(value, str):
         if not value.strip():
             raise ValueError("must not be empty")
+        _rule(rules.check_text, value, "the script")
         path = PurePosixPath(value)
         if path.is_absolute() or value.startswith("~"):
             raise ValueError(f"{value!r} is absolute; give a path inside the scripts directory")
@@ -53,22 +60,35 @@ def _arg_text(value: Any) -> Any:
     # Numbers are passed as text, as the original tool did; anything else is an error.
     if isinstance(value, bool):
         raise ValueError("booleans are not valid arguments; give a string")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a number to pass as text")
     if isinstance(value, int | float):
         return str(value)
+    if isinstance(value, str):
+        _rule(rules.check_text, value, "the argument")
     return value
 
 
 def _job_env(value: Any) -> Any:
-    if isinstance(value, dict):
-        refused = sorted(name for name in value if isinstance(name, str) and is_protected_env(name))
-        if refused:
-            raise ValueError(f"may not set {', '.join(refused)} (the worker controls these)")
-    return value
+    return _rule(rules.check_env, value) if isinstance(value, dict) else value
+
+
+def _seconds(maximum: float, allow_zero: bool = False) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if value is not None:
+            _rule(rules.check_seconds, value, "", maximum, allow_zero)
+        return value
+
+    return BeforeValidator(check)
 
 
 SafeName = Annotated[str, BeforeValidator(_safe_name)]
 ScriptPath = Annotated[str, BeforeValidator(_script_path)]
 ArgText = Annotated[str, BeforeValidator(_arg_text)]
+GpuId = Annotated[int, Field(ge=0, le=rules.MAX_GPU_ID)]
+Timeout = Annotated[float | None, _seconds(rules.MAX_TIMEOUT_S)]
+RetryDelay = Annotated[float | None, _seconds(rules.MAX_RETRY_DELAY_S, allow_zero=True)]
+Retries = Annotated[int | None, Field(ge=0, le=rules.MAX_RETRIES)]
 
 
 class Job(BaseModel):
@@ -80,19 +100,26 @@ class Job(BaseModel):
         args: arguments, as strings (numbers are converted).
         node: the node that must run the job (queue ``node.<node>``).
         gpu_id: the GPU index, exported as ``CUDA_VISIBLE_DEVICES``.
-        timeout: optional extension: seconds before the script is killed.
-        env: optional extension: extra environment variables for the script.
+        timeout: optional extension: seconds before the script (and its children) is killed.
+        env: optional extension: extra environment variables (allow-listed names).
+        retries: optional extension: failed attempts retried on the same node (default:
+            the command's ``--retries``).
+        retry_delay: optional extension: base of the backoff between attempts (seconds).
+        pin: optional extension: never moved to another node (``move``, ``--failover``).
     """
 
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
     job_id: SafeName
     script: ScriptPath
-    args: list[ArgText] = Field(default_factory=list)
+    args: list[ArgText] = Field(default_factory=list, max_length=rules.MAX_ARGS)
     node: SafeName
-    gpu_id: int = Field(default=0, ge=0)
-    timeout: float | None = Field(default=None, gt=0)
+    gpu_id: GpuId = 0
+    timeout: Timeout = None
     env: Annotated[dict[str, str], BeforeValidator(_job_env)] = Field(default_factory=dict)
+    retries: Retries = None
+    retry_delay: RetryDelay = None
+    pin: bool = False
 
 
 class LegacyScoringJob(BaseModel):
@@ -114,9 +141,11 @@ class LegacyScoringJob(BaseModel):
     mod: int = Field(ge=1)
     train_history: str | list[int]
     node: SafeName
-    gpu_id: int = Field(default=0, ge=0)
+    gpu_id: GpuId = 0
     skip: int = Field(default=0, ge=0)
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: Timeout = None
+    retries: Retries = None
+    pin: bool = False
 
 
 def is_legacy_entry(entry: Any) -> bool:
@@ -127,10 +156,20 @@ def is_legacy_entry(entry: Any) -> bool:
 def _field_error(source: str, index: int, entry: Any, err: ValidationError) -> InvalidJobsError:
     first = err.errors()[0]
     field = ".".join(str(part) for part in first["loc"]) or "(entry)"
+    message = first["msg"].removeprefix("Value error, ").replace("  ", " ")
+    return InvalidJobsError(f"{source}: {who(index, entry)}: field '{field}': {message}")
+
+
+def who(index: int, entry: Any) -> str:
+    """``job 3 (job_id 'x')``: the job id shown only when it is a printable string."""
     job_id = entry.get("job_id") if isinstance(entry, dict) else None
-    who = f"job {index}" + (f" (job_id {job_id!r})" if isinstance(job_id, str) else "")
-    message = first["msg"].removeprefix("Value error, ")
-    return InvalidJobsError(f"{source}: {who}: field '{field}': {message}")
+    if isinstance(job_id, str) and job_id.isprintable() and len(job_id) <= 128:
+        try:
+            job_id.encode("utf-8")
+            return f"job {index} (job_id {job_id!r})"
+        except UnicodeEncodeError:
+            pass
+    return f"job {index}"
 
 
 def parse_jobs(entries: Any, source: str = "jobs") -> list[Job | LegacyScoringJob]:
@@ -175,13 +214,28 @@ def load_jobs_file(path: str | Path) -> list[Job | LegacyScoringJob]:
         raise InvalidJobsError(f"{path}: jobs file not found") from None
     except (OSError, UnicodeDecodeError) as err:
         raise InvalidJobsError(f"{path}: cannot read jobs file: {err}") from None
+    return parse_jobs(decode_json(text, str(path)), source=str(path))
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def decode_json(text: str, source: str) -> Any:
+    """JSON as the jobs file contract allows it: no NaN/Infinity, sane nesting and numbers."""
     try:
-        entries = json.loads(text)
+        return json.loads(text, parse_constant=_no_constants)
     except json.JSONDecodeError as err:
         raise InvalidJobsError(
-            f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+            f"{source}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
         ) from None
-    return parse_jobs(entries, source=str(path))
+    except RecursionError:
+        raise InvalidJobsError(f"{source}: invalid JSON: nested too deeply") from None
+    except ValueError as err:  # NaN/Infinity, or an integer of thousands of digits
+        reason = str(err)
+        if "Exceeds the limit" in reason:
+            reason = "a number has more than 4300 digits"
+        raise InvalidJobsError(f"{source}: invalid JSON: {reason}") from None
 
 
 def load_jobs(jobs: str | Path | Sequence[dict[str, Any]]) -> list[Job | LegacyScoringJob]:

@@ -56,7 +56,7 @@ def convert(entry: LegacyScoringJob, index: int, chunk_dir: str, output_dir: str
     if entry.skip:
         args += ["--skip", str(entry.skip)]
     job = Job(job_id=job_id, script=SCORING_SCRIPT, args=args, node=entry.node,
-              gpu_id=entry.gpu_id, timeout=entry.timeout)
+              gpu_id=entry.gpu_id, timeout=entry.timeout, retries=entry.retries, pin=entry.pin)
     note = (f"legacy job {index} ({job_id}): {len(entry.seeds)} inline seeds -> {seeds_file}; "
             f"runs {SCORING_SCRIPT}")
     return Conversion(job=job, note=note, files=files)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from coordinator.errors import InvalidJobsError
 from coordinator.jobs import Job
-from worker_tasks.spec import JobSpec, done_path_for
+from worker_tasks.spec import InvalidMessage, JobSpec, check_relative_path, done_path_for
 
 OUTPUT_FLAG = "--output-file"
 
@@ -43,12 +43,13 @@ def rewrite_output_path(args: Sequence[str], output_dir: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Plan:
-    """Every job of a run, as messages, in jobs-file order."""
+    """Every job of a run, as messages, in jobs-file order (``pinned``: never moved)."""
 
     run_id: str
     output_dir: str
     preserve_paths: bool
     specs: list[JobSpec]
+    pinned: frozenset[str] = frozenset()
 
     def by_node(self) -> dict[str, list[JobSpec]]:
         nodes: dict[str, list[JobSpec]] = defaultdict(list)
@@ -72,15 +73,33 @@ class Plan:
         return "\n".join(lines)
 
 
+def check_output_dir(output_dir: str) -> str:
+    """The output directory is relative to the workers' workdir, and stays inside it."""
+    try:
+        return check_relative_path(output_dir, "--output-dir")
+    except InvalidMessage as err:
+        raise InvalidJobsError(f"{err}: outputs land under each worker's workdir; give a "
+                               f"path relative to it") from None
+
+
 def plan_jobs(
-    jobs: Sequence[Job], run_id: str, output_dir: str, preserve_paths: bool = False
+    jobs: Sequence[Job], run_id: str, output_dir: str, preserve_paths: bool = False,
+    retries: int = 0, retry_delay: float = 2.0,
 ) -> Plan:
-    """Rewrite paths and derive markers; refuse two jobs that would share an output."""
+    """Rewrite paths and derive markers; refuse outputs outside the workdir, or shared."""
+    check_output_dir(output_dir)
     specs: list[JobSpec] = []
     writers: dict[str, tuple[int, str]] = {}
     for index, job in enumerate(jobs):
         args = list(job.args) if preserve_paths else rewrite_output_path(job.args, output_dir)
         output = find_output_file(args)
+        if output is not None:
+            try:
+                check_relative_path(output, "output file")
+            except InvalidMessage as err:
+                raise InvalidJobsError(
+                    f"jobs: job {index} (job_id {job.job_id!r}): field 'args': {err} (outputs "
+                    f"must stay under the workers' workdir)") from None
         done = done_path_for(output, output_dir, job.job_id)
         normal = posixpath.normpath(done)
         if normal in writers:
@@ -103,6 +122,10 @@ def plan_jobs(
                 log_file=posixpath.join(output_dir, "logs", f"{job.job_id}.log"),
                 timeout=job.timeout,
                 env=dict(job.env),
+                retries=job.retries if job.retries is not None else retries,
+                retry_delay=job.retry_delay if job.retry_delay is not None else retry_delay,
             )
         )
-    return Plan(run_id=run_id, output_dir=output_dir, preserve_paths=preserve_paths, specs=specs)
+    pinned = frozenset(job.job_id for job in jobs if job.pin)
+    return Plan(run_id=run_id, output_dir=output_dir, preserve_paths=preserve_paths, specs=specs,
+                pinned=pinned)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 from rich.console import Console
@@ -55,6 +56,17 @@ class ProgressDisplay:
     def __exit__(self, *exc: object) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+    def notice(self, fallback: Callable[[str], None]) -> Callable[[str], None]:
+        """A notice printer that does not tear the bars (``fallback`` without bars)."""
+        def show(line: str) -> None:
+            if self.progress is not None:
+                self.progress.console.print(f"coordinator: {line}", markup=False,
+                                            highlight=False)
+            else:
+                fallback(line)
+
+        return show
 
     def __call__(self, status: RunStatus) -> None:
         if self.progress is not None:

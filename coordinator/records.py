@@ -13,7 +13,15 @@ from typing import Any
 import redis
 
 from coordinator.errors import RunNotFoundError
-from worker_tasks.tracking import JobState, RunState, decode, job_key, jobs_key, run_key
+from worker_tasks.tracking import (
+    JobState,
+    RunState,
+    counts_key,
+    decode,
+    job_key,
+    jobs_key,
+    run_key,
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,11 @@ class JobRecord:
     done_file: str = ""
     log_file: str = ""
     task_id: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    retries: int = 0
+    retry_at: float | None = None
+    moved_from: str | None = None
+    pin: bool = False
 
     @classmethod
     def from_redis(cls, raw: dict[str, Any]) -> JobRecord:
@@ -47,6 +60,9 @@ class JobRecord:
 
 
 RECORD_FIELDS = [f.name for f in fields(JobRecord)]
+# What following a run needs of each job (no args or paths: cheap for 100,000 jobs).
+FOLLOW_FIELDS = ["job_id", "node", "gpu_id", "state", "attempts", "duration_s", "started_at",
+                 "finished_at", "host", "error", "task_id", "pin", "done_file"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,7 @@ class RunStatus:
     output_dir: str
     created_at: float
     jobs: list[JobRecord]
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def counts(self) -> Counter[JobState]:
@@ -78,6 +95,16 @@ class RunStatus:
     @property
     def all_succeeded(self) -> bool:
         return all(job.state.is_success for job in self.jobs)
+
+    @property
+    def outcome(self) -> str:
+        """``active`` (or ``publishing``) until every job is final; then ``finished`` when all
+        succeeded, ``cancelled`` for a cancelled run, else ``failed``."""
+        if not self.finished:
+            return str(self.state)
+        if self.all_succeeded:
+            return "finished"
+        return "cancelled" if self.state is RunState.CANCELLED else "failed"
 
     def by_node(self) -> dict[str, list[JobRecord]]:
         nodes: dict[str, list[JobRecord]] = defaultdict(list)
@@ -103,23 +130,42 @@ def read_info(client: redis.Redis, run_id: str) -> dict[str, Any]:
     return decode(raw)
 
 
-def read_status(client: redis.Redis, run_id: str) -> RunStatus:
-    """A snapshot of every job's state (the record's fields only, not the stored message)."""
+# Records read per pipeline round trip.
+READ_CHUNK = 5000
+
+
+def read_records(client: redis.Redis, run_id: str, job_ids: list[str],
+                 names: list[str] = RECORD_FIELDS) -> list[JobRecord]:
+    """The named fields of each job's record, pipelined in chunks; missing records left out."""
+    records: list[JobRecord] = []
+    for start in range(0, len(job_ids), READ_CHUNK):
+        pipe = client.pipeline(transaction=False)
+        for job_id in job_ids[start:start + READ_CHUNK]:
+            pipe.hmget(job_key(run_id, job_id), names)
+        for row in pipe.execute():
+            if any(value is not None for value in row):
+                raw = {name: value for name, value in zip(names, row, strict=True)
+                       if value is not None}
+                records.append(JobRecord.from_redis(decode(raw)))
+    return records
+
+
+def read_status(client: redis.Redis, run_id: str,
+                names: list[str] = RECORD_FIELDS) -> RunStatus:
+    """A snapshot of every job's record (``names``: which fields; all by default)."""
     info = read_info(client, run_id)
     job_ids = [raw.decode() for raw in client.lrange(jobs_key(run_id), 0, -1)]
-    pipe = client.pipeline(transaction=False)
-    for job_id in job_ids:
-        pipe.hmget(job_key(run_id, job_id), RECORD_FIELDS)
-    records = [
-        JobRecord.from_redis(decode({name: value for name, value in zip(RECORD_FIELDS, row,
-                                                                        strict=True)
-                                     if value is not None}))
-        for row in pipe.execute() if any(value is not None for value in row)
-    ]
+    return status_from(run_id, info, read_records(client, run_id, job_ids, names))
+
+
+def status_from(run_id: str, info: dict[str, Any], jobs: list[JobRecord]) -> RunStatus:
     return RunStatus(run_id=run_id, state=RunState(info["state"]),
-                     output_dir=info["output_dir"], created_at=info["created_at"], jobs=records)
+                     output_dir=info["output_dir"], created_at=info["created_at"], jobs=jobs,
+                     info=info)
 
 
-def read_spec(client: redis.Redis, run_id: str, job_id: str) -> dict[str, Any]:
-    """The message a job was published with (for retries)."""
-    return decode(client.hgetall(job_key(run_id, job_id)))["spec"]
+def read_counts(client: redis.Redis, run_id: str) -> Counter[JobState]:
+    """Jobs per state, as the transitions counted them (one small read)."""
+    raw = client.hgetall(counts_key(run_id))
+    return Counter({JobState(name.decode()): int(value) for name, value in raw.items()
+                    if int(value)})

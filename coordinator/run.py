@@ -12,19 +12,23 @@ none of those imports it.
 
 from __future__ import annotations
 
-import time
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
+from celery import Celery
 
+from coordinator.broker import CONNECT_TIMEOUT_S, check_broker, connect_tracking, publisher
 from coordinator.broker import broker_url as resolve_broker_url
-from coordinator.broker import check_broker, connect_tracking, publisher
 from coordinator.cluster.inventory import Inventory, find_inventory
 from coordinator.collector import Collection, collect
-from coordinator.errors import InvalidJobsError, WaitTimeoutError
-from coordinator.records import RunStatus, read_info, read_spec, read_status
+from coordinator.errors import InvalidJobsError
+from coordinator.follow import POLL_INTERVAL_S, FollowOptions, Healer, follow
+from coordinator.plan import Plan
+from coordinator.reconcile import liveness, move_jobs
+from coordinator.records import RunStatus, read_info, read_status
 from coordinator.submit import (
     DEFAULT_CHUNK_DIR,
     DEFAULT_OUTPUT_DIR,
@@ -32,11 +36,11 @@ from coordinator.submit import (
     cancel_run,
     prepare,
     publish_run,
-    retry_failed,
+    republish,
 )
+from worker_tasks.tracking import JobState
 
-# How often wait() reads the run's state from Redis (seconds).
-POLL_INTERVAL_S = 0.5
+logger = logging.getLogger("coordinator")
 
 InventoryInput = Inventory | str | Path | None
 
@@ -60,6 +64,10 @@ class Run:
         self.inventory = inventory
         # Lines about input files pushed to nodes before publishing (node-local storage).
         self.pushed: list[str] = []
+        self._app: Celery | None = None
+        self._broker: redis.Redis | None = None
+        # Jobs a recovered run found done (their .done exists) and did not publish.
+        self.recovered = 0
 
     def __repr__(self) -> str:
         return f"Run({self.id!r})"
@@ -77,53 +85,96 @@ class Run:
         timeout: float | None = None,
         on_progress: Callable[[RunStatus], None] | None = None,
         poll_interval: float = POLL_INTERVAL_S,
+        failover: float | None = None,
+        workdir: str | Path | None = ".",
+        notice: Callable[[str], None] | None = None,
     ) -> RunStatus:
         """Block until every job is final; ``on_progress`` gets each changed snapshot.
 
-        Raises ``WaitTimeoutError`` when ``timeout`` seconds pass first.
+        Reads only what changed (the run's change stream), reconnects when Redis goes
+        away (``SC_RECONNECT_TIMEOUT``), settles records that disagree with ``.done``
+        files in ``workdir`` or with dead workers, marks lost jobs, and with
+        ``failover`` moves the queued jobs of a node without a worker for that many
+        seconds. ``notice`` gets one line per such event (default: logged).
+        Raises ``WaitTimeoutError`` when ``timeout`` seconds pass first,
+        ``RunVanishedError`` if the run's records disappear.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last: list[tuple[str, str, int]] | None = None
-        while True:
-            status = self.status()
-            shape = [(job.job_id, job.state.value, job.attempts) for job in status.jobs]
-            if on_progress is not None and shape != last:
-                on_progress(status)
-            last = shape
-            if status.finished:
-                return status
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeoutError(
-                    f"run {self.id}: not finished after {timeout:g} s ({status.line()})"
-                )
-            time.sleep(poll_interval)
+        options = FollowOptions(timeout=timeout, poll_interval=poll_interval,
+                                workdir=None if workdir is None else Path(workdir),
+                                failover=failover, notice=notice or logger.warning)
+        return follow(self.client, self.app, self.broker, self.id, on_progress, options)
 
-    def collect(self, workdir: str | Path = ".", fetch: bool | None = None) -> Collection:
+    @property
+    def app(self) -> Celery:
+        if self._app is None:
+            self._app = publisher(self.broker_url)
+        return self._app
+
+    @property
+    def broker(self) -> redis.Redis:
+        """A client on the broker's Redis (its queues), for finding lost messages."""
+        if self._broker is None:
+            self._broker = redis.Redis.from_url(resolve_broker_url(self.broker_url),
+                                                socket_connect_timeout=CONNECT_TIMEOUT_S,
+                                                socket_timeout=CONNECT_TIMEOUT_S * 10)
+        return self._broker
+
+    def heal(self, workdir: str | Path | None = ".") -> list[str]:
+        """Settle this run's records once (see ``wait``); returns what changed, one line each."""
+        lines: list[str] = []
+        options = FollowOptions(workdir=None if workdir is None else Path(workdir),
+                                notice=lines.append)
+        Healer(self.client, self.app, self.broker, self.id, options).heal(self.status())
+        return lines
+
+    def collect(self, workdir: str | Path = ".", fetch: bool | None = None,
+                joblog: str | Path | None = None) -> Collection:
         """Settle every job by its ``.done`` file, merge outputs, write ``run_summary.json``.
 
         ``fetch``: bring outputs home from nodes without shared storage first
-        (default: whenever the run's inventory has such nodes).
+        (default: whenever the run's inventory has such nodes). ``joblog``: where the
+        GNU-parallel-format job log goes (default: beside the summary).
         """
         inventory = self.inventory if fetch is not False else None
         if fetch and inventory is None:
             raise InvalidJobsError("--fetch needs a cluster inventory (--inventory FILE)")
-        return collect(self.status(), workdir=workdir, inventory=inventory)
+        return collect(self.status(), workdir=workdir, inventory=inventory, joblog=joblog)
 
     def summary(self, workdir: str | Path = ".") -> dict[str, Any]:
         """Collect the run (see ``collect``) and return the summary as a dict."""
         return self.collect(workdir).summary
 
     def cancel(self) -> int:
-        """Stop the run: queued jobs are dropped, running ones terminated. Returns how many."""
-        return cancel_run(self.client, self.id, self.broker_url)
+        """Stop the run: queued jobs are dropped, running ones killed. Returns how many.
 
-    def retry_failed(self) -> int:
-        """Publish the failed and cancelled jobs again. Returns how many."""
-        return retry_failed(self.client, self.id, self.broker_url)
+        A job cancelled while running never gets a ``.done``, even if its script was
+        finishing at that moment.
+        """
+        return cancel_run(self.client, self.id)
 
-    def spec_message(self, job_id: str) -> dict[str, Any]:
-        """The message the job was published with (for retries)."""
-        return read_spec(self.client, self.id, job_id)
+    def retry_failed(self, lost: bool = False) -> int:
+        """Publish the failed and cancelled jobs again (``lost``: the lost ones only).
+
+        Returns how many. Each gets a new task id; its old message, if it ever
+        arrives, is dropped.
+        """
+        check_broker(self.app)
+        states = ((JobState.LOST,) if lost else (JobState.FAILED, JobState.CANCELLED,
+                                                 JobState.LOST))
+        job_ids = [job.job_id for job in self.status().jobs if job.state in states]
+        return len(republish(self.client, self.app, self.id, job_ids, states,
+                             note="published again"))
+
+    def move(self, source: str, targets: list[str]) -> dict[str, list[str]]:
+        """Move the queued jobs of node ``source`` to ``targets`` (round-robin); pinned stay.
+
+        Jobs of ``source`` that were running when its worker died move too. Returns
+        target -> job ids moved there.
+        """
+        check_broker(self.app)
+        jobs = [job for job in self.status().jobs if job.node == source]
+        live = liveness(self.app, self.client, {source})
+        return move_jobs(self.client, self.app, self.id, jobs, targets, live)
 
 
 def load_inventory_input(inventory: InventoryInput) -> Inventory | None:
@@ -141,6 +192,8 @@ def submit(
     chunk_dir: str = DEFAULT_CHUNK_DIR,
     workdir: str | Path = ".",
     inventory: InventoryInput = None,
+    retries: int = 0,
+    retry_delay: float = 2.0,
 ) -> Run:
     """Validate, record and publish a run; returns its handle.
 
@@ -148,18 +201,51 @@ def submit(
     ``inventory`` (an ``Inventory`` or its path): node names are resolved through
     it (labels or hosts; a node it lacks is refused) and, for nodes without
     shared storage, Step 3 inputs are pushed to the node before publishing and
-    outputs fetched when collecting.
+    outputs fetched when collecting. ``retries`` / ``retry_delay``: automatic
+    retries of failed attempts, for jobs that set none.
     Raises ``InvalidJobsError`` (nothing published), ``BrokerUnreachableError``,
     or ``NodeFailedError`` (an input could not be pushed; nothing published).
     """
+    return _publish(jobs, output_dir, preserve_paths, broker_url, tracking_url, chunk_dir,
+                    workdir, inventory, retries, retry_delay, recover=False)
+
+
+def recover(
+    jobs: JobsInput,
+    output_dir: str = DEFAULT_OUTPUT_DIR,
+    preserve_paths: bool = False,
+    broker_url: str | None = None,
+    tracking_url: str | None = None,
+    chunk_dir: str = DEFAULT_CHUNK_DIR,
+    workdir: str | Path = ".",
+    inventory: InventoryInput = None,
+    retries: int = 0,
+    retry_delay: float = 2.0,
+) -> Run:
+    """A run re-created from its jobs file and the ``.done`` files on disk.
+
+    For when Redis lost a run's records: jobs whose ``.done`` exists (here, or on
+    their node when it keeps its outputs on its own disk) are recorded as skipped;
+    only the others are published. Arguments as for ``submit``.
+    """
+    return _publish(jobs, output_dir, preserve_paths, broker_url, tracking_url, chunk_dir,
+                    workdir, inventory, retries, retry_delay, recover=True)
+
+
+def _publish(jobs: JobsInput, output_dir: str, preserve_paths: bool, broker_url: str | None,
+             tracking_url: str | None, chunk_dir: str, workdir: str | Path,
+             inventory: InventoryInput, retries: int, retry_delay: float,
+             recover: bool) -> Run:
     url = resolve_broker_url(broker_url)
     cluster = load_inventory_input(inventory)
     plan, conversions = prepare(jobs, output_dir, preserve_paths, chunk_dir,
-                                resolve_node=cluster.resolve if cluster else None)
+                                resolve_node=cluster.resolve if cluster else None,
+                                retries=retries, retry_delay=retry_delay)
     client = connect_tracking(tracking_url, url)
     app = publisher(url)
     check_broker(app)
     run = Run(plan.run_id, client, url, inventory=cluster)
+    done = done_jobs(plan, Path(workdir), cluster) if recover else set()
     before = None
     if cluster is not None and cluster.any_node_local_storage:
         from coordinator.cluster.outputs import push_inputs
@@ -167,8 +253,23 @@ def submit(
         def before(plan_: Any) -> None:
             run.pushed = [outcome.line() for outcome in push_inputs(cluster, plan_, Path(workdir))]
 
-    publish_run(plan, conversions, client, app, workdir, before_publish=before)
+    extra = {"jobs_file": str(Path(jobs).resolve()) if isinstance(jobs, str | Path) else None,
+             "workdir": str(Path(workdir).resolve()), "recovered": recover}
+    publish_run(plan, conversions, client, app, workdir, before_publish=before, extra=extra,
+                done=done)
+    run.recovered = len(done)
     return run
+
+
+def done_jobs(plan: Plan, workdir: Path, cluster: Inventory | None) -> set[str]:
+    """The jobs whose ``.done`` exists: here, or on the node that keeps its own outputs."""
+    done = {spec.job_id for spec in plan.specs if (workdir / spec.done_file).exists()}
+    if cluster is not None and cluster.any_node_local_storage:
+        from coordinator.cluster.outputs import markers_on_nodes
+
+        done |= markers_on_nodes(cluster, [spec for spec in plan.specs
+                                           if spec.job_id not in done])
+    return done
 
 
 def get_run(run_id: str, broker_url: str | None = None, tracking_url: str | None = None,

@@ -1,10 +1,11 @@
 """Publishing a run: validate all, plan, record the run in Redis, then publish.
 
 Order matters for "nothing half-published": the whole file is validated and
-planned before Redis is touched; the run and its jobs are recorded in one
-transaction; then messages go out. If the broker fails half-way, the run is
-marked cancelled, so workers drop the messages that did get out. Cancelling
-and retrying a run are here too: they publish (or unpublish) jobs.
+planned before Redis is touched; the run and its jobs are recorded (pipelined,
+in chunks); then messages go out in batches (kombu's ``Producer.batch``: the
+queue pushes of a batch travel in one pipeline). If the broker fails half-way,
+the run is marked cancelled, so workers drop the messages that did get out.
+Republishing a run's jobs (retry, move, recover) is here too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +24,32 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from coordinator import legacy
-from coordinator.broker import check_broker, publisher, redact
+from coordinator.broker import redact
 from coordinator.errors import BrokerUnreachableError, InvalidJobsError
 from coordinator.jobs import Job, LegacyScoringJob, load_jobs
 from coordinator.plan import Plan, plan_jobs
-from coordinator.records import read_spec, read_status
 from worker_tasks.spec import RUN_JOB_TASK, JobSpec, queue_for
 from worker_tasks.tracking import (
     RUN_TTL_S,
+    SPEC_FIELDS,
     JobState,
+    JobTracker,
     RunState,
+    counts_key,
     encode,
     job_key,
     jobs_key,
     run_key,
+    run_keys,
     runs_key,
 )
 from worker_tasks.tracking import now as timestamp
 
 DEFAULT_OUTPUT_DIR = "full_scoring_results"
 DEFAULT_CHUNK_DIR = "scoring_chunks"
+# Jobs per Redis pipeline and per publish batch: large enough to amortise round trips,
+# small enough to keep each pipeline's memory modest.
+BATCH_SIZE = 2000
 
 JobsInput = str | Path | Sequence[dict[str, Any]]
 # Maps a jobs file's node name to the queue label that serves it (None: no such node).
@@ -61,13 +68,16 @@ def prepare(
     chunk_dir: str = DEFAULT_CHUNK_DIR,
     run_id: str | None = None,
     resolve_node: NodeResolver | None = None,
+    retries: int = 0,
+    retry_delay: float = 2.0,
 ) -> tuple[Plan, list[legacy.Conversion]]:
     """Validate and plan a run; returns the plan and the legacy conversions.
 
     ``resolve_node`` (from an inventory) maps each job's node name to a node label
-    and refuses a node it does not know. Raises ``InvalidJobsError`` (exit 2)
-    before anything is written or published. Nothing is written: legacy chunk
-    files are written by ``legacy.write_chunks``.
+    and refuses a node it does not know; ``retries`` / ``retry_delay`` apply to jobs
+    that set none. Raises ``InvalidJobsError`` (exit 2) before anything is written
+    or published. Nothing is written: legacy chunk files are written by
+    ``legacy.write_chunks``.
     """
     entries = load_jobs(jobs)
     if resolve_node is not None:
@@ -77,7 +87,8 @@ def prepare(
         conversion.job if conversion else entry
         for entry, conversion in zip(entries, conversions, strict=True)
     ]
-    plan = plan_jobs(script_jobs, run_id or new_run_id(), output_dir, preserve_paths)
+    plan = plan_jobs(script_jobs, run_id or new_run_id(), output_dir, preserve_paths,
+                     retries=retries, retry_delay=retry_delay)
     return plan, [conversion for conversion in conversions if conversion]
 
 
@@ -96,12 +107,56 @@ def resolve_nodes(entries: list[Job | LegacyScoringJob],
     return resolved
 
 
-def record_run(client: redis.Redis, plan: Plan) -> None:
-    """Create the run and its queued jobs in one transaction."""
+def task_id_for(spec: JobSpec, generation: int = 0) -> str:
+    """Readable in Flower: ``<run>.<job>.<generation>`` (generation grows with republishing)."""
+    return f"{spec.run_id}.{spec.job_id}.{generation}"
+
+
+def record_fields(spec: JobSpec) -> dict[str, Any]:
+    """The job's message fields as its record keeps them (the message is rebuilt from these)."""
+    message = spec.to_message()
+    return {name: message[name] for name in SPEC_FIELDS}
+
+
+def spec_from_record(run_id: str, record: dict[str, Any]) -> JobSpec:
+    return JobSpec.from_message({"run_id": run_id, **{name: record[name] for name in SPEC_FIELDS
+                                                      if name in record}})
+
+
+def chunks(items: Sequence[Any], size: int = BATCH_SIZE) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def record_run(client: redis.Redis, plan: Plan, extra: dict[str, Any] | None = None,
+               done: frozenset[str] | set[str] = frozenset()) -> None:
+    """Create the run (state ``publishing``) and its queued jobs, pipelined in chunks.
+
+    Jobs in ``done`` (a recovered run's finished jobs) are recorded ``skipped``. The
+    run's metadata is written last: until then no reader sees a half-recorded run.
+    """
     created = timestamp()
+    run_id = plan.run_id
+    for part in chunks(plan.specs):
+        pipe = client.pipeline(transaction=False)
+        for spec in part:
+            key = job_key(run_id, spec.job_id)
+            record = {**record_fields(spec), "state": JobState.QUEUED, "attempts": 0,
+                      "queued_at": created, "task_id": task_id_for(spec)}
+            if spec.job_id in done:
+                record |= {"state": JobState.SKIPPED, "finished_at": created,
+                           "error": "recovered: its .done existed"}
+            if spec.job_id in plan.pinned:
+                record["pin"] = True
+            pipe.hset(key, mapping=encode(record))
+            pipe.expire(key, RUN_TTL_S)
+        pipe.rpush(jobs_key(run_id), *[spec.job_id for spec in part])
+        pipe.execute()
     pipe = client.pipeline(transaction=True)
-    pipe.hset(run_key(plan.run_id), mapping=encode({
-        "run_id": plan.run_id,
+    pipe.hset(counts_key(run_id), mapping={str(JobState.QUEUED): len(plan.specs) - len(done),
+                                          str(JobState.SKIPPED): len(done)})
+    pipe.hset(run_key(run_id), mapping=encode({
+        "run_id": run_id,
         "state": RunState.PUBLISHING,
         "created_at": created,
         "output_dir": plan.output_dir,
@@ -109,54 +164,29 @@ def record_run(client: redis.Redis, plan: Plan) -> None:
         "jobs_total": len(plan.specs),
         "nodes": sorted(plan.by_node()),
         "submitted_from": socket.gethostname(),
+        **(extra or {}),
     }))
-    pipe.rpush(jobs_key(plan.run_id), *[spec.job_id for spec in plan.specs])
-    for spec in plan.specs:
-        pipe.hset(job_key(plan.run_id, spec.job_id), mapping=encode(queued_record(spec, created)))
-    for key in [run_key(plan.run_id), jobs_key(plan.run_id)] + [
-        job_key(plan.run_id, spec.job_id) for spec in plan.specs
-    ]:
+    for key in run_keys(run_id):
         pipe.expire(key, RUN_TTL_S)
-    pipe.zadd(runs_key(), {plan.run_id: created})
+    pipe.zadd(runs_key(), {run_id: created})
     pipe.zremrangebyscore(runs_key(), 0, created - RUN_TTL_S)  # runs whose records expired
     pipe.execute()
 
 
-def task_id_for(spec: JobSpec, generation: int = 0) -> str:
-    """Readable in Flower: ``<run>.<job>.<generation>`` (generation grows with retries)."""
-    return f"{spec.run_id}.{spec.job_id}.{generation}"
+def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str]) -> None:
+    """Send each job to its node's queue, in batches; ``BrokerUnreachableError`` on failure.
 
-
-def queued_record(spec: JobSpec, queued_at: float) -> dict[str, Any]:
-    return {
-        "job_id": spec.job_id, "node": spec.node, "gpu_id": spec.gpu_id,
-        "script": spec.script, "args": spec.args, "output_file": spec.output_file,
-        "done_file": spec.done_file, "log_file": spec.log_file,
-        "state": JobState.QUEUED, "attempts": 0, "queued_at": queued_at,
-        "started_at": None, "finished_at": None, "exit_code": None,
-        "duration_s": None, "error": None, "host": None,
-        "task_id": task_id_for(spec),
-        "spec": spec.to_message(),
-    }
-
-
-def publish(
-    client: redis.Redis, specs: Sequence[JobSpec], app: Celery, generation: int = 0
-) -> None:
-    """Send each job to its node's queue; raises ``BrokerUnreachableError`` on failure."""
+    The messages are ordinary Celery protocol-2 messages (``send_task``); only the
+    Redis pushes are grouped into pipelines by kombu's batching.
+    """
     try:
         with app.producer_or_acquire() as producer:
-            for spec in specs:
-                task_id = task_id_for(spec, generation)
-                app.send_task(
-                    RUN_JOB_TASK,
-                    args=[spec.to_message()],
-                    queue=queue_for(spec.node),
-                    task_id=task_id,
-                    producer=producer,
-                    retry=False,
-                )
-                client.hset(job_key(spec.run_id, spec.job_id), "task_id", json.dumps(task_id))
+            for part, ids in zip(chunks(specs), chunks(task_ids), strict=True):
+                with producer.batch(max_size=BATCH_SIZE):
+                    for spec, task_id in zip(part, ids, strict=True):
+                        app.send_task(RUN_JOB_TASK, args=[spec.to_message()],
+                                      queue=queue_for(spec.node), task_id=task_id,
+                                      producer=producer, retry=False)
     except (OperationalError, OSError, redis.RedisError) as err:
         message = f"broker {redact(app.conf.broker_url)} failed while publishing: {err}"
         raise BrokerUnreachableError(message) from None
@@ -169,20 +199,24 @@ def publish_run(
     app: Celery,
     workdir: str | Path = ".",
     before_publish: Callable[[Plan], None] | None = None,
+    extra: dict[str, Any] | None = None,
+    done: set[str] | frozenset[str] = frozenset(),
 ) -> None:
     """Record and publish a prepared run; the broker must have answered ``check_broker``.
 
     ``before_publish`` runs once the input is known good and Redis is up, before
     anything is recorded (pushing input files to nodes, say); if it raises,
-    nothing was published.
+    nothing was published. ``extra`` goes into the run's metadata; jobs in ``done``
+    are recorded skipped and not published.
     """
     # Only now, with the input valid and Redis up, are legacy chunk files written.
     legacy.write_chunks(conversions, Path(workdir))
     if before_publish is not None:
         before_publish(plan)
-    record_run(client, plan)
+    record_run(client, plan, extra, done)
+    pending = [spec for spec in plan.specs if spec.job_id not in done]
     try:
-        publish(client, plan.specs, app)
+        publish(pending, app, [task_id_for(spec) for spec in pending])
     except BrokerUnreachableError:
         # Workers drop messages of a cancelled run: the half that got out is harmless.
         with contextlib.suppress(redis.RedisError):
@@ -196,41 +230,54 @@ def latest_run_id(client: redis.Redis) -> str | None:
     return newest[0].decode() if newest else None
 
 
-def cancel_run(client: redis.Redis, run_id: str, broker_url: str | None) -> int:
-    """Mark the run cancelled, drop its queued jobs and terminate its running ones."""
-    status = read_status(client, run_id)
+def cancel_run(client: redis.Redis, run_id: str) -> int:
+    """Mark the run cancelled and every job not yet final with it; returns how many.
+
+    Queued jobs are dropped by the worker that takes their message; running ones are
+    killed (with everything they started) by their worker within a second, and
+    never get a ``.done``. Each job changes state atomically, so the count is exact.
+    """
+    job_ids = [raw.decode() for raw in client.lrange(jobs_key(run_id), 0, -1)]
     client.hset(run_key(run_id), "state", json.dumps(RunState.CANCELLED))
-    app = publisher(broker_url)
-    stopped = 0
-    for job in status.jobs:
-        if job.state is JobState.QUEUED:
-            client.hset(job_key(run_id, job.job_id), mapping=encode(
-                {"state": JobState.CANCELLED, "finished_at": timestamp()}))
-            stopped += 1
-        elif job.state is JobState.RUNNING and job.task_id:
-            app.control.revoke(job.task_id, terminate=True, signal="SIGTERM")
-            client.hset(job_key(run_id, job.job_id), mapping=encode(
-                {"state": JobState.CANCELLED, "finished_at": timestamp(),
-                 "error": "cancelled while running"}))
-            stopped += 1
-    return stopped
+    tracker = JobTracker(client)
+    cancelled = 0
+    live = (JobState.QUEUED, JobState.RUNNING, JobState.LOST)
+    for part in chunks(job_ids):
+        pipe = client.pipeline(transaction=False)
+        for job_id in part:
+            tracker.transition(run_id, job_id, JobState.CANCELLED, live, client=pipe,
+                               finished_at=timestamp(), error="cancelled")
+        cancelled += sum(1 for result in pipe.execute() if result[0] in (b"ok", "ok"))
+    return cancelled
 
 
-def retry_failed(client: redis.Redis, run_id: str, broker_url: str | None) -> int:
-    """Publish failed and cancelled jobs again, each with a fresh task id."""
-    retry = [job for job in read_status(client, run_id).jobs
-             if job.state in (JobState.FAILED, JobState.CANCELLED)]
-    if not retry:
-        return 0
-    app = publisher(broker_url)
-    check_broker(app)
-    specs = [JobSpec.from_message(read_spec(client, run_id, job.job_id)) for job in retry]
-    pipe = client.pipeline(transaction=True)
-    for job in retry:
-        pipe.hset(job_key(run_id, job.job_id), mapping=encode(
-            {"state": JobState.QUEUED, "queued_at": timestamp(), "error": None,
-             "finished_at": None, "exit_code": None}))
-    pipe.hset(run_key(run_id), "state", json.dumps(RunState.ACTIVE))
-    pipe.execute()
-    publish(client, specs, app, generation=max(job.attempts for job in retry) + 1)
-    return len(specs)
+def republish(client: redis.Redis, app: Celery, run_id: str, job_ids: Sequence[str],
+              allowed: Sequence[JobState], changes: Callable[[dict[str, Any]], dict[str, Any]]
+              | None = None, note: str | None = None) -> list[str]:
+    """Queue jobs again under a new task id each (the old messages become stale).
+
+    ``changes`` may alter a record's fields (a new node, say) before its message is
+    rebuilt. Only jobs in one of ``allowed`` states move; returns those job ids.
+    """
+    tracker = JobTracker(client)
+    moved: list[tuple[JobSpec, str]] = []
+    for job_id in job_ids:
+        record = tracker.record(run_id, job_id)
+        if not record or JobState(record["state"]) not in allowed:
+            continue
+        update = changes(record) if changes else {}
+        spec = spec_from_record(run_id, {**record, **update})
+        generation = int(record.get("task_id", "0").rsplit(".", 1)[-1]) + 1
+        task_id = task_id_for(spec, generation)
+        event = {"node": spec.node, "attempts": record.get("attempts", 0)}
+        result = tracker.transition(run_id, job_id, JobState.QUEUED, allowed,
+                                    holding=record.get("task_id"), task_id=task_id, event=event,
+                                    queued_at=timestamp(), error=note, finished_at=None,
+                                    exit_code=None, **update)
+        assert result is not None
+        if result.ok:
+            moved.append((spec, task_id))
+    if moved:
+        client.hset(run_key(run_id), "state", json.dumps(RunState.ACTIVE))
+        publish([spec for spec, _ in moved], app, [task_id for _, task_id in moved])
+    return [spec.job_id for spec, _ in moved]

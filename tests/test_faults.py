@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -101,12 +102,12 @@ def test_a_job_longer_than_the_visibility_timeout_runs_once(tmp_path: Path) -> N
     assert len(record.read_text().splitlines()) == 1
 
 
-def test_wait_reports_a_broker_lost_mid_run_as_exit_3(tmp_path: Path) -> None:
+def test_wait_reports_a_broker_gone_for_good_as_exit_3(tmp_path: Path) -> None:
     with RedisServer() as server:
         run = submit([echo_job("waiting", "rig-nobody")], output_dir="o", broker_url=server.url)
         waiter = subprocess.Popen([str(BIN / "coordinator"), "wait", run.id, "--broker",
                                    server.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)
+                                  text=True, env={**os.environ, "SC_RECONNECT_TIMEOUT": "3"})
         try:
             time.sleep(2.0)
             assert waiter.poll() is None  # still following the queued job
@@ -117,7 +118,10 @@ def test_wait_reports_a_broker_lost_mid_run_as_exit_3(tmp_path: Path) -> None:
                 waiter.kill()
                 waiter.wait()
     assert waiter.returncode == 3
-    assert "coordinator: error: lost the connection to Redis" in stderr
+    assert "coordinator: lost the connection to Redis" in stderr
+    assert "reconnecting for up to 3 s (SC_RECONNECT_TIMEOUT)" in stderr
+    assert "coordinator: error: Redis at 127.0.0.1:" in stderr
+    assert "did not come back within 3 s" in stderr
     assert "Traceback" not in stderr
 
 

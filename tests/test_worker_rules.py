@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from worker_tasks.run_job import JobRefused, check_output, resolve_script, run_script
-from worker_tasks.spec import JobSpec
+from worker_tasks.run_job import (
+    JobRefused,
+    check_output,
+    confine,
+    output_tail,
+    resolve_script,
+    script_env,
+)
+from worker_tasks.runner import Runner
+from worker_tasks.spec import InvalidMessage, JobSpec
 
 
 @pytest.fixture()
@@ -37,36 +48,147 @@ def test_scripts_resolve_only_inside_the_scripts_directory(scripts: Path) -> Non
             resolve_script(scripts, script)
 
 
-def spec(**changes: object) -> JobSpec:
-    fields = {"run_id": "r", "job_id": "j", "script": "tools/ok.py", "args": [],
-              "node": "rig-a", "gpu_id": 2, "output_file": None, "done_file": "j.json.done",
-              "log_file": "j.log"}
-    fields.update(changes)
-    return JobSpec(**fields)  # type: ignore[arg-type]
+def test_marker_log_and_output_paths_are_confined_to_the_workdir(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "escape").symlink_to(tmp_path)
+    assert confine(work, "out/x.json.done", "done_file") == work / "out" / "x.json.done"
+    for path, message in [("/tmp/x.done", "is not a path inside"),
+                          ("../x.done", "is not a path inside"),
+                          ("escape/planted.done", "resolves outside")]:
+        with pytest.raises(JobRefused, match=message):
+            confine(work, path, "done_file")
 
 
-def test_protected_environment_is_refused_even_if_the_head_node_let_it_through(
-    scripts: Path, tmp_path: Path
-) -> None:
-    with pytest.raises(JobRefused, match="may not set LD_PRELOAD, PYTHONPATH"):
-        run_script(spec(env={"PYTHONPATH": "/x", "LD_PRELOAD": "/y.so"}),
-                   scripts / "tools" / "ok.py", tmp_path, tmp_path / "j.log")
+MESSAGE = {"run_id": "20261129-000000-abcdef", "job_id": "j", "script": "tools/ok.py",
+           "args": ["--x", "1"], "node": "rig-a", "gpu_id": 2, "output_file": "out/j.json",
+           "done_file": "out/j.json.done", "log_file": "out/logs/j.log"}
 
 
-def test_script_sees_its_gpu_and_extra_env_and_times_out(scripts: Path, tmp_path: Path) -> None:
-    probe = scripts / "probe.py"
-    probe.write_text("import json, os, sys, time\n"
-                     "print(json.dumps({k: os.environ.get(k) for k in "
-                     "('CUDA_VISIBLE_DEVICES', 'STEP', 'SC_JOB_ID')}))\n"
-                     "time.sleep(float(sys.argv[1]))\n")
-    log = tmp_path / "probe.log"
-    code, error = run_script(spec(env={"STEP": "5"}, args=["0"]), probe, tmp_path, log)
-    assert (code, error) == (0, None)
-    seen = json.loads(log.read_text().splitlines()[0])
-    assert seen == {"CUDA_VISIBLE_DEVICES": "2", "STEP": "5", "SC_JOB_ID": "j"}
-    code, error = run_script(spec(timeout=0.5, args=["30"]), probe, tmp_path, log)
-    assert code is not None and code < 0
-    assert error == "timed out after 0.5 s; killed"
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"gpu_id": "0,1,2,3"}, "gpu_id must be an integer, not str"),
+    ({"gpu_id": True}, "gpu_id must be an integer, not bool"),
+    ({"gpu_id": 10**30}, "gpu_id 1000000000000000000000000000000 is outside 0..255"),
+    ({"env": {"OPENSSL_CONF": "/tmp/evil.cnf"}}, "env may not set OPENSSL_CONF"),
+    ({"env": {"BASH_ENV": "x", "GCONV_PATH": "y"}}, "env may not set BASH_ENV, GCONV_PATH"),
+    ({"env": {"NVIDIA_VISIBLE_DEVICES": "all"}}, "env may not set NVIDIA_VISIBLE_DEVICES"),
+    ({"env": {"LD_PRELOAD": "/x.so"}}, "env may not set LD_PRELOAD"),
+    ({"env": {"JOB_X": "a\0b"}}, "env JOB_X contains a NUL byte"),
+    ({"env": {"": "x"}}, "env name '' is empty"),
+    ({"env": "JOB_X=1"}, "env must be an object"),
+    ({"done_file": "/tmp/planted.json.done"}, "done_file '/tmp/planted.json.done' is not a "
+                                               "relative path"),
+    ({"done_file": "../../planted.done"}, "climbs out of its directory"),
+    ({"log_file": "/etc/cron.d/x.log"}, "log_file '/etc/cron.d/x.log' is not a relative path"),
+    ({"output_file": "../x.json"}, "output_file '../x.json' climbs out"),
+    ({"done_file": "out/j.json"}, "must end in .done / .log"),
+    ({"log_file": "out/j.txt"}, "must end in .done / .log"),
+    ({"script": "/usr/bin/python3"}, "script '/usr/bin/python3' is not a relative path"),
+    ({"args": "--x 1"}, "args must be a list of strings"),
+    ({"args": [1]}, "args[0] must be a string, not int"),
+    ({"args": ["\ud800"]}, "args[0] is not valid text (a lone surrogate)"),
+    ({"timeout": float("inf")}, "timeout inf must be finite"),
+    ({"timeout": float("nan")}, "timeout nan must be finite"),
+    ({"timeout": -1}, "timeout -1 must be finite, > 0"),
+    ({"node": "rig-a\n"}, "node 'rig-a\\n' is not a safe name"),
+    ({"job_id": "../x"}, "job_id '../x' is not a safe name"),
+    ({"run_id": "a/b"}, "run_id 'a/b' is not a run id"),
+    ({"retries": -1}, "retries must be an integer in 0..100"),
+    ({"surprise": 1}, "message has unknown fields 'surprise'"),
+    ({"job_id": ...}, "message lacks job_id"),
+])
+def test_every_field_of_a_message_is_checked(changes: dict[str, object], expected: str) -> None:
+    message = {**MESSAGE, **changes}
+    message = {key: value for key, value in message.items() if value is not ...}
+    with pytest.raises(InvalidMessage) as caught:
+        JobSpec.from_message(message)
+    assert expected in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_good_message_and_wrong_shapes() -> None:
+    spec = JobSpec.from_message({**MESSAGE, "env": {"JOB_STEP": "5", "OMP_NUM_THREADS": "4"},
+                                 "timeout": 30, "retries": 2})
+    assert spec.gpu_id == 2 and spec.timeout == 30.0 and spec.retries == 2
+    for shape in (None, [], "text", 3):
+        with pytest.raises(InvalidMessage, match="a job message must be an object"):
+            JobSpec.from_message(shape)
+
+
+def test_the_allow_list_can_be_widened_by_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SC_JOB_ENV_ALLOW", r"JOB_[A-Z]+|STEP")
+    assert JobSpec.from_message({**MESSAGE, "env": {"STEP": "5"}}).env == {"STEP": "5"}
+    with pytest.raises(InvalidMessage, match="env may not set OMP_NUM_THREADS"):
+        JobSpec.from_message({**MESSAGE, "env": {"OMP_NUM_THREADS": "4"}})
+
+
+def test_the_script_sees_its_gpu_and_env_but_not_the_broker_password(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SC_BROKER_URL", "redis://:secret@head:6379/0")
+    monkeypatch.setenv("SC_TRACKING_URL", "redis://:secret@head:6379/0")
+    env = script_env(JobSpec.from_message({**MESSAGE, "env": {"JOB_STEP": "5"}}), attempt=2)
+    assert env["CUDA_VISIBLE_DEVICES"] == "2" and env["JOB_STEP"] == "5"
+    assert (env["SC_JOB_ID"], env["SC_NODE"], env["SC_ATTEMPT"]) == ("j", "rig-a", "2")
+    assert "SC_BROKER_URL" not in env and "SC_TRACKING_URL" not in env
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_killed_runner_takes_every_descendant_with_it(tmp_path: Path) -> None:
+    """Children, a child in its own session (setsid), a double-forked daemon: all killed."""
+    pids = tmp_path / "pids"
+    script = tmp_path / "spawner.py"
+    script.write_text(
+        "import os, subprocess, sys, time\n"
+        f"pids = open({str(pids)!r}, 'a')\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "detached = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "                            start_new_session=True)\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        pids.write(f'{os.getpid()}\\n'); pids.flush(); time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "pids.write(f'{os.getpid()}\\n{child.pid}\\n{detached.pid}\\n'); pids.flush()\n"
+        "time.sleep(60)\n")
+    runner = Runner([sys.executable, str(script)], tmp_path, dict(os.environ),
+                    tmp_path / "spawner.log")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(pids.read_text().split()
+                                               if pids.exists() else []) < 4:
+        time.sleep(0.05)
+    started = [int(pid) for pid in pids.read_text().split()]
+    assert len(started) == 4 and all(alive(pid) for pid in started)
+    outcome = runner.kill()
+    assert outcome.signal == 9
+    assert [pid for pid in started if alive(pid)] == []
+
+
+def test_a_finished_script_leaves_no_orphan_and_reports_its_status(tmp_path: Path) -> None:
+    pidfile = tmp_path / "orphan.pid"
+    script = tmp_path / "leaver.py"
+    script.write_text(
+        "import subprocess, sys\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "                     start_new_session=True)\n"
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+        "print('bye', flush=True)\n"
+        "sys.exit(3)\n")
+    runner = Runner([sys.executable, str(script)], tmp_path, dict(os.environ),
+                    tmp_path / "leaver.log")
+    outcome = runner.wait(30)
+    assert outcome is not None and (outcome.exit_code, outcome.signal) == (3, None)
+    assert not alive(int(pidfile.read_text()))
+    assert (tmp_path / "leaver.log").read_text() == "bye\n"
+    killed = Runner(["/bin/sh", "-c", "kill -TERM $$"], tmp_path, dict(os.environ),
+                    tmp_path / "x.log").wait(30)
+    assert killed is not None and (killed.exit_code, killed.signal) == (None, 15)
 
 
 def test_output_rule(tmp_path: Path) -> None:
@@ -78,3 +200,15 @@ def test_output_rule(tmp_path: Path) -> None:
     assert check_output(tmp_path / "ok.json") is None
     assert check_output(tmp_path / "data.bin") is None
     assert check_output(None) is None
+
+
+def test_the_error_tail_is_this_attempts_output_only(tmp_path: Path) -> None:
+    log = tmp_path / "j.log"
+    log.write_text("old attempt line\n")
+    offset = log.stat().st_size
+    with log.open("a") as fh:
+        fh.write("[scripts-coordinator] attempt 2 of j\n")
+        fh.writelines(f"line {i}\n" for i in range(30))
+    tail = output_tail(log, offset)
+    assert tail.splitlines() == [f"line {i}" for i in range(10, 30)]
+    assert json.dumps(tail)  # travels in JSON

@@ -5,6 +5,7 @@ Start a node's worker with ``celery -A worker_tasks worker -Q node.<node> ...``
 head node's code.
 """
 
+from worker_tasks import control  # noqa: F401  (refuses pool_grow, autoscale, add_consumer)
 from worker_tasks.app import app
 from worker_tasks.run_job import run_job
 

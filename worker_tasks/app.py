@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 import celeryconfig
+
+# The job task's name (also in spec.RUN_JOB_TASK; repeated to keep this module import-light).
+RUN_JOB_TASK = "scripts_coordinator.run_job"
+
+
+class UnroutedJobError(ValueError):
+    """A job published without its node's queue would wait in a queue nobody consumes."""
+
+
+def refuse_unrouted(name: str, args: Any, kwargs: Any, options: dict[str, Any],
+                    task: Any = None, **rest: Any) -> None:
+    """Router: a job must name its node's queue; the default queue is refused at the publisher."""
+    if name == RUN_JOB_TASK and "queue" not in options and "routing_key" not in options:
+        raise UnroutedJobError(f"{name} published without a queue: give queue='node.<node>' "
+                               f"(no worker consumes {celeryconfig.task_default_queue})")
 
 
 def make_app(broker_url: str | None = None, result_backend: str | None = None) -> Celery:
     """A Celery app configured from ``celeryconfig``; URLs may be overridden."""
     app = Celery("scripts_coordinator")
     app.config_from_object(celeryconfig)
-    overrides: dict[str, str] = {}
+    overrides: dict[str, Any] = {"task_routes": (refuse_unrouted,)}
     if broker_url:
         overrides["broker_url"] = broker_url
         overrides["result_backend"] = result_backend or broker_url
     elif result_backend:
         overrides["result_backend"] = result_backend
-    if overrides:
-        app.conf.update(overrides)
+    app.conf.update(overrides)
     return app
 
 

@@ -3,40 +3,69 @@
 Success is a file: the script exits 0, its output file exists (and parses, for
 ``.json``), and only then ``<output-file>.done`` is written, atomically. A job
 whose marker already exists is skipped, so a redelivered message or a resumed
-run never runs a finished job twice.
+run never runs a finished job twice. On top of that:
+
+* the message is untrusted: every field is checked (``JobSpec.from_message``)
+  and every path it names must stay inside the workdir, else it is refused;
+* a message that is no longer the job's current one (the job was moved or
+  retried since, or its run expired) is dropped without running anything;
+* the node's lease (``lease.py``) is held while the job runs: one job at a time
+  per node, whatever the pool size;
+* a failed attempt is retried after a backoff, up to the job's ``retries``;
+* the final state is written to Redis before the message is acknowledged,
+  retrying while Redis is away, so tracking converges to what the files say.
 
 Worker settings (environment variables, set by ``coordinator worker``):
     SC_SCRIPTS_DIR   where job scripts are looked up (default: current directory)
     SC_WORKDIR       where scripts run and relative paths resolve (default: current directory)
     SC_TRACKING_URL  the Redis holding run records (default: the broker URL)
+    SC_TRACKING_RETRY  seconds a worker keeps retrying a tracking write (default 600)
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
-import signal
+import random
 import socket
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
+from celery.exceptions import Ignore, Reject
 from celery.utils.log import get_task_logger
 
 from worker_tasks.app import app
-from worker_tasks.spec import RUN_JOB_TASK, JobSpec, is_protected_env
-from worker_tasks.tracking import JobState, JobTracker, now
+from worker_tasks.lease import NodeLease
+from worker_tasks.runner import Outcome, Runner
+from worker_tasks.spec import RUN_JOB_TASK, InvalidMessage, JobSpec
+from worker_tasks.tracking import JobState, JobTracker, Transition, now
 
 logger = get_task_logger(__name__)
 
-PR_SET_PDEATHSIG = 1  # prctl option: signal the script when its worker process dies
 LOG_TAG = "[scripts-coordinator]"
+# How long tracking writes are retried while Redis is away (seconds), then given up.
+TRACKING_RETRY_S = float(os.environ.get("SC_TRACKING_RETRY", "600"))
+# How often a running job looks whether it was cancelled or superseded (seconds).
+CANCEL_POLL_S = 1.0
+# A failed job's error carries this much of the end of its output.
+TAIL_LINES = 20
+TAIL_BYTES = 4096
+# The longest wait between two attempts, whatever the backoff says (seconds).
+MAX_BACKOFF_S = 600.0
+# Worker settings a script must not inherit (they may hold the broker's password).
+PRIVATE_ENV = ("SC_BROKER_URL", "SC_RESULT_BACKEND", "SC_TRACKING_URL")
+# States a job may start (and finish) from, holding its current message: queued, running
+# (a dead attempt's record, or this one's), or lost; the head node may have set either
+# while this attempt ran, taking its worker for dead.
+STARTABLE = (JobState.QUEUED, JobState.RUNNING, JobState.LOST)
+
+T = TypeVar("T")
 
 
 class JobFailed(Exception):
@@ -44,8 +73,8 @@ class JobFailed(Exception):
 
 
 class JobRefused(Exception):
-    """The job asks for what the worker does not allow (a script outside the scripts
-    directory, a missing script, protected environment variables)."""
+    """The job asks for what the worker does not allow (a script or path outside its
+    directory, a missing script)."""
 
 
 def scripts_dir() -> Path:
@@ -62,29 +91,38 @@ def tracker() -> JobTracker:
     return JobTracker(redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10))
 
 
-def track(run_id: str, job_id: str, **fields: Any) -> None:
-    # Tracking is bookkeeping: a Redis hiccup must not fail a job whose marker is written.
-    try:
-        tracker().update(run_id, job_id, **fields)
-    except redis.RedisError as err:
-        logger.warning("tracking update for %s/%s failed: %s", run_id, job_id, err)
+def retrying(what: str, call: Callable[[], T], limit: float = TRACKING_RETRY_S) -> T:
+    """``call()``, retried with backoff while Redis is unreachable, for up to ``limit`` s."""
+    deadline = time.monotonic() + limit
+    delay = 0.2
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            if time.monotonic() >= deadline:
+                raise
+            logger.warning("%s: Redis unreachable (%s); retrying in %.1f s", what, err, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def resolve_script(base: Path, script: str) -> Path:
     """The script's real path, refused unless it lies inside ``base``."""
-    rel = PurePosixPath(script)
-    if rel.is_absolute() or ".." in rel.parts:
-        raise JobRefused(f"script {script!r} is not a path inside {base}; refused")
-    path = (base / rel).resolve()
-    if not path.is_relative_to(base):
-        raise JobRefused(f"script {script!r} resolves outside {base} (symlink); refused")
+    path = confine(base, script, "script")
     if not path.is_file():
         raise JobRefused(f"script {script!r} not found in scripts directory {base}")
     return path
 
 
-def in_workdir(path: str, base: Path) -> Path:
-    return (base / path) if not os.path.isabs(path) else Path(path)
+def confine(base: Path, relative: str, what: str) -> Path:
+    """``base / relative``, refused unless it stays inside ``base`` once symlinks resolve."""
+    rel = PurePosixPath(relative)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise JobRefused(f"{what} {relative!r} is not a path inside {base}; refused")
+    path = (base / rel).resolve()
+    if not path.is_relative_to(base):
+        raise JobRefused(f"{what} {relative!r} resolves outside {base} (symlink); refused")
+    return path
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -93,49 +131,13 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _child_setup() -> None:
-    # Own process group (a timeout kills the script's children too), and die with the worker.
-    os.setpgid(0, 0)
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def run_script(spec: JobSpec, script: Path, base: Path, log: Path) -> tuple[int, str | None]:
-    """Run the script; returns (exit code, error text or None)."""
-    env = dict(os.environ)
-    refused = sorted(name for name in spec.env if is_protected_env(name))
-    if refused:
-        raise JobRefused(f"job env may not set {', '.join(refused)}; refused")
+def script_env(spec: JobSpec, attempt: int) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if name not in PRIVATE_ENV}
     env.update(spec.env)
-    env.update(
-        CUDA_VISIBLE_DEVICES=str(spec.gpu_id),
-        SC_RUN_ID=spec.run_id,
-        SC_JOB_ID=spec.job_id,
-        SC_NODE=spec.node,
-        PYTHONUNBUFFERED="1",
-    )
-    with log.open("ab") as log_fh:
-        proc = subprocess.Popen(
-            [sys.executable, str(script), *spec.args],
-            cwd=base,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log_fh,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_child_setup,
-        )
-        try:
-            return proc.wait(timeout=spec.timeout), None
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return -signal.SIGKILL, f"timed out after {spec.timeout:g} s; killed"
-        finally:
-            if proc.poll() is None:  # the task itself was interrupted
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    env.update(CUDA_VISIBLE_DEVICES=str(spec.gpu_id), SC_RUN_ID=spec.run_id,
+               SC_JOB_ID=spec.job_id, SC_NODE=spec.node, SC_ATTEMPT=str(attempt),
+               PYTHONUNBUFFERED="1")
+    return env
 
 
 def check_output(output: Path | None) -> str | None:
@@ -158,101 +160,273 @@ def log_line(log: Path, text: str) -> None:
         fh.write(f"{LOG_TAG} {text}\n")
 
 
-def execute(spec: JobSpec, host: str) -> dict[str, Any]:
-    """Run one job by the ``.done`` rule and record it; the task's body.
+def output_tail(log: Path, since: int) -> str:
+    """The last lines the script wrote to its log in this attempt (after byte ``since``)."""
+    try:
+        with log.open("rb") as fh:
+            fh.seek(max(since, log.stat().st_size - TAIL_BYTES))
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [line for line in text.splitlines() if not line.startswith(LOG_TAG)]
+    return "\n".join(lines[-TAIL_LINES:]).strip()
 
-    Whatever goes wrong on the worker's side (a full disk, a permission) is
-    recorded as the job's failure: a job is never left ``running`` by an error.
+
+def backoff(spec: JobSpec, attempt: int) -> float:
+    """Exponential backoff with full jitter: base * 2^(attempt-1) * U(0.5, 1.5), capped."""
+    return min(MAX_BACKOFF_S, spec.retry_delay * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+
+
+class JobExecution:
+    """One delivery of one job's message on this worker: from checks to final state.
+
+    Parameters:
+        spec: the checked message.
+        task_id: the message's id (must be the job's current one in its record).
+        host: the worker's name (``rig-a@machine``).
+        send_event: Celery's event sender of the task (for REVOKED in Flower).
     """
-    try:
-        return run_by_done_rule(spec, host)
-    except JobFailed:
-        raise
-    except Exception as err:
-        error = f"worker error: {type(err).__name__}: {err}"
-        track(spec.run_id, spec.job_id, state=JobState.FAILED, error=error, finished_at=now())
-        raise JobFailed(error) from err
 
+    def __init__(self, spec: JobSpec, task_id: str, host: str,
+                 send_event: Callable[..., Any]) -> None:
+        self.spec = spec
+        self.task_id = task_id
+        self.host = host
+        self.send_event = send_event
+        self.base = workdir()
+        self.result: dict[str, Any] = {"job_id": spec.job_id, "node": spec.node, "host": host,
+                                       "exit_code": None, "duration_s": 0.0, "state": None,
+                                       "error": None, "attempts": 0}
 
-def run_by_done_rule(spec: JobSpec, host: str) -> dict[str, Any]:
-    base = workdir()
-    done = in_workdir(spec.done_file, base)
-    log = in_workdir(spec.log_file, base)
-    output = in_workdir(spec.output_file, base) if spec.output_file else None
-    result: dict[str, Any] = {
-        "job_id": spec.job_id, "node": spec.node, "host": host,
-        "exit_code": None, "duration_s": 0.0, "state": None, "error": None,
-    }
-    if done.suffix != ".done" or log.suffix != ".log":
-        raise ValueError(f"refused: marker {done} / log {log} do not end in .done / .log")
+    # -- tracking ---------------------------------------------------------------------------
 
-    if done.exists():
+    def move(self, state: JobState, allowed: tuple[JobState, ...], what: str,
+             **fields: Any) -> Transition:
+        """A transition of this job's record, holding this message's task id, retried."""
+        spec = self.spec
+        event = {"attempts": self.result["attempts"], "host": self.host,
+                 "duration_s": fields.get("duration_s"),
+                 "error": (fields.get("error") or "").split("\n", 1)[0][:200] or None}
+        return retrying(what, lambda: tracker().transition(
+            spec.run_id, spec.job_id, state, allowed, holding=self.task_id, event=event,
+            count_attempt=state is JobState.RUNNING and what == "start",
+            unless_cancelled=what == "start", **fields))
+
+    def current(self) -> dict[str, Any]:
+        return retrying("read record", lambda: tracker().record(
+            self.spec.run_id, self.spec.job_id, "state", "task_id", "history"))
+
+    def still_wanted(self) -> bool:
+        """False once the job was cancelled or its message superseded (checked while running)."""
         try:
-            tracker().mark_skipped(spec.run_id, spec.job_id, host=host, finished_at=now())
-        except redis.RedisError as err:
-            logger.warning("tracking skip for %s failed: %s", spec.job_id, err)
-        return result | {"state": JobState.SKIPPED}
-    if tracker_cancelled(spec.run_id):
-        track(spec.run_id, spec.job_id, state=JobState.CANCELLED, finished_at=now())
-        return result | {"state": JobState.CANCELLED}
+            record = tracker().record(self.spec.run_id, self.spec.job_id, "state", "task_id")
+        except redis.RedisError:
+            return True  # Redis away: keep running; the final write waits for it
+        return record.get("state") != JobState.CANCELLED and record.get("task_id") == self.task_id
 
-    log.parent.mkdir(parents=True, exist_ok=True)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    attempt = start_attempt(spec, host, started)
-    log_line(log, f"attempt {attempt} of {spec.job_id} on {host} (node {spec.node}, "
-                  f"GPU {spec.gpu_id}): {spec.script} {' '.join(spec.args)}")
-    try:
-        script = resolve_script(scripts_dir(), spec.script)
-        exit_code, error = run_script(spec, script, base, log)
-    except JobRefused as err:
-        exit_code, error = None, str(err)
-    except OSError as err:
-        exit_code, error = None, f"could not start the script: {err}"
-    if error is None and exit_code != 0:
-        error = f"script exited with status {exit_code}"
-    if error is None:
-        error = check_output(output)
-    duration = round(time.time() - started, 3)
+    def dropped(self, why: str) -> dict[str, Any]:
+        logger.warning("job %s of run %s (message %s): %s; dropped without running",
+                       self.spec.job_id, self.spec.run_id, self.task_id, why)
+        return self.result | {"state": "dropped", "error": why}
 
-    if error is None:
-        marker = {"run_id": spec.run_id, "job_id": spec.job_id, "node": spec.node, "host": host,
-                  "output_file": spec.output_file, "duration_s": duration, "finished_at": now()}
-        write_atomically(done, json.dumps(marker) + "\n")
-        state = JobState.SUCCEEDED
+    def revoked(self) -> None:
+        """A cancelled job: Flower shows REVOKED, and no result is stored."""
+        self.send_event("task-revoked", terminated=False, signum=None, expired=False)
+        raise Ignore()
+
+    # -- the job ----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        spec = self.spec
+        try:
+            done = confine(self.base, spec.done_file, "done_file")
+            log = confine(self.base, spec.log_file, "log_file")
+            output = (confine(self.base, spec.output_file, "output_file")
+                      if spec.output_file else None)
+        except JobRefused as err:
+            return self.refuse(str(err))
+        record = self.current()
+        if not record:
+            return self.dropped("no tracking record (the run expired, or a forged message)")
+        if record.get("task_id") != self.task_id:
+            return self.dropped(f"superseded by message {record.get('task_id')}")
+        if record.get("state") == JobState.CANCELLED:
+            self.revoked()
+        if done.exists():
+            return self.skip()
+        lease = NodeLease(tracker().client, spec.node, f"{self.host}/{os.getpid()}/{self.task_id}")
+        if not retrying("lease", lambda: lease.acquire(give_up=lambda: not self.still_wanted())):
+            return self.not_wanted()
+        try:
+            return self.attempts(done, log, output, record.get("history") or [])
+        finally:
+            lease.release()
+
+    def refuse(self, why: str) -> dict[str, Any]:
+        logger.error("job %s of run %s refused: %s", self.spec.job_id, self.spec.run_id, why)
+        moved = self.move(JobState.FAILED, STARTABLE, "refuse", error=why, finished_at=now())
+        if not moved.ok:
+            return self.dropped(f"refused ({why}), and its record is {moved.outcome}")
+        raise JobFailed(why)
+
+    def skip(self) -> dict[str, Any]:
+        # A message delivered twice finds the marker its first delivery wrote: a job already
+        # recorded succeeded stays succeeded (the transition is refused from that state).
+        self.move(JobState.SKIPPED, STARTABLE + (JobState.FAILED,), "skip", host=self.host,
+                  finished_at=now())
+        return self.result | {"state": JobState.SKIPPED}
+
+    def not_wanted(self) -> dict[str, Any]:
+        record = self.current()
+        if record.get("state") == JobState.CANCELLED:
+            self.revoked()
+        return self.dropped(f"superseded by message {record.get('task_id')}")
+
+    def attempts(self, done: Path, log: Path, output: Path | None,
+                 history: list[dict[str, Any]]) -> dict[str, Any]:
+        spec = self.spec
+        log.parent.mkdir(parents=True, exist_ok=True)
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            started = time.time()
+            start = self.move(JobState.RUNNING, STARTABLE, "start", host=self.host,
+                              started_at=round(started, 3), finished_at=None, error=None,
+                              exit_code=None, duration_s=None)
+            if start.outcome == "cancelled":
+                self.move(JobState.CANCELLED, STARTABLE, "cancel", finished_at=now())
+                self.revoked()
+            if not start.ok:
+                return self.dropped(f"its record is {start.previous} ({start.outcome})")
+            attempt = self.result["attempts"] = start.attempts
+            offset = log.stat().st_size if log.exists() else 0
+            log_line(log, f"attempt {attempt} of {spec.job_id} on {self.host} (node {spec.node}, "
+                          f"GPU {spec.gpu_id}): {spec.script} {' '.join(spec.args)}")
+            exit_code, error, cancelled = self.execute(log, attempt)
+            if cancelled:
+                log_line(log, "cancelled while running; killed")
+                self.revoked()
+            if error is None:
+                error = check_output(output)
+            duration = round(time.time() - started, 3)
+            entry = {"attempt": attempt, "host": self.host, "started_at": round(started, 3),
+                     "finished_at": now(), "exit_code": exit_code, "error": error}
+            history = [*history, entry]
+            self.result |= {"exit_code": exit_code, "duration_s": duration, "error": error}
+            if error is None:
+                return self.succeed(done, log, duration, history)
+            tail = output_tail(log, offset)
+            if tail:
+                error = f"{error}\nlast lines of its output:\n{tail}"
+            log_line(log, f"FAILED: {error.splitlines()[0]}")
+            if attempt <= spec.retries:
+                delay = backoff(spec, attempt)
+                log_line(log, f"retrying in {delay:.1f} s (attempt {attempt + 1} of "
+                              f"{spec.retries + 1})")
+                self.move(JobState.RUNNING, STARTABLE, "retry", error=error,
+                          exit_code=exit_code, history=history, retry_at=round(time.time() +
+                                                                                delay, 3))
+                if not self.pause(delay):
+                    return self.not_wanted()
+                continue
+            self.move(JobState.FAILED, STARTABLE, "fail", exit_code=exit_code,
+                      error=error, duration_s=duration, finished_at=now(), history=history)
+            self.result |= {"state": JobState.FAILED, "error": error}
+            raise JobFailed(json.dumps(self.result))
+
+    def pause(self, seconds: float) -> bool:
+        """Wait out a backoff; False if the job is cancelled or superseded meanwhile."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(min(CANCEL_POLL_S, max(0.0, deadline - time.monotonic())))
+            if not self.still_wanted():
+                return False
+        return True
+
+    def execute(self, log: Path, attempt: int) -> tuple[int | None, str | None, bool]:
+        """Run the script once: (exit code, error or None, cancelled while running)."""
+        spec = self.spec
+        try:
+            script = resolve_script(scripts_dir(), spec.script)
+            runner = Runner([sys.executable, str(script), *spec.args], self.base,
+                            script_env(spec, attempt), log)
+        except JobRefused as err:
+            return None, str(err), False
+        except OSError as err:
+            return None, f"could not start the script: {err}", False
+        deadline = None if spec.timeout is None else time.monotonic() + spec.timeout
+        while True:
+            wait = CANCEL_POLL_S if deadline is None else min(CANCEL_POLL_S,
+                                                              deadline - time.monotonic())
+            outcome = runner.wait(max(0.0, wait))
+            if outcome is not None:
+                return describe(outcome)
+            if deadline is not None and time.monotonic() >= deadline:
+                runner.kill()
+                return None, f"timed out after {spec.timeout:g} s; killed", False
+            if not self.still_wanted():
+                runner.kill()
+                return None, "cancelled while running", True
+
+    def succeed(self, done: Path, log: Path, duration: float,
+                history: list[dict[str, Any]]) -> dict[str, Any]:
+        """Write the marker only if the record agrees (not cancelled, still this message)."""
+        spec = self.spec
+        marker = {"run_id": spec.run_id, "job_id": spec.job_id, "node": spec.node,
+                  "host": self.host, "output_file": spec.output_file, "duration_s": duration,
+                  "finished_at": now()}
+        pending = done.with_name(f".{done.name}.{os.getpid()}.pending")
+        pending.write_text(json.dumps(marker) + "\n", encoding="utf-8")
+        try:
+            moved = self.move(JobState.SUCCEEDED, STARTABLE, "succeed", exit_code=0,
+                              error=None, duration_s=duration, finished_at=now(),
+                              history=history)
+        except redis.RedisError:
+            # Redis stayed away for the whole retry window: the job did succeed, so the
+            # marker (the truth) is written; the head node settles the record from it.
+            moved = Transition("ok", None, self.result["attempts"])
+        if not moved.ok:
+            pending.unlink(missing_ok=True)
+            log_line(log, f"finished, but its record is {moved.previous} ({moved.outcome}): "
+                          f"no marker written")
+            if moved.outcome == "refused" and moved.previous is JobState.CANCELLED:
+                self.revoked()
+            return self.dropped(f"finished after its record became {moved.previous}")
+        os.replace(pending, done)
         log_line(log, f"succeeded in {duration:.2f} s; wrote {done}")
-    else:
-        state = JobState.FAILED
-        log_line(log, f"FAILED: {error}")
-    track(spec.run_id, spec.job_id, state=state, exit_code=exit_code, error=error,
-          duration_s=duration, finished_at=now())
-    result |= {"exit_code": exit_code, "duration_s": duration, "state": state, "error": error}
-    if state is JobState.FAILED:
-        raise JobFailed(json.dumps(result))
-    return result
+        return self.result | {"state": JobState.SUCCEEDED}
 
 
-def tracker_cancelled(run_id: str) -> bool:
-    try:
-        return tracker().run_cancelled(run_id)
-    except redis.RedisError:
-        return False
-
-
-def start_attempt(spec: JobSpec, host: str, started: float) -> int:
-    try:
-        return tracker().start_attempt(spec.run_id, spec.job_id, host=host,
-                                       started_at=round(started, 3), error=None)
-    except redis.RedisError as err:
-        logger.warning("tracking start for %s failed: %s", spec.job_id, err)
-        return 0
+def describe(outcome: Outcome) -> tuple[int | None, str | None, bool]:
+    if outcome.error:
+        return None, outcome.error, False
+    if outcome.signal is not None:
+        return -outcome.signal, f"script killed by signal {outcome.signal}", False
+    if outcome.exit_code != 0:
+        return outcome.exit_code, f"script exited with status {outcome.exit_code}", False
+    return 0, None, False
 
 
 @app.task(name=RUN_JOB_TASK, bind=True)
-def run_job(self: Any, message: dict[str, Any]) -> dict[str, Any]:
+def run_job(self: Any, message: Any = None, *extra: Any, **kwargs: Any) -> dict[str, Any]:
     """Run one planned job (a ``JobSpec`` message); returns a small JSON result."""
-    spec = JobSpec.from_message(message)
+    if extra or kwargs:
+        message = None  # the contract is exactly one positional message
+    try:
+        spec = JobSpec.from_message(message)
+    except InvalidMessage as err:
+        logger.error("refused message %s: %s", self.request.id, err)
+        raise Reject(f"refused: {err}", requeue=False) from None
     # The worker name (rig-a@machine) says both the node and the machine.
     host = self.request.hostname or socket.gethostname()
-    return execute(spec, host)
+    execution = JobExecution(spec, self.request.id, host, self.send_event)
+    try:
+        return execution.run()
+    except (JobFailed, Ignore, Reject):
+        raise
+    except Exception as err:  # a full disk, a permission: the job fails, never stays running
+        error = f"worker error: {type(err).__name__}: {err}"
+        logger.exception("job %s of run %s: %s", spec.job_id, spec.run_id, error)
+        with contextlib.suppress(redis.RedisError):
+            execution.move(JobState.FAILED, STARTABLE, "fail", error=error, finished_at=now())
+        raise JobFailed(error) from err

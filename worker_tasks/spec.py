@@ -2,25 +2,143 @@
 
 The head node resolves everything that depends on the run (rewritten paths,
 the ``.done`` marker, the log file) so the worker only has to execute it.
+A message is untrusted input (anyone who can write to Redis can send one):
+``JobSpec.from_message`` checks every field by the same rules the head node
+applies to a jobs file, and refuses anything else with one line
+(``InvalidMessage``). The rules live here, beside the contract; the head
+node's jobs-file model imports them.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import re
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 # The stable task name: workers and publishers of any version agree on it.
 RUN_JOB_TASK = "scripts_coordinator.run_job"
 
+# job_id is used in file names and node in queue names: keep both to safe labels.
+# \Z, not $: "rig-a\n" must not pass.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+# GPU indexes a job may ask for (CUDA_VISIBLE_DEVICES takes one index).
+MAX_GPU_ID = 255
+# The longest per-job timeout (seconds): 30 days; longer is a typo, and inf is refused.
+MAX_TIMEOUT_S = 30 * 24 * 3600.0
+# Automatic retries of one job, and the longest base delay between attempts (seconds).
+MAX_RETRIES = 100
+MAX_RETRY_DELAY_S = 3600.0
+# Bounds on a message's size: arguments, their total length, environment entries.
+MAX_ARGS = 4096
+MAX_ARGS_CHARS = 1 << 20
+MAX_ENV = 64
+# Environment names a job may set: a small safe set unless the operator widens it
+# (SC_JOB_ENV_ALLOW, a regular expression matched against the whole name, same value on
+# the head node and the workers). Anything else could load code of the message's choosing
+# (LD_PRELOAD, PYTHONPATH, OPENSSL_CONF, BASH_ENV, GCONV_PATH) or leave its GPU.
+DEFAULT_ENV_ALLOW = r"JOB_[A-Z0-9_]+|(OMP|MKL|OPENBLAS|NUMEXPR|NUMBA)_NUM_THREADS"
+ENV_ALLOW_VARIABLE = "SC_JOB_ENV_ALLOW"
 
-# Environment a job may not set: these would let a message load code of its choosing
-# (LD_PRELOAD, PYTHONPATH, ...) or move it off its GPU. Checked on both sides.
-PROTECTED_ENV_PREFIXES = ("LD_", "PYTHON", "SC_")
-PROTECTED_ENV_NAMES = frozenset({"PATH", "CUDA_VISIBLE_DEVICES", "HOME"})
+
+class InvalidMessage(ValueError):
+    """A field of a job (message or jobs-file entry) breaks the contract; one line."""
 
 
-def is_protected_env(name: str) -> bool:
-    return name in PROTECTED_ENV_NAMES or name.startswith(PROTECTED_ENV_PREFIXES)
+def env_allow_pattern() -> re.Pattern[str]:
+    return re.compile(os.environ.get(ENV_ALLOW_VARIABLE) or DEFAULT_ENV_ALLOW)
+
+
+def check_text(value: Any, what: str) -> str:
+    """A string that can travel as UTF-8 JSON and be an argument: no NUL, no lone surrogate."""
+    if not isinstance(value, str):
+        raise InvalidMessage(f"{what} must be a string, not {type(value).__name__}")
+    if "\0" in value:
+        raise InvalidMessage(f"{what} contains a NUL byte")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidMessage(f"{what} is not valid text (a lone surrogate)") from None
+    return value
+
+
+def check_name(value: Any, what: str) -> str:
+    check_text(value, what)
+    if not SAFE_NAME.match(value) or ".." in value:
+        raise InvalidMessage(f"{what} {value!r} is not a safe name (letters, digits, '.', "
+                             f"'_', '-'; no '..')")
+    return value
+
+
+def check_relative_path(value: Any, what: str) -> str:
+    """A path that stays inside the directory it is relative to (no absolute, no '..')."""
+    check_text(value, what)
+    path = PurePosixPath(value)
+    if not value.strip() or path.is_absolute() or value.startswith("~"):
+        raise InvalidMessage(f"{what} {value!r} is not a relative path")
+    if ".." in path.parts:
+        raise InvalidMessage(f"{what} {value!r} climbs out of its directory with '..'")
+    return value
+
+
+def check_gpu_id(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidMessage(f"gpu_id must be an integer, not {type(value).__name__}")
+    if not 0 <= value <= MAX_GPU_ID:
+        raise InvalidMessage(f"gpu_id {value} is outside 0..{MAX_GPU_ID}")
+    return value
+
+
+def check_seconds(value: Any, what: str, maximum: float, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidMessage(f"{what} must be a number of seconds, not {type(value).__name__}")
+    number = float(value)
+    low_ok = number >= 0 if allow_zero else number > 0
+    if not math.isfinite(number) or not low_ok or number > maximum:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise InvalidMessage(f"{what} {value!r} must be finite, {bound} and at most {maximum:g}")
+    return number
+
+
+def check_env(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise InvalidMessage(f"env must be an object of strings, not {type(value).__name__}")
+    if len(value) > MAX_ENV:
+        raise InvalidMessage(f"env has {len(value)} entries (at most {MAX_ENV})")
+    allow = env_allow_pattern()
+    refused = []
+    for name, text in value.items():
+        check_text(name, "an env name")
+        if not name or "=" in name:
+            raise InvalidMessage(f"env name {name!r} is empty or contains '='")
+        check_text(text, f"env {name}")
+        if not allow.fullmatch(name):
+            refused.append(name)
+    if refused:
+        raise InvalidMessage(f"env may not set {', '.join(sorted(refused))} (allowed: names "
+                             f"matching {allow.pattern!r}; {ENV_ALLOW_VARIABLE} widens it)")
+    return dict(value)
+
+
+def check_args(value: Any) -> list[str]:
+    if not isinstance(value, list):
+        raise InvalidMessage(f"args must be a list of strings, not {type(value).__name__}")
+    if len(value) > MAX_ARGS:
+        raise InvalidMessage(f"args has {len(value)} entries (at most {MAX_ARGS})")
+    for index, arg in enumerate(value):
+        check_text(arg, f"args[{index}]")
+    if sum(len(arg) for arg in value) > MAX_ARGS_CHARS:
+        raise InvalidMessage(f"args are longer than {MAX_ARGS_CHARS} characters in all")
+    return list(value)
+
+
+def check_retries(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RETRIES:
+        raise InvalidMessage(f"retries must be an integer in 0..{MAX_RETRIES}, not {value!r}")
+    return value
 
 
 def queue_for(node: str) -> str:
@@ -45,11 +163,13 @@ class JobSpec:
         script: relative to the worker's scripts directory.
         args: final argument list (paths already rewritten).
         node, gpu_id: where it runs; gpu_id becomes ``CUDA_VISIBLE_DEVICES``.
-        output_file: the file the script must produce, or None.
-        done_file: the marker the worker writes on success.
-        log_file: stdout and stderr of the script.
+        output_file: the file the script must produce, or None (relative to the workdir).
+        done_file: the marker the worker writes on success (relative, ends in ``.done``).
+        log_file: stdout and stderr of the script (relative, ends in ``.log``).
         timeout: seconds before the script is killed, or None.
-        env: extra environment variables for the script.
+        env: extra environment variables for the script (allow-listed names).
+        retries: failed attempts retried automatically, on the same node.
+        retry_delay: base of the exponential backoff between attempts (seconds).
     """
 
     run_id: str
@@ -63,11 +183,48 @@ class JobSpec:
     log_file: str
     timeout: float | None = None
     env: dict[str, str] = field(default_factory=dict)
+    retries: int = 0
+    retry_delay: float = 2.0
 
     def to_message(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_message(cls, message: dict[str, Any]) -> JobSpec:
-        known = {name: message[name] for name in cls.__dataclass_fields__ if name in message}
-        return cls(**known)
+    def from_message(cls, message: Any) -> JobSpec:
+        """Check every field of an untrusted message; ``InvalidMessage`` says what is wrong."""
+        if not isinstance(message, dict):
+            raise InvalidMessage(f"a job message must be an object, not {type(message).__name__}")
+        required = ("run_id", "job_id", "script", "args", "node", "gpu_id", "done_file",
+                    "log_file")
+        missing = [name for name in required if name not in message]
+        if missing:
+            raise InvalidMessage(f"message lacks {', '.join(missing)}")
+        unknown = sorted(set(message) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise InvalidMessage(f"message has unknown fields {', '.join(map(repr, unknown))}")
+        run_id = check_text(message["run_id"], "run_id")
+        if not RUN_ID.match(run_id):
+            raise InvalidMessage(f"run_id {run_id!r} is not a run id")
+        output = message.get("output_file")
+        done = check_relative_path(message["done_file"], "done_file")
+        log = check_relative_path(message["log_file"], "log_file")
+        if not done.endswith(".done") or not log.endswith(".log"):
+            raise InvalidMessage(f"marker {done!r} / log {log!r} must end in .done / .log")
+        timeout = message.get("timeout")
+        return cls(
+            run_id=run_id,
+            job_id=check_name(message["job_id"], "job_id"),
+            script=check_relative_path(message["script"], "script"),
+            args=check_args(message["args"]),
+            node=check_name(message["node"], "node"),
+            gpu_id=check_gpu_id(message["gpu_id"]),
+            output_file=None if output is None else check_relative_path(output, "output_file"),
+            done_file=done,
+            log_file=log,
+            timeout=None if timeout is None else check_seconds(timeout, "timeout",
+                                                               MAX_TIMEOUT_S),
+            env=check_env(message.get("env", {})),
+            retries=check_retries(message.get("retries", 0)),
+            retry_delay=check_seconds(message.get("retry_delay", 2.0), "retry_delay",
+                                      MAX_RETRY_DELAY_S, allow_zero=True),
+        )

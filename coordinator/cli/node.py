@@ -20,7 +20,7 @@ from pathlib import Path
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.broker import check_broker, publisher
 from coordinator.cli.common import PROG, CommandFactory, existing_dir
-from coordinator.cli.runs import add_original_flags, follow, print_plan
+from coordinator.cli.runs import add_original_flags, add_retry_flags, follow, print_plan
 from coordinator.errors import ClusterStartError, ExitCode, InvalidJobsError, NodeFailedError
 from coordinator.jobs import SAFE_NAME
 from coordinator.local import READY_TIMEOUT_S, worker_command, worker_name
@@ -175,7 +175,8 @@ def cmd_local(args: argparse.Namespace) -> int:
         print_plan(args)
         return ExitCode.OK
     workdir = Path(args.workdir)
-    plan, _ = prepare(args.jobs_file, args.output_dir, args.preserve_paths, args.chunk_dir)
+    plan, _ = prepare(args.jobs_file, args.output_dir, args.preserve_paths, args.chunk_dir,
+                      retries=args.retries, retry_delay=args.retry_delay)
     check_scripts_exist(plan, Path(args.scripts_dir))
     nodes = sorted(plan.by_node())
     print(f"local cluster: private Redis and {len(nodes)} workers ({', '.join(nodes)})",
@@ -184,10 +185,11 @@ def cmd_local(args: argparse.Namespace) -> int:
     try:
         with LocalCluster(nodes, args.scripts_dir, workdir, log_dir=log_dir) as cluster:
             run = submit(Path(args.jobs_file).resolve(), args.output_dir, args.preserve_paths,
-                         cluster.broker_url, chunk_dir=args.chunk_dir, workdir=workdir)
+                         cluster.broker_url, chunk_dir=args.chunk_dir, workdir=workdir,
+                         retries=args.retries, retry_delay=args.retry_delay)
             print(f"run {run.id}: {len(plan.specs)} jobs published", file=sys.stderr,
                   flush=True)
-            return follow(run, args.timeout, workdir, detached=False)
+            return follow(run, args, detached=False)
     except KeyboardInterrupt:
         print(f"{PROG}: stopped the local cluster: its Redis, workers and running jobs",
               file=sys.stderr)
@@ -239,7 +241,10 @@ def register(command: CommandFactory) -> None:
     sub = command("local", "run a jobs file on this machine: private Redis, one worker per node",
                   "coordinator local --jobs-file examples/hello_jobs.json --output-dir out")
     add_original_flags(sub)
+    add_retry_flags(sub)
     add_place_flags(sub)
     sub.add_argument("--timeout", type=float, metavar="S",
                      help="give up waiting after S seconds (exit 5); everything is stopped")
+    sub.add_argument("--joblog", metavar="FILE",
+                     help="GNU parallel's joblog format (default: OUTPUT_DIR/joblog)")
     sub.set_defaults(handler=cmd_local)

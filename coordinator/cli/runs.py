@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
+import celeryconfig
 from coordinator.broker import connect_tracking, publisher
 from coordinator.cli.common import (
     ENVIRONMENT,
@@ -20,10 +20,11 @@ from coordinator.cli.common import (
 )
 from coordinator.cluster.inventory import Inventory, find_inventory
 from coordinator.collector import render
-from coordinator.errors import ExitCode, RunNotFoundError
+from coordinator.errors import ExitCode, InvalidJobsError, RunNotFoundError
+from coordinator.jobs import SAFE_NAME
 from coordinator.progress import ProgressDisplay
 from coordinator.records import RunStatus
-from coordinator.run import Run, get_run, submit
+from coordinator.run import Run, get_run, recover, submit
 from coordinator.submit import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR, latest_run_id, prepare
 from coordinator.workers import unserved_nodes, workers_by_node
 from worker_tasks.tracking import JobState, runs_key
@@ -50,6 +51,9 @@ def add_collect_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default=".", metavar="DIR",
                         help="where the output directory is, as the workers see it, for "
                              "collecting (default: .)")
+    parser.add_argument("--joblog", metavar="FILE",
+                        help="GNU parallel's joblog format, one line per attempt (default: "
+                             "OUTPUT_DIR/joblog, beside run_summary.json)")
     add_inventory_flag(parser)
 
 
@@ -57,7 +61,20 @@ def add_follow_flags(parser: argparse.ArgumentParser) -> None:
     """Flags of every command that follows a run to its end and collects it."""
     parser.add_argument("--timeout", type=float, metavar="S",
                         help="give up waiting after S seconds (exit 5; the run goes on)")
+    parser.add_argument("--failover", type=float, metavar="S",
+                        help="move the queued jobs of a node that has had no live worker for S "
+                             "seconds to the nodes with the shortest queues (pinned jobs stay)")
     add_collect_flags(parser)
+
+
+def add_retry_flags(parser: argparse.ArgumentParser) -> None:
+    """Automatic retries, for every command that submits."""
+    parser.add_argument("--retries", type=int, default=0, metavar="N",
+                        help="retry a failed attempt up to N times on the same node, for jobs "
+                             "that set no 'retries' (default: 0)")
+    parser.add_argument("--retry-delay", type=float, default=2.0, metavar="S",
+                        help="base of the exponential backoff (with jitter) between attempts "
+                             "(default: %(default)s s)")
 
 
 def add_run_arg(parser: argparse.ArgumentParser) -> None:
@@ -83,20 +100,25 @@ def resolve_run(args: argparse.Namespace) -> Run:
     return get_run(newest, args.broker, inventory=inventory)
 
 
-def follow(run: Run, timeout: float | None, workdir: str | Path, detached: bool = True) -> int:
+def notice(line: str) -> None:
+    print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+
+
+def follow(run: Run, args: argparse.Namespace, detached: bool = True) -> int:
     """Wait with progress, collect, print the table; the exit status of the run.
 
     ``detached``: the run lives on a cluster that outlives this command (not ``local``).
     """
     try:
         with ProgressDisplay() as progress:
-            run.wait(timeout=timeout, on_progress=progress)
+            run.wait(timeout=args.timeout, on_progress=progress, workdir=args.workdir,
+                     failover=getattr(args, "failover", None), notice=progress.notice(notice))
     except KeyboardInterrupt:
         if detached:
             print(f"{PROG}: stopped following run {run.id}; it goes on without this command "
                   f"(coordinator wait {run.id} / coordinator cancel {run.id})", file=sys.stderr)
         raise
-    collection = run.collect(workdir)
+    collection = run.collect(args.workdir, joblog=getattr(args, "joblog", None))
     print(render(collection), flush=True)
     return ExitCode.OK if collection.all_succeeded else ExitCode.JOBS_FAILED
 
@@ -104,7 +126,8 @@ def follow(run: Run, timeout: float | None, workdir: str | Path, detached: bool 
 def print_plan(args: argparse.Namespace, inventory: Inventory | None = None) -> None:
     plan, conversions = prepare(args.jobs_file, args.output_dir, args.preserve_paths,
                                 args.chunk_dir,
-                                resolve_node=inventory.resolve if inventory else None)
+                                resolve_node=inventory.resolve if inventory else None,
+                                retries=args.retries, retry_delay=args.retry_delay)
     for conversion in conversions:
         print(conversion.note)
     print(plan.describe())
@@ -116,8 +139,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         print_plan(args, inventory)
         return ExitCode.OK
-    run = submit(args.jobs_file, args.output_dir, args.preserve_paths, args.broker,
-                 chunk_dir=args.chunk_dir, workdir=args.workdir, inventory=inventory)
+    publish = recover if getattr(args, "recover", False) else submit
+    run = publish(args.jobs_file, args.output_dir, args.preserve_paths, args.broker,
+                  chunk_dir=args.chunk_dir, workdir=args.workdir, inventory=inventory,
+                  retries=args.retries, retry_delay=args.retry_delay)
+    if publish is recover:
+        print(f"recovered run {run.id}: {run.recovered} jobs already done (their .done exists), "
+              f"the others published", file=sys.stderr)
     for line in run.pushed:
         print(f"pushed {line}", file=sys.stderr)
     status = run.status()
@@ -126,7 +154,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
           file=sys.stderr)
     warn_unserved(status, args.broker)
     if args.wait:
-        return follow(run, args.timeout, args.workdir)
+        return follow(run, args)
     return ExitCode.OK
 
 
@@ -150,20 +178,29 @@ def cmd_runs(args: argparse.Namespace) -> int:
         except RunNotFoundError:  # expired since it was listed
             continue
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.created_at))
-        print(f"{run_id}  {created}  {status.state:<10} {status.line()}")
+        print(f"{run_id}  {created}  {status.outcome:<10} {status.line()}")
     return ExitCode.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = resolve_run(args).status()
+    run = resolve_run(args)
+    if not args.no_check:
+        for line in run.heal(workdir=args.workdir):
+            notice(line)
+    status = run.status()
     if args.json:
         print(json.dumps({"run_id": status.run_id, "state": status.state,
                           "finished": status.finished,
                           "counts": {str(k): v for k, v in status.counts.items()},
                           "jobs": [vars(job) for job in status.jobs]}, default=str, indent=2))
         return ExitCode.OK
-    print(f"run {status.run_id} ({status.state}): {status.line()}")
-    served = workers_by_node(publisher(args.broker))
+    print(f"run {status.run_id} ({status.outcome}): {status.line()}")
+    app = publisher(args.broker)
+    unassigned = run.broker.llen(celeryconfig.task_default_queue)
+    if unassigned:
+        print(f"  warning: {unassigned} messages wait in {celeryconfig.task_default_queue}, a "
+              f"queue no worker consumes (published without a node's queue)")
+    served = workers_by_node(app)
     alive = {worker for workers in served.values() for worker in workers}
     for node, jobs in status.by_node().items():
         workers = ", ".join(served.get(node, [])) or "no worker running"
@@ -171,8 +208,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         for job in jobs:
             extra = f" exit {job.exit_code}" if job.exit_code not in (None, 0) else ""
             extra += f" {job.duration_s:.1f} s" if job.duration_s is not None else ""
+            if job.moved_from:
+                extra += f"  (moved from {job.moved_from})"
             if job.error:
-                extra += f"  {job.error}"
+                extra += f"  {job.error.splitlines()[0]}"
             if job.state is JobState.RUNNING and job.host not in alive:
                 extra += (f"  (its worker {job.host} does not answer: the job runs again once "
                           f"a worker serves {node} and the visibility timeout has passed)")
@@ -181,12 +220,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    return follow(resolve_run(args), args.timeout, args.workdir)
+    return follow(resolve_run(args), args)
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
     run = resolve_run(args)
-    collection = run.collect(args.workdir, fetch=True if args.fetch else None)
+    collection = run.collect(args.workdir, fetch=True if args.fetch else None,
+                             joblog=args.joblog)
     print(render(collection))
     if not collection.summary["finished"]:
         print(f"{PROG}: run {collection.summary['run_id']} is not finished", file=sys.stderr)
@@ -201,10 +241,29 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     run = resolve_run(args)
-    count = run.retry_failed()
-    print(f"run {run.id}: published {count} failed or cancelled jobs again")
+    count = run.retry_failed(lost=args.lost)
+    which = "lost" if args.lost else "failed, cancelled or lost"
+    print(f"run {run.id}: published {count} {which} jobs again")
     if args.wait and count:
-        return follow(run, args.timeout, args.workdir)
+        return follow(run, args)
+    return ExitCode.OK
+
+
+def cmd_move(args: argparse.Namespace) -> int:
+    run = resolve_run(args)
+    targets = [name for name in args.to.split(",") if name]
+    for name in [args.source, *targets]:
+        if not SAFE_NAME.match(name):
+            raise InvalidJobsError(f"{name!r} is not a node name")
+    if args.source in targets:
+        raise InvalidJobsError(f"--to lists {args.source}, the node the jobs move from")
+    moved = run.move(args.source, targets)
+    if not moved:
+        print(f"run {run.id}: nothing to move from {args.source} (no queued, lost or abandoned "
+              f"jobs; pinned jobs stay)")
+    for target, job_ids in moved.items():
+        print(f"run {run.id}: moved {len(job_ids)} jobs from {args.source} to {target}: "
+              f"{', '.join(job_ids[:10])}{' ...' if len(job_ids) > 10 else ''}")
     return ExitCode.OK
 
 
@@ -212,16 +271,32 @@ def register(command: CommandFactory) -> None:
     sub = command("submit", "validate a jobs file and publish it; prints the run id",
                   "coordinator submit --jobs-file scoring_jobs.json --output-dir results --wait")
     add_original_flags(sub)
+    add_retry_flags(sub)
     sub.add_argument("--wait", action="store_true",
                      help="follow the run with progress, then collect (like scripts-coordinator)")
     add_follow_flags(sub)
     sub.add_argument("--json", action="store_true", help="print the run id as JSON")
     sub.set_defaults(handler=cmd_submit)
 
-    sub = command("status", "show a run's jobs and their states",
+    sub = command("recover", "re-create a run whose records Redis lost, from its jobs file and "
+                             "the .done files: only jobs without a .done are published",
+                  "coordinator recover --jobs-file scoring_jobs.json --output-dir results --wait")
+    add_original_flags(sub)
+    add_retry_flags(sub)
+    sub.add_argument("--wait", action="store_true", help="follow the run, then collect")
+    add_follow_flags(sub)
+    sub.add_argument("--json", action="store_true", help="print the run id as JSON")
+    sub.set_defaults(handler=cmd_submit, recover=True)
+
+    sub = command("status", "show a run's jobs and their states (records settled first)",
                   "coordinator status 20261129-081500-3f9a1c --json")
     add_run_arg(sub)
     sub.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_argument("--workdir", default=".", metavar="DIR",
+                     help="where .done files are visible, to settle stuck records (default: .)")
+    sub.add_argument("--no-check", action="store_true",
+                     help="print the records as they are: no settling against .done files, "
+                          "workers and queues (faster)")
     sub.set_defaults(handler=cmd_status)
 
     sub = command("runs", "list the newest runs with their progress",
@@ -249,12 +324,24 @@ def register(command: CommandFactory) -> None:
     add_run_arg(sub)
     sub.set_defaults(handler=cmd_cancel)
 
-    sub = command("retry", "publish a run's failed and cancelled jobs again",
-                  "coordinator retry 20261129-081500-3f9a1c --wait")
+    sub = command("retry", "publish a run's failed, cancelled and lost jobs again",
+                  "coordinator retry 20261129-081500-3f9a1c --lost --wait")
     add_run_arg(sub)
+    sub.add_argument("--lost", action="store_true",
+                     help="only the lost jobs (their messages vanished: a purge, a broker "
+                          "restarted without persistence)")
     sub.add_argument("--wait", action="store_true", help="follow the run, then collect")
     add_follow_flags(sub)
     sub.set_defaults(handler=cmd_retry)
+
+    sub = command("move", "move a run's queued jobs off a node (a dead one) onto others",
+                  "coordinator move 20261129-081500-3f9a1c --from rig-c --to rig-a,rig-b")
+    add_run_arg(sub)
+    sub.add_argument("--from", dest="source", required=True, metavar="NODE",
+                     help="the node whose queued (and abandoned running) jobs move")
+    sub.add_argument("--to", required=True, metavar="NODE[,NODE...]",
+                     help="where they go, round-robin; jobs with \"pin\": true stay")
+    sub.set_defaults(handler=cmd_move)
 
 
 def build_legacy_parser() -> argparse.ArgumentParser:
@@ -275,6 +362,7 @@ def build_legacy_parser() -> argparse.ArgumentParser:
                + EXIT_CODES + "\n\n" + ENVIRONMENT,
     )
     add_original_flags(parser)
+    add_retry_flags(parser)
     parser.add_argument("--broker", metavar="URL", help="Redis URL (default: $SC_BROKER_URL)")
     add_follow_flags(parser)
     return parser

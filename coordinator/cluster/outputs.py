@@ -10,6 +10,7 @@ its output beside it. ``push_inputs`` sends the Step 3 inputs a run needs
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 from collections import defaultdict
 from collections.abc import Iterable
@@ -25,6 +26,7 @@ from coordinator.cluster.sync import Fetch, check_relative, fetch_file, push
 from coordinator.errors import NodeFailedError
 from coordinator.plan import Plan
 from coordinator.records import JobRecord
+from worker_tasks.spec import JobSpec
 
 # Arguments of the Step 3 script that name input files (pushed to nodes that need them).
 SCORING_INPUT_FLAGS = ("--seeds-file", "--train-history")
@@ -185,3 +187,38 @@ def push_inputs(inventory: Inventory, plan: Plan, workdir: Path) -> list[NodeOut
         raise NodeFailedError(f"could not push inputs to node {failed[0].label}: "
                               f"{failed[0].message}; nothing was published")
     return outcomes
+
+
+def markers_on_nodes(inventory: Inventory, specs: list[JobSpec]) -> set[str]:
+    """The jobs among ``specs`` whose ``.done`` exists on their node (node-local storage).
+
+    Raises ``NodeFailedError`` if a node cannot be asked: a recovery must not
+    publish again a job that may be done.
+    """
+    by_node: dict[str, list[JobSpec]] = defaultdict(list)
+    for spec in specs:
+        node = inventory.nodes.get(spec.node)
+        if node is not None and not node.config.shared_storage:
+            by_node[spec.node].append(spec)
+    if not by_node:
+        return set()
+
+    def look(remote: RemoteNode) -> tuple[str, set[str]]:
+        sftp = remote.sftp()
+        found: set[str] = set()
+        try:
+            for spec in by_node[remote.label]:
+                with contextlib.suppress(FileNotFoundError):
+                    sftp.stat(remote.node.remote_path(check_relative(spec.done_file)))
+                    found.add(spec.job_id)
+        finally:
+            sftp.close()
+        return f"{len(found)} of {len(by_node[remote.label])} jobs done", found
+
+    with Cluster(inventory, by_node) as cluster:
+        outcomes = cluster.each(look)
+    failed = [outcome for outcome in outcomes if not outcome.ok]
+    if failed:
+        raise NodeFailedError(f"could not look for .done files on node {failed[0].label}: "
+                              f"{failed[0].message}; nothing was published")
+    return set().union(*(outcome.value for outcome in outcomes))

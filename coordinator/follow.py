@@ -1,0 +1,301 @@
+"""Following a run to its end: read only what changed, survive broker trouble, heal records.
+
+``RunFollower`` keeps a snapshot of every job, loaded once, then brought up to
+date from the run's change stream (one ``XREAD`` per poll) and checked
+against the per-state counters the transitions keep; it reloads in full only
+when the two disagree (the stream was trimmed). ``follow`` is the wait loop
+around it: it reconnects with backoff when Redis goes away (for up to
+``SC_RECONNECT_TIMEOUT`` seconds, saying so), says when a run's records
+vanished, settles stuck records (``reconcile``), and with ``failover`` moves
+the queued jobs of a node that has had no live worker for that long.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+from celery import Celery
+
+from coordinator.broker import redact
+from coordinator.errors import BrokerUnreachableError, RunNotFoundError, WaitTimeoutError
+from coordinator.reconcile import find_lost, liveness, move_jobs, settle
+from coordinator.records import (
+    FOLLOW_FIELDS,
+    JobRecord,
+    RunStatus,
+    read_counts,
+    read_info,
+    read_status,
+    status_from,
+)
+from coordinator.workers import workers_by_node
+from worker_tasks.spec import queue_for
+from worker_tasks.tracking import JobState, events_key, run_key
+
+# How often the follower reads the stream and counters (seconds).
+POLL_INTERVAL_S = 0.5
+# Stream entries read per poll at most (the rest come on the next poll).
+EVENTS_PER_POLL = 50_000
+# Without progress for this long, records are reconciled with workers, files and messages.
+RECONCILE_AFTER_S = float(os.environ.get("SC_RECONCILE_AFTER", "10"))
+# How long a follower keeps reconnecting to a Redis that went away (seconds).
+RECONNECT_TIMEOUT_S = float(os.environ.get("SC_RECONNECT_TIMEOUT", "300"))
+# Liveness of nodes is checked this often when failover is on (seconds).
+FAILOVER_CHECK_S = 5.0
+
+Notice = Callable[[str], None]
+
+
+class RunVanishedError(RunNotFoundError):
+    """The run's records disappeared while it was followed (Redis lost its data)."""
+
+
+class RunFollower:
+    """A run's snapshot, kept current from its change stream.
+
+    Parameters:
+        client: the tracking Redis.
+        run_id: the run to follow.
+    """
+
+    def __init__(self, client: redis.Redis, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.jobs: dict[str, JobRecord] = {}
+        self.info: dict[str, object] = {}
+        self.last_id: bytes | str = b"0-0"
+        self.loaded = False
+
+    def load(self) -> None:
+        """Everything, once: the stream position first, so no change is missed."""
+        newest = self.client.xrevrange(events_key(self.run_id), count=1)
+        self.last_id = newest[0][0] if newest else b"0-0"
+        status = read_status(self.client, self.run_id, FOLLOW_FIELDS)
+        self.info = status.info
+        self.jobs = {job.job_id: job for job in status.jobs}
+        self.loaded = True
+
+    def poll(self) -> bool:
+        """Apply what changed since the last poll; True if anything did."""
+        if not self.loaded:
+            self.load()
+            return True
+        changed = self.read_events()
+        state = self.client.hget(run_key(self.run_id), "state")
+        if state is None:
+            read_info(self.client, self.run_id)  # raises RunNotFoundError
+        elif json.loads(state) != self.info.get("state"):
+            self.info = {**self.info, "state": json.loads(state)}
+            changed = True
+        if read_counts(self.client, self.run_id) != self.counts():
+            changed |= self.read_events()
+            if read_counts(self.client, self.run_id) != self.counts():
+                self.load()  # the stream was trimmed past us: read everything again
+                changed = True
+        return changed
+
+    def read_events(self) -> bool:
+        reply = self.client.xread({events_key(self.run_id): self.last_id}, count=EVENTS_PER_POLL)
+        changed = False
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                self.last_id = entry_id
+                changed |= self.apply(fields)
+        return changed
+
+    def apply(self, fields: dict[bytes, bytes]) -> bool:
+        job = self.jobs.get(fields[b"job"].decode())
+        if job is None:
+            return False
+        extra = json.loads(fields.get(b"extra", b"{}"))
+        updates: dict[str, object] = {"state": JobState(json.loads(fields[b"state"]))}
+        for name in ("attempts", "host", "duration_s", "error"):
+            if extra.get(name) is not None:
+                updates[name] = extra[name]
+        if "node" in extra:
+            updates["node"] = extra["node"]
+        self.jobs[job.job_id] = dataclasses.replace(job, **updates)  # type: ignore[arg-type]
+        return True
+
+    def counts(self) -> Counter[JobState]:
+        return Counter(job.state for job in self.jobs.values())
+
+    def status(self) -> RunStatus:
+        return status_from(self.run_id, self.info, list(self.jobs.values()))
+
+
+@dataclass
+class FollowOptions:
+    """How ``follow`` behaves.
+
+    Parameters:
+        timeout: give up after this many seconds (``WaitTimeoutError``).
+        poll_interval: seconds between polls.
+        workdir: where ``.done`` files are visible (shared storage), for settling.
+        failover: move a node's queued jobs after it has had no live worker this long.
+        reconnect_timeout: keep reconnecting to Redis this long before giving up.
+        notice: where one-line notices go (reconnecting, settled, lost, moved).
+    """
+
+    timeout: float | None = None
+    poll_interval: float = POLL_INTERVAL_S
+    workdir: Path | None = None
+    failover: float | None = None
+    reconnect_timeout: float = RECONNECT_TIMEOUT_S
+    notice: Notice = field(default=lambda line: None)
+
+
+def follow(client: redis.Redis, app: Celery, broker: redis.Redis, run_id: str,
+           on_progress: Callable[[RunStatus], None] | None,
+           options: FollowOptions) -> RunStatus:
+    """Block until every job of the run is final; see the module docstring."""
+    follower = RunFollower(client, run_id)
+    deadline = None if options.timeout is None else time.monotonic() + options.timeout
+    healer = Healer(client, app, broker, run_id, options)
+    while True:
+        try:
+            changed = follower.poll()
+        except redis.ConnectionError as err:
+            reconnect(client, err, options)
+            if client.exists(run_key(run_id)) == 0:
+                raise vanished(run_id, follower) from None
+            continue
+        except RunNotFoundError:
+            if follower.loaded:
+                raise vanished(run_id, follower) from None
+            raise
+        status = follower.status()
+        if changed and on_progress is not None:
+            on_progress(status)
+        if status.finished:
+            return read_status(client, run_id)  # once, in full, for the caller
+        if changed:
+            healer.progress()
+        else:
+            try:
+                healer.maybe_heal(status)
+            except redis.ConnectionError as err:
+                reconnect(client, err, options)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise WaitTimeoutError(
+                f"run {run_id}: not finished after {options.timeout:g} s ({status.line()})")
+        time.sleep(options.poll_interval)
+
+
+def reconnect(client: redis.Redis, err: Exception, options: FollowOptions) -> None:
+    """Retry Redis with backoff for ``reconnect_timeout`` s; ``BrokerUnreachableError`` after."""
+    kwargs = client.connection_pool.connection_kwargs
+    url = redact(f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}")
+    options.notice(f"lost the connection to Redis ({err}); reconnecting for up to "
+                   f"{options.reconnect_timeout:g} s (SC_RECONNECT_TIMEOUT)")
+    started = time.monotonic()
+    delay = 0.5
+    while time.monotonic() - started < options.reconnect_timeout:
+        time.sleep(min(delay, max(0.0, options.reconnect_timeout - (time.monotonic() - started))))
+        try:
+            client.ping()
+        except (redis.ConnectionError, redis.TimeoutError):
+            delay = min(delay * 2, 10.0)
+            continue
+        options.notice(f"reconnected to Redis after {time.monotonic() - started:.1f} s")
+        return
+    raise BrokerUnreachableError(f"Redis at {url} did not come back within "
+                                 f"{options.reconnect_timeout:g} s: {err}")
+
+
+def vanished(run_id: str, follower: RunFollower) -> RunVanishedError:
+    info = follower.info
+    jobs_file = info.get("jobs_file") or "JOBS_FILE"
+    output_dir = info.get("output_dir") or "OUTPUT_DIR"
+    return RunVanishedError(
+        f"run {run_id}: its records vanished from Redis while it was being followed (Redis "
+        f"restarted without persistence, or they were deleted); jobs whose .done exists are "
+        f"done. Recover the rest with: coordinator recover --jobs-file {jobs_file} "
+        f"--output-dir {output_dir}")
+
+
+class Healer:
+    """What ``follow`` does when nothing moves: settle records, find lost jobs, fail over."""
+
+    def __init__(self, client: redis.Redis, app: Celery, broker: redis.Redis, run_id: str,
+                 options: FollowOptions) -> None:
+        self.client = client
+        self.app = app
+        self.broker = broker
+        self.run_id = run_id
+        self.options = options
+        self.quiet_since = time.monotonic()
+        self.last_heal = 0.0
+        self.last_failover_check = 0.0
+        self.unserved_since: dict[str, float] = {}
+
+    def progress(self) -> None:
+        self.quiet_since = time.monotonic()
+
+    def maybe_heal(self, status: RunStatus) -> None:
+        moment = time.monotonic()
+        if self.options.failover is not None and moment - self.last_failover_check >= \
+                FAILOVER_CHECK_S:
+            self.last_failover_check = moment
+            self.failover(status)
+        if moment - self.quiet_since < RECONCILE_AFTER_S or moment - self.last_heal < \
+                RECONCILE_AFTER_S:
+            return
+        self.last_heal = moment
+        self.heal(status)
+
+    def heal(self, status: RunStatus) -> None:
+        waiting = [job for job in status.jobs if not job.state.is_final]
+        if not waiting:
+            return
+        records = read_status(self.client, self.run_id).jobs  # full records: done_file, host
+        waiting_ids = {job.job_id for job in waiting}
+        records = [job for job in records if job.job_id in waiting_ids]
+        live = liveness(self.app, self.client, {job.node for job in records})
+        for line in settle(self.client, self.run_id, records, live, self.options.workdir):
+            self.options.notice(line)
+        fresh = [job for job in read_status(self.client, self.run_id).jobs
+                 if job.job_id in waiting_ids]
+        lost = find_lost(self.app, self.client, self.broker, self.run_id, fresh, live)
+        if lost:
+            self.options.notice(f"{len(lost)} jobs lost (their messages are gone and no worker "
+                                f"runs them): {', '.join(lost[:10])}"
+                                f"{' ...' if len(lost) > 10 else ''}; coordinator retry --lost "
+                                f"{self.run_id} republishes them")
+
+    def failover(self, status: RunStatus) -> None:
+        assert self.options.failover is not None
+        waiting_nodes = {job.node for job in status.jobs if not job.state.is_final}
+        served = workers_by_node(self.app)
+        moment = time.monotonic()
+        for node in waiting_nodes:
+            if node in served:
+                self.unserved_since.pop(node, None)
+            else:
+                self.unserved_since.setdefault(node, moment)
+        dead = [node for node, since in self.unserved_since.items()
+                if moment - since >= self.options.failover and node in waiting_nodes]
+        targets = sorted(node for node in served if node not in dead)
+        if not dead or not targets:
+            return
+        records = read_status(self.client, self.run_id).jobs
+        live = liveness(self.app, self.client, waiting_nodes)
+        loads = {node: int(self.broker.llen(queue_for(node))) for node in targets}
+        for node in dead:
+            jobs = [job for job in records if job.node == node and not job.state.is_final]
+            moved = move_jobs(self.client, self.app, self.run_id, jobs, targets, live, loads)
+            if moved:
+                where = ", ".join(f"{target} ({len(ids)})" for target, ids in moved.items())
+                count = sum(map(len, moved.values()))
+                self.options.notice(f"failover: node {node} has had no worker for "
+                                    f"{self.options.failover:g} s; moved {count} queued jobs "
+                                    f"to {where}")
+            self.unserved_since.pop(node, None)

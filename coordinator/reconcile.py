@@ -1,0 +1,220 @@
+"""Making the records agree with the world: ``.done`` files, live workers, messages.
+
+The ``.done`` file is the truth and a record is bookkeeping. After a broker
+restart, a lost message or a killed worker, records can say ``running`` or
+``queued`` about jobs that are finished, abandoned, or gone. ``settle`` and
+``find_lost`` look at what can be seen from the head node and fix the
+records with the same atomic transitions the workers use (each guarded by the
+job's current task id, so a live attempt is never overruled):
+
+* a ``running`` job whose ``.done`` exists here is ``succeeded``;
+* a ``running`` job whose worker does not answer and whose node lease it does
+  not hold is ``queued`` again (its unacknowledged message comes back);
+* a ``queued`` or ``running`` job whose message is in no queue, not in flight
+  and not run by any worker is ``lost`` (``coordinator retry --lost``).
+
+Moving jobs off a dead node (``move_jobs``) republishes them elsewhere; the
+old messages become stale and are dropped where they arrive.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+
+from coordinator.records import JobRecord
+from coordinator.submit import republish
+from worker_tasks.spec import queue_for
+from worker_tasks.tracking import JobState, JobTracker, lease_key, run_key
+from worker_tasks.tracking import now as timestamp
+
+# How long workers have to answer a ping (seconds).
+PING_TIMEOUT_S = 1.0
+# A message missing from every place is checked again after this long before the job is
+# called lost: kombu moves a message from its queue to the unacked set in two steps.
+LOST_RECHECK_S = 1.5
+# kombu's Redis transport keys (its defaults) and priority queue suffixes.
+UNACKED_KEY = "unacked"
+PRIORITY_SEPARATOR = "\x06\x16"
+PRIORITY_STEPS = (3, 6, 9)
+
+
+@dataclass
+class Liveness:
+    """Who is alive right now: answering workers, and who holds each node's lease."""
+
+    workers: set[str] = field(default_factory=set)
+    leases: dict[str, str] = field(default_factory=dict)
+
+    def running(self, job: JobRecord) -> bool:
+        """The job's attempt is alive: its worker answers, or it holds its node's lease."""
+        holder = self.leases.get(job.node, "")
+        return (job.host in self.workers) or bool(job.task_id and holder.endswith(job.task_id))
+
+
+def liveness(app: Celery, client: redis.Redis, nodes: Iterable[str]) -> Liveness:
+    workers = {name for reply in app.control.ping(timeout=PING_TIMEOUT_S) or []
+               for name in reply}
+    names = sorted(set(nodes))
+    values = client.mget([lease_key(node) for node in names]) if names else []
+    leases = {node: value.decode() for node, value in zip(names, values, strict=True) if value}
+    return Liveness(workers=workers, leases=leases)
+
+
+def settle(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord], live: Liveness,
+           workdir: Path | None) -> list[str]:
+    """Settle ``running`` records by their ``.done`` and their worker; returns what changed."""
+    tracker = JobTracker(client)
+    notes: list[str] = []
+    for job in jobs:
+        if job.state is not JobState.RUNNING:
+            continue
+        if workdir is not None and job.done_file and (workdir / job.done_file).exists():
+            result = tracker.transition(run_id, job.job_id, JobState.SUCCEEDED,
+                                        (JobState.RUNNING,), holding=job.task_id,
+                                        finished_at=timestamp(),
+                                        error=None, event={"note": "settled by its .done"})
+            if result and result.ok:
+                notes.append(f"{job.job_id}: succeeded (its .done exists; its worker's final "
+                             f"write was lost)")
+        elif not live.running(job):
+            error = (f"attempt {job.attempts} stopped with its worker {job.host}; the job is "
+                     f"delivered again when a worker serves {job.node}")
+            result = tracker.transition(run_id, job.job_id, JobState.QUEUED, (JobState.RUNNING,),
+                                        holding=job.task_id, error=error)
+            if result and result.ok:
+                notes.append(f"{job.job_id}: requeued ({error})")
+    return notes
+
+
+def queue_keys(node: str) -> list[str]:
+    queue = queue_for(node)
+    return [queue, *(f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS)]
+
+
+def messages_present(broker: redis.Redis, nodes: Iterable[str], task_ids: set[str],
+                     in_flight: set[str]) -> set[str]:
+    """The task ids among ``task_ids`` that exist somewhere: a node queue, unacked, a worker."""
+    found = set(task_ids & in_flight)
+    wanted = task_ids - found
+    if not wanted:
+        return found
+    blobs: list[bytes] = list(broker.hvals(UNACKED_KEY))
+    for node in set(nodes):
+        for key in queue_keys(node):
+            blobs.extend(broker.lrange(key, 0, -1))
+    encoded = {task_id: json.dumps(task_id).encode() for task_id in wanted}
+    for blob in blobs:
+        for task_id, needle in encoded.items():
+            if needle in blob:
+                found.add(task_id)
+    return found
+
+
+def in_flight(app: Celery) -> set[str]:
+    """Task ids that live workers run or hold right now."""
+    inspect = app.control.inspect(timeout=PING_TIMEOUT_S)
+    ids: set[str] = set()
+    for replies in (inspect.active() or {}, inspect.reserved() or {}):
+        for tasks in replies.values():
+            ids.update(task.get("id") for task in tasks or [] if task.get("id"))
+    return ids
+
+
+def queue_is_short(broker: redis.Redis, jobs: Sequence[JobRecord]) -> bool:
+    """A cheap first look: fewer messages for some node than this run has jobs waiting there."""
+    waiting: dict[str, int] = defaultdict(int)
+    for job in jobs:
+        waiting[job.node] += 1
+    unacked = broker.hlen(UNACKED_KEY)
+    for node, count in waiting.items():
+        pipe = broker.pipeline(transaction=False)
+        for key in queue_keys(node):
+            pipe.llen(key)
+        if sum(pipe.execute()) + unacked < count:
+            return True
+    return False
+
+
+def find_lost(app: Celery, client: redis.Redis, broker: redis.Redis, run_id: str,
+              jobs: Sequence[JobRecord], live: Liveness) -> list[str]:
+    """Mark ``lost`` the waiting jobs whose message exists nowhere; returns their ids."""
+    suspects = [job for job in jobs if job.task_id and (
+        job.state is JobState.QUEUED or (job.state is JobState.RUNNING and not live.running(job)))]
+    if not suspects or not queue_is_short(broker, suspects):
+        return []
+    nodes = {job.node for job in suspects}
+    ids = {job.task_id for job in suspects if job.task_id}
+    missing = ids - messages_present(broker, nodes, ids, in_flight(app))
+    if not missing:
+        return []
+    time.sleep(LOST_RECHECK_S)  # a message between its queue and the unacked set shows up now
+    missing -= messages_present(broker, nodes, missing, in_flight(app))
+    tracker = JobTracker(client)
+    lost: list[str] = []
+    for job in suspects:
+        if job.task_id in missing:
+            result = tracker.transition(
+                run_id, job.job_id, JobState.LOST, (JobState.QUEUED, JobState.RUNNING),
+                holding=job.task_id, finished_at=timestamp(),
+                error="its message is gone (broker restarted without persistence, or purged) "
+                      "and no worker runs it: coordinator retry --lost")
+            if result and result.ok:
+                lost.append(job.job_id)
+    return lost
+
+
+def move_jobs(client: redis.Redis, app: Celery, run_id: str, jobs: Sequence[JobRecord],
+              targets: Sequence[str], live: Liveness | None = None,
+              loads: dict[str, int] | None = None) -> dict[str, list[str]]:
+    """Republish ``jobs`` on ``targets`` (least loaded first); returns target -> job ids.
+
+    Pinned jobs and jobs whose attempt is alive stay. ``loads``: messages already waiting
+    per target (the shortest queue gets the next job); round-robin when not given.
+    """
+    movable = [job for job in jobs if not job.pin and (
+        job.state in (JobState.QUEUED, JobState.LOST)
+        or (job.state is JobState.RUNNING and live is not None and not live.running(job)))]
+    plan: dict[str, str] = {}
+    load = dict.fromkeys(targets, 0) | (loads or {})
+    order = itertools.cycle(targets)
+    for job in movable:
+        target = min(targets, key=lambda node: load[node]) if loads is not None else next(order)
+        load[target] += 1
+        plan[job.job_id] = target
+    by_target: dict[str, list[str]] = defaultdict(list)
+    for job in movable:
+        target = plan[job.job_id]
+
+        def change(record: dict[str, Any], target: str = target) -> dict[str, Any]:
+            return {"node": target, "moved_from": record["node"]}
+
+        done = republish(client, app, run_id, [job.job_id],
+                         (JobState.QUEUED, JobState.LOST, JobState.RUNNING), change,
+                         note=f"moved from {job.node} to {target}")
+        by_target[target].extend(done)
+    if by_target:
+        record_moves(client, run_id, jobs, by_target)
+    return dict(by_target)
+
+
+def record_moves(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord],
+                 by_target: dict[str, list[str]]) -> None:
+    """Keep what moved where in the run's metadata, for the summary."""
+    origin = {job.job_id: job.node for job in jobs}
+    raw = client.hget(run_key(run_id), "moves")
+    moves = json.loads(raw) if raw else []
+    for target, job_ids in by_target.items():
+        for source in sorted({origin[job_id] for job_id in job_ids}):
+            moved = [job_id for job_id in job_ids if origin[job_id] == source]
+            moves.append({"from": source, "to": target, "jobs": moved, "at": timestamp()})
+    client.hset(run_key(run_id), "moves", json.dumps(moves))

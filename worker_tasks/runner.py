@@ -1,0 +1,177 @@
+"""Running a job's script so that nothing it starts outlives it (Linux).
+
+Between the worker's pool process and the script sits a small runner, forked
+from the pool process (no interpreter start): it is a child subreaper, so
+every process the script starts, even one that detaches, stays its
+descendant; and it gets SIGTERM when the pool process dies (``PDEATHSIG``,
+e.g. the worker was SIGKILLed). Whenever it stops, because the script
+exited, a timeout, a cancel or its parent's death, it kills every descendant
+left before exiting. The script's wait status reaches the pool process over
+a pipe, so an exit status is never confused with a signal.
+
+    pool process ── runner (subreaper, own process group) ── script ── its children
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import select
+import signal
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1  # prctl: signal this process when its parent dies
+PR_SET_CHILD_SUBREAPER = 36  # prctl: orphaned descendants are re-parented to this process
+# How long the runner keeps killing and reaping descendants before it gives up (seconds).
+REAP_TIMEOUT_S = 10.0
+# Exit status of a runner that could not start the script.
+EXEC_FAILED = 127
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the script ended: its exit code, or the signal that killed it (or neither)."""
+
+    exit_code: int | None
+    signal: int | None = None
+    error: str | None = None
+
+
+def _prctl(option: int, value: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+
+
+def children(pid: int) -> list[int]:
+    """The live child pids of ``pid``."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def kill_descendants() -> None:
+    """SIGKILL and reap every descendant of this (subreaper) process, until none is left."""
+    deadline = time.monotonic() + REAP_TIMEOUT_S
+    me = os.getpid()
+    while time.monotonic() < deadline:
+        pids = children(me)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        reaped = False
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                reaped = True
+        if not pids and not reaped:
+            return
+        time.sleep(0.01)
+
+
+def _runner_main(argv: Sequence[str], cwd: str, env: Mapping[str, str], log_path: str,
+                 status_fd: int, parent: int) -> None:
+    """The runner's whole life (in the forked child); never returns."""
+    os.setpgid(0, 0)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    def stop(signum: int, frame: object) -> None:
+        kill_descendants()
+        os.write(status_fd, struct.pack("i", signal.SIGKILL))  # "killed by SIGKILL"
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop)
+    if os.getppid() != parent:  # the pool process died before PDEATHSIG was armed
+        os._exit(128 + signal.SIGTERM)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    script = os.fork()
+    if script == 0:
+        try:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
+            os.dup2(null_fd, 0)
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            os.close(status_fd)
+            os.chdir(cwd)
+            os.execve(argv[0], list(argv), dict(env))
+        except OSError as err:
+            os.write(2, f"could not start {argv[0]}: {err}\n".encode())
+        os._exit(EXEC_FAILED)
+    os.close(null_fd)
+    os.close(log_fd)
+    while True:
+        pid, status = os.waitpid(-1, 0)
+        if pid == script:
+            break
+    kill_descendants()
+    os.write(status_fd, struct.pack("i", status))
+    os._exit(0)
+
+
+class Runner:
+    """Start a script under a runner; ``wait`` for it; ``kill`` it with everything it started.
+
+    Parameters:
+        argv: the script's command line (``argv[0]`` an absolute executable path).
+        cwd: where it runs.
+        env: its whole environment.
+        log_path: stdout and stderr are appended here.
+    """
+
+    def __init__(self, argv: Sequence[str], cwd: Path, env: Mapping[str, str],
+                 log_path: Path) -> None:
+        read_fd, write_fd = os.pipe()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(read_fd)
+                _runner_main(argv, str(cwd), env, str(log_path), write_fd, parent)
+            finally:
+                os._exit(EXEC_FAILED)
+        os.close(write_fd)
+        self.pid = pid
+        self._status_fd = read_fd
+        self._pidfd = os.pidfd_open(pid)
+
+    def wait(self, timeout: float | None = None) -> Outcome | None:
+        """The script's outcome once the runner has exited; None if ``timeout`` passes first."""
+        ready, _, _ = select.select([self._pidfd], [], [], timeout)
+        if not ready:
+            return None
+        return self._collect()
+
+    def kill(self) -> Outcome:
+        """Stop the script and all it started (SIGTERM to the runner, which cleans up)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        outcome = self.wait(REAP_TIMEOUT_S + 5)
+        if outcome is None:  # the runner itself is stuck: kill its process group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            outcome = self._collect()
+        return outcome
+
+    def _collect(self) -> Outcome:
+        """Reap the runner and read the script's wait status from the pipe."""
+        _, runner_status = os.waitpid(self.pid, 0)
+        data = os.read(self._status_fd, 4)
+        os.close(self._status_fd)
+        os.close(self._pidfd)
+        if len(data) != 4:
+            return Outcome(exit_code=None, error=f"the job's runner ended without the script's "
+                                                 f"status (wait status {runner_status})")
+        status = struct.unpack("i", data)[0]
+        if os.WIFSIGNALED(status):
+            return Outcome(exit_code=None, signal=os.WTERMSIG(status))
+        return Outcome(exit_code=os.WEXITSTATUS(status))
