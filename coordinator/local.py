@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,6 +37,10 @@ def worker_command(node: str, loglevel: str = "INFO") -> list[str]:
         "--task-events", "--hostname", worker_name(node), "--loglevel", loglevel,
         "--without-gossip", "--without-mingle",
     ]
+
+
+def is_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def worker_name(node: str) -> str:
@@ -159,10 +164,20 @@ class LocalCluster:
         process.wait(timeout=STOP_GRACE_S)
 
     def stop(self) -> None:
-        self.stop_workers(list(self.workers))
-        if self.redis is not None:
-            self.redis.close()
-            self.redis = None
+        """Stop the workers, then Redis; another Ctrl-C (or SIGTERM) cannot cut it short."""
+        held = (signal.SIGINT, signal.SIGTERM)
+        previous = ({signum: signal.signal(signum, signal.SIG_IGN) for signum in held}
+                    if is_main_thread() else {})
+        try:
+            self.stop_workers(list(self.workers))
+        finally:
+            try:
+                if self.redis is not None:
+                    self.redis.close()
+                    self.redis = None
+            finally:
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
 
     def __enter__(self) -> LocalCluster:
         try:

@@ -8,8 +8,8 @@ records with the same atomic transitions the workers use (each guarded by the
 job's current task id, so a live attempt is never overruled):
 
 * a ``running`` job whose ``.done`` exists here is ``succeeded``;
-* a ``running`` job whose worker does not answer and whose node lease it does
-  not hold is ``queued`` again (its unacknowledged message comes back);
+* a ``running`` job that does not hold its node's lease (its worker died) is
+  ``queued`` again (its unacknowledged message comes back);
 * a ``queued`` or ``running`` job whose message is in no queue, not in flight
   and not run by any worker is ``lost`` (``coordinator retry --lost``).
 
@@ -50,24 +50,26 @@ PRIORITY_STEPS = (3, 6, 9)
 
 @dataclass
 class Liveness:
-    """Who is alive right now: answering workers, and who holds each node's lease."""
+    """Which attempts are alive right now: who holds each node's lease.
 
-    workers: set[str] = field(default_factory=set)
+    A worker takes its node's lease before a job starts and renews it while the job
+    runs (``worker_tasks.lease``); the holder names the job's task id. A worker's name
+    cannot tell (a restarted worker has the same name as the one that died).
+    """
+
     leases: dict[str, str] = field(default_factory=dict)
 
     def running(self, job: JobRecord) -> bool:
-        """The job's attempt is alive: its worker answers, or it holds its node's lease."""
+        """The job's attempt is alive: it holds its node's lease."""
         holder = self.leases.get(job.node, "")
-        return (job.host in self.workers) or bool(job.task_id and holder.endswith(job.task_id))
+        return bool(job.task_id) and holder.endswith(f"/{job.task_id}")
 
 
 def liveness(app: Celery, client: redis.Redis, nodes: Iterable[str]) -> Liveness:
-    workers = {name for reply in app.control.ping(timeout=PING_TIMEOUT_S) or []
-               for name in reply}
     names = sorted(set(nodes))
     values = client.mget([lease_key(node) for node in names]) if names else []
     leases = {node: value.decode() for node, value in zip(names, values, strict=True) if value}
-    return Liveness(workers=workers, leases=leases)
+    return Liveness(leases=leases)
 
 
 def settle(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord], live: Liveness,
@@ -87,7 +89,7 @@ def settle(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord], live: Li
                 notes.append(f"{job.job_id}: succeeded (its .done exists; its worker's final "
                              f"write was lost)")
         elif not live.running(job):
-            error = (f"attempt {job.attempts} stopped with its worker {job.host}; the job is "
+            error = (f"attempt {job.attempts} died with its worker {job.host}; the job is "
                      f"delivered again when a worker serves {job.node}")
             result = tracker.transition(run_id, job.job_id, JobState.QUEUED, (JobState.RUNNING,),
                                         holding=job.task_id, error=error)

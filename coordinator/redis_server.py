@@ -50,13 +50,15 @@ class RedisServer:
             across stop()/start(), so a test can restart its broker.
         binary: redis-server to run (default: ``find_redis_server()``).
         password: require this password (``requirepass``); it is part of ``url``.
+        persistent: append-only file, fsync'd on every write (a restart keeps queued jobs).
     """
 
     def __init__(self, port: int | None = None, binary: str | None = None,
-                 password: str | None = None) -> None:
+                 password: str | None = None, persistent: bool = False) -> None:
         self.port = port or free_port()
         self.binary = binary or find_redis_server()
         self.password = password
+        self.persistent = persistent
         self.dir = Path(tempfile.mkdtemp(prefix="sc-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -69,7 +71,9 @@ class RedisServer:
         log = (self.dir / "redis.log").open("ab")
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.dir),
+             "--save", "", "--dir", str(self.dir),
+             *(["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
+               else ["--appendonly", "no"]),
              "--protected-mode", "yes",
              *(["--requirepass", self.password] if self.password else [])],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -103,6 +107,13 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; the data directory stays for a restart."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
         self.process = None
 
     def close(self) -> None:

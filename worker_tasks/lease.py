@@ -45,20 +45,37 @@ return 0
 """
 
 
+def make_token(host: str, task_id: str) -> str:
+    """Who holds a lease: ``<worker name>/<pid>/<task id>``."""
+    return f"{host}/{os.getpid()}/{task_id}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class NodeLease:
     """The lease of one node, held by one job attempt (``token`` says whose).
 
     Parameters:
         client: the tracking Redis.
         node: the node label.
-        token: who holds it (worker name, pid, task id), shown to those waiting.
+        host: this worker's name (``rig-a@machine``).
+        task_id: the job's message id.
     """
 
-    def __init__(self, client: redis.Redis, node: str, token: str) -> None:
+    def __init__(self, client: redis.Redis, node: str, host: str, task_id: str) -> None:
         self.client = client
         self.key = lease_key(node)
         self.node = node
-        self.token = token
+        self.host = host
+        self.token = make_token(host, task_id)
         self.ttl_ms = int(LEASE_TTL_S * 1000)
         self._renew = client.register_script(RENEW_LUA)
         self._release = client.register_script(RELEASE_LUA)
@@ -72,14 +89,26 @@ class NodeLease:
             if self.client.set(self.key, self.token, nx=True, px=self.ttl_ms):
                 self._start_renewing()
                 return True
+            holder = self.client.get(self.key)
+            if holder is not None and self.break_if_dead(holder):
+                continue
             if not said:
-                holder = self.client.get(self.key)
                 logger.warning("node %s is busy (lease held by %s): waiting", self.node,
                                holder.decode() if holder else "?")
                 said = True
             if give_up():
                 return False
             time.sleep(WAIT_POLL_S)
+
+    def break_if_dead(self, holder: bytes) -> bool:
+        """Free a lease left by a killed process of this same worker (same machine)."""
+        host, _, rest = holder.decode(errors="replace").partition("/")
+        pid = rest.partition("/")[0]
+        if host != self.host or not pid.isdigit() or pid_alive(int(pid)):
+            return False
+        logger.warning("node %s: freeing the lease of dead process %s (%s)", self.node, pid,
+                       holder.decode(errors="replace"))
+        return bool(self._release(keys=[self.key], args=[holder]))
 
     def _start_renewing(self) -> None:
         self._stop.clear()

@@ -34,10 +34,10 @@ import time
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import redis
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import Ignore
 from celery.utils.log import get_task_logger
 
 from worker_tasks.app import app
@@ -222,15 +222,19 @@ class JobExecution:
             record = tracker().record(self.spec.run_id, self.spec.job_id, "state", "task_id")
         except redis.RedisError:
             return True  # Redis away: keep running; the final write waits for it
+        if not record:
+            return True  # the record vanished (Redis lost its data): nothing says stop
         return record.get("state") != JobState.CANCELLED and record.get("task_id") == self.task_id
 
     def dropped(self, why: str) -> dict[str, Any]:
+        """A message that must not run (stale, or no such job): REVOKED in Flower, no result."""
         logger.warning("job %s of run %s (message %s): %s; dropped without running",
                        self.spec.job_id, self.spec.run_id, self.task_id, why)
-        return self.result | {"state": "dropped", "error": why}
+        self.revoked()
+        return self.result  # not reached: revoked() raises
 
-    def revoked(self) -> None:
-        """A cancelled job: Flower shows REVOKED, and no result is stored."""
+    def revoked(self) -> NoReturn:
+        """A cancelled (or dropped) job: Flower shows REVOKED, and no result is stored."""
         self.send_event("task-revoked", terminated=False, signum=None, expired=False)
         raise Ignore()
 
@@ -254,7 +258,7 @@ class JobExecution:
             self.revoked()
         if done.exists():
             return self.skip()
-        lease = NodeLease(tracker().client, spec.node, f"{self.host}/{os.getpid()}/{self.task_id}")
+        lease = NodeLease(tracker().client, spec.node, self.host, self.task_id)
         if not retrying("lease", lambda: lease.acquire(give_up=lambda: not self.still_wanted())):
             return self.not_wanted()
         try:
@@ -385,6 +389,10 @@ class JobExecution:
             # Redis stayed away for the whole retry window: the job did succeed, so the
             # marker (the truth) is written; the head node settles the record from it.
             moved = Transition("ok", None, self.result["attempts"])
+        if moved.outcome == "missing":
+            # The record vanished (Redis lost its data): no cancel can have been recorded,
+            # and the job did succeed; the marker lets a recovered run skip it.
+            moved = Transition("ok", None, self.result["attempts"])
         if not moved.ok:
             pending.unlink(missing_ok=True)
             log_line(log, f"finished, but its record is {moved.previous} ({moved.outcome}): "
@@ -415,14 +423,16 @@ def run_job(self: Any, message: Any = None, *extra: Any, **kwargs: Any) -> dict[
     try:
         spec = JobSpec.from_message(message)
     except InvalidMessage as err:
+        # One line in the log, REJECTED in Flower, the message acknowledged (not requeued).
         logger.error("refused message %s: %s", self.request.id, err)
-        raise Reject(f"refused: {err}", requeue=False) from None
+        self.send_event("task-rejected", requeue=False)
+        raise Ignore() from None
     # The worker name (rig-a@machine) says both the node and the machine.
     host = self.request.hostname or socket.gethostname()
     execution = JobExecution(spec, self.request.id, host, self.send_event)
     try:
         return execution.run()
-    except (JobFailed, Ignore, Reject):
+    except (JobFailed, Ignore):
         raise
     except Exception as err:  # a full disk, a permission: the job fails, never stays running
         error = f"worker error: {type(err).__name__}: {err}"

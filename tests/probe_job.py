@@ -1,0 +1,66 @@
+"""A job script for fault tests: it keeps its own append-only log of executions.
+
+    python tests/probe_job.py --ledger DIR --output-file out/x.json [--sleep S]
+        [--fail-attempts N] [--child-sleep S]
+
+Each execution appends ``start`` and, if it gets that far, ``end <exit code>`` lines
+to ``DIR/<job>.ledger``, and holds two exclusive non-blocking locks while it runs:
+``DIR/<job>.lock`` (two copies of one job at once) and ``DIR/node-<node>.lock``
+(two jobs of one node at once). A lock it cannot take is written down as
+``CONCURRENT job`` / ``CONCURRENT node`` in ``DIR/violations``, so a test can
+prove that neither ever happened. ``--fail-attempts N`` fails attempts 1..N
+(``SC_ATTEMPT``), for automatic retries.
+"""
+
+import argparse
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--ledger", required=True)
+parser.add_argument("--output-file", required=True)
+parser.add_argument("--sleep", type=float, default=0.0)
+parser.add_argument("--fail-attempts", type=int, default=0)
+parser.add_argument("--child-sleep", type=float)
+args = parser.parse_args()
+
+job = os.environ["SC_JOB_ID"]
+node = os.environ["SC_NODE"]
+attempt = int(os.environ.get("SC_ATTEMPT", "1"))
+
+
+def note(name: str, line: str) -> None:
+    with open(os.path.join(args.ledger, name), "a") as fh:
+        fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def lock(name: str, kind: str) -> object:
+    fh = open(os.path.join(args.ledger, name), "a")  # noqa: SIM115 (held until exit)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        note("violations", f"CONCURRENT {kind} {job} on {node} pid {os.getpid()}")
+    return fh
+
+
+held = [lock(f"{job}.lock", "job"), lock(f"node-{node}.lock", "node")]
+note(f"{job}.ledger", f"start {attempt} {os.getpid()} {time.time():.3f}")
+if args.child_sleep:
+    child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({args.child_sleep})"])
+    note(f"{job}.children", str(child.pid))
+time.sleep(args.sleep)
+code = 1 if attempt <= args.fail_attempts else 0
+if code == 0:
+    os.makedirs(os.path.dirname(args.output_file) or ".", exist_ok=True)
+    with open(args.output_file, "w") as fh:
+        json.dump({"job": job, "attempt": attempt}, fh)
+else:
+    print(f"attempt {attempt} of {job} fails on purpose", flush=True)
+note(f"{job}.ledger", f"end {attempt} {code} {time.time():.3f}")
+sys.exit(code)

@@ -1,0 +1,492 @@
+"""Faults against real Redis and real workers: nothing lost, nothing stuck, nothing run twice.
+
+The jobs run ``tests/probe_job.py``, which keeps an append-only ledger of its own
+executions and takes a lock per job and per node while it runs; a lock it
+cannot take is written down as a violation. So each test can assert the exact
+accounting: every job succeeded exactly once (or failed with a stated reason),
+no two copies of a job and no two jobs of a node ever ran at once, no record is
+left ``running`` or ``queued`` once the run is final, and nothing is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from coordinator import JobState, get_run, submit
+from coordinator.local import LocalCluster, worker_name
+from coordinator.redis_server import RedisServer
+from tests.conftest import BIN, REPO, run_cli, write_jobs
+from worker_tasks.app import make_app
+from worker_tasks.spec import RUN_JOB_TASK
+
+# Unacknowledged jobs come back after this many seconds in these tests.
+VISIBILITY_S = 8
+
+
+@dataclass
+class Bench:
+    """A private Redis, workers for some nodes, and the probe's ledger directory."""
+
+    cluster: LocalCluster
+    server: RedisServer
+    ledger: Path
+    workdir: Path
+
+    def job(self, job_id: str, node: str, *extra: Any, **fields: Any) -> dict[str, Any]:
+        return {"job_id": job_id, "script": "tests/probe_job.py", "node": node,
+                "args": ["--ledger", str(self.ledger), "--output-file", f"o/{job_id}.json",
+                         *map(str, extra)], **fields}
+
+    def ledger_of(self, job_id: str) -> list[list[str]]:
+        path = self.ledger / f"{job_id}.ledger"
+        return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+    def successes(self, job_id: str) -> int:
+        return sum(1 for entry in self.ledger_of(job_id) if entry[0] == "end" and entry[2] == "0")
+
+    def violations(self) -> list[str]:
+        path = self.ledger / "violations"
+        return path.read_text().splitlines() if path.exists() else []
+
+
+@contextmanager
+def make_bench(tmp_path: Path, nodes: list[str], persistent: bool = False,
+               env: dict[str, str] | None = None) -> Iterator[Bench]:
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    with RedisServer(persistent=persistent) as server, LocalCluster(
+            nodes, scripts_dir=REPO, workdir=tmp_path, log_dir=tmp_path / "worker-logs",
+            broker_url=server.url,
+            extra_env={"SC_VISIBILITY_TIMEOUT": str(VISIBILITY_S), "SC_RESTORE_INTERVAL": "1",
+                       **(env or {})}) as cluster:
+        yield Bench(cluster, server, ledger, tmp_path)
+
+
+@pytest.fixture()
+def bench(tmp_path: Path) -> Iterator[Bench]:
+    with make_bench(tmp_path, ["rig-a", "rig-b"]) as made:
+        yield made
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.2) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def cwd_of(proc_entry: Path) -> str | None:
+    try:
+        return os.readlink(proc_entry / "cwd")
+    except OSError:
+        return None
+
+
+def env_for(server: RedisServer, **extra: str) -> dict[str, str]:
+    return {**os.environ, "SC_BROKER_URL": server.url, **extra}
+
+
+@contextmanager
+def waiter_of(bench: Bench, run_id: str, reconnect_s: int) -> Iterator[
+        tuple[subprocess.Popen[bytes], Path, Path]]:
+    """``coordinator wait RUN`` in the background, its output in files; stopped at the end."""
+    out, err = bench.workdir / f"wait-{run_id}.out", bench.workdir / f"wait-{run_id}.err"
+    with out.open("w") as out_fh, err.open("w") as err_fh:
+        process = subprocess.Popen(
+            [str(BIN / "coordinator"), "wait", run_id, "--workdir", str(bench.workdir)],
+            cwd=bench.workdir, stdout=out_fh, stderr=err_fh,
+            env=env_for(bench.server, SC_RECONNECT_TIMEOUT=str(reconnect_s)))
+    try:
+        yield process, out, err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_redis_killed_mid_run_with_persistence_converges_and_wait_returns(
+        tmp_path: Path) -> None:
+    """Jobs that finish while Redis is away keep their final state and wait returns."""
+    with make_bench(tmp_path, ["rig-a", "rig-b"], persistent=True) as bench:
+        jobs = [bench.job(f"j{i}", ("rig-a", "rig-b")[i % 2], "--sleep", "3") for i in range(4)]
+        run = submit(jobs, output_dir="o", broker_url=bench.server.url)
+        with waiter_of(bench, run.id, 120) as (waiter, out, err):
+            # The waiter follows the run (it printed the running jobs) before Redis dies.
+            wait_for(lambda: err.read_text().count(" running") >= 2, 60,
+                     "the waiter to see the first jobs run")
+            bench.server.kill()  # the broker and tracking Redis crash mid-run
+            wait_for(lambda: bench.successes("j0") == 1 and bench.successes("j1") == 1, 30,
+                     "the running scripts to finish while Redis is down")
+            # Their workers hold the final state (and the marker) until Redis answers.
+            assert not (tmp_path / "o" / "j0.json.done").exists()
+            bench.server.start()  # same port, same append-only file
+            waiter.wait(timeout=180)
+        assert waiter.returncode == 0, out.read_text() + err.read_text()
+        assert "lost the connection to Redis" in err.read_text()
+        assert "reconnected to Redis after" in err.read_text()
+        assert "4/4 succeeded" in out.read_text()
+        status = get_run(run.id, bench.server.url).status()
+        assert {job.state for job in status.jobs} == {JobState.SUCCEEDED}
+        assert all(bench.successes(f"j{i}") == 1 for i in range(4))
+        assert bench.violations() == []
+
+
+def test_redis_restarted_empty_says_the_run_vanished_and_recover_finishes_it(
+        tmp_path: Path) -> None:
+    with make_bench(tmp_path, ["rig-a"]) as bench:
+        jobs = [bench.job("a", "rig-a"), bench.job("b", "rig-a"),
+                bench.job("c", "rig-a", "--sleep", "4"), bench.job("d", "rig-a")]
+        jobs_file = write_jobs(tmp_path / "jobs.json", jobs)
+        run = submit(jobs_file, output_dir="o", broker_url=bench.server.url, workdir=tmp_path)
+        with waiter_of(bench, run.id, 60) as (waiter, _, err_file):
+            wait_for(lambda: " c running" in err_file.read_text(), 60, "the waiter to see c run")
+            bench.server.kill()
+            bench.server.start()  # no persistence: every record and queued message is gone
+            waiter.wait(timeout=120)
+        err = err_file.read_text()
+        assert waiter.returncode == 4, err
+        assert f"run {run.id}: its records vanished from Redis while it was being followed" \
+            in err
+        assert f"coordinator recover --jobs-file {jobs_file} --output-dir o" in err
+        wait_for(lambda: (tmp_path / "o" / "c.json.done").exists(), 30, "c to finish anyway")
+        assert bench.successes("d") == 0  # its message died with Redis' memory
+        recovered = run_cli("recover", "--jobs-file", str(jobs_file), "--output-dir", "o",
+                            "--wait", "--timeout", "120", cwd=tmp_path,
+                            env={"SC_BROKER_URL": bench.server.url})
+        assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+        assert "3 jobs already done (their .done exists)" in recovered.stderr
+        assert "4/4 succeeded" in recovered.stdout
+        assert [bench.successes(job) for job in "abcd"] == [1, 1, 1, 1]
+
+
+def test_purged_messages_make_jobs_lost_and_retry_lost_runs_them(tmp_path: Path) -> None:
+    with make_bench(tmp_path, ["rig-a"]) as bench:
+        jobs = [bench.job(f"p{i}", "rig-q") for i in range(3)] + [bench.job("ok", "rig-a")]
+        run = submit(jobs, output_dir="o", broker_url=bench.server.url)
+        broker = redis.Redis.from_url(bench.server.url)
+        assert broker.llen("node.rig-q") == 3
+        purged = subprocess.run([str(BIN / "celery"), "-A", "worker_tasks", "purge", "-f",
+                                 "-Q", "node.rig-q"], env=env_for(bench.server), cwd=REPO,
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert purged.returncode == 0, purged.stderr
+        assert broker.llen("node.rig-q") == 0
+        status = run_cli("status", run.id, env={"SC_BROKER_URL": bench.server.url},
+                         cwd=tmp_path)
+        assert status.returncode == 0, status.stderr
+        assert "3 jobs lost (their messages are gone and no worker runs them)" in status.stderr
+        states = {job.job_id: job.state for job in run.wait(timeout=60).jobs}
+        assert states == {"p0": JobState.LOST, "p1": JobState.LOST, "p2": JobState.LOST,
+                          "ok": JobState.SUCCEEDED}
+        bench.cluster.nodes.append("rig-q")
+        bench.cluster.start_worker("rig-q")
+        bench.cluster.wait_ready(["rig-q"])
+        retried = run_cli("retry", run.id, "--lost", "--wait", "--timeout", "60",
+                          env={"SC_BROKER_URL": bench.server.url}, cwd=tmp_path)
+        assert retried.returncode == 0, retried.stdout + retried.stderr
+        assert "published 3 lost jobs again" in retried.stdout
+        assert [bench.successes(f"p{i}") for i in range(3)] == [1, 1, 1]
+
+
+def test_one_job_at_a_time_per_node_even_with_a_second_worker_and_pool_grow(
+        tmp_path: Path) -> None:
+    with make_bench(tmp_path, ["rig-a"]) as bench:
+        app = make_app(bench.server.url)
+        replies = app.control.pool_grow(1, reply=True, destination=[worker_name("rig-a")])
+        assert replies and "refused by scripts-coordinator" in \
+            replies[0][worker_name("rig-a")]["error"]
+        replies = app.control.add_consumer("node.rig-b", reply=True,
+                                           destination=[worker_name("rig-a")])
+        assert "refused" in replies[0][worker_name("rig-a")]["error"]
+        # A second worker process for the same node (what --force allows): the lease holds.
+        second = subprocess.Popen(
+            [str(BIN / "celery"), "-A", "worker_tasks", "worker", "--queues", "node.rig-a",
+             "--concurrency", "1", "--prefetch-multiplier", "1", "--hostname",
+             "rig-a-second@%h", "--without-gossip", "--without-mingle"],
+            cwd=tmp_path, env=bench.cluster.worker_env(), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_for(lambda: any("rig-a-second@" in name for reply in
+                                 app.control.ping(timeout=1) or [] for name in reply),
+                     60, "the second worker")
+            jobs = [bench.job(f"n{i}", "rig-a", "--sleep", "0.3") for i in range(8)]
+            run = submit(jobs, output_dir="o", broker_url=bench.server.url)
+            status = run.wait(timeout=120)
+            hosts = {job.host.split("@")[0] for job in status.jobs}
+            assert hosts == {"rig-a", "rig-a-second"}  # both processes took jobs ...
+            assert bench.violations() == []  # ... never two at once
+            spans = sorted((float(start[3]), float(end[3])) for job in jobs
+                           for start, end in [bench.ledger_of(job["job_id"])])
+            assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:],
+                                                                         strict=False))
+        finally:
+            os.killpg(second.pid, signal.SIGKILL)
+            second.wait(timeout=30)
+
+
+def test_move_and_failover_take_jobs_off_a_dead_node_but_not_pinned_ones(
+        tmp_path: Path) -> None:
+    with make_bench(tmp_path, ["rig-a", "rig-b"]) as bench:
+        jobs = [bench.job(f"m{i}", "rig-dead") for i in range(4)]
+        jobs.append(bench.job("pinned", "rig-dead", pin=True))
+        run = submit(jobs, output_dir="o", broker_url=bench.server.url)
+        moved = run_cli("move", run.id, "--from", "rig-dead", "--to", "rig-a,rig-b",
+                        env={"SC_BROKER_URL": bench.server.url})
+        assert moved.returncode == 0, moved.stderr
+        assert "moved 2 jobs from rig-dead to rig-a" in moved.stdout
+        assert "moved 2 jobs from rig-dead to rig-b" in moved.stdout
+        wait_for(lambda: all(bench.successes(f"m{i}") == 1 for i in range(4)), 60,
+                 "the moved jobs to run")
+        by_id = {job.job_id: job for job in run.status().jobs}
+        assert by_id["pinned"].state is JobState.QUEUED and by_id["pinned"].node == "rig-dead"
+        assert {by_id[f"m{i}"].moved_from for i in range(4)} == {"rig-dead"}
+        # rig-dead comes back: its stale messages are dropped, the pinned job runs there.
+        bench.cluster.nodes.append("rig-dead")
+        bench.cluster.start_worker("rig-dead")
+        bench.cluster.wait_ready(["rig-dead"])
+        final = run.wait(timeout=60)
+        assert {job.state for job in final.jobs} == {JobState.SUCCEEDED}
+        assert all(bench.successes(f"m{i}") == 1 for i in range(4))
+        assert bench.successes("pinned") == 1
+        log = (tmp_path / "worker-logs" / "worker-rig-dead.log").read_text()
+        assert log.count("; dropped without running") == 4  # the four stale messages
+
+        # --failover: a node without a worker for 2 s has its queued jobs moved by wait.
+        more = [bench.job(f"f{i}", "rig-gone") for i in range(3)] + [bench.job("f_ok", "rig-a")]
+        jobs_file = write_jobs(tmp_path / "failover.json", more)
+        result = run_cli("submit", "--jobs-file", str(jobs_file), "--output-dir", "o",
+                         "--wait", "--failover", "2", "--timeout", "120", cwd=tmp_path,
+                         env={"SC_BROKER_URL": bench.server.url})
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "failover: node rig-gone has had no worker for 2 s; moved 3 queued jobs" in \
+            result.stderr
+        moved_lines = [line.split() for line in result.stdout.splitlines()
+                       if "jobs from rig-gone to" in line]
+        assert sum(int(words[1]) for words in moved_lines) == 3
+        assert {words[-1] for words in moved_lines} <= {"rig-a", "rig-b", "rig-dead"}
+        summary = json.loads((tmp_path / "o" / "run_summary.json").read_text())
+        assert sum(len(move["jobs"]) for move in summary["moves"]) == 3
+        assert all(bench.successes(f"f{i}") == 1 for i in range(3))
+
+
+def test_automatic_retries_keep_every_attempt(bench: Bench) -> None:
+    jobs = [bench.job("flaky", "rig-a", "--fail-attempts", "1", retries=2, retry_delay=0.2),
+            bench.job("hopeless", "rig-b", "--fail-attempts", "9", retries=1, retry_delay=0.2),
+            bench.job("fine", "rig-a")]
+    jobs_file = write_jobs(bench.workdir / "retry.json", jobs)
+    result = run_cli("submit", "--jobs-file", str(jobs_file), "--output-dir", "o", "--wait",
+                     "--timeout", "120", cwd=bench.workdir,
+                     env={"SC_BROKER_URL": bench.server.url})
+    assert result.returncode == 1, result.stdout + result.stderr
+    summary = json.loads((bench.workdir / "o" / "run_summary.json").read_text())
+    by_id = {job["job_id"]: job for job in summary["jobs"]}
+    assert by_id["flaky"]["state"] == "succeeded" and by_id["flaky"]["attempts"] == 2
+    assert [a["exit_code"] for a in by_id["flaky"]["attempt_history"]] == [1, 0]
+    assert by_id["hopeless"]["state"] == "failed" and by_id["hopeless"]["attempts"] == 2
+    assert [a["exit_code"] for a in by_id["hopeless"]["attempt_history"]] == [1, 1]
+    assert by_id["hopeless"]["error"].startswith("script exited with status 1\n"
+                                                 "last lines of its output:\n")
+    assert "attempt 2 of hopeless fails on purpose" in by_id["hopeless"]["error"]
+    assert by_id["fine"]["attempts"] == 1
+    joblog = (bench.workdir / "o" / "joblog").read_text().splitlines()
+    assert joblog[0].split("\t") == ["Seq", "Host", "Starttime", "JobRuntime", "Send",
+                                     "Receive", "Exitval", "Signal", "Command"]
+    rows = [line.split("\t") for line in joblog[1:]]
+    assert len(rows) == 5  # 2 + 2 + 1 attempts
+    assert [(row[0], row[6]) for row in rows if row[0] == "1"] == [("1", "1"), ("1", "0")]
+    assert all(row[1].startswith(("rig-a@", "rig-b@")) for row in rows)
+    assert rows[0][8].startswith("tests/probe_job.py --ledger ")
+    assert bench.successes("flaky") == 1 and bench.successes("hopeless") == 0
+
+
+def test_cancel_kills_running_jobs_and_no_marker_appears(bench: Bench) -> None:
+    jobs = [bench.job("long_a", "rig-a", "--sleep", "30", "--child-sleep", "60"),
+            bench.job("queued_a", "rig-a"),
+            bench.job("edge_b", "rig-b", "--sleep", "1.2")]
+    run = submit(jobs, output_dir="o", broker_url=bench.server.url)
+    wait_for(lambda: len(bench.ledger_of("long_a")) == 1 and len(bench.ledger_of("edge_b")) == 1,
+             60, "both running jobs to start")
+    script_pid = int(bench.ledger_of("long_a")[0][2])
+    child_pid = int((bench.ledger / "long_a.children").read_text())
+    time.sleep(1.0)  # edge_b is about to finish: a cancel racing its end
+    result = run_cli("cancel", run.id, env={"SC_BROKER_URL": bench.server.url})
+    assert result.returncode == 0
+    count = int(result.stdout.split("cancelled ")[1].split()[0])
+    assert count >= 2  # long_a (running) and queued_a at least
+    status = run.wait(timeout=30)
+    states = {job.job_id: job.state for job in status.jobs}
+    assert states["long_a"] is JobState.CANCELLED and states["queued_a"] is JobState.CANCELLED
+    wait_for(lambda: not alive(script_pid) and not alive(child_pid), 10,
+             "the cancelled script and its child to be killed")
+    out = bench.workdir / "o"
+    assert not (out / "long_a.json.done").exists() and not (out / "queued_a.json.done").exists()
+    if states["edge_b"] is JobState.CANCELLED:  # lost the race: no marker, even if it ended
+        wait_for(lambda: len(bench.ledger_of("edge_b")) == 2 or not alive(
+            int(bench.ledger_of("edge_b")[0][2])), 10, "edge_b to end")
+        assert not (out / "edge_b.json.done").exists()
+    else:
+        assert states["edge_b"] is JobState.SUCCEEDED and (out / "edge_b.json.done").exists()
+    assert bench.successes("queued_a") == 0
+    log = (bench.workdir / "worker-logs" / "worker-rig-a.log").read_text()
+    assert "cancelled while running; killed" in (out / "logs" / "long_a.log").read_text()
+    assert "Traceback" not in log
+
+
+def test_a_worker_killed_mid_job_takes_the_scripts_children_with_it(bench: Bench) -> None:
+    run = submit([bench.job("orphan", "rig-b", "--sleep", "60", "--child-sleep", "60")],
+                 output_dir="o", broker_url=bench.server.url)
+    wait_for(lambda: (bench.ledger / "orphan.children").exists(), 60, "the job's child")
+    script_pid = int(bench.ledger_of("orphan")[0][2])
+    child_pid = int((bench.ledger / "orphan.children").read_text())
+    bench.cluster.kill_worker("rig-b")  # SIGKILL: worker and pool process die at once
+    wait_for(lambda: not alive(script_pid) and not alive(child_pid), 15,
+             "the script and its child to die with the worker")
+    assert run.status().jobs[0].state is JobState.RUNNING  # its message comes back later
+
+
+def send_raw(server: RedisServer, message: Any, queue: str = "node.rig-a",
+             task_id: str = "forged-1", **options: Any) -> None:
+    app = make_app(server.url)
+    app.conf.result_backend = None
+    app.send_task(RUN_JOB_TASK, args=[message] if message is not ... else [], queue=queue,
+                  task_id=task_id, **options)
+
+
+def test_hostile_messages_are_refused_and_the_worker_lives_on(bench: Bench) -> None:
+    planted = bench.workdir.parent / "planted"
+    valid = {"run_id": "20261129-000000-000000", "job_id": "x", "script": "tests/probe_job.py",
+             "args": ["--ledger", str(bench.ledger), "--output-file", "o/x.json"],
+             "node": "rig-a", "gpu_id": 0, "output_file": "o/x.json", "done_file": "o/x.json.done",
+             "log_file": "o/logs/x.log"}
+    hostile = [
+        {**valid, "env": {"OPENSSL_CONF": "/tmp/evil.cnf"}},
+        {**valid, "env": {"BASH_ENV": "/tmp/evil.sh"}},
+        {**valid, "done_file": str(planted / "x.done")},
+        {**valid, "done_file": "../../planted.done"},
+        {**valid, "log_file": "../outside.log"},
+        {**valid, "gpu_id": "0,1,2,3"},
+        {**valid, "script": "/bin/sh"},
+        {key: value for key, value in valid.items() if key != "script"},
+        ["not", "an", "object"],
+        "a string",
+        ...,  # no message at all
+    ]
+    for index, message in enumerate(hostile):
+        send_raw(bench.server, message, task_id=f"hostile-{index}")
+    # A well-formed message for a job no run knows (forged, or expired): dropped unexecuted.
+    send_raw(bench.server, valid, task_id="forged-valid")
+    log = bench.workdir / "worker-logs" / "worker-rig-a.log"
+    wait_for(lambda: log.read_text().count("refused message hostile-") == len(hostile), 60,
+             "every hostile message to be refused")
+    wait_for(lambda: "no tracking record (the run expired, or a forged message)" in
+             log.read_text(), 30, "the forged message to be dropped")
+    assert bench.ledger_of("x") == []  # nothing executed
+    assert not planted.exists() and not (bench.workdir.parent / "outside.log").exists()
+    text = log.read_text()
+    assert "env may not set OPENSSL_CONF" in text and "gpu_id must be an integer" in text
+    assert "Traceback" not in text
+    # The worker lives on and runs the next real job.
+    run = submit([bench.job("after", "rig-a")], output_dir="o", broker_url=bench.server.url)
+    assert run.wait(timeout=60).jobs[0].state is JobState.SUCCEEDED
+    # A pickled message is not even decoded (JSON only).
+    app = make_app(bench.server.url)
+    with app.producer_or_acquire() as producer:
+        producer.publish({"task": RUN_JOB_TASK}, routing_key="node.rig-a", serializer="pickle",
+                         headers={"task": RUN_JOB_TASK, "id": "pickled-1", "lang": "py",
+                                  "argsrepr": "", "kwargsrepr": ""})
+    wait_for(lambda: "pickle" in log.read_text() and "Refusing" in log.read_text(), 30,
+             "the pickled message to be refused")
+
+
+def test_a_message_without_a_queue_is_refused_at_the_publisher_and_shown_by_status(
+        bench: Bench) -> None:
+    from worker_tasks.app import UnroutedJobError
+
+    app = make_app(bench.server.url)
+    with pytest.raises(UnroutedJobError, match="published without a queue"):
+        app.send_task(RUN_JOB_TASK, args=[{}])
+    broker = redis.Redis.from_url(bench.server.url)
+    broker.lpush("node.unassigned", b"{}")  # a foreign publisher that bypassed the router
+    run = submit([bench.job("u", "rig-a")], output_dir="o", broker_url=bench.server.url)
+    run.wait(timeout=60)
+    status = run_cli("status", run.id, env={"SC_BROKER_URL": bench.server.url})
+    assert ("warning: 1 messages wait in node.unassigned, a queue no worker consumes"
+            in status.stdout)
+
+
+def test_a_second_ctrl_c_during_local_shutdown_leaks_nothing(tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.json", [
+        {"job_id": f"slow_{node}", "script": "examples/write_output.py",
+         "args": ["--output-file", f"o/{node}.json", "--sleep", "60"], "node": node}
+        for node in ("rig-a", "rig-b")])
+    process = subprocess.Popen([str(BIN / "coordinator"), "local", "--jobs-file", str(jobs),
+                                "--scripts-dir", str(REPO)], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        logs = tmp_path / "full_scoring_results" / "logs"
+        wait_for(lambda: len(list(logs.glob("slow_*.log"))) == 2, 120, "both jobs to run")
+        redis_dirs = list(tmp_path.glob("sc-redis-*"))
+        assert len(redis_dirs) == 1
+        redis_pid = next(int(entry.name) for entry in Path("/proc").iterdir()
+                         if entry.name.isdigit() and cwd_of(entry) == str(redis_dirs[0]))
+        process.send_signal(signal.SIGINT)
+        for _ in range(200):  # impatient: again and again, all through the shutdown
+            time.sleep(0.02)
+            if process.poll() is not None:
+                break
+            process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    # 130, or killed by one of the later Ctrl-Cs once everything was already stopped.
+    assert process.returncode in (130, -signal.SIGINT), stderr
+    assert "stopped the local cluster" in stderr
+    assert not alive(redis_pid)
+    assert list(tmp_path.glob("sc-redis-*")) == []
+
+
+def test_status_shows_at_most_one_running_job_per_node_after_kills(tmp_path: Path) -> None:
+    with make_bench(tmp_path, ["rig-a"]) as bench:
+        jobs = [bench.job(f"k{i}", "rig-a", "--sleep", "20") for i in range(3)]
+        run = submit(jobs, output_dir="o", broker_url=bench.server.url)
+        for _ in range(2):  # kill the worker mid-job twice: two dead attempts
+            wait_for(lambda: sum(job.state is JobState.RUNNING for job in run.status().jobs)
+                     >= 1 and any(alive(int(entry[2])) for job in jobs
+                                  for entry in bench.ledger_of(job["job_id"])[-1:]
+                                  if entry[0] == "start"), 60, "a job to run")
+            bench.cluster.kill_worker("rig-a")
+            bench.cluster.start_worker("rig-a")
+            bench.cluster.wait_ready(["rig-a"])
+        wait_for(lambda: sum(1 for job in jobs for entry in bench.ledger_of(job["job_id"])
+                             if entry[0] == "start") >= 3, 60, "the third attempt to start")
+        result = run_cli("status", run.id, env={"SC_BROKER_URL": bench.server.url})
+        assert result.returncode == 0, result.stderr
+        running = [line for line in result.stdout.splitlines() if " running " in line]
+        assert len(running) == 1, result.stdout
+        assert "requeued" in result.stderr
+        assert bench.violations() == []
+
