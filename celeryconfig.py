@@ -46,6 +46,9 @@ broker_transport_options = {
     # Sweep for abandoned jobs every SC_RESTORE_INTERVAL s (kombu's default is ~100 s).
     "unacked_restore_interval": int(os.environ.get("SC_RESTORE_INTERVAL", "60")),
     "unacked_restore_throttle": 1,
+    # The sweep's lock outlives a broker crash that catches it held (it is persisted):
+    # kombu's 300 s default then holds back every abandoned job for five minutes.
+    "unacked_mutex_expire": 30,
 }
 result_expires = int(os.environ.get("SC_RESULT_EXPIRES", str(7 * 24 * 3600)))
 
