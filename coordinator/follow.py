@@ -33,10 +33,11 @@ from coordinator.records import (
     RunStatus,
     read_counts,
     read_info,
+    read_records,
     read_status,
     status_from,
 )
-from coordinator.workers import workers_by_node
+from worker_tasks.presence import serving
 from worker_tasks.spec import queue_for
 from worker_tasks.tracking import JobState, events_key, run_key
 
@@ -253,17 +254,23 @@ class Healer:
         self.heal(status)
 
     def heal(self, status: RunStatus) -> None:
-        waiting = [job for job in status.jobs if not job.state.is_final]
-        if not waiting:
+        """Settle the running records, then look for lost jobs (see ``reconcile``).
+
+        ``status`` may be a light snapshot: only the running jobs' full records (their
+        ``.done`` paths) are read.
+        """
+        waiting_ids = [job.job_id for job in status.jobs if not job.state.is_final]
+        if not waiting_ids:
             return
-        records = read_status(self.client, self.run_id).jobs  # full records: done_file, host
-        waiting_ids = {job.job_id for job in waiting}
-        records = [job for job in records if job.job_id in waiting_ids]
-        live = liveness(self.app, self.client, {job.node for job in records})
-        for line in settle(self.client, self.run_id, records, live, self.options.workdir):
+        running_ids = [job.job_id for job in status.jobs if job.state is JobState.RUNNING]
+        running = read_records(self.client, self.run_id, running_ids)
+        live = liveness(self.app, self.client, {job.node for job in status.jobs
+                                                if not job.state.is_final})
+        settled = settle(self.client, self.run_id, running, live, self.options.workdir)
+        for line in settled:
             self.options.notice(line)
-        fresh = [job for job in read_status(self.client, self.run_id).jobs
-                 if job.job_id in waiting_ids]
+        fresh = ([job for job in status.jobs if not job.state.is_final] if not settled
+                 else read_records(self.client, self.run_id, waiting_ids, FOLLOW_FIELDS))
         lost = find_lost(self.app, self.client, self.broker, self.run_id, fresh, live)
         if lost:
             self.options.notice(f"{len(lost)} jobs lost (their messages are gone and no worker "
@@ -274,7 +281,7 @@ class Healer:
     def failover(self, status: RunStatus) -> None:
         assert self.options.failover is not None
         waiting_nodes = {job.node for job in status.jobs if not job.state.is_final}
-        served = workers_by_node(self.app)
+        served = serving(self.client, {*waiting_nodes, *status.info.get("nodes", [])})
         moment = time.monotonic()
         for node in waiting_nodes:
             if node in served:
@@ -286,7 +293,7 @@ class Healer:
         targets = sorted(node for node in served if node not in dead)
         if not dead or not targets:
             return
-        records = read_status(self.client, self.run_id).jobs
+        records = read_status(self.client, self.run_id, FOLLOW_FIELDS).jobs
         live = liveness(self.app, self.client, waiting_nodes)
         loads = {node: int(self.broker.llen(queue_for(node))) for node in targets}
         for node in dead:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
@@ -63,9 +64,11 @@ def _arg_text(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{value!r} is not a number to pass as text")
     if isinstance(value, int | float):
-        return str(value)
+        value = str(value)
     if isinstance(value, str):
         _rule(rules.check_text, value, "the argument")
+        if len(value) <= INTERN_MAX:  # "--mod", "1000": one copy for the whole run
+            value = sys.intern(value)
     return value
 
 
@@ -81,6 +84,9 @@ def _seconds(maximum: float, allow_zero: bool = False) -> BeforeValidator:
 
     return BeforeValidator(check)
 
+
+# Arguments this short are interned (flags and small values repeat in every job).
+INTERN_MAX = 32
 
 SafeName = Annotated[str, BeforeValidator(_safe_name)]
 ScriptPath = Annotated[str, BeforeValidator(_script_path)]
@@ -173,14 +179,26 @@ def who(index: int, entry: Any) -> str:
 
 
 def parse_jobs(entries: Any, source: str = "jobs") -> list[Job | LegacyScoringJob]:
-    """Validate a decoded jobs list; raise ``InvalidJobsError`` on the first problem."""
+    """Validate a decoded jobs list; raise ``InvalidJobsError`` on the first problem.
+
+    The list is emptied as it is validated (its entries become None).
+    """
+    return list(iter_jobs(entries, source))
+
+
+def iter_jobs(entries: Any, source: str = "jobs") -> Iterator[Job | LegacyScoringJob]:
+    """Each entry of a decoded jobs list, validated, in order (see ``parse_jobs``).
+
+    A generator, so a 100,000-job file never holds its raw entries, their models and
+    the plan made of them all at once; ``InvalidJobsError`` comes when the bad entry
+    is reached (before anything is published: planning reads to the end first).
+    """
     if not isinstance(entries, list):
         raise InvalidJobsError(
             f"{source}: expected a JSON list of job objects, got {type(entries).__name__}"
         )
     if not entries:
         raise InvalidJobsError(f"{source}: the jobs list is empty")
-    jobs: list[Job | LegacyScoringJob] = []
     first_index: dict[str, int] = {}
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
@@ -201,12 +219,17 @@ def parse_jobs(entries: Any, source: str = "jobs") -> list[Job | LegacyScoringJo
                 f"first used by job {first_index[job.job_id]}"
             )
         first_index[job.job_id] = index
-        jobs.append(job)
-    return jobs
+        entries[index] = None  # the raw entry is done with: 100,000 of them weigh 100 MB
+        yield job
 
 
 def load_jobs_file(path: str | Path) -> list[Job | LegacyScoringJob]:
     """Read and validate a jobs file; every error is one line naming the file."""
+    return list(iter_jobs_file(path))
+
+
+def iter_jobs_file(path: str | Path) -> Iterator[Job | LegacyScoringJob]:
+    """Read a jobs file and validate its jobs one by one (a generator, see ``iter_jobs``)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -214,7 +237,7 @@ def load_jobs_file(path: str | Path) -> list[Job | LegacyScoringJob]:
         raise InvalidJobsError(f"{path}: jobs file not found") from None
     except (OSError, UnicodeDecodeError) as err:
         raise InvalidJobsError(f"{path}: cannot read jobs file: {err}") from None
-    return parse_jobs(decode_json(text, str(path)), source=str(path))
+    return iter_jobs(decode_json(text, str(path)), source=str(path))
 
 
 def _no_constants(name: str) -> Any:
@@ -240,6 +263,12 @@ def decode_json(text: str, source: str) -> Any:
 
 def load_jobs(jobs: str | Path | Sequence[dict[str, Any]]) -> list[Job | LegacyScoringJob]:
     """Accept a jobs file path or an already decoded list of job dicts."""
+    return list(iter_load_jobs(jobs))
+
+
+def iter_load_jobs(jobs: str | Path | Sequence[dict[str, Any]],
+                   ) -> Iterator[Job | LegacyScoringJob]:
+    """``load_jobs`` as a generator."""
     if isinstance(jobs, str | Path):
-        return load_jobs_file(jobs)
-    return parse_jobs(list(jobs), source="jobs")
+        return iter_jobs_file(jobs)
+    return iter_jobs(list(jobs), source="jobs")

@@ -16,7 +16,6 @@ from typing import Any
 from coordinator.errors import InvalidJobsError
 from coordinator.files import write_json_atomically
 from coordinator.jobs import Job, LegacyScoringJob
-from scoring.inputs import ScoringInputError, check_prng, parse_history, parse_seeds
 
 SCORING_SCRIPT = "full_scoring_worker.py"
 
@@ -31,6 +30,9 @@ class Conversion:
 
 
 def convert(entry: LegacyScoringJob, index: int, chunk_dir: str, output_dir: str) -> Conversion:
+    # The scoring checks (and NumPy) load only when a file has legacy jobs.
+    from scoring.inputs import ScoringInputError, check_prng, parse_history, parse_seeds
+
     job_id = entry.job_id or f"legacy_{index:04d}"
     where = f"jobs: job {index} (job_id {job_id!r})"
     try:
@@ -60,17 +62,6 @@ def convert(entry: LegacyScoringJob, index: int, chunk_dir: str, output_dir: str
     note = (f"legacy job {index} ({job_id}): {len(entry.seeds)} inline seeds -> {seeds_file}; "
             f"runs {SCORING_SCRIPT}")
     return Conversion(job=job, note=note, files=files)
-
-
-def convert_all(
-    entries: Sequence[Job | LegacyScoringJob], chunk_dir: str, output_dir: str
-) -> list[Conversion | None]:
-    """One Conversion per legacy entry, None for a script job (same order)."""
-    return [
-        convert(entry, index, chunk_dir, output_dir) if isinstance(entry, LegacyScoringJob)
-        else None
-        for index, entry in enumerate(entries)
-    ]
 
 
 def write_chunks(conversions: Sequence[Conversion], workdir: Path) -> None:

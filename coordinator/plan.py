@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import posixpath
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from coordinator.errors import InvalidJobsError
@@ -83,14 +83,20 @@ def check_output_dir(output_dir: str) -> str:
 
 
 def plan_jobs(
-    jobs: Sequence[Job], run_id: str, output_dir: str, preserve_paths: bool = False,
+    jobs: Iterable[Job], run_id: str, output_dir: str, preserve_paths: bool = False,
     retries: int = 0, retry_delay: float = 2.0,
 ) -> Plan:
-    """Rewrite paths and derive markers; refuse outputs outside the workdir, or shared."""
+    """Rewrite paths and derive markers; refuse outputs outside the workdir, or shared.
+
+    ``jobs`` may be a generator: each job is planned and let go as it comes.
+    """
     check_output_dir(output_dir)
     specs: list[JobSpec] = []
     writers: dict[str, tuple[int, str]] = {}
+    pinned: set[str] = set()
     for index, job in enumerate(jobs):
+        if job.pin:
+            pinned.add(job.job_id)
         args = list(job.args) if preserve_paths else rewrite_output_path(job.args, output_dir)
         output = find_output_file(args)
         if output is not None:
@@ -126,6 +132,5 @@ def plan_jobs(
                 retry_delay=job.retry_delay if job.retry_delay is not None else retry_delay,
             )
         )
-    pinned = frozenset(job.job_id for job in jobs if job.pin)
     return Plan(run_id=run_id, output_dir=output_dir, preserve_paths=preserve_paths, specs=specs,
-                pinned=pinned)
+                pinned=frozenset(pinned))

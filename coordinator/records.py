@@ -30,8 +30,8 @@ class JobRecord:
 
     job_id: str
     node: str
-    gpu_id: int
     state: JobState
+    gpu_id: int = 0
     script: str = ""
     args: list[str] = field(default_factory=list)
     attempts: int = 0
@@ -54,15 +54,24 @@ class JobRecord:
 
     @classmethod
     def from_redis(cls, raw: dict[str, Any]) -> JobRecord:
-        values = {name: value for name, value in raw.items() if name in RECORD_FIELDS}
+        spec = raw.get("spec") or {}
+        values = {name: spec[name] for name in SPEC_VALUES if name in spec}
+        values.update((name, value) for name, value in raw.items()
+                      if name in RECORD_FIELDS and name != "spec")
+        values["job_id"] = raw["job_id"]
         values["state"] = JobState(values.get("state", JobState.QUEUED))
         return cls(**values)
 
 
-RECORD_FIELDS = [f.name for f in fields(JobRecord)]
-# What following a run needs of each job (no args or paths: cheap for 100,000 jobs).
-FOLLOW_FIELDS = ["job_id", "node", "gpu_id", "state", "attempts", "duration_s", "started_at",
-                 "finished_at", "host", "error", "task_id", "pin", "done_file"]
+# What a record's ``spec`` (the job's message) contributes to a JobRecord.
+SPEC_VALUES = ("job_id", "node", "gpu_id", "script", "args", "output_file", "done_file",
+               "log_file", "retries")
+# The record's own fields (``spec`` is read as one JSON value and unpacked).
+RECORD_FIELDS = [f.name for f in fields(JobRecord) if f.name not in SPEC_VALUES
+                 or f.name == "node"] + ["spec"]
+# What following a run needs of each job (not its message: cheap for 100,000 jobs).
+FOLLOW_FIELDS = ["node", "state", "attempts", "duration_s", "started_at", "finished_at",
+                 "host", "error", "task_id", "pin", "exit_code", "moved_from"]
 
 
 @dataclass(frozen=True)
@@ -137,16 +146,23 @@ READ_CHUNK = 5000
 def read_records(client: redis.Redis, run_id: str, job_ids: list[str],
                  names: list[str] = RECORD_FIELDS) -> list[JobRecord]:
     """The named fields of each job's record, pipelined in chunks; missing records left out."""
+    wanted = set(names)
+    everything = wanted >= set(RECORD_FIELDS)
     records: list[JobRecord] = []
     for start in range(0, len(job_ids), READ_CHUNK):
+        part = job_ids[start:start + READ_CHUNK]
         pipe = client.pipeline(transaction=False)
-        for job_id in job_ids[start:start + READ_CHUNK]:
-            pipe.hmget(job_key(run_id, job_id), names)
-        for row in pipe.execute():
-            if any(value is not None for value in row):
-                raw = {name: value for name, value in zip(names, row, strict=True)
-                       if value is not None}
-                records.append(JobRecord.from_redis(decode(raw)))
+        for job_id in part:
+            if everything:  # one short command per job: cheaper to send and parse than HMGET
+                pipe.hgetall(job_key(run_id, job_id))
+            else:
+                pipe.hmget(job_key(run_id, job_id), names)
+        for job_id, reply in zip(part, pipe.execute(), strict=True):
+            raw = (reply if everything else
+                   {name: value for name, value in zip(names, reply, strict=True)
+                    if value is not None})
+            if raw:
+                records.append(JobRecord.from_redis({"job_id": job_id, **decode(raw)}))
     return records
 
 

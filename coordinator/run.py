@@ -28,7 +28,7 @@ from coordinator.errors import InvalidJobsError
 from coordinator.follow import POLL_INTERVAL_S, FollowOptions, Healer, follow
 from coordinator.plan import Plan
 from coordinator.reconcile import liveness, move_jobs
-from coordinator.records import RunStatus, read_info, read_status
+from coordinator.records import FOLLOW_FIELDS, RunStatus, read_info, read_status
 from coordinator.submit import (
     DEFAULT_CHUNK_DIR,
     DEFAULT_OUTPUT_DIR,
@@ -68,6 +68,8 @@ class Run:
         self._broker: redis.Redis | None = None
         # Jobs a recovered run found done (their .done exists) and did not publish.
         self.recovered = 0
+        # Jobs per node, as submitted (set by ``submit``).
+        self.planned: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"Run({self.id!r})"
@@ -76,9 +78,9 @@ class Run:
         """The run's metadata as recorded at submit time."""
         return read_info(self.client, self.id)
 
-    def status(self) -> RunStatus:
-        """A snapshot of every job's state."""
-        return read_status(self.client, self.id)
+    def status(self, fields: list[str] | None = None) -> RunStatus:
+        """A snapshot of every job's record (``fields``: only these; all by default)."""
+        return read_status(self.client, self.id, *([fields] if fields else []))
 
     def wait(
         self,
@@ -124,7 +126,8 @@ class Run:
         lines: list[str] = []
         options = FollowOptions(workdir=None if workdir is None else Path(workdir),
                                 notice=lines.append)
-        Healer(self.client, self.app, self.broker, self.id, options).heal(self.status())
+        light = read_status(self.client, self.id, FOLLOW_FIELDS)
+        Healer(self.client, self.app, self.broker, self.id, options).heal(light)
         return lines
 
     def collect(self, workdir: str | Path = ".", fetch: bool | None = None,
@@ -258,6 +261,7 @@ def _publish(jobs: JobsInput, output_dir: str, preserve_paths: bool, broker_url:
     publish_run(plan, conversions, client, app, workdir, before_publish=before, extra=extra,
                 done=done)
     run.recovered = len(done)
+    run.planned = {node: len(specs) for node, specs in plan.by_node().items()}
     return run
 
 

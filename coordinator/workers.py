@@ -23,9 +23,3 @@ def workers_by_node(app: Celery, timeout: float = INSPECT_TIMEOUT_S) -> dict[str
             if name.startswith(QUEUE_PREFIX):
                 nodes[name.removeprefix(QUEUE_PREFIX)].append(worker)
     return dict(nodes)
-
-
-def unserved_nodes(app: Celery, nodes: list[str]) -> list[str]:
-    """The nodes among ``nodes`` that no running worker serves."""
-    served = workers_by_node(app)
-    return [node for node in nodes if node not in served]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -153,7 +153,7 @@ def done_path_for(output_file: str | None, output_dir: str, job_id: str) -> str:
     return f"{output_dir.rstrip('/')}/{job_id}.json.done"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JobSpec:
     """One job as the worker receives it (JSON-serialisable).
 
@@ -187,7 +187,8 @@ class JobSpec:
     retry_delay: float = 2.0
 
     def to_message(self) -> dict[str, Any]:
-        return asdict(self)
+        """The message (a plain dict; lists and dicts are shared, not copied)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_message(cls, message: Any) -> JobSpec:

@@ -19,11 +19,11 @@ from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.broker import connect_tracking, publisher, redact
 from coordinator.cli.common import EXIT_CODES, CommandFactory, add_inventory_flag, formatter
 from coordinator.cli.node import project_version
-from coordinator.cluster.group import Cluster, NodeOutcome
 from coordinator.cluster.inventory import EXAMPLE, Inventory, inventory_path, load_inventory
 from coordinator.errors import BrokerUnreachableError, ExitCode, NodeFailedError
 
 if TYPE_CHECKING:  # Fabric is imported only by the verbs that use it
+    from coordinator.cluster.group import NodeOutcome
     from coordinator.cluster.remote import RemoteNode
 
 # How long the head node waits for workers' replies to ping and inspect (seconds).
@@ -48,6 +48,8 @@ def report(outcomes: list[NodeOutcome], verb: str) -> int:
 
 def on_nodes(args: argparse.Namespace, verb: str,
              action: Callable[[RemoteNode], str | tuple[str, object]]) -> int:
+    from coordinator.cluster.group import Cluster
+
     with Cluster(load(args), args.nodes) as cluster:
         return report(cluster.each(action), verb)
 
@@ -59,6 +61,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from coordinator.cluster import deploy
+    from coordinator.cluster.group import Cluster
 
     inventory = load(args)
     scripts = (None if args.no_scripts
@@ -97,6 +100,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     from coordinator.cluster import workers
+    from coordinator.cluster.group import Cluster
 
     with Cluster(load(args), args.nodes) as cluster:
         outcomes = cluster.each(lambda remote: ("", workers.logs(remote, args.lines)))
@@ -157,6 +161,7 @@ class BrokerView:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from coordinator.cluster import workers
+    from coordinator.cluster.group import Cluster
     from coordinator.cluster.remote import NodeError
 
     inventory = load(args)

@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 
 import celeryconfig
-from coordinator.broker import connect_tracking, publisher
+from coordinator.broker import connect_tracking
 from coordinator.cli.common import (
     ENVIRONMENT,
     EXIT_CODES,
@@ -23,11 +24,16 @@ from coordinator.collector import render
 from coordinator.errors import ExitCode, InvalidJobsError, RunNotFoundError
 from coordinator.jobs import SAFE_NAME
 from coordinator.progress import ProgressDisplay
-from coordinator.records import RunStatus
+from coordinator.records import FOLLOW_FIELDS, JobRecord
 from coordinator.run import Run, get_run, recover, submit
 from coordinator.submit import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR, latest_run_id, prepare
-from coordinator.workers import unserved_nodes, workers_by_node
+from coordinator.workers import workers_by_node
+from worker_tasks.presence import serving
 from worker_tasks.tracking import JobState, runs_key
+
+# A run with more jobs lists only the interesting ones in `status` (unless --all).
+STATUS_LIST_LIMIT = 200
+QUIET_STATES = (JobState.QUEUED, JobState.SUCCEEDED, JobState.SKIPPED)
 
 
 def add_original_flags(parser: argparse.ArgumentParser) -> None:
@@ -148,23 +154,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
               f"the others published", file=sys.stderr)
     for line in run.pushed:
         print(f"pushed {line}", file=sys.stderr)
-    status = run.status()
     print(json.dumps({"run_id": run.id}) if args.json else run.id, flush=True)
-    print(f"published {status.total} jobs; follow with: coordinator wait {run.id}",
+    print(f"published {sum(run.planned.values())} jobs; follow with: coordinator wait {run.id}",
           file=sys.stderr)
-    warn_unserved(status, args.broker)
+    warn_unserved(run)
     if args.wait:
         return follow(run, args)
     return ExitCode.OK
 
 
-def warn_unserved(status: RunStatus, broker: str | None) -> None:
+def warn_unserved(run: Run) -> None:
     """Say which nodes have no worker: their jobs would wait silently otherwise."""
-    by_node = status.by_node()
-    for node in unserved_nodes(publisher(broker), sorted(by_node)):
-        print(f"{PROG}: warning: no worker serves node {node} (queue node.{node}); its "
-              f"{len(by_node[node])} jobs wait until one starts: coordinator worker --node {node}"
-              f" (or coordinator cluster up {node})", file=sys.stderr)
+    served = serving(run.client, run.planned)
+    for node, count in sorted(run.planned.items()):
+        if node not in served:
+            print(f"{PROG}: warning: no worker serves node {node} (queue node.{node}); its "
+                  f"{count} jobs wait until one starts: coordinator worker --node {node}"
+                  f" (or coordinator cluster up {node})", file=sys.stderr)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -187,7 +193,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not args.no_check:
         for line in run.heal(workdir=args.workdir):
             notice(line)
-    status = run.status()
+    # The job lines need no message fields: a 100,000-job run reads in a second or two.
+    status = run.status() if args.json else run.status(FOLLOW_FIELDS)
     if args.json:
         print(json.dumps({"run_id": status.run_id, "state": status.state,
                           "finished": status.finished,
@@ -195,28 +202,42 @@ def cmd_status(args: argparse.Namespace) -> int:
                           "jobs": [vars(job) for job in status.jobs]}, default=str, indent=2))
         return ExitCode.OK
     print(f"run {status.run_id} ({status.outcome}): {status.line()}")
-    app = publisher(args.broker)
     unassigned = run.broker.llen(celeryconfig.task_default_queue)
     if unassigned:
         print(f"  warning: {unassigned} messages wait in {celeryconfig.task_default_queue}, a "
               f"queue no worker consumes (published without a node's queue)")
-    served = workers_by_node(app)
+    # Asked of the workers themselves (a second): the registry lags a killed worker by 10 s.
+    served = workers_by_node(run.app)
     alive = {worker for workers in served.values() for worker in workers}
+    every = args.all or status.total <= STATUS_LIST_LIMIT
+    listed = 0
     for node, jobs in status.by_node().items():
         workers = ", ".join(served.get(node, [])) or "no worker running"
-        print(f"  node {node} ({workers}):")
+        counts = Counter(job.state for job in jobs)
+        tally = ", ".join(f"{counts[state]} {state}" for state in JobState if counts[state])
+        print(f"  node {node} ({workers}): {len(jobs)} jobs: {tally}")
         for job in jobs:
-            extra = f" exit {job.exit_code}" if job.exit_code not in (None, 0) else ""
-            extra += f" {job.duration_s:.1f} s" if job.duration_s is not None else ""
-            if job.moved_from:
-                extra += f"  (moved from {job.moved_from})"
-            if job.error:
-                extra += f"  {job.error.splitlines()[0]}"
-            if job.state is JobState.RUNNING and job.host not in alive:
-                extra += (f"  (its worker {job.host} does not answer: the job runs again once "
-                          f"a worker serves {node} and the visibility timeout has passed)")
-            print(f"    {job.job_id:<24} {job.state:<10} attempts {job.attempts}{extra}")
+            if not every and (job.state in QUIET_STATES or listed >= STATUS_LIST_LIMIT):
+                continue
+            listed += 1
+            print(f"    {job_line(job, node, alive)}")
+    if not every:
+        print(f"  ({status.total} jobs: only those running, failed, cancelled or lost are "
+              f"listed, at most {STATUS_LIST_LIMIT}; --all lists every one)")
     return ExitCode.OK
+
+
+def job_line(job: JobRecord, node: str, alive: set[str]) -> str:
+    extra = f" exit {job.exit_code}" if job.exit_code not in (None, 0) else ""
+    extra += f" {job.duration_s:.1f} s" if job.duration_s is not None else ""
+    if job.moved_from:
+        extra += f"  (moved from {job.moved_from})"
+    if job.error:
+        extra += f"  {job.error.splitlines()[0]}"
+    if job.state is JobState.RUNNING and job.host not in alive:
+        extra += (f"  (its worker {job.host} does not answer: the job runs again once "
+                  f"a worker serves {node} and the visibility timeout has passed)")
+    return f"{job.job_id:<24} {job.state:<10} attempts {job.attempts}{extra}"
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -297,6 +318,9 @@ def register(command: CommandFactory) -> None:
     sub.add_argument("--no-check", action="store_true",
                      help="print the records as they are: no settling against .done files, "
                           "workers and queues (faster)")
+    sub.add_argument("--all", action="store_true",
+                     help=f"list every job (by default a run of more than {200} jobs lists only "
+                          f"those running, failed, cancelled or lost)")
     sub.set_defaults(handler=cmd_status)
 
     sub = command("runs", "list the newest runs with their progress",

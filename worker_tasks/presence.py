@@ -1,0 +1,101 @@
+"""Which workers serve which nodes, kept in Redis by the workers themselves.
+
+A worker adds itself to its nodes' sets when it is ready and again at every
+Celery heartbeat (every 2 s), and removes itself on a warm shutdown; an entry
+not refreshed for ``PRESENCE_TTL_S`` seconds no longer counts (a killed
+worker). The head node reads these in one round trip instead of broadcasting
+an inspect and waiting a second for replies.
+
+Keys: ``<p>:workers:<node>``, a sorted set of worker names scored by last sighting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterable
+from functools import cache
+from typing import Any
+
+import redis
+from celery.signals import heartbeat_sent, worker_ready, worker_shutdown
+
+from worker_tasks.tracking import KEY_PREFIX
+
+logger = logging.getLogger(__name__)
+
+# A worker unseen for this long (seconds) no longer serves its nodes.
+PRESENCE_TTL_S = 10.0
+QUEUE_PREFIX = "node."
+
+
+def presence_key(node: str) -> str:
+    return f"{KEY_PREFIX}:workers:{node}"
+
+
+def serving(client: redis.Redis, nodes: Iterable[str]) -> dict[str, list[str]]:
+    """node -> names of the workers seen serving it within the last ``PRESENCE_TTL_S``."""
+    names = sorted(set(nodes))
+    if not names:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for node in names:
+        pipe.zrangebyscore(presence_key(node), time.time() - PRESENCE_TTL_S, "+inf")
+    return {node: [worker.decode() for worker in workers]
+            for node, workers in zip(names, pipe.execute(), strict=True) if workers}
+
+
+class Presence:
+    """This worker's entry in its nodes' sets (used from the worker's main process)."""
+
+    def __init__(self) -> None:
+        self.hostname = ""
+        self.nodes: list[str] = []
+
+    @cache  # noqa: B019 (one client for the life of the worker process)
+    def client(self) -> redis.Redis:
+        from worker_tasks.app import app
+
+        url = os.environ.get("SC_TRACKING_URL") or app.conf.broker_url
+        return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+
+    def announce(self) -> None:
+        if not self.nodes:
+            return
+        try:
+            pipe = self.client().pipeline(transaction=False)
+            for node in self.nodes:
+                pipe.zadd(presence_key(node), {self.hostname: time.time()})
+                pipe.expire(presence_key(node), int(PRESENCE_TTL_S * 6))
+            pipe.execute()
+        except redis.RedisError as err:  # the next heartbeat tries again
+            logger.debug("presence not recorded: %s", err)
+
+    def withdraw(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            for node in self.nodes:
+                self.client().zrem(presence_key(node), self.hostname)
+
+
+PRESENCE = Presence()
+
+
+@worker_ready.connect
+def on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
+    queues = [queue.name for queue in sender.task_consumer.queues]
+    PRESENCE.hostname = sender.hostname
+    PRESENCE.nodes = [name.removeprefix(QUEUE_PREFIX) for name in queues
+                      if name.startswith(QUEUE_PREFIX)]
+    PRESENCE.announce()
+
+
+@heartbeat_sent.connect
+def on_heartbeat(sender: Any = None, **kwargs: Any) -> None:
+    PRESENCE.announce()
+
+
+@worker_shutdown.connect
+def on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
+    PRESENCE.withdraw()
