@@ -1,19 +1,33 @@
-"""Dispatch overhead: a run through Redis + Celery against running the scripts directly.
+"""Dispatch, three ways, on the same script: this project, GNU parallel, and the old design.
 
-    python benchmarks/bench_dispatch.py [--jobs 72] [--nodes 4] [--sleep 0.2]
+    python benchmarks/bench_dispatch.py [--sizes 36,1000] [--delays 0,0.2] [--nodes 4]
 
-Both sides run the same script (examples/write_output.py, sleeping --sleep s)
-the same number of times with the same parallelism (one at a time per node):
-  * baseline: a thread per node starting the scripts with subprocess, no broker;
-  * coordinator: a LocalCluster (private Redis, one Celery worker per node),
-    submit, wait, collect, with the .done rule and tracking.
-It prints both makespans, jobs per second and the overhead per job.
+Every way runs ``examples/write_output.py --sleep D`` (it writes a JSON output
+file) N times, one job at a time per node, the nodes in parallel:
+
+* coordinator: a LocalCluster (private Redis, one Celery worker per node), then
+  submit, wait and collect, with the ``.done`` rule, tracking, lease and runner;
+* GNU parallel with one slot per node (``parallel -j NODES``), the baseline;
+* the old design: one thread per node running its jobs one after another, each
+  over a new SSH connection (``ssh host python script ...``) to a real sshd this
+  benchmark starts on 127.0.0.2 with a key of its own.
+
+It prints makespan, jobs per second and the overhead per job (makespan per
+node slot minus the work), then the marginal cost of one more job (the slope
+between the smallest and the largest N) as a ratio to GNU parallel's, and
+where the coordinator's per-job time goes, read from the run's own records.
+GNU parallel (``parallel``) and openssh-server are installed with apt-get
+when missing and allowed; a way that cannot run is reported as skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,18 +44,69 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "examples" / "write_output.py"
 
 
-def jobs_for(count: int, nodes: list[str], sleep: float) -> list[dict]:
-    return [{"job_id": f"job_{i:04d}", "script": "examples/write_output.py",
-             "args": ["--output-file", f"out/job_{i:04d}.json", "--sleep", str(sleep)],
+def jobs_for(count: int, nodes: list[str], sleep: float, tag: str) -> list[dict]:
+    return [{"job_id": f"{tag}_{i:04d}", "script": "examples/write_output.py",
+             "args": ["--output-file", f"out/{tag}_{i:04d}.json", "--sleep", str(sleep)],
              "node": nodes[i % len(nodes)]} for i in range(count)]
 
 
-def direct(jobs: list[dict], nodes: list[str], work: Path) -> float:
+def ensure_debian_package(binary: str, package: str) -> bool:
+    if shutil.which(binary) or Path(binary).exists():
+        return True
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return False
+    print(f"installing {package} (apt-get) ...", file=sys.stderr)
+    done = subprocess.run(["apt-get", "install", "-y", "-q", package], capture_output=True,
+                          env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, check=False)
+    return done.returncode == 0 and (shutil.which(binary) is not None or Path(binary).exists())
+
+
+def coordinator_way(cluster: LocalCluster, jobs: list[dict], work: Path) -> tuple[float, dict]:
+    start = time.perf_counter()
+    run = submit(jobs, output_dir="out", broker_url=cluster.broker_url, workdir=work)
+    run.wait(timeout=3600, workdir=work)
+    summary = run.summary(workdir=work)
+    elapsed = time.perf_counter() - start
+    assert summary["all_succeeded"], json.dumps(summary["counts"])
+    return elapsed, summary
+
+
+def parallel_way(jobs: list[dict], slots: int, work: Path) -> float:
+    lines = "".join(" ".join(job["args"]) + "\n" for job in jobs)
+    start = time.perf_counter()
+    subprocess.run(["parallel", "--will-cite", "-j", str(slots), "--colsep", " ",
+                    sys.executable, str(SCRIPT), "{1}", "{2}", "{3}", "{4}"],
+                   input=lines, text=True, cwd=work, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+class SshHost:
+    """A throwaway sshd on 127.0.0.2 that the old design's per-job connections go to."""
+
+    def __init__(self, root: Path) -> None:
+        from tests.sshd import SshHost as TestHost
+        from tests.sshd import keygen
+
+        root.mkdir(parents=True, exist_ok=True)
+        self.key = keygen(root / "id_ed25519")
+        self.host = TestHost("127.0.0.2", root / "host", self.key.with_suffix(".pub")).start()
+
+    def ssh(self, *argv: str) -> list[str]:
+        return ["ssh", "-q", "-i", str(self.key), "-p", str(self.host.port),
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "BatchMode=yes", f"{getpass.getuser()}@{self.host.address}", *argv]
+
+    def close(self) -> None:
+        self.host.stop()
+
+
+def old_way(jobs: list[dict], nodes: list[str], work: Path, host: SshHost) -> float:
+    """One SSH connection per job; a node's jobs one after another; nodes in parallel."""
     def run_node(node: str) -> None:
         for job in jobs:
             if job["node"] == node:
-                subprocess.run([sys.executable, str(SCRIPT), *job["args"]], cwd=work,
-                               check=True, stdout=subprocess.DEVNULL)
+                command = " ".join([f"cd {work} &&", sys.executable, str(SCRIPT), *job["args"]])
+                subprocess.run(host.ssh(command), check=True, stdout=subprocess.DEVNULL)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(len(nodes)) as pool:
@@ -49,41 +114,106 @@ def direct(jobs: list[dict], nodes: list[str], work: Path) -> float:
     return time.perf_counter() - start
 
 
+def where_the_time_went(summary: dict) -> str:
+    """Per job, from the run's records: the script's attempt, and the gap between jobs."""
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for job in summary["jobs"]:
+        for attempt in job["attempt_history"]:
+            spans.setdefault(job["node"], []).append((attempt["started_at"],
+                                                      attempt["finished_at"]))
+    inside, gaps = [], []
+    for node_spans in spans.values():
+        node_spans.sort()
+        inside += [end - start for start, end in node_spans]
+        gaps += [later[0] - earlier[1] for earlier, later in zip(node_spans, node_spans[1:],
+                                                                 strict=False)]
+    return (f"inside an attempt {statistics.median(inside) * 1000:.0f} ms (the script's own "
+            f"Python start and work, the runner, the marker), between jobs on a node "
+            f"{statistics.median(gaps) * 1000:.0f} ms (recording the result, Celery's "
+            f"acknowledgement and the next message): medians")
+
+
+def script_alone(work: Path, repeat: int = 20) -> float:
+    """The script run directly, one after another: its own start-up and work."""
+    start = time.perf_counter()
+    for index in range(repeat):
+        subprocess.run([sys.executable, str(SCRIPT), "--output-file", f"alone/{index}.json"],
+                       cwd=work, check=True, stdout=subprocess.DEVNULL)
+    return (time.perf_counter() - start) / repeat
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=72)
+    parser.add_argument("--sizes", default="36,1000", help="job counts (default: 36,1000)")
+    parser.add_argument("--delays", default="0,0.2", help="seconds of work per job")
     parser.add_argument("--nodes", type=int, default=4)
-    parser.add_argument("--sleep", type=float, default=0.2)
+    parser.add_argument("--no-ssh", action="store_true", help="leave out the old design")
     args = parser.parse_args()
+    sizes = [int(size) for size in args.sizes.split(",")]
+    delays = [float(delay) for delay in args.delays.split(",")]
     nodes = [f"rig-{chr(ord('a') + i)}" for i in range(args.nodes)]
-    jobs = jobs_for(args.jobs, nodes, args.sleep)
+    have_parallel = ensure_debian_package("parallel", "parallel")
+    have_ssh = not args.no_ssh and ensure_debian_package("/usr/sbin/sshd", "openssh-server")
 
-    with tempfile.TemporaryDirectory() as tmp:
+    results: dict[tuple[str, int, float], float] = {}
+    with tempfile.TemporaryDirectory(prefix="sc-bench-") as tmp:
         work = Path(tmp)
-        (work / "direct").mkdir()
-        baseline = direct(jobs, nodes, work / "direct")
-        with LocalCluster(nodes, scripts_dir=REPO, workdir=work / "cluster",
-                          log_dir=work / "logs") as cluster:
-            start = time.perf_counter()
-            run = submit(jobs, output_dir="out", broker_url=cluster.broker_url,
-                         workdir=work / "cluster")
-            run.wait(timeout=600)
-            summary = run.summary(workdir=work / "cluster")
-            elapsed = time.perf_counter() - start
-        assert summary["all_succeeded"], json.dumps(summary["counts"])
+        (work / "alone").mkdir()
+        alone = script_alone(work)
+        host = SshHost(work / "ssh") if have_ssh else None
+        try:
+            with LocalCluster(nodes, scripts_dir=REPO, workdir=work / "cluster",
+                              log_dir=work / "logs") as cluster:
+                for delay in delays:
+                    for size in sizes:
+                        tag = f"d{int(delay * 1000)}n{size}"
+                        jobs = jobs_for(size, nodes, delay, tag)
+                        seconds, summary = coordinator_way(cluster, jobs, work / "cluster")
+                        results["coordinator", size, delay] = seconds
+                        if size == max(sizes) and delay == 0:
+                            profile = where_the_time_went(summary)
+                        if have_parallel:
+                            (work / "parallel" / "out").mkdir(parents=True, exist_ok=True)
+                            results["GNU parallel", size, delay] = parallel_way(
+                                jobs, len(nodes), work / "parallel")
+                        if host is not None:
+                            (work / "old" / "out").mkdir(parents=True, exist_ok=True)
+                            results["old: SSH per job", size, delay] = old_way(
+                                jobs, nodes, work / "old", host)
+        finally:
+            if host is not None:
+                host.close()
 
-    per_node = args.jobs / args.nodes
-    ideal = per_node * args.sleep
-    print(f"{args.jobs} jobs of {args.sleep:g} s over {args.nodes} nodes, one at a time per "
-          f"node (ideal makespan {ideal:.1f} s)")
-    print(f"{'what':<40} {'makespan s':>10} {'jobs/s':>8} {'overhead/job ms':>16}")
-    for name, seconds in (("direct subprocess, no broker (baseline)", baseline),
-                          ("coordinator: Redis + Celery + .done", elapsed)):
-        overhead = (seconds - ideal) / per_node * 1000
-        print(f"{name:<40} {seconds:>10.2f} {args.jobs / seconds:>8.1f} {overhead:>16.0f}")
-    print(f"coordinator / baseline: {elapsed / baseline:.2f}x; "
-          f"{summary['succeeded']}/{summary['jobs_total']} succeeded")
+    print(f"{len(nodes)} nodes, one job at a time per node; the script alone takes "
+          f"{alone * 1000:.0f} ms (Python start-up and its work)")
+    print(f"{'way':<20} {'N':>5} {'D s':>5} {'makespan s':>11} {'jobs/s':>8} "
+          f"{'overhead/job ms':>16}")
+    ways = ["coordinator", "GNU parallel", "old: SSH per job"]
+    for delay in delays:
+        for size in sizes:
+            for way in ways:
+                if (way, size, delay) not in results:
+                    continue
+                seconds = results[way, size, delay]
+                overhead = (seconds * len(nodes) / size - delay) * 1000
+                print(f"{way:<20} {size:>5} {delay:>5.1f} {seconds:>11.2f} "
+                      f"{size / seconds:>8.1f} {overhead:>16.0f}")
+    small, large = min(sizes), max(sizes)
+    print("marginal cost of one more job (per node slot, between N = "
+          f"{small} and N = {large}):")
+    for delay in delays:
+        slopes = {way: (results[way, large, delay] - results[way, small, delay])
+                  * len(nodes) / (large - small) for way in ways
+                  if (way, large, delay) in results and (way, small, delay) in results}
+        base = slopes.get("GNU parallel")
+        for way, slope in slopes.items():
+            ratio = f"  {slope / base:.2f}x GNU parallel" if base else ""
+            print(f"  D = {delay:g} s  {way:<20} {slope * 1000:>7.1f} ms{ratio}")
+    print(f"coordinator, N = {large}, D = 0: {profile}")
+    for way in ways[1:]:
+        if not any(key[0] == way for key in results):
+            print(f"{way}: skipped (not installed here)")
     return 0
 
 

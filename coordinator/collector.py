@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from coordinator.files import write_json_atomically
 from coordinator.mergers import MERGERS, MergeResult
 from coordinator.records import JobRecord, RunStatus
+from coordinator.report import write_report
 from worker_tasks.tracking import JobState
 
 if TYPE_CHECKING:  # the cluster code (Fabric) is loaded only when outputs are fetched
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # the cluster code (Fabric) is loaded only when outputs are f
 
 SUMMARY_NAME = "run_summary.json"
 JOBLOG_NAME = "joblog"
+REPORT_NAME = "report.html"
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ def collect(status: RunStatus, workdir: str | Path = ".",
     summary["merged"] = {result.kind: result.details for result in merged}
     summary["joblog"] = str(write_joblog(Path(joblog) if joblog else
                                          base / output_dir / JOBLOG_NAME, jobs))
+    summary["report"] = str(write_report(summary, base / output_dir / REPORT_NAME))
     path = write_json_atomically(base / output_dir / SUMMARY_NAME, summary, indent=2)
     return Collection(summary=summary, path=path, merged=merged, status=status, fetched=fetched)
 
@@ -176,5 +179,5 @@ def render(collection: Collection) -> str:
                          f"{error} (log {job['log']})")
     for result in collection.merged:
         lines.extend(result.lines)
-    lines.append(f"summary written to {collection.path}")
+    lines.append(f"summary written to {collection.path} (timeline: {summary['report']})")
     return "\n".join(lines)

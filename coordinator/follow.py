@@ -84,12 +84,16 @@ class RunFollower:
         self.jobs = {job.job_id: job for job in status.jobs}
         self.loaded = True
 
-    def poll(self) -> bool:
-        """Apply what changed since the last poll; True if anything did."""
+    def poll(self, block: float | None = None) -> bool:
+        """Apply what changed since the last poll; True if anything did.
+
+        ``block``: wait up to that many seconds for a change (a blocking stream read
+        that returns the moment a job moves).
+        """
         if not self.loaded:
             self.load()
             return True
-        changed = self.read_events()
+        changed = self.read_events(block)
         state = self.client.hget(run_key(self.run_id), "state")
         if state is None:
             read_info(self.client, self.run_id)  # raises RunNotFoundError
@@ -103,8 +107,9 @@ class RunFollower:
                 changed = True
         return changed
 
-    def read_events(self) -> bool:
-        reply = self.client.xread({events_key(self.run_id): self.last_id}, count=EVENTS_PER_POLL)
+    def read_events(self, block: float | None = None) -> bool:
+        reply = self.client.xread({events_key(self.run_id): self.last_id}, count=EVENTS_PER_POLL,
+                                  block=None if not block else max(1, int(block * 1000)))
         changed = False
         for _, entries in reply or []:
             for entry_id, fields in entries:
@@ -161,9 +166,11 @@ def follow(client: redis.Redis, app: Celery, broker: redis.Redis, run_id: str,
     follower = RunFollower(client, run_id)
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
     healer = Healer(client, app, broker, run_id, options)
+    first = True
     while True:
         try:
-            changed = follower.poll()
+            changed = follower.poll(None if first else options.poll_interval)
+            first = False
         except redis.ConnectionError as err:
             reconnect(client, err, options)
             if client.exists(run_key(run_id)) == 0:
@@ -188,7 +195,6 @@ def follow(client: redis.Redis, app: Celery, broker: redis.Redis, run_id: str,
         if deadline is not None and time.monotonic() >= deadline:
             raise WaitTimeoutError(
                 f"run {run_id}: not finished after {options.timeout:g} s ({status.line()})")
-        time.sleep(options.poll_interval)
 
 
 def reconnect(client: redis.Redis, err: Exception, options: FollowOptions) -> None:

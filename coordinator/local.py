@@ -18,15 +18,19 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import redis
+
 from coordinator.errors import ClusterStartError
 from coordinator.redis_server import RedisServer
-from worker_tasks.app import make_app
-from worker_tasks.spec import queue_for
+from worker_tasks.presence import seen_since
+from worker_tasks.spec import node_of_queue, queue_for
 
 # How long workers may take to answer a ping after starting (seconds; 2 slow cores).
 READY_TIMEOUT_S = 90.0
 # Grace for a worker's warm shutdown before it is killed (seconds).
 STOP_GRACE_S = 10.0
+# How often readiness is looked at while workers start (seconds).
+READY_POLL_S = 0.05
 
 
 def worker_command(node: str, loglevel: str = "INFO") -> list[str]:
@@ -51,7 +55,8 @@ class LocalCluster:
     """A private Redis plus one Celery worker (concurrency 1) per node.
 
     Parameters:
-        nodes: node labels; each gets a worker on queue ``node.<label>``.
+        nodes: node labels; each gets a worker on queue ``node.<label>``. A label
+            ``<node>.gpu<k>`` is one GPU of a node (per-GPU mode).
         scripts_dir: where workers look up job scripts.
         workdir: where scripts run and relative paths resolve.
         log_dir: where worker logs go (created).
@@ -76,6 +81,7 @@ class LocalCluster:
         self._broker_url = broker_url
         self.extra_env = extra_env or {}
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.started_at: dict[str, float] = {}
 
     @property
     def broker_url(self) -> str:
@@ -107,6 +113,7 @@ class LocalCluster:
         return self
 
     def start_worker(self, node: str) -> subprocess.Popen[bytes]:
+        self.started_at[node] = time.time()
         with (self.log_dir / f"worker-{node}.log").open("ab") as log:
             process = subprocess.Popen(
                 worker_command(node), cwd=self.workdir, env=self.worker_env(),
@@ -117,9 +124,18 @@ class LocalCluster:
         return process
 
     def wait_ready(self, nodes: Iterable[str] | None = None) -> None:
-        """Block until every worker answers a ping; raise if one dies or is too slow."""
-        wanted = {worker_name(node) for node in (nodes or self.nodes)}
-        app = make_app(self.broker_url)
+        """Block until every worker is ready; raise if one dies or is too slow.
+
+        A worker announces itself in Redis the moment it is ready to consume (see
+        ``worker_tasks.presence``); polling that answers in milliseconds, where a
+        ping round waits a whole second for replies.
+        """
+        chosen = list(nodes or self.nodes)
+        wanted = {worker_name(node) for node in chosen}
+        since = min(self.started_at.get(node, 0.0) for node in chosen)
+        # Presence is kept by node: a per-GPU worker (rig-a.gpu1) is found under rig-a.
+        labels = {node_of_queue(queue_for(node)) or node for node in chosen}
+        client = redis.Redis.from_url(self.broker_url, socket_connect_timeout=5)
         deadline = time.monotonic() + READY_TIMEOUT_S
         try:
             while wanted and time.monotonic() < deadline:
@@ -129,23 +145,27 @@ class LocalCluster:
                             f"worker for node {node} exited with status {process.returncode}; "
                             f"see {self.log_dir / f'worker-{node}.log'}"
                         )
-                replies = app.control.ping(timeout=1.0) or []
-                for reply in replies:
-                    wanted -= set(reply)
+                wanted -= seen_since(client, labels, since)
+                if wanted:
+                    time.sleep(READY_POLL_S)
         finally:
-            app.close()
+            client.close()
         if wanted:
             raise ClusterStartError(
                 f"workers {', '.join(sorted(wanted))} did not answer within "
                 f"{READY_TIMEOUT_S:g} s; see their logs in {self.log_dir}"
             )
 
-    def stop_workers(self, nodes: Iterable[str], grace: float = STOP_GRACE_S) -> None:
-        """Warm shutdown for all at once, then kill what is left after ``grace``."""
+    def stop_workers(self, nodes: Iterable[str], grace: float = STOP_GRACE_S,
+                     now: bool = False) -> None:
+        """Warm shutdown for all at once, then kill what is left after ``grace``.
+
+        ``now``: kill at once (for idle workers: a warm shutdown only costs a second).
+        """
         processes = [self.workers.pop(node) for node in list(nodes) if node in self.workers]
         for process in processes:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
+                os.killpg(process.pid, signal.SIGKILL if now else signal.SIGTERM)
         deadline = time.monotonic() + grace
         for process in processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -163,13 +183,16 @@ class LocalCluster:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=STOP_GRACE_S)
 
-    def stop(self) -> None:
-        """Stop the workers, then Redis; another Ctrl-C (or SIGTERM) cannot cut it short."""
+    def stop(self, now: bool = False) -> None:
+        """Stop the workers, then Redis; another Ctrl-C (or SIGTERM) cannot cut it short.
+
+        ``now``: the workers are idle (the run is over): kill them without the warm wait.
+        """
         held = (signal.SIGINT, signal.SIGTERM)
         previous = ({signum: signal.signal(signum, signal.SIG_IGN) for signum in held}
                     if is_main_thread() else {})
         try:
-            self.stop_workers(list(self.workers))
+            self.stop_workers(list(self.workers), now=now)
         finally:
             try:
                 if self.redis is not None:

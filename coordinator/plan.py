@@ -64,7 +64,12 @@ class Plan:
             f"{self.output_dir}; paths {'preserved' if self.preserve_paths else 'rewritten'}"
         ]
         for node, specs in self.by_node().items():
-            lines.append(f"node {node} (queue node.{node}): {len(specs)} jobs, run one at a time")
+            if specs and specs[0].per_gpu:
+                queues = ", ".join(sorted({spec.queue for spec in specs}))
+                lines.append(f"node {node} ({queues}): {len(specs)} jobs, one at a time per GPU")
+            else:
+                lines.append(f"node {node} (queue node.{node}): {len(specs)} jobs, run one at "
+                             f"a time")
             for spec in specs:
                 lines.append(
                     f"  {spec.job_id}  gpu {spec.gpu_id}  {spec.script} {' '.join(spec.args)}"
@@ -84,7 +89,7 @@ def check_output_dir(output_dir: str) -> str:
 
 def plan_jobs(
     jobs: Iterable[Job], run_id: str, output_dir: str, preserve_paths: bool = False,
-    retries: int = 0, retry_delay: float = 2.0,
+    retries: int = 0, retry_delay: float = 2.0, per_gpu: bool = False,
 ) -> Plan:
     """Rewrite paths and derive markers; refuse outputs outside the workdir, or shared.
 
@@ -130,6 +135,7 @@ def plan_jobs(
                 env=dict(job.env),
                 retries=job.retries if job.retries is not None else retries,
                 retry_delay=job.retry_delay if job.retry_delay is not None else retry_delay,
+                per_gpu=per_gpu,
             )
         )
     return Plan(run_id=run_id, output_dir=output_dir, preserve_paths=preserve_paths, specs=specs,

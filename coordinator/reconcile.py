@@ -57,19 +57,29 @@ class Liveness:
     cannot tell (a restarted worker has the same name as the one that died).
     """
 
-    leases: dict[str, str] = field(default_factory=dict)
+    leases: dict[str, list[str]] = field(default_factory=dict)
 
     def running(self, job: JobRecord) -> bool:
-        """The job's attempt is alive: it holds its node's lease."""
-        holder = self.leases.get(job.node, "")
-        return bool(job.task_id) and holder.endswith(f"/{job.task_id}")
+        """The job's attempt is alive: it holds its node's lease (or one of its GPUs')."""
+        if not job.task_id:
+            return False
+        holders = self.leases.get(job.node, [])
+        return any(holder.endswith(f"/{job.task_id}") for holder in holders)
 
 
 def liveness(app: Celery, client: redis.Redis, nodes: Iterable[str]) -> Liveness:
-    names = sorted(set(nodes))
-    values = client.mget([lease_key(node) for node in names]) if names else []
-    leases = {node: value.decode() for node, value in zip(names, values, strict=True) if value}
-    return Liveness(leases=leases)
+    """Who holds the leases of ``nodes`` (and of their GPUs, in per-GPU mode)."""
+    keys: dict[str, str] = {}
+    for node in sorted(set(nodes)):
+        keys[lease_key(node)] = node
+        for key in client.scan_iter(match=lease_key(f"{node}.gpu*"), count=1000):
+            keys[key.decode()] = node
+    leases: dict[str, list[str]] = defaultdict(list)
+    values = client.mget(list(keys)) if keys else []
+    for key, value in zip(keys, values, strict=True):
+        if value:
+            leases[keys[key]].append(value.decode())
+    return Liveness(leases=dict(leases))
 
 
 def settle(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord], live: Liveness,
@@ -98,9 +108,16 @@ def settle(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord], live: Li
     return notes
 
 
-def queue_keys(node: str) -> list[str]:
-    queue = queue_for(node)
-    return [queue, *(f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS)]
+def queue_keys(node: str, broker: redis.Redis | None = None) -> list[str]:
+    """The Redis lists that hold a node's messages: its queue (with kombu's priority lists),
+    and the queues of its GPUs in per-GPU mode."""
+    queues = [queue_for(node)]
+    if broker is not None:
+        queues += [key.decode() for key in broker.scan_iter(match=f"{queue_for(node)}.gpu*",
+                                                             count=1000)
+                   if PRIORITY_SEPARATOR.encode() not in key]
+    return [key for queue in queues
+            for key in (queue, *(f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS))]
 
 
 def messages_present(broker: redis.Redis, nodes: Iterable[str], task_ids: set[str],
@@ -112,7 +129,7 @@ def messages_present(broker: redis.Redis, nodes: Iterable[str], task_ids: set[st
         return found
     blobs: list[bytes] = list(broker.hvals(UNACKED_KEY))
     for node in set(nodes):
-        for key in queue_keys(node):
+        for key in queue_keys(node, broker):
             blobs.extend(broker.lrange(key, 0, -1))
     encoded = {task_id: json.dumps(task_id).encode() for task_id in wanted}
     for blob in blobs:
@@ -140,7 +157,7 @@ def queue_is_short(broker: redis.Redis, jobs: Sequence[JobRecord]) -> bool:
     unacked = broker.hlen(UNACKED_KEY)
     for node, count in waiting.items():
         pipe = broker.pipeline(transaction=False)
-        for key in queue_keys(node):
+        for key in queue_keys(node, broker):
             pipe.llen(key)
         if sum(pipe.execute()) + unacked < count:
             return True

@@ -51,6 +51,7 @@ class JobRecord:
     retry_at: float | None = None
     moved_from: str | None = None
     pin: bool = False
+    per_gpu: bool = False
 
     @classmethod
     def from_redis(cls, raw: dict[str, Any]) -> JobRecord:
@@ -65,7 +66,7 @@ class JobRecord:
 
 # What a record's ``spec`` (the job's message) contributes to a JobRecord.
 SPEC_VALUES = ("job_id", "node", "gpu_id", "script", "args", "output_file", "done_file",
-               "log_file", "retries")
+               "log_file", "retries", "per_gpu")
 # The record's own fields (``spec`` is read as one JSON value and unpacked).
 RECORD_FIELDS = [f.name for f in fields(JobRecord) if f.name not in SPEC_VALUES
                  or f.name == "node"] + ["spec"]

@@ -68,8 +68,9 @@ class Run:
         self._broker: redis.Redis | None = None
         # Jobs a recovered run found done (their .done exists) and did not publish.
         self.recovered = 0
-        # Jobs per node, as submitted (set by ``submit``).
+        # Jobs per node, and the slots (nodes, or nodes' GPUs) they run on, as submitted.
         self.planned: dict[str, int] = {}
+        self.slots: list[str] = []
 
     def __repr__(self) -> str:
         return f"Run({self.id!r})"
@@ -197,6 +198,7 @@ def submit(
     inventory: InventoryInput = None,
     retries: int = 0,
     retry_delay: float = 2.0,
+    per_gpu: bool = False,
 ) -> Run:
     """Validate, record and publish a run; returns its handle.
 
@@ -205,12 +207,14 @@ def submit(
     it (labels or hosts; a node it lacks is refused) and, for nodes without
     shared storage, Step 3 inputs are pushed to the node before publishing and
     outputs fetched when collecting. ``retries`` / ``retry_delay``: automatic
-    retries of failed attempts, for jobs that set none.
+    retries of failed attempts, for jobs that set none. ``per_gpu``: one job at a
+    time per GPU of a node (queues ``node.<node>.gpu<k>``, a worker per GPU)
+    instead of per node.
     Raises ``InvalidJobsError`` (nothing published), ``BrokerUnreachableError``,
     or ``NodeFailedError`` (an input could not be pushed; nothing published).
     """
     return _publish(jobs, output_dir, preserve_paths, broker_url, tracking_url, chunk_dir,
-                    workdir, inventory, retries, retry_delay, recover=False)
+                    workdir, inventory, retries, retry_delay, per_gpu, recover=False)
 
 
 def recover(
@@ -224,6 +228,7 @@ def recover(
     inventory: InventoryInput = None,
     retries: int = 0,
     retry_delay: float = 2.0,
+    per_gpu: bool = False,
 ) -> Run:
     """A run re-created from its jobs file and the ``.done`` files on disk.
 
@@ -232,18 +237,18 @@ def recover(
     only the others are published. Arguments as for ``submit``.
     """
     return _publish(jobs, output_dir, preserve_paths, broker_url, tracking_url, chunk_dir,
-                    workdir, inventory, retries, retry_delay, recover=True)
+                    workdir, inventory, retries, retry_delay, per_gpu, recover=True)
 
 
 def _publish(jobs: JobsInput, output_dir: str, preserve_paths: bool, broker_url: str | None,
              tracking_url: str | None, chunk_dir: str, workdir: str | Path,
-             inventory: InventoryInput, retries: int, retry_delay: float,
+             inventory: InventoryInput, retries: int, retry_delay: float, per_gpu: bool,
              recover: bool) -> Run:
     url = resolve_broker_url(broker_url)
     cluster = load_inventory_input(inventory)
     plan, conversions = prepare(jobs, output_dir, preserve_paths, chunk_dir,
                                 resolve_node=cluster.resolve if cluster else None,
-                                retries=retries, retry_delay=retry_delay)
+                                retries=retries, retry_delay=retry_delay, per_gpu=per_gpu)
     client = connect_tracking(tracking_url, url)
     app = publisher(url)
     check_broker(app)
@@ -257,11 +262,13 @@ def _publish(jobs: JobsInput, output_dir: str, preserve_paths: bool, broker_url:
             run.pushed = [outcome.line() for outcome in push_inputs(cluster, plan_, Path(workdir))]
 
     extra = {"jobs_file": str(Path(jobs).resolve()) if isinstance(jobs, str | Path) else None,
-             "workdir": str(Path(workdir).resolve()), "recovered": recover}
+             "workdir": str(Path(workdir).resolve()), "recovered": recover,
+             "per_gpu": per_gpu}
     publish_run(plan, conversions, client, app, workdir, before_publish=before, extra=extra,
                 done=done)
     run.recovered = len(done)
     run.planned = {node: len(specs) for node, specs in plan.by_node().items()}
+    run.slots = sorted({spec.slot for spec in plan.specs})
     return run
 
 

@@ -29,7 +29,7 @@ from coordinator.broker import redact
 from coordinator.errors import BrokerUnreachableError, InvalidJobsError
 from coordinator.jobs import Job, LegacyScoringJob, iter_load_jobs
 from coordinator.plan import Plan, plan_jobs
-from worker_tasks.spec import RUN_JOB_TASK, JobSpec, queue_for
+from worker_tasks.spec import RUN_JOB_TASK, JobSpec
 from worker_tasks.tracking import (
     CREATE_LUA,
     RUN_TTL_S,
@@ -76,12 +76,14 @@ def prepare(
     resolve_node: NodeResolver | None = None,
     retries: int = 0,
     retry_delay: float = 2.0,
+    per_gpu: bool = False,
 ) -> tuple[Plan, list[legacy.Conversion]]:
     """Validate and plan a run; returns the plan and the legacy conversions.
 
     ``resolve_node`` (from an inventory) maps each job's node name to a node label
     and refuses a node it does not know; ``retries`` / ``retry_delay`` apply to jobs
-    that set none. Raises ``InvalidJobsError`` (exit 2) before anything is written
+    that set none; ``per_gpu``: one job at a time per GPU instead of per node (queues
+    ``node.<node>.gpu<k>``). Raises ``InvalidJobsError`` (exit 2) before anything is written
     or published. Nothing is written: legacy chunk files are written by
     ``legacy.write_chunks``.
     """
@@ -101,7 +103,7 @@ def prepare(
                 yield entry
 
     plan = plan_jobs(script_jobs(), run_id or new_run_id(), output_dir, preserve_paths,
-                     retries=retries, retry_delay=retry_delay)
+                     retries=retries, retry_delay=retry_delay, per_gpu=per_gpu)
     return plan, conversions
 
 
@@ -127,7 +129,8 @@ def message_of(spec: JobSpec) -> dict[str, Any]:
 
 
 # Message fields a record leaves out when they hold their default (smaller records).
-DEFAULTS = {"timeout": None, "env": {}, "retries": 0, "retry_delay": 2.0, "output_file": None}
+DEFAULTS = {"timeout": None, "env": {}, "retries": 0, "retry_delay": 2.0, "output_file": None,
+            "per_gpu": False}
 
 
 def stored_spec(spec: JobSpec) -> dict[str, Any]:
@@ -211,7 +214,7 @@ def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str]) -> N
     try:
         with app.producer_or_acquire() as producer:
             # Each node's queue is declared once, not once per message.
-            for queue in {queue_for(spec.node) for spec in specs}:
+            for queue in {spec.queue for spec in specs}:
                 producer.maybe_declare(amqp.queues[queue])
             dispatcher = app.events.Dispatcher(producer.connection, enabled=False)
             for part, ids in zip(chunks(specs), chunks(task_ids), strict=True):
@@ -226,7 +229,7 @@ def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str]) -> N
 def publish_one(amqp: Any, producer: Any, dispatcher: Any, spec: JobSpec, task_id: str,
                 sent_event: bool) -> None:
     message = message_of(spec)
-    queue = queue_for(spec.node)
+    queue = spec.queue
     # Flower's view of the arguments: one readable line, made cheaply (Celery's saferepr
     # of a job's message costs more than the rest of publishing it, and a full copy of the
     # message would double what each queued job weighs in Redis).

@@ -451,6 +451,10 @@ def test_a_second_ctrl_c_during_local_shutdown_leaks_nothing(tmp_path: Path) -> 
         assert len(redis_dirs) == 1
         redis_pid = next(int(entry.name) for entry in Path("/proc").iterdir()
                          if entry.name.isdigit() and cwd_of(entry) == str(redis_dirs[0]))
+        started = [int(entry.name) for entry in Path("/proc").iterdir()
+                   if entry.name.isdigit() and (cwd_of(entry) or "").startswith(str(tmp_path))
+                   and int(entry.name) != process.pid]
+        assert len(started) >= 6  # two workers with their pool processes, two scripts
         process.send_signal(signal.SIGINT)
         for _ in range(200):  # impatient: again and again, all through the shutdown
             time.sleep(0.02)
@@ -467,6 +471,7 @@ def test_a_second_ctrl_c_during_local_shutdown_leaks_nothing(tmp_path: Path) -> 
     assert "stopped the local cluster" in stderr
     assert not alive(redis_pid)
     assert list(tmp_path.glob("sc-redis-*")) == []
+    assert [pid for pid in started if alive(pid)] == []
 
 
 def test_status_shows_at_most_one_running_job_per_node_after_kills(tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ class NodeLease:
 
     Parameters:
         client: the tracking Redis.
-        node: the node label.
+        node: the node label, or ``<node>.gpu<k>`` for one GPU of it (per-GPU mode).
         host: this worker's name (``rig-a@machine``).
         task_id: the job's message id.
     """

@@ -22,13 +22,13 @@ from typing import Any
 import redis
 from celery.signals import heartbeat_sent, worker_ready, worker_shutdown
 
+from worker_tasks.spec import node_of_queue
 from worker_tasks.tracking import KEY_PREFIX
 
 logger = logging.getLogger(__name__)
 
 # A worker unseen for this long (seconds) no longer serves its nodes.
 PRESENCE_TTL_S = 10.0
-QUEUE_PREFIX = "node."
 
 
 def presence_key(node: str) -> str:
@@ -45,6 +45,15 @@ def serving(client: redis.Redis, nodes: Iterable[str]) -> dict[str, list[str]]:
         pipe.zrangebyscore(presence_key(node), time.time() - PRESENCE_TTL_S, "+inf")
     return {node: [worker.decode() for worker in workers]
             for node, workers in zip(names, pipe.execute(), strict=True) if workers}
+
+
+def seen_since(client: redis.Redis, nodes: Iterable[str], since: float) -> set[str]:
+    """Names of the workers of ``nodes`` that announced themselves at or after ``since``."""
+    names = sorted(set(nodes))
+    pipe = client.pipeline(transaction=False)
+    for node in names:
+        pipe.zrangebyscore(presence_key(node), since, "+inf")
+    return {worker.decode() for workers in pipe.execute() for worker in workers}
 
 
 class Presence:
@@ -86,8 +95,8 @@ PRESENCE = Presence()
 def on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
     queues = [queue.name for queue in sender.task_consumer.queues]
     PRESENCE.hostname = sender.hostname
-    PRESENCE.nodes = [name.removeprefix(QUEUE_PREFIX) for name in queues
-                      if name.startswith(QUEUE_PREFIX)]
+    # A per-GPU worker (node.rig-a.gpu1) serves its node too: presence is by node.
+    PRESENCE.nodes = sorted({node for node in map(node_of_queue, queues) if node})
     PRESENCE.announce()
 
 

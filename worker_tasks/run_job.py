@@ -258,7 +258,7 @@ class JobExecution:
             self.revoked()
         if done.exists():
             return self.skip()
-        lease = NodeLease(tracker().client, spec.node, self.host, self.task_id)
+        lease = NodeLease(tracker().client, spec.slot, self.host, self.task_id)
         if not retrying("lease", lambda: lease.acquire(give_up=lambda: not self.still_wanted())):
             return self.not_wanted()
         try:

@@ -92,22 +92,19 @@ def _runner_main(argv: Sequence[str], cwd: str, env: Mapping[str, str], log_path
     if os.getppid() != parent:  # the pool process died before PDEATHSIG was armed
         os._exit(128 + signal.SIGTERM)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    null_fd = os.open(os.devnull, os.O_RDONLY)
-    script = os.fork()
-    if script == 0:
-        try:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(signum, signal.SIG_DFL)
-            os.dup2(null_fd, 0)
-            os.dup2(log_fd, 1)
-            os.dup2(log_fd, 2)
-            os.close(status_fd)
-            os.chdir(cwd)
-            os.execve(argv[0], list(argv), dict(env))
-        except OSError as err:
-            os.write(2, f"could not start {argv[0]}: {err}\n".encode())
-        os._exit(EXEC_FAILED)
-    os.close(null_fd)
+    os.chdir(cwd)  # the script's working directory (posix_spawn has no chdir of its own)
+    try:
+        # posix_spawn (vfork and exec): no second copy of the worker's address space.
+        script = os.posix_spawn(
+            argv[0], list(argv), dict(env),
+            file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                          (os.POSIX_SPAWN_DUP2, log_fd, 1), (os.POSIX_SPAWN_DUP2, log_fd, 2),
+                          (os.POSIX_SPAWN_CLOSE, status_fd)],
+            setsigdef=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+    except OSError as err:
+        os.write(log_fd, f"could not start {argv[0]}: {err}\n".encode())
+        os.write(status_fd, struct.pack("i", EXEC_FAILED << 8))  # "exited with 127"
+        os._exit(0)
     os.close(log_fd)
     while True:
         pid, status = os.waitpid(-1, 0)

@@ -25,6 +25,7 @@ RUN_JOB_TASK = "scripts_coordinator.run_job"
 # \Z, not $: "rig-a\n" must not pass.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+PER_GPU_SUFFIX = re.compile(r"\.gpu[0-9]+\Z")
 # GPU indexes a job may ask for (CUDA_VISIBLE_DEVICES takes one index).
 MAX_GPU_ID = 255
 # The longest per-job timeout (seconds): 30 days; longer is a typo, and inf is refused.
@@ -141,9 +142,27 @@ def check_retries(value: Any) -> int:
     return value
 
 
-def queue_for(node: str) -> str:
-    """The Redis queue of a node: ``node.<node>``."""
-    return f"node.{node}"
+def check_flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidMessage(f"{what} must be true or false, not {value!r}")
+    return value
+
+
+def queue_for(node: str, gpu: int | None = None) -> str:
+    """The Redis queue of a node, ``node.<node>``; of one GPU of it, ``node.<node>.gpu<k>``."""
+    return f"node.{node}" if gpu is None else f"node.{node}.gpu{gpu}"
+
+
+def slot_of(node: str, gpu: int | None = None) -> str:
+    """What one job at a time is enforced for: the node, or one GPU of it (per-GPU mode)."""
+    return node if gpu is None else f"{node}.gpu{gpu}"
+
+
+def node_of_queue(queue: str) -> str | None:
+    """The node label a queue serves (``node.rig-a`` and ``node.rig-a.gpu1``: ``rig-a``)."""
+    if not queue.startswith("node."):
+        return None
+    return PER_GPU_SUFFIX.sub("", queue.removeprefix("node."))
 
 
 def done_path_for(output_file: str | None, output_dir: str, job_id: str) -> str:
@@ -170,6 +189,8 @@ class JobSpec:
         env: extra environment variables for the script (allow-listed names).
         retries: failed attempts retried automatically, on the same node.
         retry_delay: base of the exponential backoff between attempts (seconds).
+        per_gpu: one job at a time per GPU of the node (queue ``node.<node>.gpu<k>``)
+            instead of per node (the original contract, the default).
     """
 
     run_id: str
@@ -185,6 +206,15 @@ class JobSpec:
     env: dict[str, str] = field(default_factory=dict)
     retries: int = 0
     retry_delay: float = 2.0
+    per_gpu: bool = False
+
+    @property
+    def queue(self) -> str:
+        return queue_for(self.node, self.gpu_id if self.per_gpu else None)
+
+    @property
+    def slot(self) -> str:
+        return slot_of(self.node, self.gpu_id if self.per_gpu else None)
 
     def to_message(self) -> dict[str, Any]:
         """The message (a plain dict; lists and dicts are shared, not copied)."""
@@ -228,4 +258,5 @@ class JobSpec:
             retries=check_retries(message.get("retries", 0)),
             retry_delay=check_seconds(message.get("retry_delay", 2.0), "retry_delay",
                                       MAX_RETRY_DELAY_S, allow_zero=True),
+            per_gpu=check_flag(message.get("per_gpu", False), "per_gpu"),
         )

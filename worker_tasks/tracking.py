@@ -67,7 +67,7 @@ class RunState(StrEnum):
 # The message fields a record keeps in its one ``spec`` field (JSON): the job as planned,
 # stored once. ``node`` is also a field of its own (a move changes it).
 SPEC_FIELDS = ("job_id", "script", "args", "node", "gpu_id", "output_file", "done_file",
-               "log_file", "timeout", "env", "retries", "retry_delay")
+               "log_file", "timeout", "env", "retries", "retry_delay", "per_gpu")
 
 
 def runs_key() -> str:
@@ -94,8 +94,9 @@ def events_key(run_id: str) -> str:
     return f"{KEY_PREFIX}:run:{run_id}:events"
 
 
-def lease_key(node: str) -> str:
-    return f"{KEY_PREFIX}:lease:node:{node}"
+def lease_key(slot: str) -> str:
+    """The lease of a node, or of one GPU of it (``rig-a.gpu1``) in per-GPU mode."""
+    return f"{KEY_PREFIX}:lease:node:{slot}"
 
 
 def run_keys(run_id: str) -> list[str]:

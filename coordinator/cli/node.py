@@ -28,7 +28,7 @@ from coordinator.plan import Plan
 from coordinator.submit import prepare
 from coordinator.workers import workers_by_node
 from worker_tasks import daemon
-from worker_tasks.spec import queue_for
+from worker_tasks.spec import MAX_GPU_ID, queue_for, slot_of
 
 # Lines of the worker's log quoted when it dies at start.
 LOG_TAIL_LINES = 5
@@ -78,6 +78,10 @@ def log_tail(logfile: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
 def cmd_worker(args: argparse.Namespace) -> int:
     if not SAFE_NAME.match(args.node) or ".." in args.node:
         raise InvalidJobsError(f"--node {args.node!r}: use letters, digits, '.', '_', '-'")
+    if args.gpu is not None:  # per-GPU mode: this worker serves one GPU of the node
+        if not 0 <= args.gpu <= MAX_GPU_ID:
+            raise InvalidJobsError(f"--gpu {args.gpu}: give a GPU index in 0..{MAX_GPU_ID}")
+        args.node = slot_of(args.node, args.gpu)
     if args.env_file:
         load_env_file(args.env_file)
     pidfile, logfile = state_path(args, "pid"), state_path(args, "log")
@@ -176,20 +180,23 @@ def cmd_local(args: argparse.Namespace) -> int:
         return ExitCode.OK
     workdir = Path(args.workdir)
     plan, _ = prepare(args.jobs_file, args.output_dir, args.preserve_paths, args.chunk_dir,
-                      retries=args.retries, retry_delay=args.retry_delay)
+                      retries=args.retries, retry_delay=args.retry_delay, per_gpu=args.per_gpu)
     check_scripts_exist(plan, Path(args.scripts_dir))
-    nodes = sorted(plan.by_node())
-    print(f"local cluster: private Redis and {len(nodes)} workers ({', '.join(nodes)})",
+    slots = sorted({spec.slot for spec in plan.specs})  # nodes, or each node's GPUs
+    print(f"local cluster: private Redis and {len(slots)} workers ({', '.join(slots)})",
           file=sys.stderr, flush=True)
     log_dir = workdir / args.output_dir / "logs"
     try:
-        with LocalCluster(nodes, args.scripts_dir, workdir, log_dir=log_dir) as cluster:
+        with LocalCluster(slots, args.scripts_dir, workdir, log_dir=log_dir) as cluster:
             run = submit(Path(args.jobs_file).resolve(), args.output_dir, args.preserve_paths,
                          cluster.broker_url, chunk_dir=args.chunk_dir, workdir=workdir,
-                         retries=args.retries, retry_delay=args.retry_delay)
+                         retries=args.retries, retry_delay=args.retry_delay,
+                         per_gpu=args.per_gpu)
             print(f"run {run.id}: {len(plan.specs)} jobs published", file=sys.stderr,
                   flush=True)
-            return follow(run, args, detached=False)
+            code = follow(run, args, detached=False)
+            cluster.stop(now=True)  # every job is final: the workers are idle
+            return code
     except KeyboardInterrupt:
         print(f"{PROG}: stopped the local cluster: its Redis, workers and running jobs",
               file=sys.stderr)
@@ -211,6 +218,9 @@ def register(command: CommandFactory) -> None:
                   "  coordinator worker --node rig-a --workdir /data --stop     # warm stop\n"
                   "  coordinator worker --node rig-a --workdir /data --status   # JSON")
     sub.add_argument("--node", required=True, help="the node label jobs name, e.g. rig-a")
+    sub.add_argument("--gpu", type=int, metavar="K",
+                     help="per-GPU mode: serve only GPU K of the node (queue node.NODE.gpuK); "
+                          "start one such worker per GPU, for runs submitted with --per-gpu")
     add_place_flags(sub)
     sub.add_argument("--loglevel", default="INFO", help="Celery log level (default: INFO)")
     sub.add_argument("--force", action="store_true",

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import celeryconfig
 from coordinator.broker import connect_tracking
@@ -74,7 +75,10 @@ def add_follow_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_retry_flags(parser: argparse.ArgumentParser) -> None:
-    """Automatic retries, for every command that submits."""
+    """Automatic retries and the per-GPU mode, for every command that submits."""
+    parser.add_argument("--per-gpu", action="store_true",
+                        help="one job at a time per GPU of a node (its gpu_id), not per node: "
+                             "queues node.NODE.gpuK, one worker per GPU (worker --gpu K)")
     parser.add_argument("--retries", type=int, default=0, metavar="N",
                         help="retry a failed attempt up to N times on the same node, for jobs "
                              "that set no 'retries' (default: 0)")
@@ -133,7 +137,8 @@ def print_plan(args: argparse.Namespace, inventory: Inventory | None = None) -> 
     plan, conversions = prepare(args.jobs_file, args.output_dir, args.preserve_paths,
                                 args.chunk_dir,
                                 resolve_node=inventory.resolve if inventory else None,
-                                retries=args.retries, retry_delay=args.retry_delay)
+                                retries=args.retries, retry_delay=args.retry_delay,
+                                per_gpu=args.per_gpu)
     for conversion in conversions:
         print(conversion.note)
     print(plan.describe())
@@ -148,7 +153,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     publish = recover if getattr(args, "recover", False) else submit
     run = publish(args.jobs_file, args.output_dir, args.preserve_paths, args.broker,
                   chunk_dir=args.chunk_dir, workdir=args.workdir, inventory=inventory,
-                  retries=args.retries, retry_delay=args.retry_delay)
+                  retries=args.retries, retry_delay=args.retry_delay, per_gpu=args.per_gpu)
     if publish is recover:
         print(f"recovered run {run.id}: {run.recovered} jobs already done (their .done exists), "
               f"the others published", file=sys.stderr)
@@ -254,6 +259,31 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return ExitCode.OK if collection.all_succeeded else ExitCode.JOBS_FAILED
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from coordinator.collector import build_summary
+    from coordinator.report import render_png, write_report
+
+    if args.summary:  # a finished run, from its run_summary.json (no Redis needed)
+        try:
+            summary = json.loads(Path(args.summary).read_text(encoding="utf-8"))
+            output_dir = Path(args.summary).parent
+        except (OSError, ValueError) as err:
+            raise InvalidJobsError(f"--summary {args.summary}: {err}") from None
+    else:
+        status = resolve_run(args).status()
+        summary = build_summary(status, status.jobs)
+        output_dir = Path(args.workdir) / status.output_dir
+    out = Path(args.out) if args.out else output_dir / "report.html"
+    print(f"timeline of run {summary['run_id']} written to {write_report(summary, out)}")
+    if args.png:
+        try:
+            png = render_png(out, Path(args.png), rows=len(summary["nodes"]))
+        except RuntimeError as err:
+            raise InvalidJobsError(str(err)) from None
+        print(f"and rendered to {png}")
+    return ExitCode.OK
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     run = resolve_run(args)
     print(f"run {run.id}: cancelled {run.cancel()} queued or running jobs")
@@ -342,6 +372,20 @@ def register(command: CommandFactory) -> None:
                      help="first fetch each job's output and .done from the node that ran it "
                           "(nodes with shared_storage = false); needs the inventory")
     sub.set_defaults(handler=cmd_collect)
+
+    sub = command("report", "where a run's time went: an HTML page with a timeline per node",
+                  "coordinator report 20261129-081500-3f9a1c --out run.html --png run.png")
+    add_run_arg(sub)
+    sub.add_argument("--out", metavar="FILE",
+                     help="the HTML file (default: WORKDIR/OUTPUT_DIR/report.html)")
+    sub.add_argument("--png", metavar="FILE",
+                     help="also a PNG screenshot of it (needs Chromium)")
+    sub.add_argument("--summary", metavar="FILE",
+                     help="draw a finished run from its run_summary.json instead of Redis "
+                          "(e.g. after coordinator local)")
+    sub.add_argument("--workdir", default=".", metavar="DIR",
+                     help="where the output directory is (default: .)")
+    sub.set_defaults(handler=cmd_report)
 
     sub = command("cancel", "drop a run's queued jobs and terminate its running ones",
                   "coordinator cancel 20261129-081500-3f9a1c")
