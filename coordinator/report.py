@@ -134,7 +134,8 @@ def render_svg(summary: dict[str, Any]) -> str:
         x = LABEL_WIDTH + tick * (WIDTH - LABEL_WIDTH - 1) / 10
         parts.append(f'<line x1="{x:.1f}" y1="{AXIS_HEIGHT - 6}" x2="{x:.1f}" y2="{height}" '
                      f'stroke="#e0e0e0"/>')
-        parts.append(f'<text x="{x:.1f}" y="{AXIS_HEIGHT - 10}" text-anchor="middle">'
+        anchor = "start" if tick == 0 else "end" if tick == 10 else "middle"
+        parts.append(f'<text x="{x:.1f}" y="{AXIS_HEIGHT - 10}" text-anchor="{anchor}">'
                      f'{makespan * tick / 10:.1f} s</text>')
     for index, row in enumerate(rows):
         y = AXIS_HEIGHT + index * (ROW_HEIGHT + ROW_GAP)
@@ -206,7 +207,7 @@ def render_png(report: Path, png: Path, rows: int) -> Path:
     browser = find_browser()
     if browser is None:
         raise RuntimeError("--png needs Chromium (Debian: apt-get install chromium)")
-    height = 260 + rows * (ROW_HEIGHT + ROW_GAP) + 40 * (SLOWEST_SHOWN + 2)
+    height = 220 + rows * (ROW_HEIGHT + ROW_GAP) + 24 * (max(SLOWEST_SHOWN, rows) + 1)
     with tempfile.TemporaryDirectory(prefix="sc-chromium-") as profile:
         command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                    "--no-first-run", "--disable-background-networking",

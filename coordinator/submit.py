@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 from celery import Celery
-from kombu.exceptions import OperationalError
+from kombu.exceptions import BatchPublishError, KombuError
 
 from coordinator import legacy
 from coordinator.broker import redact
@@ -221,8 +221,11 @@ def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str]) -> N
                 with producer.batch(max_size=BATCH_SIZE):
                     for spec, task_id in zip(part, ids, strict=True):
                         publish_one(amqp, producer, dispatcher, spec, task_id, sent_events)
-    except (OperationalError, OSError, redis.RedisError) as err:
-        message = f"broker {redact(app.conf.broker_url)} failed while publishing: {err}"
+    except (KombuError, OSError, redis.RedisError) as err:
+        # KombuError covers OperationalError and BatchPublishError (a batch the broker
+        # refused part of: its delivery is uncertain, so the run is cancelled).
+        cause = err.__cause__ if isinstance(err, BatchPublishError) and err.__cause__ else err
+        message = f"broker {redact(app.conf.broker_url)} failed while publishing: {cause}"
         raise BrokerUnreachableError(message) from None
 
 

@@ -289,20 +289,22 @@ class JobExecution:
     def attempts(self, done: Path, log: Path, output: Path | None,
                  history: list[dict[str, Any]]) -> dict[str, Any]:
         spec = self.spec
-        log.parent.mkdir(parents=True, exist_ok=True)
-        if output is not None:
-            output.parent.mkdir(parents=True, exist_ok=True)
         while True:
             started = time.time()
             start = self.move(JobState.RUNNING, STARTABLE, "start", host=self.host,
                               started_at=round(started, 3), finished_at=None, error=None,
                               exit_code=None, duration_s=None)
             if start.outcome == "cancelled":
+                logger.warning("job %s of run %s: its run was cancelled; not run", spec.job_id,
+                               spec.run_id)
                 self.move(JobState.CANCELLED, STARTABLE, "cancel", finished_at=now())
                 self.revoked()
             if not start.ok:
                 return self.dropped(f"its record is {start.previous} ({start.outcome})")
             attempt = self.result["attempts"] = start.attempts
+            log.parent.mkdir(parents=True, exist_ok=True)
+            if output is not None:
+                output.parent.mkdir(parents=True, exist_ok=True)
             offset = log.stat().st_size if log.exists() else 0
             log_line(log, f"attempt {attempt} of {spec.job_id} on {self.host} (node {spec.node}, "
                           f"GPU {spec.gpu_id}): {spec.script} {' '.join(spec.args)}")

@@ -24,7 +24,6 @@ from coordinator.cluster.inventory import Inventory, find_inventory
 from coordinator.collector import render
 from coordinator.errors import ExitCode, InvalidJobsError, RunNotFoundError
 from coordinator.jobs import SAFE_NAME
-from coordinator.progress import ProgressDisplay
 from coordinator.records import FOLLOW_FIELDS, JobRecord
 from coordinator.run import Run, get_run, recover, submit
 from coordinator.submit import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR, latest_run_id, prepare
@@ -119,6 +118,8 @@ def follow(run: Run, args: argparse.Namespace, detached: bool = True) -> int:
 
     ``detached``: the run lives on a cluster that outlives this command (not ``local``).
     """
+    from coordinator.progress import ProgressDisplay  # rich loads only to follow a run
+
     try:
         with ProgressDisplay() as progress:
             run.wait(timeout=args.timeout, on_progress=progress, workdir=args.workdir,
