@@ -66,5 +66,12 @@ def legacy_main(argv: Sequence[str] | None = None) -> int:
     return run_cli(runs.cmd_submit, args, prog="scripts-coordinator")
 
 
+def adapter_main(argv: Sequence[str] | None = None) -> int:
+    """``coordinator_adapter.py``: as ``scripts-coordinator``, saying each job's route first."""
+    args = runs.build_legacy_parser("coordinator_adapter.py").parse_args(argv)
+    args.wait, args.json = True, False
+    return run_cli(runs.cmd_adapter, args, prog="coordinator_adapter.py")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -169,6 +169,24 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_adapter(args: argparse.Namespace) -> int:
+    """The old adapter's routes (script job, or legacy inline seeds converted), then the run."""
+    plan, conversions = prepare(args.jobs_file, args.output_dir, args.preserve_paths,
+                                args.chunk_dir, resolve_node=None, retries=args.retries,
+                                retry_delay=args.retry_delay, per_gpu=args.per_gpu)
+    converted = {conversion.job.job_id: conversion for conversion in conversions}
+    for spec in plan.specs:
+        conversion = converted.get(spec.job_id)
+        if conversion is not None:
+            seeds = conversion.job.args[conversion.job.args.index("--seeds-file") + 1]
+            print(f"route {spec.job_id}: legacy scoring job (inline seeds) -> {spec.script} "
+                  f"on {spec.node}, seeds in {seeds}")
+        else:
+            print(f"route {spec.job_id}: script job -> {spec.script} on {spec.node}")
+    sys.stdout.flush()
+    return cmd_submit(args)
+
+
 def warn_unserved(run: Run) -> None:
     """Say which nodes have no worker: their jobs would wait silently otherwise."""
     served = serving(run.client, run.planned)
@@ -413,9 +431,9 @@ def register(command: CommandFactory) -> None:
     sub.set_defaults(handler=cmd_move)
 
 
-def build_legacy_parser() -> argparse.ArgumentParser:
+def build_legacy_parser(prog: str = "scripts-coordinator") -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="scripts-coordinator", formatter_class=formatter,
+        prog=prog, formatter_class=formatter,
         description="Drop-in for the original coordinator: validate the jobs file, publish it\n"
                     "to the per-node queues, follow it with live progress, collect, print the\n"
                     "summary. Needs workers running (coordinator cluster up, or coordinator\n"

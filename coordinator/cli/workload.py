@@ -44,7 +44,24 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_shims(args: argparse.Namespace) -> int:
+    from coordinator.shims import write_shims
+
+    for path in write_shims(args.directory):
+        print(f"wrote {path}")
+    print(f"the pipeline's lines now run scripts-coordinator: cd {args.directory} && "
+          f"python3 scripts_coordinator.py --jobs-file scoring_jobs.json")
+    return ExitCode.OK
+
+
 def register(command: CommandFactory) -> None:
+    sub = command("shims", "write scripts_coordinator.py and coordinator_adapter.py into a "
+                           "pipeline's directory, so its shell scripts run unchanged",
+                  "coordinator shims /opt/pipeline   # then: python3 scripts_coordinator.py "
+                  "--jobs-file scoring_jobs.json")
+    sub.add_argument("directory", metavar="DIR", help="the pipeline's directory")
+    sub.set_defaults(handler=cmd_shims)
+
     jobs = command("jobs", "write jobs files for a workload",
                    "coordinator jobs scoring --help")
     kinds = jobs.add_subparsers(dest="kind", metavar="KIND", required=True)

@@ -17,6 +17,9 @@ MERGED_NAME = "survivors_with_scores.json"
 SCORING_SCRIPTS = {"full_scoring_worker.py", "full-scoring-worker"}
 TOP_N = 10  # rows printed after the merge
 PARAMETERS = ("prng_type", "mod", "skip", "n_draws")
+# The shape of survivors_with_scores.json (README, "The merged Step 3 file"): it only grows
+# fields; a change that breaks a reader gets a new number.
+FORMAT_VERSION = 1
 
 
 class ScoringMerger:
@@ -44,8 +47,8 @@ class ScoringMerger:
             parameters = parameters or params
             results.extend(document.get("results", []))
         results.sort(key=lambda record: (-record["score"], record["seed"]))
-        merged = {**parameters, "mixed_parameters": mixed, "chunks": len(jobs),
-                  "n_seeds": len(results), "results": results}
+        merged = {"format_version": FORMAT_VERSION, **parameters, "mixed_parameters": mixed,
+                  "chunks": len(jobs), "n_seeds": len(results), "results": results}
         path = write_json_atomically(workdir / output_dir / MERGED_NAME, merged)
         lines = [f"merged {len(results)} seeds from {len(jobs)} chunks into "
                  f"{output_dir / MERGED_NAME}", f"top {min(TOP_N, len(results))} by score:",
