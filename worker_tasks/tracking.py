@@ -18,6 +18,8 @@ Keys (``<p>`` is the prefix, ``sc`` by default):
     <p>:run:<run_id>:counts       hash: state -> number of jobs in it
     <p>:run:<run_id>:events       stream: one entry per transition (job, state, extra)
     <p>:lease:node:<node>         the node's lease while one of its jobs runs (lease.py)
+    <p>:busy                      hash: node -> seconds its jobs have run (metrics)
+    <p>:workers:<node>            the workers serving a node (presence.py)
 """
 
 from __future__ import annotations
@@ -97,6 +99,11 @@ def events_key(run_id: str) -> str:
 def lease_key(slot: str) -> str:
     """The lease of a node, or of one GPU of it (``rig-a.gpu1``) in per-GPU mode."""
     return f"{KEY_PREFIX}:lease:node:{slot}"
+
+
+def busy_key() -> str:
+    """Hash: node -> seconds its jobs have run (every attempt, every run): for metrics."""
+    return f"{KEY_PREFIX}:busy"
 
 
 def run_keys(run_id: str) -> list[str]:
@@ -232,6 +239,9 @@ class JobTracker:
         if client is not None:
             return None
         return parse_transition(result)
+
+    def add_busy(self, node: str, seconds: float) -> None:
+        self.client.hincrbyfloat(busy_key(), node, seconds)
 
     def update(self, run_id: str, job_id: str, **fields: Any) -> None:
         """Set fields of a record without changing its state (bookkeeping only)."""

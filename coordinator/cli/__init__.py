@@ -1,8 +1,9 @@
 """Command line: ``coordinator <command>`` and the drop-in ``scripts-coordinator``.
 
 One module per group of verbs: ``runs`` (submit, status, wait, collect, ...),
-``node`` (worker, local), ``cluster`` (the SSH verbs), ``workload`` (jobs
-files and demo data); ``common`` holds what they share.
+``node`` (worker, local), ``cluster`` (the SSH verbs), ``observe`` (flower,
+metrics), ``workload`` (jobs files, the demo, examples, shims); ``common`` holds
+what they share.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from coordinator.cli import cluster, node, runs, workload
+from coordinator.cli import cluster, node, observe, runs, workload
 from coordinator.cli.common import ENVIRONMENT, EXIT_CODES, PROG, ArgumentParser, formatter, run_cli
 from coordinator.cli.node import project_version
 
-GROUPS = (runs, node, cluster, workload)
+GROUPS = (runs, node, cluster, observe, workload)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fan GPU script jobs out over per-node Celery queues; success is a "
                     ".done file.",
         epilog="examples:\n"
-               "  coordinator local --jobs-file examples/hello_jobs.json   # all on this machine\n"
+               "  coordinator demo                                          # Step 3 demo, here\n"
+               "  coordinator examples . && coordinator local --jobs-file \\\n"
+               "      examples/hello_jobs.json                              # all on this machine\n"
                "  coordinator cluster up                                    # workers over SSH\n"
                "  coordinator worker --node rig-a                          # or by hand, per node\n"
                "  coordinator submit --jobs-file scoring_jobs.json --wait   # from the head node\n"

@@ -20,7 +20,7 @@ from coordinator.broker import connect_tracking, publisher, redact
 from coordinator.cli.common import EXIT_CODES, CommandFactory, add_inventory_flag, formatter
 from coordinator.cli.node import project_version
 from coordinator.cluster.inventory import EXAMPLE, Inventory, inventory_path, load_inventory
-from coordinator.errors import BrokerUnreachableError, ExitCode, NodeFailedError
+from coordinator.errors import BrokerUnreachableError, ExitCode, InvalidJobsError, NodeFailedError
 
 if TYPE_CHECKING:  # Fabric is imported only by the verbs that use it
     from coordinator.cluster.group import NodeOutcome
@@ -31,6 +31,12 @@ INSPECT_TIMEOUT_S = 2.0
 
 
 def load(args: argparse.Namespace) -> Inventory:
+    """The inventory; first, that Fabric is here (a worker-only install lacks it)."""
+    try:
+        import fabric  # noqa: F401
+    except ImportError:
+        raise InvalidJobsError("the cluster verbs need Fabric: pip install "
+                               "'scripts-coordinator[head]'") from None
     return load_inventory(inventory_path(args.inventory))
 
 

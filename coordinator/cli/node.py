@@ -164,8 +164,10 @@ def worker_status(args: argparse.Namespace, pidfile: Path, logfile: Path, marker
 
 def check_scripts_exist(plan: Plan, scripts_dir: Path) -> None:
     """Locally the scripts directory is in sight: refuse a missing script before starting."""
+    from worker_tasks.run_job import BUILTIN_SCRIPTS
+
     for index, spec in enumerate(plan.specs):
-        if not (scripts_dir / spec.script).is_file():
+        if not any((base / spec.script).is_file() for base in (scripts_dir, BUILTIN_SCRIPTS)):
             raise InvalidJobsError(
                 f"jobs: job {index} (job_id {spec.job_id!r}): field 'script': {spec.script!r} "
                 f"not found in scripts directory {scripts_dir.resolve()} (see --scripts-dir)")
@@ -249,7 +251,8 @@ def register(command: CommandFactory) -> None:
     sub.set_defaults(handler=cmd_worker)
 
     sub = command("local", "run a jobs file on this machine: private Redis, one worker per node",
-                  "coordinator local --jobs-file examples/hello_jobs.json --output-dir out")
+                  "coordinator examples . && coordinator local --jobs-file "
+                  "examples/hello_jobs.json --output-dir out")
     add_original_flags(sub)
     add_retry_flags(sub)
     add_place_flags(sub)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
 
 from coordinator.cli.common import CommandFactory, add_inventory_flag, formatter
 from coordinator.cluster.inventory import find_inventory
@@ -44,6 +48,52 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """README command 1 without the repository: Step 3 on a local cluster, checked."""
+    from coordinator.cli.node import cmd_local
+    from coordinator.scoring_jobs import generate_scoring_jobs, make_demo_data
+
+    if not 1 <= args.nodes <= 26:
+        raise InvalidJobsError("--nodes: give 1 to 26 nodes")
+    work = Path(args.dir)
+    work.mkdir(parents=True, exist_ok=True)
+    for old in ("full_scoring_results", "scoring_chunks"):  # old markers would be skipped
+        shutil.rmtree(work / old, ignore_errors=True)
+    demo = make_demo_data(work, args.candidates, args.draws, "java_lcg", 1000, None,
+                          args.rng_seed)
+    nodes = ",".join(f"rig-{chr(ord('a') + index)}" for index in range(args.nodes))
+    generate_scoring_jobs(demo.survivors, "train_history.json", nodes, args.chunks, "java_lcg",
+                          1000, work / "scoring_jobs.json", "scoring_chunks",
+                          "full_scoring_results", workdir=work)
+    print(f"demo: {args.candidates} candidates, {args.draws} draws of java_lcg mod 1000, "
+          f"{args.chunks} chunks over {nodes}, in {work}", file=sys.stderr, flush=True)
+    local = argparse.Namespace(
+        jobs_file=str(work / "scoring_jobs.json"), output_dir="full_scoring_results",
+        preserve_paths=False, dry_run=False, chunk_dir="scoring_chunks", scripts_dir=str(work),
+        workdir=str(work), timeout=None, retries=0, retry_delay=2.0, per_gpu=False,
+        joblog=None, failover=None, broker=None)
+    code = cmd_local(local)
+    secret = json.loads(demo.secret.read_text())["secret_seed"]
+    merged = work / "full_scoring_results" / "survivors_with_scores.json"
+    top = json.loads(merged.read_text())["results"][0] if merged.exists() else {}
+    found = top.get("seed") == secret
+    print(f"secret seed {secret} {'found' if found else 'NOT found'} at rank 1 "
+          f"({top.get('matches', 0)} matches)")
+    return code if code or found else ExitCode.JOBS_FAILED
+
+
+def cmd_examples(args: argparse.Namespace) -> int:
+    """The example jobs files and scripts, copied out of the installed package."""
+    source = Path(__file__).resolve().parent.parent / "examples"
+    target = Path(args.directory) / "examples"
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):
+        if path.is_file():
+            shutil.copy2(path, target / path.name)
+            print(f"wrote {target / path.name}")
+    return ExitCode.OK
+
+
 def cmd_shims(args: argparse.Namespace) -> int:
     from coordinator.shims import write_shims
 
@@ -55,6 +105,25 @@ def cmd_shims(args: argparse.Namespace) -> int:
 
 
 def register(command: CommandFactory) -> None:
+    sub = command("demo", "run the Step 3 demo from any directory: synthetic data from a secret "
+                          "seed, 36 chunks on a local cluster, the secret found at rank 1",
+                  "coordinator demo --candidates 1000000 --nodes 4")
+    sub.add_argument("--dir", default="demo", help="where it works (default: ./demo)")
+    sub.add_argument("--candidates", type=int, default=1_000_000,
+                     help="candidate seeds, the secret one included (default: 1000000)")
+    sub.add_argument("--nodes", type=int, default=4, help="local nodes (default: 4)")
+    sub.add_argument("--chunks", type=int, default=36, help="jobs (default: 36)")
+    sub.add_argument("--draws", type=int, default=100, help="history length (default: 100)")
+    sub.add_argument("--rng-seed", type=int, default=2026, help="makes the data reproducible")
+    sub.set_defaults(handler=cmd_demo)
+
+    sub = command("examples", "copy the example jobs files and scripts into DIR/examples",
+                  "coordinator examples . && coordinator local --jobs-file "
+                  "examples/hello_jobs.json")
+    sub.add_argument("directory", nargs="?", default=".", metavar="DIR",
+                     help="where the examples/ directory goes (default: .)")
+    sub.set_defaults(handler=cmd_examples)
+
     sub = command("shims", "write scripts_coordinator.py and coordinator_adapter.py into a "
                            "pipeline's directory, so its shell scripts run unchanged",
                   "coordinator shims /opt/pipeline   # then: python3 scripts_coordinator.py "

@@ -1,0 +1,125 @@
+"""Watching the cluster: ``coordinator flower`` (the dashboard) and ``coordinator metrics``."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import redis
+
+from coordinator.broker import broker_url as resolve_broker_url
+from coordinator.broker import check_broker, connect_tracking, publisher, redact
+from coordinator.cli.common import PROG, CommandFactory
+from coordinator.errors import ExitCode, InvalidJobsError
+
+# Flower reads its settings from FLOWER_* environment variables; this one is user:password.
+AUTH_VARIABLE = "FLOWER_BASIC_AUTH"
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    try:
+        import flower  # noqa: F401  (only to say so clearly when it is missing)
+    except ImportError:
+        raise InvalidJobsError("Flower is not installed: pip install 'scripts-coordinator[head]'"
+                               ) from None
+    auth = os.environ.get(AUTH_VARIABLE, "")
+    if not auth and not is_loopback(args.address):
+        raise InvalidJobsError(
+            f"--address {args.address} is reachable from other machines: set {AUTH_VARIABLE}="
+            f"user:password in the environment (or listen on 127.0.0.1)")
+    if auth and ":" not in auth:
+        raise InvalidJobsError(f"{AUTH_VARIABLE} must be user:password")
+    url = resolve_broker_url(args.broker)
+    check_broker(publisher(url))
+    env = dict(os.environ, SC_BROKER_URL=url)
+    if not auth:  # loopback only: the REST API needs no password either
+        env["FLOWER_UNAUTHENTICATED_API"] = "true"
+    # Flower's own parser wants --name=value (`--port 5555` is "Option 'port' requires a value").
+    command = [sys.executable, "-m", "celery", "-A", "worker_tasks", "flower",
+               f"--address={args.address}", f"--port={args.port}",
+               f"--max_tasks={args.max_tasks}"]
+    print(f"{PROG}: Flower on http://{args.address}:{args.port} for broker {redact(url)}"
+          f"{'' if auth else ' (no password: loopback only)'}", file=sys.stderr, flush=True)
+    os.execve(sys.executable, command, env)  # Flower replaces this process: signals reach it
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from coordinator.metrics import collect, write_textfile
+
+    url = resolve_broker_url(args.broker)
+    broker = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+    tracking = connect_tracking(None, args.broker)
+    if args.textfile:
+        path = Path(args.textfile)
+        while True:
+            write_textfile(path, collect(broker, tracking))
+            if args.interval is None:
+                print(f"wrote {path}")
+                return ExitCode.OK
+            time.sleep(args.interval)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path.split("?")[0] != "/metrics":
+                self.send_error(404, "see /metrics")
+                return
+            try:
+                body = collect(broker, tracking).encode()
+            except redis.RedisError as err:
+                self.send_error(503, f"Redis: {err}")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *values: object) -> None:  # noqa: A002
+            pass  # one line per scrape would drown the log
+
+    server = ThreadingHTTPServer((args.address, args.port), Handler)
+    print(f"{PROG}: metrics on http://{args.address}:{server.server_port}/metrics",
+          file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return ExitCode.OK
+
+
+def register(command: CommandFactory) -> None:
+    sub = command("flower", "start the Flower dashboard with this project's broker settings",
+                  "FLOWER_BASIC_AUTH=admin:change-me coordinator flower --address 0.0.0.0 "
+                  "--port 5555")
+    sub.add_argument("--port", type=int, default=5555, help="HTTP port (default: 5555)")
+    sub.add_argument("--address", default="127.0.0.1",
+                     help="listen address (default: 127.0.0.1); any other needs "
+                          f"{AUTH_VARIABLE}=user:password in the environment")
+    sub.add_argument("--max-tasks", dest="max_tasks", type=int, default=100_000,
+                     help="tasks Flower keeps in memory (default: 100000)")
+    sub.set_defaults(handler=cmd_flower)
+
+    sub = command("metrics", "queue lengths, workers, busy time and runs in Prometheus' format",
+                  "coordinator metrics --port 9108   # or: --textfile /var/lib/node_exporter/"
+                  "sc.prom --interval 15")
+    sub.add_argument("--port", type=int, default=9108, help="HTTP port (default: 9108)")
+    sub.add_argument("--address", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
+    sub.add_argument("--textfile", metavar="FILE",
+                     help="write them to FILE (node_exporter's textfile collector) instead")
+    sub.add_argument("--interval", type=float, metavar="S",
+                     help="with --textfile: write again every S seconds (default: once)")
+    sub.set_defaults(handler=cmd_metrics)

@@ -1,0 +1,114 @@
+"""The cluster in Prometheus' text format: queues, workers, busy time, runs.
+
+Flower's ``/metrics`` knows only what workers report, so a node whose worker
+is gone disappears from it, queued jobs and all. These are read from Redis
+itself, every queue included:
+
+    sc_queue_length{node, queue}         messages waiting in a node's queue (per GPU too)
+    sc_node_workers{node}                workers serving the node (their presence)
+    sc_node_running{node}                1 while one of its jobs holds the node's lease
+    sc_node_busy_seconds_total{node}     time its jobs have run (attempts, all runs)
+    sc_run_jobs{run, state}              jobs of each recent run by state
+    sc_unassigned_messages               messages in node.unassigned (nobody consumes it)
+
+Serve them (``coordinator metrics --port 9108``) or write them for node_exporter's
+textfile collector (``--textfile /var/lib/node_exporter/sc.prom``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import redis
+
+import celeryconfig
+from worker_tasks.presence import serving
+from worker_tasks.spec import node_of_queue
+from worker_tasks.tracking import (
+    JobState,
+    busy_key,
+    counts_key,
+    lease_key,
+    run_key,
+    runs_key,
+)
+
+# Runs reported (the newest): enough for a dashboard, bounded for a Redis of old runs.
+RUNS_REPORTED = 50
+PRIORITY_SEPARATOR = b"\x06\x16"
+
+HELP = {
+    "sc_queue_length": ("gauge", "Messages waiting in a node's queue."),
+    "sc_node_workers": ("gauge", "Workers serving the node (seen within 10 s)."),
+    "sc_node_running": ("gauge", "1 while a job of the node holds its lease."),
+    "sc_node_busy_seconds_total": ("counter", "Seconds the node's jobs have run."),
+    "sc_run_jobs": ("gauge", "Jobs of a run by state."),
+    "sc_unassigned_messages": ("gauge", "Messages in node.unassigned, which no worker "
+                                        "consumes."),
+}
+
+
+def label(**labels: str) -> str:
+    text = ",".join(f'{name}="{str(value).replace(chr(92), "").replace(chr(34), "")}"'
+                    for name, value in labels.items())
+    return f"{{{text}}}" if text else ""
+
+
+def node_queues(broker: redis.Redis) -> dict[str, str]:
+    """queue -> node, for every ``node.*`` list in the broker (consumed or not)."""
+    queues: dict[str, str] = {}
+    for raw in broker.scan_iter(match="node.*", count=1000, _type="list"):
+        if PRIORITY_SEPARATOR in raw:
+            continue
+        queue = raw.decode()
+        node = node_of_queue(queue)
+        if node and queue != celeryconfig.task_default_queue:
+            queues[queue] = node
+    return queues
+
+
+def collect(broker: redis.Redis, tracking: redis.Redis) -> str:
+    """Every metric, in Prometheus' text exposition format."""
+    samples: dict[str, list[tuple[str, float]]] = {name: [] for name in HELP}
+    queues = node_queues(broker)
+    nodes = set(queues.values())
+    busy = {node.decode(): float(value) for node, value in
+            tracking.hgetall(busy_key()).items()}
+    nodes |= set(busy)
+    for queue, node in sorted(queues.items()):
+        samples["sc_queue_length"].append((label(node=node, queue=queue), broker.llen(queue)))
+    served = serving(tracking, nodes)
+    for node in sorted(nodes):
+        samples["sc_node_workers"].append((label(node=node), len(served.get(node, []))))
+        held = tracking.exists(lease_key(node)) or any(
+            True for _ in tracking.scan_iter(match=lease_key(f"{node}.gpu*"), count=100))
+        samples["sc_node_running"].append((label(node=node), 1 if held else 0))
+        samples["sc_node_busy_seconds_total"].append((label(node=node), busy.get(node, 0.0)))
+    for run_id in recent_runs(tracking):
+        raw = tracking.hgetall(counts_key(run_id))
+        counts = {name.decode(): int(value) for name, value in raw.items()}
+        for state in JobState:
+            samples["sc_run_jobs"].append((label(run=run_id, state=state.value),
+                                           counts.get(state.value, 0)))
+    samples["sc_unassigned_messages"].append(("", broker.llen(celeryconfig.task_default_queue)))
+    lines: list[str] = []
+    for name, (kind, text) in HELP.items():
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        lines += [f"{name}{labels} {value:g}" for labels, value in samples[name]]
+    return "\n".join(lines) + "\n"
+
+
+def recent_runs(tracking: redis.Redis) -> Iterable[str]:
+    for raw in tracking.zrevrange(runs_key(), 0, RUNS_REPORTED - 1):
+        run_id = raw.decode()
+        if tracking.exists(run_key(run_id)):
+            yield run_id
+
+
+def write_textfile(path: Path, text: str) -> None:
+    """Whole or not at all, as node_exporter's textfile collector wants."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
