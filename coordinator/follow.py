@@ -268,7 +268,8 @@ class Healer:
         waiting_ids = [job.job_id for job in status.jobs if not job.state.is_final]
         if not waiting_ids:
             return
-        running_ids = [job.job_id for job in status.jobs if job.state is JobState.RUNNING]
+        running_ids = [job.job_id for job in status.jobs
+                       if job.state in (JobState.RUNNING, JobState.FINISHING)]
         running = read_records(self.client, self.run_id, running_ids)
         live = liveness(self.app, self.client, {job.node for job in status.jobs
                                                 if not job.state.is_final})

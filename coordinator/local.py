@@ -24,6 +24,7 @@ from coordinator.errors import ClusterStartError
 from coordinator.redis_server import RedisServer
 from worker_tasks.presence import seen_since
 from worker_tasks.spec import node_of_queue, queue_for
+from worker_tasks.tracking import KEY_PREFIX
 
 # How long workers may take to answer a ping after starting (seconds; 2 slow cores).
 READY_TIMEOUT_S = 90.0
@@ -135,6 +136,7 @@ class LocalCluster:
         since = min(self.started_at.get(node, 0.0) for node in chosen)
         # Presence is kept by node: a per-GPU worker (rig-a.gpu1) is found under rig-a.
         labels = {node_of_queue(queue_for(node)) or node for node in chosen}
+        prefix = self.worker_env().get("SC_KEY_PREFIX") or KEY_PREFIX
         client = redis.Redis.from_url(self.broker_url, socket_connect_timeout=5)
         deadline = time.monotonic() + READY_TIMEOUT_S
         try:
@@ -145,7 +147,7 @@ class LocalCluster:
                             f"worker for node {node} exited with status {process.returncode}; "
                             f"see {self.log_dir / f'worker-{node}.log'}"
                         )
-                wanted -= seen_since(client, labels, since)
+                wanted -= seen_since(client, labels, since, prefix)
                 if wanted:
                     time.sleep(READY_POLL_S)
         finally:

@@ -98,8 +98,8 @@ class ProgressDisplay:
                 continue
             first = job.job_id not in self.seen
             self.seen[job.job_id] = key
-            if first and job.state is JobState.QUEUED:
-                continue
+            if (first and job.state is JobState.QUEUED) or job.state is JobState.FINISHING:
+                continue  # (finishing lasts a few milliseconds: its marker being written)
             extra = ""
             if job.state.is_final and job.duration_s is not None:
                 extra = f" in {job.duration_s:.1f} s"

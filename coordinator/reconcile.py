@@ -37,6 +37,8 @@ from worker_tasks.spec import queue_for
 from worker_tasks.tracking import JobState, JobTracker, lease_key, run_key
 from worker_tasks.tracking import now as timestamp
 
+# States of a job an attempt is working on (its worker holds the node's lease meanwhile).
+ACTIVE = (JobState.RUNNING, JobState.FINISHING)
 # How long workers have to answer a ping (seconds).
 PING_TIMEOUT_S = 1.0
 # A message missing from every place is checked again after this long before the job is
@@ -88,11 +90,11 @@ def settle(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord], live: Li
     tracker = JobTracker(client)
     notes: list[str] = []
     for job in jobs:
-        if job.state is not JobState.RUNNING:
+        if job.state not in ACTIVE:
             continue
         if workdir is not None and job.done_file and (workdir / job.done_file).exists():
             result = tracker.transition(run_id, job.job_id, JobState.SUCCEEDED,
-                                        (JobState.RUNNING,), holding=job.task_id,
+                                        ACTIVE, holding=job.task_id,
                                         finished_at=timestamp(),
                                         error=None, event={"note": "settled by its .done"})
             if result and result.ok:
@@ -101,7 +103,7 @@ def settle(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord], live: Li
         elif not live.running(job):
             error = (f"attempt {job.attempts} died with its worker {job.host}; the job is "
                      f"delivered again when a worker serves {job.node}")
-            result = tracker.transition(run_id, job.job_id, JobState.QUEUED, (JobState.RUNNING,),
+            result = tracker.transition(run_id, job.job_id, JobState.QUEUED, ACTIVE,
                                         holding=job.task_id, error=error)
             if result and result.ok:
                 notes.append(f"{job.job_id}: requeued ({error})")
@@ -168,7 +170,7 @@ def find_lost(app: Celery, client: redis.Redis, broker: redis.Redis, run_id: str
               jobs: Sequence[JobRecord], live: Liveness) -> list[str]:
     """Mark ``lost`` the waiting jobs whose message exists nowhere; returns their ids."""
     suspects = [job for job in jobs if job.task_id and (
-        job.state is JobState.QUEUED or (job.state is JobState.RUNNING and not live.running(job)))]
+        job.state is JobState.QUEUED or (job.state in ACTIVE and not live.running(job)))]
     if not suspects or not queue_is_short(broker, suspects):
         return []
     nodes = {job.node for job in suspects}
@@ -183,7 +185,7 @@ def find_lost(app: Celery, client: redis.Redis, broker: redis.Redis, run_id: str
     for job in suspects:
         if job.task_id in missing:
             result = tracker.transition(
-                run_id, job.job_id, JobState.LOST, (JobState.QUEUED, JobState.RUNNING),
+                run_id, job.job_id, JobState.LOST, (JobState.QUEUED, *ACTIVE),
                 holding=job.task_id, finished_at=timestamp(),
                 error="its message is gone (broker restarted without persistence, or purged) "
                       "and no worker runs it: coordinator retry --lost")

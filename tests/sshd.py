@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
+from tests.toolchains import require
 
 SSHD = "/usr/sbin/sshd"
 # How long sshd may take to accept connections (seconds).
@@ -27,13 +26,7 @@ START_TIMEOUT_S = 20.0
 
 def require_sshd() -> None:
     """Skip without sshd, except under CI, where a missing sshd is a failure."""
-    if Path(SSHD).is_file() and shutil.which("ssh-keygen"):
-        return
-    message = ("openssh-server is not installed (the README's test command installs it: "
-               "tools/install-test-deps)")
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    require(SSHD, "ssh-keygen", purpose="the SSH test hosts (openssh-server)")
 
 
 def keygen(path: Path) -> Path:

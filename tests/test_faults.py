@@ -6,9 +6,11 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import redis
 
 from coordinator import JobState, submit
 from coordinator.broker import redact
@@ -20,6 +22,7 @@ from tests.conftest import BIN, REPO, echo_job, run_cli
 VISIBILITY_S = 5
 
 
+@contextmanager
 def cluster_with_visibility(tmp_path: Path, seconds: int) -> Iterator[tuple[LocalCluster,
                                                                             RedisServer]]:
     with RedisServer() as server, LocalCluster(
@@ -32,7 +35,8 @@ def cluster_with_visibility(tmp_path: Path, seconds: int) -> Iterator[tuple[Loca
 
 @pytest.fixture()
 def fault_cluster(tmp_path: Path) -> Iterator[tuple[LocalCluster, RedisServer]]:
-    yield from cluster_with_visibility(tmp_path, VISIBILITY_S)
+    with cluster_with_visibility(tmp_path, VISIBILITY_S) as made:
+        yield made
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
@@ -87,29 +91,35 @@ def test_workers_survive_a_broker_restart(
 def test_a_job_longer_than_the_visibility_timeout_runs_once(tmp_path: Path) -> None:
     """The message comes back while the job still runs; the .done marker stops a rerun."""
     record = tmp_path / "ran.jsonl"
-    for cluster, _ in cluster_with_visibility(tmp_path, 2):
+    with cluster_with_visibility(tmp_path, 2) as (cluster, _):
         run = submit([echo_job("slow", "rig-x", "o", "--sleep", "5", "--record", str(record))],
                      output_dir="twice", broker_url=cluster.broker_url)
         job = run.wait(timeout=90).jobs[0]
         assert job.state is JobState.SUCCEEDED and job.attempts == 1
-        time.sleep(3)  # the redelivered copy is taken and skipped meanwhile
+        # The scenario does happen: the worker is handed the same message a second time,
+        # and that copy ends (finding the marker) without running the script again.
+        worker_log = tmp_path / "worker-logs" / "worker-rig-x.log"
+        wait_for(lambda: worker_log.read_text().count(f"[{job.task_id}] succeeded") == 2, 60,
+                 "the redelivered copy to be taken and finished")
+        assert worker_log.read_text().count(f"[{job.task_id}] received") == 2
         assert run.status().jobs[0].state is JobState.SUCCEEDED
         log = (tmp_path / "twice" / "logs" / "slow.log").read_text()
         assert log.count("attempt ") == 1
-        # The scenario did happen: the worker was handed the same message twice.
-        worker_log = (tmp_path / "worker-logs" / "worker-rig-x.log").read_text()
-        assert worker_log.count(f"[{job.task_id}] received") == 2
     assert len(record.read_text().splitlines()) == 1
 
 
 def test_wait_reports_a_broker_gone_for_good_as_exit_3(tmp_path: Path) -> None:
     with RedisServer() as server:
         run = submit([echo_job("waiting", "rig-nobody")], output_dir="o", broker_url=server.url)
+        client = redis.Redis.from_url(server.url)
+        before = len(client.client_list())
         waiter = subprocess.Popen([str(BIN / "coordinator"), "wait", run.id, "--broker",
                                    server.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env={**os.environ, "SC_RECONNECT_TIMEOUT": "3"})
         try:
-            time.sleep(2.0)
+            # Following: the waiter's own connections show in Redis' client list.
+            wait_for(lambda: len(client.client_list()) > before, 60, "the waiter to connect")
+            client.close()
             assert waiter.poll() is None  # still following the queued job
             server.stop()
             _, stderr = waiter.communicate(timeout=60)

@@ -19,6 +19,7 @@ import pytest
 from scoring import cpu
 from scoring.gpu import KERNEL_SOURCE, PRNG_CODES
 from scoring.prng import PRNGS, reference_draws
+from tests.toolchains import require
 
 PRELUDE = r"""
 #include <cstdio>
@@ -53,10 +54,8 @@ int main(int argc, char** argv) {
 
 @pytest.fixture(scope="module")
 def compiler() -> str:
-    found = shutil.which("g++") or shutil.which("c++")
-    if not found:
-        pytest.skip("no C++ compiler")
-    return found
+    require("g++", purpose="compiling the CUDA kernel's source as C++")
+    return str(shutil.which("g++"))
 
 
 def run_kernel(compiler: str, work: Path, prng: str, seeds: np.ndarray, history: np.ndarray,

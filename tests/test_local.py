@@ -52,10 +52,11 @@ def test_ctrl_c_stops_redis_workers_and_running_jobs(tmp_path: Path) -> None:
                 break
             assert process.poll() is None, process.communicate()
             time.sleep(0.2)
-        time.sleep(1.0)
+        # A private redis-server, 2 workers with a pool child each, 2 runners, 2 job scripts.
+        while time.monotonic() < deadline and len(descendants(process.pid)) < 9:
+            time.sleep(0.1)
         started = descendants(process.pid)
-        # A private redis-server, 2 workers with a pool child each, 2 job scripts.
-        assert len(started) >= 7, started
+        assert len(started) >= 9, started
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     finally:
@@ -65,7 +66,9 @@ def test_ctrl_c_stops_redis_workers_and_running_jobs(tmp_path: Path) -> None:
     assert process.returncode == 130, stderr
     assert "stopped the local cluster: its Redis, workers and running jobs" in stderr
     assert stderr.rstrip().endswith("coordinator: interrupted")
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10  # (reaping is asynchronous for re-parented processes)
+    while time.monotonic() < deadline and any(alive(pid) for pid in started):
+        time.sleep(0.1)
     left = [pid for pid in started if alive(pid)]
     for pid in left:  # clean up before failing, so nothing outlives the test
         os.kill(pid, signal.SIGKILL)

@@ -99,8 +99,9 @@ def ssh_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshCluster
              for index, label in enumerate(LABELS, start=2)}
     head = root / "head"
     (head / "scripts" / "examples").mkdir(parents=True)
-    shutil.copy(REPO / "full_scoring_worker.py", head / "scripts")
-    shutil.copy(REPO / "examples" / "write_output.py", head / "scripts" / "examples")
+    builtin = REPO / "worker_tasks" / "builtin_scripts"  # the pipeline's scripts, as copies
+    shutil.copy(builtin / "full_scoring_worker.py", head / "scripts")
+    shutil.copy(builtin / "examples" / "write_output.py", head / "scripts" / "examples")
     inventory = root / "cluster.toml"
     inventory.write_text(inventory_text(hosts, key, PYTHON))
     with RedisServer() as redis:

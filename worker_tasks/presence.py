@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 PRESENCE_TTL_S = 10.0
 
 
-def presence_key(node: str) -> str:
-    return f"{KEY_PREFIX}:workers:{node}"
+def presence_key(node: str, prefix: str = KEY_PREFIX) -> str:
+    return f"{prefix}:workers:{node}"
 
 
 def serving(client: redis.Redis, nodes: Iterable[str]) -> dict[str, list[str]]:
@@ -47,12 +47,14 @@ def serving(client: redis.Redis, nodes: Iterable[str]) -> dict[str, list[str]]:
             for node, workers in zip(names, pipe.execute(), strict=True) if workers}
 
 
-def seen_since(client: redis.Redis, nodes: Iterable[str], since: float) -> set[str]:
-    """Names of the workers of ``nodes`` that announced themselves at or after ``since``."""
+def seen_since(client: redis.Redis, nodes: Iterable[str], since: float,
+               prefix: str = KEY_PREFIX) -> set[str]:
+    """Names of the workers of ``nodes`` that announced themselves at or after ``since``
+    (``prefix``: the workers' SC_KEY_PREFIX, when it is not this process's)."""
     names = sorted(set(nodes))
     pipe = client.pipeline(transaction=False)
     for node in names:
-        pipe.zrangebyscore(presence_key(node), since, "+inf")
+        pipe.zrangebyscore(presence_key(node, prefix), since, "+inf")
     return {worker.decode() for workers in pipe.execute() for worker in workers}
 
 

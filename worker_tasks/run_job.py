@@ -67,7 +67,7 @@ GPU_DEVICE_VARIABLE = "SC_GPU_DEVICE"
 # States a job may start (and finish) from, holding its current message: queued, running
 # (a dead attempt's record, or this one's), or lost; the head node may have set either
 # while this attempt ran, taking its worker for dead.
-STARTABLE = (JobState.QUEUED, JobState.RUNNING, JobState.LOST)
+STARTABLE = (JobState.QUEUED, JobState.RUNNING, JobState.FINISHING, JobState.LOST)
 
 T = TypeVar("T")
 
@@ -258,13 +258,14 @@ class JobExecution:
 
     def dropped(self, why: str) -> dict[str, Any]:
         """A message that must not run (stale, or no such job): REVOKED in Flower, no result."""
-        logger.warning("job %s of run %s (message %s): %s; dropped without running",
-                       self.spec.job_id, self.spec.run_id, self.task_id, why)
-        self.revoked()
+        self.revoked(f"{why}; dropped without running")
         return self.result  # not reached: revoked() raises
 
-    def revoked(self) -> NoReturn:
+    def revoked(self, why: str | None = None) -> NoReturn:
         """A cancelled (or dropped) job: Flower shows REVOKED, and no result is stored."""
+        if why:
+            logger.warning("job %s of run %s (message %s): %s", self.spec.job_id,
+                           self.spec.run_id, self.task_id, why)
         self.send_event("task-revoked", terminated=False, signum=None, expired=False)
         raise Ignore()
 
@@ -285,7 +286,7 @@ class JobExecution:
         if record.get("task_id") != self.task_id:
             return self.dropped(f"superseded by message {record.get('task_id')}")
         if record.get("state") == JobState.CANCELLED:
-            self.revoked()
+            self.revoked("cancelled; not run")
         if done.exists():
             return self.skip()
         lease = NodeLease(tracker().client, spec.slot, self.host, self.task_id)
@@ -313,7 +314,7 @@ class JobExecution:
     def not_wanted(self) -> dict[str, Any]:
         record = self.current()
         if record.get("state") == JobState.CANCELLED:
-            self.revoked()
+            self.revoked("cancelled while waiting for its node; not run")
         return self.dropped(f"superseded by message {record.get('task_id')}")
 
     def attempts(self, done: Path, log: Path, output: Path | None,
@@ -325,10 +326,8 @@ class JobExecution:
                               started_at=round(started, 3), finished_at=None, error=None,
                               exit_code=None, duration_s=None)
             if start.outcome == "cancelled":
-                logger.warning("job %s of run %s: its run was cancelled; not run", spec.job_id,
-                               spec.run_id)
                 self.move(JobState.CANCELLED, STARTABLE, "cancel", finished_at=now())
-                self.revoked()
+                self.revoked("its run was cancelled; not run")
             if not start.ok:
                 return self.dropped(f"its record is {start.previous} ({start.outcome})")
             attempt = self.result["attempts"] = start.attempts
@@ -341,7 +340,7 @@ class JobExecution:
             exit_code, error, cancelled = self.execute(log, attempt)
             if cancelled:
                 log_line(log, "cancelled while running; killed")
-                self.revoked()
+                self.revoked("cancelled while running; killed with all it started")
             if error is None:
                 error = check_output(output)
             duration = round(time.time() - started, 3)
@@ -409,7 +408,13 @@ class JobExecution:
 
     def succeed(self, done: Path, log: Path, duration: float,
                 history: list[dict[str, Any]]) -> dict[str, Any]:
-        """Write the marker only if the record agrees (not cancelled, still this message)."""
+        """Write the marker only if the record agrees (not cancelled, still this message).
+
+        Two steps, so that a record never says ``succeeded`` before the marker exists
+        (a follower collecting at once would miss it), and a cancel never races the
+        marker: ``finishing`` (a cancel is refused from then on), the marker, then
+        ``succeeded``.
+        """
         spec = self.spec
         marker = {"run_id": spec.run_id, "job_id": spec.job_id, "node": spec.node,
                   "host": self.host, "output_file": spec.output_file, "duration_s": duration,
@@ -417,9 +422,7 @@ class JobExecution:
         pending = done.with_name(f".{done.name}.{os.getpid()}.pending")
         pending.write_text(json.dumps(marker) + "\n", encoding="utf-8")
         try:
-            moved = self.move(JobState.SUCCEEDED, STARTABLE, "succeed", exit_code=0,
-                              error=None, duration_s=duration, finished_at=now(),
-                              history=history)
+            moved = self.move(JobState.FINISHING, STARTABLE, "finish")
         except redis.RedisError:
             # Redis stayed away for the whole retry window: the job did succeed, so the
             # marker (the truth) is written; the head node settles the record from it.
@@ -433,10 +436,13 @@ class JobExecution:
             log_line(log, f"finished, but its record is {moved.previous} ({moved.outcome}): "
                           f"no marker written")
             if moved.outcome == "refused" and moved.previous is JobState.CANCELLED:
-                self.revoked()
+                self.revoked("cancelled as it finished; no marker written")
             return self.dropped(f"finished after its record became {moved.previous}")
         os.replace(pending, done)
         log_line(log, f"succeeded in {duration:.2f} s; wrote {done}")
+        with contextlib.suppress(redis.RedisError):  # else the head node settles it by .done
+            self.move(JobState.SUCCEEDED, (JobState.FINISHING,), "succeed", exit_code=0,
+                      error=None, duration_s=duration, finished_at=now(), history=history)
         return self.result | {"state": JobState.SUCCEEDED}
 
 

@@ -45,6 +45,7 @@ EVENTS_SLACK = 10_000
 class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
+    FINISHING = "finishing"  # succeeded, its .done being written: a cancel comes too late
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     SKIPPED = "skipped"  # its .done already existed: nothing to do
@@ -53,7 +54,7 @@ class JobState(StrEnum):
 
     @property
     def is_final(self) -> bool:
-        return self not in (JobState.QUEUED, JobState.RUNNING)
+        return self not in (JobState.QUEUED, JobState.RUNNING, JobState.FINISHING)
 
     @property
     def is_success(self) -> bool:
