@@ -73,16 +73,19 @@ def _arg_text(value: Any) -> Any:
 
 
 def _job_env(value: Any) -> Any:
-    return _rule(rules.check_env, value) if isinstance(value, dict) else value
+    return _rule(rules.check_env, value)
 
 
-def _seconds(maximum: float, allow_zero: bool = False) -> BeforeValidator:
-    def check(value: Any) -> Any:
-        if value is not None:
-            _rule(rules.check_seconds, value, "", maximum, allow_zero)
-        return value
+def _timeout(value: Any) -> Any:
+    if value is not None:
+        _rule(rules.check_seconds, value, "", rules.MAX_TIMEOUT_S)
+    return value
 
-    return BeforeValidator(check)
+
+def _retry_delay(value: Any) -> Any:
+    if value is not None:
+        _rule(rules.check_seconds, value, "", rules.MAX_RETRY_DELAY_S, True)
+    return value
 
 
 # Arguments this short are interned (flags and small values repeat in every job).
@@ -92,8 +95,8 @@ SafeName = Annotated[str, BeforeValidator(_safe_name)]
 ScriptPath = Annotated[str, BeforeValidator(_script_path)]
 ArgText = Annotated[str, BeforeValidator(_arg_text)]
 GpuId = Annotated[int, Field(ge=0, le=rules.MAX_GPU_ID)]
-Timeout = Annotated[float | None, _seconds(rules.MAX_TIMEOUT_S)]
-RetryDelay = Annotated[float | None, _seconds(rules.MAX_RETRY_DELAY_S, allow_zero=True)]
+Timeout = Annotated[float | None, BeforeValidator(_timeout)]
+RetryDelay = Annotated[float | None, BeforeValidator(_retry_delay)]
 Retries = Annotated[int | None, Field(ge=0, le=rules.MAX_RETRIES)]
 
 
@@ -159,22 +162,22 @@ def is_legacy_entry(entry: Any) -> bool:
     return isinstance(entry, dict) and "script" not in entry and "seeds" in entry
 
 
-def _field_error(source: str, index: int, entry: Any, err: ValidationError) -> InvalidJobsError:
+def _field_error(source: str, index: int, entry: dict[str, Any],
+                 err: ValidationError) -> InvalidJobsError:
     first = err.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "(entry)"
-    message = first["msg"].removeprefix("Value error, ").replace("  ", " ")
+    field = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
     return InvalidJobsError(f"{source}: {who(index, entry)}: field '{field}': {message}")
 
 
-def who(index: int, entry: Any) -> str:
-    """``job 3 (job_id 'x')``: the job id shown only when it is a printable string."""
-    job_id = entry.get("job_id") if isinstance(entry, dict) else None
+def who(index: int, entry: dict[str, Any]) -> str:
+    """``job 3 (job_id 'x')``: the job id shown only when it is a printable string.
+
+    (A lone surrogate is not printable, so what is shown can always be encoded.)
+    """
+    job_id = entry.get("job_id")
     if isinstance(job_id, str) and job_id.isprintable() and len(job_id) <= 128:
-        try:
-            job_id.encode("utf-8")
-            return f"job {index} (job_id {job_id!r})"
-        except UnicodeEncodeError:
-            pass
+        return f"job {index} (job_id {job_id!r})"
     return f"job {index}"
 
 
@@ -271,4 +274,4 @@ def iter_load_jobs(jobs: str | Path | Sequence[dict[str, Any]],
     """``load_jobs`` as a generator."""
     if isinstance(jobs, str | Path):
         return iter_jobs_file(jobs)
-    return iter_jobs(list(jobs), source="jobs")
+    return iter_jobs(list(jobs))

@@ -37,9 +37,9 @@ def convert(entry: LegacyScoringJob, index: int, chunk_dir: str, output_dir: str
     where = f"jobs: job {index} (job_id {job_id!r})"
     try:
         check_prng(entry.prng_type, entry.mod)
-        parse_seeds(entry.seeds, entry.prng_type, source=f"{where}, field 'seeds'")
+        parse_seeds(entry.seeds, entry.prng_type, source="field 'seeds'")
         if isinstance(entry.train_history, list):
-            parse_history(entry.train_history, entry.mod, source=f"{where}, field 'train_history'")
+            parse_history(entry.train_history, entry.mod, source="field 'train_history'")
     except ScoringInputError as err:
         raise InvalidJobsError(f"{where}: legacy scoring job: {err}") from None
     seeds_file = posixpath.join(chunk_dir, f"{job_id}.json")

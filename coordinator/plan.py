@@ -115,9 +115,10 @@ def plan_jobs(
         normal = posixpath.normpath(done)
         if normal in writers:
             other_index, other_id = writers[normal]
+            shared = f"output {output!r}" if output else f"marker {done!r}"
             raise InvalidJobsError(
-                f"jobs: job {index} (job_id {job.job_id!r}): field 'args': output "
-                f"{output or done!r} is also written by job {other_index} (job_id {other_id!r})"
+                f"jobs: job {index} (job_id {job.job_id!r}): field 'args': {shared} is also "
+                f"written by job {other_index} (job_id {other_id!r})"
             )
         writers[normal] = (index, job.job_id)
         specs.append(

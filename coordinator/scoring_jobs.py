@@ -60,7 +60,7 @@ def generate_scoring_jobs(
     try:
         check_prng(prng_type, mod)
         data = read_json(survivors, "survivors file")
-        parse_seeds(data, prng_type, str(survivors))
+        parse_seeds(data, prng_type, f"seeds file {survivors}")
         load_history(base / train_history, mod)
     except ScoringInputError as err:
         raise InvalidJobsError(str(err)) from None

@@ -59,10 +59,13 @@ def is_int(value: Any) -> bool:
 
 
 def parse_seeds(data: Any, prng_type: str, source: str = "seeds") -> Seeds:
-    """Seeds from a JSON list of integers or of objects with a ``seed`` field."""
+    """Seeds from a JSON list of integers or of objects with a ``seed`` field.
+
+    ``source`` starts every error (``seeds file chunk.json``).
+    """
     if not isinstance(data, list):
         raise ScoringInputError(
-            f"seeds file {source}: expected a JSON list of seeds, got {type(data).__name__}"
+            f"{source}: expected a JSON list of seeds, got {type(data).__name__}"
         )
     info = PRNGS[prng_type]
     records: list[dict[str, Any]] | None = None
@@ -72,7 +75,7 @@ def parse_seeds(data: Any, prng_type: str, source: str = "seeds") -> Seeds:
         for index, item in enumerate(data):
             if not isinstance(item, dict) or "seed" not in item:
                 raise ScoringInputError(
-                    f"seeds file {source}: element {index}: expected an object with a 'seed' field"
+                    f"{source}: element {index}: expected an object with a 'seed' field"
                 )
             values.append(item["seed"])
     else:
@@ -80,11 +83,11 @@ def parse_seeds(data: Any, prng_type: str, source: str = "seeds") -> Seeds:
     for index, seed in enumerate(values):
         if not is_int(seed):
             raise ScoringInputError(
-                f"seeds file {source}: element {index}: seed {seed!r} is not an integer"
+                f"{source}: element {index}: seed {seed!r} is not an integer"
             )
         if not info.seed_min <= seed <= info.seed_max:
             raise ScoringInputError(
-                f"seeds file {source}: element {index}: seed {seed} is out of range for "
+                f"{source}: element {index}: seed {seed} is out of range for "
                 f"{prng_type} [{info.seed_min}, {info.seed_max}]"
             )
     dtype = np.int64 if info.seed_min < 0 else np.uint64
@@ -92,29 +95,30 @@ def parse_seeds(data: Any, prng_type: str, source: str = "seeds") -> Seeds:
 
 
 def parse_history(data: Any, mod: int, source: str = "history") -> np.ndarray:
-    """Draws from a JSON list of integers or an object with a ``draws`` list."""
+    """Draws from a JSON list of integers or an object with a ``draws`` list (see ``source``
+    at ``parse_seeds``)."""
     draws = data.get("draws") if isinstance(data, dict) else data
     if not isinstance(draws, list):
         raise ScoringInputError(
-            f"history file {source}: expected a list of draws or an object with a 'draws' list"
+            f"{source}: expected a list of draws or an object with a 'draws' list"
         )
     if not draws:
-        raise ScoringInputError(f"history file {source}: the history has no draws")
+        raise ScoringInputError(f"{source}: the history has no draws")
     for index, draw in enumerate(draws):
         if not is_int(draw):
             raise ScoringInputError(
-                f"history file {source}: draw {index}: {draw!r} is not an integer"
+                f"{source}: draw {index}: {draw!r} is not an integer"
             )
         if not 0 <= draw < mod:
             raise ScoringInputError(
-                f"history file {source}: draw {index}: {draw} is outside [0, {mod}) for --mod {mod}"
+                f"{source}: draw {index}: {draw} is outside [0, {mod}) for --mod {mod}"
             )
     return np.array(draws, dtype=np.int64)
 
 
 def load_seeds(path: str | Path, prng_type: str) -> Seeds:
-    return parse_seeds(read_json(path, "seeds file"), prng_type, str(path))
+    return parse_seeds(read_json(path, "seeds file"), prng_type, f"seeds file {path}")
 
 
 def load_history(path: str | Path, mod: int) -> np.ndarray:
-    return parse_history(read_json(path, "history file"), mod, str(path))
+    return parse_history(read_json(path, "history file"), mod, f"history file {path}")

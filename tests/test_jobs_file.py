@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from coordinator.errors import InvalidJobsError
-from coordinator.jobs import Job, load_jobs, load_jobs_file
-from coordinator.plan import plan_jobs
+from coordinator.jobs import Job, LegacyScoringJob, load_jobs, load_jobs_file, parse_jobs
+from coordinator.legacy import convert, write_chunks
+from coordinator.plan import find_output_file, plan_jobs, rewrite_output_path
 
 ORIGINAL = {
     "job_id": "chunk_0000",
@@ -66,7 +68,7 @@ def test_original_format_with_unknown_keys_and_numeric_args_is_accepted() -> Non
         (with_(env={"PYTHONPATH": "/tmp", "JOB_OK": "1"}), "env may not set PYTHONPATH (allowed"),
         (with_(env={"CUDA_VISIBLE_DEVICES": "3"}), "may not set CUDA_VISIBLE_DEVICES"),
         (with_(env={"OPENSSL_CONF": "/tmp/evil.cnf"}), "may not set OPENSSL_CONF"),
-        (with_(env={"JOB_X=Y": "1"}), "env name 'JOB_X=Y' is empty or contains '='"),
+        (with_(env={"JOB_X=Y": "1"}), "env name 'JOB_X=Y' is not a variable name"),
         (with_(env={"JOB_X": "a\0b"}), "env JOB_X contains a NUL byte"),
         (with_(node="rig-a\n"), "field 'node': 'rig-a\\n' is not a safe name"),
         (with_(job_id="a/b"), "field 'job_id'"),
@@ -166,3 +168,195 @@ def test_example_jobs_files_are_valid() -> None:
     assert files == ["hello_jobs.json", "step5_jobs.json"]
     for name in files:
         assert len(load_jobs_file(repo / "examples" / name)) >= 3, name
+
+
+# Edges found by mutation testing (tools/mutation-test): each assertion is exact, so a
+# changed message, bound or default turns it red.
+
+@pytest.mark.parametrize(("entry", "expected"), [
+    (with_(script="~/evil.py"),
+     "jobs: job 0 (job_id 'chunk_0000'): field 'script': '~/evil.py' is absolute; give a path "
+     "inside the scripts directory"),
+    (with_(env="JOB_X=1"),
+     "jobs: job 0 (job_id 'chunk_0000'): field 'env': env must be an object of strings, not str"),
+    (with_(job_id="j" * 128, node="bad node"),
+     f"jobs: job 0 (job_id '{'j' * 128}'): field 'node': 'bad node' is not a safe name (letters, "
+     "digits, '.', '_', '-'; no '..')"),
+    (with_(job_id="j" * 129),
+     "jobs: job 0: field 'job_id': 'jjj" + "j" * 126 + "' is not a safe name (letters, digits, "
+     "'.', '_', '-'; no '..')"),
+    (with_(job_id="a\tb"), "jobs: job 0: field 'job_id': 'a\\tb' is not a safe name (letters, "
+                           "digits, '.', '_', '-'; no '..')"),
+])
+def test_exact_messages_at_the_edges(entry: dict[str, object], expected: str) -> None:
+    with pytest.raises(InvalidJobsError) as caught:
+        load_jobs([entry])
+    assert str(caught.value) == expected
+
+
+def test_a_number_that_is_not_finite_is_refused_from_python() -> None:
+    # JSON cannot carry inf (decode_json refuses it), but the Python API can.
+    with pytest.raises(InvalidJobsError) as caught:
+        load_jobs([with_(args=["--ratio", float("inf")])])
+    assert str(caught.value) == ("jobs: job 0 (job_id 'chunk_0000'): field 'args.1': inf is not a "
+                                 "number to pass as text")
+
+
+def test_parse_jobs_tells_legacy_entries_from_script_jobs_and_empties_the_list() -> None:
+    legacy = {"seeds": [1, 2], "prng_type": "java_lcg", "mod": 1000,
+              "train_history": "h.json", "node": "rig-a"}
+    both = dict(ORIGINAL, job_id="both", seeds=[1])  # names a script: a script job
+    entries = [legacy, both]
+    jobs = parse_jobs(entries)
+    assert [type(job) for job in jobs] == [LegacyScoringJob, Job]
+    assert jobs[0].job_id == "legacy_0000" and jobs[1].job_id == "both"
+    assert entries == [None, None]
+
+
+@pytest.mark.parametrize(("args", "found", "rewritten"), [
+    (["--x", "--output-file"], None, ["--x", "--output-file"]),  # a flag with no value
+    (["--output-file=a/k=v.json"], "a/k=v.json", ["--output-file=out/k=v.json"]),
+    (["--output-file", "a/k=v.json", "--y"], "a/k=v.json", ["--output-file", "out/k=v.json",
+                                                            "--y"]),
+    (["--output-file-x", "a.json"], None, ["--output-file-x", "a.json"]),
+])
+def test_output_file_is_found_and_rewritten_exactly(args: list[str], found: str | None,
+                                                     rewritten: list[str]) -> None:
+    assert find_output_file(args) == found
+    assert rewrite_output_path(args, "out") == rewritten
+
+
+def test_the_dry_run_text_lists_every_node_and_path() -> None:
+    jobs = load_jobs([with_(job_id="b1", node="rig-b", args=["--output-file", "x/b1.json"]),
+                      with_(job_id="a1", node="rig-a", gpu_id=1, args=["--fold", "1"]),
+                      with_(job_id="b2", node="rig-b", args=[])])
+    plan = plan_jobs(jobs, "run1", "out")
+    assert [spec.job_id for spec in plan.by_node()["rig-b"]] == ["b1", "b2"]
+    assert plan.describe() == "\n".join([
+        "plan: 3 jobs on 2 nodes; output dir out; paths rewritten",
+        "node rig-a (queue node.rig-a): 1 jobs, run one at a time",
+        "  a1  gpu 1  full_scoring_worker.py --fold 1",
+        "      output -  done out/a1.json.done",
+        "node rig-b (queue node.rig-b): 2 jobs, run one at a time",
+        "  b1  gpu 0  full_scoring_worker.py --output-file out/b1.json",
+        "      output out/b1.json  done out/b1.json.done",
+        "  b2  gpu 0  full_scoring_worker.py ",
+        "      output -  done out/b2.json.done",
+    ])
+    per_gpu = plan_jobs(load_jobs([with_(job_id="g0", gpu_id=0, args=[]),
+                                   with_(job_id="g3", gpu_id=3, args=[])]),
+                        "run1", "o", preserve_paths=True, per_gpu=True)
+    assert per_gpu.describe().splitlines()[:2] == [
+        "plan: 2 jobs on 1 nodes; output dir o; paths preserved",
+        "node rig-a (node.rig-a.gpu0, node.rig-a.gpu3): 2 jobs, one at a time per GPU"]
+
+
+LEGACY = {"seeds": [5, 7], "prng_type": "java_lcg", "mod": 1000, "train_history": [1, 2, 3],
+          "node": "rig-a", "skip": 2, "gpu_id": 1, "timeout": 60, "retries": 1, "pin": True}
+
+
+def test_a_legacy_job_converts_to_the_scoring_script_with_its_files(tmp_path: Path) -> None:
+    first, second = parse_jobs([LEGACY, {"job_id": "named", "seeds": [{"seed": 9}],
+                                         "prng_type": "mt19937", "mod": 100,
+                                         "train_history": "h.json", "node": "rig-b"}])
+    one = convert(first, 0, "chunks", "out")
+    assert one.job == Job(
+        job_id="legacy_0000", script="full_scoring_worker.py", node="rig-a", gpu_id=1,
+        timeout=60.0, retries=1, pin=True,
+        args=["--seeds-file", "chunks/legacy_0000.json",
+              "--train-history", "chunks/legacy_0000_history.json",
+              "--output-file", "out/legacy_0000.json", "--prng-type", "java_lcg", "--mod", "1000",
+              "--skip", "2"])
+    assert one.files == {"chunks/legacy_0000.json": [5, 7],
+                         "chunks/legacy_0000_history.json": [1, 2, 3]}
+    assert one.note == ("legacy job 0 (legacy_0000): 2 inline seeds -> chunks/legacy_0000.json; "
+                        "runs full_scoring_worker.py")
+    two = convert(second, 1, "chunks", "out")
+    assert two.job.args == ["--seeds-file", "chunks/named.json", "--train-history", "h.json",
+                            "--output-file", "out/named.json", "--prng-type", "mt19937",
+                            "--mod", "100"]  # a history path passes as it is; no --skip 0
+    assert (two.job.timeout, two.job.retries, two.job.pin) == (None, None, False)
+    assert two.files == {"chunks/named.json": [{"seed": 9}]}
+    write_chunks([one, two], tmp_path)
+    assert json.loads((tmp_path / "chunks/legacy_0000_history.json").read_text()) == [1, 2, 3]
+    assert json.loads((tmp_path / "chunks/named.json").read_text()) == [{"seed": 9}]
+    assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == [
+        "legacy_0000.json", "legacy_0000_history.json", "named.json"]
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"seeds": ["x"]}, "field 'seeds': element 0: seed 'x' is not an integer"),
+    ({"train_history": [5000]}, "field 'train_history': draw 0: 5000 is outside [0, 1000) for "
+                                "--mod 1000"),
+    ({"prng_type": "nope"}, "unknown PRNG 'nope'; choose one of java_lcg, mt19937, minstd, "
+                            "xorshift32"),
+])
+def test_a_bad_legacy_job_is_named_in_one_line(changes: dict[str, object], expected: str) -> None:
+    (job,) = parse_jobs([dict(LEGACY, job_id="old", **changes)])
+    with pytest.raises(InvalidJobsError) as caught:
+        convert(job, 4, "c", "o")
+    assert str(caught.value) == f"jobs: job 4 (job_id 'old'): legacy scoring job: {expected}"
+
+
+BASE = {"job_id": "a", "script": "s.py", "node": "rig-a"}
+
+
+def test_the_plan_carries_every_option_and_the_run_defaults() -> None:
+    jobs = load_jobs([dict(BASE, job_id="own", timeout=9, env={"JOB_X": "1"}, retries=3,
+                           retry_delay=0.5, pin=True),
+                      dict(BASE, job_id="plain")])
+    plan = plan_jobs(jobs, "run7", "out", retries=2, retry_delay=4.0)
+    own, plain = plan.specs
+    assert (plan.run_id, plan.output_dir, plan.pinned) == ("run7", "out", frozenset({"own"}))
+    assert (own.timeout, own.env, own.retries, own.retry_delay) == (9.0, {"JOB_X": "1"}, 3, 0.5)
+    assert (plain.timeout, plain.env, plain.retries, plain.retry_delay) == (None, {}, 2, 4.0)
+    default = plan_jobs(load_jobs([BASE]), "run8", "out").specs[0]
+    assert (default.retries, default.retry_delay, default.per_gpu) == (0, 2.0, False)
+
+
+@pytest.mark.parametrize(("jobs", "output_dir", "expected"), [
+    ([BASE], "/abs", "--output-dir '/abs' is not a relative path: outputs land under each "
+                     "worker's workdir; give a path relative to it"),
+    ([dict(BASE, args=["--output-file", "/etc/x.json"])], "out",
+     "jobs: job 0 (job_id 'a'): field 'args': output file '/etc/x.json' is not a relative path "
+     "(outputs must stay under the workers' workdir)"),
+    ([dict(BASE, job_id="x", args=[]), dict(BASE, job_id="b", args=["--output-file",
+                                                                      "out/x.json"])], "out",
+     "jobs: job 1 (job_id 'b'): field 'args': output 'out/x.json' is also written by job 0 "
+     "(job_id 'x')"),
+    ([dict(BASE, job_id="b", args=["--output-file", "out/x.json"]), dict(BASE, job_id="x")],
+     "out", "jobs: job 1 (job_id 'x'): field 'args': marker 'out/x.json.done' is also written "
+            "by job 0 (job_id 'b')"),
+])
+def test_planning_refusals_read_exactly(jobs: list[dict[str, object]], output_dir: str,
+                                        expected: str) -> None:
+    with pytest.raises(InvalidJobsError) as caught:
+        plan_jobs(load_jobs(jobs), "run1", output_dir, preserve_paths=True)
+    assert str(caught.value) == expected
+
+
+def test_parse_jobs_and_unreadable_files_say_where(tmp_path: Path) -> None:
+    with pytest.raises(InvalidJobsError) as caught:
+        parse_jobs([dict(BASE, node=7)])
+    assert str(caught.value) == ("jobs: job 0 (job_id 'a'): field 'node': Input should be a "
+                                 "valid string")
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'[{"job_id": "caf\xe9"}]')
+    with pytest.raises(InvalidJobsError) as caught:
+        load_jobs_file(path)
+    assert str(caught.value).startswith(f"{path}: cannot read jobs file: 'utf-8' codec can't "
+                                        "decode byte 0xe9")
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"timeout": 0}, "field 'timeout': 0 must be finite, > 0 and at most 2.592e+06"),
+    ({"timeout": "9"}, "field 'timeout': must be a number of seconds, not str"),
+    ({"retry_delay": -1}, "field 'retry_delay': -1 must be finite, >= 0 and at most 3600"),
+    ({"retry_delay": 3601}, "field 'retry_delay': 3601 must be finite, >= 0 and at most 3600"),
+])
+def test_seconds_fields_read_exactly(changes: dict[str, object], expected: str) -> None:
+    with pytest.raises(InvalidJobsError) as caught:
+        load_jobs([with_(**changes)])
+    assert str(caught.value) == f"jobs: job 0 (job_id 'chunk_0000'): {expected}"
+    (job,) = load_jobs([with_(timeout=2_592_000, retry_delay=0)])
+    assert (job.timeout, job.retry_delay) == (2_592_000.0, 0.0)

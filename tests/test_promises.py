@@ -91,6 +91,39 @@ def test_the_merged_ranking_breaks_score_ties_by_seed(tmp_path: Path) -> None:
     result = ScoringMerger().merge([record("c1"), record("c2")], Path("o"), tmp_path)
     merged = json.loads(result.path.read_text())
     assert [r["seed"] for r in merged["results"]] == [99, -4, 10, 20, 30, 7]
+    assert {key: value for key, value in merged.items() if key != "results"} == {
+        "format_version": 1, "prng_type": "java_lcg", "mod": 1000, "skip": 0, "n_draws": 10,
+        "mixed_parameters": False, "chunks": 2, "n_seeds": 6}
+    assert result.path == tmp_path / "o" / "survivors_with_scores.json"
+    assert result.lines[:4] == ["merged 6 seeds from 2 chunks into o/survivors_with_scores.json",
+                                "top 6 by score:",
+                                "  rank                  seed  matches     score",
+                                "     1                    99        9    0.9000"]
+    assert (result.kind, result.details["n_seeds"], len(result.details["top"])) == (
+        "scoring", 6, 6)
+    assert ScoringMerger().claims(record("c1")) and not ScoringMerger().claims(
+        JobRecord(job_id="x", node="n", state=JobState.SUCCEEDED, script="other.py"))
+    # A chunk scored with other parameters is flagged, and the first chunk's are kept.
+    (tmp_path / "o" / "c3.json").write_text(json.dumps({
+        "prng_type": "java_lcg", "mod": 100, "skip": 0, "n_draws": 10, "results": []}))
+    mixed = ScoringMerger().merge([record("c1"), record("c3")], Path("o"), tmp_path)
+    document = json.loads(mixed.path.read_text())
+    assert (document["mixed_parameters"], document["mod"], document["chunks"]) == (True, 1000, 2)
+    # Eleven rows: the top ten are printed.
+    (tmp_path / "o" / "c4.json").write_text(json.dumps({
+        "prng_type": "java_lcg", "mod": 1000, "skip": 0, "n_draws": 10,
+        "results": [{"seed": seed, "matches": 1, "score": 0.1} for seed in range(11)]}))
+    many = ScoringMerger().merge([record("c4")], Path("o"), tmp_path)
+    assert many.lines[1] == "top 10 by score:" and len(many.lines) == 13
+    assert len(many.details["top"]) == 10
+    # A job without an output file (first) is passed over, a chunk without results adds none.
+    (tmp_path / "o" / "c5.json").write_text(json.dumps({
+        "prng_type": "java_lcg", "mod": 1000, "skip": 0, "n_draws": 10}))
+    bare = JobRecord(job_id="bare", node="rig-a", state=JobState.SUCCEEDED,
+                     script="full_scoring_worker.py")
+    last = ScoringMerger().merge([bare, record("c5"), record("c1")], Path("o"), tmp_path)
+    assert json.loads(last.path.read_text())["n_seeds"] == 3
+    assert last.details["file"] == "o/survivors_with_scores.json"
 
 
 def test_exit_6_when_the_local_cluster_cannot_start(tmp_path: Path) -> None:

@@ -19,7 +19,14 @@ from worker_tasks.run_job import (
     script_env,
 )
 from worker_tasks.runner import Runner
-from worker_tasks.spec import InvalidMessage, JobSpec
+from worker_tasks.spec import (
+    InvalidMessage,
+    JobSpec,
+    done_path_for,
+    node_of_queue,
+    queue_for,
+    slot_of,
+)
 
 
 @pytest.fixture()
@@ -74,7 +81,7 @@ MESSAGE = {"run_id": "20261129-000000-abcdef", "job_id": "j", "script": "tools/o
     ({"env": {"NVIDIA_VISIBLE_DEVICES": "all"}}, "env may not set NVIDIA_VISIBLE_DEVICES"),
     ({"env": {"LD_PRELOAD": "/x.so"}}, "env may not set LD_PRELOAD"),
     ({"env": {"JOB_X": "a\0b"}}, "env JOB_X contains a NUL byte"),
-    ({"env": {"": "x"}}, "env name '' is empty"),
+    ({"env": {"": "x"}}, "env name '' is not a variable name"),
     ({"env": "JOB_X=1"}, "env must be an object"),
     ({"done_file": "/tmp/planted.json.done"}, "done_file '/tmp/planted.json.done' is not a "
                                                "relative path"),
@@ -212,3 +219,86 @@ def test_the_error_tail_is_this_attempts_output_only(tmp_path: Path) -> None:
     tail = output_tail(log, offset)
     assert tail.splitlines() == [f"line {i}" for i in range(10, 30)]
     assert json.dumps(tail)  # travels in JSON
+
+
+# Exact messages, bounds and defaults (edges found by tools/mutation-test).
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"job_id": ..., "node": ...}, "message lacks job_id, node"),
+    ({"zz": 1, "aa": 2}, "message has unknown fields 'aa', 'zz'"),
+    ({"run_id": 7}, "run_id must be a string, not int"),
+    ({"per_gpu": "yes"}, "per_gpu must be true or false, not 'yes'"),
+    ({"retry_delay": -1}, "retry_delay -1 must be finite, >= 0 and at most 3600"),
+    ({"retry_delay": "2"}, "retry_delay must be a number of seconds, not str"),
+    ({"retries": 101}, "retries must be an integer in 0..100, not 101"),
+    ({"gpu_id": 256}, "gpu_id 256 is outside 0..255"),
+    ({"env": ["JOB_X"]}, "env must be an object of strings, not list"),
+    ({"env": {f"JOB_{i}": "" for i in range(65)}}, "env has 65 entries (at most 64)"),
+    ({"env": {"JOB_\0": "x"}}, "an env name contains a NUL byte"),
+    ({"env": {"JOB=X": "x"}}, "env name 'JOB=X' is not a variable name (letters, digits, '_'; "
+                              "not a digit first)"),
+    ({"env": {"\n": None}}, "env name '\\n' is not a variable name (letters, digits, '_'; "
+                             "not a digit first)"),  # found by hypothesis: once two lines
+    ({"args": {"a": 1}}, "args must be a list of strings, not dict"),
+    ({"args": ["x"] * 4097}, "args has 4097 entries (at most 4096)"),
+    ({"args": ["x" * (1 << 19), "y" * ((1 << 19) + 1)]},
+     "args are longer than 1048576 characters in all"),
+])
+def test_each_refusal_reads_exactly(changes: dict[str, object], expected: str) -> None:
+    message = {key: value for key, value in {**MESSAGE, **changes}.items() if value is not ...}
+    with pytest.raises(InvalidMessage) as caught:
+        JobSpec.from_message(message)
+    assert str(caught.value) == expected
+    with pytest.raises(InvalidMessage) as caught:
+        JobSpec.from_message(None)
+    assert str(caught.value) == "a job message must be an object, not NoneType"
+
+
+def test_a_message_reads_back_field_for_field_at_the_bounds() -> None:
+    full = {**MESSAGE, "gpu_id": 255, "retries": 100, "retry_delay": 0, "per_gpu": True,
+            "timeout": 2.5, "env": {f"JOB_{i}": str(i) for i in range(64)},
+            "args": ["x" * (1 << 19), "y" * (1 << 19)]}
+    spec = JobSpec.from_message(full)
+    assert spec.to_message() == {**full, "retry_delay": 0.0}
+    assert JobSpec.from_message(spec.to_message()) == spec
+    assert JobSpec.from_message({**MESSAGE, "args": ["a"] * 4096}).args == ["a"] * 4096
+    plain = JobSpec.from_message({k: v for k, v in MESSAGE.items() if k != "output_file"})
+    assert (plain.output_file, plain.timeout, plain.env, plain.retries, plain.retry_delay,
+            plain.per_gpu) == (None, None, {}, 0, 2.0, False)
+    assert (plain.queue, plain.slot) == ("node.rig-a", "rig-a")
+    assert (spec.queue, spec.slot) == ("node.rig-a.gpu255", "rig-a.gpu255")
+
+
+def test_queue_names_and_the_done_rule() -> None:
+    assert queue_for("rig-a") == "node.rig-a" and queue_for("rig-a", 3) == "node.rig-a.gpu3"
+    assert slot_of("rig-a") == "rig-a" and slot_of("rig-a", 0) == "rig-a.gpu0"
+    assert [node_of_queue(q) for q in ("node.rig-a", "node.rig-a.gpu12", "node.gpu.node",
+                                       "celery", "xnode.rig-a")] == [
+        "rig-a", "rig-a", "gpu.node", None, None]
+    assert done_path_for("o/a.json", "out", "j") == "o/a.json.done"
+    assert done_path_for(None, "results/X/", "j") == "results/X/j.json.done"
+    assert done_path_for("", "out", "j") == "out/j.json.done"
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"job_id": "a..b"}, "job_id 'a..b' is not a safe name (letters, digits, '.', '_', '-'; "
+                         "no '..')"),
+    ({"job_id": 7}, "job_id must be a string, not int"),
+    ({"script": "~/x.py"}, "script '~/x.py' is not a relative path"),
+    ({"script": 7}, "script must be a string, not int"),
+    ({"timeout": 0}, "timeout 0 must be finite, > 0 and at most 2.592e+06"),
+    ({"timeout": 2_592_001}, "timeout 2592001 must be finite, > 0 and at most 2.592e+06"),
+])
+def test_names_paths_and_seconds_read_exactly(changes: dict[str, object], expected: str) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        JobSpec.from_message({**MESSAGE, **changes})
+    assert str(caught.value) == expected
+    with pytest.raises(InvalidMessage) as caught:
+        JobSpec.from_message([])
+    assert str(caught.value) == "a job message must be an object, not list"
+
+
+def test_seconds_at_their_bounds_are_accepted() -> None:
+    assert JobSpec.from_message({**MESSAGE, "timeout": 0.5}).timeout == 0.5
+    assert JobSpec.from_message({**MESSAGE, "timeout": 2_592_000}).timeout == 2_592_000.0
+    assert JobSpec.from_message({**MESSAGE, "retry_delay": 3600}).retry_delay == 3600.0

@@ -26,6 +26,8 @@ RUN_JOB_TASK = "scripts_coordinator.run_job"
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 PER_GPU_SUFFIX = re.compile(r"\.gpu[0-9]+\Z")
+# An environment variable's name, as POSIX shells write them (so it also prints on one line).
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # GPU indexes a job may ask for (CUDA_VISIBLE_DEVICES takes one index).
 MAX_GPU_ID = 255
 # The longest per-job timeout (seconds): 30 days; longer is a typo, and inf is refused.
@@ -113,8 +115,9 @@ def check_env(value: Any) -> dict[str, str]:
     refused = []
     for name, text in value.items():
         check_text(name, "an env name")
-        if not name or "=" in name:
-            raise InvalidMessage(f"env name {name!r} is empty or contains '='")
+        if not ENV_NAME.match(name):
+            raise InvalidMessage(f"env name {name!r} is not a variable name (letters, digits, "
+                                 f"'_'; not a digit first)")
         check_text(text, f"env {name}")
         if not allow.fullmatch(name):
             refused.append(name)

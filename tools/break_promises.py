@@ -1,0 +1,169 @@
+"""Break each README promise on purpose, in a scratch copy, and watch its test go red.
+
+Mutation testing (``tools/mutation-test``) covers the pure modules; the promises below
+live in workers, signals and processes, where a tool's random mutants do not reach.
+Each entry is one hand-made break of one promise and the tests that must catch it:
+
+    .venv/bin/python tools/break_promises.py            # every promise (about 10 minutes)
+    .venv/bin/python tools/break_promises.py cancel     # the promises whose name has "cancel"
+
+The scratch copy is imported through PYTHONPATH, so the console scripts, the workers and
+the jobs the tests start all run the broken code. Exit status: 0 when every break turned
+its tests red, 1 otherwise (a promise no test defends).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# What the scratch copy leaves out: environments, caches and outputs.
+IGNORED = shutil.ignore_patterns(".git", ".venv", "mutants", "build", "__pycache__", "*.egg-info",
+                                 ".pytest_cache", ".ruff_cache", "demo", "bench-out")
+# The longest one break may take (its tests normally pass in well under this).
+BREAK_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Break:
+    """One promise broken: ``old`` becomes ``new`` in ``path``; each of ``tests`` must fail."""
+
+    promise: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+T = "tests/"
+BREAKS = [
+    Break("cancel terminates running jobs", "worker_tasks/run_job.py",
+          "            if not self.still_wanted():\n                runner.kill()",
+          "            if False:\n                runner.kill()",
+          (T + "test_reliability.py::test_cancel_kills_running_jobs_and_no_marker_appears",
+           T + "test_cluster.py::test_cancel_stops_the_running_job_and_drops_the_queued_ones")),
+    Break("a script dies with its worker (death signal)", "worker_tasks/runner.py",
+          "    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)\n", "",
+          (T + "test_reliability.py::"
+               "test_a_worker_killed_mid_job_takes_the_scripts_children_with_it",)),
+    Break("a timeout kills the script and everything it started", "worker_tasks/runner.py",
+          "    def stop(signum: int, frame: object) -> None:\n        kill_descendants()\n",
+          "    def stop(signum: int, frame: object) -> None:\n"
+          "        for pid in children(os.getpid()):\n"
+          "            os.kill(pid, signal.SIGKILL)\n",
+          (T + "test_promises.py::test_a_timeout_kills_the_script_and_its_children",)),
+    Break("the collector settles each job by its .done file", "coordinator/collector.py",
+          "    marker = (workdir / job.done_file).exists()",
+          "    marker = job.state.is_success",
+          (T + "test_promises.py::"
+               "test_the_collector_settles_by_the_done_file_whatever_the_record_says",)),
+    Break("--output-file=VALUE is rewritten, its .done beside it", "coordinator/plan.py",
+          '        if arg.startswith(OUTPUT_FLAG + "="):\n'
+          '            return arg.split("=", 1)[1]\n',
+          "",
+          (T + "test_promises.py::"
+               "test_output_file_equals_form_is_rewritten_with_its_marker_beside_it",
+           T + "test_jobs_file.py::test_output_file_is_found_and_rewritten_exactly")),
+    Break("job_id and node are safe names (no '/')", "worker_tasks/spec.py",
+          'SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\\Z")',
+          'SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}\\Z")',
+          (T + "test_jobs_file.py::test_each_bad_field_is_named_in_one_line",)),
+    Break("the merged Step 3 ranking breaks score ties by seed", "coordinator/mergers/scoring.py",
+          'results.sort(key=lambda record: (-record["score"], record["seed"]))',
+          'results.sort(key=lambda record: -record["score"])',
+          (T + "test_promises.py::test_the_merged_ranking_breaks_score_ties_by_seed",)),
+    Break("exit 6 when the local cluster cannot start", "coordinator/errors.py",
+          '    """The local cluster could not start Redis or one of its workers."""\n\n'
+          "    exit_code = ExitCode.CLUSTER_FAILED",
+          '    """The local cluster could not start Redis or one of its workers."""\n\n'
+          "    exit_code = ExitCode.JOBS_FAILED",
+          (T + "test_promises.py::test_exit_6_when_the_local_cluster_cannot_start",)),
+    Break("exit 5 when --timeout passes (scripts-coordinator and submit --wait)",
+          "coordinator/errors.py",
+          "    exit_code = ExitCode.WAIT_TIMEOUT", "    exit_code = ExitCode.JOBS_FAILED",
+          (T + "test_promises.py::test_exit_5_when_the_timeout_passes",)),
+    Break("retry runs cancelled jobs again (Run.retry_failed)", "coordinator/run.py",
+          "(JobState.FAILED, JobState.CANCELLED,", "(JobState.FAILED,",
+          (T + "test_promises.py::test_the_python_api_cancels_retries_reports_progress",)),
+    Break("a second worker for a node is refused unless --force", "coordinator/cli/node.py",
+          "    if others and not args.force:", "    if others:",
+          (T + "test_promises.py::test_a_second_worker_is_refused_unless_forced",)),
+    Break("passwords are masked in output", "coordinator/broker.py",
+          '    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\\1***@", url)', "    return url",
+          (T + "test_promises.py::test_broker_before_the_command_and_a_masked_password",
+           T + "test_faults.py::test_passwords_are_masked_in_errors")),
+    Break("--dry-run publishes nothing", "coordinator/cli/runs.py",
+          "        print_plan(args, inventory)\n        return ExitCode.OK\n",
+          "        print_plan(args, inventory)\n",
+          (T + "test_promises.py::"
+               "test_scripts_coordinator_dry_run_prints_the_plan_and_publishes_nothing",)),
+    Break("SC_RUN_TTL is honoured", "worker_tasks/tracking.py",
+          'int(os.environ.get("SC_RUN_TTL", str(7 * 24 * 3600)))', "int(7 * 24 * 3600)",
+          (T + "test_promises.py::test_connect_timeout_run_ttl_and_key_prefix_are_honoured",)),
+    Break("a pickled message is refused by a real worker", "celeryconfig.py",
+          'accept_content = ["json"]', 'accept_content = ["json", "pickle"]',
+          (T + "test_reliability.py::test_hostile_messages_are_refused_and_the_worker_lives_on",)),
+    Break("a legacy job's skip reaches the scoring script", "coordinator/legacy.py",
+          '    if entry.skip:\n        args += ["--skip", str(entry.skip)]\n', "",
+          (T + "test_promises.py::test_legacy_skip_automatic_ids_and_a_history_path",)),
+    Break("README command 1 finds the secret seed", "coordinator/cli/workload.py",
+          'secret = json.loads(demo.secret.read_text())["secret_seed"]', "secret = -1",
+          (T + "test_promises.py::test_readme_command_1_demo_script",)),
+    Break("a marker or log path with the wrong ending is refused", "worker_tasks/spec.py",
+          '        if not done.endswith(".done") or not log.endswith(".log"):',
+          "        if False:",
+          (T + "test_worker_rules.py::test_every_field_of_a_message_is_checked",)),
+    Break("Flower's API needs the password when one is set", "coordinator/cli/observe.py",
+          '    auth = os.environ.get(AUTH_VARIABLE, "")', '    auth = ""',
+          (T + "test_observe.py::test_flower_refuses_without_a_password",)),
+]
+
+
+def check(item: Break, scratch: Path) -> tuple[bool, str]:
+    """Apply one break in ``scratch``, run its tests, restore; (red, summary line)."""
+    target = scratch / item.path
+    original = target.read_text()
+    if original.count(item.old) != 1:
+        return False, f"the text to break is not in {item.path} exactly once (code changed?)"
+    target.write_text(original.replace(item.old, item.new))
+    env = dict(os.environ, PYTHONPATH=str(scratch), PYTHONDONTWRITEBYTECODE="1")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *item.tests],
+            cwd=scratch, env=env, capture_output=True, text=True, timeout=BREAK_TIMEOUT_S)
+        last = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
+        return result.returncode == 1, last
+    except subprocess.TimeoutExpired:
+        return True, f"timed out after {BREAK_TIMEOUT_S} s (counts as red)"
+    finally:
+        target.write_text(original)
+
+
+def main(argv: list[str]) -> int:
+    chosen = [item for item in BREAKS if not argv or any(word in item.promise for word in argv)]
+    if not chosen:
+        print(f"no promise matches {' '.join(argv)!r}", file=sys.stderr)
+        return 2
+    survivors = 0
+    with tempfile.TemporaryDirectory(prefix="sc-break-") as temp:
+        scratch = Path(temp) / "repo"
+        shutil.copytree(REPO, scratch, ignore=IGNORED, symlinks=True)
+        for item in chosen:
+            started = time.monotonic()
+            red, last = check(item, scratch)
+            survivors += not red
+            print(f"{'red ' if red else 'GREEN'}  {item.promise}  "
+                  f"({time.monotonic() - started:.0f} s: {last})", flush=True)
+    print(f"{len(chosen) - survivors}/{len(chosen)} broken promises caught by their tests")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
