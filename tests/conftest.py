@@ -21,6 +21,28 @@ BIN = Path(sys.executable).parent
 NODES = ["rig-a", "rig-b", "rig-c", "rig-d"]
 # Bound on any command a test runs (seconds).
 COMMAND_TIMEOUT_S = 240
+# The external references, by the fixture that brings each one in: the summary line at the
+# end of a run says how many of their tests passed (CI's proof that they ran, not skipped).
+REFERENCE_FIXTURES = {"java_draws": "Java (java.util.Random)",
+                      "cpp_draws": "C++ (std engines, xorshift32)",
+                      "compiler": "C++ (CUDA kernel harness)",
+                      "ssh_cluster": "SSH (real sshd hosts)"}
+_reference_passes: dict[str, int] = dict.fromkeys(REFERENCE_FIXTURES.values(), 0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.passed:
+        for fixture, reference in REFERENCE_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                _reference_passes[reference] += 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    ran = ", ".join(f"{name} {count} passed" for name, count in _reference_passes.items())
+    terminalreporter.write_line(f"external references: {ran}")
 
 
 @pytest.fixture(scope="session")

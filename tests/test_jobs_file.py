@@ -340,6 +340,9 @@ def test_parse_jobs_and_unreadable_files_say_where(tmp_path: Path) -> None:
         parse_jobs([dict(BASE, node=7)])
     assert str(caught.value) == ("jobs: job 0 (job_id 'a'): field 'node': Input should be a "
                                  "valid string")
+    with pytest.raises(InvalidJobsError) as caught:
+        parse_jobs([dict(BASE, node=7)], source="step5.json")
+    assert str(caught.value).startswith("step5.json: job 0 (job_id 'a'): field 'node'")
     path = tmp_path / "latin1.json"
     path.write_bytes(b'[{"job_id": "caf\xe9"}]')
     with pytest.raises(InvalidJobsError) as caught:

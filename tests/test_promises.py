@@ -124,6 +124,8 @@ def test_the_merged_ranking_breaks_score_ties_by_seed(tmp_path: Path) -> None:
     last = ScoringMerger().merge([bare, record("c5"), record("c1")], Path("o"), tmp_path)
     assert json.loads(last.path.read_text())["n_seeds"] == 3
     assert last.details["file"] == "o/survivors_with_scores.json"
+    nothing = json.loads(ScoringMerger().merge([bare], Path("o"), tmp_path).path.read_text())
+    assert (nothing["n_seeds"], nothing["chunks"], nothing["results"]) == (0, 1, [])
 
 
 def test_exit_6_when_the_local_cluster_cannot_start(tmp_path: Path) -> None:

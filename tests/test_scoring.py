@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scoring import cpu
+from scoring import cpu, vectorized
 from scoring.backends import select_backend
 from scoring.prng import PRNGS, reference_draws, reference_matches
+from scoring.states import initial_states
 from tests.toolchains import require
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,6 +96,7 @@ def cpp_draws(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 @pytest.mark.parametrize(("seed", "bound"), [
     (42, 10), (0, 1000), (-1, 1000), (2**63 - 1, 1000), (-(2**63), 7), (123456789, 16),
     (987654321, 1 << 30), (31337, 2**31 - 1), (5, 1_500_000_000), (77, 1),
+    (11, 715_827_883),  # 3 x 715827883 = 2**31 + 1: the rejection test's exact edge, often
 ])
 def test_java_lcg_is_java_util_random(java_draws, seed: int, bound: int) -> None:  # noqa: ANN001
     assert reference_draws("java_lcg", seed, bound, 200) == java_draws(seed, bound, 200)
@@ -134,9 +136,10 @@ def random_seeds(prng: str, n: int, rng: np.random.Generator) -> np.ndarray:
 
 @pytest.mark.parametrize("engine", ["compiled", "vectorized"])
 @pytest.mark.parametrize("prng", list(PRNGS))
-# 1,500,000,000: Java's nextInt rejects about 30% of draws for this bound (the redraw path).
+# 1,500,000,000: Java's nextInt rejects about 30% of draws for this bound (the redraw path);
+# 715,827,883: a third of the draws land exactly on the rejection test's edge (>= vs >).
 @pytest.mark.parametrize(("mod", "skip"), [(1000, 0), (16, 3), (7, 650), (2**31 - 1, 1),
-                                           (1_500_000_000, 2)])
+                                           (1_500_000_000, 2), (715_827_883, 0)])
 def test_cpu_backend_equals_reference(engine: str, prng: str, mod: int, skip: int) -> None:
     # A fixed seed per case (hash() changes between runs): a failure can be reproduced.
     rng = np.random.default_rng(zlib.crc32(f"{prng}/{mod}/{skip}".encode()))
@@ -147,8 +150,46 @@ def test_cpu_backend_equals_reference(engine: str, prng: str, mod: int, skip: in
     history = [h if i % 3 else int(rng.integers(0, mod)) for i, h in enumerate(history)]
     got = cpu.matches(prng, seeds, np.array(history), mod, skip, chunk=17, engine=engine)
     want = [reference_matches(prng, int(s), history, mod, skip) for s in seeds]
-    assert got.tolist() == want
+    assert got.dtype == np.int32 and got.tolist() == want
     assert got[5] >= 26
+    if skip == 0:  # the default skip is 0, for the engines and the reference alike
+        assert cpu.matches(prng, seeds, np.array(history), mod, engine=engine).tolist() == [
+            reference_matches(prng, int(s), history, mod) for s in seeds]
+
+
+@pytest.mark.parametrize("prng", list(PRNGS))
+def test_vectorized_kernels_return_int32_and_leave_their_input_alone(prng: str) -> None:
+    rng = np.random.default_rng(zlib.crc32(prng.encode()))
+    states = initial_states(prng, random_seeds(prng, 12, rng))
+    before = states.copy()
+    history = np.array(reference_draws(prng, 7, 1000, 20), dtype=np.int64)
+    out = vectorized.KERNELS[prng](states, history, 1000, 0)
+    assert out.dtype == np.int32 and out.shape == (14,)
+    assert np.array_equal(states, before)
+
+
+def test_xorshift32_refuses_a_zero_state() -> None:
+    for seed in (0, 2**32, 5 * 2**32):  # the state is the low 32 bits
+        with pytest.raises(ValueError) as caught:
+            reference_draws("xorshift32", seed, 1000, 3)
+        assert str(caught.value) == "xorshift32 seed must not be 0 (the state would stay 0)"
+    assert reference_draws("xorshift32", 2**32 + 1, 2**32, 1) == [270369]  # state 1
+
+
+def test_the_compiled_engine_missing_is_said_and_auto_falls_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where Numba does not import, load_compiled() returns None (simulated here).
+    monkeypatch.setattr(cpu, "load_compiled", lambda: None)
+    seeds = np.arange(1, 4, dtype=np.uint64)
+    with pytest.raises(RuntimeError) as caught:
+        cpu.matches("minstd", seeds, np.array([1, 2]), 1000, engine="compiled")
+    assert str(caught.value) == ("the compiled CPU engine needs Numba, which does not import "
+                                 "here")
+    # auto on work big enough for the compiled engine stays vectorised, same matches.
+    history = np.array(reference_draws("java_lcg", 3, 1000, 200_000))
+    got = cpu.matches("java_lcg", np.array([3, 4, 5], dtype=np.int64), history, 1000)
+    assert got.tolist() == [200_000, reference_matches("java_lcg", 4, history.tolist(), 1000),
+                            reference_matches("java_lcg", 5, history.tolist(), 1000)]
 
 
 def test_auto_engine_follows_the_amount_of_work() -> None:
@@ -157,8 +198,14 @@ def test_auto_engine_follows_the_amount_of_work() -> None:
     assert cpu.choose_engine("mt19937", 40_000, 100) == "vectorized"
     assert cpu.choose_engine("mt19937", 100_000, 100) == "compiled"  # seeding dominates
     assert cpu.choose_engine("java_lcg", 10, 10, engine="compiled") == "compiled"
-    with pytest.raises(ValueError, match="unknown CPU engine"):
+    # At the threshold exactly (100 million steps), and one seed-step below it.
+    assert cpu.choose_engine("xorshift32", 1_000_000, 100) == "compiled"
+    assert cpu.choose_engine("xorshift32", 999_999, 100) == "vectorized"
+    assert cpu.choose_engine("minstd", 1_000_000, 99) == "vectorized"
+    assert cpu.choose_engine("mt19937", 100_000, 1000 - 2 * 624) == "compiled"
+    with pytest.raises(ValueError) as caught:
         cpu.choose_engine("java_lcg", 1, 1, engine="gpu")
+    assert str(caught.value) == "unknown CPU engine 'gpu'; choose auto, compiled, vectorized"
 
 
 def test_select_backend_falls_back_to_cpu_and_refuses_cupy_without_gpu() -> None:
