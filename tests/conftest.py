@@ -41,6 +41,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not terminalreporter.stats.get("passed"):
+        return  # nothing ran (--collect-only, or every test failed)
     ran = ", ".join(f"{name} {count} passed" for name, count in _reference_passes.items())
     terminalreporter.write_line(f"external references: {ran}")
 

@@ -17,6 +17,7 @@ from coordinator.broker import redact
 from coordinator.local import LocalCluster
 from coordinator.redis_server import RedisServer
 from tests.conftest import BIN, REPO, echo_job, run_cli
+from tests.waiting import wait_for
 
 # Unacked jobs come back after this many seconds (short, for the test).
 VISIBILITY_S = 5
@@ -39,13 +40,6 @@ def fault_cluster(tmp_path: Path) -> Iterator[tuple[LocalCluster, RedisServer]]:
         yield made
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_job_lost_with_its_worker_is_delivered_again(

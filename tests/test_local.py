@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BIN, REPO, echo_job, write_jobs
+from tests.waiting import alive
 
 
 def descendants(pid: int) -> set[int]:
@@ -30,12 +31,6 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_ctrl_c_stops_redis_workers_and_running_jobs(tmp_path: Path) -> None:

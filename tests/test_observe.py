@@ -17,7 +17,7 @@ from coordinator import JobState, submit
 from coordinator.local import LocalCluster
 from coordinator.redis_server import RedisServer, free_port
 from tests.conftest import BIN, echo_job, run_cli
-from tests.test_reliability import wait_for
+from tests.waiting import wait_for
 
 AUTH = ("watcher", "s3cret-flower")
 

@@ -25,7 +25,7 @@ from coordinator.mergers.scoring import ScoringMerger
 from coordinator.records import JobRecord
 from coordinator.redis_server import RedisServer
 from tests.conftest import BIN, REPO, echo_job, run_cli, write_jobs
-from tests.test_reliability import alive, wait_for
+from tests.waiting import alive, wait_for
 
 
 def probe_job(job_id: str, node: str, ledger: Path, *extra: str, **fields: object) -> dict:

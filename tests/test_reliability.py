@@ -28,6 +28,7 @@ from coordinator import JobState, get_run, submit
 from coordinator.local import LocalCluster, worker_name
 from coordinator.redis_server import RedisServer
 from tests.conftest import BIN, REPO, run_cli, write_jobs
+from tests.waiting import alive, wait_for
 from worker_tasks.app import make_app
 from worker_tasks.spec import RUN_JOB_TASK
 
@@ -80,21 +81,8 @@ def bench(tmp_path: Path) -> Iterator[Bench]:
         yield made
 
 
-def wait_for(predicate, timeout: float, what: str, every: float = 0.2) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def cwd_of(proc_entry: Path) -> str | None:

@@ -20,7 +20,7 @@ from coordinator.errors import BrokerUnreachableError
 from coordinator.redis_server import RedisServer
 from coordinator.report import find_browser, render_svg
 from tests.conftest import BIN, REPO, echo_job, run_cli, write_jobs
-from tests.test_reliability import wait_for
+from tests.waiting import wait_for
 
 
 def decoded(entry: bytes) -> tuple[dict, list]:

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from coordinator import JobState, get_run, submit
-from tests.test_reliability import make_bench, wait_for, waiter_of
+from tests.test_reliability import make_bench, waiter_of
+from tests.waiting import wait_for
 
 NODES = ["rig-a", "rig-b", "rig-c", "rig-d"]
 JOBS = 1000

@@ -14,7 +14,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from coordinator.cli import build_parser
 from coordinator.redis_server import RedisServer
 from tests.conftest import BIN, REPO, echo_job, run_cli, write_jobs
 from tests.sshd import SshHost, free_port, inventory_text, keygen, require_sshd
+from tests.waiting import wait_for
 
 PYTHON = str(BIN / "python")
 LABELS = ("rig-a", "rig-b")
@@ -127,13 +127,6 @@ def workers_up(ssh_cluster: SshCluster) -> Iterator[SshCluster]:
     ssh_cluster.cli("cluster", "down", "--now")
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_step3_over_ssh_from_init_to_down(ssh_cluster: SshCluster) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.waiting import alive
 from worker_tasks.run_job import (
     JobRefused,
     check_output,
@@ -139,12 +140,6 @@ def test_the_script_sees_its_gpu_and_env_but_not_the_broker_password(
     assert "SC_BROKER_URL" not in env and "SC_TRACKING_URL" not in env
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_a_killed_runner_takes_every_descendant_with_it(tmp_path: Path) -> None:

@@ -1,0 +1,27 @@
+"""Waiting on events with a deadline (never a fixed sleep), and whether a process lives."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str,
+             every: float = 0.2) -> None:
+    """Poll ``predicate`` until it is true; fail naming ``what`` once ``timeout`` s pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie has already died)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
