@@ -37,6 +37,7 @@ from coordinator.records import (
     read_status,
     status_from,
 )
+from coordinator.submit import republish
 from worker_tasks.presence import serving
 from worker_tasks.spec import queue_for
 from worker_tasks.tracking import JobState, events_key, run_key
@@ -123,7 +124,7 @@ class RunFollower:
             return False
         extra = json.loads(fields.get(b"extra", b"{}"))
         updates: dict[str, object] = {"state": JobState(json.loads(fields[b"state"]))}
-        for name in ("attempts", "host", "duration_s", "error"):
+        for name in ("attempts", "host", "duration_s", "error", "task_id"):
             if extra.get(name) is not None:
                 updates[name] = extra[name]
         if "node" in extra:
@@ -218,6 +219,11 @@ def reconnect(client: redis.Redis, err: Exception, options: FollowOptions) -> No
                                  f"{options.reconnect_timeout:g} s: {err}")
 
 
+def listing(job_ids: list[str], most: int = 10) -> str:
+    """Job ids for a one-line notice: the first ``most``, then an ellipsis."""
+    return ", ".join(job_ids[:most]) + (" ..." if len(job_ids) > most else "")
+
+
 def vanished(run_id: str, follower: RunFollower) -> RunVanishedError:
     info = follower.info
     jobs_file = info.get("jobs_file") or "JOBS_FILE"
@@ -243,6 +249,7 @@ class Healer:
         self.last_heal = 0.0
         self.last_failover_check = 0.0
         self.unserved_since: dict[str, float] = {}
+        self.published_again: set[str] = set()
 
     def progress(self) -> None:
         self.quiet_since = time.monotonic()
@@ -280,9 +287,27 @@ class Healer:
                  else read_records(self.client, self.run_id, waiting_ids, FOLLOW_FIELDS))
         lost = find_lost(self.app, self.client, self.broker, self.run_id, fresh, live)
         if lost:
-            self.options.notice(f"{len(lost)} jobs lost (their messages are gone and no worker "
-                                f"runs them): {', '.join(lost[:10])}"
-                                f"{' ...' if len(lost) > 10 else ''}; coordinator retry --lost "
+            self.publish_again(lost)
+
+    def publish_again(self, lost: list[str]) -> None:
+        """Publish lost jobs again, once each; a job lost a second time stays lost.
+
+        A broker that crashes while handing a message to a worker loses it for good (kombu
+        pops it, then records it as unacknowledged: two steps), so a follower that finds a
+        lost job publishes it again rather than end the run short. Its old message, if it
+        ever turns up, is stale and dropped; the node lease keeps any two from overlapping.
+        """
+        again = [job_id for job_id in lost if job_id not in self.published_again]
+        self.published_again.update(again)
+        published = republish(self.client, self.app, self.run_id, again, (JobState.LOST,),
+                              note="its message vanished; published again by wait")
+        if published:
+            self.options.notice(f"{len(published)} jobs lost (their messages are gone and no "
+                                f"worker runs them): {listing(published)}; published again")
+        kept = [job_id for job_id in lost if job_id not in published]
+        if kept:
+            self.options.notice(f"{len(kept)} jobs lost (their messages are gone and no worker "
+                                f"runs them): {listing(kept)}; coordinator retry --lost "
                                 f"{self.run_id} republishes them")
 
     def failover(self, status: RunStatus) -> None:

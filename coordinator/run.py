@@ -96,7 +96,7 @@ class Run:
 
         Reads only what changed (the run's change stream), reconnects when Redis goes
         away (``SC_RECONNECT_TIMEOUT``), settles records that disagree with ``.done``
-        files in ``workdir`` or with dead workers, marks lost jobs, and with
+        files in ``workdir`` or with dead workers, publishes lost jobs again (once), and with
         ``failover`` moves the queued jobs of a node without a worker for that many
         seconds. ``notice`` gets one line per such event (default: logged).
         Raises ``WaitTimeoutError`` when ``timeout`` seconds pass first,

@@ -324,7 +324,8 @@ def republish(client: redis.Redis, app: Celery, run_id: str, job_ids: Sequence[s
         spec = spec_from_record(run_id, {**record, **update, "job_id": job_id})
         generation = int(record.get("task_id", "0").rsplit(".", 1)[-1]) + 1
         task_id = task_id_for(spec, generation)
-        event = {"node": spec.node, "attempts": record.get("attempts", 0)}
+        # The task id travels in the event: followers must know which message is current.
+        event = {"node": spec.node, "attempts": record.get("attempts", 0), "task_id": task_id}
         result = tracker.transition(run_id, job_id, JobState.QUEUED, allowed,
                                     holding=record.get("task_id"), task_id=task_id, event=event,
                                     queued_at=timestamp(), error=note, finished_at=None,

@@ -19,6 +19,7 @@ import pytest
 from scoring import cpu
 from scoring.gpu import KERNEL_SOURCE, PRNG_CODES
 from scoring.prng import PRNGS, reference_draws
+from tests.test_scoring import REDRAW_SEED
 from tests.toolchains import require
 
 PRELUDE = r"""
@@ -93,7 +94,8 @@ def test_cuda_kernel_source_matches_cpu_backend(compiler: str, tmp_path: Path, p
     low, high = max(info.seed_min, -(2**62)), min(info.seed_max, 2**62)
     seeds = rng.integers(max(low, 1), high, size=300, dtype=np.int64).tolist()
     # Edge seeds: negative Java longs; minstd seeds that are multiples of 2^31 - 1.
-    seeds += ([-1, -(2**63), 2**63 - 1, -123456789] if prng == "java_lcg"
+    # REDRAW_SEED: its first draw is the one value nextInt rejects at bound 2**31 - 1.
+    seeds += ([-1, -(2**63), 2**63 - 1, -123456789, REDRAW_SEED] if prng == "java_lcg"
               else [2**32 - 1, 2147483647, 4294967294, 1])
     seeds = np.array(seeds, dtype=np.int64 if info.seed_min < 0 else np.uint64)
     draws = reference_draws(prng, int(seeds[11]), mod, 40, skip)

@@ -97,7 +97,7 @@ def env_for(server: RedisServer, **extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def waiter_of(bench: Bench, run_id: str, reconnect_s: int) -> Iterator[
+def waiter_of(bench: Bench, run_id: str, reconnect_s: int, **env: str) -> Iterator[
         tuple[subprocess.Popen[bytes], Path, Path]]:
     """``coordinator wait RUN`` in the background, its output in files; stopped at the end."""
     out, err = bench.workdir / f"wait-{run_id}.out", bench.workdir / f"wait-{run_id}.err"
@@ -105,7 +105,7 @@ def waiter_of(bench: Bench, run_id: str, reconnect_s: int) -> Iterator[
         process = subprocess.Popen(
             [str(BIN / "coordinator"), "wait", run_id, "--workdir", str(bench.workdir)],
             cwd=bench.workdir, stdout=out_fh, stderr=err_fh,
-            env=env_for(bench.server, SC_RECONNECT_TIMEOUT=str(reconnect_s)))
+            env=env_for(bench.server, SC_RECONNECT_TIMEOUT=str(reconnect_s), **env))
     try:
         yield process, out, err
     finally:
@@ -195,6 +195,36 @@ def test_purged_messages_make_jobs_lost_and_retry_lost_runs_them(tmp_path: Path)
         assert retried.returncode == 0, retried.stdout + retried.stderr
         assert "published 3 lost jobs again" in retried.stdout
         assert [bench.successes(f"p{i}") for i in range(3)] == [1, 1, 1]
+
+
+def test_wait_publishes_a_vanished_message_again_once(tmp_path: Path) -> None:
+    """A broker crash mid-delivery loses the message (kombu pops, then records): wait heals it.
+
+    Deleting a node's queue while ``wait`` follows is that loss, made on purpose: the job is
+    published again and runs exactly once; lost a second time, it stays lost.
+    """
+    with make_bench(tmp_path, ["rig-a"]) as bench:
+        run = submit([bench.job("once", "rig-q"), bench.job("twice", "rig-r")], output_dir="o",
+                     broker_url=bench.server.url)
+        broker = redis.Redis.from_url(bench.server.url)
+        assert broker.delete("node.rig-q", "node.rig-r") == 2
+        with waiter_of(bench, run.id, 60, SC_RECONCILE_AFTER="1") as (waiter, out, err):
+            wait_for(lambda: broker.llen("node.rig-q") == 1 and broker.llen("node.rig-r") == 1,
+                     60, "both jobs to be published again")
+            assert "2 jobs lost (their messages are gone and no worker runs them): once, " \
+                   "twice; published again" in err.read_text()
+            assert broker.delete("node.rig-r") == 1
+            wait_for(lambda: "1 jobs lost (their messages are gone and no worker runs them): "
+                             f"twice; coordinator retry --lost {run.id}" in err.read_text(),
+                     60, "the second loss to be reported", seen=err.read_text)
+            bench.cluster.nodes.append("rig-q")
+            bench.cluster.start_worker("rig-q")
+            waiter.wait(timeout=120)
+        assert waiter.returncode == 1, out.read_text() + err.read_text()
+        states = {job.job_id: job.state for job in run.status().jobs}
+        assert states == {"once": JobState.SUCCEEDED, "twice": JobState.LOST}
+        assert bench.successes("once") == 1 and bench.ledger_of("twice") == []
+        assert bench.violations() == []
 
 
 def test_one_job_at_a_time_per_node_even_with_a_second_worker_and_pool_grow(

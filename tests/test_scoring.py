@@ -93,10 +93,16 @@ def cpp_draws(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     return draws
 
 
+# Java's Random(seed) whose first 31-bit draw is 2**31 - 1 (the LCG inverted by hand): at
+# bound 2**31 - 1 the only value nextInt rejects, so the redraw loop runs, once.
+REDRAW_SEED = 142379987759401
+
+
 @pytest.mark.parametrize(("seed", "bound"), [
     (42, 10), (0, 1000), (-1, 1000), (2**63 - 1, 1000), (-(2**63), 7), (123456789, 16),
     (987654321, 1 << 30), (31337, 2**31 - 1), (5, 1_500_000_000), (77, 1),
     (11, 715_827_883),  # 3 x 715827883 = 2**31 + 1: the rejection test's exact edge, often
+    (REDRAW_SEED, 2**31 - 1),  # the first draw is 2**31 - 1 itself: rejected, drawn again
 ])
 def test_java_lcg_is_java_util_random(java_draws, seed: int, bound: int) -> None:  # noqa: ANN001
     assert reference_draws("java_lcg", seed, bound, 200) == java_draws(seed, bound, 200)
@@ -325,6 +331,17 @@ def test_script_missing_file_and_cupy_without_gpu(tmp_path: Path) -> None:
     else:  # a GPU is here: the cupy backend must then work
         result = run_script(*scoring_args(), "--backend", "cupy", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("engine", ["compiled", "vectorized"])
+def test_java_redraw_at_the_largest_bound(engine: str) -> None:
+    mod = 2**31 - 1
+    draws = reference_draws("java_lcg", REDRAW_SEED, mod, 6)
+    assert draws[0] == 2147291273  # not 2**31 - 1: that draw was rejected
+    seeds = np.array([REDRAW_SEED, 1, REDRAW_SEED + 1], dtype=np.int64)
+    got = cpu.matches("java_lcg", seeds, np.array(draws), mod, 0, engine=engine)
+    assert got.tolist() == [6, *(reference_matches("java_lcg", int(s), draws, mod)
+                                 for s in seeds[1:])]
 
 
 @pytest.mark.parametrize("mod", [1, 3, 7, 10, 999, 1000, 12345, 2**30 + 1, 1_500_000_000,

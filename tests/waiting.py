@@ -8,14 +8,18 @@ from pathlib import Path
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str,
-             every: float = 0.2) -> None:
-    """Poll ``predicate`` until it is true; fail naming ``what`` once ``timeout`` s pass."""
+             every: float = 0.2, seen: Callable[[], str] | None = None) -> None:
+    """Poll ``predicate`` until it is true; fail naming ``what`` once ``timeout`` s pass.
+
+    ``seen``, if given, says what was there instead (its text ends the failure message).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+    instead = f"; instead:\n{seen()}" if seen is not None else ""
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{instead}")
 
 
 def alive(pid: int) -> bool:
