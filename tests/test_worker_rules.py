@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.waiting import alive
+from tests.waiting import alive, wait_for
+from worker_tasks.daemon import PidFileState, read_pidfile
 from worker_tasks.run_job import (
     JobRefused,
     check_output,
@@ -297,3 +299,37 @@ def test_seconds_at_their_bounds_are_accepted() -> None:
     assert JobSpec.from_message({**MESSAGE, "timeout": 0.5}).timeout == 0.5
     assert JobSpec.from_message({**MESSAGE, "timeout": 2_592_000}).timeout == 2_592_000.0
     assert JobSpec.from_message({**MESSAGE, "retry_delay": 3600}).retry_delay == 3600.0
+
+
+# The title Celery gives its main process where setproctitle is installed.
+CELERY_TITLE = ("[celeryd: rig-z@host:MainProcess] -active- (-A worker_tasks worker --queues "
+                "node.rig-z --concurrency 1)")
+
+
+@pytest.mark.parametrize("retitled", [False, True])
+def test_a_pid_file_finds_its_worker_even_when_celery_retitles_it(tmp_path: Path,
+                                                                   retitled: bool) -> None:
+    """``worker --stop`` and ``cluster down`` find the worker by its queue among its arguments.
+
+    Where setproctitle is installed Celery rewrites its command line into one string; the
+    queue must still be found there (``--stop`` said "not running" and left it running).
+    """
+    code = ("import setproctitle, sys, time; setproctitle.setproctitle(sys.argv[1]); "
+            "time.sleep(60)")
+    argv = [sys.executable, "-c", code, CELERY_TITLE] if retitled else [
+        sys.executable, "-c", "import time; time.sleep(60)", "--queues", "node.rig-z"]
+    process = subprocess.Popen(argv)
+    try:
+        cmdline = Path(f"/proc/{process.pid}/cmdline")
+        if retitled:  # until Python has started and retitled itself, argv[1] is the title
+            wait_for(lambda: cmdline.read_bytes().startswith(b"[celeryd") and
+                     b"\0" not in cmdline.read_bytes().rstrip(b"\0"), 30, "the new title")
+        pidfile = tmp_path / "worker.pid"
+        pidfile.write_text(f"{process.pid}\n")
+        assert read_pidfile(pidfile, "node.rig-z") == PidFileState(pid=process.pid, alive=True)
+        for other in ("node.rig-y", "node.rig-zz", "rig-z"):  # another node's worker is not it
+            assert not read_pidfile(pidfile, other).alive
+    finally:
+        process.kill()
+        process.wait()
+    assert read_pidfile(pidfile, "node.rig-z") == PidFileState(pid=process.pid, alive=False)

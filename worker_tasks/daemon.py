@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -62,7 +63,9 @@ def process_matches(pid: int, marker: str) -> bool:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return False
-    return state != "Z" and marker.encode() in cmdline.split(b"\0")
+    # Celery retitles its process where setproctitle is installed: the arguments then
+    # appear as one string, "[celeryd: ...] -active- (... --queues node.rig-a ...)".
+    return state != "Z" and marker.encode() in re.split(rb"[\0\s()]+", cmdline)
 
 
 def session_members(sid: int) -> list[int]:
