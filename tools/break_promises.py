@@ -109,7 +109,7 @@ BREAKS = [
           'int(os.environ.get("SC_RUN_TTL", str(7 * 24 * 3600)))', "int(7 * 24 * 3600)",
           (T + "test_promises.py::test_connect_timeout_run_ttl_and_key_prefix_are_honoured",)),
     Break("a pickled message is refused by a real worker", "celeryconfig.py",
-          'accept_content = ["json"]', 'accept_content = ["json", "pickle"]',
+          '\naccept_content = ["json"]', '\naccept_content = ["json", "pickle"]',
           (T + "test_reliability.py::test_hostile_messages_are_refused_and_the_worker_lives_on",)),
     Break("a legacy job's skip reaches the scoring script", "coordinator/legacy.py",
           '    if entry.skip:\n        args += ["--skip", str(entry.skip)]\n', "",
@@ -129,6 +129,12 @@ BREAKS = [
           '("attempts", "host", "duration_s", "error", "task_id")',
           '("attempts", "host", "duration_s", "error")',
           (T + "test_reliability.py::test_wait_publishes_a_vanished_message_again_once",)),
+    Break("worker --stop finds a worker that Celery retitled", "worker_tasks/daemon.py",
+          'marker.encode() in re.split(rb"[\\0\\s()]+", cmdline)',
+          'marker.encode() in cmdline.split(b"\\0")',
+          (T + "test_worker_rules.py::"
+               "test_a_pid_file_finds_its_worker_even_when_celery_retitles_it",
+           T + "test_promises.py::test_a_second_worker_is_refused_unless_forced")),
     Break("Flower's API needs the password when one is set", "coordinator/cli/observe.py",
           '    auth = os.environ.get(AUTH_VARIABLE, "")', '    auth = ""',
           (T + "test_observe.py::test_flower_refuses_without_a_password",)),
@@ -136,12 +142,17 @@ BREAKS = [
 
 
 def run_tests(scratch: Path, tests: list[str], timeout: float) -> tuple[int, str]:
-    """Run ``tests`` against the scratch copy; (pytest's exit status, its last line)."""
+    """Run ``tests`` against the scratch copy; (pytest's exit status, its summary lines).
+
+    The summary: the ``FAILED`` lines (the test and its first error line), then the last.
+    """
     env = dict(os.environ, PYTHONPATH=str(scratch), PYTHONDONTWRITEBYTECODE="1")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+        [sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider", *tests],
         cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout)
-    return result.returncode, (result.stdout.strip().splitlines() or ["(no output)"])[-1]
+    lines = result.stdout.strip().splitlines() or ["(no output)"]
+    failed = [line[:300] for line in lines if line.startswith("FAILED ")]
+    return result.returncode, "\n  ".join([*failed, lines[-1]])
 
 
 def check(item: Break, scratch: Path) -> tuple[bool, str]:
