@@ -34,13 +34,18 @@ BREAK_TIMEOUT_S = 600
 
 @dataclass(frozen=True)
 class Break:
-    """One promise broken: ``old`` becomes ``new`` in ``path``; each of ``tests`` must fail."""
+    """One promise broken: ``old`` becomes ``new`` in ``path``; each of ``tests`` must fail.
+
+    ``env``: variables the broken copy needs to start at all (so the tests fail on the
+    promise, not on a process that never came up).
+    """
 
     promise: str
     path: str
     old: str
     new: str
     tests: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
 
 
 T = "tests/"
@@ -110,7 +115,9 @@ BREAKS = [
           (T + "test_promises.py::test_connect_timeout_run_ttl_and_key_prefix_are_honoured",)),
     Break("a pickled message is refused by a real worker", "celeryconfig.py",
           '\naccept_content = ["json"]', '\naccept_content = ["json", "pickle"]',
-          (T + "test_reliability.py::test_hostile_messages_are_refused_and_the_worker_lives_on",)),
+          (T + "test_reliability.py::test_hostile_messages_are_refused_and_the_worker_lives_on",),
+          # Celery will not start a root worker that accepts pickle unless told to.
+          env=(("C_FORCE_ROOT", "1"),)),
     Break("a legacy job's skip reaches the scoring script", "coordinator/legacy.py",
           '    if entry.skip:\n        args += ["--skip", str(entry.skip)]\n', "",
           (T + "test_promises.py::test_legacy_skip_automatic_ids_and_a_history_path",)),
@@ -135,18 +142,24 @@ BREAKS = [
           (T + "test_worker_rules.py::"
                "test_a_pid_file_finds_its_worker_even_when_celery_retitles_it",
            T + "test_promises.py::test_a_second_worker_is_refused_unless_forced")),
+    # Flower reads FLOWER_BASIC_AUTH itself: the password is lost only if Flower is started
+    # without it and with its API opened (as on loopback without a password).
     Break("Flower's API needs the password when one is set", "coordinator/cli/observe.py",
-          '    auth = os.environ.get(AUTH_VARIABLE, "")', '    auth = ""',
+          "    env = dict(os.environ, SC_BROKER_URL=url)\n    if not auth:",
+          "    env = {k: v for k, v in os.environ.items() if k != AUTH_VARIABLE}\n"
+          "    env[\"SC_BROKER_URL\"] = url\n    if True:",
           (T + "test_observe.py::test_flower_refuses_without_a_password",)),
 ]
 
 
-def run_tests(scratch: Path, tests: list[str], timeout: float) -> tuple[int, str]:
+def run_tests(scratch: Path, tests: list[str], timeout: float,
+              extra_env: tuple[tuple[str, str], ...] = ()) -> tuple[int, str]:
     """Run ``tests`` against the scratch copy; (pytest's exit status, its summary lines).
 
     The summary: the ``FAILED`` lines (the test and its first error line), then the last.
     """
-    env = dict(os.environ, PYTHONPATH=str(scratch), PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, PYTHONPATH=str(scratch), PYTHONDONTWRITEBYTECODE="1",
+               **dict(extra_env))
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider", *tests],
         cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout)
@@ -163,8 +176,10 @@ def check(item: Break, scratch: Path) -> tuple[bool, str]:
         return False, f"the text to break is not in {item.path} exactly once (code changed?)"
     target.write_text(original.replace(item.old, item.new))
     try:
-        status, last = run_tests(scratch, list(item.tests), BREAK_TIMEOUT_S)
-        return status == 1, last
+        status, last = run_tests(scratch, list(item.tests), BREAK_TIMEOUT_S, item.env)
+        # Only a failed test counts: an error in a fixture (a worker that would not start)
+        # says nothing about the promise.
+        return status == 1 and last.startswith("FAILED "), last
     except subprocess.TimeoutExpired:
         return True, f"timed out after {BREAK_TIMEOUT_S} s (counts as red)"
     finally:
