@@ -149,6 +149,7 @@ class FollowOptions:
         workdir: where ``.done`` files are visible (shared storage), for settling.
         failover: move a node's queued jobs after it has had no live worker this long.
         reconnect_timeout: keep reconnecting to Redis this long before giving up.
+        republish_lost: publish a job found lost again, once (``wait``); ``status`` only marks.
         notice: where one-line notices go (reconnecting, settled, lost, moved).
     """
 
@@ -157,6 +158,7 @@ class FollowOptions:
     workdir: Path | None = None
     failover: float | None = None
     reconnect_timeout: float = RECONNECT_TIMEOUT_S
+    republish_lost: bool = True
     notice: Notice = field(default=lambda line: None)
 
 
@@ -297,7 +299,8 @@ class Healer:
         lost job publishes it again rather than end the run short. Its old message, if it
         ever turns up, is stale and dropped; the node lease keeps any two from overlapping.
         """
-        again = [job_id for job_id in lost if job_id not in self.published_again]
+        again = [job_id for job_id in lost if job_id not in self.published_again
+                 and self.options.republish_lost]
         self.published_again.update(again)
         published = republish(self.client, self.app, self.run_id, again, (JobState.LOST,),
                               note="its message vanished; published again by wait")

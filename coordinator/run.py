@@ -126,7 +126,7 @@ class Run:
         """Settle this run's records once (see ``wait``); returns what changed, one line each."""
         lines: list[str] = []
         options = FollowOptions(workdir=None if workdir is None else Path(workdir),
-                                notice=lines.append)
+                                notice=lines.append, republish_lost=False)
         light = read_status(self.client, self.id, FOLLOW_FIELDS)
         Healer(self.client, self.app, self.broker, self.id, options).heal(light)
         return lines

@@ -183,7 +183,9 @@ def test_purged_messages_make_jobs_lost_and_retry_lost_runs_them(tmp_path: Path)
         status = run_cli("status", run.id, env={"SC_BROKER_URL": bench.server.url},
                          cwd=tmp_path)
         assert status.returncode == 0, status.stderr
-        assert "3 jobs lost (their messages are gone and no worker runs them)" in status.stderr
+        # status only marks them (wait would publish them again): the user decides.
+        assert ("3 jobs lost (their messages are gone and no worker runs them): p0, p1, p2; "
+                f"coordinator retry --lost {run.id} republishes them") in status.stderr
         states = {job.job_id: job.state for job in run.wait(timeout=60).jobs}
         assert states == {"p0": JobState.LOST, "p1": JobState.LOST, "p2": JobState.LOST,
                           "ok": JobState.SUCCEEDED}

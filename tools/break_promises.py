@@ -129,9 +129,14 @@ BREAKS = [
           "        if False:",
           (T + "test_worker_rules.py::test_every_field_of_a_message_is_checked",)),
     Break("wait publishes a job whose message vanished again, once", "coordinator/follow.py",
-          "        again = [job_id for job_id in lost if job_id not in self.published_again]",
+          "        again = [job_id for job_id in lost if job_id not in self.published_again\n"
+          "                 and self.options.republish_lost]",
           "        again: list[str] = []",
           (T + "test_reliability.py::test_wait_publishes_a_vanished_message_again_once",)),
+    Break("status marks lost jobs and publishes nothing", "coordinator/run.py",
+          "notice=lines.append, republish_lost=False)", "notice=lines.append)",
+          (T + "test_reliability.py::"
+               "test_purged_messages_make_jobs_lost_and_retry_lost_runs_them",)),
     Break("followers learn a job's new task id", "coordinator/follow.py",
           '("attempts", "host", "duration_s", "error", "task_id")',
           '("attempts", "host", "duration_s", "error")',
