@@ -33,7 +33,8 @@ def convert(entry: LegacyScoringJob, index: int, chunk_dir: str, output_dir: str
     # The scoring checks (and NumPy) load only when a file has legacy jobs.
     from scoring.inputs import ScoringInputError, check_prng, parse_history, parse_seeds
 
-    job_id = entry.job_id or f"legacy_{index:04d}"
+    assert entry.job_id is not None, "the jobs loader names unnamed legacy jobs legacy_NNNN"
+    job_id = entry.job_id
     where = f"jobs: job {index} (job_id {job_id!r})"
     try:
         check_prng(entry.prng_type, entry.mod)
