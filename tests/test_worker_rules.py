@@ -321,7 +321,10 @@ def test_a_pid_file_finds_its_worker_even_when_celery_retitles_it(tmp_path: Path
     process = subprocess.Popen(argv)
     try:
         cmdline = Path(f"/proc/{process.pid}/cmdline")
-        if retitled:  # until Python has started and retitled itself, argv[1] is the title
+        # Until Python has retitled itself, the title is one argument among others. Plain:
+        # checked at once, as `worker --detach` then `--stop` would (Popen returns while the
+        # child is still inside its exec, its arguments not yet visible).
+        if retitled:
             wait_for(lambda: cmdline.read_bytes().startswith(b"[celeryd") and
                      b"\0" not in cmdline.read_bytes().rstrip(b"\0"), 30, "the new title")
         pidfile = tmp_path / "worker.pid"

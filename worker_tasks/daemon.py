@@ -24,6 +24,8 @@ from pathlib import Path
 STOP_POLL_S = 0.2
 # After SIGKILL, how long the kernel may take to reap the session (seconds).
 KILL_SETTLE_S = 10.0
+# How long a process just started may show no arguments (it is inside its exec).
+EXEC_WINDOW_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,19 @@ def read_pidfile(pidfile: Path, marker: str) -> PidFileState:
 
 
 def process_matches(pid: int, marker: str) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
+    """Process ``pid`` lives and ``marker`` is one of its arguments."""
+    deadline = time.monotonic() + EXEC_WINDOW_S
+    while True:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        # A process in the middle of its exec has no arguments yet (Popen has returned
+        # by then): look again shortly.
+        if cmdline or state == "Z" or time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
     # Celery retitles its process where setproctitle is installed: the arguments then
     # appear as one string, "[celeryd: ...] -active- (... --queues node.rig-a ...)".
     return state != "Z" and marker.encode() in re.split(rb"[\0\s()]+", cmdline)
