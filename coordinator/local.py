@@ -20,6 +20,7 @@ from pathlib import Path
 
 import redis
 
+from coordinator.die_with_parent import wrapped
 from coordinator.errors import ClusterStartError
 from coordinator.redis_server import RedisServer
 from worker_tasks.presence import seen_since
@@ -63,6 +64,8 @@ class LocalCluster:
         log_dir: where worker logs go (created).
         broker_url: use this Redis instead of starting a private one.
         extra_env: more environment for the workers (e.g. SC_VISIBILITY_TIMEOUT).
+        die_with_parent: Redis and the workers die with this process, even a SIGKILLed one
+            (``coordinator local`` sets it); start and restart workers from the main thread.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class LocalCluster:
         log_dir: str | Path | None = None,
         broker_url: str | None = None,
         extra_env: dict[str, str] | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.nodes = sorted(set(nodes))
         self.scripts_dir = Path(scripts_dir).resolve()
@@ -83,6 +87,7 @@ class LocalCluster:
         self.extra_env = extra_env or {}
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.started_at: dict[str, float] = {}
+        self.die_with_parent = die_with_parent
 
     @property
     def broker_url(self) -> str:
@@ -105,7 +110,7 @@ class LocalCluster:
 
     def start(self) -> LocalCluster:
         if not self._broker_url:
-            self.redis = RedisServer().start()
+            self.redis = RedisServer(die_with_parent=self.die_with_parent).start()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for node in self.nodes:
@@ -115,9 +120,12 @@ class LocalCluster:
 
     def start_worker(self, node: str) -> subprocess.Popen[bytes]:
         self.started_at[node] = time.time()
+        command = worker_command(node)
+        if self.die_with_parent:  # SIGQUIT: Celery's cold shutdown (its job dies with it)
+            command = wrapped(command, signal.SIGQUIT)
         with (self.log_dir / f"worker-{node}.log").open("ab") as log:
             process = subprocess.Popen(
-                worker_command(node), cwd=self.workdir, env=self.worker_env(),
+                command, cwd=self.workdir, env=self.worker_env(),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own group: stopping it stops its pool too
             )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import redis
 
+from coordinator.die_with_parent import wrapped
 from coordinator.errors import ClusterStartError
 
 # How long a new server may take to answer PING (seconds).
@@ -52,14 +54,17 @@ class RedisServer:
         binary: redis-server to run (default: ``find_redis_server()``).
         password: require this password (``requirepass``); it is part of ``url``.
         persistent: append-only file, fsync'd on every write (a restart keeps queued jobs).
+        die_with_parent: the server gets SIGTERM when this process dies, even by SIGKILL.
     """
 
     def __init__(self, port: int | None = None, binary: str | None = None,
-                 password: str | None = None, persistent: bool = False) -> None:
+                 password: str | None = None, persistent: bool = False,
+                 die_with_parent: bool = False) -> None:
         self.port = port or free_port()
         self.binary = binary or find_redis_server()
         self.password = password
         self.persistent = persistent
+        self.die_with_parent = die_with_parent
         self.dir = Path(tempfile.mkdtemp(prefix="sc-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -70,14 +75,16 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         log = (self.dir / "redis.log").open("ab")
+        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                   "--save", "", "--dir", str(self.dir),
+                   *(["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
+                     else ["--appendonly", "no"]),
+                   "--protected-mode", "yes",
+                   *(["--requirepass", self.password] if self.password else [])]
+        if self.die_with_parent:
+            command = wrapped(command, signal.SIGTERM)
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--dir", str(self.dir),
-             *(["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
-               else ["--appendonly", "no"]),
-             "--protected-mode", "yes",
-             *(["--requirepass", self.password] if self.password else [])],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         log.close()
         client = redis.Redis(port=self.port, host="127.0.0.1", password=self.password,

@@ -494,6 +494,34 @@ def test_a_second_ctrl_c_during_local_shutdown_leaks_nothing(tmp_path: Path) -> 
     assert [pid for pid in started if alive(pid)] == []
 
 
+def test_a_sigkilled_local_coordinator_takes_its_cluster_with_it(tmp_path: Path) -> None:
+    """No handler runs on SIGKILL: Redis, the workers and their jobs die with it all the same."""
+    jobs = write_jobs(tmp_path / "jobs.json", [
+        {"job_id": f"slow_{node}", "script": "examples/write_output.py",
+         "args": ["--output-file", f"o/{node}.json", "--sleep", "60"], "node": node}
+        for node in ("rig-a", "rig-b")])
+    process = subprocess.Popen([str(BIN / "coordinator"), "local", "--jobs-file", str(jobs),
+                                "--scripts-dir", str(REPO)], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        logs = tmp_path / "full_scoring_results" / "logs"
+        wait_for(lambda: len(list(logs.glob("slow_*.log"))) == 2, 120, "both jobs to run")
+        (redis_dir,) = tmp_path.glob("sc-redis-*")
+        started = [int(entry.name) for entry in Path("/proc").iterdir()
+                   if entry.name.isdigit() and int(entry.name) != process.pid and (
+                       (cwd_of(entry) or "").startswith(str(tmp_path)))]
+        redis_pid = next(pid for pid in started if cwd_of(Path(f"/proc/{pid}")) == str(redis_dir))
+        assert len(started) >= 7  # Redis, two workers with their pool processes, two scripts
+    finally:
+        process.kill()
+        process.wait()
+    wait_for(lambda: not alive(redis_pid), 30, "Redis to die with the coordinator")
+    wait_for(lambda: [pid for pid in started if alive(pid)] == [], 60,
+             "the workers and their jobs to die with the coordinator",
+             seen=lambda: " ".join(str(pid) for pid in started if alive(pid)))
+
+
 def test_status_shows_at_most_one_running_job_per_node_after_kills(tmp_path: Path) -> None:
     with make_bench(tmp_path, ["rig-a"]) as bench:
         jobs = [bench.job(f"k{i}", "rig-a", "--sleep", "20") for i in range(3)]

@@ -189,7 +189,8 @@ def cmd_local(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     log_dir = workdir / args.output_dir / "logs"
     try:
-        with LocalCluster(slots, args.scripts_dir, workdir, log_dir=log_dir) as cluster:
+        with LocalCluster(slots, args.scripts_dir, workdir, log_dir=log_dir,
+                          die_with_parent=True) as cluster:
             run = submit(Path(args.jobs_file).resolve(), args.output_dir, args.preserve_paths,
                          cluster.broker_url, chunk_dir=args.chunk_dir, workdir=workdir,
                          retries=args.retries, retry_delay=args.retry_delay,
