@@ -455,26 +455,39 @@ def test_a_message_without_a_queue_is_refused_at_the_publisher_and_shown_by_stat
             in status.stdout)
 
 
-def test_a_second_ctrl_c_during_local_shutdown_leaks_nothing(tmp_path: Path) -> None:
+def local_running_two_slow_jobs(tmp_path: Path, output: int | None) -> tuple[
+        subprocess.Popen[str], int, list[int]]:
+    """`coordinator local` once its two 60 s jobs run: (it, its Redis's pid, all it started).
+
+    Everything it starts works under ``tmp_path`` (its TMPDIR too), which is how it is found.
+    """
     jobs = write_jobs(tmp_path / "jobs.json", [
         {"job_id": f"slow_{node}", "script": "examples/write_output.py",
          "args": ["--output-file", f"o/{node}.json", "--sleep", "60"], "node": node}
         for node in ("rig-a", "rig-b")])
     process = subprocess.Popen([str(BIN / "coordinator"), "local", "--jobs-file", str(jobs),
                                 "--scripts-dir", str(REPO)], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               stdout=output, stderr=output, text=True,
                                env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         logs = tmp_path / "full_scoring_results" / "logs"
         wait_for(lambda: len(list(logs.glob("slow_*.log"))) == 2, 120, "both jobs to run")
-        redis_dirs = list(tmp_path.glob("sc-redis-*"))
-        assert len(redis_dirs) == 1
-        redis_pid = next(int(entry.name) for entry in Path("/proc").iterdir()
-                         if entry.name.isdigit() and cwd_of(entry) == str(redis_dirs[0]))
+        (redis_dir,) = tmp_path.glob("sc-redis-*")
         started = [int(entry.name) for entry in Path("/proc").iterdir()
-                   if entry.name.isdigit() and (cwd_of(entry) or "").startswith(str(tmp_path))
-                   and int(entry.name) != process.pid]
-        assert len(started) >= 6  # two workers with their pool processes, two scripts
+                   if entry.name.isdigit() and int(entry.name) != process.pid and (
+                       (cwd_of(entry) or "").startswith(str(tmp_path)))]
+        redis_pid = next(pid for pid in started if cwd_of(Path(f"/proc/{pid}")) == str(redis_dir))
+        assert len(started) >= 7  # Redis, two workers with their pool processes, two scripts
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process, redis_pid, started
+
+
+def test_a_second_ctrl_c_during_local_shutdown_leaks_nothing(tmp_path: Path) -> None:
+    process, redis_pid, started = local_running_two_slow_jobs(tmp_path, subprocess.PIPE)
+    try:
         process.send_signal(signal.SIGINT)
         for _ in range(200):  # impatient: again and again, all through the shutdown
             time.sleep(0.02)
@@ -496,26 +509,9 @@ def test_a_second_ctrl_c_during_local_shutdown_leaks_nothing(tmp_path: Path) -> 
 
 def test_a_sigkilled_local_coordinator_takes_its_cluster_with_it(tmp_path: Path) -> None:
     """No handler runs on SIGKILL: Redis, the workers and their jobs die with it all the same."""
-    jobs = write_jobs(tmp_path / "jobs.json", [
-        {"job_id": f"slow_{node}", "script": "examples/write_output.py",
-         "args": ["--output-file", f"o/{node}.json", "--sleep", "60"], "node": node}
-        for node in ("rig-a", "rig-b")])
-    process = subprocess.Popen([str(BIN / "coordinator"), "local", "--jobs-file", str(jobs),
-                                "--scripts-dir", str(REPO)], cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "TMPDIR": str(tmp_path)})
-    try:
-        logs = tmp_path / "full_scoring_results" / "logs"
-        wait_for(lambda: len(list(logs.glob("slow_*.log"))) == 2, 120, "both jobs to run")
-        (redis_dir,) = tmp_path.glob("sc-redis-*")
-        started = [int(entry.name) for entry in Path("/proc").iterdir()
-                   if entry.name.isdigit() and int(entry.name) != process.pid and (
-                       (cwd_of(entry) or "").startswith(str(tmp_path)))]
-        redis_pid = next(pid for pid in started if cwd_of(Path(f"/proc/{pid}")) == str(redis_dir))
-        assert len(started) >= 7  # Redis, two workers with their pool processes, two scripts
-    finally:
-        process.kill()
-        process.wait()
+    process, redis_pid, started = local_running_two_slow_jobs(tmp_path, subprocess.DEVNULL)
+    process.kill()
+    process.wait()
     wait_for(lambda: not alive(redis_pid), 30, "Redis to die with the coordinator")
     wait_for(lambda: [pid for pid in started if alive(pid)] == [], 60,
              "the workers and their jobs to die with the coordinator",
