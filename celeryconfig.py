@@ -36,10 +36,13 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 worker_concurrency = 1
 
-# Flower sees every job, and `started` is a real state.
+# Flower sees every job (a start is its task-started event; our records say `running`).
 worker_send_task_events = True
 task_send_sent_event = True
-task_track_started = True
+# No STARTED write to the result backend: it comes before the job's own code, which can wait
+# for a Redis that is restarting, and it cannot. A job received as Redis crashed then failed
+# outside its body and left the worker holding the next message unrun (seen once in the soak).
+task_track_started = False
 
 broker_transport_options = {
     "visibility_timeout": int(os.environ.get("SC_VISIBILITY_TIMEOUT", "43200")),
