@@ -21,7 +21,7 @@ workdir = "/data/pipeline"
 host = "gpu-node-1.lan"
 gpus = 2
 
-[nodes."10.0.0.7"]
+[nodes."127.0.0.7"]
 workdir = "/scratch"
 shared_storage = true
 """
@@ -35,17 +35,17 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_apply_and_the_label_is_the_default_host(tmp_path: Path) -> None:
     inventory = load_inventory(write(tmp_path, GOOD))
-    assert list(inventory.nodes) == ["rig-a", "10.0.0.7"]
-    rig_a, by_address = inventory.nodes["rig-a"], inventory.nodes["10.0.0.7"]
+    assert list(inventory.nodes) == ["rig-a", "127.0.0.7"]
+    rig_a, by_address = inventory.nodes["rig-a"], inventory.nodes["127.0.0.7"]
     assert (rig_a.config.host, rig_a.config.port, rig_a.config.gpus) == ("gpu-node-1.lan", 22, 2)
     assert rig_a.config.workdir == "/data/pipeline" and by_address.config.workdir == "/scratch"
-    assert by_address.config.host == "10.0.0.7" and by_address.config.user == "pipeline"
+    assert by_address.config.host == "127.0.0.7" and by_address.config.user == "pipeline"
     assert rig_a.pidfile == "/data/pipeline/.scripts-coordinator/worker-rig-a.pid"
     assert not rig_a.config.shared_storage and by_address.config.shared_storage
     # Jobs files may name a node by label or by its host.
     assert inventory.resolve("rig-a") == "rig-a"
     assert inventory.resolve("gpu-node-1.lan") == "rig-a"
-    assert inventory.resolve("10.0.0.7") == "10.0.0.7"
+    assert inventory.resolve("127.0.0.7") == "127.0.0.7"
     assert inventory.resolve("rig-q") is None
 
 
