@@ -33,6 +33,7 @@ import redis  # noqa: E402
 
 from coordinator.broker import publisher  # noqa: E402
 from coordinator.follow import RunFollower  # noqa: E402
+from coordinator.options import SubmitOptions  # noqa: E402
 from coordinator.redis_server import RedisServer  # noqa: E402
 from coordinator.submit import prepare, task_id_for  # noqa: E402
 from worker_tasks.spec import RUN_JOB_TASK  # noqa: E402
@@ -70,7 +71,7 @@ def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float
 
 def unbatched_baseline(url: str, jobs_file: Path) -> float:
     """The previous main: a send_task and a tracking HSET per job, each a round trip."""
-    plan, _ = prepare(jobs_file, "full_scoring_results", run_id="baseline-run")
+    plan = prepare(jobs_file, SubmitOptions(), run_id="baseline-run")
     app = publisher(url)
     client = redis.Redis.from_url(url)
     start = time.perf_counter()

@@ -10,11 +10,16 @@ from __future__ import annotations
 import posixpath
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from coordinator.errors import InvalidJobsError
 from coordinator.jobs import Job
+from coordinator.options import DEFAULTS, SubmitOptions
 from worker_tasks.spec import InvalidMessage, JobSpec, check_relative_path, done_path_for
+
+if TYPE_CHECKING:
+    from coordinator.legacy import Conversion
 
 OUTPUT_FLAG = "--output-file"
 
@@ -43,13 +48,38 @@ def rewrite_output_path(args: Sequence[str], output_dir: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Plan:
-    """Every job of a run, as messages, in jobs-file order (``pinned``: never moved)."""
+    """A prepared run: every job as its message, in jobs-file order, and how it was made.
+
+    Parameters:
+        run_id: the id the run will be recorded under.
+        specs: the messages, in jobs-file order.
+        options: the submission settings the plan was made with.
+        pinned: jobs that never move (``"pin": true``).
+        conversions: legacy inline-seed jobs, whose chunk files publishing writes.
+        jobs_file: the jobs file's absolute path, when the jobs came from one.
+    """
 
     run_id: str
-    output_dir: str
-    preserve_paths: bool
     specs: list[JobSpec]
+    options: SubmitOptions = DEFAULTS
     pinned: frozenset[str] = frozenset()
+    conversions: tuple[Conversion, ...] = field(default=())
+    jobs_file: str | None = None
+
+    @property
+    def output_dir(self) -> str:
+        return self.options.output_dir
+
+    @property
+    def preserve_paths(self) -> bool:
+        return self.options.preserve_paths
+
+    def jobs_per_node(self) -> dict[str, int]:
+        return {node: len(specs) for node, specs in self.by_node().items()}
+
+    def slots(self) -> list[str]:
+        """Where jobs run one at a time: nodes, or nodes' GPUs in per-GPU runs."""
+        return sorted({spec.slot for spec in self.specs})
 
     def by_node(self) -> dict[str, list[JobSpec]]:
         nodes: dict[str, list[JobSpec]] = defaultdict(list)
@@ -87,14 +117,12 @@ def check_output_dir(output_dir: str) -> str:
                                f"path relative to it") from None
 
 
-def plan_jobs(
-    jobs: Iterable[Job], run_id: str, output_dir: str, preserve_paths: bool = False,
-    retries: int = 0, retry_delay: float = 2.0, per_gpu: bool = False,
-) -> Plan:
+def plan_jobs(jobs: Iterable[Job], run_id: str, options: SubmitOptions = DEFAULTS) -> Plan:
     """Rewrite paths and derive markers; refuse outputs outside the workdir, or shared.
 
     ``jobs`` may be a generator: each job is planned and let go as it comes.
     """
+    output_dir, preserve_paths = options.output_dir, options.preserve_paths
     check_output_dir(output_dir)
     specs: list[JobSpec] = []
     writers: dict[str, tuple[int, str]] = {}
@@ -134,10 +162,10 @@ def plan_jobs(
                 log_file=posixpath.join(output_dir, "logs", f"{job.job_id}.log"),
                 timeout=job.timeout,
                 env=dict(job.env),
-                retries=job.retries if job.retries is not None else retries,
-                retry_delay=job.retry_delay if job.retry_delay is not None else retry_delay,
-                per_gpu=per_gpu,
+                retries=job.retries if job.retries is not None else options.retries,
+                retry_delay=(job.retry_delay if job.retry_delay is not None
+                             else options.retry_delay),
+                per_gpu=options.per_gpu,
             )
         )
-    return Plan(run_id=run_id, output_dir=output_dir, preserve_paths=preserve_paths, specs=specs,
-                pinned=frozenset(pinned))
+    return Plan(run_id=run_id, specs=specs, options=options, pinned=frozenset(pinned))

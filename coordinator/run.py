@@ -5,9 +5,13 @@
     run.wait(timeout=600)   # blocks until every job is final
     run.summary()           # collects: writes run_summary.json, returns it
 
-The handle sits on top of publishing (``coordinator.submit``), reading
-records (``coordinator.records``) and collecting (``coordinator.collector``);
-none of those imports it.
+Submitting is two steps that can be taken apart: ``prepare(jobs, options)``
+validates and plans (nothing is written; ``--dry-run`` prints the plan), and
+``publish(plan)`` records and sends that plan as it is. The handle sits on top
+of publishing (``coordinator.submit``), reading records
+(``coordinator.records``) and collecting (``coordinator.collector``); none of
+those imports it. Everything the handle knows it reads from Redis, so a handle
+from ``get_run`` knows what the one ``submit`` returned knows.
 """
 
 from __future__ import annotations
@@ -26,18 +30,11 @@ from coordinator.cluster.inventory import Inventory, find_inventory
 from coordinator.collector import Collection, collect
 from coordinator.errors import InvalidJobsError
 from coordinator.follow import POLL_INTERVAL_S, FollowOptions, Healer, follow
+from coordinator.options import SubmitOptions
 from coordinator.plan import Plan
 from coordinator.reconcile import liveness, move_jobs
 from coordinator.records import FOLLOW_FIELDS, RunStatus, read_info, read_status
-from coordinator.submit import (
-    DEFAULT_CHUNK_DIR,
-    DEFAULT_OUTPUT_DIR,
-    JobsInput,
-    cancel_run,
-    prepare,
-    publish_run,
-    republish,
-)
+from coordinator.submit import JobsInput, cancel_run, prepare, publish_run, republish
 from worker_tasks.tracking import JobState
 
 logger = logging.getLogger("coordinator")
@@ -62,15 +59,8 @@ class Run:
         self.client = client
         self.broker_url = broker_url
         self.inventory = inventory
-        # Lines about input files pushed to nodes before publishing (node-local storage).
-        self.pushed: list[str] = []
         self._app: Celery | None = None
         self._broker: redis.Redis | None = None
-        # Jobs a recovered run found done (their .done exists) and did not publish.
-        self.recovered = 0
-        # Jobs per node, and the slots (nodes, or nodes' GPUs) they run on, as submitted.
-        self.planned: dict[str, int] = {}
-        self.slots: list[str] = []
 
     def __repr__(self) -> str:
         return f"Run({self.id!r})"
@@ -78,6 +68,26 @@ class Run:
     def info(self) -> dict[str, Any]:
         """The run's metadata as recorded at submit time."""
         return read_info(self.client, self.id)
+
+    @property
+    def pushed(self) -> list[str]:
+        """Lines about input files pushed to nodes before publishing (node-local storage)."""
+        return list(self.info().get("pushed") or [])
+
+    @property
+    def recovered(self) -> int:
+        """Jobs a recovered run found done (their ``.done`` exists) and did not publish."""
+        return int(self.info().get("recovered_jobs") or 0)
+
+    @property
+    def planned(self) -> dict[str, int]:
+        """Jobs per node, as submitted."""
+        return dict(self.info().get("jobs_per_node") or {})
+
+    @property
+    def slots(self) -> list[str]:
+        """Where the run's jobs run one at a time: nodes, or nodes' GPUs (per-GPU runs)."""
+        return list(self.info().get("slots") or [])
 
     def status(self, fields: list[str] | None = None) -> RunStatus:
         """A snapshot of every job's record (``fields``: only these; all by default)."""
@@ -187,89 +197,65 @@ def load_inventory_input(inventory: InventoryInput) -> Inventory | None:
     return find_inventory(inventory)
 
 
-def submit(
-    jobs: JobsInput,
-    output_dir: str = DEFAULT_OUTPUT_DIR,
-    preserve_paths: bool = False,
-    broker_url: str | None = None,
-    tracking_url: str | None = None,
-    chunk_dir: str = DEFAULT_CHUNK_DIR,
-    workdir: str | Path = ".",
-    inventory: InventoryInput = None,
-    retries: int = 0,
-    retry_delay: float = 2.0,
-    per_gpu: bool = False,
-) -> Run:
+def options_of(options: SubmitOptions | None, settings: dict[str, Any]) -> SubmitOptions:
+    """``options`` (default: the defaults) with keyword ``settings`` applied on top."""
+    if "inventory" in settings:
+        settings = {**settings, "inventory": load_inventory_input(settings["inventory"])}
+    return (options or SubmitOptions()).but(**settings)
+
+
+def submit(jobs: JobsInput, options: SubmitOptions | None = None, *,
+           broker_url: str | None = None, tracking_url: str | None = None,
+           **settings: Any) -> Run:
     """Validate, record and publish a run; returns its handle.
 
     ``jobs`` is a jobs file path or a list of job dicts (the jobs-file format).
-    ``inventory`` (an ``Inventory`` or its path): node names are resolved through
-    it (labels or hosts; a node it lacks is refused) and, for nodes without
-    shared storage, Step 3 inputs are pushed to the node before publishing and
-    outputs fetched when collecting. ``retries`` / ``retry_delay``: automatic
-    retries of failed attempts, for jobs that set none. ``per_gpu``: one job at a
-    time per GPU of a node (queues ``node.<node>.gpu<k>``, a worker per GPU)
-    instead of per node.
+    ``options`` (a ``SubmitOptions``), or any of its fields as keywords
+    (``output_dir=``, ``workdir=``, ``retries=``, ``per_gpu=``, ``inventory=`` an
+    ``Inventory`` or its path, ...): see ``SubmitOptions``.
     Raises ``InvalidJobsError`` (nothing published), ``BrokerUnreachableError``,
     or ``NodeFailedError`` (an input could not be pushed; nothing published).
     """
-    return _publish(jobs, output_dir, preserve_paths, broker_url, tracking_url, chunk_dir,
-                    workdir, inventory, retries, retry_delay, per_gpu, recover=False)
+    plan = prepare(jobs, options_of(options, settings))
+    return publish(plan, broker_url=broker_url, tracking_url=tracking_url)
 
 
-def recover(
-    jobs: JobsInput,
-    output_dir: str = DEFAULT_OUTPUT_DIR,
-    preserve_paths: bool = False,
-    broker_url: str | None = None,
-    tracking_url: str | None = None,
-    chunk_dir: str = DEFAULT_CHUNK_DIR,
-    workdir: str | Path = ".",
-    inventory: InventoryInput = None,
-    retries: int = 0,
-    retry_delay: float = 2.0,
-    per_gpu: bool = False,
-) -> Run:
+def recover(jobs: JobsInput, options: SubmitOptions | None = None, *,
+            broker_url: str | None = None, tracking_url: str | None = None,
+            **settings: Any) -> Run:
     """A run re-created from its jobs file and the ``.done`` files on disk.
 
     For when Redis lost a run's records: jobs whose ``.done`` exists (here, or on
     their node when it keeps its outputs on its own disk) are recorded as skipped;
     only the others are published. Arguments as for ``submit``.
     """
-    return _publish(jobs, output_dir, preserve_paths, broker_url, tracking_url, chunk_dir,
-                    workdir, inventory, retries, retry_delay, per_gpu, recover=True)
+    plan = prepare(jobs, options_of(options, settings))
+    return publish(plan, broker_url=broker_url, tracking_url=tracking_url, recover=True)
 
 
-def _publish(jobs: JobsInput, output_dir: str, preserve_paths: bool, broker_url: str | None,
-             tracking_url: str | None, chunk_dir: str, workdir: str | Path,
-             inventory: InventoryInput, retries: int, retry_delay: float, per_gpu: bool,
-             recover: bool) -> Run:
+def publish(plan: Plan, broker_url: str | None = None, tracking_url: str | None = None,
+            recover: bool = False) -> Run:
+    """Record and publish a prepared plan as it is; returns the run's handle.
+
+    ``recover``: jobs whose ``.done`` exists already are recorded skipped, not published.
+    """
     url = resolve_broker_url(broker_url)
-    cluster = load_inventory_input(inventory)
-    plan, conversions = prepare(jobs, output_dir, preserve_paths, chunk_dir,
-                                resolve_node=cluster.resolve if cluster else None,
-                                retries=retries, retry_delay=retry_delay, per_gpu=per_gpu)
+    cluster = plan.options.inventory
     client = connect_tracking(tracking_url, url)
     app = publisher(url)
     check_broker(app)
-    run = Run(plan.run_id, client, url, inventory=cluster)
-    done = done_jobs(plan, Path(workdir), cluster) if recover else set()
+    done = done_jobs(plan, plan.options.workdir, cluster) if recover else set()
     before = None
     if cluster is not None and cluster.any_node_local_storage:
         from coordinator.cluster.outputs import push_inputs
 
-        def before(plan_: Any) -> None:
-            run.pushed = [outcome.line() for outcome in push_inputs(cluster, plan_, Path(workdir))]
+        def before(plan_: Plan) -> list[str]:
+            return [outcome.line() for outcome in push_inputs(cluster, plan_,
+                                                               plan_.options.workdir)]
 
-    extra = {"jobs_file": str(Path(jobs).resolve()) if isinstance(jobs, str | Path) else None,
-             "workdir": str(Path(workdir).resolve()), "recovered": recover,
-             "per_gpu": per_gpu}
-    publish_run(plan, conversions, client, app, workdir, before_publish=before, extra=extra,
+    publish_run(plan, client, app, before_publish=before, extra={"recovered": recover},
                 done=done)
-    run.recovered = len(done)
-    run.planned = {node: len(specs) for node, specs in plan.by_node().items()}
-    run.slots = sorted({spec.slot for spec in plan.specs})
-    return run
+    return Run(plan.run_id, client, url, inventory=cluster)
 
 
 def done_jobs(plan: Plan, workdir: Path, cluster: Inventory | None) -> set[str]:

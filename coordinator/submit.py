@@ -11,6 +11,7 @@ Republishing a run's jobs (retry, move, recover) is here too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import secrets
 import shlex
@@ -28,8 +29,9 @@ from coordinator import legacy
 from coordinator.broker import redact
 from coordinator.errors import BrokerUnreachableError, InvalidJobsError
 from coordinator.jobs import Job, LegacyScoringJob, iter_load_jobs
+from coordinator.options import DEFAULTS, SubmitOptions
 from coordinator.plan import Plan, plan_jobs
-from worker_tasks.spec import RUN_JOB_TASK, JobSpec
+from worker_tasks.spec import DEFAULT_RETRY_DELAY_S, RUN_JOB_TASK, JobSpec
 from worker_tasks.tracking import (
     CREATE_LUA,
     RUN_TTL_S,
@@ -47,8 +49,6 @@ from worker_tasks.tracking import (
 )
 from worker_tasks.tracking import now as timestamp
 
-DEFAULT_OUTPUT_DIR = "full_scoring_results"
-DEFAULT_CHUNK_DIR = "scoring_chunks"
 # Jobs per Redis pipeline and per publish batch: large enough to amortise round trips,
 # small enough to keep each pipeline's memory modest.
 BATCH_SIZE = 2000
@@ -67,27 +67,16 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def prepare(
-    jobs: JobsInput,
-    output_dir: str = DEFAULT_OUTPUT_DIR,
-    preserve_paths: bool = False,
-    chunk_dir: str = DEFAULT_CHUNK_DIR,
-    run_id: str | None = None,
-    resolve_node: NodeResolver | None = None,
-    retries: int = 0,
-    retry_delay: float = 2.0,
-    per_gpu: bool = False,
-) -> tuple[Plan, list[legacy.Conversion]]:
-    """Validate and plan a run; returns the plan and the legacy conversions.
+def prepare(jobs: JobsInput, options: SubmitOptions = DEFAULTS,
+            run_id: str | None = None) -> Plan:
+    """Validate and plan a run: the plan ``publish_run`` records and sends as it is.
 
-    ``resolve_node`` (from an inventory) maps each job's node name to a node label
-    and refuses a node it does not know; ``retries`` / ``retry_delay`` apply to jobs
-    that set none; ``per_gpu``: one job at a time per GPU instead of per node (queues
-    ``node.<node>.gpu<k>``). Raises ``InvalidJobsError`` (exit 2) before anything is written
-    or published. Nothing is written: legacy chunk files are written by
-    ``legacy.write_chunks``.
+    Node names are resolved through ``options.inventory`` (labels or hosts; a node it
+    lacks is refused). Raises ``InvalidJobsError`` (exit 2) before anything is written or
+    published: legacy chunk files are written only when the plan is published.
     """
     conversions: list[legacy.Conversion] = []
+    resolve_node = options.inventory.resolve if options.inventory is not None else None
 
     def script_jobs() -> Iterator[Job]:
         # One job at a time from the file to the plan: the raw entries, their models and
@@ -96,15 +85,15 @@ def prepare(
             if resolve_node is not None:
                 entry = resolve_node_of(index, entry, resolve_node)
             if isinstance(entry, LegacyScoringJob):
-                conversion = legacy.convert(entry, index, chunk_dir, output_dir)
+                conversion = legacy.convert(entry, index, options.chunk_dir, options.output_dir)
                 conversions.append(conversion)
                 yield conversion.job
             else:
                 yield entry
 
-    plan = plan_jobs(script_jobs(), run_id or new_run_id(), output_dir, preserve_paths,
-                     retries=retries, retry_delay=retry_delay, per_gpu=per_gpu)
-    return plan, conversions
+    plan = plan_jobs(script_jobs(), run_id or new_run_id(), options)
+    jobs_file = str(Path(jobs).resolve()) if isinstance(jobs, str | Path) else None
+    return dataclasses.replace(plan, conversions=tuple(conversions), jobs_file=jobs_file)
 
 
 def resolve_node_of(index: int, entry: Job | LegacyScoringJob,
@@ -129,15 +118,16 @@ def message_of(spec: JobSpec) -> dict[str, Any]:
 
 
 # Message fields a record leaves out when they hold their default (smaller records).
-DEFAULTS = {"timeout": None, "env": {}, "retries": 0, "retry_delay": 2.0, "output_file": None,
-            "per_gpu": False}
+UNSTORED_DEFAULTS = {"timeout": None, "env": {}, "retries": 0,
+                     "retry_delay": DEFAULT_RETRY_DELAY_S, "output_file": None, "per_gpu": False}
 
 
 def stored_spec(spec: JobSpec) -> dict[str, Any]:
     """The message fields a record keeps (``spec``): defaults and the job id left out."""
     message = message_of(spec)
     return {name: message[name] for name in SPEC_FIELDS
-            if name != "job_id" and (name not in DEFAULTS or message[name] != DEFAULTS[name])}
+            if name != "job_id" and (name not in UNSTORED_DEFAULTS
+                                     or message[name] != UNSTORED_DEFAULTS[name])}
 
 
 def spec_from_record(run_id: str, record: dict[str, Any]) -> JobSpec:
@@ -191,6 +181,12 @@ def record_run(client: redis.Redis, plan: Plan, extra: dict[str, Any] | None = N
         "preserve_paths": plan.preserve_paths,
         "jobs_total": len(plan.specs),
         "nodes": sorted(plan.by_node()),
+        "jobs_per_node": plan.jobs_per_node(),
+        "slots": plan.slots(),
+        "jobs_file": plan.jobs_file,
+        "workdir": str(plan.options.workdir.resolve()),
+        "per_gpu": plan.options.per_gpu,
+        "recovered_jobs": len(done),
         "submitted_from": socket.gethostname(),
         **(extra or {}),
     }))
@@ -249,26 +245,23 @@ def publish_one(amqp: Any, producer: Any, dispatcher: Any, spec: JobSpec, task_i
 
 def publish_run(
     plan: Plan,
-    conversions: Sequence[legacy.Conversion],
     client: redis.Redis,
     app: Celery,
-    workdir: str | Path = ".",
-    before_publish: Callable[[Plan], None] | None = None,
+    before_publish: Callable[[Plan], list[str]] | None = None,
     extra: dict[str, Any] | None = None,
     done: set[str] | frozenset[str] = frozenset(),
 ) -> None:
     """Record and publish a prepared run; the broker must have answered ``check_broker``.
 
     ``before_publish`` runs once the input is known good and Redis is up, before
-    anything is recorded (pushing input files to nodes, say); if it raises,
-    nothing was published. ``extra`` goes into the run's metadata; jobs in ``done``
-    are recorded skipped and not published.
+    anything is recorded (pushing input files to nodes, say); the lines it returns are
+    kept with the run (``pushed``); if it raises, nothing was published. ``extra`` goes
+    into the run's metadata; jobs in ``done`` are recorded skipped and not published.
     """
     # Only now, with the input valid and Redis up, are legacy chunk files written.
-    legacy.write_chunks(conversions, Path(workdir))
-    if before_publish is not None:
-        before_publish(plan)
-    record_run(client, plan, extra, done)
+    legacy.write_chunks(plan.conversions, plan.options.workdir)
+    pushed = before_publish(plan) if before_publish is not None else []
+    record_run(client, plan, {**(extra or {}), "pushed": pushed}, done)
     pending = [spec for spec in plan.specs if spec.job_id not in done]
     try:
         publish(pending, app, [task_id_for(spec) for spec in pending])

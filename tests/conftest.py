@@ -1,11 +1,11 @@
-"""Shared fixtures: a real redis-server and a real local cluster, started by the suite."""
+"""Shared fixtures: a real redis-server and a real local cluster, started by the suite.
+
+Helpers that tests import (commands, jobs) live in ``tests/helpers.py``, waiting in
+``tests/waiting.py``.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,12 +15,8 @@ import redis
 
 from coordinator.local import LocalCluster
 from coordinator.redis_server import RedisServer
+from tests.helpers import NODES, REPO
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-NODES = ["rig-a", "rig-b", "rig-c", "rig-d"]
-# Bound on any command a test runs (seconds).
-COMMAND_TIMEOUT_S = 240
 # The external references, by the fixture that brings each one in: the summary line at the
 # end of a run says how many of their tests passed (CI's proof that they ran, not skipped).
 REFERENCE_FIXTURES = {"java_draws": "Java (java.util.Random)",
@@ -70,30 +66,3 @@ def cluster(redis_server: RedisServer, cluster_workdir: Path) -> Iterator[LocalC
 @pytest.fixture()
 def client(redis_server: RedisServer) -> redis.Redis:
     return redis.Redis.from_url(redis_server.url)
-
-
-def run_cli(*args: str, tool: str = "coordinator", cwd: Path | None = None,
-            env: dict[str, str] | None = None,
-            timeout: float = COMMAND_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    """Run an installed console script as a user would; output captured as text."""
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    return subprocess.run([str(BIN / tool), *args], cwd=cwd, env=full_env, text=True,
-                          capture_output=True, timeout=timeout, check=False)
-
-
-def write_jobs(path: Path, jobs: list[dict[str, Any]]) -> Path:
-    path.write_text(json.dumps(jobs), encoding="utf-8")
-    return path
-
-
-def echo_job(job_id: str, node: str, out: str = "anywhere", *extra: Any,
-             gpu_id: int = 0) -> dict[str, Any]:
-    """A job of examples/write_output.py writing ``<out>/<job_id>.json``."""
-    return {"job_id": job_id, "script": "examples/write_output.py",
-            "args": ["--output-file", f"{out}/{job_id}.json", *extra],
-            "node": node, "gpu_id": gpu_id}
-
-
-def queue_lengths(client: redis.Redis, nodes: list[str] = NODES) -> dict[str, int]:
-    return {node: int(client.llen(f"node.{node}")) for node in nodes}

@@ -29,7 +29,7 @@ import yaml
 from coordinator import JobState, submit
 from coordinator.cli import build_parser
 from coordinator.redis_server import find_redis_server, free_port
-from tests.conftest import BIN, REPO, echo_job
+from tests.helpers import BIN, REPO, echo_job
 
 PASSWORD = "compose-s3cret"
 ENV = {"REDIS_PASSWORD": PASSWORD, "FLOWER_BASIC_AUTH": "admin:flower-s3cret",

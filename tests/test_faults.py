@@ -16,7 +16,7 @@ from coordinator import JobState, submit
 from coordinator.broker import redact
 from coordinator.local import LocalCluster
 from coordinator.redis_server import RedisServer
-from tests.conftest import BIN, REPO, echo_job, run_cli
+from tests.helpers import BIN, REPO, echo_job, run_cli
 from tests.waiting import wait_for
 
 # Unacked jobs come back after this many seconds (short, for the test).

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, REPO
+from tests.helpers import BIN, REPO
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from coordinator.cluster.inventory import EXAMPLE, load_inventory, with_password
 from coordinator.errors import InvalidJobsError
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 GOOD = """\
 [defaults]

@@ -10,6 +10,7 @@ import pytest
 from coordinator.errors import InvalidJobsError
 from coordinator.jobs import Job, LegacyScoringJob, load_jobs, load_jobs_file, parse_jobs
 from coordinator.legacy import convert, write_chunks
+from coordinator.options import SubmitOptions
 from coordinator.plan import find_output_file, plan_jobs, rewrite_output_path
 
 ORIGINAL = {
@@ -126,7 +127,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_default_rewriting_moves_output_into_output_dir() -> None:
-    plan = plan_jobs(load_jobs([ORIGINAL]), "run1", "results/step3")
+    plan = plan_jobs(load_jobs([ORIGINAL]), "run1", SubmitOptions(output_dir="results/step3"))
     (spec,) = plan.specs
     assert spec.args[spec.args.index("--output-file") + 1] == "results/step3/chunk_0000.json"
     assert spec.args[:4] == ORIGINAL["args"][:4]  # inputs untouched
@@ -135,7 +136,8 @@ def test_default_rewriting_moves_output_into_output_dir() -> None:
 
 
 def test_preserve_paths_passes_args_untouched() -> None:
-    plan = plan_jobs(load_jobs([ORIGINAL]), "run1", "results", preserve_paths=True)
+    plan = plan_jobs(load_jobs([ORIGINAL]), "run1",
+                     SubmitOptions(output_dir="results", preserve_paths=True))
     (spec,) = plan.specs
     assert spec.args == ORIGINAL["args"]
     assert spec.done_file == "full_scoring_results/chunk_0000.json.done"
@@ -143,14 +145,14 @@ def test_preserve_paths_passes_args_untouched() -> None:
 
 def test_job_without_output_file_gets_marker_in_output_dir() -> None:
     job = with_(args=["--fold", "3"])
-    (spec,) = plan_jobs(load_jobs([job]), "run1", "out").specs
+    (spec,) = plan_jobs(load_jobs([job]), "run1", SubmitOptions(output_dir="out")).specs
     assert spec.output_file is None
     assert spec.done_file == "out/chunk_0000.json.done"
 
 
 def test_output_equals_form_is_rewritten() -> None:
     job = with_(args=["--output-file=deep/dir/x.json"])
-    (spec,) = plan_jobs(load_jobs([job]), "run1", "out").specs
+    (spec,) = plan_jobs(load_jobs([job]), "run1", SubmitOptions(output_dir="out")).specs
     assert spec.args == ["--output-file=out/x.json"]
 
 
@@ -158,8 +160,9 @@ def test_two_jobs_rewritten_onto_one_output_are_refused() -> None:
     a = with_(job_id="a", args=["--output-file", "one/x.json"])
     b = with_(job_id="b", args=["--output-file", "two/x.json"])
     with pytest.raises(InvalidJobsError, match=r"job 1 \(job_id 'b'\).*also written by job 0"):
-        plan_jobs(load_jobs([a, b]), "run1", "out")
-    plan_jobs(load_jobs([a, b]), "run1", "out", preserve_paths=True)  # distinct when preserved
+        plan_jobs(load_jobs([a, b]), "run1", SubmitOptions(output_dir="out"))
+    # distinct when preserved
+    plan_jobs(load_jobs([a, b]), "run1", SubmitOptions(output_dir="out", preserve_paths=True))
 
 
 def test_example_jobs_files_are_valid() -> None:
@@ -230,7 +233,7 @@ def test_the_dry_run_text_lists_every_node_and_path() -> None:
     jobs = load_jobs([with_(job_id="b1", node="rig-b", args=["--output-file", "x/b1.json"]),
                       with_(job_id="a1", node="rig-a", gpu_id=1, args=["--fold", "1"]),
                       with_(job_id="b2", node="rig-b", args=[])])
-    plan = plan_jobs(jobs, "run1", "out")
+    plan = plan_jobs(jobs, "run1", SubmitOptions(output_dir="out"))
     assert [spec.job_id for spec in plan.by_node()["rig-b"]] == ["b1", "b2"]
     assert plan.describe() == "\n".join([
         "plan: 3 jobs on 2 nodes; output dir out; paths rewritten",
@@ -244,8 +247,8 @@ def test_the_dry_run_text_lists_every_node_and_path() -> None:
         "      output -  done out/b2.json.done",
     ])
     per_gpu = plan_jobs(load_jobs([with_(job_id="g0", gpu_id=0, args=[]),
-                                   with_(job_id="g3", gpu_id=3, args=[])]),
-                        "run1", "o", preserve_paths=True, per_gpu=True)
+                                   with_(job_id="g3", gpu_id=3, args=[])]), "run1",
+                        SubmitOptions(output_dir="o", preserve_paths=True, per_gpu=True))
     assert per_gpu.describe().splitlines()[:2] == [
         "plan: 2 jobs on 1 nodes; output dir o; paths preserved",
         "node rig-a (node.rig-a.gpu0, node.rig-a.gpu3): 2 jobs, one at a time per GPU"]
@@ -305,12 +308,12 @@ def test_the_plan_carries_every_option_and_the_run_defaults() -> None:
     jobs = load_jobs([dict(BASE, job_id="own", timeout=9, env={"JOB_X": "1"}, retries=3,
                            retry_delay=0.5, pin=True),
                       dict(BASE, job_id="plain")])
-    plan = plan_jobs(jobs, "run7", "out", retries=2, retry_delay=4.0)
+    plan = plan_jobs(jobs, "run7", SubmitOptions(output_dir="out", retries=2, retry_delay=4.0))
     own, plain = plan.specs
     assert (plan.run_id, plan.output_dir, plan.pinned) == ("run7", "out", frozenset({"own"}))
     assert (own.timeout, own.env, own.retries, own.retry_delay) == (9.0, {"JOB_X": "1"}, 3, 0.5)
     assert (plain.timeout, plain.env, plain.retries, plain.retry_delay) == (None, {}, 2, 4.0)
-    default = plan_jobs(load_jobs([BASE]), "run8", "out").specs[0]
+    default = plan_jobs(load_jobs([BASE]), "run8", SubmitOptions(output_dir="out")).specs[0]
     assert (default.retries, default.retry_delay, default.per_gpu) == (0, 2.0, False)
 
 
@@ -331,7 +334,8 @@ def test_the_plan_carries_every_option_and_the_run_defaults() -> None:
 def test_planning_refusals_read_exactly(jobs: list[dict[str, object]], output_dir: str,
                                         expected: str) -> None:
     with pytest.raises(InvalidJobsError) as caught:
-        plan_jobs(load_jobs(jobs), "run1", output_dir, preserve_paths=True)
+        plan_jobs(load_jobs(jobs), "run1",
+                  SubmitOptions(output_dir=output_dir, preserve_paths=True))
     assert str(caught.value) == expected
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, REPO, echo_job, write_jobs
+from tests.helpers import BIN, REPO, echo_job, write_jobs
 from tests.waiting import alive
 
 

@@ -24,7 +24,7 @@ import pytest
 from coordinator.local import LocalCluster
 from coordinator.redis_server import RedisServer
 from coordinator.shims import SHIMS, render
-from tests.conftest import BIN, REPO, run_cli, write_jobs
+from tests.helpers import BIN, REPO, run_cli, write_jobs
 
 # The pipeline's python3: the system's, without this project (the shims hand over).
 SYSTEM_PYTHON3 = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or "python3"

@@ -16,7 +16,7 @@ import pytest
 from coordinator import JobState, submit
 from coordinator.local import LocalCluster
 from coordinator.redis_server import RedisServer, free_port
-from tests.conftest import BIN, echo_job, run_cli
+from tests.helpers import BIN, echo_job, run_cli
 from tests.waiting import wait_for
 
 AUTH = ("watcher", "s3cret-flower")

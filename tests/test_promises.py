@@ -24,7 +24,7 @@ from coordinator.local import LocalCluster
 from coordinator.mergers.scoring import ScoringMerger
 from coordinator.records import JobRecord
 from coordinator.redis_server import RedisServer
-from tests.conftest import BIN, REPO, echo_job, run_cli, write_jobs
+from tests.helpers import BIN, REPO, echo_job, run_cli, write_jobs
 from tests.waiting import alive, wait_for
 
 

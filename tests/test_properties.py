@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 
 from coordinator.errors import InvalidJobsError
 from coordinator.local import LocalCluster
+from coordinator.options import SubmitOptions
 from coordinator.redis_server import RedisServer
 from coordinator.submit import prepare
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 from worker_tasks.app import make_app
 from worker_tasks.spec import RUN_JOB_TASK, InvalidMessage, JobSpec
 
@@ -74,7 +75,7 @@ def test_any_jobs_file_is_planned_whole_or_refused_in_one_line(document: Any,
     path = Path(tmp_path_factory.mktemp("jobs")) / "jobs.json"
     path.write_text(json.dumps(document))  # NaN/Infinity literals and escaped surrogates too
     try:
-        plan, _ = prepare(path, "out")
+        plan = prepare(path, SubmitOptions(output_dir="out"))
     except InvalidJobsError as err:
         assert "\n" not in str(err)
         assert str(err).startswith((str(path), "jobs: ", "--output-dir"))
@@ -94,7 +95,7 @@ def test_any_bytes_in_a_jobs_file_are_refused_in_one_line_or_planned(
     path = Path(tmp_path_factory.mktemp("raw")) / "jobs.json"
     path.write_bytes(data)
     try:
-        prepare(path, "out")
+        prepare(path, SubmitOptions(output_dir="out"))
     except InvalidJobsError as err:
         assert "\n" not in str(err)
 
@@ -143,7 +144,7 @@ def test_the_cli_refuses_bad_files_with_exit_2_and_publishes_nothing(
     path = Path(tmp_path_factory.mktemp("cli")) / "jobs.json"
     path.write_text(json.dumps(document))
     try:
-        prepare(path, "out")
+        prepare(path, SubmitOptions(output_dir="out"))
         return  # a valid file: nothing to check here
     except InvalidJobsError:
         pass

@@ -27,7 +27,7 @@ import redis
 from coordinator import JobState, get_run, submit
 from coordinator.local import LocalCluster, worker_name
 from coordinator.redis_server import RedisServer
-from tests.conftest import BIN, REPO, run_cli, write_jobs
+from tests.helpers import BIN, REPO, run_cli, write_jobs
 from tests.waiting import alive, wait_for
 from worker_tasks.app import make_app
 from worker_tasks.spec import RUN_JOB_TASK

@@ -19,7 +19,7 @@ from coordinator import JobState, submit
 from coordinator.errors import BrokerUnreachableError
 from coordinator.redis_server import RedisServer
 from coordinator.report import find_browser, render_svg
-from tests.conftest import BIN, REPO, echo_job, run_cli, write_jobs
+from tests.helpers import BIN, REPO, echo_job, run_cli, write_jobs
 from tests.waiting import wait_for
 
 

@@ -14,7 +14,7 @@ from coordinator.local import LocalCluster
 from coordinator.scoring_jobs import generate_scoring_jobs, make_demo_data, parse_nodes
 from coordinator.submit import prepare
 from scoring.prng import reference_draws
-from tests.conftest import REPO, run_cli, write_jobs
+from tests.helpers import REPO, run_cli, write_jobs
 
 
 def test_parse_nodes_gives_one_slot_per_gpu() -> None:

@@ -23,7 +23,7 @@ import pytest
 from coordinator import JobState, get_run, submit
 from coordinator.cli import build_parser
 from coordinator.redis_server import RedisServer
-from tests.conftest import BIN, REPO, echo_job, run_cli, write_jobs
+from tests.helpers import BIN, REPO, echo_job, run_cli, write_jobs
 from tests.sshd import SshHost, free_port, inventory_text, keygen, require_sshd
 from tests.waiting import wait_for
 

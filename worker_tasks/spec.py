@@ -20,6 +20,8 @@ from typing import Any
 
 # The stable task name: workers and publishers of any version agree on it.
 RUN_JOB_TASK = "scripts_coordinator.run_job"
+# Base of the backoff between a failed attempt and the next, unless a job or run says (s).
+DEFAULT_RETRY_DELAY_S = 2.0
 
 # job_id is used in file names and node in queue names: keep both to safe labels.
 # \Z, not $: "rig-a\n" must not pass.
@@ -208,7 +210,7 @@ class JobSpec:
     timeout: float | None = None
     env: dict[str, str] = field(default_factory=dict)
     retries: int = 0
-    retry_delay: float = 2.0
+    retry_delay: float = DEFAULT_RETRY_DELAY_S
     per_gpu: bool = False
 
     @property
@@ -259,7 +261,7 @@ class JobSpec:
                                                                MAX_TIMEOUT_S),
             env=check_env(message.get("env", {})),
             retries=check_retries(message.get("retries", 0)),
-            retry_delay=check_seconds(message.get("retry_delay", 2.0), "retry_delay",
-                                      MAX_RETRY_DELAY_S, allow_zero=True),
+            retry_delay=check_seconds(message.get("retry_delay", DEFAULT_RETRY_DELAY_S),
+                                      "retry_delay", MAX_RETRY_DELAY_S, allow_zero=True),
             per_gpu=check_flag(message.get("per_gpu", False), "per_gpu"),
         )

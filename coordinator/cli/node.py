@@ -20,12 +20,17 @@ from pathlib import Path
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.broker import check_broker, publisher
 from coordinator.cli.common import PROG, CommandFactory, existing_dir
-from coordinator.cli.runs import add_original_flags, add_retry_flags, follow, print_plan
+from coordinator.cli.runs import (
+    add_original_flags,
+    add_retry_flags,
+    follow,
+    prepare_args,
+    print_plan,
+)
 from coordinator.errors import ClusterStartError, ExitCode, InvalidJobsError, NodeFailedError
 from coordinator.jobs import SAFE_NAME
 from coordinator.local import READY_TIMEOUT_S, worker_command, worker_name
 from coordinator.plan import Plan
-from coordinator.submit import prepare
 from coordinator.workers import workers_by_node
 from worker_tasks import daemon
 from worker_tasks.spec import MAX_GPU_ID, queue_for, slot_of
@@ -174,27 +179,23 @@ def check_scripts_exist(plan: Plan, scripts_dir: Path) -> None:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
+    """A private Redis and a worker per slot of the plan, the run followed, all stopped."""
     from coordinator.local import LocalCluster
-    from coordinator.run import submit
+    from coordinator.run import publish
 
+    plan = prepare_args(args)
     if args.dry_run:
-        print_plan(args)
+        print_plan(plan)
         return ExitCode.OK
-    workdir = Path(args.workdir)
-    plan, _ = prepare(args.jobs_file, args.output_dir, args.preserve_paths, args.chunk_dir,
-                      retries=args.retries, retry_delay=args.retry_delay, per_gpu=args.per_gpu)
     check_scripts_exist(plan, Path(args.scripts_dir))
-    slots = sorted({spec.slot for spec in plan.specs})  # nodes, or each node's GPUs
+    slots = plan.slots()  # nodes, or each node's GPUs
     print(f"local cluster: private Redis and {len(slots)} workers ({', '.join(slots)})",
           file=sys.stderr, flush=True)
-    log_dir = workdir / args.output_dir / "logs"
+    log_dir = plan.options.workdir / plan.output_dir / "logs"
     try:
-        with LocalCluster(slots, args.scripts_dir, workdir, log_dir=log_dir,
+        with LocalCluster(slots, args.scripts_dir, plan.options.workdir, log_dir=log_dir,
                           die_with_parent=True) as cluster:
-            run = submit(Path(args.jobs_file).resolve(), args.output_dir, args.preserve_paths,
-                         cluster.broker_url, chunk_dir=args.chunk_dir, workdir=workdir,
-                         retries=args.retries, retry_delay=args.retry_delay,
-                         per_gpu=args.per_gpu)
+            run = publish(plan, broker_url=cluster.broker_url)
             print(f"run {run.id}: {len(plan.specs)} jobs published", file=sys.stderr,
                   flush=True)
             code = follow(run, args, detached=False)

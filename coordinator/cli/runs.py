@@ -24,9 +24,11 @@ from coordinator.cluster.inventory import Inventory, find_inventory
 from coordinator.collector import render
 from coordinator.errors import ExitCode, InvalidJobsError, RunNotFoundError
 from coordinator.jobs import SAFE_NAME
+from coordinator.options import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR, DEFAULTS, SubmitOptions
+from coordinator.plan import Plan
 from coordinator.records import FOLLOW_FIELDS, JobRecord
-from coordinator.run import Run, get_run, recover, submit
-from coordinator.submit import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR, latest_run_id, prepare
+from coordinator.run import Run, get_run, publish
+from coordinator.submit import latest_run_id, prepare
 from coordinator.workers import workers_by_node
 from worker_tasks.presence import serving
 from worker_tasks.tracking import JobState, runs_key
@@ -81,7 +83,7 @@ def add_retry_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=int, default=0, metavar="N",
                         help="retry a failed attempt up to N times on the same node, for jobs "
                              "that set no 'retries' (default: 0)")
-    parser.add_argument("--retry-delay", type=float, default=2.0, metavar="S",
+    parser.add_argument("--retry-delay", type=float, default=DEFAULTS.retry_delay, metavar="S",
                         help="base of the exponential backoff (with jitter) between attempts "
                              "(default: %(default)s s)")
 
@@ -134,28 +136,27 @@ def follow(run: Run, args: argparse.Namespace, detached: bool = True) -> int:
     return ExitCode.OK if collection.all_succeeded else ExitCode.JOBS_FAILED
 
 
-def print_plan(args: argparse.Namespace, inventory: Inventory | None = None) -> None:
-    plan, conversions = prepare(args.jobs_file, args.output_dir, args.preserve_paths,
-                                args.chunk_dir,
-                                resolve_node=inventory.resolve if inventory else None,
-                                retries=args.retries, retry_delay=args.retry_delay,
-                                per_gpu=args.per_gpu)
-    for conversion in conversions:
+def prepare_args(args: argparse.Namespace, **overrides: object) -> Plan:
+    """The plan of a command line's jobs file and options (nothing written)."""
+    return prepare(args.jobs_file, SubmitOptions.from_args(args, **overrides))
+
+
+def print_plan(plan: Plan) -> None:
+    for conversion in plan.conversions:
         print(conversion.note)
     print(plan.describe())
     print("dry run: nothing published")
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    inventory = inventory_of(args)
+def cmd_submit(args: argparse.Namespace, plan: Plan | None = None) -> int:
+    """``submit``, ``recover`` and ``scripts-coordinator``: prepare (or take ``plan``), publish."""
+    plan = plan or prepare_args(args)
     if args.dry_run:
-        print_plan(args, inventory)
+        print_plan(plan)
         return ExitCode.OK
-    publish = recover if getattr(args, "recover", False) else submit
-    run = publish(args.jobs_file, args.output_dir, args.preserve_paths, args.broker,
-                  chunk_dir=args.chunk_dir, workdir=args.workdir, inventory=inventory,
-                  retries=args.retries, retry_delay=args.retry_delay, per_gpu=args.per_gpu)
-    if publish is recover:
+    recovering = getattr(args, "recover", False)
+    run = publish(plan, broker_url=args.broker, recover=recovering)
+    if recovering:
         print(f"recovered run {run.id}: {run.recovered} jobs already done (their .done exists), "
               f"the others published", file=sys.stderr)
     for line in run.pushed:
@@ -171,10 +172,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_adapter(args: argparse.Namespace) -> int:
     """The old adapter's routes (script job, or legacy inline seeds converted), then the run."""
-    plan, conversions = prepare(args.jobs_file, args.output_dir, args.preserve_paths,
-                                args.chunk_dir, resolve_node=None, retries=args.retries,
-                                retry_delay=args.retry_delay, per_gpu=args.per_gpu)
-    converted = {conversion.job.job_id: conversion for conversion in conversions}
+    plan = prepare_args(args)
+    converted = {conversion.job.job_id: conversion for conversion in plan.conversions}
     for spec in plan.specs:
         conversion = converted.get(spec.job_id)
         if conversion is not None:
@@ -184,7 +183,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         else:
             print(f"route {spec.job_id}: script job -> {spec.script} on {spec.node}")
     sys.stdout.flush()
-    return cmd_submit(args)
+    return cmd_submit(args, plan)
 
 
 def warn_unserved(run: Run) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from coordinator.cli.common import CommandFactory, add_inventory_flag, formatter
 from coordinator.cluster.inventory import find_inventory
 from coordinator.errors import ExitCode, InvalidJobsError
-from coordinator.submit import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR
+from coordinator.options import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR
 
 
 def nodes_spec(args: argparse.Namespace) -> str:
@@ -50,6 +50,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """README command 1 without the repository: Step 3 on a local cluster, checked."""
+    from coordinator.cli import build_parser
     from coordinator.cli.node import cmd_local
     from coordinator.scoring_jobs import generate_scoring_jobs, make_demo_data
 
@@ -57,24 +58,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise InvalidJobsError("--nodes: give 1 to 26 nodes")
     work = Path(args.dir)
     work.mkdir(parents=True, exist_ok=True)
-    for old in ("full_scoring_results", "scoring_chunks"):  # old markers would be skipped
+    for old in (DEFAULT_OUTPUT_DIR, DEFAULT_CHUNK_DIR):  # old markers would be skipped
         shutil.rmtree(work / old, ignore_errors=True)
     demo = make_demo_data(work, args.candidates, args.draws, "java_lcg", 1000, None,
                           args.rng_seed)
     nodes = ",".join(f"rig-{chr(ord('a') + index)}" for index in range(args.nodes))
     generate_scoring_jobs(demo.survivors, "train_history.json", nodes, args.chunks, "java_lcg",
-                          1000, work / "scoring_jobs.json", "scoring_chunks",
-                          "full_scoring_results", workdir=work)
+                          1000, work / "scoring_jobs.json", DEFAULT_CHUNK_DIR,
+                          DEFAULT_OUTPUT_DIR, workdir=work)
     print(f"demo: {args.candidates} candidates, {args.draws} draws of java_lcg mod 1000, "
           f"{args.chunks} chunks over {nodes}, in {work}", file=sys.stderr, flush=True)
-    local = argparse.Namespace(
-        jobs_file=str(work / "scoring_jobs.json"), output_dir="full_scoring_results",
-        preserve_paths=False, dry_run=False, chunk_dir="scoring_chunks", scripts_dir=str(work),
-        workdir=str(work), timeout=None, retries=0, retry_delay=2.0, per_gpu=False,
-        joblog=None, failover=None, broker=None)
+    local = build_parser().parse_args(
+        ["local", "--jobs-file", str(work / "scoring_jobs.json"), "--output-dir",
+         DEFAULT_OUTPUT_DIR, "--chunk-dir", DEFAULT_CHUNK_DIR, "--scripts-dir", str(work),
+         "--workdir", str(work)])
     code = cmd_local(local)
     secret = json.loads(demo.secret.read_text())["secret_seed"]
-    merged = work / "full_scoring_results" / "survivors_with_scores.json"
+    merged = work / DEFAULT_OUTPUT_DIR / "survivors_with_scores.json"
     top = json.loads(merged.read_text())["results"][0] if merged.exists() else {}
     found = top.get("seed") == secret
     print(f"secret seed {secret} {'found' if found else 'NOT found'} at rank 1 "

@@ -14,7 +14,7 @@ import redis
 from coordinator import JobState, get_run, submit
 from coordinator.local import LocalCluster
 from coordinator.redis_server import RedisServer, free_port
-from tests.conftest import NODES, REPO, echo_job, queue_lengths, run_cli, write_jobs
+from tests.helpers import NODES, REPO, echo_job, queue_lengths, run_cli, write_jobs
 
 
 def wait_for_text(path: Path, text: str, timeout: float) -> None:

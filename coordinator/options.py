@@ -1,0 +1,71 @@
+"""How a jobs file becomes a run: the one type for every submission setting.
+
+``submit``, ``recover``, ``local``, ``demo``, ``scripts-coordinator`` and the
+Python API all build a ``SubmitOptions`` and hand it to ``prepare`` (validate
+and plan) and ``publish`` (record and send). Defaults live here and nowhere
+else; the CLI's flags read their defaults from this class.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from worker_tasks.spec import DEFAULT_RETRY_DELAY_S
+
+if TYPE_CHECKING:  # the inventory module (Fabric-free, but not needed to submit) loads lazily
+    from coordinator.cluster.inventory import Inventory
+
+DEFAULT_OUTPUT_DIR = "full_scoring_results"
+DEFAULT_CHUNK_DIR = "scoring_chunks"
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    """Every setting of a submission.
+
+    Parameters:
+        output_dir: base output directory, relative to the workers' workdir; each job's
+            ``--output-file`` becomes ``<output_dir>/<its basename>``.
+        preserve_paths: pass args untouched (no rewriting; Step 5).
+        chunk_dir: where inline seeds of legacy scoring jobs are written.
+        workdir: where the output directory is as this process sees the workers' files
+            (``.done`` markers, legacy chunks), recorded with the run.
+        retries: automatic retries of a failed attempt, for jobs that set none.
+        retry_delay: base of the backoff between attempts (seconds), likewise.
+        per_gpu: one job at a time per GPU of a node (queues ``node.<node>.gpu<k>``).
+        inventory: the cluster inventory: node names are resolved through it, and nodes
+            without shared storage get their inputs pushed and outputs fetched.
+    """
+
+    output_dir: str = DEFAULT_OUTPUT_DIR
+    preserve_paths: bool = False
+    chunk_dir: str = DEFAULT_CHUNK_DIR
+    workdir: Path = Path(".")
+    retries: int = 0
+    retry_delay: float = DEFAULT_RETRY_DELAY_S
+    per_gpu: bool = False
+    inventory: Inventory | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "workdir", Path(self.workdir))
+
+    def but(self, **changes: Any) -> SubmitOptions:
+        """A copy with some settings changed."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> SubmitOptions:
+        """The options of a parsed command line (flags a command lacks keep their default)."""
+        values = {option.name: getattr(args, option.name) for option in fields(cls)
+                  if option.name != "inventory" and hasattr(args, option.name)}
+        if "inventory" not in overrides and hasattr(args, "inventory"):
+            from coordinator.cluster.inventory import find_inventory
+
+            overrides["inventory"] = find_inventory(args.inventory)
+        return cls(**{**values, **overrides})
+
+
+DEFAULTS = SubmitOptions()
