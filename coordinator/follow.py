@@ -40,7 +40,7 @@ from coordinator.records import (
 from coordinator.submit import republish
 from worker_tasks.presence import serving
 from worker_tasks.spec import queue_for
-from worker_tasks.tracking import JobState, events_key, run_key
+from worker_tasks.tracking import LOST_ONLY, JobEvent, JobState, events_key, run_key
 
 # How often the follower reads the stream and counters (seconds).
 POLL_INTERVAL_S = 0.5
@@ -119,16 +119,14 @@ class RunFollower:
         return changed
 
     def apply(self, fields: dict[bytes, bytes]) -> bool:
-        job = self.jobs.get(fields[b"job"].decode())
+        event = JobEvent.from_stream(fields)
+        job = self.jobs.get(event.job)
         if job is None:
             return False
-        extra = json.loads(fields.get(b"extra", b"{}"))
-        updates: dict[str, object] = {"state": JobState(json.loads(fields[b"state"]))}
-        for name in ("attempts", "host", "duration_s", "error", "task_id"):
-            if extra.get(name) is not None:
-                updates[name] = extra[name]
-        if "node" in extra:
-            updates["node"] = extra["node"]
+        updates: dict[str, object] = {"state": event.state}
+        for name in ("attempts", "host", "duration_s", "error", "task_id", "node"):
+            if getattr(event, name) is not None:
+                updates[name] = getattr(event, name)
         self.jobs[job.job_id] = dataclasses.replace(job, **updates)  # type: ignore[arg-type]
         return True
 
@@ -302,7 +300,7 @@ class Healer:
         again = [job_id for job_id in lost if job_id not in self.published_again
                  and self.options.republish_lost]
         self.published_again.update(again)
-        published = republish(self.client, self.app, self.run_id, again, (JobState.LOST,),
+        published = republish(self.client, self.app, self.run_id, again, LOST_ONLY,
                               note="its message vanished; published again by wait")
         if published:
             self.options.notice(f"{len(published)} jobs lost (their messages are gone and no "

@@ -34,11 +34,9 @@ from celery import Celery
 from coordinator.records import JobRecord
 from coordinator.submit import republish
 from worker_tasks.spec import queue_for
-from worker_tasks.tracking import JobState, JobTracker, lease_key, run_key
+from worker_tasks.tracking import ACTIVE, MOVABLE, JobState, JobTracker, lease_key
 from worker_tasks.tracking import now as timestamp
 
-# States of a job an attempt is working on (its worker holds the node's lease meanwhile).
-ACTIVE = (JobState.RUNNING, JobState.FINISHING)
 # How long workers have to answer a ping (seconds).
 PING_TIMEOUT_S = 1.0
 # A message missing from every place is checked again after this long before the job is
@@ -93,19 +91,13 @@ def settle(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord], live: Li
         if job.state not in ACTIVE:
             continue
         if workdir is not None and job.done_file and (workdir / job.done_file).exists():
-            result = tracker.transition(run_id, job.job_id, JobState.SUCCEEDED,
-                                        ACTIVE, holding=job.task_id,
-                                        finished_at=timestamp(),
-                                        error=None, event={"note": "settled by its .done"})
-            if result and result.ok:
+            if tracker.settle_done(run_id, job.job_id, job.task_id).ok:
                 notes.append(f"{job.job_id}: succeeded (its .done exists; its worker's final "
                              f"write was lost)")
         elif not live.running(job):
             error = (f"attempt {job.attempts} died with its worker {job.host}; the job is "
                      f"delivered again when a worker serves {job.node}")
-            result = tracker.transition(run_id, job.job_id, JobState.QUEUED, ACTIVE,
-                                        holding=job.task_id, error=error)
-            if result and result.ok:
+            if tracker.requeue_dead(run_id, job.job_id, job.task_id, error).ok:
                 notes.append(f"{job.job_id}: requeued ({error})")
     return notes
 
@@ -184,12 +176,9 @@ def find_lost(app: Celery, client: redis.Redis, broker: redis.Redis, run_id: str
     lost: list[str] = []
     for job in suspects:
         if job.task_id in missing:
-            result = tracker.transition(
-                run_id, job.job_id, JobState.LOST, (JobState.QUEUED, *ACTIVE),
-                holding=job.task_id, finished_at=timestamp(),
-                error="its message is gone (broker restarted without persistence, or purged) "
-                      "and no worker runs it: coordinator retry --lost")
-            if result and result.ok:
+            error = ("its message is gone (broker restarted without persistence, or purged) "
+                     "and no worker runs it: coordinator retry --lost")
+            if tracker.mark_lost(run_id, job.job_id, job.task_id, error).ok:
                 lost.append(job.job_id)
     return lost
 
@@ -219,8 +208,7 @@ def move_jobs(client: redis.Redis, app: Celery, run_id: str, jobs: Sequence[JobR
         def change(record: dict[str, Any], target: str = target) -> dict[str, Any]:
             return {"node": target, "moved_from": record["node"]}
 
-        done = republish(client, app, run_id, [job.job_id],
-                         (JobState.QUEUED, JobState.LOST, JobState.RUNNING), change,
+        done = republish(client, app, run_id, [job.job_id], MOVABLE, change,
                          note=f"moved from {job.node} to {target}")
         by_target[target].extend(done)
     if by_target:
@@ -232,10 +220,9 @@ def record_moves(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord],
                  by_target: dict[str, list[str]]) -> None:
     """Keep what moved where in the run's metadata, for the summary."""
     origin = {job.job_id: job.node for job in jobs}
-    raw = client.hget(run_key(run_id), "moves")
-    moves = json.loads(raw) if raw else []
+    moves = []
     for target, job_ids in by_target.items():
         for source in sorted({origin[job_id] for job_id in job_ids}):
             moved = [job_id for job_id in job_ids if origin[job_id] == source]
             moves.append({"from": source, "to": target, "jobs": moved, "at": timestamp()})
-    client.hset(run_key(run_id), "moves", json.dumps(moves))
+    JobTracker(client).add_moves(run_id, moves)

@@ -35,7 +35,7 @@ from coordinator.plan import Plan
 from coordinator.reconcile import liveness, move_jobs
 from coordinator.records import FOLLOW_FIELDS, RunStatus, read_info, read_status
 from coordinator.submit import JobsInput, cancel_run, prepare, publish_run, republish
-from worker_tasks.tracking import JobState
+from worker_tasks.tracking import LOST_ONLY, RETRYABLE
 
 logger = logging.getLogger("coordinator")
 
@@ -173,8 +173,7 @@ class Run:
         arrives, is dropped.
         """
         check_broker(self.app)
-        states = ((JobState.LOST,) if lost else (JobState.FAILED, JobState.CANCELLED,
-                                                 JobState.LOST))
+        states = LOST_ONLY if lost else RETRYABLE
         job_ids = [job.job_id for job in self.status().jobs if job.state in states]
         return len(republish(self.client, self.app, self.id, job_ids, states,
                              note="published again"))

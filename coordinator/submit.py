@@ -33,18 +33,11 @@ from coordinator.options import DEFAULTS, SubmitOptions
 from coordinator.plan import Plan, plan_jobs
 from worker_tasks.spec import DEFAULT_RETRY_DELAY_S, RUN_JOB_TASK, JobSpec
 from worker_tasks.tracking import (
-    CREATE_LUA,
-    RUN_TTL_S,
     SPEC_FIELDS,
     JobState,
     JobTracker,
     RunState,
-    counts_key,
-    encode,
-    job_key,
     jobs_key,
-    run_key,
-    run_keys,
     runs_key,
 )
 from worker_tasks.tracking import now as timestamp
@@ -150,17 +143,12 @@ def record_run(client: redis.Redis, plan: Plan, extra: dict[str, Any] | None = N
     """
     created = timestamp()
     run_id = plan.run_id
-    create = client.register_script(CREATE_LUA)
-    prefix = job_key(run_id, "")
-    queued_at = json.dumps(created)
+    tracker = JobTracker(client)
     for part in chunks(plan.specs):
-        args: list[Any] = [prefix, RUN_TTL_S, queued_at]
-        for spec in part:
-            args += [spec.job_id, json.dumps(stored_spec(spec)), json.dumps(spec.node),
-                     json.dumps(task_id_for(spec))]
         pipe = client.pipeline(transaction=False)
-        create(args=args, client=pipe)
-        pipe.rpush(jobs_key(run_id), *[spec.job_id for spec in part])
+        tracker.create_jobs(run_id, [(spec.job_id, json.dumps(stored_spec(spec)),
+                                      json.dumps(spec.node), json.dumps(task_id_for(spec)))
+                                     for spec in part], created, client=pipe)
         pipe.execute()
     marked = [(spec.job_id, {"pin": True}) for spec in plan.specs if spec.job_id in plan.pinned]
     marked += [(job_id, {"state": JobState.SKIPPED, "finished_at": created,
@@ -168,15 +156,9 @@ def record_run(client: redis.Redis, plan: Plan, extra: dict[str, Any] | None = N
     for part in chunks(marked):
         pipe = client.pipeline(transaction=False)
         for job_id, fields in part:
-            pipe.hset(job_key(run_id, job_id), mapping=encode(fields))
+            tracker.mark(run_id, job_id, client=pipe, **fields)
         pipe.execute()
-    pipe = client.pipeline(transaction=True)
-    pipe.hset(counts_key(run_id), mapping={str(JobState.QUEUED): len(plan.specs) - len(done),
-                                          str(JobState.SKIPPED): len(done)})
-    pipe.hset(run_key(run_id), mapping=encode({
-        "run_id": run_id,
-        "state": RunState.PUBLISHING,
-        "created_at": created,
+    metadata = {
         "output_dir": plan.output_dir,
         "preserve_paths": plan.preserve_paths,
         "jobs_total": len(plan.specs),
@@ -189,12 +171,9 @@ def record_run(client: redis.Redis, plan: Plan, extra: dict[str, Any] | None = N
         "recovered_jobs": len(done),
         "submitted_from": socket.gethostname(),
         **(extra or {}),
-    }))
-    for key in run_keys(run_id):
-        pipe.expire(key, RUN_TTL_S)
-    pipe.zadd(runs_key(), {run_id: created})
-    pipe.zremrangebyscore(runs_key(), 0, created - RUN_TTL_S)  # runs whose records expired
-    pipe.execute()
+    }
+    tracker.create_run(run_id, metadata, {JobState.QUEUED: len(plan.specs) - len(done),
+                                          JobState.SKIPPED: len(done)}, created)
 
 
 def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str]) -> None:
@@ -263,14 +242,15 @@ def publish_run(
     pushed = before_publish(plan) if before_publish is not None else []
     record_run(client, plan, {**(extra or {}), "pushed": pushed}, done)
     pending = [spec for spec in plan.specs if spec.job_id not in done]
+    tracker = JobTracker(client)
     try:
         publish(pending, app, [task_id_for(spec) for spec in pending])
     except BrokerUnreachableError:
         # Workers drop messages of a cancelled run: the half that got out is harmless.
         with contextlib.suppress(redis.RedisError):
-            client.hset(run_key(plan.run_id), "state", json.dumps(RunState.CANCELLED))
+            tracker.set_run_state(plan.run_id, RunState.CANCELLED)
         raise
-    client.hset(run_key(plan.run_id), "state", json.dumps(RunState.ACTIVE))
+    tracker.set_run_state(plan.run_id, RunState.ACTIVE)
 
 
 def latest_run_id(client: redis.Redis) -> str | None:
@@ -286,15 +266,13 @@ def cancel_run(client: redis.Redis, run_id: str) -> int:
     never get a ``.done``. Each job changes state atomically, so the count is exact.
     """
     job_ids = [raw.decode() for raw in client.lrange(jobs_key(run_id), 0, -1)]
-    client.hset(run_key(run_id), "state", json.dumps(RunState.CANCELLED))
     tracker = JobTracker(client)
+    tracker.set_run_state(run_id, RunState.CANCELLED)
     cancelled = 0
-    live = (JobState.QUEUED, JobState.RUNNING, JobState.LOST)
     for part in chunks(job_ids):
         pipe = client.pipeline(transaction=False)
         for job_id in part:
-            tracker.transition(run_id, job_id, JobState.CANCELLED, live, client=pipe,
-                               finished_at=timestamp(), error="cancelled")
+            tracker.cancel(run_id, job_id, client=pipe)
         cancelled += sum(1 for result in pipe.execute() if result[0] in (b"ok", "ok"))
     return cancelled
 
@@ -304,6 +282,7 @@ def republish(client: redis.Redis, app: Celery, run_id: str, job_ids: Sequence[s
               | None = None, note: str | None = None) -> list[str]:
     """Queue jobs again under a new task id each (the old messages become stale).
 
+    ``allowed``: ``RETRYABLE``, ``MOVABLE`` or ``LOST_ONLY`` (``worker_tasks.tracking``).
     ``changes`` may alter a record's fields (a new node, say) before its message is
     rebuilt. Only jobs in one of ``allowed`` states move; returns those job ids.
     """
@@ -317,16 +296,11 @@ def republish(client: redis.Redis, app: Celery, run_id: str, job_ids: Sequence[s
         spec = spec_from_record(run_id, {**record, **update, "job_id": job_id})
         generation = int(record.get("task_id", "0").rsplit(".", 1)[-1]) + 1
         task_id = task_id_for(spec, generation)
-        # The task id travels in the event: followers must know which message is current.
-        event = {"node": spec.node, "attempts": record.get("attempts", 0), "task_id": task_id}
-        result = tracker.transition(run_id, job_id, JobState.QUEUED, allowed,
-                                    holding=record.get("task_id"), task_id=task_id, event=event,
-                                    queued_at=timestamp(), error=note, finished_at=None,
-                                    exit_code=None, **update)
-        assert result is not None
+        result = tracker.republish(run_id, job_id, allowed, record.get("task_id"), task_id,
+                                   spec.node, record.get("attempts", 0), note, update)
         if result.ok:
             moved.append((spec, task_id))
     if moved:
-        client.hset(run_key(run_id), "state", json.dumps(RunState.ACTIVE))
+        tracker.set_run_state(run_id, RunState.ACTIVE)
         publish([spec for spec, _ in moved], app, [task_id for _, task_id in moved])
     return [spec.job_id for spec, _ in moved]

@@ -11,7 +11,8 @@ run never runs a finished job twice. On top of that:
   retried since, or its run expired) is dropped without running anything;
 * the node's lease (``lease.py``) is held while the job runs: one job at a time
   per node, whatever the pool size;
-* a failed attempt is retried after a backoff, up to the job's ``retries``;
+* a failed attempt is retried after a backoff, up to the job's ``retries``
+  (``retries.py``); each attempt is an ``Attempt`` value;
 * the final state is written to Redis before the message is acknowledged,
   retrying while Redis is away, so tracking converges to what the files say.
 
@@ -28,11 +29,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn, TypeVar
@@ -43,6 +44,7 @@ from celery.utils.log import get_task_logger
 
 from worker_tasks.app import app
 from worker_tasks.lease import NodeLease
+from worker_tasks.retries import Retries
 from worker_tasks.runner import Outcome, Runner
 from worker_tasks.spec import RUN_JOB_TASK, InvalidMessage, JobSpec
 from worker_tasks.tracking import JobState, JobTracker, Transition, now
@@ -57,17 +59,11 @@ CANCEL_POLL_S = 1.0
 # A failed job's error carries this much of the end of its output.
 TAIL_LINES = 20
 TAIL_BYTES = 4096
-# The longest wait between two attempts, whatever the backoff says (seconds).
-MAX_BACKOFF_S = 600.0
 # Worker settings a script must not inherit (they may hold the broker's password).
 PRIVATE_ENV = ("SC_BROKER_URL", "SC_RESULT_BACKEND", "SC_TRACKING_URL")
 # Worker setting (not a message field): the CUDA device index its jobs get, when the worker
 # sees one GPU only (a per-GPU worker in a container with that device).
 GPU_DEVICE_VARIABLE = "SC_GPU_DEVICE"
-# States a job may start (and finish) from, holding its current message: queued, running
-# (a dead attempt's record, or this one's), or lost; the head node may have set either
-# while this attempt ran, taking its worker for dead.
-STARTABLE = (JobState.QUEUED, JobState.RUNNING, JobState.FINISHING, JobState.LOST)
 
 T = TypeVar("T")
 
@@ -202,45 +198,92 @@ def output_tail(log: Path, since: int) -> str:
     return "\n".join(lines[-TAIL_LINES:]).strip()
 
 
-def backoff(spec: JobSpec, attempt: int) -> float:
-    """Exponential backoff with full jitter: base * 2^(attempt-1) * U(0.5, 1.5), capped."""
-    return min(MAX_BACKOFF_S, spec.retry_delay * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+class NotRun(Exception):
+    """This delivery must not run (or go on): Flower shows REVOKED, and no result is stored.
+
+    Raised anywhere in a ``JobExecution``; caught once, at the task's edge.
+    """
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+class Dropped(NotRun):
+    """A message that is not the job's current one (stale, or no such job)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"{why}; dropped without running")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one run of the script did.
+
+    Parameters:
+        number: the attempt's number (from 1), as the record counts them.
+        started_at, finished_at: wall-clock times (seconds since the epoch).
+        exit_code: the script's status (-N for signal N), None if it never ran or was killed.
+        error: why the attempt failed, or None: it succeeded (exit 0, output present).
+        cancelled: the job was cancelled while the script ran (it was killed).
+        log_offset: where this attempt's output begins in the job's log (bytes).
+    """
+
+    number: int
+    started_at: float
+    finished_at: float
+    exit_code: int | None
+    error: str | None
+    cancelled: bool = False
+    log_offset: int = 0
+
+    @property
+    def duration_s(self) -> float:
+        return round(self.finished_at - self.started_at, 3)
+
+    def history_entry(self, host: str) -> dict[str, Any]:
+        return {"attempt": self.number, "host": host, "started_at": round(self.started_at, 3),
+                "finished_at": round(self.finished_at, 3), "exit_code": self.exit_code,
+                "error": self.error}
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    """The files of a job, confined to the workdir."""
+
+    done: Path
+    log: Path
+    output: Path | None
 
 
 class JobExecution:
     """One delivery of one job's message on this worker: from checks to final state.
 
+    Raises ``NotRun`` (the message is stale, or the job was cancelled) or ``JobFailed``.
+
     Parameters:
         spec: the checked message.
         task_id: the message's id (must be the job's current one in its record).
         host: the worker's name (``rig-a@machine``).
-        send_event: Celery's event sender of the task (for REVOKED in Flower).
     """
 
-    def __init__(self, spec: JobSpec, task_id: str, host: str,
-                 send_event: Callable[..., Any]) -> None:
+    def __init__(self, spec: JobSpec, task_id: str, host: str) -> None:
         self.spec = spec
         self.task_id = task_id
         self.host = host
-        self.send_event = send_event
         self.base = workdir()
-        self.result: dict[str, Any] = {"job_id": spec.job_id, "node": spec.node, "host": host,
-                                       "exit_code": None, "duration_s": 0.0, "state": None,
-                                       "error": None, "attempts": 0}
+        self.retries = Retries(spec.retries, spec.retry_delay)
+        self.attempts = 0
 
     # -- tracking ---------------------------------------------------------------------------
 
-    def move(self, state: JobState, allowed: tuple[JobState, ...], what: str,
-             **fields: Any) -> Transition:
-        """A transition of this job's record, holding this message's task id, retried."""
-        spec = self.spec
-        event = {"attempts": self.result["attempts"], "host": self.host,
-                 "duration_s": fields.get("duration_s"),
-                 "error": (fields.get("error") or "").split("\n", 1)[0][:200] or None}
-        return retrying(what, lambda: tracker().transition(
-            spec.run_id, spec.job_id, state, allowed, holding=self.task_id, event=event,
-            count_attempt=state is JobState.RUNNING and what == "start",
-            unless_cancelled=what == "start", **fields))
+    def track(self, what: str, call: Callable[[JobTracker], Transition]) -> Transition:
+        """A transition of this job's record (see ``JobTracker``), retried while Redis is away."""
+        return retrying(what, lambda: call(tracker()))
+
+    def ids(self) -> tuple[str, str, str, str, int]:
+        """The arguments every worker transition starts with."""
+        return self.spec.run_id, self.spec.job_id, self.task_id, self.host, self.attempts
 
     def current(self) -> dict[str, Any]:
         return retrying("read record", lambda: tracker().record(
@@ -256,121 +299,126 @@ class JobExecution:
             return True  # the record vanished (Redis lost its data): nothing says stop
         return record.get("state") != JobState.CANCELLED and record.get("task_id") == self.task_id
 
-    def dropped(self, why: str) -> dict[str, Any]:
-        """A message that must not run (stale, or no such job): REVOKED in Flower, no result."""
-        self.revoked(f"{why}; dropped without running")
-        return self.result  # not reached: revoked() raises
-
-    def revoked(self, why: str | None = None) -> NoReturn:
-        """A cancelled (or dropped) job: Flower shows REVOKED, and no result is stored."""
-        if why:
-            logger.warning("job %s of run %s (message %s): %s", self.spec.job_id,
-                           self.spec.run_id, self.task_id, why)
-        self.send_event("task-revoked", terminated=False, signum=None, expired=False)
-        raise Ignore()
+    def result(self, state: JobState, attempt: Attempt | None = None) -> dict[str, Any]:
+        """The small JSON result the task returns."""
+        return {"job_id": self.spec.job_id, "node": self.spec.node, "host": self.host,
+                "exit_code": attempt.exit_code if attempt else None,
+                "duration_s": attempt.duration_s if attempt else 0.0, "state": state,
+                "error": attempt.error if attempt else None, "attempts": self.attempts}
 
     # -- the job ----------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         spec = self.spec
         try:
-            done = confine(self.base, spec.done_file, "done_file")
-            log = confine(self.base, spec.log_file, "log_file")
-            output = (confine(self.base, spec.output_file, "output_file")
-                      if spec.output_file else None)
+            paths = JobPaths(
+                done=confine(self.base, spec.done_file, "done_file"),
+                log=confine(self.base, spec.log_file, "log_file"),
+                output=(confine(self.base, spec.output_file, "output_file")
+                        if spec.output_file else None))
         except JobRefused as err:
-            return self.refuse(str(err))
+            self.refuse(str(err))
         record = self.current()
         if not record:
-            return self.dropped("no tracking record (the run expired, or a forged message)")
+            raise Dropped("no tracking record (the run expired, or a forged message)")
         if record.get("task_id") != self.task_id:
-            return self.dropped(f"superseded by message {record.get('task_id')}")
+            raise Dropped(f"superseded by message {record.get('task_id')}")
         if record.get("state") == JobState.CANCELLED:
-            self.revoked("cancelled; not run")
-        if done.exists():
+            raise NotRun("cancelled; not run")
+        if paths.done.exists():
             return self.skip()
         lease = NodeLease(tracker().client, spec.slot, self.host, self.task_id)
         if not retrying("lease", lambda: lease.acquire(give_up=lambda: not self.still_wanted())):
-            return self.not_wanted()
+            self.not_wanted()
         try:
-            return self.attempts(done, log, output, record.get("history") or [])
+            return self.run_attempts(paths, record.get("history") or [])
         finally:
             lease.release()
 
-    def refuse(self, why: str) -> dict[str, Any]:
+    def refuse(self, why: str) -> NoReturn:
         logger.error("job %s of run %s refused: %s", self.spec.job_id, self.spec.run_id, why)
-        moved = self.move(JobState.FAILED, STARTABLE, "refuse", error=why, finished_at=now())
+        moved = self.track("refuse", lambda t: t.fail(*self.ids(), error=why))
         if not moved.ok:
-            return self.dropped(f"refused ({why}), and its record is {moved.outcome}")
+            raise Dropped(f"refused ({why}), and its record is {moved.outcome}")
         raise JobFailed(why)
 
     def skip(self) -> dict[str, Any]:
         # A message delivered twice finds the marker its first delivery wrote: a job already
         # recorded succeeded stays succeeded (the transition is refused from that state).
-        self.move(JobState.SKIPPED, STARTABLE + (JobState.FAILED,), "skip", host=self.host,
-                  finished_at=now())
-        return self.result | {"state": JobState.SKIPPED}
+        self.track("skip", lambda t: t.skip(*self.ids()))
+        return self.result(JobState.SKIPPED)
 
-    def not_wanted(self) -> dict[str, Any]:
+    def not_wanted(self) -> NoReturn:
         record = self.current()
         if record.get("state") == JobState.CANCELLED:
-            self.revoked("cancelled while waiting for its node; not run")
-        return self.dropped(f"superseded by message {record.get('task_id')}")
+            raise NotRun("cancelled while waiting for its node; not run")
+        raise Dropped(f"superseded by message {record.get('task_id')}")
 
-    def attempts(self, done: Path, log: Path, output: Path | None,
-                 history: list[dict[str, Any]]) -> dict[str, Any]:
+    def run_attempts(self, paths: JobPaths, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """Attempts until one succeeds, the retry policy gives up, or the job is not wanted."""
         spec = self.spec
         while True:
-            started = time.time()
-            start = self.move(JobState.RUNNING, STARTABLE, "start", host=self.host,
-                              started_at=round(started, 3), finished_at=None, error=None,
-                              exit_code=None, duration_s=None)
-            if start.outcome == "cancelled":
-                self.move(JobState.CANCELLED, STARTABLE, "cancel", finished_at=now())
-                self.revoked("its run was cancelled; not run")
-            if not start.ok:
-                return self.dropped(f"its record is {start.previous} ({start.outcome})")
-            attempt = self.result["attempts"] = start.attempts
-            log.parent.mkdir(parents=True, exist_ok=True)
-            if output is not None:
-                output.parent.mkdir(parents=True, exist_ok=True)
-            offset = log.stat().st_size if log.exists() else 0
-            log_line(log, f"attempt {attempt} of {spec.job_id} on {self.host} (node {spec.node}, "
-                          f"GPU {spec.gpu_id}): {spec.script} {' '.join(spec.args)}")
-            exit_code, error, cancelled = self.execute(log, attempt)
-            if cancelled:
-                log_line(log, "cancelled while running; killed")
-                self.revoked("cancelled while running; killed with all it started")
-            if error is None:
-                error = check_output(output)
-            duration = round(time.time() - started, 3)
+            attempt = self.attempt(paths)
+            if attempt.cancelled:
+                log_line(paths.log, "cancelled while running; killed")
+                raise NotRun("cancelled while running; killed with all it started")
             with contextlib.suppress(redis.RedisError):  # bookkeeping for metrics only
-                tracker().add_busy(spec.node, duration)
-            entry = {"attempt": attempt, "host": self.host, "started_at": round(started, 3),
-                     "finished_at": now(), "exit_code": exit_code, "error": error}
-            history = [*history, entry]
-            self.result |= {"exit_code": exit_code, "duration_s": duration, "error": error}
-            if error is None:
-                return self.succeed(done, log, duration, history)
-            tail = output_tail(log, offset)
-            if tail:
-                error = f"{error}\nlast lines of its output:\n{tail}"
-            log_line(log, f"FAILED: {error.splitlines()[0]}")
-            if attempt <= spec.retries:
-                delay = backoff(spec, attempt)
-                log_line(log, f"retrying in {delay:.1f} s (attempt {attempt + 1} of "
-                              f"{spec.retries + 1})")
-                self.move(JobState.RUNNING, STARTABLE, "retry", error=error,
-                          exit_code=exit_code, history=history, retry_at=round(time.time() +
-                                                                                delay, 3))
-                if not self.pause(delay):
-                    return self.not_wanted()
-                continue
-            self.move(JobState.FAILED, STARTABLE, "fail", exit_code=exit_code,
-                      error=error, duration_s=duration, finished_at=now(), history=history)
-            self.result |= {"state": JobState.FAILED, "error": error}
-            raise JobFailed(f"job {spec.job_id} failed on {self.host} after {attempt} "
-                            f"attempt(s): {error}")
+                tracker().add_busy(spec.node, attempt.duration_s)
+            history = [*history, attempt.history_entry(self.host)]
+            if attempt.error is None:
+                return self.succeed(paths, attempt, history)
+            self.after_failure(paths, attempt, history)
+
+    def after_failure(self, paths: JobPaths, attempt: Attempt,
+                      history: list[dict[str, Any]]) -> None:
+        """A failed attempt: wait for the next one (retry policy), or fail the job."""
+        spec = self.spec
+        error = self.with_tail(attempt, paths)
+        log_line(paths.log, f"FAILED: {error.splitlines()[0]}")
+        delay = self.retries.after_failure(attempt.number)
+        if delay is None:
+            self.track("fail", lambda t: t.fail(
+                *self.ids(), error=error, exit_code=attempt.exit_code,
+                duration_s=attempt.duration_s, history=history))
+            raise JobFailed(f"job {spec.job_id} failed on {self.host} after "
+                            f"{attempt.number} attempt(s): {error}")
+        log_line(paths.log, f"retrying in {delay:.1f} s (attempt {attempt.number + 1} of "
+                            f"{spec.retries + 1})")
+        self.track("retry", lambda t: t.wait_to_retry(
+            *self.ids(), error=error, exit_code=attempt.exit_code, history=history,
+            retry_at=round(time.time() + delay, 3)))
+        if not self.pause(delay):
+            self.not_wanted()
+
+    def attempt(self, paths: JobPaths) -> Attempt:
+        """Start an attempt in the record, run the script once, judge its output."""
+        spec = self.spec
+        started = time.time()
+        start = self.track("start", lambda t: t.start(*self.ids(), started_at=round(started, 3)))
+        if start.outcome == "cancelled":
+            self.track("cancel", lambda t: t.drop_cancelled(*self.ids()))
+            raise NotRun("its run was cancelled; not run")
+        if not start.ok:
+            raise Dropped(f"its record is {start.previous} ({start.outcome})")
+        self.attempts = start.attempts
+        paths.log.parent.mkdir(parents=True, exist_ok=True)
+        if paths.output is not None:
+            paths.output.parent.mkdir(parents=True, exist_ok=True)
+        offset = paths.log.stat().st_size if paths.log.exists() else 0
+        log_line(paths.log, f"attempt {self.attempts} of {spec.job_id} on {self.host} (node "
+                            f"{spec.node}, GPU {spec.gpu_id}): {spec.script} "
+                            f"{' '.join(spec.args)}")
+        exit_code, error, cancelled = self.execute(paths.log, self.attempts)
+        if error is None and not cancelled:
+            error = check_output(paths.output)
+        return Attempt(number=self.attempts, started_at=started, finished_at=time.time(),
+                       exit_code=exit_code, error=error, cancelled=cancelled, log_offset=offset)
+
+    def with_tail(self, attempt: Attempt, paths: JobPaths) -> str:
+        """The attempt's error with the last lines the script wrote in it."""
+        assert attempt.error is not None
+        tail = output_tail(paths.log, attempt.log_offset)
+        return f"{attempt.error}\nlast lines of its output:\n{tail}" if tail else attempt.error
 
     def pause(self, seconds: float) -> bool:
         """Wait out a backoff; False if the job is cancelled or superseded meanwhile."""
@@ -406,7 +454,7 @@ class JobExecution:
                 runner.kill()
                 return None, "cancelled while running", True
 
-    def succeed(self, done: Path, log: Path, duration: float,
+    def succeed(self, paths: JobPaths, attempt: Attempt,
                 history: list[dict[str, Any]]) -> dict[str, Any]:
         """Write the marker only if the record agrees (not cancelled, still this message).
 
@@ -416,34 +464,35 @@ class JobExecution:
         ``succeeded``.
         """
         spec = self.spec
+        done, log, duration = paths.done, paths.log, attempt.duration_s
         marker = {"run_id": spec.run_id, "job_id": spec.job_id, "node": spec.node,
                   "host": self.host, "output_file": spec.output_file, "duration_s": duration,
                   "finished_at": now()}
         pending = done.with_name(f".{done.name}.{os.getpid()}.pending")
         pending.write_text(json.dumps(marker) + "\n", encoding="utf-8")
         try:
-            moved = self.move(JobState.FINISHING, STARTABLE, "finish")
+            moved = self.track("finish", lambda t: t.finish(*self.ids()))
         except redis.RedisError:
             # Redis stayed away for the whole retry window: the job did succeed, so the
             # marker (the truth) is written; the head node settles the record from it.
-            moved = Transition("ok", None, self.result["attempts"])
+            moved = Transition("ok", None, self.attempts)
         if moved.outcome == "missing":
             # The record vanished (Redis lost its data): no cancel can have been recorded,
             # and the job did succeed; the marker lets a recovered run skip it.
-            moved = Transition("ok", None, self.result["attempts"])
+            moved = Transition("ok", None, self.attempts)
         if not moved.ok:
             pending.unlink(missing_ok=True)
             log_line(log, f"finished, but its record is {moved.previous} ({moved.outcome}): "
                           f"no marker written")
             if moved.outcome == "refused" and moved.previous is JobState.CANCELLED:
-                self.revoked("cancelled as it finished; no marker written")
-            return self.dropped(f"finished after its record became {moved.previous}")
+                raise NotRun("cancelled as it finished; no marker written")
+            raise Dropped(f"finished after its record became {moved.previous}")
         os.replace(pending, done)
         log_line(log, f"succeeded in {duration:.2f} s; wrote {done}")
         with contextlib.suppress(redis.RedisError):  # else the head node settles it by .done
-            self.move(JobState.SUCCEEDED, (JobState.FINISHING,), "succeed", exit_code=0,
-                      error=None, duration_s=duration, finished_at=now(), history=history)
-        return self.result | {"state": JobState.SUCCEEDED}
+            self.track("succeed", lambda t: t.succeed(*self.ids(), duration_s=duration,
+                                                      history=history))
+        return self.result(JobState.SUCCEEDED, attempt)
 
 
 def describe(outcome: Outcome) -> tuple[int | None, str | None, bool]:
@@ -470,14 +519,20 @@ def run_job(self: Any, message: Any = None, *extra: Any, **kwargs: Any) -> dict[
         raise Ignore() from None
     # The worker name (rig-a@machine) says both the node and the machine.
     host = self.request.hostname or socket.gethostname()
-    execution = JobExecution(spec, self.request.id, host, self.send_event)
+    execution = JobExecution(spec, self.request.id, host)
     try:
         return execution.run()
-    except (JobFailed, Ignore):
+    except NotRun as stop:
+        # A cancelled or stale delivery: REVOKED in Flower, and no result is stored.
+        logger.warning("job %s of run %s (message %s): %s", spec.job_id, spec.run_id,
+                       self.request.id, stop.why)
+        self.send_event("task-revoked", terminated=False, signum=None, expired=False)
+        raise Ignore() from None
+    except JobFailed:
         raise
     except Exception as err:  # a full disk, a permission: the job fails, never stays running
         error = f"worker error: {type(err).__name__}: {err}"
         logger.exception("job %s of run %s: %s", spec.job_id, spec.run_id, error)
         with contextlib.suppress(redis.RedisError):
-            execution.move(JobState.FAILED, STARTABLE, "fail", error=error, finished_at=now())
+            execution.track("fail", lambda t: t.fail(*execution.ids(), error=error))
         raise JobFailed(error) from err

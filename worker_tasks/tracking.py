@@ -9,6 +9,29 @@ message (the job was moved or retried since) cannot touch the record. Each
 transition also keeps the run's per-state counters and appends to the run's
 change stream, so followers read what changed instead of every record.
 
+The job state machine. Each transition is one named ``JobTracker`` method that
+owns the states it may start from; every other start state is refused (the
+record is left as it is). ``holding``: the record must still name the caller's
+message (task id), so a stale message cannot touch it.
+
+    method           from                                 to          by      holding
+    create_jobs      (none)                               queued      head    -
+    start            queued running finishing lost        running     worker  yes  (+1 attempt,
+                                                                                   refused once
+                                                                                   the run is
+                                                                                   cancelled)
+    wait_to_retry    queued running finishing lost        running     worker  yes
+    finish           queued running finishing lost        finishing   worker  yes
+    succeed          finishing                            succeeded   worker  yes
+    fail             queued running finishing lost        failed      worker  yes
+    skip             queued running finishing lost failed skipped     worker  yes
+    drop_cancelled   queued running finishing lost        cancelled   worker  yes
+    cancel           queued running lost                  cancelled   head    -
+    settle_done      running finishing                    succeeded   head    yes
+    requeue_dead     running finishing                    queued      head    yes
+    mark_lost        queued running finishing             lost        head    yes
+    republish        one of RETRYABLE / MOVABLE / LOST    queued      head    yes  (new task id)
+
 Keys (``<p>`` is the prefix, ``sc`` by default):
     <p>:runs                      sorted set of run ids by creation time
     <p>:run:<run_id>              hash: run metadata (JSON values)
@@ -65,6 +88,59 @@ class RunState(StrEnum):
     PUBLISHING = "publishing"
     ACTIVE = "active"
     CANCELLED = "cancelled"
+
+
+# States an attempt may start (and finish) from, holding its current message: queued,
+# running (a dead attempt's record, or this one's), finishing, or lost; the head node may
+# have set either while the attempt ran, taking its worker for dead.
+STARTABLE = (JobState.QUEUED, JobState.RUNNING, JobState.FINISHING, JobState.LOST)
+# States of a job an attempt is working on (its worker holds the node's lease meanwhile).
+ACTIVE = (JobState.RUNNING, JobState.FINISHING)
+# What a head-node cancel stops: jobs not final, and not past the point of a cancel.
+CANCELLABLE = (JobState.QUEUED, JobState.RUNNING, JobState.LOST)
+# What ``retry`` publishes again, what a ``move`` relocates, what a lost job is.
+RETRYABLE = (JobState.FAILED, JobState.CANCELLED, JobState.LOST)
+MOVABLE = (JobState.QUEUED, JobState.LOST, JobState.RUNNING)
+LOST_ONLY = (JobState.LOST,)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One entry of a run's change stream: a job's new state and what came with it.
+
+    Written by every transition (beside the Lua, ``TRANSITION_LUA`` adds it), read by
+    followers (``coordinator.follow``). Fields left None are not written.
+    """
+
+    job: str
+    state: JobState
+    attempts: int | None = None
+    host: str | None = None
+    duration_s: float | None = None
+    error: str | None = None
+    task_id: str | None = None
+    node: str | None = None
+    note: str | None = None
+
+    # The error's first line, cut to this length, travels in the stream.
+    ERROR_CHARS = 200
+
+    def extra(self) -> str:
+        """The JSON the stream entry carries besides job and state."""
+        fields = {name: getattr(self, name) for name in EVENT_FIELDS
+                  if getattr(self, name) is not None}
+        if self.error is not None:
+            fields["error"] = self.error.split("\n", 1)[0][:self.ERROR_CHARS] or None
+        return json.dumps(fields)
+
+    @classmethod
+    def from_stream(cls, fields: Mapping[bytes, bytes]) -> JobEvent:
+        extra = json.loads(fields.get(b"extra", b"{}"))
+        return cls(job=fields[b"job"].decode(), state=JobState(json.loads(fields[b"state"])),
+                   **{name: extra.get(name) for name in EVENT_FIELDS})
+
+
+EVENT_FIELDS = ("attempts", "host", "duration_s", "error", "task_id", "node", "note")
 
 
 # The message fields a record keeps in its one ``spec`` field (JSON): the job as planned,
@@ -178,6 +254,16 @@ return (#ARGV - 3) / 4
 """
 
 
+# Append JSON entries to a run's ``moves`` list in one step (no read-then-write race).
+APPEND_MOVES_LUA = """
+local raw = redis.call('HGET', KEYS[1], 'moves')
+local moves = raw and cjson.decode(raw) or {}
+for _, move in ipairs(cjson.decode(ARGV[1])) do table.insert(moves, move) end
+redis.call('HSET', KEYS[1], 'moves', cjson.encode(moves))
+return #moves
+"""
+
+
 @dataclass(frozen=True)
 class Transition:
     """What a transition did: ``ok``, or why not (missing, cancelled, superseded, refused)."""
@@ -196,7 +282,10 @@ def states_arg(states: Iterable[JobState]) -> str:
 
 
 class JobTracker:
-    """Transitions of jobs' records, for the worker and the head node alike.
+    """The job state machine (see the module docstring), for the worker and the head node.
+
+    Every method that changes a job's state is one atomic Lua transition; with
+    ``client`` a pipeline, the call is queued and returns None.
 
     Parameters:
         client: a redis-py client on the tracking Redis.
@@ -205,41 +294,140 @@ class JobTracker:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self._transition = client.register_script(TRANSITION_LUA)
+        self._append_moves = client.register_script(APPEND_MOVES_LUA)
+        self._create = client.register_script(CREATE_LUA)
 
-    def run_cancelled(self, run_id: str) -> bool:
-        state = self.client.hget(run_key(run_id), "state")
-        return state is not None and json.loads(state) == RunState.CANCELLED
+    # -- the worker's transitions, each holding the attempt's message --------------------
 
-    def transition(
-        self,
-        run_id: str,
-        job_id: str,
-        state: JobState,
-        allowed: Iterable[JobState],
-        holding: str | None = None,
-        count_attempt: bool = False,
-        unless_cancelled: bool = False,
-        event: Mapping[str, Any] | None = None,
-        client: Any = None,
-        **fields: Any,
-    ) -> Transition | None:
-        """Move a job to ``state`` if it is in one of ``allowed`` (and holds task id ``holding``).
+    def start(self, run_id: str, job_id: str, task_id: str, host: str, attempts: int,
+              started_at: float) -> Transition:
+        """An attempt begins: ``running``, one more attempt; refused once the run is cancelled."""
+        return self._apply(run_id, job_id, JobState.RUNNING, STARTABLE, task_id,
+                           JobEvent(job_id, JobState.RUNNING, attempts=attempts, host=host),
+                           count_attempt=True, unless_cancelled=True, host=host,
+                           started_at=started_at, finished_at=None, error=None,
+                           exit_code=None, duration_s=None)
 
-        ``fields`` are set with the state (``task_id`` among them, to supersede the job's
-        message). With ``client`` a pipeline, the call is queued and None is returned.
-        """
+    def wait_to_retry(self, run_id: str, job_id: str, task_id: str, host: str, attempts: int,
+                      error: str, exit_code: int | None, history: list[dict[str, Any]],
+                      retry_at: float) -> Transition:
+        """A failed attempt is retried after a backoff: still ``running``, its error kept."""
+        return self._apply(run_id, job_id, JobState.RUNNING, STARTABLE, task_id,
+                           JobEvent(job_id, JobState.RUNNING, attempts=attempts, host=host,
+                                    error=error),
+                           error=error, exit_code=exit_code, history=history, retry_at=retry_at)
+
+    def finish(self, run_id: str, job_id: str, task_id: str, host: str,
+               attempts: int) -> Transition:
+        """The script succeeded and its marker is being written: a cancel is refused now."""
+        return self._apply(run_id, job_id, JobState.FINISHING, STARTABLE, task_id,
+                           JobEvent(job_id, JobState.FINISHING, attempts=attempts, host=host))
+
+    def succeed(self, run_id: str, job_id: str, task_id: str, host: str, attempts: int,
+                duration_s: float, history: list[dict[str, Any]]) -> Transition:
+        """The marker exists: ``succeeded``."""
+        return self._apply(run_id, job_id, JobState.SUCCEEDED, (JobState.FINISHING,), task_id,
+                           JobEvent(job_id, JobState.SUCCEEDED, attempts=attempts, host=host,
+                                    duration_s=duration_s),
+                           exit_code=0, error=None, duration_s=duration_s, finished_at=now(),
+                           history=history)
+
+    def fail(self, run_id: str, job_id: str, task_id: str, host: str, attempts: int,
+             error: str, **fields: Any) -> Transition:
+        """The job failed for good (``fields``: exit_code, duration_s, history, as known)."""
+        return self._apply(run_id, job_id, JobState.FAILED, STARTABLE, task_id,
+                           JobEvent(job_id, JobState.FAILED, attempts=attempts, host=host,
+                                    duration_s=fields.get("duration_s"), error=error),
+                           error=error, finished_at=now(), **fields)
+
+    def skip(self, run_id: str, job_id: str, task_id: str, host: str,
+             attempts: int) -> Transition:
+        """Its marker already existed: nothing to run (a redelivered message, a resume)."""
+        return self._apply(run_id, job_id, JobState.SKIPPED, (*STARTABLE, JobState.FAILED),
+                           task_id, JobEvent(job_id, JobState.SKIPPED, attempts=attempts,
+                                             host=host),
+                           host=host, finished_at=now())
+
+    def drop_cancelled(self, run_id: str, job_id: str, task_id: str, host: str,
+                       attempts: int) -> Transition:
+        """The worker found the run cancelled as the attempt began."""
+        return self._apply(run_id, job_id, JobState.CANCELLED, STARTABLE, task_id,
+                           JobEvent(job_id, JobState.CANCELLED, attempts=attempts, host=host),
+                           finished_at=now())
+
+    # -- the head node's transitions ------------------------------------------------------
+
+    def cancel(self, run_id: str, job_id: str, client: Any = None) -> Transition | None:
+        """Cancel a job not yet final (whichever message it holds)."""
+        return self._apply(run_id, job_id, JobState.CANCELLED, CANCELLABLE, None,
+                           JobEvent(job_id, JobState.CANCELLED), client=client,
+                           finished_at=now(), error="cancelled")
+
+    def settle_done(self, run_id: str, job_id: str, task_id: str | None) -> Transition:
+        """A running job whose ``.done`` exists succeeded (its worker's final write was lost)."""
+        return self._apply(run_id, job_id, JobState.SUCCEEDED, ACTIVE, task_id,
+                           JobEvent(job_id, JobState.SUCCEEDED, note="settled by its .done"),
+                           finished_at=now(), error=None)
+
+    def requeue_dead(self, run_id: str, job_id: str, task_id: str | None,
+                     error: str) -> Transition:
+        """A running job whose attempt died with its worker waits for redelivery."""
+        return self._apply(run_id, job_id, JobState.QUEUED, ACTIVE, task_id,
+                           JobEvent(job_id, JobState.QUEUED, error=error), error=error)
+
+    def mark_lost(self, run_id: str, job_id: str, task_id: str | None,
+                  error: str) -> Transition:
+        """A waiting job whose message exists nowhere and that nothing runs."""
+        return self._apply(run_id, job_id, JobState.LOST, (JobState.QUEUED, *ACTIVE), task_id,
+                           JobEvent(job_id, JobState.LOST, error=error),
+                           finished_at=now(), error=error)
+
+    def republish(self, run_id: str, job_id: str, allowed: Iterable[JobState],
+                  holding: str | None, task_id: str, node: str, attempts: int,
+                  note: str | None, changes: Mapping[str, Any] | None = None) -> Transition:
+        """Queued again under a new message ``task_id`` (retry: ``RETRYABLE``, move:
+        ``MOVABLE``, a vanished message: ``LOST_ONLY``); ``changes``: a new node, say."""
+        # The task id travels in the event: followers must know which message is current.
+        return self._apply(run_id, job_id, JobState.QUEUED, allowed, holding,
+                           JobEvent(job_id, JobState.QUEUED, attempts=attempts, node=node,
+                                    task_id=task_id),
+                           **{"task_id": task_id, "queued_at": now(), "error": note,
+                              "finished_at": None, "exit_code": None, **(changes or {})})
+
+    def _apply(self, run_id: str, job_id: str, state: JobState, allowed: Iterable[JobState],
+               holding: str | None, event: JobEvent, count_attempt: bool = False,
+               unless_cancelled: bool = False, client: Any = None,
+               **fields: Any) -> Transition | Any:
         pairs: list[str] = []
         for name, value in encode(fields).items():
             pairs += [name, value]
         args = [json.dumps(str(state)), states_arg(allowed),
                 json.dumps(holding) if holding else "", RUN_TTL_S,
                 "1" if count_attempt else "0", "1" if unless_cancelled else "0",
-                EVENTS_SLACK, job_id, json.dumps(dict(event or {})), *pairs]
+                EVENTS_SLACK, job_id, event.extra(), *pairs]
         keys = [job_key(run_id, job_id), counts_key(run_id), events_key(run_id), run_key(run_id)]
         result = self._transition(keys=keys, args=args, client=client)
         if client is not None:
             return None
         return parse_transition(result)
+
+    # -- records without a change of state ------------------------------------------------
+
+    def create_jobs(self, run_id: str, rows: Iterable[tuple[str, str, str, str]],
+                    queued_at: float, client: Any) -> None:
+        """Queued records, created server-side: ``rows`` of (job id, spec JSON, node JSON,
+        task id JSON), queued on the pipeline ``client``, with the run's job list."""
+        args: list[Any] = [job_key(run_id, ""), RUN_TTL_S, json.dumps(queued_at)]
+        job_ids: list[str] = []
+        for job_id, spec, node, task_id in rows:
+            args += [job_id, spec, node, task_id]
+            job_ids.append(job_id)
+        self._create(args=args, client=client)
+        client.rpush(jobs_key(run_id), *job_ids)
+
+    def mark(self, run_id: str, job_id: str, client: Any, **fields: Any) -> None:
+        """Fields set at creation, before the run is visible (pin; a recovered job skipped)."""
+        client.hset(job_key(run_id, job_id), mapping=encode(fields))
 
     def add_busy(self, node: str, seconds: float) -> None:
         self.client.hincrbyfloat(busy_key(), node, seconds)
@@ -260,6 +448,36 @@ class JobTracker:
         values = self.client.hmget(key, list(names))
         return {name: json.loads(value) for name, value in zip(names, values, strict=True)
                 if value is not None}
+
+    # -- the run record -------------------------------------------------------------------
+
+    def create_run(self, run_id: str, metadata: Mapping[str, Any], counts: Mapping[str, int],
+                   created_at: float) -> None:
+        """The run's metadata and counters, written last and at once: until then no reader
+        sees a half-recorded run. The run starts ``publishing``."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(counts_key(run_id), mapping={str(state): count
+                                               for state, count in counts.items()})
+        pipe.hset(run_key(run_id), mapping=encode({"run_id": run_id,
+                                                   "state": RunState.PUBLISHING,
+                                                   "created_at": created_at, **metadata}))
+        for key in run_keys(run_id):
+            pipe.expire(key, RUN_TTL_S)
+        pipe.zadd(runs_key(), {run_id: created_at})
+        pipe.zremrangebyscore(runs_key(), 0, created_at - RUN_TTL_S)  # runs whose records expired
+        pipe.execute()
+
+    def set_run_state(self, run_id: str, state: RunState) -> None:
+        self.client.hset(run_key(run_id), "state", json.dumps(str(state)))
+
+    def run_cancelled(self, run_id: str) -> bool:
+        state = self.client.hget(run_key(run_id), "state")
+        return state is not None and json.loads(state) == RunState.CANCELLED
+
+    def add_moves(self, run_id: str, moves: list[dict[str, Any]]) -> None:
+        """Append to the run's record of what moved where, atomically (concurrent movers)."""
+        if moves:
+            self._append_moves(keys=[run_key(run_id)], args=[json.dumps(moves)])
 
 
 def parse_transition(result: list[Any]) -> Transition:

@@ -1,0 +1,158 @@
+"""The job state machine against the real Lua on a real Redis: every transition of the
+table in ``worker_tasks/tracking.py`` applied from every state, allowed or refused."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+from coordinator.redis_server import RedisServer
+from worker_tasks.tracking import (
+    LOST_ONLY,
+    MOVABLE,
+    RETRYABLE,
+    JobEvent,
+    JobState,
+    JobTracker,
+    RunState,
+    Transition,
+    counts_key,
+    events_key,
+    job_key,
+    run_key,
+)
+
+TASK = "run.job.0"
+HOST = "rig-t@box"
+_runs = itertools.count()
+
+Call = Callable[[JobTracker, str, str], Transition | None]
+Q, R, FIN, S, F, SK, C, L = (JobState.QUEUED, JobState.RUNNING, JobState.FINISHING,
+                             JobState.SUCCEEDED, JobState.FAILED, JobState.SKIPPED,
+                             JobState.CANCELLED, JobState.LOST)
+
+# method -> (from states, the state it leads to, the call), spelled out as in the module
+# docstring's table (not taken from the module: a changed rule must turn this red).
+TABLE: dict[str, tuple[tuple[JobState, ...], JobState, Call]] = {
+    "start": ((Q, R, FIN, L), JobState.RUNNING,
+              lambda t, r, j: t.start(r, j, TASK, HOST, 0, started_at=1.0)),
+    "wait_to_retry": ((Q, R, FIN, L), JobState.RUNNING,
+                      lambda t, r, j: t.wait_to_retry(r, j, TASK, HOST, 1, "boom", 3, [], 9.0)),
+    "finish": ((Q, R, FIN, L), JobState.FINISHING, lambda t, r, j: t.finish(r, j, TASK, HOST, 1)),
+    "succeed": ((FIN,), JobState.SUCCEEDED,
+                lambda t, r, j: t.succeed(r, j, TASK, HOST, 1, duration_s=2.0, history=[])),
+    "fail": ((Q, R, FIN, L), JobState.FAILED,
+             lambda t, r, j: t.fail(r, j, TASK, HOST, 1, error="exit 3", exit_code=3)),
+    "skip": ((Q, R, FIN, L, F), JobState.SKIPPED,
+             lambda t, r, j: t.skip(r, j, TASK, HOST, 0)),
+    "drop_cancelled": ((Q, R, FIN, L), JobState.CANCELLED,
+                       lambda t, r, j: t.drop_cancelled(r, j, TASK, HOST, 0)),
+    "cancel": ((Q, R, L), JobState.CANCELLED, lambda t, r, j: t.cancel(r, j)),
+    "settle_done": ((R, FIN), JobState.SUCCEEDED, lambda t, r, j: t.settle_done(r, j, TASK)),
+    "requeue_dead": ((R, FIN), JobState.QUEUED,
+                     lambda t, r, j: t.requeue_dead(r, j, TASK, "died with its worker")),
+    "mark_lost": ((Q, R, FIN), JobState.LOST,
+                  lambda t, r, j: t.mark_lost(r, j, TASK, "message gone")),
+    "republish retry": ((F, C, L), JobState.QUEUED,
+                        lambda t, r, j: t.republish(r, j, RETRYABLE, TASK, "run.job.1", "rig-t",
+                                                    1, "again")),
+    "republish move": ((Q, L, R), JobState.QUEUED,
+                       lambda t, r, j: t.republish(r, j, MOVABLE, TASK, "run.job.1", "rig-u", 1,
+                                                   "moved", {"node": "rig-u"})),
+    "republish lost": ((L,), JobState.QUEUED,
+                       lambda t, r, j: t.republish(r, j, LOST_ONLY, TASK, "run.job.1", "rig-t",
+                                                   1, "vanished")),
+}
+
+
+@pytest.fixture()
+def tracker(redis_server: RedisServer) -> JobTracker:
+    return JobTracker(redis.Redis.from_url(redis_server.url))
+
+
+def a_job_in(tracker: JobTracker, state: JobState) -> tuple[str, str]:
+    """A fresh run with one job recorded in ``state``, holding message ``TASK``."""
+    run_id = f"table-{next(_runs)}"
+    client = tracker.client
+    pipe = client.pipeline(transaction=False)
+    tracker.create_jobs(run_id, [("j", json.dumps({}), json.dumps("rig-t"), json.dumps(TASK))],
+                        1.0, client=pipe)
+    pipe.execute()
+    tracker.create_run(run_id, {"jobs_total": 1}, {JobState.QUEUED: 1}, 1.0)
+    tracker.set_run_state(run_id, RunState.ACTIVE)
+    if state is not JobState.QUEUED:
+        client.hset(job_key(run_id, "j"), "state", json.dumps(str(state)))
+        client.hset(counts_key(run_id), mapping={str(JobState.QUEUED): 0, str(state): 1})
+    return run_id, "j"
+
+
+@pytest.mark.parametrize("name", sorted(TABLE))
+def test_each_transition_is_allowed_from_its_states_and_refused_from_every_other(
+        tracker: JobTracker, name: str) -> None:
+    allowed, target, call = TABLE[name]
+    for state in JobState:
+        run_id, job_id = a_job_in(tracker, state)
+        before = tracker.record(run_id, job_id)
+        result = call(tracker, run_id, job_id)
+        assert result is not None
+        after = tracker.record(run_id, job_id)
+        counts = {k.decode(): int(v) for k, v in
+                  tracker.client.hgetall(counts_key(run_id)).items() if int(v)}
+        if state in allowed:
+            assert result.ok, (name, state, result)
+            assert result.previous is state
+            assert after["state"] == target
+            assert counts == {str(target): 1}
+            (_, fields), = tracker.client.xrange(events_key(run_id))
+            assert JobEvent.from_stream(fields).state is target
+        else:
+            assert (result.outcome, result.previous) == ("refused", state), (name, state)
+            assert after == before
+            assert counts == {str(state): 1}
+            assert tracker.client.xlen(events_key(run_id)) == 0
+
+
+def test_a_stale_message_touches_nothing(tracker: JobTracker) -> None:
+    run_id, job_id = a_job_in(tracker, JobState.RUNNING)
+    result = tracker.fail(run_id, job_id, "run.job.7", HOST, 1, error="late")
+    assert (result.outcome, tracker.record(run_id, job_id)["state"]) == ("superseded", "running")
+
+
+def test_start_counts_an_attempt_and_is_refused_in_a_cancelled_run(tracker: JobTracker) -> None:
+    run_id, job_id = a_job_in(tracker, JobState.QUEUED)
+    assert tracker.start(run_id, job_id, TASK, HOST, 0, started_at=1.0).attempts == 1
+    assert tracker.start(run_id, job_id, TASK, HOST, 1, started_at=2.0).attempts == 2
+    tracker.set_run_state(run_id, RunState.CANCELLED)
+    assert tracker.start(run_id, job_id, TASK, HOST, 2, started_at=3.0).outcome == "cancelled"
+    assert tracker.run_cancelled(run_id)
+
+
+def test_the_event_carries_what_followers_read(tracker: JobTracker) -> None:
+    run_id, job_id = a_job_in(tracker, JobState.LOST)
+    tracker.republish(run_id, job_id, LOST_ONLY, TASK, "run.job.1", "rig-u", 2, "again",
+                      {"node": "rig-u"})
+    tracker.start(run_id, job_id, "run.job.1", HOST, 2, started_at=5.0)
+    tracker.fail(run_id, job_id, "run.job.1", HOST, 3, error="first line\nsecond line")
+    events = [JobEvent.from_stream(fields) for _, fields in
+              tracker.client.xrange(events_key(run_id))]
+    assert events == [
+        JobEvent(job_id, JobState.QUEUED, attempts=2, task_id="run.job.1", node="rig-u"),
+        JobEvent(job_id, JobState.RUNNING, attempts=2, host=HOST),
+        JobEvent(job_id, JobState.FAILED, attempts=3, host=HOST, error="first line")]
+    assert tracker.record(run_id, job_id, "node", "attempts") == {"node": "rig-u", "attempts": 1}
+
+
+def test_moves_appended_by_two_writers_are_both_kept(tracker: JobTracker) -> None:
+    run_id, _ = a_job_in(tracker, JobState.QUEUED)
+    first: list[dict[str, Any]] = [{"from": "rig-a", "to": "rig-b", "jobs": ["x"], "at": 1.5}]
+    second: list[dict[str, Any]] = [{"from": "rig-c", "to": "rig-b", "jobs": ["y", "z"],
+                                     "at": 2.5}]
+    other = JobTracker(redis.Redis(connection_pool=tracker.client.connection_pool))
+    tracker.add_moves(run_id, first)
+    other.add_moves(run_id, second)
+    assert json.loads(tracker.client.hget(run_key(run_id), "moves")) == first + second
