@@ -25,8 +25,9 @@ import redis
 from celery import Celery
 
 from coordinator.broker import redact
+from coordinator.cluster_view import ClusterView
 from coordinator.errors import BrokerUnreachableError, RunNotFoundError, WaitTimeoutError
-from coordinator.reconcile import find_lost, liveness, move_jobs, settle
+from coordinator.reconcile import find_lost, move_jobs, settle
 from coordinator.records import (
     FOLLOW_FIELDS,
     JobRecord,
@@ -38,7 +39,6 @@ from coordinator.records import (
     status_from,
 )
 from coordinator.submit import republish
-from worker_tasks.presence import serving
 from worker_tasks.spec import queue_for
 from worker_tasks.tracking import LOST_ONLY, JobEvent, JobState, events_key, run_key
 
@@ -278,8 +278,8 @@ class Healer:
         running_ids = [job.job_id for job in status.jobs
                        if job.state in (JobState.RUNNING, JobState.FINISHING)]
         running = read_records(self.client, self.run_id, running_ids)
-        live = liveness(self.app, self.client, {job.node for job in status.jobs
-                                                if not job.state.is_final})
+        live = ClusterView(self.client, self.app).liveness(
+            {job.node for job in status.jobs if not job.state.is_final})
         settled = settle(self.client, self.run_id, running, live, self.options.workdir)
         for line in settled:
             self.options.notice(line)
@@ -314,7 +314,8 @@ class Healer:
     def failover(self, status: RunStatus) -> None:
         assert self.options.failover is not None
         waiting_nodes = {job.node for job in status.jobs if not job.state.is_final}
-        served = serving(self.client, {*waiting_nodes, *status.info.get("nodes", [])})
+        view = ClusterView(self.client, self.app)
+        served = view.serving({*waiting_nodes, *status.info.get("nodes", [])})
         moment = time.monotonic()
         for node in waiting_nodes:
             if node in served:
@@ -327,7 +328,7 @@ class Healer:
         if not dead or not targets:
             return
         records = read_status(self.client, self.run_id, FOLLOW_FIELDS).jobs
-        live = liveness(self.app, self.client, waiting_nodes)
+        live = view.liveness(waiting_nodes)
         loads = {node: int(self.broker.llen(queue_for(node))) for node in targets}
         for node in dead:
             jobs = [job for job in records if job.node == node and not job.state.is_final]

@@ -25,6 +25,7 @@ from coordinator.errors import ClusterStartError
 from coordinator.redis_server import RedisServer
 from worker_tasks.presence import seen_since
 from worker_tasks.spec import node_of_queue, queue_for
+from worker_tasks.spec import worker_name as spec_worker_name
 from worker_tasks.tracking import KEY_PREFIX
 
 # How long workers may take to answer a ping after starting (seconds; 2 slow cores).
@@ -49,8 +50,9 @@ def is_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def worker_name(node: str) -> str:
-    return f"{node}@{socket.gethostname()}"
+def worker_name(slot: str) -> str:
+    """The Celery name of this machine's worker for ``slot``."""
+    return spec_worker_name(slot, socket.gethostname())
 
 
 class LocalCluster:

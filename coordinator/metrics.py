@@ -24,13 +24,12 @@ from pathlib import Path
 import redis
 
 import celeryconfig
-from worker_tasks.presence import serving
+from coordinator.cluster_view import ClusterView
 from worker_tasks.spec import node_of_queue
 from worker_tasks.tracking import (
     JobState,
     busy_key,
     counts_key,
-    lease_key,
     run_key,
     runs_key,
 )
@@ -79,12 +78,12 @@ def collect(broker: redis.Redis, tracking: redis.Redis) -> str:
     nodes |= set(busy)
     for queue, node in sorted(queues.items()):
         samples["sc_queue_length"].append((label(node=node, queue=queue), broker.llen(queue)))
-    served = serving(tracking, nodes)
+    view = ClusterView(tracking)
+    served = view.serving(nodes)
+    live = view.liveness(nodes)
     for node in sorted(nodes):
         samples["sc_node_workers"].append((label(node=node), len(served.get(node, []))))
-        held = tracking.exists(lease_key(node)) or any(
-            True for _ in tracking.scan_iter(match=lease_key(f"{node}.gpu*"), count=100))
-        samples["sc_node_running"].append((label(node=node), 1 if held else 0))
+        samples["sc_node_running"].append((label(node=node), 1 if live.held(node) else 0))
         samples["sc_node_busy_seconds_total"].append((label(node=node), busy.get(node, 0.0)))
     for run_id in recent_runs(tracking):
         raw = tracking.hgetall(counts_key(run_id))

@@ -24,21 +24,19 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
 from celery import Celery
 
+from coordinator.cluster_view import ClusterView, Liveness
 from coordinator.records import JobRecord
 from coordinator.submit import republish
 from worker_tasks.spec import queue_for
-from worker_tasks.tracking import ACTIVE, MOVABLE, JobState, JobTracker, lease_key
+from worker_tasks.tracking import ACTIVE, MOVABLE, JobState, JobTracker
 from worker_tasks.tracking import now as timestamp
 
-# How long workers have to answer a ping (seconds).
-PING_TIMEOUT_S = 1.0
 # A message missing from every place is checked again after this long before the job is
 # called lost: kombu moves a message from its queue to the unacked set in two steps.
 LOST_RECHECK_S = 1.5
@@ -46,40 +44,6 @@ LOST_RECHECK_S = 1.5
 UNACKED_KEY = "unacked"
 PRIORITY_SEPARATOR = "\x06\x16"
 PRIORITY_STEPS = (3, 6, 9)
-
-
-@dataclass
-class Liveness:
-    """Which attempts are alive right now: who holds each node's lease.
-
-    A worker takes its node's lease before a job starts and renews it while the job
-    runs (``worker_tasks.lease``); the holder names the job's task id. A worker's name
-    cannot tell (a restarted worker has the same name as the one that died).
-    """
-
-    leases: dict[str, list[str]] = field(default_factory=dict)
-
-    def running(self, job: JobRecord) -> bool:
-        """The job's attempt is alive: it holds its node's lease (or one of its GPUs')."""
-        if not job.task_id:
-            return False
-        holders = self.leases.get(job.node, [])
-        return any(holder.endswith(f"/{job.task_id}") for holder in holders)
-
-
-def liveness(app: Celery, client: redis.Redis, nodes: Iterable[str]) -> Liveness:
-    """Who holds the leases of ``nodes`` (and of their GPUs, in per-GPU mode)."""
-    keys: dict[str, str] = {}
-    for node in sorted(set(nodes)):
-        keys[lease_key(node)] = node
-        for key in client.scan_iter(match=lease_key(f"{node}.gpu*"), count=1000):
-            keys[key.decode()] = node
-    leases: dict[str, list[str]] = defaultdict(list)
-    values = client.mget(list(keys)) if keys else []
-    for key, value in zip(keys, values, strict=True):
-        if value:
-            leases[keys[key]].append(value.decode())
-    return Liveness(leases=dict(leases))
 
 
 def settle(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord], live: Liveness,
@@ -133,16 +97,6 @@ def messages_present(broker: redis.Redis, nodes: Iterable[str], task_ids: set[st
     return found
 
 
-def in_flight(app: Celery) -> set[str]:
-    """Task ids that live workers run or hold right now."""
-    inspect = app.control.inspect(timeout=PING_TIMEOUT_S)
-    ids: set[str] = set()
-    for replies in (inspect.active() or {}, inspect.reserved() or {}):
-        for tasks in replies.values():
-            ids.update(task.get("id") for task in tasks or [] if task.get("id"))
-    return ids
-
-
 def queue_is_short(broker: redis.Redis, jobs: Sequence[JobRecord]) -> bool:
     """A cheap first look: fewer messages for some node than this run has jobs waiting there."""
     waiting: dict[str, int] = defaultdict(int)
@@ -167,11 +121,12 @@ def find_lost(app: Celery, client: redis.Redis, broker: redis.Redis, run_id: str
         return []
     nodes = {job.node for job in suspects}
     ids = {job.task_id for job in suspects if job.task_id}
-    missing = ids - messages_present(broker, nodes, ids, in_flight(app))
+    view = ClusterView(client, app)
+    missing = ids - messages_present(broker, nodes, ids, view.in_flight())
     if not missing:
         return []
     time.sleep(LOST_RECHECK_S)  # a message between its queue and the unacked set shows up now
-    missing -= messages_present(broker, nodes, missing, in_flight(app))
+    missing -= messages_present(broker, nodes, missing, view.in_flight())
     tracker = JobTracker(client)
     lost: list[str] = []
     for job in suspects:

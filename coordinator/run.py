@@ -27,12 +27,13 @@ from celery import Celery
 from coordinator.broker import CONNECT_TIMEOUT_S, check_broker, connect_tracking, publisher
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.cluster.inventory import Inventory, find_inventory
+from coordinator.cluster_view import ClusterView
 from coordinator.collector import Collection, collect
 from coordinator.errors import InvalidJobsError
 from coordinator.follow import POLL_INTERVAL_S, FollowOptions, Healer, follow
 from coordinator.options import SubmitOptions
 from coordinator.plan import Plan
-from coordinator.reconcile import liveness, move_jobs
+from coordinator.reconcile import move_jobs
 from coordinator.records import FOLLOW_FIELDS, RunStatus, read_info, read_status
 from coordinator.submit import JobsInput, cancel_run, prepare, publish_run, republish
 from worker_tasks.tracking import LOST_ONLY, RETRYABLE
@@ -186,7 +187,7 @@ class Run:
         """
         check_broker(self.app)
         jobs = [job for job in self.status().jobs if job.node == source]
-        live = liveness(self.app, self.client, {source})
+        live = ClusterView(self.client, self.app).liveness({source})
         return move_jobs(self.client, self.app, self.id, jobs, targets, live)
 
 

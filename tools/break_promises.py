@@ -57,7 +57,8 @@ BREAKS = [
           "            if not self.still_wanted():\n                runner.kill()",
           "            if False:\n                runner.kill()",
           (T + "test_reliability.py::test_cancel_kills_running_jobs_and_no_marker_appears",
-           T + "test_local_cluster.py::test_cancel_stops_the_running_job_and_drops_the_queued_ones")),
+           T + "test_local_cluster.py::"
+               "test_cancel_stops_the_running_job_and_drops_the_queued_ones")),
     Break("a script dies with its worker (death signal)", "worker_tasks/runner.py",
           "    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)\n", "",
           (T + "test_reliability.py::"

@@ -46,8 +46,20 @@ return 0
 
 
 def make_token(host: str, task_id: str) -> str:
-    """Who holds a lease: ``<worker name>/<pid>/<task id>``."""
+    """Who holds a lease: ``<worker name>/<pid>/<task id>`` (parsed by ``parse_token``)."""
     return f"{host}/{os.getpid()}/{task_id}"
+
+
+def parse_token(token: str) -> tuple[str, str, str]:
+    """(worker name, pid, task id) of a lease token; empty parts where it is malformed."""
+    host, _, rest = token.partition("/")
+    pid, _, task_id = rest.partition("/")
+    return host, pid, task_id
+
+
+def task_of_token(token: str) -> str:
+    """The task id of the attempt that holds a lease."""
+    return parse_token(token)[2]
 
 
 def pid_alive(pid: int) -> bool:
@@ -102,8 +114,7 @@ class NodeLease:
 
     def break_if_dead(self, holder: bytes) -> bool:
         """Free a lease left by a killed process of this same worker (same machine)."""
-        host, _, rest = holder.decode(errors="replace").partition("/")
-        pid = rest.partition("/")[0]
+        host, pid, _ = parse_token(holder.decode(errors="replace"))
         if host != self.host or not pid.isdigit() or pid_alive(int(pid)):
             return False
         logger.warning("node %s: freeing the lease of dead process %s (%s)", self.node, pid,

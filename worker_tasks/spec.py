@@ -167,7 +167,27 @@ def node_of_queue(queue: str) -> str | None:
     """The node label a queue serves (``node.rig-a`` and ``node.rig-a.gpu1``: ``rig-a``)."""
     if not queue.startswith("node."):
         return None
-    return PER_GPU_SUFFIX.sub("", queue.removeprefix("node."))
+    return node_of_slot(queue.removeprefix("node."))
+
+
+def node_of_slot(slot: str) -> str:
+    """The node of a slot (``rig-a.gpu1`` and ``rig-a``: ``rig-a``)."""
+    return PER_GPU_SUFFIX.sub("", slot)
+
+
+def slot_of_queue(queue: str) -> str | None:
+    """The slot a queue serves (``node.rig-a``: ``rig-a``; ``node.rig-a.gpu1``: ``rig-a.gpu1``)."""
+    return queue.removeprefix("node.") if queue.startswith("node.") else None
+
+
+def worker_name(slot: str, host: str) -> str:
+    """A worker's Celery name: ``<slot>@<machine>`` (``rig-a@box``, ``rig-a.gpu1@box``)."""
+    return f"{slot}@{host}"
+
+
+def slot_of_worker(name: str) -> str:
+    """The slot in a worker's name (``rig-a.gpu1@box``: ``rig-a.gpu1``)."""
+    return name.split("@", 1)[0]
 
 
 def done_path_for(output_file: str | None, output_dir: str, job_id: str) -> str:

@@ -20,6 +20,7 @@ from coordinator.broker import connect_tracking, publisher, redact
 from coordinator.cli.common import EXIT_CODES, CommandFactory, add_inventory_flag, formatter
 from coordinator.cli.node import project_version
 from coordinator.cluster.inventory import EXAMPLE, Inventory, inventory_path, load_inventory
+from coordinator.cluster_view import ClusterView
 from coordinator.errors import BrokerUnreachableError, ExitCode, InvalidJobsError, NodeFailedError
 
 if TYPE_CHECKING:  # Fabric is imported only by the verbs that use it
@@ -131,38 +132,17 @@ def cmd_unit(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-class BrokerView:
-    """What the head node's broker says about each node: ping, queue length, current job."""
-
-    def __init__(self, broker: str | None) -> None:
-        self.error: str | None = None
-        self.answering: set[str] = set()
-        self.active: dict[str, list[dict[str, object]]] = {}
-        self.queues: dict[str, int] = {}
-        self.url = resolve_broker_url(broker)
-        try:
-            self.client = connect_tracking(None, broker)
-            app = publisher(broker)
-            self.answering = {name for reply in app.control.ping(timeout=INSPECT_TIMEOUT_S) or []
-                              for name in reply}
-            if self.answering:
-                self.active = app.control.inspect(destination=sorted(self.answering),
-                                                  timeout=INSPECT_TIMEOUT_S).active() or {}
-        except (BrokerUnreachableError, redis.RedisError, OSError) as err:
-            self.error = f"broker {redact(self.url)} unreachable from here: {err}"
-
-    def queue_length(self, queue: str) -> int | None:
-        if self.error:
-            return None
-        return int(self.client.llen(queue))
-
-    def current_job(self, worker: str) -> str | None:
-        for task in self.active.get(worker, []):
-            args = task.get("args") or []
-            message = args[0] if isinstance(args, list) and args else {}
-            if isinstance(message, dict):
-                return f"{message.get('job_id')} (run {message.get('run_id')})"
-        return None
+def broker_view(broker: str | None) -> tuple[ClusterView | None, str | None]:
+    """The cluster as the head node's broker sees it, asked once; or why it cannot be seen."""
+    url = resolve_broker_url(broker)
+    try:
+        view = ClusterView(connect_tracking(None, broker), publisher(broker),
+                           timeout=INSPECT_TIMEOUT_S)
+        if view.answering():
+            view.active()
+    except (BrokerUnreachableError, redis.RedisError, OSError) as err:
+        return None, f"broker {redact(url)} unreachable from here: {err}"
+    return view, None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -171,7 +151,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from coordinator.cluster.remote import NodeError
 
     inventory = load(args)
-    view = BrokerView(args.broker)
+    view, broker_error = broker_view(args.broker)
     head_version = project_version()
 
     def one(remote: RemoteNode) -> str:
@@ -185,12 +165,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             parts.append(f"no worker running{stale}")
             problems.append("no worker")
         name = str(state.get("worker_name"))
-        if view.error is None:
-            ping = name in view.answering
+        if view is not None:
+            ping = name in view.answering()
             parts.append("ping ok" if ping else "no ping answer")
             if not ping:
                 problems.append("no ping")
-            parts.append(f"queue {view.queue_length(remote.node.queue)}")
+            parts.append(f"queue {view.client.llen(remote.node.queue)}")
             job = view.current_job(name)
             parts.append(f"running {job}" if job else "idle")
         if state.get("version") != head_version:
@@ -203,11 +183,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     with Cluster(inventory, args.nodes) as cluster:
         outcomes = cluster.each(one)
-    if view.error:
-        print(view.error, file=sys.stderr)
+    if broker_error:
+        print(broker_error, file=sys.stderr)
     code = report(outcomes, "status")
-    if view.error:
-        raise BrokerUnreachableError(view.error)
+    if broker_error:
+        raise BrokerUnreachableError(broker_error)
     return code
 
 

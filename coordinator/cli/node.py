@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from coordinator.broker import broker_url as resolve_broker_url
-from coordinator.broker import check_broker, publisher
+from coordinator.broker import check_broker, connect_tracking, publisher
 from coordinator.cli.common import PROG, CommandFactory, existing_dir
 from coordinator.cli.runs import (
     add_original_flags,
@@ -27,11 +27,11 @@ from coordinator.cli.runs import (
     prepare_args,
     print_plan,
 )
+from coordinator.cluster_view import ClusterView
 from coordinator.errors import ClusterStartError, ExitCode, InvalidJobsError, NodeFailedError
 from coordinator.jobs import SAFE_NAME
 from coordinator.local import READY_TIMEOUT_S, worker_command, worker_name
 from coordinator.plan import Plan
-from coordinator.workers import workers_by_node
 from worker_tasks import daemon
 from worker_tasks.spec import MAX_GPU_ID, queue_for, slot_of
 
@@ -110,7 +110,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     note = f"; replaced stale pid file (pid {current.pid} gone)" if current.stale else ""
     app = publisher(args.broker)
     check_broker(app)
-    others = workers_by_node(app).get(args.node, [])
+    # By slot: the other GPUs' workers of this node are no second worker of this slot.
+    others = ClusterView(connect_tracking(None, args.broker), app).consuming_slots().get(
+        args.node, [])
     if others and not args.force:
         raise InvalidJobsError(
             f"node {args.node} is already served by {', '.join(others)}: a second worker would "

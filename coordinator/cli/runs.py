@@ -21,6 +21,7 @@ from coordinator.cli.common import (
     formatter,
 )
 from coordinator.cluster.inventory import Inventory, find_inventory
+from coordinator.cluster_view import ClusterView
 from coordinator.collector import render
 from coordinator.errors import ExitCode, InvalidJobsError, RunNotFoundError
 from coordinator.jobs import SAFE_NAME
@@ -29,8 +30,6 @@ from coordinator.plan import Plan
 from coordinator.records import FOLLOW_FIELDS, JobRecord
 from coordinator.run import Run, get_run, publish
 from coordinator.submit import latest_run_id, prepare
-from coordinator.workers import workers_by_node
-from worker_tasks.presence import serving
 from worker_tasks.tracking import JobState, runs_key
 
 # A run with more jobs lists only the interesting ones in `status` (unless --all).
@@ -188,7 +187,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
 
 def warn_unserved(run: Run) -> None:
     """Say which nodes have no worker: their jobs would wait silently otherwise."""
-    served = serving(run.client, run.planned)
+    served = ClusterView(run.client).serving(run.planned)
     for node, count in sorted(run.planned.items()):
         if node not in served:
             print(f"{PROG}: warning: no worker serves node {node} (queue node.{node}); its "
@@ -230,7 +229,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  warning: {unassigned} messages wait in {celeryconfig.task_default_queue}, a "
               f"queue no worker consumes (published without a node's queue)")
     # Asked of the workers themselves (a second): the registry lags a killed worker by 10 s.
-    served = workers_by_node(run.app)
+    # By node: per-GPU workers (rig-a.gpu0, rig-a.gpu1) serve their node's jobs.
+    served = ClusterView(run.client, run.app).consuming_nodes()
     alive = {worker for workers in served.values() for worker in workers}
     every = args.all or status.total <= STATUS_LIST_LIMIT
     listed = 0

@@ -26,7 +26,7 @@ from coordinator.cluster.sync import Fetch, check_relative, fetch_file, push
 from coordinator.errors import NodeFailedError
 from coordinator.plan import Plan
 from coordinator.records import JobRecord
-from worker_tasks.spec import JobSpec
+from worker_tasks.spec import JobSpec, node_of_slot, slot_of_worker
 
 # Arguments of the Step 3 script that name input files (pushed to nodes that need them).
 SCORING_INPUT_FLAGS = ("--seeds-file", "--train-history")
@@ -45,7 +45,7 @@ class FetchReport:
 def node_of(job: JobRecord, inventory: Inventory) -> str:
     """The label of the node that ran the job: from its worker name (``label@host``)."""
     if job.host:
-        label = job.host.split("@", 1)[0]
+        label = node_of_slot(slot_of_worker(job.host))
         if label in inventory.nodes:
             return label
     return job.node

@@ -1,0 +1,162 @@
+"""Which workers are alive, and what they run: the head node's one view of the cluster.
+
+Four sources, each for what it is good at, all read here:
+
+* **serving** (the presence registry, ``worker_tasks.presence``): workers announce
+  their nodes every heartbeat; one Redis round trip, lags a killed worker by
+  ``PRESENCE_TTL_S``. For warnings, failover, metrics.
+* **consuming** (Celery's ``inspect().active_queues()``): the workers that answer
+  right now, by the queues they consume; a second's wait for replies. For ``status``.
+* **answering** and **running** (``ping``, ``inspect().active()``/``reserved()``):
+  names that answer, the jobs they hold. For ``cluster status`` and lost jobs.
+* **leases** (``worker_tasks.lease``): which attempt holds each slot's lease, the
+  only proof that an attempt is alive (a restarted worker has the dead one's name).
+
+Keys: a *node* is a label (``rig-a``); a *slot* is what runs one job at a time, the
+node or one GPU of it in per-GPU runs (``rig-a.gpu1``). Every mapping here says
+which of the two it is keyed by; names and queues are parsed in ``worker_tasks.spec``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from celery import Celery
+
+from coordinator.records import JobRecord
+from worker_tasks.lease import task_of_token
+from worker_tasks.presence import serving
+from worker_tasks.spec import node_of_queue, slot_of_queue
+from worker_tasks.tracking import lease_key
+
+# How long the head node waits for workers' replies to ping and inspect (seconds).
+INSPECT_TIMEOUT_S = 1.0
+
+
+@dataclass
+class Liveness:
+    """Which attempts are alive right now: who holds each node's lease (or its GPUs').
+
+    A worker takes its slot's lease before a job starts and renews it while the job
+    runs; the holder names the job's task id.
+    """
+
+    leases: dict[str, list[str]] = field(default_factory=dict)  # node -> lease holders
+
+    def running(self, job: JobRecord) -> bool:
+        """The job's attempt is alive: it holds its node's lease (or one of its GPUs')."""
+        if not job.task_id:
+            return False
+        return any(task_of_token(holder) == job.task_id
+                   for holder in self.leases.get(job.node, []))
+
+    def held(self, node: str) -> bool:
+        return bool(self.leases.get(node))
+
+
+class ClusterView:
+    """The head node's view of the workers, asked lazily, each source at most once.
+
+    Parameters:
+        client: the tracking Redis (presence, leases).
+        app: a Celery app on the broker (ping, inspect); only the methods that ask the
+            workers themselves need it.
+        timeout: how long to wait for workers' replies (seconds).
+    """
+
+    def __init__(self, client: redis.Redis, app: Celery | None = None,
+                 timeout: float = INSPECT_TIMEOUT_S) -> None:
+        self.client = client
+        self.app = app
+        self.timeout = timeout
+        self._queues: dict[str, list[str]] | None = None
+        self._answering: set[str] | None = None
+        self._active: dict[str, list[dict[str, Any]]] | None = None
+
+    # -- the presence registry --------------------------------------------------------------
+
+    def serving(self, nodes: Iterable[str]) -> dict[str, list[str]]:
+        """node -> workers that announced themselves for it lately (presence)."""
+        return serving(self.client, nodes)
+
+    # -- the workers themselves -------------------------------------------------------------
+
+    def _inspect(self) -> Any:
+        assert self.app is not None, "asking the workers needs a Celery app"
+        return self.app.control.inspect(timeout=self.timeout)
+
+    def consumed_queues(self) -> dict[str, list[str]]:
+        """worker -> the node queues it consumes, as it says right now."""
+        if self._queues is None:
+            replies = self._inspect().active_queues() or {}
+            self._queues = {worker: [queue.get("name", "") for queue in queues or []
+                                     if node_of_queue(queue.get("name", ""))]
+                            for worker, queues in replies.items()}
+        return self._queues
+
+    def consuming_nodes(self) -> dict[str, list[str]]:
+        """node -> workers consuming its queue or one of its GPUs' (per-GPU workers)."""
+        return self._fold(node_of_queue)
+
+    def consuming_slots(self) -> dict[str, list[str]]:
+        """slot -> workers consuming exactly that slot's queue."""
+        return self._fold(slot_of_queue)
+
+    def _fold(self, key: Any) -> dict[str, list[str]]:
+        folded: dict[str, list[str]] = defaultdict(list)
+        for worker, queues in sorted(self.consumed_queues().items()):
+            for name in sorted({key(queue) for queue in queues}):
+                folded[name].append(worker)
+        return dict(folded)
+
+    def answering(self) -> set[str]:
+        """Names of the workers that answer a ping."""
+        if self._answering is None:
+            assert self.app is not None, "a ping needs a Celery app"
+            replies = self.app.control.ping(timeout=self.timeout) or []
+            self._answering = {name for reply in replies for name in reply}
+        return self._answering
+
+    def active(self) -> dict[str, list[dict[str, Any]]]:
+        """worker -> the tasks it is running (Celery's ``inspect().active()``)."""
+        if self._active is None:
+            self._active = self._inspect().active() or {}
+        return self._active
+
+    def current_job(self, worker: str) -> str | None:
+        """``<job> (run <run>)`` of the job ``worker`` runs, if any."""
+        for task in self.active().get(worker, []):
+            args = task.get("args") or []
+            message = args[0] if isinstance(args, list) and args else {}
+            if isinstance(message, dict):
+                return f"{message.get('job_id')} (run {message.get('run_id')})"
+        return None
+
+    def in_flight(self) -> set[str]:
+        """Task ids that live workers run or hold right now."""
+        inspect = self._inspect()
+        ids: set[str] = set()
+        for replies in (inspect.active() or {}, inspect.reserved() or {}):
+            for tasks in replies.values():
+                ids.update(task.get("id") for task in tasks or [] if task.get("id"))
+        return ids
+
+    # -- leases -----------------------------------------------------------------------------
+
+    def liveness(self, nodes: Iterable[str]) -> Liveness:
+        """Who holds the leases of ``nodes`` (and of their GPUs, in per-GPU runs)."""
+        keys: dict[str, str] = {}
+        for node in sorted(set(nodes)):
+            keys[lease_key(node)] = node
+            for key in self.client.scan_iter(match=lease_key(f"{node}.gpu*"), count=1000):
+                keys[key.decode()] = node
+        leases: dict[str, list[str]] = defaultdict(list)
+        values = self.client.mget(list(keys)) if keys else []
+        for key, value in zip(keys, values, strict=True):
+            if value:
+                leases[keys[key]].append(value.decode())
+        return Liveness(leases=dict(leases))

@@ -1,0 +1,135 @@
+"""Fast in-process tests of the modules that the end-to-end tests otherwise cover only
+through workers: following a run, settling records, the node lease, presence.
+
+A real Redis (the suite's); no workers, no messages: runs are recorded with
+``record_run`` and moved with the same tracker transitions workers use.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from coordinator.cluster_view import Liveness
+from coordinator.follow import RunFollower
+from coordinator.options import SubmitOptions
+from coordinator.reconcile import settle
+from coordinator.records import FOLLOW_FIELDS, read_status
+from coordinator.redis_server import RedisServer
+from coordinator.submit import prepare, record_run, task_id_for
+from tests.helpers import echo_job
+from worker_tasks import presence
+from worker_tasks.lease import NodeLease, make_token
+from worker_tasks.tracking import EVENTS_SLACK, JobState, JobTracker, events_key
+
+HOST = "rig-x@box"
+_numbers = itertools.count()
+
+
+@pytest.fixture()
+def client(redis_server: RedisServer) -> redis.Redis:
+    return redis.Redis.from_url(redis_server.url)
+
+
+def recorded_run(client: redis.Redis, tmp_path: Path, count: int = 3) -> tuple[str, list[str]]:
+    """A run of ``count`` queued jobs on rig-x, recorded (nothing published)."""
+    jobs = [echo_job(f"j{index}", "rig-x", "ip") for index in range(count)]
+    plan = prepare(jobs, SubmitOptions(output_dir="ip", workdir=tmp_path),
+                   run_id=f"inproc-{next(_numbers)}")
+    record_run(client, plan)
+    return plan.run_id, [task_id_for(spec) for spec in plan.specs]
+
+
+def test_a_follower_applies_each_transition_from_the_stream(client: redis.Redis,
+                                                            tmp_path: Path) -> None:
+    run_id, tasks = recorded_run(client, tmp_path)
+    follower = RunFollower(client, run_id)
+    assert follower.poll() is True  # the first poll loads everything
+    assert follower.poll() is False  # nothing happened since
+    tracker = JobTracker(client)
+    tracker.start(run_id, "j0", tasks[0], HOST, 0, started_at=1.0)
+    tracker.fail(run_id, "j1", tasks[1], HOST, 0, error="exit 3\nmore")
+    assert follower.poll() is True
+    jobs = {job.job_id: job for job in follower.status().jobs}
+    assert (jobs["j0"].state, jobs["j0"].host) == (JobState.RUNNING, HOST)
+    assert (jobs["j1"].state, jobs["j1"].error) == (JobState.FAILED, "exit 3")
+    assert jobs["j2"].state is JobState.QUEUED
+    assert follower.counts() == read_status(client, run_id, FOLLOW_FIELDS).counts
+
+
+def test_a_follower_reloads_when_the_stream_was_trimmed(client: redis.Redis,
+                                                        tmp_path: Path) -> None:
+    run_id, tasks = recorded_run(client, tmp_path)
+    follower = RunFollower(client, run_id)
+    follower.poll()
+    JobTracker(client).start(run_id, "j2", tasks[2], HOST, 0, started_at=1.0)
+    client.xtrim(events_key(run_id), maxlen=0)  # the entry is gone before it was read
+    assert follower.poll() is True
+    assert {job.job_id: job.state for job in follower.status().jobs}["j2"] is JobState.RUNNING
+    assert EVENTS_SLACK > 0
+
+
+def test_settle_succeeds_a_job_by_its_done_and_requeues_a_dead_attempt(
+        client: redis.Redis, tmp_path: Path) -> None:
+    run_id, tasks = recorded_run(client, tmp_path)
+    tracker = JobTracker(client)
+    for index in (0, 1):
+        tracker.start(run_id, f"j{index}", tasks[index], HOST, 0, started_at=1.0)
+    (tmp_path / "ip").mkdir()
+    (tmp_path / "ip" / "j0.json.done").write_text("{}\n")
+    running = [job for job in read_status(client, run_id).jobs if job.state is JobState.RUNNING]
+    notes = settle(client, run_id, running, Liveness(), tmp_path)
+    assert notes == [
+        "j0: succeeded (its .done exists; its worker's final write was lost)",
+        f"j1: requeued (attempt 1 died with its worker {HOST}; the job is delivered again "
+        f"when a worker serves rig-x)"]
+    states = {job.job_id: job.state for job in read_status(client, run_id).jobs}
+    assert states == {"j0": JobState.SUCCEEDED, "j1": JobState.QUEUED, "j2": JobState.QUEUED}
+
+
+def test_settle_leaves_a_live_attempt_alone(client: redis.Redis, tmp_path: Path) -> None:
+    run_id, tasks = recorded_run(client, tmp_path, count=1)
+    JobTracker(client).start(run_id, "j0", tasks[0], HOST, 0, started_at=1.0)
+    running = read_status(client, run_id).jobs
+    live = Liveness(leases={"rig-x": [make_token(HOST, tasks[0])]})
+    assert settle(client, run_id, running, live, tmp_path) == []
+    assert read_status(client, run_id).jobs[0].state is JobState.RUNNING
+
+
+def test_one_lease_holder_at_a_time_and_a_dead_holder_is_freed(client: redis.Redis) -> None:
+    slot = f"rig-lease-{next(_numbers)}"
+    first = NodeLease(client, slot, HOST, "r.a.0")
+    assert first.acquire()
+    second = NodeLease(client, slot, "rig-y@box", "r.b.0")
+    tries: list[int] = []
+    assert second.acquire(give_up=lambda: tries.append(1) or len(tries) >= 2) is False
+    first.release()
+    assert second.acquire()
+    second.release()
+    # A lease left by a dead process of this same worker is broken at once.
+    client.set(first.key, f"{HOST}/999999999/r.c.0", px=30_000)
+    third = NodeLease(client, slot, HOST, "r.d.0")
+    assert third.acquire(give_up=lambda: True)
+    assert client.get(third.key).decode() == third.token
+    third.release()
+    assert client.get(third.key) is None
+
+
+def test_presence_counts_only_recent_announcements(client: redis.Redis) -> None:
+    node = f"rig-pres-{next(_numbers)}"
+    since = time.time()
+    mine = presence.Presence()
+    mine.hostname, mine.nodes = f"{node}@box", [node]
+    mine.client = lambda: client  # type: ignore[method-assign]
+    mine.announce()
+    assert presence.serving(client, [node, "rig-nobody"]) == {node: [f"{node}@box"]}
+    assert presence.seen_since(client, [node], since) == {f"{node}@box"}
+    client.zadd(presence.presence_key(node),
+                {"old@box": time.time() - presence.PRESENCE_TTL_S - 1})
+    assert presence.serving(client, [node]) == {node: [f"{node}@box"]}
+    mine.withdraw()
+    assert presence.serving(client, [node]) == {}
