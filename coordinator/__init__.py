@@ -17,12 +17,13 @@ from coordinator.errors import (
     RunNotFoundError,
     WaitTimeoutError,
 )
+from coordinator.options import SubmitOptions
 from coordinator.records import JobRecord, RunStatus
-from coordinator.run import Run, get_run, submit
+from coordinator.run import Run, get_run, prepare, publish, recover, submit
 from worker_tasks.tracking import JobState, RunState
 
 __all__ = [
     "BrokerUnreachableError", "CoordinatorError", "ExitCode", "InvalidJobsError", "JobRecord",
     "JobState", "NodeFailedError", "Run", "RunNotFoundError", "RunState", "RunStatus",
-    "WaitTimeoutError", "get_run", "submit",
+    "SubmitOptions", "WaitTimeoutError", "get_run", "prepare", "publish", "recover", "submit",
 ]

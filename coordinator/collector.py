@@ -43,7 +43,7 @@ class Collection:
         return bool(self.summary["all_succeeded"])
 
 
-def settle(job: JobRecord, workdir: Path, fetch_error: str | None = None) -> JobRecord:
+def judge(job: JobRecord, workdir: Path, fetch_error: str | None = None) -> JobRecord:
     """The job's state by the ``.done`` rule, whatever the tracking record says."""
     if fetch_error is not None:
         return replace(job, state=JobState.FAILED, error=fetch_error)
@@ -142,7 +142,7 @@ def collect(status: RunStatus, workdir: str | Path = ".",
         fetched = fetch_outputs(inventory, [job for job in status.jobs if job.state.is_final],
                                 base)
     errors = fetched.errors if fetched else {}
-    jobs = [settle(job, base, errors.get(job.job_id)) for job in status.jobs]
+    jobs = [judge(job, base, errors.get(job.job_id)) for job in status.jobs]
     summary = build_summary(status, jobs)
     output_dir = Path(status.output_dir)
     merged: list[MergeResult] = []

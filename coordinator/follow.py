@@ -1,4 +1,4 @@
-"""Following a run to its end: read only what changed, survive broker trouble, heal records.
+"""Following a run to its end: read only what changed, survive broker trouble, settle records.
 
 ``RunFollower`` keeps a snapshot of every job, loaded once, then brought up to
 date from the run's change stream (one ``XREAD`` per poll) and checked
@@ -166,7 +166,7 @@ def follow(client: redis.Redis, app: Celery, broker: redis.Redis, run_id: str,
     """Block until every job of the run is final; see the module docstring."""
     follower = RunFollower(client, run_id)
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
-    healer = Healer(client, app, broker, run_id, options)
+    settler = Settler(client, app, broker, run_id, options)
     first = True
     while True:
         try:
@@ -187,10 +187,10 @@ def follow(client: redis.Redis, app: Celery, broker: redis.Redis, run_id: str,
         if status.finished:
             return read_status(client, run_id)  # once, in full, for the caller
         if changed:
-            healer.progress()
+            settler.progress()
         else:
             try:
-                healer.maybe_heal(status)
+                settler.maybe_settle(status)
             except redis.ConnectionError as err:
                 reconnect(client, err, options)
         if deadline is not None and time.monotonic() >= deadline:
@@ -235,7 +235,7 @@ def vanished(run_id: str, follower: RunFollower) -> RunVanishedError:
         f"--output-dir {output_dir}")
 
 
-class Healer:
+class Settler:
     """What ``follow`` does when nothing moves: settle records, find lost jobs, fail over."""
 
     def __init__(self, client: redis.Redis, app: Celery, broker: redis.Redis, run_id: str,
@@ -246,7 +246,7 @@ class Healer:
         self.run_id = run_id
         self.options = options
         self.quiet_since = time.monotonic()
-        self.last_heal = 0.0
+        self.last_settle = 0.0
         self.last_failover_check = 0.0
         self.unserved_since: dict[str, float] = {}
         self.published_again: set[str] = set()
@@ -254,19 +254,19 @@ class Healer:
     def progress(self) -> None:
         self.quiet_since = time.monotonic()
 
-    def maybe_heal(self, status: RunStatus) -> None:
+    def maybe_settle(self, status: RunStatus) -> None:
         moment = time.monotonic()
         if self.options.failover is not None and moment - self.last_failover_check >= \
                 FAILOVER_CHECK_S:
             self.last_failover_check = moment
             self.failover(status)
-        if moment - self.quiet_since < RECONCILE_AFTER_S or moment - self.last_heal < \
+        if moment - self.quiet_since < RECONCILE_AFTER_S or moment - self.last_settle < \
                 RECONCILE_AFTER_S:
             return
-        self.last_heal = moment
-        self.heal(status)
+        self.last_settle = moment
+        self.settle(status)
 
-    def heal(self, status: RunStatus) -> None:
+    def settle(self, status: RunStatus) -> None:
         """Settle the running records, then look for lost jobs (see ``reconcile``).
 
         ``status`` may be a light snapshot: only the running jobs' full records (their

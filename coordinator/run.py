@@ -30,12 +30,13 @@ from coordinator.cluster.inventory import Inventory, find_inventory
 from coordinator.cluster_view import ClusterView
 from coordinator.collector import Collection, collect
 from coordinator.errors import InvalidJobsError
-from coordinator.follow import POLL_INTERVAL_S, FollowOptions, Healer, follow
+from coordinator.follow import POLL_INTERVAL_S, FollowOptions, Settler, follow
 from coordinator.options import SubmitOptions
 from coordinator.plan import Plan
 from coordinator.reconcile import move_jobs
 from coordinator.records import FOLLOW_FIELDS, RunStatus, read_info, read_status
-from coordinator.submit import JobsInput, cancel_run, prepare, publish_run, republish
+from coordinator.submit import JobsInput, cancel_run, publish_run, republish
+from coordinator.submit import prepare as prepare_plan
 from worker_tasks.tracking import LOST_ONLY, RETRYABLE
 
 logger = logging.getLogger("coordinator")
@@ -133,13 +134,13 @@ class Run:
                                                 socket_timeout=CONNECT_TIMEOUT_S * 10)
         return self._broker
 
-    def heal(self, workdir: str | Path | None = ".") -> list[str]:
+    def settle(self, workdir: str | Path | None = ".") -> list[str]:
         """Settle this run's records once (see ``wait``); returns what changed, one line each."""
         lines: list[str] = []
         options = FollowOptions(workdir=None if workdir is None else Path(workdir),
                                 notice=lines.append, republish_lost=False)
         light = read_status(self.client, self.id, FOLLOW_FIELDS)
-        Healer(self.client, self.app, self.broker, self.id, options).heal(light)
+        Settler(self.client, self.app, self.broker, self.id, options).settle(light)
         return lines
 
     def collect(self, workdir: str | Path = ".", fetch: bool | None = None,
@@ -216,7 +217,7 @@ def submit(jobs: JobsInput, options: SubmitOptions | None = None, *,
     Raises ``InvalidJobsError`` (nothing published), ``BrokerUnreachableError``,
     or ``NodeFailedError`` (an input could not be pushed; nothing published).
     """
-    plan = prepare(jobs, options_of(options, settings))
+    plan = prepare_plan(jobs, options_of(options, settings))
     return publish(plan, broker_url=broker_url, tracking_url=tracking_url)
 
 
@@ -229,7 +230,7 @@ def recover(jobs: JobsInput, options: SubmitOptions | None = None, *,
     their node when it keeps its outputs on its own disk) are recorded as skipped;
     only the others are published. Arguments as for ``submit``.
     """
-    plan = prepare(jobs, options_of(options, settings))
+    plan = prepare_plan(jobs, options_of(options, settings))
     return publish(plan, broker_url=broker_url, tracking_url=tracking_url, recover=True)
 
 
@@ -256,6 +257,14 @@ def publish(plan: Plan, broker_url: str | None = None, tracking_url: str | None 
     publish_run(plan, client, app, before_publish=before, extra={"recovered": recover},
                 done=done)
     return Run(plan.run_id, client, url, inventory=cluster)
+
+
+def prepare(jobs: JobsInput, options: SubmitOptions | None = None, **settings: Any) -> Plan:
+    """Validate and plan a run without touching Redis (what ``--dry-run`` prints).
+
+    Arguments as for ``submit``; ``publish(plan)`` then records and sends it as it is.
+    """
+    return prepare_plan(jobs, options_of(options, settings))
 
 
 def done_jobs(plan: Plan, workdir: Path, cluster: Inventory | None) -> set[str]:

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from coordinator import SubmitOptions, get_run, prepare, publish, recover, submit
 from coordinator.cli import build_parser
-from coordinator.options import DEFAULTS, SubmitOptions
+from coordinator.options import DEFAULTS
 from coordinator.redis_server import RedisServer
-from coordinator.run import get_run, publish, submit
-from coordinator.submit import prepare
 from tests.helpers import echo_job, write_jobs
 from worker_tasks.spec import DEFAULT_RETRY_DELAY_S
 
@@ -35,7 +34,7 @@ def test_a_prepared_plan_is_published_as_it_is(redis_server: RedisServer,
     jobs = write_jobs(tmp_path / "jobs.json", [echo_job("p1", "rig-api-a"),
                                                 echo_job("p2", "rig-api-b")])
     options = SubmitOptions(output_dir="apiout", workdir=tmp_path, retries=2, retry_delay=0.5)
-    plan = prepare(jobs, options)
+    plan = prepare(jobs, options)  # as docs/python-api.md shows it
     assert plan.jobs_file == str(jobs.resolve())
     assert [spec.args[1] for spec in plan.specs] == ["apiout/p1.json", "apiout/p2.json"]
     run = publish(plan, broker_url=redis_server.url)
@@ -73,8 +72,6 @@ def test_recover_records_the_done_jobs_in_the_run(redis_server: RedisServer,
     jobs = [echo_job("r1", "rig-api-a", "rout"), echo_job("r2", "rig-api-a", "rout")]
     (tmp_path / "rout").mkdir()
     (tmp_path / "rout" / "r1.json.done").write_text(json.dumps({}))
-    from coordinator.run import recover
-
     run = recover(jobs, output_dir="rout", workdir=tmp_path, broker_url=redis_server.url)
     try:
         assert get_run(run.id, redis_server.url).recovered == 1

@@ -23,7 +23,7 @@ from coordinator.redis_server import RedisServer
 from coordinator.submit import prepare, record_run, task_id_for
 from tests.helpers import echo_job
 from worker_tasks import presence
-from worker_tasks.lease import NodeLease, make_token
+from worker_tasks.lease import SlotLease, make_token
 from worker_tasks.tracking import EVENTS_SLACK, JobState, JobTracker, events_key
 
 HOST = "rig-x@box"
@@ -102,9 +102,9 @@ def test_settle_leaves_a_live_attempt_alone(client: redis.Redis, tmp_path: Path)
 
 def test_one_lease_holder_at_a_time_and_a_dead_holder_is_freed(client: redis.Redis) -> None:
     slot = f"rig-lease-{next(_numbers)}"
-    first = NodeLease(client, slot, HOST, "r.a.0")
+    first = SlotLease(client, slot, HOST, "r.a.0")
     assert first.acquire()
-    second = NodeLease(client, slot, "rig-y@box", "r.b.0")
+    second = SlotLease(client, slot, "rig-y@box", "r.b.0")
     tries: list[int] = []
     assert second.acquire(give_up=lambda: tries.append(1) or len(tries) >= 2) is False
     first.release()
@@ -112,7 +112,7 @@ def test_one_lease_holder_at_a_time_and_a_dead_holder_is_freed(client: redis.Red
     second.release()
     # A lease left by a dead process of this same worker is broken at once.
     client.set(first.key, f"{HOST}/999999999/r.c.0", px=30_000)
-    third = NodeLease(client, slot, HOST, "r.d.0")
+    third = SlotLease(client, slot, HOST, "r.d.0")
     assert third.acquire(give_up=lambda: True)
     assert client.get(third.key).decode() == third.token
     third.release()

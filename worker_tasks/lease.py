@@ -1,4 +1,6 @@
-"""One job at a time per node, enforced in the data: a lease in Redis per node.
+"""One job at a time per slot, enforced in the data: a lease in Redis per slot.
+
+A slot is a node, or one GPU of it in per-GPU runs (``rig-a.gpu1``).
 
 Concurrency 1 and one worker per node are configuration; a pool grown from
 Flower, ``--autoscale`` or a second worker started with ``--force`` would
@@ -72,20 +74,20 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-class NodeLease:
-    """The lease of one node, held by one job attempt (``token`` says whose).
+class SlotLease:
+    """The lease of one slot (a node, or one GPU of it), held by one job attempt.
 
-    Parameters:
+    ``token`` says whose. Parameters:
         client: the tracking Redis.
-        node: the node label, or ``<node>.gpu<k>`` for one GPU of it (per-GPU mode).
+        slot: the node label, or ``<node>.gpu<k>`` for one GPU of it (per-GPU mode).
         host: this worker's name (``rig-a@machine``).
         task_id: the job's message id.
     """
 
-    def __init__(self, client: redis.Redis, node: str, host: str, task_id: str) -> None:
+    def __init__(self, client: redis.Redis, slot: str, host: str, task_id: str) -> None:
         self.client = client
-        self.key = lease_key(node)
-        self.node = node
+        self.key = lease_key(slot)
+        self.slot = slot
         self.host = host
         self.token = make_token(host, task_id)
         self.ttl_ms = int(LEASE_TTL_S * 1000)
@@ -105,7 +107,7 @@ class NodeLease:
             if holder is not None and self.break_if_dead(holder):
                 continue
             if not said:
-                logger.warning("node %s is busy (lease held by %s): waiting", self.node,
+                logger.warning("node %s is busy (lease held by %s): waiting", self.slot,
                                holder.decode() if holder else "?")
                 said = True
             if give_up():
@@ -117,13 +119,13 @@ class NodeLease:
         host, pid, _ = parse_token(holder.decode(errors="replace"))
         if host != self.host or not pid.isdigit() or pid_alive(int(pid)):
             return False
-        logger.warning("node %s: freeing the lease of dead process %s (%s)", self.node, pid,
+        logger.warning("node %s: freeing the lease of dead process %s (%s)", self.slot, pid,
                        holder.decode(errors="replace"))
         return bool(self._release(keys=[self.key], args=[holder]))
 
     def _start_renewing(self) -> None:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.node}",
+        self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.slot}",
                                         daemon=True)
         self._thread.start()
 
@@ -132,9 +134,9 @@ class NodeLease:
             try:
                 if not self._renew(keys=[self.key], args=[self.token, self.ttl_ms]):
                     logger.error("node %s: lease taken by another process while job %s runs",
-                                 self.node, self.token)
+                                 self.slot, self.token)
             except redis.RedisError as err:  # renewals go on; the TTL covers short outages
-                logger.warning("node %s: lease renewal failed: %s", self.node, err)
+                logger.warning("node %s: lease renewal failed: %s", self.slot, err)
 
     def release(self) -> None:
         self._stop.set()

@@ -43,7 +43,7 @@ from celery.exceptions import Ignore
 from celery.utils.log import get_task_logger
 
 from worker_tasks.app import app
-from worker_tasks.lease import NodeLease
+from worker_tasks.lease import SlotLease
 from worker_tasks.retries import Retries
 from worker_tasks.runner import Outcome, Runner
 from worker_tasks.spec import RUN_JOB_TASK, InvalidMessage, JobSpec
@@ -327,7 +327,7 @@ class JobExecution:
             raise NotRun("cancelled; not run")
         if paths.done.exists():
             return self.skip()
-        lease = NodeLease(tracker().client, spec.slot, self.host, self.task_id)
+        lease = SlotLease(tracker().client, spec.slot, self.host, self.task_id)
         if not retrying("lease", lambda: lease.acquire(give_up=lambda: not self.still_wanted())):
             self.not_wanted()
         try:

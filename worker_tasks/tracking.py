@@ -40,7 +40,8 @@ Keys (``<p>`` is the prefix, ``sc`` by default):
                                   once), ``node``, and its state fields (JSON values)
     <p>:run:<run_id>:counts       hash: state -> number of jobs in it
     <p>:run:<run_id>:events       stream: one entry per transition (job, state, extra)
-    <p>:lease:node:<node>         the node's lease while one of its jobs runs (lease.py)
+    <p>:lease:node:<slot>         the slot's lease while one of its jobs runs (lease.py; the
+                                  key says "node" for workers of earlier versions)
     <p>:busy                      hash: node -> seconds its jobs have run (metrics)
     <p>:workers:<node>            the workers serving a node (presence.py)
 """

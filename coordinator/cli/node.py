@@ -65,11 +65,11 @@ def load_env_file(path: str) -> None:
 
 
 def state_path(args: argparse.Namespace, kind: str) -> Path:
-    """``--pidfile`` / ``--logfile``, else ``<workdir>/.scripts-coordinator/worker-<node>.pid``."""
+    """``--pidfile`` / ``--logfile``, else ``<workdir>/.scripts-coordinator/worker-<slot>.pid``."""
     given = getattr(args, f"{kind}file")
     if given:
         return Path(given)
-    return Path(args.workdir) / ".scripts-coordinator" / f"worker-{args.node}.{kind}"
+    return Path(args.workdir) / ".scripts-coordinator" / f"worker-{args.slot}.{kind}"
 
 
 def log_tail(logfile: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
@@ -83,14 +83,14 @@ def log_tail(logfile: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
 def cmd_worker(args: argparse.Namespace) -> int:
     if not SAFE_NAME.match(args.node) or ".." in args.node:
         raise InvalidJobsError(f"--node {args.node!r}: use letters, digits, '.', '_', '-'")
-    if args.gpu is not None:  # per-GPU mode: this worker serves one GPU of the node
-        if not 0 <= args.gpu <= MAX_GPU_ID:
-            raise InvalidJobsError(f"--gpu {args.gpu}: give a GPU index in 0..{MAX_GPU_ID}")
-        args.node = slot_of(args.node, args.gpu)
+    if args.gpu is not None and not 0 <= args.gpu <= MAX_GPU_ID:  # per-GPU mode
+        raise InvalidJobsError(f"--gpu {args.gpu}: give a GPU index in 0..{MAX_GPU_ID}")
+    # What this worker serves one job at a time: the node, or one GPU of it.
+    args.slot = slot_of(args.node, args.gpu)
     if args.env_file:
         load_env_file(args.env_file)
     pidfile, logfile = state_path(args, "pid"), state_path(args, "log")
-    marker = queue_for(args.node)
+    marker = queue_for(args.slot)
     if args.status:
         return worker_status(args, pidfile, logfile, marker)
     if args.stop:
@@ -105,25 +105,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if args.detach:
             print(f"already running (pid {current.pid}, log {logfile})")
             return ExitCode.OK
-        raise InvalidJobsError(f"node {args.node}: a worker is already running (pid "
+        raise InvalidJobsError(f"node {args.slot}: a worker is already running (pid "
                                f"{current.pid}, pid file {pidfile})")
     note = f"; replaced stale pid file (pid {current.pid} gone)" if current.stale else ""
     app = publisher(args.broker)
     check_broker(app)
     # By slot: the other GPUs' workers of this node are no second worker of this slot.
     others = ClusterView(connect_tracking(None, args.broker), app).consuming_slots().get(
-        args.node, [])
+        args.slot, [])
     if others and not args.force:
         raise InvalidJobsError(
-            f"node {args.node} is already served by {', '.join(others)}: a second worker would "
+            f"node {args.slot} is already served by {', '.join(others)}: a second worker would "
             f"run its jobs in parallel (one at a time per node); --force starts it anyway")
     os.environ["SC_BROKER_URL"] = resolve_broker_url(args.broker)
     os.environ["SC_SCRIPTS_DIR"] = str(Path(args.scripts_dir).resolve())
     os.environ["SC_WORKDIR"] = str(Path(args.workdir).resolve())
-    command = worker_command(args.node, args.loglevel)
+    command = worker_command(args.slot, args.loglevel)
     if args.detach:
         return start_detached(args, command, pidfile, logfile, note)
-    print(f"{PROG}: starting worker for node {args.node}: {' '.join(command[1:])}",
+    print(f"{PROG}: starting worker for node {args.slot}: {' '.join(command[1:])}",
           file=sys.stderr, flush=True)
     os.chdir(args.workdir)
     if args.pidfile:
@@ -142,7 +142,7 @@ def start_detached(args: argparse.Namespace, command: list[str], pidfile: Path, 
     """Start the worker in its own session and wait until it answers a ping (or dies)."""
     process = daemon.start_detached(command, os.environ, Path(args.workdir).resolve(), pidfile,
                                     logfile)
-    name = worker_name(args.node)
+    name = worker_name(args.slot)
     app = publisher(args.broker)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -161,8 +161,8 @@ def start_detached(args: argparse.Namespace, command: list[str], pidfile: Path, 
 def worker_status(args: argparse.Namespace, pidfile: Path, logfile: Path, marker: str) -> int:
     state = daemon.read_pidfile(pidfile, marker)
     print(json.dumps({
-        "node": args.node, "pid": state.pid, "alive": state.alive, "stale": state.stale,
-        "worker_name": worker_name(args.node), "hostname": socket.gethostname(),
+        "node": args.slot, "pid": state.pid, "alive": state.alive, "stale": state.stale,
+        "worker_name": worker_name(args.slot), "hostname": socket.gethostname(),
         "version": project_version(), "python": sys.executable,
         "pidfile": str(pidfile), "logfile": str(logfile),
     }))

@@ -213,7 +213,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     run = resolve_run(args)
     if not args.no_check:
-        for line in run.heal(workdir=args.workdir):
+        for line in run.settle(workdir=args.workdir):
             notice(line)
     # The job lines need no message fields: a 100,000-job run reads in a second or two.
     status = run.status() if args.json else run.status(FOLLOW_FIELDS)
