@@ -37,7 +37,7 @@ READY_POLL_S = 0.05
 
 
 def worker_command(node: str, loglevel: str = "INFO") -> list[str]:
-    """The plain Celery command line of a node's worker (what the README shows)."""
+    """The plain Celery command line of a node's worker (what docs/commands.md shows)."""
     return [
         sys.executable, "-m", "celery", "-A", "worker_tasks", "worker",
         "--queues", queue_for(node), "--concurrency", "1", "--prefetch-multiplier", "1",

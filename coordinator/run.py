@@ -24,18 +24,26 @@ from typing import Any
 import redis
 from celery import Celery
 
+import celeryconfig
 from coordinator.broker import CONNECT_TIMEOUT_S, check_broker, connect_tracking, publisher
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.cluster.inventory import Inventory, find_inventory
 from coordinator.cluster_view import ClusterView
 from coordinator.collector import Collection, collect
-from coordinator.errors import InvalidJobsError
+from coordinator.errors import InvalidJobsError, RunNotFoundError
 from coordinator.follow import POLL_INTERVAL_S, FollowOptions, Settler, follow
 from coordinator.options import SubmitOptions
 from coordinator.plan import Plan
 from coordinator.reconcile import move_jobs
 from coordinator.records import FOLLOW_FIELDS, RunStatus, read_info, read_status
-from coordinator.submit import JobsInput, cancel_run, publish_run, republish
+from coordinator.submit import (
+    JobsInput,
+    cancel_run,
+    latest_run_id,
+    publish_run,
+    recent_run_ids,
+    republish,
+)
 from coordinator.submit import prepare as prepare_plan
 from worker_tasks.tracking import LOST_ONLY, RETRYABLE
 
@@ -91,9 +99,29 @@ class Run:
         """Where the run's jobs run one at a time: nodes, or nodes' GPUs (per-GPU runs)."""
         return list(self.info().get("slots") or [])
 
-    def status(self, fields: list[str] | None = None) -> RunStatus:
-        """A snapshot of every job's record (``fields``: only these; all by default)."""
+    def status(self, fields: list[str] | None = None, light: bool = False) -> RunStatus:
+        """A snapshot of every job's record (``fields``: only these; all by default).
+
+        ``light``: only what following needs (states, attempts, hosts, errors; not the
+        jobs' messages), which reads a 100,000-job run in a second or two.
+        """
+        if light:
+            fields = FOLLOW_FIELDS
         return read_status(self.client, self.id, *([fields] if fields else []))
+
+    def workers(self) -> dict[str, list[str]]:
+        """node -> the workers consuming its queue (or its GPUs') right now, as they say."""
+        return ClusterView(self.client, self.app).consuming_nodes()
+
+    def unserved(self) -> dict[str, int]:
+        """node -> jobs planned there, for the nodes no worker has announced itself for."""
+        served = ClusterView(self.client).serving(self.planned)
+        return {node: count for node, count in sorted(self.planned.items())
+                if node not in served}
+
+    def unassigned_messages(self) -> int:
+        """Messages in the broker's default queue, which no worker consumes."""
+        return int(self.broker.llen(celeryconfig.task_default_queue))
 
     def wait(
         self,
@@ -276,6 +304,24 @@ def done_jobs(plan: Plan, workdir: Path, cluster: Inventory | None) -> set[str]:
         done |= markers_on_nodes(cluster, [spec for spec in plan.specs
                                            if spec.job_id not in done])
     return done
+
+
+def latest_run(broker_url: str | None = None, tracking_url: str | None = None,
+               inventory: InventoryInput = None) -> Run:
+    """A handle on the newest run recorded (``RunNotFoundError`` if there is none)."""
+    url = resolve_broker_url(broker_url)
+    newest = latest_run_id(connect_tracking(tracking_url, url))
+    if newest is None:
+        raise RunNotFoundError("no runs recorded in this Redis yet")
+    return get_run(newest, url, tracking_url, inventory)
+
+
+def recent_runs(limit: int, broker_url: str | None = None,
+                tracking_url: str | None = None) -> list[Run]:
+    """Handles on the newest ``limit`` runs, newest first (expired ones left out)."""
+    url = resolve_broker_url(broker_url)
+    client = connect_tracking(tracking_url, url)
+    return [Run(run_id, client, url) for run_id in recent_run_ids(client, limit)]
 
 
 def get_run(run_id: str, broker_url: str | None = None, tracking_url: str | None = None,

@@ -25,10 +25,10 @@ import redis
 from celery import Celery
 from kombu.exceptions import BatchPublishError, KombuError
 
-from coordinator import legacy
 from coordinator.broker import redact
 from coordinator.errors import BrokerUnreachableError, InvalidJobsError
 from coordinator.jobs import Job, LegacyScoringJob, iter_load_jobs
+from coordinator.legacy import Conversion, convert, write_chunks
 from coordinator.options import DEFAULTS, SubmitOptions
 from coordinator.plan import Plan, plan_jobs
 from worker_tasks.spec import DEFAULT_RETRY_DELAY_S, RUN_JOB_TASK, JobSpec
@@ -68,7 +68,7 @@ def prepare(jobs: JobsInput, options: SubmitOptions = DEFAULTS,
     lacks is refused). Raises ``InvalidJobsError`` (exit 2) before anything is written or
     published: legacy chunk files are written only when the plan is published.
     """
-    conversions: list[legacy.Conversion] = []
+    conversions: list[Conversion] = []
     resolve_node = options.inventory.resolve if options.inventory is not None else None
 
     def script_jobs() -> Iterator[Job]:
@@ -78,7 +78,7 @@ def prepare(jobs: JobsInput, options: SubmitOptions = DEFAULTS,
             if resolve_node is not None:
                 entry = resolve_node_of(index, entry, resolve_node)
             if isinstance(entry, LegacyScoringJob):
-                conversion = legacy.convert(entry, index, options.chunk_dir, options.output_dir)
+                conversion = convert(entry, index, options.chunk_dir, options.output_dir)
                 conversions.append(conversion)
                 yield conversion.job
             else:
@@ -238,7 +238,7 @@ def publish_run(
     into the run's metadata; jobs in ``done`` are recorded skipped and not published.
     """
     # Only now, with the input valid and Redis up, are legacy chunk files written.
-    legacy.write_chunks(plan.conversions, plan.options.workdir)
+    write_chunks(plan.conversions, plan.options.workdir)
     pushed = before_publish(plan) if before_publish is not None else []
     record_run(client, plan, {**(extra or {}), "pushed": pushed}, done)
     pending = [spec for spec in plan.specs if spec.job_id not in done]
@@ -254,8 +254,13 @@ def publish_run(
 
 
 def latest_run_id(client: redis.Redis) -> str | None:
-    newest = client.zrevrange(runs_key(), 0, 0)
-    return newest[0].decode() if newest else None
+    newest = recent_run_ids(client, 1)
+    return newest[0] if newest else None
+
+
+def recent_run_ids(client: redis.Redis, limit: int) -> list[str]:
+    """The newest ``limit`` run ids, newest first."""
+    return [raw.decode() for raw in client.zrevrange(runs_key(), 0, limit - 1)]
 
 
 def cancel_run(client: redis.Redis, run_id: str) -> int:

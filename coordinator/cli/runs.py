@@ -9,8 +9,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import celeryconfig
-from coordinator.broker import connect_tracking
+from celeryconfig import task_default_queue as UNASSIGNED_QUEUE
 from coordinator.cli.common import (
     ENVIRONMENT,
     EXIT_CODES,
@@ -21,16 +20,14 @@ from coordinator.cli.common import (
     formatter,
 )
 from coordinator.cluster.inventory import Inventory, find_inventory
-from coordinator.cluster_view import ClusterView
 from coordinator.collector import render
 from coordinator.errors import ExitCode, InvalidJobsError, RunNotFoundError
 from coordinator.jobs import SAFE_NAME
 from coordinator.options import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR, DEFAULTS, SubmitOptions
 from coordinator.plan import Plan
-from coordinator.records import FOLLOW_FIELDS, JobRecord
-from coordinator.run import Run, get_run, publish
-from coordinator.submit import latest_run_id, prepare
-from worker_tasks.tracking import JobState, runs_key
+from coordinator.records import JobRecord
+from coordinator.run import Run, get_run, latest_run, prepare, publish, recent_runs
+from worker_tasks.tracking import JobState
 
 # A run with more jobs lists only the interesting ones in `status` (unless --all).
 STATUS_LIST_LIMIT = 200
@@ -103,11 +100,7 @@ def resolve_run(args: argparse.Namespace) -> Run:
     inventory = inventory_of(args)
     if args.run_id:
         return get_run(args.run_id, args.broker, inventory=inventory)
-    client = connect_tracking(None, args.broker)
-    newest = latest_run_id(client)
-    if newest is None:
-        raise RunNotFoundError("no runs recorded in this Redis yet")
-    return get_run(newest, args.broker, inventory=inventory)
+    return latest_run(args.broker, inventory=inventory)
 
 
 def notice(line: str) -> None:
@@ -187,26 +180,23 @@ def cmd_adapter(args: argparse.Namespace) -> int:
 
 def warn_unserved(run: Run) -> None:
     """Say which nodes have no worker: their jobs would wait silently otherwise."""
-    served = ClusterView(run.client).serving(run.planned)
-    for node, count in sorted(run.planned.items()):
-        if node not in served:
-            print(f"{PROG}: warning: no worker serves node {node} (queue node.{node}); its "
+    for node, count in run.unserved().items():
+        print(f"{PROG}: warning: no worker serves node {node} (queue node.{node}); its "
                   f"{count} jobs wait until one starts: coordinator worker --node {node}"
                   f" (or coordinator cluster up {node})", file=sys.stderr)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    client = connect_tracking(None, args.broker)
-    run_ids = [raw.decode() for raw in client.zrevrange(runs_key(), 0, args.limit - 1)]
-    if not run_ids:
+    runs = recent_runs(args.limit, args.broker)
+    if not runs:
         print("no runs recorded in this Redis yet")
-    for run_id in run_ids:
+    for run in runs:
         try:
-            status = Run(run_id, client).status()
+            status = run.status()
         except RunNotFoundError:  # expired since it was listed
             continue
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.created_at))
-        print(f"{run_id}  {created}  {status.outcome:<10} {status.line()}")
+        print(f"{run.id}  {created}  {status.outcome:<10} {status.line()}")
     return ExitCode.OK
 
 
@@ -216,7 +206,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for line in run.settle(workdir=args.workdir):
             notice(line)
     # The job lines need no message fields: a 100,000-job run reads in a second or two.
-    status = run.status() if args.json else run.status(FOLLOW_FIELDS)
+    status = run.status(light=not args.json)
     if args.json:
         print(json.dumps({"run_id": status.run_id, "state": status.state,
                           "finished": status.finished,
@@ -224,13 +214,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                           "jobs": [vars(job) for job in status.jobs]}, default=str, indent=2))
         return ExitCode.OK
     print(f"run {status.run_id} ({status.outcome}): {status.line()}")
-    unassigned = run.broker.llen(celeryconfig.task_default_queue)
+    unassigned = run.unassigned_messages()
     if unassigned:
-        print(f"  warning: {unassigned} messages wait in {celeryconfig.task_default_queue}, a "
+        print(f"  warning: {unassigned} messages wait in {UNASSIGNED_QUEUE}, a "
               f"queue no worker consumes (published without a node's queue)")
     # Asked of the workers themselves (a second): the registry lags a killed worker by 10 s.
     # By node: per-GPU workers (rig-a.gpu0, rig-a.gpu1) serve their node's jobs.
-    served = ClusterView(run.client, run.app).consuming_nodes()
+    served = run.workers()
     alive = {worker for workers in served.values() for worker in workers}
     every = args.all or status.total <= STATUS_LIST_LIMIT
     listed = 0

@@ -3,7 +3,7 @@
     python examples/step5_read_survivors.py \
         --survivors full_scoring_results/survivors_with_scores.json [--top 10] [--min-score 0]
 
-It checks the file's shape as a consumer relies on it (see the README, "The merged
+It checks the file's shape as a consumer relies on it (see docs/step3.md, "The merged
 Step 3 file") and prints the best seeds, one JSON object per line.
 """
 

@@ -8,17 +8,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coordinator.files import write_json_atomically
+from coordinator.mergers.base import MergeResult
 
 if TYPE_CHECKING:
-    from coordinator.mergers import MergeResult
     from coordinator.records import JobRecord
 
 MERGED_NAME = "survivors_with_scores.json"
 SCORING_SCRIPTS = {"full_scoring_worker.py", "full-scoring-worker"}
 TOP_N = 10  # rows printed after the merge
 PARAMETERS = ("prng_type", "mod", "skip", "n_draws")
-# The shape of survivors_with_scores.json (README, "The merged Step 3 file"): it only grows
-# fields; a change that breaks a reader gets a new number.
+# The shape of survivors_with_scores.json (docs/step3.md, "The merged Step 3 file"): it only
+# grows fields; a change that breaks a reader gets a new number.
 FORMAT_VERSION = 1
 
 
@@ -31,8 +31,6 @@ class ScoringMerger:
         return posixpath.basename(job.script) in SCORING_SCRIPTS
 
     def merge(self, jobs: list[JobRecord], output_dir: Path, workdir: Path) -> MergeResult:
-        from coordinator.mergers import MergeResult
-
         results: list[dict[str, Any]] = []
         parameters: dict[str, Any] = {}
         mixed = False
