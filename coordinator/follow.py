@@ -39,7 +39,7 @@ from coordinator.records import (
     status_from,
 )
 from coordinator.submit import republish
-from worker_tasks.spec import queue_for
+from worker_tasks.spec import is_floating, queue_for
 from worker_tasks.tracking import LOST_ONLY, JobEvent, JobState, events_key, run_key
 
 # How often the follower reads the stream and counters (seconds).
@@ -313,7 +313,9 @@ class Settler:
 
     def failover(self, status: RunStatus) -> None:
         assert self.options.failover is not None
-        waiting_nodes = {job.node for job in status.jobs if not job.state.is_final}
+        # Floating jobs wait on no node ("any"): any live worker takes them.
+        waiting_nodes = {job.node for job in status.jobs
+                         if not job.state.is_final and not is_floating(job.node)}
         view = ClusterView(self.client, self.app)
         served = view.serving({*waiting_nodes, *status.info.get("nodes", [])})
         moment = time.monotonic()
@@ -324,7 +326,7 @@ class Settler:
                 self.unserved_since.setdefault(node, moment)
         dead = [node for node, since in self.unserved_since.items()
                 if moment - since >= self.options.failover and node in waiting_nodes]
-        targets = sorted(node for node in served if node not in dead)
+        targets = sorted(node for node in served if node not in dead and not is_floating(node))
         if not dead or not targets:
             return
         records = read_status(self.client, self.run_id, FOLLOW_FIELDS).jobs

@@ -24,7 +24,7 @@ from coordinator.die_with_parent import wrapped
 from coordinator.errors import ClusterStartError
 from coordinator.redis_server import RedisServer
 from worker_tasks.presence import seen_since
-from worker_tasks.spec import node_of_queue, queue_for
+from worker_tasks.spec import floating_queue, node_of_queue, queue_for
 from worker_tasks.spec import worker_name as spec_worker_name
 from worker_tasks.tracking import KEY_PREFIX
 
@@ -40,7 +40,9 @@ def worker_command(node: str, loglevel: str = "INFO") -> list[str]:
     """The plain Celery command line of a node's worker (what docs/commands.md shows)."""
     return [
         sys.executable, "-m", "celery", "-A", "worker_tasks", "worker",
-        "--queues", queue_for(node), "--concurrency", "1", "--prefetch-multiplier", "1",
+        # Its own queue first, then the shared one of floating jobs (kombu rotates them).
+        "--queues", f"{queue_for(node)},{floating_queue()}",
+        "--concurrency", "1", "--prefetch-multiplier", "1",
         "--task-events", "--hostname", worker_name(node), "--loglevel", loglevel,
         "--without-gossip", "--without-mingle",
     ]

@@ -36,6 +36,8 @@ class SubmitOptions:
         retries: automatic retries of a failed attempt, for jobs that set none.
         retry_delay: base of the backoff between attempts (seconds), likewise.
         per_gpu: one job at a time per GPU of a node (queues ``node.<node>.gpu<k>``).
+        balance: every job without ``"pin": true`` floats (its node becomes ``any``): the
+            first free node (or GPU slot) takes it.
         inventory: the cluster inventory: node names are resolved through it, and nodes
             without shared storage get their inputs pushed and outputs fetched.
     """
@@ -47,6 +49,7 @@ class SubmitOptions:
     retries: int = 0
     retry_delay: float = DEFAULT_RETRY_DELAY_S
     per_gpu: bool = False
+    balance: bool = False
     inventory: Inventory | None = None
 
     def __post_init__(self) -> None:

@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING
 from coordinator.errors import InvalidJobsError
 from coordinator.jobs import Job
 from coordinator.options import DEFAULTS, SubmitOptions
-from worker_tasks.spec import InvalidMessage, JobSpec, check_relative_path, done_path_for
+from worker_tasks.spec import (
+    FLOATING_NODE,
+    InvalidMessage,
+    JobSpec,
+    check_relative_path,
+    done_path_for,
+)
 
 if TYPE_CHECKING:
     from coordinator.legacy import Conversion
@@ -94,7 +100,11 @@ class Plan:
             f"{self.output_dir}; paths {'preserved' if self.preserve_paths else 'rewritten'}"
         ]
         for node, specs in self.by_node().items():
-            if specs and specs[0].per_gpu:
+            if specs and specs[0].floating:
+                lines.append(f"node {node} (queue {specs[0].queue}): {len(specs)} jobs, each "
+                             f"floats to the first free "
+                             f"{'GPU' if specs[0].per_gpu else 'node'}")
+            elif specs and specs[0].per_gpu:
                 queues = ", ".join(sorted({spec.queue for spec in specs}))
                 lines.append(f"node {node} ({queues}): {len(specs)} jobs, one at a time per GPU")
             else:
@@ -131,6 +141,7 @@ def plan_jobs(jobs: Iterable[Job], run_id: str, options: SubmitOptions = DEFAULT
         if job.pin:
             pinned.add(job.job_id)
         args = list(job.args) if preserve_paths else rewrite_output_path(job.args, output_dir)
+        node = FLOATING_NODE if options.balance and not job.pin else job.node
         output = find_output_file(args)
         if output is not None:
             try:
@@ -155,7 +166,7 @@ def plan_jobs(jobs: Iterable[Job], run_id: str, options: SubmitOptions = DEFAULT
                 job_id=job.job_id,
                 script=job.script,
                 args=args,
-                node=job.node,
+                node=node,
                 gpu_id=job.gpu_id,
                 output_file=output,
                 done_file=done,

@@ -33,7 +33,7 @@ from celery import Celery
 from coordinator.cluster_view import ClusterView, Liveness
 from coordinator.records import JobRecord
 from coordinator.submit import republish
-from worker_tasks.spec import queue_for
+from worker_tasks.spec import FLOATING_NODE, queue_for
 from worker_tasks.tracking import ACTIVE, MOVABLE, JobState, JobTracker
 from worker_tasks.tracking import now as timestamp
 
@@ -59,9 +59,14 @@ def settle(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord], live: Li
                 notes.append(f"{job.job_id}: succeeded (its .done exists; its worker's final "
                              f"write was lost)")
         elif not live.running(job):
-            error = (f"attempt {job.attempts} died with its worker {job.host}; the job is "
-                     f"delivered again when a worker serves {job.node}")
-            if tracker.requeue_dead(run_id, job.job_id, job.task_id, error).ok:
+            if job.floating:
+                error = (f"attempt {job.attempts} died with its worker {job.host} on "
+                         f"{job.node}; the job is delivered again to the first free node")
+            else:
+                error = (f"attempt {job.attempts} died with its worker {job.host}; the job is "
+                         f"delivered again when a worker serves {job.node}")
+            node = FLOATING_NODE if job.floating else None
+            if tracker.requeue_dead(run_id, job.job_id, job.task_id, error, node).ok:
                 notes.append(f"{job.job_id}: requeued ({error})")
     return notes
 
@@ -146,7 +151,8 @@ def move_jobs(client: redis.Redis, app: Celery, run_id: str, jobs: Sequence[JobR
     Pinned jobs and jobs whose attempt is alive stay. ``loads``: messages already waiting
     per target (the shortest queue gets the next job); round-robin when not given.
     """
-    movable = [job for job in jobs if not job.pin and (
+    # Pinned jobs stay; floating ones need no move (any live worker takes them).
+    movable = [job for job in jobs if not job.pin and not job.floating and (
         job.state in (JobState.QUEUED, JobState.LOST)
         or (job.state is JobState.RUNNING and live is not None and not live.running(job)))]
     plan: dict[str, str] = {}

@@ -51,6 +51,7 @@ class JobRecord:
     retry_at: float | None = None
     moved_from: str | None = None
     pin: bool = False
+    floating: bool = False  # its message names no node: the first free slot takes it
     per_gpu: bool = False
 
     @classmethod
@@ -72,7 +73,7 @@ RECORD_FIELDS = [f.name for f in fields(JobRecord) if f.name not in SPEC_VALUES
                  or f.name == "node"] + ["spec"]
 # What following a run needs of each job (not its message: cheap for 100,000 jobs).
 FOLLOW_FIELDS = ["node", "state", "attempts", "duration_s", "started_at", "finished_at",
-                 "host", "error", "task_id", "pin", "exit_code", "moved_from"]
+                 "host", "error", "task_id", "pin", "exit_code", "moved_from", "floating"]
 
 
 @dataclass(frozen=True)

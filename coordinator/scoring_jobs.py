@@ -15,6 +15,7 @@ from coordinator.jobs import SAFE_NAME
 from coordinator.legacy import SCORING_SCRIPT
 from scoring.inputs import ScoringInputError, check_prng, load_history, parse_seeds, read_json
 from scoring.prng import PRNGS, reference_draws
+from worker_tasks.spec import FLOATING_NODE
 
 
 def parse_nodes(spec: str) -> list[tuple[str, int]]:
@@ -46,12 +47,13 @@ class ScoringJobs:
 def generate_scoring_jobs(
     survivors: str | Path, train_history: str, nodes: str, chunks: int, prng_type: str,
     mod: int, jobs_file: str | Path, chunk_dir: str, output_dir: str = "full_scoring_results",
-    skip: int = 0, workdir: str | Path = ".",
+    skip: int = 0, workdir: str | Path = ".", balance: bool = False,
 ) -> ScoringJobs:
     """Write chunk seed files and a jobs file in the original format.
 
     Chunks are contiguous slices of the survivors, dealt round-robin over the
-    nodes' GPU slots so every node gets the same share (give or take one).
+    nodes' GPU slots so every node gets the same share (give or take one);
+    ``balance``: every job floats instead (node ``any``: the first free slot takes it).
     """
     base = Path(workdir)
     slots = parse_nodes(nodes)
@@ -82,7 +84,7 @@ def generate_scoring_jobs(
         if skip:
             args += ["--skip", str(skip)]
         jobs.append({"job_id": job_id, "script": SCORING_SCRIPT, "args": args,
-                     "node": node, "gpu_id": gpu})
+                     "node": FLOATING_NODE if balance else node, "gpu_id": 0 if balance else gpu})
     jobs_path = write_json_atomically(jobs_file, jobs, indent=2)
     return ScoringJobs(jobs_file=jobs_path, chunk_files=chunk_files, jobs=jobs)
 

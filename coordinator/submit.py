@@ -31,7 +31,7 @@ from coordinator.jobs import Job, LegacyScoringJob, iter_load_jobs
 from coordinator.legacy import Conversion, convert, write_chunks
 from coordinator.options import DEFAULTS, SubmitOptions
 from coordinator.plan import Plan, plan_jobs
-from worker_tasks.spec import DEFAULT_RETRY_DELAY_S, RUN_JOB_TASK, JobSpec
+from worker_tasks.spec import DEFAULT_RETRY_DELAY_S, FLOATING_NODE, RUN_JOB_TASK, JobSpec
 from worker_tasks.tracking import (
     SPEC_FIELDS,
     JobState,
@@ -125,7 +125,9 @@ def stored_spec(spec: JobSpec) -> dict[str, Any]:
 
 def spec_from_record(run_id: str, record: dict[str, Any]) -> JobSpec:
     """The job's message rebuilt from its record (the stored spec, and its current node)."""
-    return JobSpec.from_message({**record["spec"], "run_id": run_id, "node": record["node"],
+    # A floating job floats again (retry, republish): its record's node is where it last ran.
+    node = FLOATING_NODE if record.get("floating") else record["node"]
+    return JobSpec.from_message({**record["spec"], "run_id": run_id, "node": node,
                                  "job_id": record["job_id"]})
 
 
@@ -151,6 +153,7 @@ def record_run(client: redis.Redis, plan: Plan, extra: dict[str, Any] | None = N
                                      for spec in part], created, client=pipe)
         pipe.execute()
     marked = [(spec.job_id, {"pin": True}) for spec in plan.specs if spec.job_id in plan.pinned]
+    marked += [(spec.job_id, {"floating": True}) for spec in plan.specs if spec.floating]
     marked += [(job_id, {"state": JobState.SKIPPED, "finished_at": created,
                          "error": "recovered: its .done existed"}) for job_id in sorted(done)]
     for part in chunks(marked):
@@ -298,6 +301,8 @@ def republish(client: redis.Redis, app: Celery, run_id: str, job_ids: Sequence[s
         if not record or JobState(record["state"]) not in allowed:
             continue
         update = changes(record) if changes else {}
+        if record.get("floating"):  # back to the shared queue, on no node until one takes it
+            update = {**update, "node": FLOATING_NODE}
         spec = spec_from_record(run_id, {**record, **update, "job_id": job_id})
         generation = int(record.get("task_id", "0").rsplit(".", 1)[-1]) + 1
         task_id = task_id_for(spec, generation)

@@ -1,7 +1,7 @@
 """A job script for fault tests: it keeps its own append-only log of executions.
 
     python tests/probe_job.py --ledger DIR --output-file out/x.json [--sleep S]
-        [--fail-attempts N] [--child-sleep S]
+        [--fail-attempts N] [--child-sleep S] [--speed NODE=FACTOR,...] [--lock-per-gpu]
 
 Each execution appends ``start`` and, if it gets that far, ``end <exit code>`` lines
 to ``DIR/<job>.ledger``, and holds two exclusive non-blocking locks while it runs:
@@ -9,7 +9,10 @@ to ``DIR/<job>.ledger``, and holds two exclusive non-blocking locks while it run
 (two jobs of one node at once). A lock it cannot take is written down as
 ``CONCURRENT job`` / ``CONCURRENT node`` in ``DIR/violations``, so a test can
 prove that neither ever happened. ``--fail-attempts N`` fails attempts 1..N
-(``SC_ATTEMPT``), for automatic retries.
+(``SC_ATTEMPT``), for automatic retries. ``--speed`` multiplies the sleep by the
+factor of the node running it (``SC_NODE``): a mixed cluster of slow and fast nodes.
+``--lock-per-gpu``: the slot lock is per GPU (``CUDA_VISIBLE_DEVICES``), for per-GPU runs.
+Start lines say ``start <attempt> <pid> <time> <node> <gpu>``.
 """
 
 import argparse
@@ -26,11 +29,15 @@ parser.add_argument("--output-file", required=True)
 parser.add_argument("--sleep", type=float, default=0.0)
 parser.add_argument("--fail-attempts", type=int, default=0)
 parser.add_argument("--child-sleep", type=float)
+parser.add_argument("--speed", default="", help="NODE=FACTOR,...: sleep longer on slow nodes")
+parser.add_argument("--lock-per-gpu", action="store_true")
 args = parser.parse_args()
 
 job = os.environ["SC_JOB_ID"]
 node = os.environ["SC_NODE"]
 attempt = int(os.environ.get("SC_ATTEMPT", "1"))
+gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+factors = dict(pair.split("=", 1) for pair in args.speed.split(",") if pair)
 
 
 def note(name: str, line: str) -> None:
@@ -49,12 +56,13 @@ def lock(name: str, kind: str) -> object:
     return fh
 
 
-held = [lock(f"{job}.lock", "job"), lock(f"node-{node}.lock", "node")]
-note(f"{job}.ledger", f"start {attempt} {os.getpid()} {time.time():.3f}")
+slot = f"{node}-gpu{gpu}" if args.lock_per_gpu else node
+held = [lock(f"{job}.lock", "job"), lock(f"node-{slot}.lock", "node")]
+note(f"{job}.ledger", f"start {attempt} {os.getpid()} {time.time():.3f} {node} {gpu}")
 if args.child_sleep:
     child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({args.child_sleep})"])
     note(f"{job}.children", str(child.pid))
-time.sleep(args.sleep)
+time.sleep(args.sleep * float(factors.get(node, "1")))
 code = 1 if attempt <= args.fail_attempts else 0
 if code == 0:
     os.makedirs(os.path.dirname(args.output_file) or ".", exist_ok=True)

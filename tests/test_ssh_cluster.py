@@ -455,3 +455,37 @@ def test_a_broker_password_from_the_environment_never_shows(ssh_cluster: SshClus
                 assert "wrong-pw" not in result.stdout + result.stderr
         finally:
             env.cli("cluster", "down", "--now", inventory=inventory, env=secret_env)
+
+
+def test_a_balanced_step3_run_comes_home_from_whichever_node_ran_each_chunk(
+        workers_up: SshCluster) -> None:
+    env = workers_up
+    head = env.head / "balanced"
+    head.mkdir()
+    assert env.cli("demo-data", "--out-dir", ".", "--candidates", "6000", "--draws", "30",
+                   "--secret-seed", "987654321", cwd=head).returncode == 0
+    made = env.cli("jobs", "scoring", "--survivors", "survivors.json", "--train-history",
+                   "train_history.json", "--chunks", "12", "--prng-type", "java_lcg",
+                   "--mod", "1000", cwd=head)
+    assert made.returncode == 0, made.stderr
+    run = env.cli("--jobs-file", "scoring_jobs.json", "--balance", "--output-dir", "bal",
+                  tool="scripts-coordinator", cwd=head)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "12/12 succeeded" in run.stdout
+    # The floating chunks' inputs went to both nodes before the run was published.
+    assert "pushed rig-a" in run.stderr and "pushed rig-b" in run.stderr
+    summary = json.loads((head / "bal" / "run_summary.json").read_text())
+    where = {job["job_id"]: job["node"] for job in summary["jobs"]}
+    assert set(where.values()) <= set(LABELS)
+    for label, host in env.hosts.items():
+        # Each chunk's marker is on the disk of the node that ran it, and only there.
+        on_node = {path.name.removesuffix(".json.done")
+                   for path in (host.workdir / "bal").glob("chunk_*.json.done")}
+        assert on_node == {job_id for job_id, node in where.items() if node == label}
+    assert len(list((head / "bal").glob("chunk_*.json.done"))) == 12
+    local = env.cli("local", "--jobs-file", "scoring_jobs.json", "--output-dir", "local_bal",
+                    "--scripts-dir", str(env.head / "scripts"), cwd=head)
+    assert local.returncode == 0, local.stdout + local.stderr
+    balanced = json.loads((head / "bal" / "survivors_with_scores.json").read_text())
+    on_local = json.loads((head / "local_bal" / "survivors_with_scores.json").read_text())
+    assert balanced == on_local and balanced["results"][0]["seed"] == 987654321

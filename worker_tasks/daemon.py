@@ -75,7 +75,7 @@ def process_matches(pid: int, marker: str) -> bool:
         time.sleep(0.01)
     # Celery retitles its process where setproctitle is installed: the arguments then
     # appear as one string, "[celeryd: ...] -active- (... --queues node.rig-a ...)".
-    return state != "Z" and marker.encode() in re.split(rb"[\0\s()]+", cmdline)
+    return state != "Z" and marker.encode() in re.split(rb"[\0\s(),]+", cmdline)
 
 
 def session_members(sid: int) -> list[int]:

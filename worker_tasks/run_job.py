@@ -46,7 +46,7 @@ from worker_tasks.app import app
 from worker_tasks.lease import SlotLease
 from worker_tasks.retries import Retries
 from worker_tasks.runner import Outcome, Runner
-from worker_tasks.spec import RUN_JOB_TASK, InvalidMessage, JobSpec
+from worker_tasks.spec import RUN_JOB_TASK, InvalidMessage, JobSpec, check_name, slot_of_worker
 from worker_tasks.tracking import JobState, JobTracker, Transition, now
 
 logger = get_task_logger(__name__)
@@ -262,13 +262,15 @@ class JobExecution:
     Raises ``NotRun`` (the message is stale, or the job was cancelled) or ``JobFailed``.
 
     Parameters:
-        spec: the checked message.
+        spec: the checked message (a floating job's already placed on this worker's slot).
         task_id: the message's id (must be the job's current one in its record).
         host: the worker's name (``rig-a@machine``).
+        floating: the job floats (its message names no node): the record learns its node.
     """
 
-    def __init__(self, spec: JobSpec, task_id: str, host: str) -> None:
+    def __init__(self, spec: JobSpec, task_id: str, host: str, floating: bool = False) -> None:
         self.spec = spec
+        self.floating = floating
         self.task_id = task_id
         self.host = host
         self.base = workdir()
@@ -394,7 +396,9 @@ class JobExecution:
         """Start an attempt in the record, run the script once, judge its output."""
         spec = self.spec
         started = time.time()
-        start = self.track("start", lambda t: t.start(*self.ids(), started_at=round(started, 3)))
+        node = spec.node if self.floating else None
+        start = self.track("start", lambda t: t.start(*self.ids(), started_at=round(started, 3),
+                                                      node=node))
         if start.outcome == "cancelled":
             self.track("cancel", lambda t: t.drop_cancelled(*self.ids()))
             raise NotRun("its run was cancelled; not run")
@@ -519,7 +523,16 @@ def run_job(self: Any, message: Any = None, *extra: Any, **kwargs: Any) -> dict[
         raise Ignore() from None
     # The worker name (rig-a@machine) says both the node and the machine.
     host = self.request.hostname or socket.gethostname()
-    execution = JobExecution(spec, self.request.id, host)
+    floating = spec.floating
+    if floating:  # the first free slot took it: it runs as a job of this worker's slot
+        try:
+            spec = spec.placed_on(check_name(slot_of_worker(host), "worker slot"))
+        except InvalidMessage as err:
+            logger.error("refused floating job %s of run %s: this worker's name %r names no "
+                         "slot (%s)", spec.job_id, spec.run_id, host, err)
+            self.send_event("task-rejected", requeue=False)
+            raise Ignore() from None
+    execution = JobExecution(spec, self.request.id, host, floating)
     try:
         return execution.run()
     except NotRun as stop:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -153,6 +153,26 @@ def check_flag(value: Any, what: str) -> bool:
     return value
 
 
+# A job whose node is this floats: the first free node (or GPU slot) takes it, from the
+# shared queue that every worker consumes after its own.
+FLOATING_NODE = "any"
+
+
+def is_floating(node: str) -> bool:
+    return node == FLOATING_NODE
+
+
+def floating_queue() -> str:
+    """The shared queue of floating jobs, ``node.any``."""
+    return queue_for(FLOATING_NODE)
+
+
+def gpu_of_slot(slot: str) -> int | None:
+    """The GPU index of a per-GPU slot (``rig-a.gpu1``: 1), None for a whole node."""
+    match = PER_GPU_SUFFIX.search(slot)
+    return int(match.group(0).removeprefix(".gpu")) if match else None
+
+
 def queue_for(node: str, gpu: int | None = None) -> str:
     """The Redis queue of a node, ``node.<node>``; of one GPU of it, ``node.<node>.gpu<k>``."""
     return f"node.{node}" if gpu is None else f"node.{node}.gpu{gpu}"
@@ -234,8 +254,23 @@ class JobSpec:
     per_gpu: bool = False
 
     @property
+    def floating(self) -> bool:
+        return is_floating(self.node)
+
+    @property
     def queue(self) -> str:
+        if self.floating:
+            return floating_queue()
         return queue_for(self.node, self.gpu_id if self.per_gpu else None)
+
+    def placed_on(self, slot: str) -> JobSpec:
+        """A floating job as it runs on ``slot`` (the worker that took it): its node, and in
+        per-GPU slots the slot's own GPU; a pinned job as it is."""
+        if not self.floating:
+            return self
+        gpu = gpu_of_slot(slot)
+        return replace(self, node=node_of_slot(slot),
+                       gpu_id=self.gpu_id if gpu is None else gpu, per_gpu=gpu is not None)
 
     @property
     def slot(self) -> str:

@@ -301,11 +301,16 @@ class JobTracker:
     # -- the worker's transitions, each holding the attempt's message --------------------
 
     def start(self, run_id: str, job_id: str, task_id: str, host: str, attempts: int,
-              started_at: float) -> Transition:
-        """An attempt begins: ``running``, one more attempt; refused once the run is cancelled."""
+              started_at: float, node: str | None = None) -> Transition:
+        """An attempt begins: ``running``, one more attempt; refused once the run is cancelled.
+
+        ``node``: where a floating job runs (the record and the event say it from now on).
+        """
+        placed = {"node": node} if node is not None else {}
         return self._apply(run_id, job_id, JobState.RUNNING, STARTABLE, task_id,
-                           JobEvent(job_id, JobState.RUNNING, attempts=attempts, host=host),
-                           count_attempt=True, unless_cancelled=True, host=host,
+                           JobEvent(job_id, JobState.RUNNING, attempts=attempts, host=host,
+                                    node=node),
+                           count_attempt=True, unless_cancelled=True, host=host, **placed,
                            started_at=started_at, finished_at=None, error=None,
                            exit_code=None, duration_s=None)
 
@@ -371,10 +376,13 @@ class JobTracker:
                            finished_at=now(), error=None)
 
     def requeue_dead(self, run_id: str, job_id: str, task_id: str | None,
-                     error: str) -> Transition:
-        """A running job whose attempt died with its worker waits for redelivery."""
+                     error: str, node: str | None = None) -> Transition:
+        """A running job whose attempt died with its worker waits for redelivery (``node``:
+        where it waits now; a floating job goes back to ``any``)."""
+        placed = {"node": node} if node is not None else {}
         return self._apply(run_id, job_id, JobState.QUEUED, ACTIVE, task_id,
-                           JobEvent(job_id, JobState.QUEUED, error=error), error=error)
+                           JobEvent(job_id, JobState.QUEUED, error=error, node=node),
+                           error=error, **placed)
 
     def mark_lost(self, run_id: str, job_id: str, task_id: str | None,
                   error: str) -> Transition:

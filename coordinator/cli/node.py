@@ -33,7 +33,7 @@ from coordinator.jobs import SAFE_NAME
 from coordinator.local import READY_TIMEOUT_S, worker_command, worker_name
 from coordinator.plan import Plan
 from worker_tasks import daemon
-from worker_tasks.spec import MAX_GPU_ID, queue_for, slot_of
+from worker_tasks.spec import MAX_GPU_ID, is_floating, node_of_slot, queue_for, slot_of
 
 # Lines of the worker's log quoted when it dies at start.
 LOG_TAIL_LINES = 5
@@ -83,6 +83,9 @@ def log_tail(logfile: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
 def cmd_worker(args: argparse.Namespace) -> int:
     if not SAFE_NAME.match(args.node) or ".." in args.node:
         raise InvalidJobsError(f"--node {args.node!r}: use letters, digits, '.', '_', '-'")
+    if is_floating(args.node):
+        raise InvalidJobsError(f"--node {args.node}: reserved for floating jobs (every worker "
+                               f"takes them); name the node itself, e.g. --node rig-a")
     if args.gpu is not None and not 0 <= args.gpu <= MAX_GPU_ID:  # per-GPU mode
         raise InvalidJobsError(f"--gpu {args.gpu}: give a GPU index in 0..{MAX_GPU_ID}")
     # What this worker serves one job at a time: the node, or one GPU of it.
@@ -190,7 +193,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         print_plan(plan)
         return ExitCode.OK
     check_scripts_exist(plan, Path(args.scripts_dir))
-    slots = plan.slots()  # nodes, or each node's GPUs
+    slots = local_slots(plan, args.nodes)  # nodes, or each node's GPUs
     print(f"local cluster: private Redis and {len(slots)} workers ({', '.join(slots)})",
           file=sys.stderr, flush=True)
     log_dir = plan.options.workdir / plan.output_dir / "logs"
@@ -207,6 +210,26 @@ def cmd_local(args: argparse.Namespace) -> int:
         print(f"{PROG}: stopped the local cluster: its Redis, workers and running jobs",
               file=sys.stderr)
         raise
+
+
+def local_slots(plan: Plan, extra: str | None) -> list[str]:
+    """The slots ``local`` starts a worker for: the plan's pinned ones and ``--nodes``.
+
+    A floating job needs no slot of its own; with only floating jobs and no ``--nodes``
+    there is nothing to run them on.
+    """
+    wanted = {slot for slot in plan.slots() if not is_floating(node_of_slot(slot))}
+    for name in (extra or "").split(","):
+        name = name.strip()
+        if not name:
+            continue
+        if not SAFE_NAME.match(name) or ".." in name or is_floating(name):
+            raise InvalidJobsError(f"--nodes: {name!r} is not a node name")
+        wanted.add(name)
+    if not wanted:
+        raise InvalidJobsError("every job floats and no node is named: give the nodes to run "
+                               "them on, e.g. --nodes rig-a,rig-b")
+    return sorted(wanted)
 
 
 def add_place_flags(parser: argparse.ArgumentParser) -> None:
@@ -264,4 +287,7 @@ def register(command: CommandFactory) -> None:
                      help="give up waiting after S seconds (exit 5); everything is stopped")
     sub.add_argument("--joblog", metavar="FILE",
                      help="GNU parallel's joblog format (default: OUTPUT_DIR/joblog)")
+    sub.add_argument("--nodes", metavar="NODE[,NODE...]",
+                     help="also start workers for these nodes (or GPU slots, rig-a.gpu1), "
+                          "beside those the jobs file names: floating jobs run on all of them")
     sub.set_defaults(handler=cmd_local)

@@ -27,6 +27,7 @@ from coordinator.options import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR, DEFAULTS,
 from coordinator.plan import Plan
 from coordinator.records import JobRecord
 from coordinator.run import Run, get_run, latest_run, prepare, publish, recent_runs
+from worker_tasks.spec import is_floating
 from worker_tasks.tracking import JobState
 
 # A run with more jobs lists only the interesting ones in `status` (unless --all).
@@ -72,10 +73,14 @@ def add_follow_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_retry_flags(parser: argparse.ArgumentParser) -> None:
-    """Automatic retries and the per-GPU mode, for every command that submits."""
+    """Placement (per-GPU, balance) and automatic retries, for every command that submits."""
     parser.add_argument("--per-gpu", action="store_true",
                         help="one job at a time per GPU of a node (its gpu_id), not per node: "
                              "queues node.NODE.gpuK, one worker per GPU (worker --gpu K)")
+    parser.add_argument("--balance", action="store_true",
+                        help="every job without \"pin\": true floats: the first free node (or "
+                             "GPU, with --per-gpu) takes it, whatever node the file names; for "
+                             "mixed clusters (see docs/step3.md)")
     parser.add_argument("--retries", type=int, default=0, metavar="N",
                         help="retry a failed attempt up to N times on the same node, for jobs "
                              "that set no 'retries' (default: 0)")
@@ -181,9 +186,13 @@ def cmd_adapter(args: argparse.Namespace) -> int:
 def warn_unserved(run: Run) -> None:
     """Say which nodes have no worker: their jobs would wait silently otherwise."""
     for node, count in run.unserved().items():
+        if is_floating(node):
+            print(f"{PROG}: warning: no worker is up to take the {count} floating jobs (queue "
+                  f"node.{node}); any worker takes them once it starts", file=sys.stderr)
+            continue
         print(f"{PROG}: warning: no worker serves node {node} (queue node.{node}); its "
-                  f"{count} jobs wait until one starts: coordinator worker --node {node}"
-                  f" (or coordinator cluster up {node})", file=sys.stderr)
+              f"{count} jobs wait until one starts: coordinator worker --node {node}"
+              f" (or coordinator cluster up {node})", file=sys.stderr)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

@@ -28,9 +28,11 @@ def nodes_spec(args: argparse.Namespace) -> str:
 def cmd_jobs_scoring(args: argparse.Namespace) -> int:
     from coordinator.scoring_jobs import generate_scoring_jobs
 
+    # Floating jobs name no node: --nodes only matters to a pinned file.
+    nodes = (args.nodes or "any") if args.balance else nodes_spec(args)
     result = generate_scoring_jobs(
-        args.survivors, args.train_history, nodes_spec(args), args.chunks, args.prng_type, args.mod,
-        args.jobs_file, args.chunk_dir, args.output_dir, args.skip)
+        args.survivors, args.train_history, nodes, args.chunks, args.prng_type, args.mod,
+        args.jobs_file, args.chunk_dir, args.output_dir, args.skip, balance=args.balance)
     nodes = sorted({job["node"] for job in result.jobs})
     print(f"wrote {len(result.jobs)} jobs over {', '.join(nodes)} to {result.jobs_file}; "
           f"chunks in {args.chunk_dir}/")
@@ -158,6 +160,9 @@ def register(command: CommandFactory) -> None:
     sub.add_argument("--jobs-file", default="scoring_jobs.json")
     sub.add_argument("--chunk-dir", default=DEFAULT_CHUNK_DIR)
     sub.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
+    sub.add_argument("--balance", action="store_true",
+                     help="write floating jobs (node \"any\"): each chunk runs on the first "
+                          "free node or GPU, so fast nodes take more chunks (mixed clusters)")
     sub.set_defaults(handler=cmd_jobs_scoring)
 
     sub = command("demo-data", "write a synthetic draw history from a secret seed, and survivors",

@@ -24,6 +24,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from coordinator.broker import redact
 from coordinator.errors import InvalidJobsError
 from coordinator.jobs import SAFE_NAME
+from worker_tasks.spec import is_floating
 
 DEFAULT_INVENTORY = "cluster.toml"
 INVENTORY_ENV = "SC_INVENTORY"
@@ -161,8 +162,9 @@ class Inventory:
         return [self.nodes[label] for label in dict.fromkeys(wanted)]
 
     def resolve(self, name: str) -> str | None:
-        """The label a jobs file's node name stands for: a label, or a node's host."""
-        if name in self.nodes:
+        """The label a jobs file's node name stands for: a label, or a node's host (a
+        floating job's ``any`` stands for itself)."""
+        if name in self.nodes or is_floating(name):
             return name
         labels = [label for label, node in self.nodes.items() if node.config.host == name]
         return labels[0] if len(labels) == 1 else None
@@ -219,6 +221,9 @@ def parse_inventory(document: dict[str, Any], path: Path) -> Inventory:
         if not SAFE_NAME.match(label) or ".." in label:
             raise InvalidJobsError(f"{path}: {where}: {label!r} is not a valid node label "
                                    f"(letters, digits, '.', '_', '-')")
+        if is_floating(label):
+            raise InvalidJobsError(f"{path}: {where}: '{label}' is reserved: a job whose node "
+                                   f"is '{label}' floats to the first free node")
         if not isinstance(table, dict):
             raise InvalidJobsError(f"{path}: {where} must be a table")
         check_keys(path, where, table)

@@ -26,7 +26,7 @@ from coordinator.cluster.sync import Fetch, check_relative, fetch_file, push
 from coordinator.errors import NodeFailedError
 from coordinator.plan import Plan
 from coordinator.records import JobRecord
-from worker_tasks.spec import JobSpec, node_of_slot, slot_of_worker
+from worker_tasks.spec import FLOATING_NODE, JobSpec, node_of_slot, slot_of_worker
 
 # Arguments of the Step 3 script that name input files (pushed to nodes that need them).
 SCORING_INPUT_FLAGS = ("--seeds-file", "--train-history")
@@ -170,13 +170,19 @@ def argument(args: list[str], flag: str) -> str | None:
 
 
 def push_inputs(inventory: Inventory, plan: Plan, workdir: Path) -> list[NodeOutcome]:
-    """Send each node without shared storage the input files its jobs name.
+    """Send each node without shared storage the input files its jobs name (and those of
+    the floating jobs, which any node may take).
 
     Raises ``NodeFailedError`` if any node could not take them: the run is not
     published (its jobs would only fail for a missing file).
     """
-    wanted = {label: files for label, files in input_files(plan, workdir).items()
-              if label in inventory.nodes and not inventory.nodes[label].config.shared_storage}
+    by_node = input_files(plan, workdir)
+    # A floating job may run on any node: its inputs go to every one (sync sends only what
+    # differs, so a file several jobs name travels once per node).
+    floating = by_node.pop(FLOATING_NODE, {})
+    wanted = {label: {**by_node.get(label, {}), **floating} for label in inventory.nodes
+              if not inventory.nodes[label].config.shared_storage
+              and (label in by_node or floating)}
     if not wanted:
         return []
     with Cluster(inventory, wanted) as cluster:
@@ -196,10 +202,12 @@ def markers_on_nodes(inventory: Inventory, specs: list[JobSpec]) -> set[str]:
     publish again a job that may be done.
     """
     by_node: dict[str, list[JobSpec]] = defaultdict(list)
+    local = [label for label, node in inventory.nodes.items() if not node.config.shared_storage]
     for spec in specs:
-        node = inventory.nodes.get(spec.node)
-        if node is not None and not node.config.shared_storage:
-            by_node[spec.node].append(spec)
+        # A floating job's marker may be on whichever node ran it.
+        for label in local if spec.floating else [spec.node]:
+            if label in local:
+                by_node[label].append(spec)
     if not by_node:
         return set()
 

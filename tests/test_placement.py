@@ -1,0 +1,166 @@
+"""Jobs go where there is capacity: floating jobs (node "any") and --balance, against real
+workers and Redis; every job runs exactly once by the probe's own ledger."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from coordinator import JobState, submit
+from coordinator.errors import InvalidJobsError
+from coordinator.options import SubmitOptions
+from coordinator.submit import prepare
+from tests.helpers import run_cli, write_jobs
+from tests.test_reliability import VISIBILITY_S, Bench, make_bench
+from tests.waiting import wait_for
+
+SPEEDS = "rig-fa=1,rig-fb=1,rig-sl=4"
+
+
+def floating(bench: Bench, job_id: str, *extra: object, **fields: object) -> dict[str, object]:
+    return bench.job(job_id, "any", "--speed", SPEEDS, *extra, **fields)
+
+
+def ran_on(bench: Bench, job_id: str) -> list[str]:
+    """The nodes each execution of a job started on (the probe's ledger)."""
+    return [entry[4] for entry in bench.ledger_of(job_id) if entry[0] == "start"]
+
+
+def test_floating_jobs_go_to_free_nodes_and_fast_nodes_run_more(tmp_path: Path) -> None:
+    with make_bench(tmp_path, ["rig-fa", "rig-fb", "rig-sl"]) as bench:
+        jobs = [floating(bench, f"f{index:02d}", "--sleep", "0.4") for index in range(18)]
+        run = submit(jobs, output_dir="o", workdir=tmp_path, broker_url=bench.server.url)
+        status = run.wait(timeout=120)
+        assert status.all_succeeded
+        for index in range(18):
+            assert bench.successes(f"f{index:02d}") == 1  # each ran exactly once
+        where = Counter(node for index in range(18) for node in ran_on(bench, f"f{index:02d}"))
+        # A slot four times slower takes about a quarter of a fast one's share.
+        assert where["rig-sl"] < where["rig-fa"] and where["rig-sl"] < where["rig-fb"], where
+        assert sum(where.values()) == 18
+        assert bench.violations() == []
+        # The record, the summary and the environment say where each job ran.
+        records = {job.job_id: job for job in status.jobs}
+        for index in range(18):
+            job_id = f"f{index:02d}"
+            assert records[job_id].node == ran_on(bench, job_id)[0]
+            assert records[job_id].host.startswith(records[job_id].node + "@")
+        summary = run.summary(workdir=tmp_path)
+        assert {job["job_id"]: job["node"] for job in summary["jobs"]} == {
+            job_id: job.node for job_id, job in records.items()}
+        joblog = (tmp_path / "o" / "joblog").read_text().splitlines()[1:]
+        assert {line.split("\t")[1].split("@")[0] for line in joblog} == set(where)
+
+
+def test_a_pinned_job_never_leaves_its_node_in_a_balanced_run(tmp_path: Path) -> None:
+    with make_bench(tmp_path, ["rig-fa", "rig-sl"]) as bench:
+        jobs = [bench.job(f"p{index}", "rig-sl", "--sleep", "0.2", pin=True)
+                for index in range(3)]
+        jobs += [bench.job(f"b{index}", "rig-sl", "--sleep", "0.2") for index in range(6)]
+        path = write_jobs(tmp_path / "jobs.json", jobs)
+        plan = prepare(path, SubmitOptions(output_dir="o", balance=True))
+        assert {spec.job_id: spec.node for spec in plan.specs} == {
+            **{f"p{index}": "rig-sl" for index in range(3)},
+            **{f"b{index}": "any" for index in range(6)}}
+        dry = run_cli("submit", "--jobs-file", str(path), "--output-dir", "o", "--balance",
+                      "--dry-run", cwd=tmp_path)
+        assert dry.returncode == 0, dry.stderr
+        assert "node any (queue node.any): 6 jobs, each floats to the first free node" in \
+            dry.stdout
+        result = run_cli("submit", "--jobs-file", str(path), "--output-dir", "o", "--balance",
+                         "--wait", "--workdir", str(tmp_path), "--broker", bench.server.url,
+                         cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        for index in range(3):
+            assert ran_on(bench, f"p{index}") == ["rig-sl"]
+        assert {node for index in range(6) for node in ran_on(bench, f"b{index}")} <= {
+            "rig-fa", "rig-sl"}
+        assert sum(bench.successes(f"b{index}") for index in range(6)) == 6
+
+
+def test_a_worker_killed_mid_job_loses_no_floating_job_and_runs_none_twice(
+        tmp_path: Path) -> None:
+    with make_bench(tmp_path, ["rig-fa", "rig-fb"]) as bench:
+        jobs = [floating(bench, f"k{index}", "--sleep", "1.5") for index in range(8)]
+        run = submit(jobs, output_dir="o", workdir=tmp_path, broker_url=bench.server.url)
+        wait_for(lambda: any(job.state is JobState.RUNNING and job.node == "rig-fb"
+                             for job in run.status().jobs), 60, "a job running on rig-fb")
+        victim = next(job for job in run.status().jobs
+                      if job.state is JobState.RUNNING and job.node == "rig-fb")
+        bench.cluster.kill_worker("rig-fb")  # SIGKILL, the job's script with it
+        status = run.wait(timeout=120 + VISIBILITY_S * 3)
+        assert status.all_succeeded
+        assert sum(bench.successes(f"k{index}") for index in range(8)) == 8
+        # The killed attempt ran again elsewhere, once; no job succeeded twice.
+        assert ran_on(bench, victim.job_id)[-1] == "rig-fa"
+        assert all(bench.successes(f"k{index}") == 1 for index in range(8))
+        assert bench.violations() == []
+
+
+def test_a_node_joining_mid_run_takes_floating_jobs_at_once(tmp_path: Path) -> None:
+    with make_bench(tmp_path, ["rig-fa"]) as bench:
+        jobs = [floating(bench, f"j{index}", "--sleep", "1") for index in range(10)]
+        run = submit(jobs, output_dir="o", workdir=tmp_path, broker_url=bench.server.url)
+        wait_for(lambda: run.status().done >= 1, 60, "the first job done")
+        bench.cluster.start_worker("rig-fb")
+        bench.cluster.wait_ready(["rig-fb"])
+        assert run.wait(timeout=120).all_succeeded
+        assert any(ran_on(bench, f"j{index}") == ["rig-fb"] for index in range(10))
+
+
+def test_per_gpu_floating_jobs_get_their_slots_gpu(tmp_path: Path) -> None:
+    with make_bench(tmp_path, ["rig-fa.gpu0", "rig-fa.gpu1"]) as bench:
+        jobs = [floating(bench, f"g{index}", "--sleep", "0.3", "--lock-per-gpu", gpu_id=7)
+                for index in range(6)]
+        run = submit(jobs, output_dir="o", workdir=tmp_path, per_gpu=True,
+                     broker_url=bench.server.url)
+        assert run.wait(timeout=90).all_succeeded
+        gpus = {bench.ledger_of(f"g{index}")[0][5] for index in range(6)}
+        assert gpus == {"0", "1"}  # each slot's own device, never the job's gpu_id 7
+        assert bench.violations() == []
+
+
+def test_retry_of_a_failed_floating_job_floats_again_and_move_leaves_it(tmp_path: Path) -> None:
+    with make_bench(tmp_path, ["rig-fa"]) as bench:
+        run = submit([floating(bench, "once", "--fail-attempts", "1")], output_dir="o",
+                     workdir=tmp_path, broker_url=bench.server.url)
+        status = run.wait(timeout=60)
+        assert status.jobs[0].state is JobState.FAILED
+        assert run.move("rig-fa", ["rig-zz"]) == {}
+        assert run.retry_failed() == 1
+        record = run.status().jobs[0]
+        assert (record.node, record.floating) == ("any", True)
+        assert run.wait(timeout=60).all_succeeded
+
+
+def test_any_is_no_node_name(tmp_path: Path) -> None:
+    result = run_cli("worker", "--node", "any", "--workdir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "--node any: reserved for floating jobs (every worker takes them); name the node "
+        "itself, e.g. --node rig-a")
+    inventory = tmp_path / "cluster.toml"
+    inventory.write_text('[defaults]\nworkdir = "/w"\n[nodes.any]\nhost = "127.0.0.2"\n')
+    from coordinator.cluster.inventory import load_inventory
+
+    with pytest.raises(InvalidJobsError, match=r"\[nodes.any\]: 'any' is reserved"):
+        load_inventory(inventory)
+
+
+def test_local_starts_the_named_nodes_for_a_file_of_floating_jobs(tmp_path: Path) -> None:
+    jobs = [{"job_id": f"l{index}", "script": "examples/write_output.py",
+             "args": ["--output-file", f"x/l{index}.json"], "node": "any"} for index in range(4)]
+    path = write_jobs(tmp_path / "float.json", jobs)
+    refused = run_cli("local", "--jobs-file", str(path), "--output-dir", "out", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "every job floats and no node is named" in refused.stderr
+    result = run_cli("local", "--jobs-file", str(path), "--output-dir", "out", "--nodes",
+                     "rig-la,rig-lb", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 workers (rig-la, rig-lb)" in result.stderr
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert {job["node"] for job in summary["jobs"]} <= {"rig-la", "rig-lb"}
+    assert summary["succeeded"] == 4
