@@ -19,7 +19,6 @@ balanced within 15% of ideal + fixed cost, and at least 2x faster than pinned.
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.bench_dispatch import ensure_debian_package  # noqa: E402
 from coordinator import submit  # noqa: E402
 from coordinator.local import LocalCluster  # noqa: E402
 
@@ -62,7 +62,7 @@ def coordinator_run(cluster: LocalCluster, jobs: list[dict], work_dir: Path, tag
 
 
 def parallel_run(jobs: list[dict], work_dir: Path) -> float | None:
-    if not shutil.which("parallel"):
+    if not ensure_debian_package("parallel", "parallel"):
         return None
     (work_dir / "par").mkdir(exist_ok=True)
     lines = "".join(" ".join(job["args"]).replace("pin/", "par/") + "\n" for job in jobs)
