@@ -125,9 +125,7 @@ def stored_spec(spec: JobSpec) -> dict[str, Any]:
 
 def spec_from_record(run_id: str, record: dict[str, Any]) -> JobSpec:
     """The job's message rebuilt from its record (the stored spec, and its current node)."""
-    # A floating job floats again (retry, republish): its record's node is where it last ran.
-    node = FLOATING_NODE if record.get("floating") else record["node"]
-    return JobSpec.from_message({**record["spec"], "run_id": run_id, "node": node,
+    return JobSpec.from_message({**record["spec"], "run_id": run_id, "node": record["node"],
                                  "job_id": record["job_id"]})
 
 
@@ -301,7 +299,8 @@ def republish(client: redis.Redis, app: Celery, run_id: str, job_ids: Sequence[s
         if not record or JobState(record["state"]) not in allowed:
             continue
         update = changes(record) if changes else {}
-        if record.get("floating"):  # back to the shared queue, on no node until one takes it
+        # A floating job floats again (retry, republish): its record names where it last ran.
+        if record.get("floating"):
             update = {**update, "node": FLOATING_NODE}
         spec = spec_from_record(run_id, {**record, **update, "job_id": job_id})
         generation = int(record.get("task_id", "0").rsplit(".", 1)[-1]) + 1
