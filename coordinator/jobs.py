@@ -44,6 +44,12 @@ def _safe_name(value: Any) -> Any:
     return value
 
 
+def _node_name(value: Any) -> Any:
+    if isinstance(value, str):
+        _rule(rules.check_node, value, "")
+    return value
+
+
 def _script_path(value: Any) -> Any:
     if isinstance(value, str):
         if not value.strip():
@@ -54,6 +60,7 @@ def _script_path(value: Any) -> Any:
             raise ValueError(f"{value!r} is absolute; give a path inside the scripts directory")
         if ".." in path.parts:
             raise ValueError(f"{value!r} climbs out of the scripts directory with '..'")
+        _rule(rules.check_script, value, "the script")
     return value
 
 
@@ -78,7 +85,7 @@ def _job_env(value: Any) -> Any:
 
 def _timeout(value: Any) -> Any:
     if value is not None:
-        _rule(rules.check_seconds, value, "", rules.MAX_TIMEOUT_S)
+        _rule(rules.check_timeout, value, "")
     return value
 
 
@@ -92,6 +99,7 @@ def _retry_delay(value: Any) -> Any:
 INTERN_MAX = 32
 
 SafeName = Annotated[str, BeforeValidator(_safe_name)]
+NodeName = Annotated[str, BeforeValidator(_node_name)]
 ScriptPath = Annotated[str, BeforeValidator(_script_path)]
 ArgText = Annotated[str, BeforeValidator(_arg_text)]
 GpuId = Annotated[int, Field(ge=0, le=rules.MAX_GPU_ID)]
@@ -122,7 +130,7 @@ class Job(BaseModel):
     job_id: SafeName
     script: ScriptPath
     args: list[ArgText] = Field(default_factory=list, max_length=rules.MAX_ARGS)
-    node: SafeName
+    node: NodeName
     gpu_id: GpuId = 0
     timeout: Timeout = None
     env: Annotated[dict[str, str], BeforeValidator(_job_env)] = Field(default_factory=dict)
@@ -149,7 +157,7 @@ class LegacyScoringJob(BaseModel):
     prng_type: str
     mod: int = Field(ge=1)
     train_history: str | list[int]
-    node: SafeName
+    node: NodeName
     gpu_id: GpuId = 0
     skip: int = Field(default=0, ge=0)
     timeout: Timeout = None
@@ -247,10 +255,21 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose key repeats is ambiguous (JSON would keep the last): refused."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice in one object (which one is meant?)")
+        seen[key] = value
+    return seen
+
+
 def decode_json(text: str, source: str) -> Any:
     """JSON as the jobs file contract allows it: no NaN/Infinity, sane nesting and numbers."""
     try:
-        return json.loads(text, parse_constant=_no_constants)
+        return json.loads(text, parse_constant=_no_constants,
+                          object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as err:
         raise InvalidJobsError(
             f"{source}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"

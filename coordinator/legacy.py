@@ -16,6 +16,7 @@ from typing import Any
 from coordinator.errors import InvalidJobsError
 from coordinator.files import write_json_atomically
 from coordinator.jobs import Job, LegacyScoringJob
+from worker_tasks.spec import InvalidMessage, check_relative_path
 
 SCORING_SCRIPT = "full_scoring_worker.py"
 
@@ -41,8 +42,13 @@ def convert(entry: LegacyScoringJob, index: int, chunk_dir: str, output_dir: str
         parse_seeds(entry.seeds, entry.prng_type, source="field 'seeds'")
         if isinstance(entry.train_history, list):
             parse_history(entry.train_history, entry.mod, source="field 'train_history'")
+        else:
+            check_relative_path(entry.train_history, "train_history")
     except ScoringInputError as err:
         raise InvalidJobsError(f"{where}: legacy scoring job: {err}") from None
+    except InvalidMessage as err:
+        raise InvalidJobsError(f"{where}: field 'train_history': {err} (a path relative to "
+                               f"the workers' workdir)") from None
     seeds_file = posixpath.join(chunk_dir, f"{job_id}.json")
     files: dict[str, Any] = {seeds_file: entry.seeds}
     history = entry.train_history

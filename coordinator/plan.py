@@ -40,6 +40,20 @@ def find_output_file(args: Sequence[str]) -> str | None:
     return None
 
 
+def output_file_problem(args: Sequence[str]) -> str | None:
+    """Why the job's ``--output-file`` can only fail later (no value, no file name), or None."""
+    for index, arg in enumerate(args):
+        if arg == OUTPUT_FLAG and index + 1 == len(args):
+            return f"'{OUTPUT_FLAG}' is the last argument: it has no value"
+        if arg == OUTPUT_FLAG or arg.startswith(OUTPUT_FLAG + "="):
+            value = args[index + 1] if arg == OUTPUT_FLAG else arg.split("=", 1)[1]
+            name = posixpath.basename(value)
+            if not value or value.endswith("/") or name in ("", ".", ".."):
+                return (f"{OUTPUT_FLAG} {value!r} names no file (a file name is needed: its "
+                        f".done marker goes beside it)")
+    return None
+
+
 def rewrite_output_path(args: Sequence[str], output_dir: str) -> list[str]:
     """Args with the ``--output-file`` value moved to ``<output_dir>/<basename>``."""
     out = list(args)
@@ -118,6 +132,16 @@ class Plan:
         return "\n".join(lines)
 
 
+def checked(where: str, spec: JobSpec) -> JobSpec:
+    """The message as the worker will check it, checked here by the same rules: a job the
+    workers would refuse is refused before anything is published."""
+    try:
+        JobSpec.from_message(spec.to_message())
+    except InvalidMessage as err:
+        raise InvalidJobsError(f"{where}: {err} (the workers would refuse this job)") from None
+    return spec
+
+
 def check_output_dir(output_dir: str) -> str:
     """The output directory is relative to the workers' workdir, and stays inside it."""
     try:
@@ -140,6 +164,10 @@ def plan_jobs(jobs: Iterable[Job], run_id: str, options: SubmitOptions = DEFAULT
     for index, job in enumerate(jobs):
         if job.pin:
             pinned.add(job.job_id)
+        where = f"jobs: job {index} (job_id {job.job_id!r})"
+        problem = output_file_problem(job.args)
+        if problem:
+            raise InvalidJobsError(f"{where}: field 'args': {problem}")
         args = list(job.args) if preserve_paths else rewrite_output_path(job.args, output_dir)
         node = FLOATING_NODE if options.balance and not job.pin else job.node
         output = find_output_file(args)
@@ -160,8 +188,7 @@ def plan_jobs(jobs: Iterable[Job], run_id: str, options: SubmitOptions = DEFAULT
                 f"written by job {other_index} (job_id {other_id!r})"
             )
         writers[normal] = (index, job.job_id)
-        specs.append(
-            JobSpec(
+        specs.append(checked(where, JobSpec(
                 run_id=run_id,
                 job_id=job.job_id,
                 script=job.script,
@@ -177,6 +204,5 @@ def plan_jobs(jobs: Iterable[Job], run_id: str, options: SubmitOptions = DEFAULT
                 retry_delay=(job.retry_delay if job.retry_delay is not None
                              else options.retry_delay),
                 per_gpu=options.per_gpu,
-            )
-        )
+            )))
     return Plan(run_id=run_id, specs=specs, options=options, pinned=frozenset(pinned))

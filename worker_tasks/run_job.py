@@ -338,11 +338,10 @@ class JobExecution:
             lease.release()
 
     def refuse(self, why: str) -> NoReturn:
-        logger.error("job %s of run %s refused: %s", self.spec.job_id, self.spec.run_id, why)
         moved = self.track("refuse", lambda t: t.fail(*self.ids(), error=why))
         if not moved.ok:
             raise Dropped(f"refused ({why}), and its record is {moved.outcome}")
-        raise JobFailed(why)
+        raise JobFailed(f"job {self.spec.job_id} of run {self.spec.run_id} refused: {why}")
 
     def skip(self) -> dict[str, Any]:
         # A message delivered twice finds the marker its first delivery wrote: a job already
@@ -509,20 +508,39 @@ def describe(outcome: Outcome) -> tuple[int | None, str | None, bool]:
     return 0, None, False
 
 
-@app.task(name=RUN_JOB_TASK, bind=True)
+def fail_refused(message: Any, task_id: str, host: str, why: str) -> bool:
+    """A refused message of a job whose record holds it fails that job, the refusal its error
+    (the job would otherwise wait, then be found lost). True if a record was failed."""
+    if not isinstance(message, dict):
+        return False
+    try:
+        run_id = check_name(message.get("run_id"), "run_id")
+        job_id = check_name(message.get("job_id"), "job_id")
+    except InvalidMessage:
+        return False
+    with contextlib.suppress(redis.RedisError):
+        error = f"refused by the worker: {why}"
+        return tracker().fail(run_id, job_id, task_id, host, 0, error=error).ok
+    return False
+
+
+# A failed job is an expected outcome: Celery logs it in one line, without a traceback.
+@app.task(name=RUN_JOB_TASK, bind=True, throws=(JobFailed,))
 def run_job(self: Any, message: Any = None, *extra: Any, **kwargs: Any) -> dict[str, Any]:
     """Run one planned job (a ``JobSpec`` message); returns a small JSON result."""
     if extra or kwargs:
         message = None  # the contract is exactly one positional message
+    # The worker name (rig-a@machine) says both the node and the machine.
+    host = self.request.hostname or socket.gethostname()
     try:
         spec = JobSpec.from_message(message)
     except InvalidMessage as err:
         # One line in the log, REJECTED in Flower, the message acknowledged (not requeued).
-        logger.error("refused message %s: %s", self.request.id, err)
+        failed = fail_refused(message, self.request.id, host, str(err))
+        logger.error("refused message %s: %s%s", self.request.id, err,
+                     "; its job is failed" if failed else "")
         self.send_event("task-rejected", requeue=False)
         raise Ignore() from None
-    # The worker name (rig-a@machine) says both the node and the machine.
-    host = self.request.hostname or socket.gethostname()
     floating = spec.floating
     if floating:  # the first free slot took it: it runs as a job of this worker's slot
         try:

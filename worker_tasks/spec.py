@@ -11,11 +11,11 @@ node's jobs-file model imports them.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import PurePosixPath
 from typing import Any
 
 # The stable task name: workers and publishers of any version agree on it.
@@ -34,6 +34,14 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 MAX_GPU_ID = 255
 # The longest per-job timeout (seconds): 30 days; longer is a typo, and inf is refused.
 MAX_TIMEOUT_S = 30 * 24 * 3600.0
+# The shortest (seconds): below it the script could only be killed as it starts.
+MIN_TIMEOUT_S = 0.01
+# A script path's bounds: a file name the kernel accepts, a path that prints on one line.
+MAX_SCRIPT_CHARS = 1024
+MAX_NAME_BYTES = 255
+# The node of the queue that messages published without a node land in (celeryconfig's
+# task_default_queue): no job may name it, no worker serves it.
+UNASSIGNED_NODE = "unassigned"
 # Automatic retries of one job, and the longest base delay between attempts (seconds).
 MAX_RETRIES = 100
 MAX_RETRY_DELAY_S = 3600.0
@@ -63,6 +71,8 @@ def check_text(value: Any, what: str) -> str:
         raise InvalidMessage(f"{what} must be a string, not {type(value).__name__}")
     if "\0" in value:
         raise InvalidMessage(f"{what} contains a NUL byte")
+    if value.isascii():  # no surrogate can hide in ASCII: the common case, cheaply
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -78,13 +88,48 @@ def check_name(value: Any, what: str) -> str:
     return value
 
 
+def check_node(value: Any, what: str = "node") -> str:
+    """A node label a job may name: a safe name that is not a queue of the system's own
+    (``unassigned``) nor one GPU's queue (``rig-a.gpu1``); ``any`` floats."""
+    check_name(value, what)
+    if value == UNASSIGNED_NODE:
+        raise InvalidMessage(f"{what} {value!r} is reserved (node.{value} is the queue of "
+                             f"messages published without a node)")
+    if PER_GPU_SUFFIX.search(value):
+        raise InvalidMessage(f"{what} {value!r} ends like a GPU slot (.gpuN); name the node "
+                             f"and give gpu_id")
+    return value
+
+
+def check_script(value: Any, what: str = "script") -> str:
+    """A script path inside the scripts directory that can be a file and an argument."""
+    check_relative_path(value, what)
+    return _check_script_name(value, what)
+
+
+@functools.lru_cache(maxsize=1024)  # a run names few scripts, each in thousands of jobs
+def _check_script_name(value: str, what: str) -> str:
+    if len(value) > MAX_SCRIPT_CHARS:
+        raise InvalidMessage(f"{what} is {len(value)} characters long (at most "
+                             f"{MAX_SCRIPT_CHARS})")
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        raise InvalidMessage(f"{what} {value!r} contains a control character")
+    for part in value.split("/"):
+        if part.startswith("-"):
+            raise InvalidMessage(f"{what} {value!r} has a part starting with '-' (it would "
+                                 f"read as an option)")
+        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+            raise InvalidMessage(f"{what} has a name longer than {MAX_NAME_BYTES} bytes")
+    return value
+
+
 def check_relative_path(value: Any, what: str) -> str:
     """A path that stays inside the directory it is relative to (no absolute, no '..')."""
     check_text(value, what)
-    path = PurePosixPath(value)
-    if not value.strip() or path.is_absolute() or value.startswith("~"):
+    # String operations, not PurePosixPath: the same rule, 5x cheaper at 100,000 jobs.
+    if not value.strip() or value.startswith(("/", "~")):
         raise InvalidMessage(f"{what} {value!r} is not a relative path")
-    if ".." in path.parts:
+    if ".." in value.split("/"):
         raise InvalidMessage(f"{what} {value!r} climbs out of its directory with '..'")
     return value
 
@@ -105,6 +150,15 @@ def check_seconds(value: Any, what: str, maximum: float, allow_zero: bool = Fals
     if not math.isfinite(number) or not low_ok or number > maximum:
         bound = ">= 0" if allow_zero else "> 0"
         raise InvalidMessage(f"{what} {value!r} must be finite, {bound} and at most {maximum:g}")
+    return number
+
+
+def check_timeout(value: Any, what: str = "timeout") -> float:
+    """A job's timeout: seconds, at most ``MAX_TIMEOUT_S``, at least ``MIN_TIMEOUT_S``."""
+    number = check_seconds(value, what, MAX_TIMEOUT_S)
+    if number < MIN_TIMEOUT_S:
+        raise InvalidMessage(f"{what} {value!r} is shorter than {MIN_TIMEOUT_S:g} s: the "
+                             f"script would be killed as it starts")
     return number
 
 
@@ -305,15 +359,14 @@ class JobSpec:
         return cls(
             run_id=run_id,
             job_id=check_name(message["job_id"], "job_id"),
-            script=check_relative_path(message["script"], "script"),
+            script=check_script(message["script"]),
             args=check_args(message["args"]),
-            node=check_name(message["node"], "node"),
+            node=check_node(message["node"]),
             gpu_id=check_gpu_id(message["gpu_id"]),
             output_file=None if output is None else check_relative_path(output, "output_file"),
             done_file=done,
             log_file=log,
-            timeout=None if timeout is None else check_seconds(timeout, "timeout",
-                                                               MAX_TIMEOUT_S),
+            timeout=None if timeout is None else check_timeout(timeout),
             env=check_env(message.get("env", {})),
             retries=check_retries(message.get("retries", 0)),
             retry_delay=check_seconds(message.get("retry_delay", DEFAULT_RETRY_DELAY_S),

@@ -159,7 +159,9 @@ def cmd_submit(args: argparse.Namespace, plan: Plan | None = None) -> int:
     for line in run.pushed:
         print(f"pushed {line}", file=sys.stderr)
     print(json.dumps({"run_id": run.id}) if args.json else run.id, flush=True)
-    print(f"published {sum(run.planned.values())} jobs; follow with: coordinator wait {run.id}",
+    published = sum(run.planned.values()) - run.recovered
+    skipped = f" ({run.recovered} already done, not published)" if recovering else ""
+    print(f"published {published} jobs{skipped}; follow with: coordinator wait {run.id}",
           file=sys.stderr)
     warn_unserved(run)
     if args.wait:
