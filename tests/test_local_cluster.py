@@ -15,6 +15,23 @@ from coordinator import JobState, get_run, submit
 from coordinator.local import LocalCluster
 from coordinator.redis_server import RedisServer, free_port
 from tests.helpers import NODES, REPO, echo_job, queue_lengths, run_cli, write_jobs
+from tests.waiting import alive, wait_for
+
+
+def scripts_writing(out: Path) -> list[int]:
+    """Pids of the job scripts whose command line writes into ``out``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(arg.startswith(f"{out.name}/".encode()) for arg in cmdline) and \
+                any(arg.endswith(b"write_output.py") for arg in cmdline):
+            found.append(int(entry.name))
+    return found
 
 
 def wait_for_text(path: Path, text: str, timeout: float) -> None:
@@ -337,10 +354,15 @@ def test_cancel_stops_the_running_job_and_drops_the_queued_ones(cluster: LocalCl
         if any(job.state is JobState.RUNNING for job in run.status().jobs):
             break
         time.sleep(0.1)
+    wait_for(lambda: scripts_writing(cluster_workdir / "cancel"), 30, "the running job's script")
+    running = scripts_writing(cluster_workdir / "cancel")
     result = run_cli("cancel", run.id, "--broker", cluster.broker_url)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"run {run.id}: cancelled 4 queued or running jobs\n"
-    status = run.wait(timeout=30)  # a 30 s job was running: only a kill ends it this soon
+    # The script sleeps 30 s: only a kill ends it within this deadline.
+    wait_for(lambda: not any(alive(pid) for pid in running), 10,
+             "the cancelled job's script to be killed")
+    status = run.wait(timeout=30)
     assert [job.state for job in status.jobs] == [JobState.CANCELLED] * 4
     # Each dropped message is taken by the worker and refused, never run: wait for all four.
     log = cluster_workdir / "worker-logs" / "worker-rig-c.log"

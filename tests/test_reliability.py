@@ -368,8 +368,11 @@ def test_cancel_kills_running_jobs_and_no_marker_appears(bench: Bench) -> None:
     else:
         assert states["edge_b"] is JobState.SUCCEEDED and (out / "edge_b.json.done").exists()
     assert bench.successes("queued_a") == 0
+    # The worker writes this line after the processes die: wait for it.
+    job_log = out / "logs" / "long_a.log"
+    wait_for(lambda: "cancelled while running; killed" in job_log.read_text(), 10,
+             "the job log's cancel line")
     log = (bench.workdir / "worker-logs" / "worker-rig-a.log").read_text()
-    assert "cancelled while running; killed" in (out / "logs" / "long_a.log").read_text()
     assert "Traceback" not in log
 
 
