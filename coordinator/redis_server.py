@@ -82,7 +82,8 @@ class RedisServer:
                    "--protected-mode", "yes",
                    *(["--requirepass", self.password] if self.password else [])]
         if self.die_with_parent:
-            command = wrapped(command, signal.SIGTERM)
+            # Its data directory goes with it, even when this process is SIGKILLed.
+            command = wrapped(command, signal.SIGTERM, remove=str(self.dir))
         self.process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )

@@ -519,6 +519,57 @@ def test_a_sigkilled_local_coordinator_takes_its_cluster_with_it(tmp_path: Path)
     wait_for(lambda: [pid for pid in started if alive(pid)] == [], 60,
              "the workers and their jobs to die with the coordinator",
              seen=lambda: " ".join(str(pid) for pid in started if alive(pid)))
+    wait_for(lambda: not list(tmp_path.glob("sc-redis-*")), 30,
+             "the private Redis's temporary directory to be removed")
+
+
+def test_local_sigkilled_as_its_first_short_job_runs_leaves_nothing(tmp_path: Path) -> None:
+    """The kill lands while jobs run and others wait: workers, scripts, Redis and its
+    directory are gone within a deadline (reproduced as a leak of both workers before)."""
+    jobs = write_jobs(tmp_path / "jobs.json", [
+        {"job_id": f"j{index}", "script": "examples/write_output.py",
+         "args": ["--output-file", f"x/j{index}.json", "--sleep", "3"],
+         "node": ("rig-a", "rig-b")[index % 2]} for index in range(8)])
+    process = subprocess.Popen([str(BIN / "coordinator"), "local", "--jobs-file", str(jobs),
+                                "--output-dir", "out", "--scripts-dir", str(REPO),
+                                "--workdir", "."], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL,
+                               env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        wait_for(lambda: list((tmp_path / "out" / "logs").glob("j*.log")), 120,
+                 "the first job to run")
+    finally:
+        process.kill()
+        process.wait()
+
+    def leftovers() -> list[int]:
+        return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
+                and (cwd_of(entry) or "").startswith(str(tmp_path))]
+
+    wait_for(lambda: leftovers() == [], 60, "every process of the local cluster to end",
+             seen=lambda: " ".join(map(str, leftovers())))
+    wait_for(lambda: not list(tmp_path.glob("sc-redis-*")), 30,
+             "the private Redis's temporary directory to be removed")
+
+
+def test_a_worker_stops_in_bounded_time_when_its_broker_is_gone(tmp_path: Path) -> None:
+    """Warm stop: the running job finishes, then the worker exits though Redis is dead."""
+    with make_bench(tmp_path, ["rig-a"], env={"SC_STOP_GRACE": "3"}) as bench:
+        submit([bench.job("last", "rig-a", "--sleep", "3")], output_dir="o",
+               broker_url=bench.server.url)
+        wait_for(lambda: len(bench.ledger_of("last")) == 1, 60, "the job to start")
+        worker = bench.cluster.workers["rig-a"]
+        bench.server.kill()
+        log_file = bench.workdir / "worker-logs" / "worker-rig-a.log"
+        wait_for(lambda: "Cannot connect to" in log_file.read_text(), 30,
+                 "the worker to find its broker gone")
+        worker.send_signal(signal.SIGTERM)
+        wait_for(lambda: len(bench.ledger_of("last")) == 2, 30,
+                 "the running job to finish first (a warm stop)")
+        wait_for(lambda: worker.poll() is not None, 30,
+                 "the worker to exit with its broker gone")
+        assert bench.successes("last") == 1
+        assert "killing its pool and exiting" in log_file.read_text()
 
 
 def test_status_shows_at_most_one_running_job_per_node_after_kills(tmp_path: Path) -> None:

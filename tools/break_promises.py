@@ -110,6 +110,17 @@ BREAKS = [
           "CANCELLABLE = (JobState.QUEUED, JobState.RUNNING, JobState.LOST, JobState.FINISHING)",
           (T + "test_tracking.py::test_each_transition_is_allowed_from_its_states_and_refused"
                "_from_every_other",)),
+    Break("a worker stops in bounded time without its broker", "worker_tasks/__init__.py",
+          "    shutdown,  # noqa: F401  (a stopping worker exits in bounded time)\n", "",
+          (T + "test_reliability.py::"
+               "test_a_worker_stops_in_bounded_time_when_its_broker_is_gone",)),
+    Break("a SIGKILLed local leaves no Redis directory", "coordinator/redis_server.py",
+          "command = wrapped(command, signal.SIGTERM, remove=str(self.dir))",
+          "command = wrapped(command, signal.SIGTERM)",
+          (T + "test_reliability.py::test_local_sigkilled_as_its_first_short_job_runs_leaves"
+               "_nothing",
+           T + "test_reliability.py::"
+               "test_a_sigkilled_local_coordinator_takes_its_cluster_with_it")),
     Break("status finds the per-GPU workers of a node", "coordinator/run.py",
           "return ClusterView(self.client, self.app).consuming_nodes()",
           "return ClusterView(self.client, self.app).consuming_slots()",

@@ -9,7 +9,10 @@ from typing import Any
 
 from celery.signals import worker_init
 
-from worker_tasks import presence  # noqa: F401  (workers keep their nodes' presence in Redis)
+from worker_tasks import (
+    presence,  # noqa: F401  (workers keep their nodes' presence in Redis)
+    shutdown,  # noqa: F401  (a stopping worker exits in bounded time)
+)
 from worker_tasks.app import app
 from worker_tasks.run_job import run_job
 
