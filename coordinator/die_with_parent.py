@@ -9,8 +9,8 @@ a coordinator killed with SIGKILL (no handler runs) takes them with it. Run by p
 not as ``-m coordinator...``: it imports nothing of the project (no start-up cost).
 
 ``--remove DIR``: instead of becoming COMMAND, stay as its parent, pass SIGNAL on to it,
-and once it has exited remove DIR (a private Redis's data directory, which nobody else
-would remove after a SIGKILL).
+and once it has exited remove DIR if PARENT_PID is gone (a private Redis's data
+directory, which nobody else would remove after a SIGKILL).
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ def die_with_parent(signum: int) -> bool:
     return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0
 
 
-def supervise(command: list[str], signum: signal.Signals, remove: str) -> int:
-    """Run ``command`` as a child, pass ``signum`` (and SIGTERM) on, then remove ``remove``."""
+def supervise(command: list[str], signum: signal.Signals, remove: str, parent: int) -> int:
+    """Run ``command`` as a child, pass ``signum`` (and SIGTERM) on; once it has exited,
+    remove ``remove`` if the parent is gone (a live parent cleans up itself, and may still
+    read the directory: a log saying why the command failed to start)."""
     child = subprocess.Popen(command, preexec_fn=lambda: die_with_parent(signal.SIGKILL))
 
     def forward(received: int, _frame: object) -> None:
@@ -53,7 +55,8 @@ def supervise(command: list[str], signum: signal.Signals, remove: str) -> int:
     for each in {signum, signal.SIGTERM}:
         signal.signal(each, forward)
     status = child.wait()
-    shutil.rmtree(remove, ignore_errors=True)
+    if os.getppid() != parent:
+        shutil.rmtree(remove, ignore_errors=True)
     return status
 
 
@@ -70,7 +73,7 @@ def main(argv: list[str]) -> int:
             shutil.rmtree(remove, ignore_errors=True)
         return PARENT_GONE
     if remove:
-        return supervise(command, signum, remove)
+        return supervise(command, signum, remove, parent)
     os.execvp(command[0], command)
     return 0  # not reached: exec replaced this process
 

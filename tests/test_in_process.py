@@ -24,6 +24,7 @@ from coordinator.submit import prepare, record_run, task_id_for
 from tests.helpers import echo_job
 from worker_tasks import presence
 from worker_tasks.lease import SlotLease, make_token
+from worker_tasks.retries import MAX_BACKOFF_S, Retries
 from worker_tasks.tracking import EVENTS_SLACK, JobState, JobTracker, events_key
 
 HOST = "rig-x@box"
@@ -133,3 +134,16 @@ def test_presence_counts_only_recent_announcements(client: redis.Redis) -> None:
     assert presence.serving(client, [node]) == {node: [f"{node}@box"]}
     mine.withdraw()
     assert presence.serving(client, [node]) == {}
+
+
+def test_the_retry_policy_backs_off_exponentially_with_jitter_and_a_cap() -> None:
+    policy = Retries(retries=3, base_delay=2.0, max_delay=3.5)
+    for _ in range(50):  # the jitter is random: look at many draws
+        waits = [policy.after_failure(attempt) for attempt in (1, 2, 3)]
+        assert 1.0 <= waits[0] <= 3.0  # 2 s x U(0.5, 1.5)
+        assert 2.0 <= waits[1] <= 3.5  # 4 s x jitter, capped
+        assert waits[2] == 3.5  # 8 s x at least 0.5 is over the cap
+    assert policy.after_failure(4) is None  # the last allowed attempt failed
+    assert Retries(retries=0, base_delay=1.0).after_failure(1) is None
+    assert Retries(retries=1, base_delay=0.0).after_failure(1) == 0.0
+    assert Retries(retries=9, base_delay=100.0).after_failure(9) == MAX_BACKOFF_S

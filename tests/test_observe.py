@@ -63,7 +63,7 @@ def test_flower_shows_workers_with_their_queues_and_every_job(flower: str,
     queues = {name: [queue["name"] for queue in info.get("active_queues", [])]
               for name, info in workers.items()}  # type: ignore[union-attr]
     rig_a = next(name for name in queues if name.startswith("rig-a@"))
-    assert queues[rig_a] == ["node.rig-a"]
+    assert queues[rig_a] == ["node.rig-a", "node.any"]  # its own, then floating jobs
     jobs = [echo_job("fl_ok", "rig-a", "fl"), echo_job("fl_bad", "rig-b", "fl", "--exit-code", "3"),
             echo_job("fl_slow", "rig-c", "fl", "--sleep", "30"),
             echo_job("fl_queued", "rig-c", "fl")]

@@ -440,6 +440,10 @@ def test_hostile_messages_are_refused_and_the_worker_lives_on(bench: Bench) -> N
                                   "argsrepr": "", "kwargsrepr": ""})
     wait_for(lambda: "pickle" in log.read_text() and "Refusing" in log.read_text(), 30,
              "the pickled message to be refused")
+    # One line, naming the message; no traceback, no dump of the attacker's body.
+    refusals = [line for line in log.read_text().splitlines() if "pickled-1" in line]
+    assert len(refusals) == 1 and "Refusing to deserialize" in refusals[0], refusals
+    assert "Traceback" not in log.read_text()
 
 
 def test_a_message_without_a_queue_is_refused_at_the_publisher_and_shown_by_status(

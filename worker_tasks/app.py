@@ -28,7 +28,9 @@ def make_app(broker_url: str | None = None, result_backend: str | None = None) -
     """A Celery app configured from ``celeryconfig``; URLs may be overridden."""
     app = Celery("scripts_coordinator")
     app.config_from_object(celeryconfig)
-    overrides: dict[str, Any] = {"task_routes": (refuse_unrouted,)}
+    # Refused messages are told in one line (see consumer.py); the head's apps consume nothing.
+    overrides: dict[str, Any] = {"task_routes": (refuse_unrouted,),
+                                 "worker_consumer": "worker_tasks.consumer:QuietConsumer"}
     if broker_url:
         overrides["broker_url"] = broker_url
         overrides["result_backend"] = result_backend or broker_url
