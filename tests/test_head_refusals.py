@@ -47,7 +47,7 @@ def test_the_unassigned_queue_is_the_default_queue() -> None:
     assert celeryconfig.task_default_queue == queue_for(UNASSIGNED_NODE)
 
 
-@pytest.mark.parametrize(("change", "expected"), [
+REFUSALS = [
     ({"node": "unassigned"}, "field 'node': 'unassigned' is reserved"),
     ({"node": "rig-a.gpu1"}, "field 'node': 'rig-a.gpu1' ends like a GPU slot (.gpuN)"),
     ({"args": ["--output-file"]}, "'--output-file' is the last argument: it has no value"),
@@ -61,7 +61,20 @@ def test_the_unassigned_queue_is_the_default_queue() -> None:
     ({"script": "s" * 5000 + ".py"}, "characters long (at most 1024)"),
     ({"args": ["--output-file", "x/j.json", "y" * (MAX_ARGS_CHARS + 1)]},
      f"args are longer than {MAX_ARGS_CHARS} characters in all (the workers would refuse"),
-])
+]
+
+
+@pytest.mark.parametrize(("change", "expected"), REFUSALS)
+def test_planning_refuses_what_can_only_fail_later(change: dict[str, Any],
+                                                   expected: str) -> None:
+    """In-process (mutation testing reaches it): the same refusals as the CLI's below."""
+    with pytest.raises(InvalidJobsError) as caught:
+        prepare([{**BASE, **change}], SubmitOptions(output_dir="o"))
+    assert str(caught.value).startswith("jobs: job 0 (job_id 'j'): ")
+    assert expected in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize(("change", "expected"), REFUSALS)
 def test_the_head_refuses_in_one_line_what_can_only_fail_later(
         tmp_path: Path, change: dict[str, Any], expected: str) -> None:
     line = refusal(tmp_path, [{**BASE, **change}])
