@@ -25,7 +25,8 @@ import redis
 
 import celeryconfig
 from coordinator.cluster_view import ClusterView
-from worker_tasks.spec import node_of_queue
+from worker_tasks.presence import presence_key
+from worker_tasks.spec import node_of_queue, queue_for
 from worker_tasks.tracking import (
     JobState,
     busy_key,
@@ -68,6 +69,13 @@ def node_queues(broker: redis.Redis) -> dict[str, str]:
     return queues
 
 
+def known_nodes(tracking: redis.Redis) -> set[str]:
+    """Nodes some worker has announced itself for (the presence registry's keys)."""
+    prefix = presence_key("")
+    return {raw.decode().removeprefix(prefix)
+            for raw in tracking.scan_iter(match=presence_key("*"), count=1000)}
+
+
 def collect(broker: redis.Redis, tracking: redis.Redis) -> str:
     """Every metric, in Prometheus' text exposition format."""
     samples: dict[str, list[tuple[str, float]]] = {name: [] for name in HELP}
@@ -75,7 +83,10 @@ def collect(broker: redis.Redis, tracking: redis.Redis) -> str:
     nodes = set(queues.values())
     busy = {node.decode(): float(value) for node, value in
             tracking.hgetall(busy_key()).items()}
-    nodes |= set(busy)
+    nodes |= set(busy) | known_nodes(tracking)
+    # A known node's empty queue is a 0, not a missing sample (Redis keeps no empty list).
+    for node in nodes - set(queues.values()):
+        queues[queue_for(node)] = node
     for queue, node in sorted(queues.items()):
         samples["sc_queue_length"].append((label(node=node, queue=queue), broker.llen(queue)))
     view = ClusterView(tracking)

@@ -33,6 +33,7 @@ from coordinator.options import DEFAULTS, SubmitOptions
 from coordinator.plan import Plan, plan_jobs
 from worker_tasks.spec import DEFAULT_RETRY_DELAY_S, FLOATING_NODE, RUN_JOB_TASK, JobSpec
 from worker_tasks.tracking import (
+    CANCELLABLE,
     SPEC_FIELDS,
     JobState,
     JobTracker,
@@ -271,8 +272,11 @@ def cancel_run(client: redis.Redis, run_id: str) -> int:
     killed (with everything they started) by their worker within a second, and
     never get a ``.done``. Each job changes state atomically, so the count is exact.
     """
-    job_ids = [raw.decode() for raw in client.lrange(jobs_key(run_id), 0, -1)]
     tracker = JobTracker(client)
+    counts = tracker.counts(run_id)
+    if not any(counts.get(state, 0) for state in CANCELLABLE):
+        return 0  # every job is final already: the run's outcome is what its jobs did
+    job_ids = [raw.decode() for raw in client.lrange(jobs_key(run_id), 0, -1)]
     tracker.set_run_state(run_id, RunState.CANCELLED)
     cancelled = 0
     for part in chunks(job_ids):

@@ -476,6 +476,11 @@ class JobTracker:
         pipe.zremrangebyscore(runs_key(), 0, created_at - RUN_TTL_S)  # runs whose records expired
         pipe.execute()
 
+    def counts(self, run_id: str) -> dict[JobState, int]:
+        """Jobs per state, from the run's counters (kept by every transition)."""
+        return {JobState(name.decode()): int(value)
+                for name, value in self.client.hgetall(counts_key(run_id)).items()}
+
     def set_run_state(self, run_id: str, state: RunState) -> None:
         self.client.hset(run_key(run_id), "state", json.dumps(str(state)))
 

@@ -7,6 +7,7 @@ status from ``coordinator.errors.ExitCode``.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -81,6 +82,11 @@ def run_cli(handler: Callable[[argparse.Namespace], int], args: argparse.Namespa
     except CoordinatorError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return int(err.exit_code)
+    except BrokenPipeError:
+        # The reader went away (`coordinator status | head -1`): a normal end for a CLI.
+        # Point stdout at /dev/null so the interpreter's final flush says nothing either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return int(ExitCode.OK)
     except redis.RedisError as err:  # Redis went away after the first contact
         print(f"{prog}: error: lost the connection to Redis: {err}", file=sys.stderr)
         return int(ExitCode.BROKER_UNREACHABLE)
