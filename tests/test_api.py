@@ -18,7 +18,7 @@ from tests.helpers import echo_job, write_jobs
 from worker_tasks.spec import DEFAULT_RETRY_DELAY_S
 
 
-def test_the_cli_flags_take_their_defaults_from_the_options_type() -> None:
+def test_command_line_flags_take_their_defaults_from_the_options_type() -> None:
     args = build_parser().parse_args(["submit", "--jobs-file", "j.json"])
     options = SubmitOptions.from_args(args, inventory=None)
     assert options == SubmitOptions(workdir=Path("."))

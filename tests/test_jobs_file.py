@@ -11,7 +11,8 @@ from coordinator.errors import InvalidJobsError
 from coordinator.jobs import Job, LegacyScoringJob, load_jobs, load_jobs_file, parse_jobs
 from coordinator.legacy import convert, write_chunks
 from coordinator.options import SubmitOptions
-from coordinator.plan import find_output_file, plan_jobs, rewrite_output_path
+from coordinator.plan import find_output_file, output_file_problem, plan_jobs, rewrite_output_path
+from coordinator.submit import prepare
 
 ORIGINAL = {
     "job_id": "chunk_0000",
@@ -367,3 +368,89 @@ def test_seconds_fields_read_exactly(changes: dict[str, object], expected: str) 
     assert str(caught.value) == f"jobs: job 0 (job_id 'chunk_0000'): {expected}"
     (job,) = load_jobs([with_(timeout=2_592_000, retry_delay=0)])
     assert (job.timeout, job.retry_delay) == (2_592_000.0, 0.0)
+
+
+def test_output_file_values_that_name_no_file() -> None:
+    tail = " names no file (a file name is needed: its .done marker goes beside it)"
+    assert output_file_problem(["a", "--output-file", "x/"]) == "--output-file 'x/'" + tail
+    assert output_file_problem(["--output-file=a=b/"]) == "--output-file 'a=b/'" + tail
+    assert output_file_problem(["--output-file", ".."]) == "--output-file '..'" + tail
+    assert output_file_problem(["--output-file"]) == (
+        "'--output-file' is the last argument: it has no value")
+    assert output_file_problem(["q/", "--output-file", "ok.json"]) is None
+    assert output_file_problem(["--output-file=a/b.json", "x/"]) is None
+    assert output_file_problem([]) is None
+
+
+@pytest.mark.parametrize(("script", "expected"), [
+    ("-x.py", "the script '-x.py' has a part starting with '-' (it would read as an option)"),
+    ("d/-x.py", "the script 'd/-x.py' has a part starting with '-' (it would read as an option)"),
+    ("a\nb", "the script 'a\\nb' contains a control character"),
+    ("a\x7fb", "the script 'a\\x7fb' contains a control character"),
+    ("/".join(["a" * 255] * 3 + ["b" * 254]) + "/cd", "the script is 1025 characters long "
+                                                       "(at most 1024)"),
+    ("d/" + "n" * 256, "the script has a name longer than 255 bytes"),
+])
+def test_script_names_that_cannot_be_a_file_or_an_argument(script: str, expected: str) -> None:
+    with pytest.raises(InvalidJobsError) as caught:
+        load_jobs([with_(job_id="j", script=script)])
+    assert str(caught.value) == f"jobs: job 0 (job_id 'j'): field 'script': {expected}"
+
+
+def test_the_longest_script_and_the_shortest_timeout_pass() -> None:
+    longest = "/".join(["a" * 255] * 3 + ["b" * 254]) + "/c"
+    assert len(longest) == 1024
+    (job,) = load_jobs([with_(script=longest, timeout=0.01)])
+    assert (job.script, job.timeout) == (longest, 0.01)
+    with pytest.raises(InvalidJobsError, match=r"field 'timeout': 0.0099 is shorter than 0.01 s: "
+                                               r"the script would be killed as it starts"):
+        load_jobs([with_(timeout=0.0099)])
+
+
+def test_a_key_twice_in_a_job_object_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "dup.json"
+    path.write_text('[{"job_id": "j", "script": "s.py", "node": "rig-a", "node": "rig-b"}]')
+    with pytest.raises(InvalidJobsError) as caught:
+        load_jobs_file(path)
+    assert str(caught.value) == (f"{path}: invalid JSON: key 'node' appears twice in one "
+                                 f"object (which one is meant?)")
+    path.write_text('[{"job_id": "j", "script": "s.py", "node": "rig-a", "args": []}]')
+    assert load_jobs_file(path)[0].node == "rig-a"
+
+
+def test_a_legacy_history_path_is_checked_in_process() -> None:
+    legacy = {"job_id": "l", "seeds": [1], "prng_type": "java_lcg", "mod": 1000,
+              "node": "rig-a", "train_history": "/etc/passwd"}
+    with pytest.raises(InvalidJobsError) as caught:
+        prepare([legacy])
+    assert str(caught.value) == (
+        "jobs: job 0 (job_id 'l'): field 'train_history': train_history '/etc/passwd' is not "
+        "a relative path (a path relative to the workers' workdir)")
+    assert prepare([{**legacy, "train_history": "h/t.json"}]).specs[0].args[3] == "h/t.json"
+
+
+def test_balance_floats_every_job_but_the_pinned_and_the_plan_says_so() -> None:
+    jobs = load_jobs([with_(job_id="f1", args=[]), with_(job_id="p1", args=[], pin=True),
+                      with_(job_id="f2", node="rig-b", args=[])])
+    plan = plan_jobs(jobs, "run9", SubmitOptions(output_dir="o", balance=True))
+    assert [(spec.job_id, spec.node, spec.queue) for spec in plan.specs] == [
+        ("f1", "any", "node.any"), ("p1", "rig-a", "node.rig-a"), ("f2", "any", "node.any")]
+    assert plan.slots() == ["any", "rig-a"]
+    assert plan.jobs_per_node() == {"any": 2, "rig-a": 1}
+    assert plan.describe().splitlines()[:2] == [
+        "plan: 3 jobs on 2 nodes; output dir o; paths rewritten",
+        "node any (queue node.any): 2 jobs, each floats to the first free node"]
+    per_gpu = plan_jobs(load_jobs([with_(job_id="g", args=[])]), "run9",
+                        SubmitOptions(output_dir="o", balance=True, per_gpu=True))
+    assert per_gpu.describe().splitlines()[1] == (
+        "node any (queue node.any): 1 jobs, each floats to the first free GPU")
+    unbalanced = plan_jobs(load_jobs([with_(job_id="f1", args=[])]), "run9",
+                           SubmitOptions(output_dir="o"))
+    assert unbalanced.specs[0].node == "rig-a"
+
+
+def test_options_convert_their_workdir_and_change_by_copy() -> None:
+    options = SubmitOptions(workdir="w")  # type: ignore[arg-type]
+    assert options.workdir == Path("w")
+    changed = options.but(retries=4)
+    assert (changed.retries, options.retries, changed.workdir) == (4, 0, Path("w"))

@@ -336,3 +336,47 @@ def test_a_pid_file_finds_its_worker_even_when_celery_retitles_it(tmp_path: Path
         process.kill()
         process.wait()
     assert read_pidfile(pidfile, "node.rig-z") == PidFileState(pid=process.pid, alive=False)
+
+
+def test_slots_queues_and_worker_names_parse_back() -> None:
+    from worker_tasks.spec import (
+        floating_queue,
+        gpu_of_slot,
+        node_of_slot,
+        slot_of_queue,
+        slot_of_worker,
+        worker_name,
+    )
+
+    assert floating_queue() == "node.any"
+    assert [gpu_of_slot(slot) for slot in ("rig-a", "rig-a.gpu0", "rig-a.gpu12", "gpu3")] == [
+        None, 0, 12, None]
+    assert [slot_of_queue(queue) for queue in ("node.rig-a", "node.rig-a.gpu1", "nodes.x",
+                                               "celery")] == ["rig-a", "rig-a.gpu1", None, None]
+    assert slot_of_worker(worker_name("rig-a.gpu1", "box@x")) == "rig-a.gpu1"
+    assert slot_of_worker("rig-b") == "rig-b"
+    assert node_of_slot("rig-a.gpu1") == "rig-a" and node_of_slot("rig.gpux") == "rig.gpux"
+
+
+def test_a_floating_job_is_placed_on_the_slot_that_takes_it() -> None:
+    floating = JobSpec.from_message({**MESSAGE, "node": "any", "gpu_id": 7})
+    assert floating.floating and floating.queue == "node.any"
+    on_node = floating.placed_on("rig-b")
+    assert (on_node.node, on_node.gpu_id, on_node.per_gpu, on_node.slot, on_node.queue) == (
+        "rig-b", 7, False, "rig-b", "node.rig-b")
+    on_gpu = floating.placed_on("rig-c.gpu2")
+    assert (on_gpu.node, on_gpu.gpu_id, on_gpu.per_gpu, on_gpu.slot) == (
+        "rig-c", 2, True, "rig-c.gpu2")
+    assert on_gpu.job_id == floating.job_id and on_gpu.args == floating.args
+    pinned = JobSpec.from_message(MESSAGE)
+    assert not pinned.floating and pinned.placed_on("rig-z.gpu1") is pinned
+
+
+def test_text_checks_pass_unicode_and_refuse_surrogates() -> None:
+    from worker_tasks.spec import check_text
+
+    assert check_text("Zürich ✓", "x") == "Zürich ✓"
+    with pytest.raises(InvalidMessage, match=r"x is not valid text \(a lone surrogate\)"):
+        check_text("a\udc80", "x")
+    with pytest.raises(InvalidMessage, match="x contains a NUL byte"):
+        check_text("a\0", "x")
