@@ -47,8 +47,8 @@ def output_file_problem(args: Sequence[str]) -> str | None:
             return f"'{OUTPUT_FLAG}' is the last argument: it has no value"
         if arg == OUTPUT_FLAG or arg.startswith(OUTPUT_FLAG + "="):
             value = args[index + 1] if arg == OUTPUT_FLAG else arg.split("=", 1)[1]
-            name = posixpath.basename(value)
-            if not value or value.endswith("/") or name in ("", ".", ".."):
+            # "", "x/", "." and ".." all end in no file name.
+            if posixpath.basename(value) in ("", ".", ".."):
                 return (f"{OUTPUT_FLAG} {value!r} names no file (a file name is needed: its "
                         f".done marker goes beside it)")
     return None
