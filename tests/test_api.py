@@ -85,3 +85,12 @@ def test_keyword_settings_must_be_options(redis_server: RedisServer) -> None:
     with pytest.raises(TypeError):
         submit([echo_job("k1", "rig-api-a")], output_directory="x",
                broker_url=redis_server.url)
+
+
+def test_options_from_a_command_line_that_lacks_some_flags() -> None:
+    import argparse
+
+    assert SubmitOptions.from_args(argparse.Namespace(output_dir="o", retries=2)) == \
+        SubmitOptions(output_dir="o", retries=2)
+    assert SubmitOptions.from_args(argparse.Namespace(per_gpu=True), balance=True) == \
+        SubmitOptions(per_gpu=True, balance=True)
