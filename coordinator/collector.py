@@ -1,9 +1,13 @@
 """The collector: turn a run into ``run_summary.json``, merged outputs and a table.
 
 Success is a file: a job counts as succeeded only if its ``.done`` marker
-exists where the collector runs. Where nodes keep their outputs on their own
-disks (an inventory with ``shared_storage = false``), each job's output and
-marker are first fetched from the node that ran it.
+exists where the collector looks: by default the directory the run's workers
+wrote into (their recorded workdir, when this machine sees it), else the one
+the run was submitted with. A job its worker recorded as succeeded whose marker
+is not there is ``unconfirmed``, not failed: the collector is looking in the
+wrong place. Where nodes keep their outputs on their own disks (an inventory
+with ``shared_storage = false``), each job's output and marker are first
+fetched from the node that ran it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from coordinator.errors import ExitCode
 from coordinator.files import write_json_atomically
 from coordinator.mergers import MERGERS, MergeResult
 from coordinator.records import JobRecord, RunStatus
@@ -42,18 +47,36 @@ class Collection:
     def all_succeeded(self) -> bool:
         return bool(self.summary["all_succeeded"])
 
+    @property
+    def exit_code(self) -> ExitCode:
+        """0 all succeeded; 1 a job failed (or is not final); 7 only unconfirmed ones."""
+        if self.all_succeeded:
+            return ExitCode.OK
+        states = {job["state"] for job in self.summary["jobs"]}
+        if states <= {JobState.SUCCEEDED, JobState.SKIPPED, JobState.UNCONFIRMED}:
+            return ExitCode.UNCONFIRMED
+        return ExitCode.JOBS_FAILED
+
 
 def judge(job: JobRecord, workdir: Path, fetch_error: str | None = None) -> JobRecord:
     """The job's state by the ``.done`` rule, whatever the tracking record says."""
     if fetch_error is not None:
         return replace(job, state=JobState.FAILED, error=fetch_error)
-    marker = (workdir / job.done_file).exists()
-    if marker and not job.state.is_success:
+    marker = workdir / job.done_file
+    present = marker.exists()
+    if present and not job.state.is_success:
         return replace(job, state=JobState.SUCCEEDED)
-    if not marker and job.state.is_success:
-        return replace(job, state=JobState.FAILED,
-                       error=f"marker {job.done_file} not found where the collector runs")
+    if not present and job.state.is_success:
+        return replace(job, state=JobState.UNCONFIRMED, error=unconfirmed_reason(job, marker))
     return job
+
+
+def unconfirmed_reason(job: JobRecord, marker: Path) -> str:
+    """Why a job its worker says succeeded is not confirmed: the paths on both sides."""
+    wrote = f" under {job.workdir}" if job.workdir else ""
+    return (f"{job.host or 'its worker'} reported success, but {marker.absolute()} does not "
+            f"exist on this machine (the worker wrote its files{wrote}): collect where that "
+            f"directory is visible (the shared volume), or pass --workdir DIR")
 
 
 def job_summary(job: JobRecord) -> dict[str, Any]:
@@ -127,16 +150,20 @@ def build_summary(status: RunStatus, jobs: list[JobRecord]) -> dict[str, Any]:
     }
 
 
-def collect(status: RunStatus, workdir: str | Path = ".",
+def collect(status: RunStatus, workdir: str | Path | None = None,
             inventory: Inventory | None = None, joblog: str | Path | None = None) -> Collection:
     """Settle every job by its marker, run the merge steps, write the summary.
 
-    With an ``inventory``, outputs of nodes without shared storage are fetched
-    first; a job whose files could not be fetched fails with the reason.
+    ``workdir``: where the markers and the output directory are (default: where the
+    workers wrote, see ``RunStatus.files_dir``). With an ``inventory``, outputs of nodes
+    without shared storage are first fetched into it (default: the directory the run was
+    submitted with); a job whose files could not be fetched fails with the reason.
     """
-    base = Path(workdir)
+    fetching = inventory is not None and inventory.any_node_local_storage
+    base = (Path(workdir) if workdir is not None else
+            status.submitted_dir if fetching else status.files_dir())
     fetched = None
-    if inventory is not None and inventory.any_node_local_storage:
+    if fetching:
         from coordinator.cluster.outputs import fetch_outputs
 
         fetched = fetch_outputs(inventory, [job for job in status.jobs if job.state.is_final],
@@ -173,7 +200,7 @@ def render(collection: Collection) -> str:
     for move in summary["moves"]:
         lines.append(f"  moved {len(move['jobs'])} jobs from {move['from']} to {move['to']}")
     for job in summary["jobs"]:
-        if job["state"] not in ("succeeded", "skipped"):
+        if job["state"] not in (JobState.SUCCEEDED, JobState.SKIPPED):
             error = (job["error"] or "not finished").splitlines()[0]
             lines.append(f"  {job['state'].upper()} {job['job_id']} on {job['node']}: "
                          f"{error} (log {job['log']})")

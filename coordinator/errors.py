@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     RUN_NOT_FOUND = 4  # no such run id in Redis (expired, or a typo)
     WAIT_TIMEOUT = 5  # --timeout passed before the run finished
     CLUSTER_FAILED = 6  # `local` could not start, or a cluster node failed (SSH)
+    UNCONFIRMED = 7  # no job failed, but a .done is not where the collector looked
     INTERRUPTED = 130  # Ctrl-C
 
 

@@ -144,7 +144,8 @@ class FollowOptions:
     Parameters:
         timeout: give up after this many seconds (``WaitTimeoutError``).
         poll_interval: seconds between polls.
-        workdir: where ``.done`` files are visible (shared storage), for settling.
+        workdir: where ``.done`` files are visible (shared storage), for settling
+            (default: where the run's workers wrote, ``RunStatus.files_dir``).
         failover: move a node's queued jobs after it has had no live worker this long.
         reconnect_timeout: keep reconnecting to Redis this long before giving up.
         republish_lost: publish a job found lost again, once (``wait``); ``status`` only marks.
@@ -280,7 +281,8 @@ class Settler:
         running = read_records(self.client, self.run_id, running_ids)
         live = ClusterView(self.client, self.app).liveness(
             {job.node for job in status.jobs if not job.state.is_final})
-        settled = settle(self.client, self.run_id, running, live, self.options.workdir)
+        settled = settle(self.client, self.run_id, running, live,
+                         self.options.workdir or status.files_dir())
         for line in settled:
             self.options.notice(line)
         fresh = ([job for job in status.jobs if not job.state.is_final] if not settled

@@ -61,9 +61,10 @@ class SubmitOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> SubmitOptions:
-        """The options of a parsed command line (flags a command lacks keep their default)."""
+        """The options of a parsed command line (flags a command lacks, or were not given
+        and default to None, keep their default)."""
         values = {option.name: getattr(args, option.name) for option in fields(cls)
-                  if option.name != "inventory" and hasattr(args, option.name)}
+                  if option.name != "inventory" and getattr(args, option.name, None) is not None}
         if "inventory" not in overrides and hasattr(args, "inventory"):
             from coordinator.cluster.inventory import find_inventory
 

@@ -47,14 +47,14 @@ PRIORITY_STEPS = (3, 6, 9)
 
 
 def settle(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord], live: Liveness,
-           workdir: Path | None) -> list[str]:
+           workdir: Path) -> list[str]:
     """Settle ``running`` records by their ``.done`` and their worker; returns what changed."""
     tracker = JobTracker(client)
     notes: list[str] = []
     for job in jobs:
         if job.state not in ACTIVE:
             continue
-        if workdir is not None and job.done_file and (workdir / job.done_file).exists():
+        if job.done_file and (workdir / job.done_file).exists():
             if tracker.settle_done(run_id, job.job_id, job.task_id).ok:
                 notes.append(f"{job.job_id}: succeeded (its .done exists; its worker's final "
                              f"write was lost)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -53,6 +54,7 @@ class JobRecord:
     pin: bool = False
     floating: bool = False  # its message names no node: the first free slot takes it
     per_gpu: bool = False
+    workdir: str | None = None  # the worker's directory, where it wrote the job's files
 
     @classmethod
     def from_redis(cls, raw: dict[str, Any]) -> JobRecord:
@@ -73,7 +75,8 @@ RECORD_FIELDS = [f.name for f in fields(JobRecord) if f.name not in SPEC_VALUES
                  or f.name == "node"] + ["spec"]
 # What following a run needs of each job (not its message: cheap for 100,000 jobs).
 FOLLOW_FIELDS = ["node", "state", "attempts", "duration_s", "started_at", "finished_at",
-                 "host", "error", "task_id", "pin", "exit_code", "moved_from", "floating"]
+                 "host", "error", "task_id", "pin", "exit_code", "moved_from", "floating",
+                 "workdir"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,22 @@ class RunStatus:
         if self.all_succeeded:
             return "finished"
         return "cancelled" if self.state is RunState.CANCELLED else "failed"
+
+    @property
+    def submitted_dir(self) -> Path:
+        """The directory the run was submitted with (``--workdir``, absolute), else here."""
+        return Path(self.info.get("workdir") or ".")
+
+    def files_dir(self) -> Path:
+        """Where this machine sees the run's files: the one directory its workers wrote into,
+        when it exists here (a shared volume mounted at the same path); else the directory
+        the run was submitted with."""
+        used = {job.workdir for job in self.jobs if job.workdir}
+        if len(used) == 1:
+            only = Path(used.pop())
+            if only.is_dir():
+                return only
+        return self.submitted_dir
 
     def by_node(self) -> dict[str, list[JobRecord]]:
         nodes: dict[str, list[JobRecord]] = defaultdict(list)

@@ -129,7 +129,7 @@ class Run:
         on_progress: Callable[[RunStatus], None] | None = None,
         poll_interval: float = POLL_INTERVAL_S,
         failover: float | None = None,
-        workdir: str | Path | None = ".",
+        workdir: str | Path | None = None,
         notice: Callable[[str], None] | None = None,
     ) -> RunStatus:
         """Block until every job is final; ``on_progress`` gets each changed snapshot.
@@ -162,7 +162,7 @@ class Run:
                                                 socket_timeout=CONNECT_TIMEOUT_S * 10)
         return self._broker
 
-    def settle(self, workdir: str | Path | None = ".") -> list[str]:
+    def settle(self, workdir: str | Path | None = None) -> list[str]:
         """Settle this run's records once (see ``wait``); returns what changed, one line each."""
         lines: list[str] = []
         options = FollowOptions(workdir=None if workdir is None else Path(workdir),
@@ -171,9 +171,14 @@ class Run:
         Settler(self.client, self.app, self.broker, self.id, options).settle(light)
         return lines
 
-    def collect(self, workdir: str | Path = ".", fetch: bool | None = None,
+    def collect(self, workdir: str | Path | None = None, fetch: bool | None = None,
                 joblog: str | Path | None = None) -> Collection:
         """Settle every job by its ``.done`` file, merge outputs, write ``run_summary.json``.
+
+        ``workdir``: where the ``.done`` files and the output directory are (default: the
+        directory the run's workers wrote into, when this machine sees it, else the one the
+        run was submitted with). A job its worker recorded as succeeded whose marker is not
+        there is ``unconfirmed`` (``Collection.exit_code`` 7), not failed.
 
         ``fetch``: bring outputs home from nodes without shared storage first
         (default: whenever the run's inventory has such nodes). ``joblog``: where the
@@ -184,7 +189,7 @@ class Run:
             raise InvalidJobsError("--fetch needs a cluster inventory (--inventory FILE)")
         return collect(self.status(), workdir=workdir, inventory=inventory, joblog=joblog)
 
-    def summary(self, workdir: str | Path = ".") -> dict[str, Any]:
+    def summary(self, workdir: str | Path | None = None) -> dict[str, Any]:
         """Collect the run (see ``collect``) and return the summary as a dict."""
         return self.collect(workdir).summary
 

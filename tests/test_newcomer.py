@@ -1,18 +1,74 @@
-"""What a new user trips on (some of issue 19's list): a finished run relabelled by a late
-cancel, a closed pipe reported as an error, a known node's empty queue with no sample."""
+"""What a new user trips on: results judged from the wrong directory, a finished run
+relabelled by a late cancel, a closed pipe reported as an error, a known node's empty queue
+with no sample, failure reasons hidden, exit statuses that disagree with the docs."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import redis
 
 from coordinator import JobState, submit
 from coordinator.local import LocalCluster
 from coordinator.metrics import collect
-from tests.helpers import BIN, echo_job, run_cli
+from tests.helpers import BIN, echo_job, run_cli, write_jobs
+
+
+def test_results_are_judged_where_the_workers_wrote_them(
+        cluster: LocalCluster, cluster_workdir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    jobs = write_jobs(tmp_path / "jobs.json", [echo_job(f"where{index}", node)
+                                              for index, node in enumerate(["rig-a", "rig-b"])])
+    # From another directory, no --workdir: the workers' own directory is where to look.
+    result = run_cli("submit", "--jobs-file", str(jobs), "--output-dir", "where_cli", "--wait",
+                     "--timeout", "120", "--broker", cluster.broker_url, cwd=elsewhere)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2/2 succeeded (100%)" in result.stdout
+    written = json.loads((cluster_workdir / "where_cli" / "run_summary.json").read_text())
+    assert written["all_succeeded"] and written["succeeded"] == 2
+    assert not (elsewhere / "where_cli").exists()
+    # The Python API, from another directory, with the workdir the run was submitted with.
+    monkeypatch.chdir(elsewhere)
+    run = submit(json.loads(jobs.read_text()), output_dir="where_api", workdir=cluster_workdir,
+                 broker_url=cluster.broker_url)
+    assert run.wait(timeout=120).all_succeeded
+    summary = run.summary()
+    assert summary["succeeded"] == 2, summary["jobs"]
+    assert (cluster_workdir / "where_api" / "run_summary.json").is_file()
+    assert not (elsewhere / "where_api").exists()
+
+
+def test_a_marker_not_where_the_collector_looks_is_unconfirmed(
+        cluster: LocalCluster, cluster_workdir: Path, tmp_path: Path) -> None:
+    run = submit([echo_job("unseen_a", "rig-a"), echo_job("unseen_b", "rig-b")],
+                 output_dir="unseen", workdir=cluster_workdir, broker_url=cluster.broker_url)
+    assert run.wait(timeout=120).all_succeeded
+    empty = tmp_path / "not_the_volume"
+    empty.mkdir()
+    result = run_cli("collect", run.id, "--workdir", str(empty), "--broker", cluster.broker_url)
+    assert result.returncode == 7, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if "UNCONFIRMED" in line]
+    assert len(lines) == 2, result.stdout
+    for line in lines:  # the path looked at, and where the worker wrote
+        assert str(empty / "unseen") in line and str(cluster_workdir.resolve()) in line, line
+    summary = json.loads((empty / "unseen" / "run_summary.json").read_text())
+    assert summary["counts"]["unconfirmed"] == 2 and summary["counts"]["failed"] == 0
+    status = run_cli("status", run.id, "--broker", cluster.broker_url)
+    assert "2 succeeded" in status.stdout, status.stdout  # the records are left as they are
+    # A job that really failed outranks an unconfirmed one: exit 1.
+    mixed = submit([echo_job("seen_ok", "rig-a"), echo_job("seen_bad", "rig-b", "anywhere",
+                                                           "--exit-code", "2")],
+                   output_dir="unseen2", workdir=cluster_workdir, broker_url=cluster.broker_url)
+    mixed.wait(timeout=120)
+    again = run_cli("collect", mixed.id, "--workdir", str(empty), "--broker", cluster.broker_url)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert "UNCONFIRMED seen_ok" in again.stdout and "FAILED seen_bad" in again.stdout
 
 
 def test_cancel_of_a_finished_run_changes_nothing(cluster: LocalCluster,

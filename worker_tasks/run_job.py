@@ -397,7 +397,7 @@ class JobExecution:
         started = time.time()
         node = spec.node if self.floating else None
         start = self.track("start", lambda t: t.start(*self.ids(), started_at=round(started, 3),
-                                                      node=node))
+                                                      node=node, workdir=str(self.base)))
         if start.outcome == "cancelled":
             self.track("cancel", lambda t: t.drop_cancelled(*self.ids()))
             raise NotRun("its run was cancelled; not run")

@@ -75,6 +75,9 @@ class JobState(StrEnum):
     SKIPPED = "skipped"  # its .done already existed: nothing to do
     CANCELLED = "cancelled"
     LOST = "lost"  # its message is gone and nothing runs it: `retry --lost` republishes it
+    # Never recorded: the collector's word for a job recorded succeeded whose .done it cannot
+    # see (collected in another directory than the workers wrote into).
+    UNCONFIRMED = "unconfirmed"
 
     @property
     def is_final(self) -> bool:
@@ -301,12 +304,16 @@ class JobTracker:
     # -- the worker's transitions, each holding the attempt's message --------------------
 
     def start(self, run_id: str, job_id: str, task_id: str, host: str, attempts: int,
-              started_at: float, node: str | None = None) -> Transition:
+              started_at: float, node: str | None = None,
+              workdir: str | None = None) -> Transition:
         """An attempt begins: ``running``, one more attempt; refused once the run is cancelled.
 
         ``node``: where a floating job runs (the record and the event say it from now on).
+        ``workdir``: the worker's directory, where the job's files are written.
         """
         placed = {"node": node} if node is not None else {}
+        if workdir is not None:
+            placed["workdir"] = workdir
         return self._apply(run_id, job_id, JobState.RUNNING, STARTABLE, task_id,
                            JobEvent(job_id, JobState.RUNNING, attempts=attempts, host=host,
                                     node=node),

@@ -53,9 +53,10 @@ def add_original_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_collect_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", default=".", metavar="DIR",
-                        help="where the output directory is, as the workers see it, for "
-                             "collecting (default: .)")
+    parser.add_argument("--workdir", metavar="DIR",
+                        help="where the .done files and the output directory are, seen from "
+                             "here (default: the directory the run's workers wrote into when "
+                             "this machine sees it, else the one it was submitted with)")
     parser.add_argument("--joblog", metavar="FILE",
                         help="GNU parallel's joblog format, one line per attempt (default: "
                              "OUTPUT_DIR/joblog, beside run_summary.json)")
@@ -130,7 +131,7 @@ def follow(run: Run, args: argparse.Namespace, detached: bool = True) -> int:
         raise
     collection = run.collect(args.workdir, joblog=getattr(args, "joblog", None))
     print(render(collection), flush=True)
-    return ExitCode.OK if collection.all_succeeded else ExitCode.JOBS_FAILED
+    return collection.exit_code
 
 
 def prepare_args(args: argparse.Namespace, **overrides: object) -> Plan:
@@ -275,7 +276,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     print(render(collection))
     if not collection.summary["finished"]:
         print(f"{PROG}: run {collection.summary['run_id']} is not finished", file=sys.stderr)
-    return ExitCode.OK if collection.all_succeeded else ExitCode.JOBS_FAILED
+    return collection.exit_code
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -291,7 +292,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         status = resolve_run(args).status()
         summary = build_summary(status, status.jobs)
-        output_dir = Path(args.workdir) / status.output_dir
+        base = Path(args.workdir) if args.workdir else status.files_dir()
+        output_dir = base / status.output_dir
     out = Path(args.out) if args.out else output_dir / "report.html"
     print(f"timeline of run {summary['run_id']} written to {write_report(summary, out)}")
     if args.png:
@@ -362,8 +364,10 @@ def register(command: CommandFactory) -> None:
                   "coordinator status 20261129-081500-3f9a1c --json")
     add_run_arg(sub)
     sub.add_argument("--json", action="store_true", help="machine-readable output")
-    sub.add_argument("--workdir", default=".", metavar="DIR",
-                     help="where .done files are visible, to settle stuck records (default: .)")
+    sub.add_argument("--workdir", metavar="DIR",
+                     help="where .done files are visible, to settle stuck records (default: "
+                          "where the run's workers wrote, else the directory it was "
+                          "submitted with)")
     sub.add_argument("--no-check", action="store_true",
                      help="print the records as they are: no settling against .done files, "
                           "workers and queues (faster)")
@@ -402,8 +406,9 @@ def register(command: CommandFactory) -> None:
     sub.add_argument("--summary", metavar="FILE",
                      help="draw a finished run from its run_summary.json instead of Redis "
                           "(e.g. after coordinator local)")
-    sub.add_argument("--workdir", default=".", metavar="DIR",
-                     help="where the output directory is (default: .)")
+    sub.add_argument("--workdir", metavar="DIR",
+                     help="where the output directory is (default: where the run's workers "
+                          "wrote, else the directory it was submitted with)")
     sub.set_defaults(handler=cmd_report)
 
     sub = command("cancel", "drop a run's queued jobs and terminate its running ones",
