@@ -22,7 +22,7 @@ from coordinator.files import write_json_atomically
 from coordinator.mergers import MERGERS, MergeResult
 from coordinator.records import JobRecord, RunStatus
 from coordinator.report import write_report
-from worker_tasks.tracking import JobState
+from worker_tasks.tracking import JobState, error_lines
 
 if TYPE_CHECKING:  # the cluster code (Fabric) is loaded only when outputs are fetched
     from coordinator.cluster.inventory import Inventory
@@ -201,9 +201,10 @@ def render(collection: Collection) -> str:
         lines.append(f"  moved {len(move['jobs'])} jobs from {move['from']} to {move['to']}")
     for job in summary["jobs"]:
         if job["state"] not in (JobState.SUCCEEDED, JobState.SKIPPED):
-            error = (job["error"] or "not finished").splitlines()[0]
+            error, last = error_lines(job["error"] or "not finished")
             lines.append(f"  {job['state'].upper()} {job['job_id']} on {job['node']}: "
                          f"{error} (log {job['log']})")
+            lines.extend(f"      {line}" for line in last)  # the script's own reason
     for result in collection.merged:
         lines.extend(result.lines)
     lines.append(f"summary written to {collection.path} (timeline: {summary['report']})")

@@ -24,7 +24,7 @@ from rich.progress import (
 )
 
 from coordinator.records import RunStatus
-from worker_tasks.tracking import JobState
+from worker_tasks.tracking import JobState, error_line
 
 
 class ProgressDisplay:
@@ -104,7 +104,7 @@ class ProgressDisplay:
             if job.state.is_final and job.duration_s is not None:
                 extra = f" in {job.duration_s:.1f} s"
             if job.state is JobState.FAILED and job.error:
-                extra += f": {job.error}"
+                extra += f": {error_line(job.error)}"  # one line: the script's reason too
             self.stream.write(f"{stamp} [{job.node}] {job.job_id} {job.state}{extra}"
                               f"  ({status.done}/{status.total})\n")
         self.stream.flush()

@@ -206,6 +206,13 @@ def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str]) -> N
         raise BrokerUnreachableError(message) from None
 
 
+def shown_name(spec: JobSpec) -> str:
+    """The task's name in Flower and the worker's log (Celery's ``shadow``): which job it is.
+    Only shown; the worker runs the task the message names, ``RUN_JOB_TASK``."""
+    where = "floating" if spec.floating else f"on {spec.slot}"
+    return f"job {spec.job_id} {where} (run {spec.run_id})"
+
+
 def publish_one(amqp: Any, producer: Any, dispatcher: Any, spec: JobSpec, task_id: str,
                 sent_event: bool) -> None:
     message = message_of(spec)
@@ -214,13 +221,14 @@ def publish_one(amqp: Any, producer: Any, dispatcher: Any, spec: JobSpec, task_i
     # of a job's message costs more than the rest of publishing it, and a full copy of the
     # message would double what each queued job weighs in Redis).
     shown = f"{spec.job_id}: {spec.script} {shlex.join(spec.args)}"[:ARGSREPR_CHARS]
+    name = shown_name(spec)
     headers, properties, body, event = amqp.as_task_v2(
         task_id, RUN_JOB_TASK, args=[message], argsrepr=shown, kwargsrepr="{}",
-        create_sent_event=sent_event)
+        create_sent_event=sent_event, shadow=name)
     producer.publish(body, exchange="", routing_key=queue, headers=headers, serializer="json",
                      delivery_mode=PERSISTENT, declare=[], retry=False, **properties)
     if event is not None:
-        event.update(queue=queue, exchange="", routing_key=queue)
+        event.update(queue=queue, exchange="", routing_key=queue, name=name)
         dispatcher.publish("task-sent", event, producer, retry=False)
 
 

@@ -111,3 +111,38 @@ def test_a_known_nodes_empty_queue_is_a_zero_sample(cluster: LocalCluster) -> No
         # Live workers, nothing queued: Redis keeps no empty list, the metric says 0.
         assert f'sc_queue_length{{node="{node}",queue="node.{node}"}} 0' in text, text
         assert f'sc_node_workers{{node="{node}"}} 1' in text
+
+
+def test_a_failed_jobs_own_reason_is_shown_where_the_user_looks(
+        cluster: LocalCluster, cluster_workdir: Path, tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.json", [
+        echo_job("why_ok", "rig-a", "why"),
+        echo_job("why_bad", "rig-b", "why", "--exit-code", "3",
+                 "--reason", "ValueError: chunk 7 has no seeds")])
+    result = run_cli("submit", "--jobs-file", str(jobs), "--output-dir", "why", "--wait",
+                     "--timeout", "120", "--broker", cluster.broker_url, cwd=cluster_workdir)
+    assert result.returncode == 1, result.stdout + result.stderr
+    table = result.stdout.splitlines()
+    failed = next(index for index, line in enumerate(table) if "FAILED why_bad" in line)
+    assert "script exited with status 3" in table[failed]
+    assert under(table, failed)[-1] == "ValueError: chunk 7 has no seeds"  # under its job
+    # The live line says it too, in one line.
+    assert ("why_bad failed in" in result.stdout + result.stderr
+            and "status 3: ValueError: chunk 7 has no seeds" in result.stdout + result.stderr)
+    run_id = result.stdout.splitlines()[0].strip()
+    for command in (["status", run_id], ["collect", run_id]):
+        shown = run_cli(*command, "--broker", cluster.broker_url, cwd=cluster_workdir)
+        lines = shown.stdout.splitlines()
+        at = next(index for index, line in enumerate(lines) if "why_bad" in line
+                  and "status 3" in line)
+        assert under(lines, at)[-1] == "ValueError: chunk 7 has no seeds", shown.stdout
+
+
+def under(lines: list[str], at: int) -> list[str]:
+    """The indented lines right under line ``at`` (a failed job's last output lines)."""
+    found = []
+    for line in lines[at + 1:at + 3]:
+        if not line.startswith("      "):
+            break
+        found.append(line.strip())
+    return found

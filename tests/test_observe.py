@@ -64,7 +64,8 @@ def test_flower_shows_workers_with_their_queues_and_every_job(flower: str,
               for name, info in workers.items()}  # type: ignore[union-attr]
     rig_a = next(name for name in queues if name.startswith("rig-a@"))
     assert queues[rig_a] == ["node.rig-a", "node.any"]  # its own, then floating jobs
-    jobs = [echo_job("fl_ok", "rig-a", "fl"), echo_job("fl_bad", "rig-b", "fl", "--exit-code", "3"),
+    jobs = [echo_job("fl_ok", "rig-a", "fl"), echo_job("fl_bad", "rig-b", "fl", "--exit-code", "3",
+                     "--reason", "ValueError: chunk 7 has no seeds"),
             echo_job("fl_slow", "rig-c", "fl", "--sleep", "30"),
             echo_job("fl_queued", "rig-c", "fl")]
     run = submit(jobs, output_dir="fl", broker_url=redis_server.url)
@@ -82,7 +83,16 @@ def test_flower_shows_workers_with_their_queues_and_every_job(flower: str,
 
     wait_for(lambda: states() == expected, 60, "Flower to see every job's end")
     failed = http(f"{flower}/api/task/info/{run.id}.fl_bad.0")
-    assert "script exited with status 3" in failed["exception"]  # type: ignore[index]
+    assert isinstance(failed, dict)
+    # The list says which job each task is; the page reads like the job's own error.
+    assert failed["name"] == f"job fl_bad on rig-b (run {run.id})"
+    ok = http(f"{flower}/api/task/info/{run.id}.fl_ok.0")
+    assert ok["name"] == f"job fl_ok on rig-a (run {run.id})"  # type: ignore[index]
+    assert "script exited with status 3: ValueError: chunk 7 has no seeds" in failed["exception"]
+    assert "\\n" not in failed["exception"], failed["exception"]  # one line, no escapes
+    assert failed["traceback"].startswith(f"job fl_bad of run {run.id} failed on rig-b@")
+    assert failed["traceback"].rstrip().endswith("ValueError: chunk 7 has no seeds")
+    assert "celery" not in failed["traceback"], failed["traceback"]  # not the worker's insides
     assert "fl_bad: examples/write_output.py --output-file fl/fl_bad.json" in \
         failed["args"]  # type: ignore[index]
 

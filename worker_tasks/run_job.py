@@ -39,6 +39,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn, TypeVar
 
 import redis
+from celery import Task
 from celery.exceptions import Ignore
 from celery.utils.log import get_task_logger
 
@@ -47,7 +48,14 @@ from worker_tasks.lease import SlotLease
 from worker_tasks.retries import Retries
 from worker_tasks.runner import Outcome, Runner
 from worker_tasks.spec import RUN_JOB_TASK, InvalidMessage, JobSpec, check_name, slot_of_worker
-from worker_tasks.tracking import JobState, JobTracker, Transition, now
+from worker_tasks.tracking import (
+    OUTPUT_TAIL_HEADER,
+    JobState,
+    JobTracker,
+    Transition,
+    error_line,
+    now,
+)
 
 logger = get_task_logger(__name__)
 
@@ -69,7 +77,29 @@ T = TypeVar("T")
 
 
 class JobFailed(Exception):
-    """Raised after a failed job is recorded, so Celery and Flower show FAILURE."""
+    """Raised after a failed job is recorded, so Celery and Flower show FAILURE.
+
+    Parameters:
+        line: one line (Flower's exception field, the worker's log), the script's own
+            last words in it.
+        report: the whole error, the script's last output lines included; Flower shows it
+            in place of a traceback through the worker (``JobTask.on_failure``).
+    """
+
+    def __init__(self, line: str, report: str = "") -> None:
+        super().__init__(line)
+        self.report = report or line
+
+
+class JobTask(Task):  # type: ignore[misc]
+    """The job task's class: a failed job's Flower page reads like the job's own error."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        # Called before the worker reports the failure: the task-failed event (Flower)
+        # carries this text as its traceback.
+        if isinstance(exc, JobFailed):
+            einfo.traceback = exc.report
 
 
 class JobRefused(Exception):
@@ -381,8 +411,9 @@ class JobExecution:
             self.track("fail", lambda t: t.fail(
                 *self.ids(), error=error, exit_code=attempt.exit_code,
                 duration_s=attempt.duration_s, history=history))
-            raise JobFailed(f"job {spec.job_id} failed on {self.host} after "
-                            f"{attempt.number} attempt(s): {error}")
+            what = (f"job {spec.job_id} of run {spec.run_id} failed on {self.host} after "
+                    f"{attempt.number} attempt(s)")
+            raise JobFailed(f"{what}: {error_line(error)}", f"{what}\n{error}")
         log_line(paths.log, f"retrying in {delay:.1f} s (attempt {attempt.number + 1} of "
                             f"{spec.retries + 1})")
         self.track("retry", lambda t: t.wait_to_retry(
@@ -421,7 +452,7 @@ class JobExecution:
         """The attempt's error with the last lines the script wrote in it."""
         assert attempt.error is not None
         tail = output_tail(paths.log, attempt.log_offset)
-        return f"{attempt.error}\nlast lines of its output:\n{tail}" if tail else attempt.error
+        return f"{attempt.error}\n{OUTPUT_TAIL_HEADER}\n{tail}" if tail else attempt.error
 
     def pause(self, seconds: float) -> bool:
         """Wait out a backoff; False if the job is cancelled or superseded meanwhile."""
@@ -525,7 +556,7 @@ def fail_refused(message: Any, task_id: str, host: str, why: str) -> bool:
 
 
 # A failed job is an expected outcome: Celery logs it in one line, without a traceback.
-@app.task(name=RUN_JOB_TASK, bind=True, throws=(JobFailed,))
+@app.task(name=RUN_JOB_TASK, bind=True, base=JobTask, throws=(JobFailed,))
 def run_job(self: Any, message: Any = None, *extra: Any, **kwargs: Any) -> dict[str, Any]:
     """Run one planned job (a ``JobSpec`` message); returns a small JSON result."""
     if extra or kwargs:

@@ -108,6 +108,24 @@ MOVABLE = (JobState.QUEUED, JobState.LOST, JobState.RUNNING)
 LOST_ONLY = (JobState.LOST,)
 
 
+# In a recorded error: the line between what went wrong and the script's last output lines.
+OUTPUT_TAIL_HEADER = "last lines of its output:"
+
+
+def error_lines(error: str | None, last: int = 2) -> tuple[str, list[str]]:
+    """A recorded error's first line, and the last ``last`` lines of the script's output in
+    it (its own reason, usually: ``ValueError: chunk 7 has no seeds``)."""
+    head, _, tail = (error or "").partition(f"\n{OUTPUT_TAIL_HEADER}\n")
+    lines = [line for line in tail.splitlines() if line.strip()]
+    return (head.splitlines() or [""])[0], lines[-last:] if last > 0 else []
+
+
+def error_line(error: str | None) -> str:
+    """A recorded error in one line: ``script exited with status 3: ValueError: ...``."""
+    head, last = error_lines(error, last=1)
+    return ": ".join([head, *last])
+
+
 @dataclass(frozen=True)
 class JobEvent:
     """One entry of a run's change stream: a job's new state and what came with it.
@@ -126,15 +144,16 @@ class JobEvent:
     node: str | None = None
     note: str | None = None
 
-    # The error's first line, cut to this length, travels in the stream.
-    ERROR_CHARS = 200
+    # The error in one line (its first, and the script's last output line), cut to this
+    # length, travels in the stream.
+    ERROR_CHARS = 300
 
     def extra(self) -> str:
         """The JSON the stream entry carries besides job and state."""
         fields = {name: getattr(self, name) for name in EVENT_FIELDS
                   if getattr(self, name) is not None}
         if self.error is not None:
-            fields["error"] = self.error.split("\n", 1)[0][:self.ERROR_CHARS] or None
+            fields["error"] = error_line(self.error)[:self.ERROR_CHARS] or None
         return json.dumps(fields)
 
     @classmethod

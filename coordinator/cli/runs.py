@@ -28,7 +28,7 @@ from coordinator.plan import Plan
 from coordinator.records import JobRecord
 from coordinator.run import Run, get_run, latest_run, prepare, publish, recent_runs
 from worker_tasks.spec import is_floating
-from worker_tasks.tracking import JobState
+from worker_tasks.tracking import JobState, error_lines
 
 # A run with more jobs lists only the interesting ones in `status` (unless --all).
 STATUS_LIST_LIMIT = 200
@@ -257,12 +257,14 @@ def job_line(job: JobRecord, node: str, alive: set[str]) -> str:
     extra += f" {job.duration_s:.1f} s" if job.duration_s is not None else ""
     if job.moved_from:
         extra += f"  (moved from {job.moved_from})"
-    if job.error:
-        extra += f"  {job.error.splitlines()[0]}"
+    error, last = error_lines(job.error)
+    if error:
+        extra += f"  {error}"
     if job.state is JobState.RUNNING and job.host not in alive:
         extra += (f"  (its worker {job.host} does not answer: the job runs again once "
                   f"a worker serves {node} and the visibility timeout has passed)")
-    return f"{job.job_id:<24} {job.state:<10} attempts {job.attempts}{extra}"
+    reason = "".join(f"\n      {line}" for line in last)  # the script's own last words
+    return f"{job.job_id:<24} {job.state:<10} attempts {job.attempts}{extra}{reason}"
 
 
 def cmd_wait(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
     python write_output.py --output-file out/x.json [--sleep S] [--exit-code N]
         [--no-output] [--invalid-json] [--fail-unless-exists PATH] [--record FILE]
-        [--child-sleep S]
+        [--child-sleep S] [--reason TEXT]
 """
 
 import argparse
@@ -24,6 +24,8 @@ parser.add_argument("--fail-unless-exists", metavar="PATH",
 parser.add_argument("--record", help="append start/end times here (for overlap checks)")
 parser.add_argument("--child-sleep", type=float, metavar="S",
                     help="start a child process that sleeps S seconds (is it killed with us?)")
+parser.add_argument("--reason", metavar="TEXT",
+                    help="write TEXT to stderr last (a failing script's own reason)")
 args, rest = parser.parse_known_args()
 
 if args.child_sleep:
@@ -51,4 +53,6 @@ if args.record:
         fh.write(json.dumps({"job": os.environ.get("SC_JOB_ID"),
                              "node": os.environ.get("SC_NODE"),
                              "start": started, "end": time.time()}) + "\n")
+if args.reason:
+    print(args.reason, file=sys.stderr, flush=True)
 sys.exit(args.exit_code)
