@@ -34,7 +34,7 @@ def convert(entry: LegacyScoringJob, index: int, chunk_dir: str, output_dir: str
     # The scoring checks (and NumPy) load only when a file has legacy jobs.
     from scoring.inputs import ScoringInputError, check_prng, parse_history, parse_seeds
 
-    assert entry.job_id is not None, "the jobs loader names unnamed legacy jobs legacy_NNNN"
+    assert entry.job_id is not None  # the jobs loader names unnamed legacy jobs legacy_NNNN
     job_id = entry.job_id
     where = f"jobs: job {index} (job_id {job_id!r})"
     try:

@@ -61,14 +61,15 @@ class SubmitOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> SubmitOptions:
-        """The options of a parsed command line (flags a command lacks, or were not given
-        and default to None, keep their default)."""
+        """The options of a parsed command line, ``overrides`` on top. A flag the command
+        lacks, or one not given that defaults to None, keeps its default; a command with
+        ``--inventory`` gets the inventory it names or finds (``find_inventory``)."""
         values = {option.name: getattr(args, option.name) for option in fields(cls)
-                  if option.name != "inventory" and getattr(args, option.name, None) is not None}
-        if "inventory" not in overrides and hasattr(args, "inventory"):
+                  if getattr(args, option.name, None) is not None}
+        if hasattr(args, "inventory"):
             from coordinator.cluster.inventory import find_inventory
 
-            overrides["inventory"] = find_inventory(args.inventory)
+            values["inventory"] = find_inventory(args.inventory)
         return cls(**{**values, **overrides})
 
 

@@ -94,3 +94,18 @@ def test_options_from_a_command_line_that_lacks_some_flags() -> None:
         SubmitOptions(output_dir="o", retries=2)
     assert SubmitOptions.from_args(argparse.Namespace(per_gpu=True), balance=True) == \
         SubmitOptions(per_gpu=True, balance=True)
+    # A flag given as None (not on the command line) keeps the default.
+    assert SubmitOptions.from_args(argparse.Namespace(workdir=None, retries=None)) == \
+        SubmitOptions()
+
+
+def test_options_from_a_command_line_load_its_inventory(tmp_path: Path) -> None:
+    inventory = tmp_path / "cluster.toml"
+    inventory.write_text('[defaults]\nscripts_dir = "/opt/pipeline"\nworkdir = "/data"\n'
+                         '[nodes.rig-a]\nhost = "127.0.0.2"\ngpus = 2\n')
+    args = build_parser().parse_args(["submit", "--jobs-file", "j.json", "--inventory",
+                                      str(inventory)])
+    options = SubmitOptions.from_args(args)
+    assert options.inventory is not None and list(options.inventory.nodes) == ["rig-a"]
+    assert options.inventory.nodes["rig-a"].config.gpus == 2
+    assert SubmitOptions.from_args(args, inventory=None).inventory is None  # overrides win

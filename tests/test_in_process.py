@@ -143,6 +143,8 @@ def test_the_retry_policy_backs_off_exponentially_with_jitter_and_a_cap() -> Non
         assert 1.0 <= waits[0] <= 3.0  # 2 s x U(0.5, 1.5)
         assert 2.0 <= waits[1] <= 3.5  # 4 s x jitter, capped
         assert waits[2] == 3.5  # 8 s x at least 0.5 is over the cap
+        uncapped = Retries(retries=3, base_delay=1.0, max_delay=1000.0).after_failure(3)
+        assert uncapped is not None and 2.0 <= uncapped <= 6.0  # 1 s x 2^2 x jitter
     assert policy.after_failure(4) is None  # the last allowed attempt failed
     assert Retries(retries=0, base_delay=1.0).after_failure(1) is None
     assert Retries(retries=1, base_delay=0.0).after_failure(1) == 0.0

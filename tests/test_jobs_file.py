@@ -383,15 +383,18 @@ def test_output_file_values_that_name_no_file() -> None:
 
 
 @pytest.mark.parametrize(("script", "expected"), [
-    ("-x.py", "the script '-x.py' has a part starting with '-' (it would read as an option)"),
-    ("d/-x.py", "the script 'd/-x.py' has a part starting with '-' (it would read as an option)"),
-    ("a\nb", "the script 'a\\nb' contains a control character"),
-    ("a\x7fb", "the script 'a\\x7fb' contains a control character"),
-    ("/".join(["a" * 255] * 3 + ["b" * 254]) + "/cd", "the script is 1025 characters long "
-                                                       "(at most 1024)"),
-    ("d/" + "n" * 256, "the script has a name longer than 255 bytes"),
+    pytest.param("-x.py", "the script '-x.py' has a part starting with '-' (it would read as "
+                 "an option)", id="dash"),
+    pytest.param("d/-x.py", "the script 'd/-x.py' has a part starting with '-' (it would read "
+                 "as an option)", id="dash-part"),
+    pytest.param("a\nb", "the script 'a\\nb' contains a control character", id="newline"),
+    pytest.param("a\x7fb", "the script 'a\\x7fb' contains a control character", id="delete"),
+    pytest.param("/".join(["a" * 255] * 3 + ["b" * 254]) + "/cd", "the script is 1025 "
+                 "characters long (at most 1024)", id="too-long"),
+    pytest.param("d/" + "n" * 256, "the script has a name longer than 255 bytes",
+                 id="long-name"),
 ])
-def test_script_names_that_cannot_be_a_file_or_an_argument(script: str, expected: str) -> None:
+def test_bad_script_names_cannot_be_a_file_or_an_argument(script: str, expected: str) -> None:
     with pytest.raises(InvalidJobsError) as caught:
         load_jobs([with_(job_id="j", script=script)])
     assert str(caught.value) == f"jobs: job 0 (job_id 'j'): field 'script': {expected}"

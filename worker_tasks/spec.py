@@ -261,7 +261,7 @@ def worker_name(slot: str, host: str) -> str:
 
 def slot_of_worker(name: str) -> str:
     """The slot in a worker's name (``rig-a.gpu1@box``: ``rig-a.gpu1``)."""
-    return name.split("@", 1)[0]
+    return name.partition("@")[0]
 
 
 def done_path_for(output_file: str | None, output_dir: str, job_id: str) -> str:
