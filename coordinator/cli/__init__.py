@@ -13,7 +13,16 @@ import sys
 from collections.abc import Sequence
 
 from coordinator.cli import cluster, node, observe, runs, workload
-from coordinator.cli.common import ENVIRONMENT, EXIT_CODES, PROG, ArgumentParser, formatter, run_cli
+from coordinator.cli.common import (
+    ENVIRONMENT,
+    EXIT_CODES,
+    PROG,
+    ArgumentParser,
+    Exits,
+    exit_table,
+    formatter,
+    run_cli,
+)
 from coordinator.cli.node import project_version
 
 GROUPS = (runs, node, cluster, observe, workload)
@@ -47,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--broker", metavar="URL", default=argparse.SUPPRESS,
                         help="Redis URL of the broker (default: $SC_BROKER_URL or local)")
 
-    def command(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, example: str,
+                exits: Exits) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help_text, description=help_text,
-                                   epilog=f"example:\n  {example}\n\n{EXIT_CODES}",
+                                   epilog=f"example:\n  {example}\n\n{exit_table(exits)}",
                                    formatter_class=formatter, parents=[common])
 
     for group in GROUPS:

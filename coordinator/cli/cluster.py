@@ -17,7 +17,7 @@ import redis
 
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.broker import connect_tracking, publisher, redact
-from coordinator.cli.common import EXIT_CODES, CommandFactory, add_inventory_flag, formatter
+from coordinator.cli.common import CommandFactory, add_inventory_flag, exit_table, formatter
 from coordinator.cli.node import project_version
 from coordinator.cluster.inventory import EXAMPLE, Inventory, inventory_path, load_inventory
 from coordinator.cluster_view import ClusterView
@@ -191,17 +191,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return code
 
 
+CLUSTER_EXITS = (
+    (ExitCode.OK, "every named node did its part"),
+    (ExitCode.INVALID_INPUT, "a bad inventory or flags; the cluster verbs need Fabric "
+                             "(scripts-coordinator[head])"),
+    (ExitCode.BROKER_UNREACHABLE, "up, status: Redis unreachable from the head node"),
+    (ExitCode.CLUSTER_FAILED, "a node failed (one line per node says which and why)"))
+
+
 def register(command: CommandFactory) -> None:
     cluster = command(
         "cluster", "drive the GPU nodes of an inventory over SSH (Fabric)",
         "coordinator cluster init > cluster.toml && coordinator cluster deploy && "
-        "coordinator cluster up")
+        "coordinator cluster up", CLUSTER_EXITS)
     verbs = cluster.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     def verb(name: str, help_text: str, examples: str,
              nodes: str = "*") -> argparse.ArgumentParser:
         sub = verbs.add_parser(name, help=help_text, description=help_text,
-                               epilog=f"examples:\n{examples}\n\n{EXIT_CODES}",
+                               epilog=f"examples:\n{examples}\n\n{exit_table(CLUSTER_EXITS)}",
                                formatter_class=formatter)
         if nodes == "*":
             sub.add_argument("nodes", nargs="*", metavar="NODE",

@@ -10,7 +10,8 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Callable
+import textwrap
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
@@ -20,16 +21,45 @@ from coordinator.errors import CoordinatorError, ExitCode
 
 PROG = "coordinator"
 
-EXIT_CODES = """\
-exit status:
-  0  every job succeeded (or, for submit without --wait, the run was published)
-  1  at least one job failed
-  2  invalid input (jobs file, inventory, flags); nothing was published
-  3  Redis unreachable
-  4  unknown run id
-  5  --timeout passed before the run finished
-  6  a cluster could not start or a node failed (local cluster, SSH node)
-  130 interrupted (Ctrl-C)"""
+# What each exit status means where a command says nothing more specific.
+EXIT_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "done",
+    ExitCode.JOBS_FAILED: "at least one job failed (or was cancelled, or is lost)",
+    ExitCode.INVALID_INPUT: "invalid input (flags, files); nothing was done",
+    ExitCode.BROKER_UNREACHABLE: "Redis unreachable (within $SC_CONNECT_TIMEOUT)",
+    ExitCode.RUN_NOT_FOUND: "unknown run id (expired, or a typo)",
+    ExitCode.WAIT_TIMEOUT: "--timeout passed before the run finished (it goes on)",
+    ExitCode.CLUSTER_FAILED: "a cluster could not start or a node failed",
+    ExitCode.UNCONFIRMED: "no job failed, but a .done is not where the collector looked "
+                          "(its line says where the workers wrote; see --workdir)",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C, SIGTERM)",
+}
+# Where --help's exit table wraps its lines.
+HELP_WIDTH = 92
+# The statuses a command ends with: a code (its common meaning) or (code, its own meaning).
+Exits = Sequence[ExitCode | tuple[ExitCode, str]]
+# Every command can be given bad flags, and interrupted.
+EVERY_COMMAND = (ExitCode.INVALID_INPUT, ExitCode.INTERRUPTED)
+
+
+def exit_rows(exits: Exits) -> dict[int, str]:
+    """status -> meaning, for ``exits`` and what every command can end with."""
+    rows = {int(code): EXIT_MEANINGS[code] for code in EVERY_COMMAND}
+    for entry in exits:
+        code, text = (entry, EXIT_MEANINGS[entry]) if isinstance(entry, ExitCode) else entry
+        rows[int(code)] = text
+    return dict(sorted(rows.items()))
+
+
+def exit_table(exits: Exits) -> str:
+    """A command's ``exit status:`` section of ``--help``: only what it can end with."""
+    return "exit status:\n" + "\n".join(
+        textwrap.fill(text, width=HELP_WIDTH, initial_indent=f"  {code:<4}",
+                      subsequent_indent=" " * 6) for code, text in exit_rows(exits).items())
+
+
+# `coordinator --help`: every status any command uses.
+EXIT_CODES = exit_table(list(ExitCode)) + "\n  (each command's --help lists its own)"
 
 ENVIRONMENT = """\
 environment:
@@ -53,7 +83,8 @@ def formatter(prog: str) -> argparse.HelpFormatter:
 class CommandFactory(Protocol):
     """Adds one command to the ``coordinator`` parser (see ``cli.build_parser``)."""
 
-    def __call__(self, name: str, help_text: str, example: str) -> argparse.ArgumentParser: ...
+    def __call__(self, name: str, help_text: str, example: str,
+                 exits: Exits) -> argparse.ArgumentParser: ...
 
 
 def existing_dir(value: str) -> str:

@@ -239,13 +239,28 @@ def add_place_flags(parser: argparse.ArgumentParser) -> None:
                         help="where scripts run and relative paths resolve (default: .)")
 
 
+WORKER_EXITS = (
+    (ExitCode.OK, "--detach: started and answering a ping; --stop: stopped; --status: printed; "
+                  "in the foreground: the worker stopped"),
+    (ExitCode.INVALID_INPUT, "a worker already serves the node (--force starts one anyway), or "
+                             "bad flags"),
+    ExitCode.BROKER_UNREACHABLE,
+    (ExitCode.CLUSTER_FAILED, "--detach: the worker died or did not answer at start; --stop: it "
+                              "did not stop within --timeout"))
+LOCAL_EXITS = (
+    (ExitCode.OK, "every job succeeded"), ExitCode.JOBS_FAILED,
+    (ExitCode.WAIT_TIMEOUT, "--timeout passed first; everything was stopped"),
+    (ExitCode.CLUSTER_FAILED, "its Redis or a worker could not start, or died"))
+
+
 def register(command: CommandFactory) -> None:
     sub = command("worker", "run this machine's Celery worker for one node (queue node.NAME)",
                   "coordinator worker --node rig-a --scripts-dir /opt/pipeline --workdir /data\n"
                   "  coordinator worker --node rig-a --workdir /data --detach   # in the "
                   "background\n"
                   "  coordinator worker --node rig-a --workdir /data --stop     # warm stop\n"
-                  "  coordinator worker --node rig-a --workdir /data --status   # JSON")
+                  "  coordinator worker --node rig-a --workdir /data --status   # JSON",
+                  WORKER_EXITS)
     sub.add_argument("--node", required=True, help="the node label jobs name, e.g. rig-a")
     sub.add_argument("--gpu", type=int, metavar="K",
                      help="per-GPU mode: serve only GPU K of the node (queue node.NODE.gpuK); "
@@ -279,7 +294,8 @@ def register(command: CommandFactory) -> None:
 
     sub = command("local", "run a jobs file on this machine: private Redis, one worker per node",
                   "coordinator examples . && coordinator local --jobs-file "
-                  "examples/hello_jobs.json --output-dir out")
+                  "examples/hello_jobs.json --output-dir out",
+                  LOCAL_EXITS)
     add_original_flags(sub)
     add_retry_flags(sub)
     add_place_flags(sub)

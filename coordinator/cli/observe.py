@@ -101,10 +101,20 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+FLOWER_EXITS = (
+    (ExitCode.OK, "Flower stopped (it replaces this process)"),
+    (ExitCode.INVALID_INPUT, "Flower is not installed, or a non-loopback --address has no "
+                             f"{AUTH_VARIABLE}"),
+    ExitCode.BROKER_UNREACHABLE)
+METRICS_EXITS = ((ExitCode.OK, "--textfile: written; else the server stopped"),
+                 ExitCode.BROKER_UNREACHABLE)
+
+
 def register(command: CommandFactory) -> None:
     sub = command("flower", "start the Flower dashboard with this project's broker settings",
                   "FLOWER_BASIC_AUTH=admin:change-me coordinator flower --address 0.0.0.0 "
-                  "--port 5555")
+                  "--port 5555",
+                  FLOWER_EXITS)
     sub.add_argument("--port", type=int, default=5555, help="HTTP port (default: 5555)")
     sub.add_argument("--address", default="127.0.0.1",
                      help="listen address (default: 127.0.0.1); any other needs "
@@ -115,7 +125,8 @@ def register(command: CommandFactory) -> None:
 
     sub = command("metrics", "queue lengths, workers, busy time and runs in Prometheus' format",
                   "coordinator metrics --port 9108   # or: --textfile /var/lib/node_exporter/"
-                  "sc.prom --interval 15")
+                  "sc.prom --interval 15",
+                  METRICS_EXITS)
     sub.add_argument("--port", type=int, default=9108, help="HTTP port (default: 9108)")
     sub.add_argument("--address", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
     sub.add_argument("--textfile", metavar="FILE",

@@ -12,11 +12,12 @@ from pathlib import Path
 from celeryconfig import task_default_queue as UNASSIGNED_QUEUE
 from coordinator.cli.common import (
     ENVIRONMENT,
-    EXIT_CODES,
+    EXIT_MEANINGS,
     PROG,
     ArgumentParser,
     CommandFactory,
     add_inventory_flag,
+    exit_table,
     formatter,
 )
 from coordinator.cluster.inventory import Inventory, find_inventory
@@ -25,14 +26,45 @@ from coordinator.errors import ExitCode, InvalidJobsError, RunNotFoundError
 from coordinator.jobs import SAFE_NAME
 from coordinator.options import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR, DEFAULTS, SubmitOptions
 from coordinator.plan import Plan
-from coordinator.records import JobRecord
+from coordinator.records import JobRecord, RunStatus
 from coordinator.run import Run, get_run, latest_run, prepare, publish, recent_runs
 from worker_tasks.spec import is_floating
-from worker_tasks.tracking import JobState, error_lines
+from worker_tasks.tracking import RETRYABLE, JobState, error_lines
 
 # A run with more jobs lists only the interesting ones in `status` (unless --all).
 STATUS_LIST_LIMIT = 200
 QUIET_STATES = (JobState.QUEUED, JobState.SUCCEEDED, JobState.SKIPPED)
+
+
+E = ExitCode
+# What each run command can end with (``--help`` prints these; tests reach each one).
+FOLLOWED = ((E.OK, "every job succeeded (without --wait: the run was published)"),
+            (E.JOBS_FAILED, "with --wait: at least one job failed (or was cancelled, or is lost)"),
+            E.BROKER_UNREACHABLE, (E.WAIT_TIMEOUT, "with --wait: --timeout passed first (the "
+                                                    "run goes on)"),
+            (E.CLUSTER_FAILED, "inputs could not be pushed to a node (node-local storage)"),
+            (E.UNCONFIRMED, "with --wait: " + EXIT_MEANINGS[E.UNCONFIRMED]))
+SUBMIT_EXITS = FOLLOWED
+STATUS_EXITS = ((E.OK, "no job failed (the run may still be going)"),
+                (E.JOBS_FAILED, "at least one job failed, was cancelled or is lost"),
+                E.BROKER_UNREACHABLE, E.RUN_NOT_FOUND)
+RUNS_EXITS = ((E.OK, "listed (also when there are none)"), E.BROKER_UNREACHABLE)
+WAIT_EXITS = ((E.OK, "every job succeeded"), E.JOBS_FAILED,
+              (E.BROKER_UNREACHABLE, "Redis unreachable for longer than $SC_RECONNECT_TIMEOUT"),
+              (E.RUN_NOT_FOUND, "unknown run id, or its records vanished while waiting"),
+              E.WAIT_TIMEOUT, E.UNCONFIRMED)
+COLLECT_EXITS = ((E.OK, "every job succeeded"),
+                 (E.JOBS_FAILED, "at least one job failed or is not final yet"),
+                 E.BROKER_UNREACHABLE, E.RUN_NOT_FOUND, E.UNCONFIRMED)
+REPORT_EXITS = ((E.OK, "the page was written"), E.BROKER_UNREACHABLE, E.RUN_NOT_FOUND)
+CANCEL_EXITS = ((E.OK, "every job not yet final was cancelled (0 of a finished run)"),
+                E.BROKER_UNREACHABLE, E.RUN_NOT_FOUND)
+RETRY_EXITS = ((E.OK, "published again (with --wait: and every job succeeded)"),
+               (E.JOBS_FAILED, "with --wait: at least one job failed again"),
+               E.BROKER_UNREACHABLE, E.RUN_NOT_FOUND,
+               (E.WAIT_TIMEOUT, "with --wait: --timeout passed first"),
+               (E.UNCONFIRMED, "with --wait: " + EXIT_MEANINGS[E.UNCONFIRMED]))
+MOVE_EXITS = ((E.OK, "moved (or nothing to move)"), E.BROKER_UNREACHABLE, E.RUN_NOT_FOUND)
 
 
 def add_original_flags(parser: argparse.ArgumentParser) -> None:
@@ -224,7 +256,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                           "finished": status.finished,
                           "counts": {str(k): v for k, v in status.counts.items()},
                           "jobs": [vars(job) for job in status.jobs]}, default=str, indent=2))
-        return ExitCode.OK
+        return status_exit(status)
     print(f"run {status.run_id} ({status.outcome}): {status.line()}")
     unassigned = run.unassigned_messages()
     if unassigned:
@@ -249,7 +281,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not every:
         print(f"  ({status.total} jobs: only those running, failed, cancelled or lost are "
               f"listed, at most {STATUS_LIST_LIMIT}; --all lists every one)")
-    return ExitCode.OK
+    return status_exit(status)
+
+
+def status_exit(status: RunStatus) -> ExitCode:
+    """``status``: 1 once a job failed, was cancelled or is lost (whatever else still runs)."""
+    return ExitCode.JOBS_FAILED if any(job.state in RETRYABLE for job in status.jobs) \
+        else ExitCode.OK
 
 
 def job_line(job: JobRecord, node: str, alive: set[str]) -> str:
@@ -343,7 +381,8 @@ def cmd_move(args: argparse.Namespace) -> int:
 
 def register(command: CommandFactory) -> None:
     sub = command("submit", "validate a jobs file and publish it; prints the run id",
-                  "coordinator submit --jobs-file scoring_jobs.json --output-dir results --wait")
+                  "coordinator submit --jobs-file scoring_jobs.json --output-dir results --wait",
+                  SUBMIT_EXITS)
     add_original_flags(sub)
     add_retry_flags(sub)
     sub.add_argument("--wait", action="store_true",
@@ -354,7 +393,8 @@ def register(command: CommandFactory) -> None:
 
     sub = command("recover", "re-create a run whose records Redis lost, from its jobs file and "
                              "the .done files: only jobs without a .done are published",
-                  "coordinator recover --jobs-file scoring_jobs.json --output-dir results --wait")
+                  "coordinator recover --jobs-file scoring_jobs.json --output-dir results --wait",
+                  SUBMIT_EXITS)
     add_original_flags(sub)
     add_retry_flags(sub)
     sub.add_argument("--wait", action="store_true", help="follow the run, then collect")
@@ -363,7 +403,7 @@ def register(command: CommandFactory) -> None:
     sub.set_defaults(handler=cmd_submit, recover=True)
 
     sub = command("status", "show a run's jobs and their states (records settled first)",
-                  "coordinator status 20261129-081500-3f9a1c --json")
+                  "coordinator status 20261129-081500-3f9a1c --json", STATUS_EXITS)
     add_run_arg(sub)
     sub.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_argument("--workdir", metavar="DIR",
@@ -379,18 +419,18 @@ def register(command: CommandFactory) -> None:
     sub.set_defaults(handler=cmd_status)
 
     sub = command("runs", "list the newest runs with their progress",
-                  "coordinator runs --limit 5")
+                  "coordinator runs --limit 5", RUNS_EXITS)
     sub.add_argument("--limit", type=int, default=10, help="how many runs (default: 10)")
     sub.set_defaults(handler=cmd_runs)
 
     sub = command("wait", "follow a run with a live progress display until every job is final",
-                  "coordinator wait 20261129-081500-3f9a1c --timeout 900")
+                  "coordinator wait 20261129-081500-3f9a1c --timeout 900", WAIT_EXITS)
     add_run_arg(sub)
     add_follow_flags(sub)
     sub.set_defaults(handler=cmd_wait)
 
     sub = command("collect", "write run_summary.json (and merged outputs) and print the table",
-                  "coordinator collect 20261129-081500-3f9a1c --fetch")
+                  "coordinator collect 20261129-081500-3f9a1c --fetch", COLLECT_EXITS)
     add_run_arg(sub)
     add_collect_flags(sub)
     sub.add_argument("--fetch", action="store_true",
@@ -399,7 +439,8 @@ def register(command: CommandFactory) -> None:
     sub.set_defaults(handler=cmd_collect)
 
     sub = command("report", "where a run's time went: an HTML page with a timeline per node",
-                  "coordinator report 20261129-081500-3f9a1c --out run.html --png run.png")
+                  "coordinator report 20261129-081500-3f9a1c --out run.html --png run.png",
+                  REPORT_EXITS)
     add_run_arg(sub)
     sub.add_argument("--out", metavar="FILE",
                      help="the HTML file (default: WORKDIR/OUTPUT_DIR/report.html)")
@@ -414,12 +455,12 @@ def register(command: CommandFactory) -> None:
     sub.set_defaults(handler=cmd_report)
 
     sub = command("cancel", "drop a run's queued jobs and terminate its running ones",
-                  "coordinator cancel 20261129-081500-3f9a1c")
+                  "coordinator cancel 20261129-081500-3f9a1c", CANCEL_EXITS)
     add_run_arg(sub)
     sub.set_defaults(handler=cmd_cancel)
 
     sub = command("retry", "publish a run's failed, cancelled and lost jobs again",
-                  "coordinator retry 20261129-081500-3f9a1c --lost --wait")
+                  "coordinator retry 20261129-081500-3f9a1c --lost --wait", RETRY_EXITS)
     add_run_arg(sub)
     sub.add_argument("--lost", action="store_true",
                      help="only the lost jobs (their messages vanished: a purge, a broker "
@@ -429,7 +470,8 @@ def register(command: CommandFactory) -> None:
     sub.set_defaults(handler=cmd_retry)
 
     sub = command("move", "move a run's queued jobs off a node (a dead one) onto others",
-                  "coordinator move 20261129-081500-3f9a1c --from rig-c --to rig-a,rig-b")
+                  "coordinator move 20261129-081500-3f9a1c --from rig-c --to rig-a,rig-b",
+                  MOVE_EXITS)
     add_run_arg(sub)
     sub.add_argument("--from", dest="source", required=True, metavar="NODE",
                      help="the node whose queued (and abandoned running) jobs move")
@@ -453,7 +495,8 @@ def build_legacy_parser(prog: str = "scripts-coordinator") -> argparse.ArgumentP
                "--output-dir full_scoring_results\n"
                "  scripts-coordinator --jobs-file step5_jobs.json --preserve-paths\n"
                "  scripts-coordinator --jobs-file scoring_jobs.json --dry-run\n\n"
-               + EXIT_CODES + "\n\n" + ENVIRONMENT,
+               + exit_table(SUBMIT_EXITS).replace("with --wait: ", "").replace(
+                   " (without --wait: the run was published)", "") + "\n\n" + ENVIRONMENT,
     )
     add_original_flags(parser)
     add_retry_flags(parser)

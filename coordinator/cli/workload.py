@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from coordinator.cli.common import CommandFactory, add_inventory_flag, formatter
+from coordinator.cli.common import CommandFactory, add_inventory_flag, exit_table, formatter
 from coordinator.cluster.inventory import find_inventory
 from coordinator.errors import ExitCode, InvalidJobsError
 from coordinator.options import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR
@@ -106,10 +106,19 @@ def cmd_shims(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+DEMO_EXITS = (
+    (ExitCode.OK, "every chunk succeeded and the secret seed ranks first"),
+    (ExitCode.JOBS_FAILED, "a chunk failed, or the secret seed is not at rank 1"),
+    (ExitCode.CLUSTER_FAILED, "the local cluster could not start"))
+# Commands that only write files here.
+WRITE_EXITS = ((ExitCode.OK, "the files were written"),)
+
+
 def register(command: CommandFactory) -> None:
     sub = command("demo", "run the Step 3 demo from any directory: synthetic data from a secret "
                           "seed, 36 chunks on a local cluster, the secret found at rank 1",
-                  "coordinator demo --candidates 1000000 --nodes 4")
+                  "coordinator demo --candidates 1000000 --nodes 4",
+                  DEMO_EXITS)
     sub.add_argument("--dir", default="demo", help="where it works (default: ./demo)")
     sub.add_argument("--candidates", type=int, default=1_000_000,
                      help="candidate seeds, the secret one included (default: 1000000)")
@@ -121,7 +130,8 @@ def register(command: CommandFactory) -> None:
 
     sub = command("examples", "copy the example jobs files and scripts into DIR/examples",
                   "coordinator examples . && coordinator local --jobs-file "
-                  "examples/hello_jobs.json")
+                  "examples/hello_jobs.json",
+                  WRITE_EXITS)
     sub.add_argument("directory", nargs="?", default=".", metavar="DIR",
                      help="where the examples/ directory goes (default: .)")
     sub.set_defaults(handler=cmd_examples)
@@ -129,12 +139,14 @@ def register(command: CommandFactory) -> None:
     sub = command("shims", "write scripts_coordinator.py and coordinator_adapter.py into a "
                            "pipeline's directory, so its shell scripts run unchanged",
                   "coordinator shims /opt/pipeline   # then: python3 scripts_coordinator.py "
-                  "--jobs-file scoring_jobs.json")
+                  "--jobs-file scoring_jobs.json",
+                  WRITE_EXITS)
     sub.add_argument("directory", metavar="DIR", help="the pipeline's directory")
     sub.set_defaults(handler=cmd_shims)
 
     jobs = command("jobs", "write jobs files for a workload",
-                   "coordinator jobs scoring --help")
+                   "coordinator jobs scoring --help",
+                  WRITE_EXITS)
     kinds = jobs.add_subparsers(dest="kind", metavar="KIND", required=True)
     sub = kinds.add_parser(
         "scoring", formatter_class=formatter,
@@ -144,7 +156,7 @@ def register(command: CommandFactory) -> None:
         epilog="example:\n  coordinator jobs scoring --survivors survivors.json "
                "--train-history train_history.json \\\n      --nodes rig-a,rig-b:2 --chunks 36 "
                "--prng-type java_lcg --mod 1000 \\\n      --jobs-file scoring_jobs.json "
-               "--chunk-dir scoring_chunks")
+               "--chunk-dir scoring_chunks\n\n" + exit_table(WRITE_EXITS))
     sub.add_argument("--survivors", required=True, help="JSON list of seeds or survivor objects")
     sub.add_argument("--train-history", required=True,
                      help="history path, as the workers will see it (relative to their workdir)")
@@ -167,7 +179,8 @@ def register(command: CommandFactory) -> None:
 
     sub = command("demo-data", "write a synthetic draw history from a secret seed, and survivors",
                   "coordinator demo-data --out-dir demo --candidates 1000000 --prng-type java_lcg "
-                  "--mod 1000")
+                  "--mod 1000",
+                  WRITE_EXITS)
     sub.add_argument("--out-dir", default="demo", help="where the files go (default: demo)")
     sub.add_argument("--candidates", type=int, default=1_000_000,
                      help="number of candidate seeds, the secret one included (default: 1000000)")
