@@ -60,6 +60,10 @@ class RunVanishedError(RunNotFoundError):
     """The run's records disappeared while it was followed (Redis lost its data)."""
 
 
+# Stream reads a poll may make to catch up with the counters before it reloads everything.
+CATCH_UP_READS = 5
+
+
 class RunFollower:
     """A run's snapshot, kept current from its change stream.
 
@@ -101,12 +105,16 @@ class RunFollower:
         elif json.loads(state) != self.info.get("state"):
             self.info = {**self.info, "state": json.loads(state)}
             changed = True
-        if read_counts(self.client, self.run_id) != self.counts():
-            changed |= self.read_events()
-            if read_counts(self.client, self.run_id) != self.counts():
-                self.load()  # the stream was trimmed past us: read everything again
-                changed = True
-        return changed
+        for _ in range(CATCH_UP_READS):
+            if read_counts(self.client, self.run_id) == self.counts():
+                return changed
+            if not self.read_events():  # counts moved on and no event says why:
+                break                   # the stream was trimmed past us
+            changed = True
+        else:
+            return changed  # a busy run: the next poll goes on reading
+        self.load()  # read everything again (rare: a re-read replays newer events over it)
+        return True
 
     def read_events(self, block: float | None = None) -> bool:
         reply = self.client.xread({events_key(self.run_id): self.last_id}, count=EVENTS_PER_POLL,

@@ -41,7 +41,7 @@ class ProgressDisplay:
         self.console = Console(file=self.stream, force_terminal=self.live or None)
         self.progress: Progress | None = None
         self.tasks: dict[str, int] = {}
-        self.seen: dict[str, tuple[JobState, int]] = {}
+        self.seen: dict[str, set[tuple[JobState, int]]] = {}  # job -> (state, attempt) seen
 
     def __enter__(self) -> ProgressDisplay:
         if self.live:
@@ -94,10 +94,11 @@ class ProgressDisplay:
         stamp = time.strftime("%H:%M:%S")
         for job in status.jobs:
             key = (job.state, job.attempts)
-            if self.seen.get(job.job_id) == key:
+            seen = self.seen.setdefault(job.job_id, set())
+            if key in seen:  # each state of each attempt once, even if a snapshot repeats it
                 continue
-            first = job.job_id not in self.seen
-            self.seen[job.job_id] = key
+            first = not seen
+            seen.add(key)
             if (first and job.state is JobState.QUEUED) or job.state is JobState.FINISHING:
                 continue  # (finishing lasts a few milliseconds: its marker being written)
             extra = ""

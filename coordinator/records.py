@@ -81,7 +81,15 @@ FOLLOW_FIELDS = ["node", "state", "attempts", "duration_s", "started_at", "finis
 
 @dataclass(frozen=True)
 class RunStatus:
-    """A snapshot of a run: its metadata and every job's record."""
+    """A snapshot of a run: its metadata and every job's record.
+
+    ``state`` is the run record's own lifecycle, as the head node sets it
+    (``publishing``, ``active``, ``cancelled``); nothing rewrites the run record
+    when its last job ends (each job's end is that job's own transition), so a
+    finished run stays ``active`` there. What the run came to is ``outcome``:
+    ``active`` until every job is final, then ``finished``, ``failed`` or
+    ``cancelled``.
+    """
 
     run_id: str
     state: RunState

@@ -13,6 +13,7 @@ busy fraction, and the slowest jobs.
 from __future__ import annotations
 
 import html
+import math
 import shutil
 import subprocess
 import tempfile
@@ -27,6 +28,8 @@ LABEL_WIDTH = 140
 ROW_HEIGHT = 22
 ROW_GAP = 6
 AXIS_HEIGHT = 28
+# At most this many steps of the time axis across the makespan.
+MAX_TICKS = 10
 # Outcome colours (colour-blind-safe palette), and the order the legend lists them in.
 COLOURS = {"succeeded": "#2e7d32", "failed": "#c62828", "retried": "#ef6c00",
            "skipped": "#9e9e9e", "cancelled": "#6a1b9a", "running": "#1565c0"}
@@ -117,6 +120,23 @@ def row_svg(bars: list[Bar], y: float, scale: float) -> list[str]:
     return parts
 
 
+def axis_ticks(makespan: float) -> list[float]:
+    """Ticks from 0 at a round step (1, 2 or 5 times a power of ten), at most
+    ``MAX_TICKS`` + 1 of them, none past the makespan."""
+    if makespan <= 0:
+        return [0.0]
+    magnitude = 10 ** math.floor(math.log10(makespan / MAX_TICKS))
+    step = next(magnitude * factor for factor in (1, 2, 5, 10)
+                if makespan / (magnitude * factor) <= MAX_TICKS)
+    count = int(makespan / step + 1e-9)
+    return [round(index * step, 10) for index in range(count + 1)]
+
+
+def tick_label(tick: float) -> str:
+    """``0``, ``0.5``, ``20``: no more digits than the tick has."""
+    return f"{tick:.6f}".rstrip("0").rstrip(".")
+
+
 def render_svg(summary: dict[str, Any]) -> str:
     bars = attempt_bars(summary)
     rows = sorted({bar.row for bar in bars} | set(summary.get("nodes", {})))
@@ -130,13 +150,13 @@ def render_svg(summary: dict[str, Any]) -> str:
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
              f'viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">',
              f'<rect x="0" y="0" width="{WIDTH}" height="{height}" fill="#ffffff"/>']
-    for tick in range(11):  # the time axis: eleven ticks across the makespan
-        x = LABEL_WIDTH + tick * (WIDTH - LABEL_WIDTH - 1) / 10
+    for tick in axis_ticks(makespan):  # the time axis, at round steps
+        x = LABEL_WIDTH + tick * scale
         parts.append(f'<line x1="{x:.1f}" y1="{AXIS_HEIGHT - 6}" x2="{x:.1f}" y2="{height}" '
                      f'stroke="#e0e0e0"/>')
-        anchor = "start" if tick == 0 else "end" if tick == 10 else "middle"
+        anchor = "start" if tick == 0 else "end" if x > WIDTH - 30 else "middle"
         parts.append(f'<text x="{x:.1f}" y="{AXIS_HEIGHT - 10}" text-anchor="{anchor}">'
-                     f'{makespan * tick / 10:.1f} s</text>')
+                     f'{tick_label(tick)} s</text>')
     for index, row in enumerate(rows):
         y = AXIS_HEIGHT + index * (ROW_HEIGHT + ROW_GAP)
         parts.append(f'<text class="row-label" x="4" y="{y + ROW_HEIGHT - 6}">'

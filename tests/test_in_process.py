@@ -8,6 +8,7 @@ A real Redis (the suite's); no workers, no messages: runs are recorded with
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from pathlib import Path
 
@@ -149,3 +150,43 @@ def test_the_retry_policy_backs_off_exponentially_with_jitter_and_a_cap() -> Non
     assert Retries(retries=0, base_delay=1.0).after_failure(1) is None
     assert Retries(retries=1, base_delay=0.0).after_failure(1) == 0.0
     assert Retries(retries=9, base_delay=100.0).after_failure(9) == MAX_BACKOFF_S
+
+
+def test_progress_lines_say_each_state_of_an_attempt_once() -> None:
+    import io
+
+    from coordinator.progress import ProgressDisplay
+    from coordinator.records import JobRecord, RunStatus
+    from worker_tasks.tracking import RunState
+
+    def snapshot(state: JobState, attempts: int) -> RunStatus:
+        job = JobRecord(job_id="c1", node="rig-a", state=state, attempts=attempts,
+                        duration_s=0.3 if state.is_final else None)
+        return RunStatus(run_id="r", state=RunState.ACTIVE, output_dir="o", created_at=0.0,
+                         jobs=[job])
+
+    stream = io.StringIO()
+    display = ProgressDisplay(stream=stream, live=False)
+    # A re-read snapshot may replay an older state (running after finishing): said once.
+    for state, attempts in [(JobState.QUEUED, 0), (JobState.RUNNING, 1), (JobState.FINISHING, 1),
+                            (JobState.RUNNING, 1), (JobState.QUEUED, 1), (JobState.RUNNING, 2),
+                            (JobState.SUCCEEDED, 2)]:
+        display(snapshot(state, attempts))
+    lines = [line.split(" ", 1)[1] for line in stream.getvalue().splitlines()]
+    assert lines == ["[rig-a] c1 running  (0/1)", "[rig-a] c1 queued  (0/1)",
+                     "[rig-a] c1 running  (0/1)", "[rig-a] c1 succeeded in 0.3 s  (1/1)"]
+
+
+def test_the_report_time_axis_ticks_at_round_steps() -> None:
+    from coordinator.report import axis_ticks, render_svg, tick_label
+
+    assert [tick_label(tick) for tick in axis_ticks(11.3)] == ["0", "2", "4", "6", "8", "10"]
+    assert [tick_label(tick) for tick in axis_ticks(3.4)] == [
+        "0", "0.5", "1", "1.5", "2", "2.5", "3"]
+    assert axis_ticks(100.0) == [float(step) for step in range(0, 101, 10)]
+    assert axis_ticks(0.0) == [0.0]
+    summary = {"nodes": {"rig-a": {}}, "jobs": [{
+        "job_id": "j", "node": "rig-a", "state": "succeeded", "attempt_history": [
+            {"attempt": 1, "started_at": 100.0, "finished_at": 103.4, "exit_code": 0}]}]}
+    labels = re.findall(r">([0-9.]+) s</text>", render_svg(summary))
+    assert labels == ["0", "0.5", "1", "1.5", "2", "2.5", "3"], labels

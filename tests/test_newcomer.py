@@ -16,6 +16,7 @@ from coordinator import JobState, submit
 from coordinator.local import LocalCluster
 from coordinator.metrics import collect
 from tests.helpers import BIN, echo_job, run_cli, write_jobs
+from tests.waiting import wait_for
 
 
 def test_results_are_judged_where_the_workers_wrote_them(
@@ -146,3 +147,23 @@ def under(lines: list[str], at: int) -> list[str]:
             break
         found.append(line.strip())
     return found
+
+
+def test_a_warm_stop_says_whether_a_job_was_running(cluster: LocalCluster,
+                                                     tmp_path: Path) -> None:
+    args = ["worker", "--node", "rig-stop", "--workdir", str(tmp_path), "--broker",
+            cluster.broker_url]
+    try:
+        assert run_cli(*args, "--detach").returncode == 0
+        idle = run_cli(*args, "--stop")
+        assert idle.returncode == 0 and "(warm: no job was running)" in idle.stdout, idle.stdout
+        assert run_cli(*args, "--detach").returncode == 0
+        run = submit([echo_job("stop_busy", "rig-stop", "stop", "--sleep", "3")],
+                     output_dir="stop", workdir=tmp_path, broker_url=cluster.broker_url)
+        wait_for(lambda: run.status().jobs[0].state is JobState.RUNNING, 60, "the job to run")
+        busy = run_cli(*args, "--stop")
+        assert busy.returncode == 0, busy.stderr
+        assert "(warm: its running job finished first)" in busy.stdout, busy.stdout
+        assert run.status().jobs[0].state is JobState.SUCCEEDED
+    finally:
+        run_cli(*args, "--stop", "--now")

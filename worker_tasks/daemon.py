@@ -26,6 +26,8 @@ STOP_POLL_S = 0.2
 KILL_SETTLE_S = 10.0
 # How long a process just started may show no arguments (it is inside its exec).
 EXEC_WINDOW_S = 1.0
+# In the environment of every job's script (run_job.script_env): a process of a running job.
+JOB_VARIABLE = b"SC_JOB_ID="
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,20 @@ def session_members(sid: int) -> list[int]:
     return members
 
 
+def job_processes(sid: int) -> list[int]:
+    """The processes of session ``sid`` that belong to a running job (their environment
+    names it: ``SC_JOB_ID``, set for every script)."""
+    running = []
+    for pid in session_members(sid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if any(entry.startswith(JOB_VARIABLE) for entry in environ.split(b"\0")):
+            running.append(pid)
+    return running
+
+
 def start_detached(argv: Sequence[str], env: Mapping[str, str], cwd: Path, pidfile: Path,
                    logfile: Path) -> subprocess.Popen[bytes]:
     """Start ``argv`` in a new session, output appended to ``logfile``; write ``pidfile``."""
@@ -128,13 +144,15 @@ def stop(pidfile: Path, marker: str, now: bool = False, timeout: float = 60.0) -
         kill_session(state.pid)
         pidfile.unlink(missing_ok=True)
         return f"killed worker pid {state.pid} and its jobs"
+    busy = bool(job_processes(state.pid))
     with contextlib.suppress(ProcessLookupError):
         os.kill(state.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not process_matches(state.pid, marker):
             pidfile.unlink(missing_ok=True)
-            return f"stopped worker pid {state.pid} (warm: a running job finished first)"
+            how = "its running job finished first" if busy else "no job was running"
+            return f"stopped worker pid {state.pid} (warm: {how})"
         time.sleep(STOP_POLL_S)
     raise TimeoutError(f"worker pid {state.pid} is still finishing its job after {timeout:g} s; "
                        f"the warm shutdown goes on (--now kills it)")

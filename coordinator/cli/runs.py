@@ -253,7 +253,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = run.status(light=not args.json)
     if args.json:
         print(json.dumps({"run_id": status.run_id, "state": status.state,
-                          "finished": status.finished,
+                          "outcome": status.outcome, "finished": status.finished,
                           "counts": {str(k): v for k, v in status.counts.items()},
                           "jobs": [vars(job) for job in status.jobs]}, default=str, indent=2))
         return status_exit(status)
