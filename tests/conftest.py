@@ -6,6 +6,7 @@ Helpers that tests import (commands, jobs) live in ``tests/helpers.py``, waiting
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,17 @@ REFERENCE_FIXTURES = {"java_draws": "Java (java.util.Random)",
                       "compiler": "C++ (CUDA kernel harness)",
                       "ssh_cluster": "SSH (real sshd hosts)"}
 _reference_passes: dict[str, int] = dict.fromkeys(REFERENCE_FIXTURES.values(), 0)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # SIGTERM stops the suite as Ctrl-C does: pytest ends the run and every fixture's
+    # teardown stops what it started (servers, workers). Without this, SIGTERM kills
+    # pytest where it stands and the session's workers live on.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -45,7 +57,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
+    # die_with_parent: a pytest killed outright (SIGKILL) takes its servers with it too.
+    with RedisServer(die_with_parent=True) as server:
         yield server
 
 
@@ -59,7 +72,7 @@ def cluster(redis_server: RedisServer, cluster_workdir: Path) -> Iterator[LocalC
     """Four real Celery workers (rig-a..rig-d) on the suite's Redis; scripts from the repo."""
     with LocalCluster(NODES, scripts_dir=REPO, workdir=cluster_workdir,
                       log_dir=cluster_workdir / "worker-logs",
-                      broker_url=redis_server.url) as running:
+                      broker_url=redis_server.url, die_with_parent=True) as running:
         yield running
 
 

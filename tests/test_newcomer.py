@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,9 @@ import redis
 from coordinator import JobState, submit
 from coordinator.local import LocalCluster
 from coordinator.metrics import collect
-from tests.helpers import BIN, echo_job, run_cli, write_jobs
+from tests.helpers import BIN, REPO, echo_job, run_cli, write_jobs
 from tests.waiting import wait_for
+from worker_tasks.daemon import session_members
 
 
 def test_results_are_judged_where_the_workers_wrote_them(
@@ -167,3 +170,43 @@ def test_a_warm_stop_says_whether_a_job_was_running(cluster: LocalCluster,
         assert run.status().jobs[0].state is JobState.SUCCEEDED
     finally:
         run_cli(*args, "--stop", "--now")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_suite_stops_every_server_and_worker_it_started(
+        signum: signal.Signals, tmp_path: Path) -> None:
+    pids_file = tmp_path / "pids.json"
+    inner = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
+         str(tmp_path / "inner"), str(REPO / "tests" / "interrupted_suite.py")],
+        cwd=REPO, env={**os.environ, "SC_TEST_PIDS": str(pids_file)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: pids_file.exists() or inner.poll() is not None, 120,
+                 "the inner suite to start its Redis and workers")
+        assert inner.poll() is None, inner.communicate()[0]
+        pids = json.loads(pids_file.read_text())
+        inner.send_signal(signum)
+        output = inner.communicate(timeout=90)[0]
+    finally:
+        if inner.poll() is None:
+            inner.kill()
+            inner.wait(timeout=30)
+    assert "KeyboardInterrupt" in output or "Interrupted" in output, output
+
+    def left() -> list[int]:
+        alive = [pid for sid in pids["workers"] for pid in session_members(sid)]
+        return alive + ([pids["redis"]] if is_redis(pids["redis"]) else [])
+
+    wait_for(lambda: not left(), 30, "every worker and the Redis to be gone",
+             seen=lambda: str(left()))
+
+
+def is_redis(pid: int) -> bool:
+    """Process ``pid`` is a live redis-server (its name, not a reused pid's)."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return comm.startswith("redis-server") and state != "Z"
