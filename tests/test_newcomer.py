@@ -172,7 +172,7 @@ def test_a_warm_stop_says_whether_a_job_was_running(cluster: LocalCluster,
         run_cli(*args, "--stop", "--now")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_an_interrupted_suite_stops_every_server_and_worker_it_started(
         signum: signal.Signals, tmp_path: Path) -> None:
     pids_file = tmp_path / "pids.json"

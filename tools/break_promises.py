@@ -212,6 +212,31 @@ BREAKS = [
           "    env = {k: v for k, v in os.environ.items() if k != AUTH_VARIABLE}\n"
           "    env[\"SC_BROKER_URL\"] = url\n    if True:",
           (T + "test_observe.py::test_flower_refuses_without_a_password",)),
+    Break("the collector looks where the run's workers wrote", "coordinator/records.py",
+          "        used = {job.workdir for job in self.jobs if job.workdir}",
+          "        used = set()",
+          (T + "test_newcomer.py::test_results_are_judged_where_the_workers_wrote_them",)),
+    Break("a .done not where the collector looks is unconfirmed, not failed",
+          "coordinator/collector.py",
+          "        return replace(job, state=JobState.UNCONFIRMED, error=unconfirmed_reason(job, "
+          "marker))",
+          "        return replace(job, state=JobState.FAILED, error=unconfirmed_reason(job, "
+          "marker))",
+          (T + "test_newcomer.py::test_a_marker_not_where_the_collector_looks_is_unconfirmed",
+           T + "test_exit_statuses.py::test_each_run_command_reaches_each_status_it_lists")),
+    Break("a failed job's Flower page reads like its own error", "worker_tasks/run_job.py",
+          "            einfo.traceback = exc.report",
+          "            pass",
+          (T + "test_observe.py::test_flower_shows_workers_with_their_queues_and_every_job",)),
+    Break("status exits 1 once a job failed", "coordinator/cli/runs.py",
+          "    return ExitCode.JOBS_FAILED if any(job.state in RETRYABLE for job in status.jobs)",
+          "    return ExitCode.OK if any(job.state in RETRYABLE for job in status.jobs)",
+          (T + "test_exit_statuses.py::test_each_run_command_reaches_each_status_it_lists",)),
+    Break("SIGTERM stops the suite's servers and workers", "tests/conftest.py",
+          "    signal.signal(signal.SIGTERM, _interrupt)\n",
+          "    pass\n",
+          (T + "test_newcomer.py::test_an_interrupted_suite_stops_every_server_and_worker_it_"
+               "started[SIGTERM]",)),
 ]
 
 
