@@ -40,7 +40,7 @@ from coordinator.records import (
 )
 from coordinator.submit import republish
 from worker_tasks.spec import is_floating, queue_for
-from worker_tasks.tracking import LOST_ONLY, JobEvent, JobState, events_key, run_key
+from worker_tasks.tracking import ACTIVE, LOST_ONLY, JobEvent, JobState, events_key, run_key
 
 # How often the follower reads the stream and counters (seconds).
 POLL_INTERVAL_S = 0.5
@@ -290,7 +290,7 @@ class Settler:
         live = ClusterView(self.client, self.app).liveness(
             {job.node for job in status.jobs if not job.state.is_final})
         settled = settle(self.client, self.run_id, running, live,
-                         self.options.workdir or status.files_dir())
+                         self.options.workdir or status.files_dir(), self.app)
         for line in settled:
             self.options.notice(line)
         fresh = ([job for job in status.jobs if not job.state.is_final] if not settled
@@ -341,10 +341,15 @@ class Settler:
             return
         records = read_status(self.client, self.run_id, FOLLOW_FIELDS).jobs
         live = view.liveness(waiting_nodes)
-        loads = {node: int(self.broker.llen(queue_for(node))) for node in targets}
+        # What each target has to do: its queue and its running job. Every move adds to it,
+        # so moved jobs spread over the least loaded nodes, not onto the first by name.
+        running = Counter(job.node for job in records if job.state in ACTIVE)
+        loads = {node: int(self.broker.llen(queue_for(node))) + running[node]
+                 for node in targets}
         for node in dead:
             jobs = [job for job in records if job.node == node and not job.state.is_final]
-            moved = move_jobs(self.client, self.app, self.run_id, jobs, targets, live, loads)
+            moved = move_jobs(self.client, self.app, self.run_id, jobs, targets, live, loads,
+                              self.broker)
             if moved:
                 where = ", ".join(f"{target} ({len(ids)})" for target, ids in moved.items())
                 count = sum(map(len, moved.values()))

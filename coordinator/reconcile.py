@@ -31,6 +31,7 @@ import redis
 from celery import Celery
 
 from coordinator.cluster_view import ClusterView, Liveness
+from coordinator.dead_attempts import DeadAttempt, announce, dead_reason, with_dead_attempt
 from coordinator.records import JobRecord
 from coordinator.submit import republish
 from worker_tasks.spec import FLOATING_NODE, queue_for
@@ -42,15 +43,21 @@ from worker_tasks.tracking import now as timestamp
 LOST_RECHECK_S = 1.5
 # kombu's Redis transport keys (its defaults) and priority queue suffixes.
 UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
 PRIORITY_SEPARATOR = "\x06\x16"
 PRIORITY_STEPS = (3, 6, 9)
 
 
 def settle(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord], live: Liveness,
-           workdir: Path) -> list[str]:
-    """Settle ``running`` records by their ``.done`` and their worker; returns what changed."""
+           workdir: Path, app: Celery | None = None) -> list[str]:
+    """Settle ``running`` records by their ``.done`` and their worker; returns what changed.
+
+    ``jobs``: full records. An attempt found dead is kept in the job's history, and ended in
+    Flower through ``app`` (``coordinator.dead_attempts``).
+    """
     tracker = JobTracker(client)
     notes: list[str] = []
+    dead: list[DeadAttempt] = []
     for job in jobs:
         if job.state not in ACTIVE:
             continue
@@ -66,8 +73,13 @@ def settle(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord], live: Li
                 error = (f"attempt {job.attempts} died with its worker {job.host}; the job is "
                          f"delivered again when a worker serves {job.node}")
             node = FLOATING_NODE if job.floating else None
-            if tracker.requeue_dead(run_id, job.job_id, job.task_id, error, node).ok:
+            record = vars(job)
+            if tracker.requeue_dead(run_id, job.job_id, job.task_id, error, node,
+                                    with_dead_attempt(record)).ok:
                 notes.append(f"{job.job_id}: requeued ({error})")
+                if job.task_id and job.host:
+                    dead.append(DeadAttempt(job.task_id, job.host, dead_reason(record), True))
+    announce(app, dead)
     return notes
 
 
@@ -100,6 +112,31 @@ def messages_present(broker: redis.Redis, nodes: Iterable[str], task_ids: set[st
             if needle in blob:
                 found.add(task_id)
     return found
+
+
+def remove_messages(broker: redis.Redis, nodes: Iterable[str], task_ids: set[str]) -> int:
+    """Delete the messages of ``task_ids`` from the nodes' queues and from the unacknowledged
+    set (a dead worker's), so moved jobs' old messages stop counting as work; returns how many.
+
+    Each one is stale already (a worker would drop it on arrival); this only spares the
+    queue lengths, ``sc_queue_length`` and the alerts built on it, and the redelivery.
+    """
+    if not task_ids:
+        return 0
+    needles = [json.dumps(task_id).encode() for task_id in task_ids]
+    removed = 0
+    for node in set(nodes):
+        for key in queue_keys(node, broker):
+            for blob in broker.lrange(key, 0, -1):
+                if any(needle in blob for needle in needles):
+                    removed += int(broker.lrem(key, 1, blob))
+    for tag, blob in broker.hgetall(UNACKED_KEY).items():
+        if any(needle in blob for needle in needles):
+            pipe = broker.pipeline()
+            pipe.hdel(UNACKED_KEY, tag)
+            pipe.zrem(UNACKED_INDEX_KEY, tag)
+            removed += int(pipe.execute()[0])
+    return removed
 
 
 def queue_is_short(broker: redis.Redis, jobs: Sequence[JobRecord]) -> bool:
@@ -145,35 +182,55 @@ def find_lost(app: Celery, client: redis.Redis, broker: redis.Redis, run_id: str
 
 def move_jobs(client: redis.Redis, app: Celery, run_id: str, jobs: Sequence[JobRecord],
               targets: Sequence[str], live: Liveness | None = None,
-              loads: dict[str, int] | None = None) -> dict[str, list[str]]:
-    """Republish ``jobs`` on ``targets`` (least loaded first); returns target -> job ids.
+              loads: dict[str, int] | None = None,
+              broker: redis.Redis | None = None) -> dict[str, list[str]]:
+    """Republish ``jobs`` on ``targets``; returns target -> job ids.
 
-    Pinned jobs and jobs whose attempt is alive stay. ``loads``: messages already waiting
-    per target (the shortest queue gets the next job); round-robin when not given.
+    Pinned jobs and jobs whose attempt is alive stay. ``loads``: work already waiting per
+    target; each job goes to the least loaded one and ``loads`` is updated with it, so a
+    caller moving several nodes' jobs spreads them all. Round-robin when not given. A
+    running job whose worker died keeps its dead attempt in its history, and Flower sees
+    that attempt end (``coordinator.dead_attempts``). With ``broker``, the moved jobs' old
+    messages are deleted from the nodes they left (``remove_messages``).
     """
     # Pinned jobs stay; floating ones need no move (any live worker takes them).
     movable = [job for job in jobs if not job.pin and not job.floating and (
         job.state in (JobState.QUEUED, JobState.LOST)
         or (job.state is JobState.RUNNING and live is not None and not live.running(job)))]
     plan: dict[str, str] = {}
-    load = dict.fromkeys(targets, 0) | (loads or {})
     order = itertools.cycle(targets)
     for job in movable:
-        target = min(targets, key=lambda node: load[node]) if loads is not None else next(order)
-        load[target] += 1
+        if loads is None:
+            plan[job.job_id] = next(order)
+            continue
+        target = min(targets, key=lambda node: (loads.get(node, 0), node))
+        loads[target] = loads.get(target, 0) + 1
         plan[job.job_id] = target
     by_target: dict[str, list[str]] = defaultdict(list)
+    dead: list[DeadAttempt] = []
     for job in movable:
         target = plan[job.job_id]
 
         def change(record: dict[str, Any], target: str = target) -> dict[str, Any]:
-            return {"node": target, "moved_from": record["node"]}
+            moved = {"node": target, "moved_from": record["node"]}
+            if record.get("state") == JobState.RUNNING:  # its worker died
+                moved["history"] = with_dead_attempt(record)
+            return moved
 
         done = republish(client, app, run_id, [job.job_id], MOVABLE, change,
                          note=f"moved from {job.node} to {target}")
         by_target[target].extend(done)
+        if done and job.state is JobState.RUNNING and job.task_id and job.host:
+            reason = f"{dead_reason(vars(job))}; moved to {target}"
+            dead.append(DeadAttempt(job.task_id, job.host, reason, requeued=False))
     if by_target:
         record_moves(client, run_id, jobs, by_target)
+        if broker is not None:
+            moved = {job_id for job_ids in by_target.values() for job_id in job_ids}
+            remove_messages(broker, {job.node for job in movable if job.job_id in moved},
+                            {job.task_id for job in movable
+                             if job.job_id in moved and job.task_id})
+    announce(app, dead)
     return dict(by_target)
 
 

@@ -222,7 +222,8 @@ class Run:
         check_broker(self.app)
         jobs = [job for job in self.status().jobs if job.node == source]
         live = ClusterView(self.client, self.app).liveness({source})
-        return move_jobs(self.client, self.app, self.id, jobs, targets, live)
+        return move_jobs(self.client, self.app, self.id, jobs, targets, live,
+                         broker=self.broker)
 
 
 def load_inventory_input(inventory: InventoryInput) -> Inventory | None:

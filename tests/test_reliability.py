@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -274,6 +275,7 @@ def test_move_and_failover_take_jobs_off_a_dead_node_but_not_pinned_ones(
         moved = run_cli("move", run.id, "--from", "rig-dead", "--to", "rig-a,rig-b",
                         env={"SC_BROKER_URL": bench.server.url})
         assert moved.returncode == 0, moved.stderr
+        assert redis.Redis.from_url(bench.server.url).llen("node.rig-dead") == 1  # the pinned
         assert "moved 2 jobs from rig-dead to rig-a" in moved.stdout
         assert "moved 2 jobs from rig-dead to rig-b" in moved.stdout
         wait_for(lambda: all(bench.successes(f"m{i}") == 1 for i in range(4)), 60,
@@ -289,8 +291,9 @@ def test_move_and_failover_take_jobs_off_a_dead_node_but_not_pinned_ones(
         assert {job.state for job in final.jobs} == {JobState.SUCCEEDED}
         assert all(bench.successes(f"m{i}") == 1 for i in range(4))
         assert bench.successes("pinned") == 1
+        # The move deleted the old messages: the returning worker finds none to drop.
         log = (tmp_path / "worker-logs" / "worker-rig-dead.log").read_text()
-        assert log.count("; dropped without running") == 4  # the four stale messages
+        assert log.count("; dropped without running") == 0
 
         # --failover: a node without a worker for 2 s has its queued jobs moved by wait.
         more = [bench.job(f"f{i}", "rig-gone") for i in range(3)] + [bench.job("f_ok", "rig-a")]
@@ -597,3 +600,62 @@ def test_status_shows_at_most_one_running_job_per_node_after_kills(tmp_path: Pat
         assert "requeued" in result.stderr
         assert bench.violations() == []
 
+
+
+def test_killed_workers_attempts_are_kept_failover_spreads_and_no_stale_message_is_left(
+        tmp_path: Path) -> None:
+    """Three of six workers SIGKILLed mid-job under --failover (issue 21, items 1-3 and 6)."""
+    from celery.events.state import State
+
+    live_nodes, dead_nodes = ["rig-a", "rig-b", "rig-c"], ["rig-d", "rig-e", "rig-f"]
+    with make_bench(tmp_path, live_nodes + dead_nodes) as bench:
+        jobs = [bench.job(f"busy_{node}", node, "--sleep", "4") for node in live_nodes]
+        jobs += [bench.job(f"dies_{node}", node, "--sleep", "60") for node in dead_nodes]
+        jobs += [bench.job(f"queued_{node}", node) for node in dead_nodes]
+        run = submit(jobs, output_dir="o", workdir=tmp_path, broker_url=bench.server.url)
+        state = State()  # what Flower keeps of the task events, fed the same way
+        app = make_app(bench.server.url)
+        with app.connection() as connection:
+            receiver = app.events.Receiver(connection, handlers={"*": state.event})
+            listener = threading.Thread(target=lambda: receiver.capture(limit=None,
+                                                                        timeout=None),
+                                        daemon=True)
+            listener.start()
+            try:
+                wait_for(lambda: sum(job.state is JobState.RUNNING
+                                     for job in run.status().jobs) == 6, 60,
+                         "one job to run on every node")
+                dead_tasks = {job.job_id: job.task_id for job in run.status().jobs
+                              if job.job_id.startswith("dies_")}
+                for node in dead_nodes:
+                    bench.cluster.kill_worker(node)
+                final = run.wait(timeout=180, failover=2)
+                wait_for(lambda: all(state.tasks.get(task_id) is not None
+                                     and state.tasks[task_id].state == "FAILURE"
+                                     for task_id in dead_tasks.values()), 30,
+                         "the dead attempts to end in Flower's view",
+                         seen=lambda: str({t: getattr(state.tasks.get(t), "state", None)
+                                           for t in dead_tasks.values()}))
+            finally:
+                receiver.should_stop = True
+                listener.join(timeout=10)
+        assert {job.state for job in final.jobs} == {JobState.SUCCEEDED}
+        summary = run.summary()
+        by_id = {job["job_id"]: job for job in summary["jobs"]}
+        for node in dead_nodes:  # the killed attempt is kept, then the one that succeeded
+            history = by_id[f"dies_{node}"]["attempt_history"]
+            assert [entry["exit_code"] for entry in history] == [None, 0], history
+            assert f"died with its worker {node}@" in history[0]["error"]
+            assert history[0]["started_at"] and history[0]["host"].startswith(f"{node}@")
+        attempts = sum(len(job["attempt_history"]) for job in summary["jobs"])
+        joblog = (tmp_path / "o" / "joblog").read_text().splitlines()
+        assert len(joblog) == 1 + attempts == 1 + len(jobs) + 3
+        # Six moved jobs over three live nodes, each running one: two each, not six on rig-a.
+        moved_to = [move["to"] for move in summary["moves"] for _ in move["jobs"]]
+        assert sorted(moved_to) == sorted(live_nodes * 2), summary["moves"]
+        # No message of a moved job is left to count as work on the nodes it left.
+        broker = redis.Redis.from_url(bench.server.url)
+        for node in dead_nodes:
+            assert broker.llen(f"node.{node}") == 0
+        assert not any(task_id.encode() in blob for blob in broker.hvals("unacked")
+                       for task_id in dead_tasks.values())

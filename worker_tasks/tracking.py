@@ -402,10 +402,14 @@ class JobTracker:
                            finished_at=now(), error=None)
 
     def requeue_dead(self, run_id: str, job_id: str, task_id: str | None,
-                     error: str, node: str | None = None) -> Transition:
+                     error: str, node: str | None = None,
+                     history: list[dict[str, Any]] | None = None) -> Transition:
         """A running job whose attempt died with its worker waits for redelivery (``node``:
-        where it waits now; a floating job goes back to ``any``)."""
-        placed = {"node": node} if node is not None else {}
+        where it waits now; a floating job goes back to ``any``; ``history``: with the dead
+        attempt in it)."""
+        placed: dict[str, Any] = {"node": node} if node is not None else {}
+        if history is not None:
+            placed["history"] = history
         return self._apply(run_id, job_id, JobState.QUEUED, ACTIVE, task_id,
                            JobEvent(job_id, JobState.QUEUED, error=error, node=node),
                            error=error, **placed)
