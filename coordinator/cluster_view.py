@@ -30,7 +30,7 @@ from celery import Celery
 from coordinator.records import JobRecord
 from worker_tasks.lease import task_of_token
 from worker_tasks.presence import serving
-from worker_tasks.spec import node_of_queue, slot_of_queue
+from worker_tasks.spec import node_of_queue, node_of_slot, slot_of_queue
 from worker_tasks.tracking import lease_key
 
 # How long the head node waits for workers' replies to ping and inspect (seconds).
@@ -149,11 +149,15 @@ class ClusterView:
 
     def liveness(self, nodes: Iterable[str]) -> Liveness:
         """Who holds the leases of ``nodes`` (and of their GPUs, in per-GPU runs)."""
-        keys: dict[str, str] = {}
-        for node in sorted(set(nodes)):
-            keys[lease_key(node)] = node
-            for key in self.client.scan_iter(match=lease_key(f"{node}.gpu*"), count=1000):
-                keys[key.decode()] = node
+        wanted = set(nodes)
+        keys = {lease_key(node): node for node in sorted(wanted)}
+        # GPU slots' leases (rig-a.gpu1): one scan for all nodes, not one per node (each
+        # scan walks the whole keyspace).
+        for key in self.client.scan_iter(match=lease_key("*.gpu*"), count=1000):
+            name = key.decode()
+            node = node_of_slot(name.removeprefix(lease_key("")))
+            if node in wanted:
+                keys[name] = node
         leases: dict[str, list[str]] = defaultdict(list)
         values = self.client.mget(list(keys)) if keys else []
         for key, value in zip(keys, values, strict=True):

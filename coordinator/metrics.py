@@ -87,8 +87,12 @@ def collect(broker: redis.Redis, tracking: redis.Redis) -> str:
     # A known node's empty queue is a 0, not a missing sample (Redis keeps no empty list).
     for node in nodes - set(queues.values()):
         queues[queue_for(node)] = node
-    for queue, node in sorted(queues.items()):
-        samples["sc_queue_length"].append((label(node=node, queue=queue), broker.llen(queue)))
+    ordered = sorted(queues.items())
+    pipe = broker.pipeline(transaction=False)  # one round trip for every queue
+    for queue, _ in ordered:
+        pipe.llen(queue)
+    for (queue, node), length in zip(ordered, pipe.execute(), strict=True):
+        samples["sc_queue_length"].append((label(node=node, queue=queue), length))
     view = ClusterView(tracking)
     served = view.serving(nodes)
     live = view.liveness(nodes)

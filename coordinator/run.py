@@ -17,7 +17,7 @@ from ``get_run`` knows what the one ``submit`` returned knows.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +109,11 @@ class Run:
             fields = FOLLOW_FIELDS
         return read_status(self.client, self.id, *([fields] if fields else []))
 
-    def workers(self) -> dict[str, list[str]]:
-        """node -> the workers consuming its queue (or its GPUs') right now, as they say."""
-        return ClusterView(self.client, self.app).consuming_nodes()
+    def workers(self, nodes: Iterable[str] | None = None) -> dict[str, list[str]]:
+        """node -> the workers serving it (or its GPUs), for ``nodes`` (default: the run's):
+        the presence registry, one Redis read whatever the cluster's width; a worker killed
+        outright stays listed for up to ``PRESENCE_TTL_S`` (10 s)."""
+        return ClusterView(self.client).serving(self.planned if nodes is None else nodes)
 
     def unserved(self) -> dict[str, int]:
         """node -> jobs planned there, for the nodes no worker has announced itself for."""

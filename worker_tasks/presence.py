@@ -43,7 +43,7 @@ def serving(client: redis.Redis, nodes: Iterable[str]) -> dict[str, list[str]]:
     pipe = client.pipeline(transaction=False)
     for node in names:
         pipe.zrangebyscore(presence_key(node), time.time() - PRESENCE_TTL_S, "+inf")
-    return {node: [worker.decode() for worker in workers]
+    return {node: sorted(worker.decode() for worker in workers)
             for node, workers in zip(names, pipe.execute(), strict=True) if workers}
 
 

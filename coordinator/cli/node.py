@@ -17,6 +17,9 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import redis
+from celery import Celery
+
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.broker import check_broker, connect_tracking, publisher
 from coordinator.cli.common import PROG, CommandFactory, existing_dir
@@ -27,17 +30,25 @@ from coordinator.cli.runs import (
     prepare_args,
     print_plan,
 )
-from coordinator.cluster_view import ClusterView
 from coordinator.errors import ClusterStartError, ExitCode, InvalidJobsError, NodeFailedError
 from coordinator.jobs import SAFE_NAME
 from coordinator.local import READY_TIMEOUT_S, worker_command, worker_name
 from coordinator.plan import Plan
 from worker_tasks import daemon
-from worker_tasks.spec import MAX_GPU_ID, is_floating, node_of_slot, queue_for, slot_of
+from worker_tasks.presence import seen_since, serving
+from worker_tasks.spec import (
+    MAX_GPU_ID,
+    is_floating,
+    node_of_slot,
+    queue_for,
+    slot_of,
+    slot_of_worker,
+)
 
 # Lines of the worker's log quoted when it dies at start.
 LOG_TAIL_LINES = 5
-# How often a detaching worker is pinged while it starts (seconds).
+# How often a starting worker is looked for in the presence registry, and how long a ping
+# waits (seconds).
 PING_INTERVAL_S = 0.5
 
 
@@ -113,9 +124,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     note = f"; replaced stale pid file (pid {current.pid} gone)" if current.stale else ""
     app = publisher(args.broker)
     check_broker(app)
-    # By slot: the other GPUs' workers of this node are no second worker of this slot.
-    others = ClusterView(connect_tracking(None, args.broker), app).consuming_slots().get(
-        args.slot, [])
+    others = other_workers(connect_tracking(None, args.broker), app, args.slot)
     if others and not args.force:
         raise InvalidJobsError(
             f"node {args.slot} is already served by {', '.join(others)}: a second worker would "
@@ -140,13 +149,28 @@ def cmd_worker(args: argparse.Namespace) -> int:
     os.execv(sys.executable, command)  # the worker replaces this process: signals go to it
 
 
+def other_workers(tracking: redis.Redis, app: Celery, slot: str) -> list[str]:
+    """The workers serving ``slot`` already, by the presence registry (one read, at any
+    width). By slot: the other GPUs' workers of the node are no second worker of this one.
+    An entry with this very worker's name may be a dead one of this machine (a killed
+    worker is listed for ``PRESENCE_TTL_S``): only a ping to that name settles it."""
+    node = node_of_slot(slot)
+    names = [name for name in serving(tracking, [node]).get(node, [])
+             if slot_of_worker(name) == slot]
+    mine = worker_name(slot)
+    if mine in names and not app.control.ping(destination=[mine], timeout=PING_INTERVAL_S):
+        names.remove(mine)
+    return names
+
+
 def start_detached(args: argparse.Namespace, command: list[str], pidfile: Path, logfile: Path,
                    note: str) -> int:
-    """Start the worker in its own session and wait until it answers a ping (or dies)."""
+    """Start the worker in its own session and wait until it announces itself (or dies)."""
+    started = time.time()
     process = daemon.start_detached(command, os.environ, Path(args.workdir).resolve(), pidfile,
                                     logfile)
     name = worker_name(args.slot)
-    app = publisher(args.broker)
+    tracking = connect_tracking(None, args.broker)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -154,9 +178,11 @@ def start_detached(args: argparse.Namespace, command: list[str], pidfile: Path, 
             tail = "\n".join(f"  {line}" for line in log_tail(logfile))
             raise ClusterStartError(f"worker died at start (exit status {process.returncode}); "
                                     f"last lines of {logfile}:\n{tail}")
-        if app.control.ping(destination=[name], timeout=PING_INTERVAL_S):
+        # Ready once it announces itself (presence): one Redis read, not a ping to all.
+        if name in seen_since(tracking, [node_of_slot(args.slot)], started):
             print(f"started worker {name} (pid {process.pid}, log {logfile}){note}")
             return ExitCode.OK
+        time.sleep(PING_INTERVAL_S)
     raise ClusterStartError(f"worker pid {process.pid} did not answer within "
                             f"{READY_TIMEOUT_S:g} s; see {logfile}")
 

@@ -262,13 +262,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if unassigned:
         print(f"  warning: {unassigned} messages wait in {UNASSIGNED_QUEUE}, a "
               f"queue no worker consumes (published without a node's queue)")
-    # Asked of the workers themselves (a second): the registry lags a killed worker by 10 s.
+    # The presence registry: one read at any width (a killed worker shows for up to 10 s).
     # By node: per-GPU workers (rig-a.gpu0, rig-a.gpu1) serve their node's jobs.
-    served = run.workers()
+    by_node = status.by_node()
+    served = run.workers(by_node)
     alive = {worker for workers in served.values() for worker in workers}
     every = args.all or status.total <= STATUS_LIST_LIMIT
     listed = 0
-    for node, jobs in status.by_node().items():
+    for node, jobs in by_node.items():
         workers = ", ".join(served.get(node, [])) or "no worker running"
         counts = Counter(job.state for job in jobs)
         tally = ", ".join(f"{counts[state]} {state}" for state in JobState if counts[state])
