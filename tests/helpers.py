@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,12 @@ def run_cli(*args: str, tool: str = "coordinator", cwd: Path | None = None,
     full_env.update(env or {})
     return subprocess.run([str(BIN / tool), *args], cwd=cwd, env=full_env, text=True,
                           capture_output=True, timeout=timeout, check=False)
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child a test will Ctrl-C: a suite started in the background
+    (``nohup ... &``) ignores SIGINT, and a child would inherit that and never see it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def write_jobs(path: Path, jobs: list[dict[str, Any]]) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import BIN, REPO, echo_job, write_jobs
+from tests.helpers import BIN, REPO, default_sigint, echo_job, write_jobs
 from tests.waiting import alive
 
 
@@ -38,7 +38,8 @@ def test_ctrl_c_stops_redis_workers_and_running_jobs(tmp_path: Path) -> None:
         echo_job(f"slow_{node}", node, "o", "--sleep", "60") for node in ("rig-a", "rig-b")])
     process = subprocess.Popen([str(BIN / "coordinator"), "local", "--jobs-file", str(jobs),
                                 "--scripts-dir", str(REPO)], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 120
         logs = tmp_path / "full_scoring_results" / "logs"

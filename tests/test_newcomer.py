@@ -17,7 +17,7 @@ import redis
 from coordinator import JobState, submit
 from coordinator.local import LocalCluster
 from coordinator.metrics import collect
-from tests.helpers import BIN, REPO, echo_job, run_cli, write_jobs
+from tests.helpers import BIN, REPO, default_sigint, echo_job, run_cli, write_jobs
 from tests.waiting import wait_for
 from worker_tasks.daemon import session_members
 
@@ -180,7 +180,8 @@ def test_an_interrupted_suite_stops_every_server_and_worker_it_started(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
          str(tmp_path / "inner"), str(REPO / "tests" / "interrupted_suite.py")],
         cwd=REPO, env={**os.environ, "SC_TEST_PIDS": str(pids_file)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=default_sigint)
     try:
         wait_for(lambda: pids_file.exists() or inner.poll() is not None, 120,
                  "the inner suite to start its Redis and workers")

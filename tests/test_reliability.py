@@ -28,7 +28,7 @@ import redis
 from coordinator import JobState, get_run, submit
 from coordinator.local import LocalCluster, worker_name
 from coordinator.redis_server import RedisServer
-from tests.helpers import BIN, REPO, run_cli, write_jobs
+from tests.helpers import BIN, REPO, default_sigint, run_cli, write_jobs
 from tests.waiting import alive, wait_for
 from worker_tasks.app import make_app
 from worker_tasks.spec import RUN_JOB_TASK
@@ -478,7 +478,8 @@ def local_running_two_slow_jobs(tmp_path: Path, output: int | None) -> tuple[
     process = subprocess.Popen([str(BIN / "coordinator"), "local", "--jobs-file", str(jobs),
                                 "--scripts-dir", str(REPO)], cwd=tmp_path,
                                stdout=output, stderr=output, text=True,
-                               env={**os.environ, "TMPDIR": str(tmp_path)})
+                               env={**os.environ, "TMPDIR": str(tmp_path)},
+                               preexec_fn=default_sigint)
     try:
         logs = tmp_path / "full_scoring_results" / "logs"
         wait_for(lambda: len(list(logs.glob("slow_*.log"))) == 2, 120, "both jobs to run")
