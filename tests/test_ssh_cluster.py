@@ -413,9 +413,15 @@ def test_deploy_project_installs_this_build_with_the_nodes_python(
     assert before.returncode == 6
     assert "scripts-coordinator is not installed for" in before.stdout
 
-    deployed = env.cli("cluster", "deploy", "--no-scripts", "--project", inventory=inventory)
+    # As the cluster section writes it: the scripts, then the project, on one connection.
+    scripts = env.root / "pipeline"
+    scripts.mkdir(exist_ok=True)
+    (scripts / "step_x.py").write_text("print('step x')\n")
+    deployed = env.cli("cluster", "deploy", "--scripts-dir", str(scripts), "--project",
+                       inventory=inventory)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     assert "project: installed scripts_coordinator-" in deployed.stdout
+    assert (Path(host.scripts_dir) / "step_x.py").read_text() == "print('step x')\n"
     where = subprocess.run([str(node_python), "-c",
                             "import coordinator; print(coordinator.__file__)"],
                            cwd=venv, check=True, capture_output=True, text=True,

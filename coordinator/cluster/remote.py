@@ -178,10 +178,13 @@ class RemoteNode:
         return state
 
     def sftp(self) -> paramiko.SFTPClient:
+        """A new SFTP client on this node's connection; the caller closes it. Not Fabric's
+        ``Connection.sftp()``: that one is cached, and Fabric's own ``put`` would get it back
+        closed after a push (deploy --project after the scripts: "Socket is closed")."""
         if self.connection is None:
             self.start()
         assert self.connection is not None
         try:
-            return self.connection.sftp()
+            return self.connection.client.open_sftp()
         except (paramiko.SSHException, OSError) as err:
             raise NodeError(f"SFTP to {self.node.address} failed: {err}") from None
