@@ -47,6 +47,53 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     yield venv
 
 
+# What the optional extras bring ([head], [worker], [gpu]): left out of the bare install.
+OPTIONAL = ("fabric", "paramiko", "flower", "numba", "llvmlite", "cupy")
+
+
+@pytest.fixture(scope="module")
+def bare(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``pip install scripts-coordinator`` without extras: the wheel, and the suite's
+    packages but for the optional ones (linked one by one into a directory of its own)."""
+    root = tmp_path_factory.mktemp("bare")
+    venv, deps = root / "venv", root / "deps"
+    deps.mkdir()
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    suite = Path(sysconfig.get_paths()["purelib"])
+    ours = ("coordinator", "worker_tasks", "scoring", "celeryconfig", "scripts_coordinator",
+            "__editable__", "_scripts_coordinator")
+    for entry in suite.iterdir():
+        if not entry.name.lower().startswith(OPTIONAL + ours):
+            (deps / entry.name).symlink_to(entry)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; "
+                           "print(sysconfig.get_paths()['purelib'])"], check=True,
+                          capture_output=True, text=True, timeout=60).stdout.strip()
+    Path(site, "bare_dependencies.pth").write_text(f"{deps}\n")
+    subprocess.run([str(BIN / "python"), "-m", "pip", "--python", str(python), "install",
+                    "--no-deps", "-q", str(wheel)], check=True, timeout=300,
+                   capture_output=True)
+    yield venv
+
+
+def test_a_missing_extra_is_one_line_naming_it(bare: Path, tmp_path: Path) -> None:
+    (tmp_path / "cluster.toml").write_text('[defaults]\nscripts_dir = "/opt/p"\n'
+                                           'workdir = "/data"\n[nodes.rig-a]\n'
+                                           'host = "127.0.0.2"\n')
+    for verb in (["deploy"], ["up"], ["status"], ["logs", "rig-a"], ["down"],
+                 ["unit", "rig-a"]):
+        result = outside(bare, "coordinator", "cluster", *verb, cwd=tmp_path)
+        assert result.returncode == 2, (verb, result.stderr)
+        assert result.stderr == ("coordinator: error: the cluster verbs: fabric, paramiko not "
+                                 "installed; pip install 'scripts-coordinator[head]'\n"), verb
+    flower = outside(bare, "coordinator", "flower", cwd=tmp_path)
+    assert (flower.returncode, flower.stderr) == (2, (
+        "coordinator: error: the dashboard: flower not installed; pip install "
+        "'scripts-coordinator[head]'\n"))
+    assert outside(bare, "coordinator", "cluster", "init", cwd=tmp_path).returncode == 0
+
+
 def outside(venv: Path, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """A console script of the installed copy, from a directory outside the repository."""
     env = {**os.environ, "PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin"}

@@ -8,6 +8,7 @@ prints one line per node; the exit status is 6 if any node failed.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +18,17 @@ import redis
 
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.broker import connect_tracking, publisher, redact
-from coordinator.cli.common import CommandFactory, add_inventory_flag, exit_table, formatter
+from coordinator.cli.common import (
+    CommandFactory,
+    add_inventory_flag,
+    exit_table,
+    formatter,
+    require,
+)
 from coordinator.cli.node import project_version
 from coordinator.cluster.inventory import EXAMPLE, Inventory, inventory_path, load_inventory
 from coordinator.cluster_view import ClusterView
-from coordinator.errors import BrokerUnreachableError, ExitCode, InvalidJobsError, NodeFailedError
+from coordinator.errors import BrokerUnreachableError, ExitCode, NodeFailedError
 
 if TYPE_CHECKING:  # Fabric is imported only by the verbs that use it
     from coordinator.cluster.group import NodeOutcome
@@ -32,13 +39,18 @@ INSPECT_TIMEOUT_S = 2.0
 
 
 def load(args: argparse.Namespace) -> Inventory:
-    """The inventory; first, that Fabric is here (a worker-only install lacks it)."""
-    try:
-        import fabric  # noqa: F401
-    except ImportError:
-        raise InvalidJobsError("the cluster verbs need Fabric: pip install "
-                               "'scripts-coordinator[head]'") from None
     return load_inventory(inventory_path(args.inventory))
+
+
+def over_ssh(verb: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A verb that reaches the nodes: Fabric must be installed (a worker-only install lacks
+    it), checked before the verb imports anything of it."""
+    @functools.wraps(verb)
+    def checked(args: argparse.Namespace) -> int:
+        require(["fabric", "paramiko"], "head", "the cluster verbs")
+        return verb(args)
+
+    return checked
 
 
 def report(outcomes: list[NodeOutcome], verb: str) -> int:
@@ -66,6 +78,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+@over_ssh
 def cmd_deploy(args: argparse.Namespace) -> int:
     from coordinator.cluster import deploy
     from coordinator.cluster.group import Cluster
@@ -92,6 +105,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             return report(cluster.each(one), "deploy")
 
 
+@over_ssh
 def cmd_up(args: argparse.Namespace) -> int:
     from coordinator.cluster import workers
 
@@ -99,12 +113,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     return on_nodes(args, "up", lambda remote: workers.up(remote, head_broker))
 
 
+@over_ssh
 def cmd_down(args: argparse.Namespace) -> int:
     from coordinator.cluster import workers
 
     return on_nodes(args, "down", lambda remote: workers.down(remote, args.now, args.timeout))
 
 
+@over_ssh
 def cmd_logs(args: argparse.Namespace) -> int:
     from coordinator.cluster import workers
     from coordinator.cluster.group import Cluster
@@ -124,6 +140,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+@over_ssh
 def cmd_unit(args: argparse.Namespace) -> int:
     from coordinator.cluster import workers
 
@@ -145,6 +162,7 @@ def broker_view(broker: str | None) -> tuple[ClusterView | None, str | None]:
     return view, None
 
 
+@over_ssh
 def cmd_status(args: argparse.Namespace) -> int:
     from coordinator.cluster import workers
     from coordinator.cluster.group import Cluster

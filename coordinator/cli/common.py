@@ -7,6 +7,7 @@ status from ``coordinator.errors.ExitCode``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import sys
@@ -17,7 +18,7 @@ from typing import Any, NoReturn, Protocol
 
 import redis
 
-from coordinator.errors import CoordinatorError, ExitCode
+from coordinator.errors import CoordinatorError, ExitCode, InvalidJobsError
 
 PROG = "coordinator"
 
@@ -85,6 +86,15 @@ class CommandFactory(Protocol):
 
     def __call__(self, name: str, help_text: str, example: str,
                  exits: Exits) -> argparse.ArgumentParser: ...
+
+
+def require(modules: Sequence[str], extra: str, what: str) -> None:
+    """One line and exit 2 when an optional dependency is missing (before anything imports it):
+    ``what`` needs ``modules``, which ``pip install 'scripts-coordinator[EXTRA]'`` brings."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise InvalidJobsError(f"{what}: {', '.join(missing)} not installed; "
+                               f"pip install 'scripts-coordinator[{extra}]'")
 
 
 def existing_dir(value: str) -> str:

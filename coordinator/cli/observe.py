@@ -14,7 +14,7 @@ import redis
 
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.broker import check_broker, connect_tracking, publisher, redact
-from coordinator.cli.common import PROG, CommandFactory
+from coordinator.cli.common import PROG, CommandFactory, require
 from coordinator.errors import ExitCode, InvalidJobsError
 
 # Flower reads its settings from FLOWER_* environment variables; this one is user:password.
@@ -31,11 +31,7 @@ def is_loopback(address: str) -> bool:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
-    try:
-        import flower  # noqa: F401  (only to say so clearly when it is missing)
-    except ImportError:
-        raise InvalidJobsError("Flower is not installed: pip install 'scripts-coordinator[head]'"
-                               ) from None
+    require(["flower"], "head", "the dashboard")
     auth = os.environ.get(AUTH_VARIABLE, "")
     if not auth and not is_loopback(args.address):
         raise InvalidJobsError(
