@@ -187,6 +187,10 @@ def register(command: CommandFactory) -> None:
     sub.add_argument("--draws", type=int, default=100, help="history length (default: 100)")
     sub.add_argument("--prng-type", default="java_lcg")
     sub.add_argument("--mod", type=int, default=1000)
-    sub.add_argument("--secret-seed", type=int, help="default: a random one")
-    sub.add_argument("--rng-seed", type=int, default=2026, help="makes the data reproducible")
+    sub.add_argument("--secret-seed", type=int,
+                     help="the seed the history is drawn from (default: drawn from --rng-seed, "
+                          "so the same one every time unless --rng-seed changes)")
+    sub.add_argument("--rng-seed", type=int, default=2026,
+                     help="seeds the candidates and the default secret seed (default: "
+                          "%(default)s): the same files every time")
     sub.set_defaults(handler=cmd_demo_data)
