@@ -19,11 +19,13 @@ from coordinator.cli.common import (
     PROG,
     ArgumentParser,
     Exits,
+    exit_rows,
     exit_table,
     formatter,
     run_cli,
 )
 from coordinator.cli.node import project_version
+from coordinator.errors import ExitCode
 
 GROUPS = (runs, node, cluster, observe, workload)
 
@@ -58,9 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, help_text: str, example: str,
                 exits: Exits) -> argparse.ArgumentParser:
+        # --broker only where it means something: a command that can find Redis unreachable.
+        reaches_redis = int(ExitCode.BROKER_UNREACHABLE) in exit_rows(exits)
         return commands.add_parser(name, help=help_text, description=help_text,
                                    epilog=f"example:\n  {example}\n\n{exit_table(exits)}",
-                                   formatter_class=formatter, parents=[common])
+                                   formatter_class=formatter,
+                                   parents=[common] if reaches_redis else [])
 
     for group in GROUPS:
         group.register(command)
