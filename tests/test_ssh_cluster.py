@@ -358,6 +358,33 @@ def test_deploy_data_stays_inside_the_configured_paths(ssh_cluster: SshCluster) 
     assert unknown.returncode == 2 and "no node 'rig-zz' in the inventory" in unknown.stderr
 
 
+def test_deploy_ships_scripts_only(ssh_cluster: SshCluster) -> None:
+    """`cluster deploy --scripts-dir .` from the head's directory: not its inventory, keys,
+    outputs or data (issue 22, item 4)."""
+    env = ssh_cluster
+    here = env.root / "head_dir"
+    (here / "full_scoring_results").mkdir(parents=True)
+    (here / "step_y.py").write_text("print('y')\n")
+    inventory = here / "cluster.toml"
+    inventory.write_text(env.inventory.read_text())
+    (here / "id_ed25519").write_text("not a real key\n")
+    (here / "full_scoring_results" / "r.json").write_text("{}")
+    (here / "survivors.json").write_text("[1]")
+    done = env.cli("cluster", "deploy", "rig-b", "--scripts-dir", ".", inventory=inventory,
+                   cwd=here)
+    assert done.returncode == 0, done.stdout + done.stderr
+    shipped = sorted(path.relative_to(env.hosts["rig-b"].scripts_dir).as_posix()
+                     for path in Path(env.hosts["rig-b"].scripts_dir).rglob("*")
+                     if path.is_file())
+    assert "step_y.py" in shipped
+    assert not {"cluster.toml", "id_ed25519", "survivors.json",
+                "full_scoring_results/r.json"} & set(shipped), shipped
+    assert "scripts: left out the inventory: cluster.toml" in done.stdout
+    assert "scripts: left out key files: id_ed25519" in done.stdout
+    assert ("scripts: left out outputs and data (deploy data with --data): "
+            "full_scoring_results/r.json, survivors.json") in done.stdout
+
+
 def test_the_systemd_unit_runs_the_same_worker_command(ssh_cluster: SshCluster) -> None:
     unit = ssh_cluster.cli("cluster", "unit", "rig-a")
     assert unit.returncode == 0

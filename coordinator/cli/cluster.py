@@ -84,8 +84,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from coordinator.cluster.group import Cluster
 
     inventory = load(args)
-    scripts = (None if args.no_scripts
-               else deploy.scripts_files(Path(args.scripts_dir), args.exclude))
+    scripts = None
+    if not args.no_scripts:
+        scripts, skipped = deploy.scripts_files(Path(args.scripts_dir), args.exclude,
+                                                inventory_path(args.inventory))
+        for line in skipped:
+            print(f"scripts: {line}", flush=True)
     data = deploy.data_files(args.data, Path.cwd()) if args.data else None
     with deploy.with_workdir() as scratch:
         wheel = (deploy.project_wheel(args.project or None, Path(scratch))
@@ -252,7 +256,8 @@ def register(command: CommandFactory) -> None:
                "install it there")
     sub.add_argument("--scripts-dir", default=".", metavar="DIR",
                      help="the head node's scripts directory, copied to each node's "
-                          "scripts_dir (default: .)")
+                          "scripts_dir (default: .); never its inventory, keys, outputs or "
+                          "Step 3 data (each kind left out is named)")
     sub.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                      help="leave out matching files or directories (repeatable; hidden "
                           "files, __pycache__ and *.pyc always are)")

@@ -8,16 +8,18 @@ on the head node, so both sides run the same message contract.
 
 from __future__ import annotations
 
+import fnmatch
 import posixpath
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from coordinator.cluster.remote import NodeError, RemoteNode
 from coordinator.cluster.sync import push, tree_files
 from coordinator.errors import InvalidJobsError
+from coordinator.options import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR
 
 # Seconds a node may take to install the project (pip resolving and downloading).
 INSTALL_TIMEOUT_S = 900.0
@@ -45,13 +47,45 @@ def data_files(paths: Iterable[str], workdir: Path) -> dict[str, Path]:
     return files
 
 
-def scripts_files(scripts_dir: Path, excludes: Iterable[str] = ()) -> dict[str, Path]:
+# What a scripts directory may hold that is not scripts, never shipped with them: the
+# inventory, key material and env files (passwords), outputs and Step 3 data.
+NOT_SCRIPTS = {
+    "the inventory": ("cluster.toml",),
+    "key files": ("id_rsa*", "id_ed25519*", "id_ecdsa*", "id_dsa*", "*.pem", "*.key", "*.env"),
+    "outputs and data (deploy data with --data)": (
+        DEFAULT_OUTPUT_DIR, DEFAULT_CHUNK_DIR, "demo", "survivors*.json", "train_history*.json",
+        "*_jobs.json", "run_summary.json", "joblog"),
+}
+
+
+def scripts_files(scripts_dir: Path, excludes: Iterable[str] = (),
+                  inventory: Path | None = None) -> tuple[dict[str, Path], list[str]]:
+    """The files to deploy from ``scripts_dir`` and one line per kind of file left out
+    (``NOT_SCRIPTS``, and the ``inventory`` in use wherever it is named)."""
     if not scripts_dir.is_dir():
         raise InvalidJobsError(f"--scripts-dir {scripts_dir}: not a directory")
-    files = tree_files(scripts_dir, excludes)
+    everything = tree_files(scripts_dir, excludes)
+    files = tree_files(scripts_dir, [*excludes, *(pattern for patterns in NOT_SCRIPTS.values()
+                                                  for pattern in patterns)])
+    if inventory is not None:
+        files = {name: path for name, path in files.items()
+                 if path.resolve() != inventory.resolve()}
+    left_out = sorted(set(everything) - set(files))
+    skipped = []
+    for kind, patterns in NOT_SCRIPTS.items():
+        names = [name for name in left_out
+                 if any(fnmatch.fnmatch(part, pattern) for part in PurePosixPath(name).parts
+                        for pattern in patterns)]
+        if kind == "the inventory" and inventory is not None:
+            names += [name for name in left_out if name not in names
+                      and everything[name].resolve() == inventory.resolve()]
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5
+                                            else "")
+            skipped.append(f"left out {kind}: {shown}")
     if not files:
         raise InvalidJobsError(f"--scripts-dir {scripts_dir}: no files to deploy")
-    return files
+    return files, skipped
 
 
 def deploy_scripts(remote: RemoteNode, files: dict[str, Path]) -> str:
