@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,8 +35,9 @@ def select_backend(choice: str = "auto") -> Backend:
     """``auto`` takes the GPU when CuPy sees a usable one, else the CPU."""
     if choice not in BACKEND_CHOICES:
         raise BackendUnavailable(f"unknown backend {choice!r}; choose {', '.join(BACKEND_CHOICES)}")
-    cpu_backend = Backend("numpy", "CPU: NumPy, Numba-compiled loops for large chunks",
-                          cpu.matches)
+    compiled = ("Numba-compiled loops for large chunks" if importlib.util.find_spec("numba")
+                else "no compiled loops: Numba is not installed")
+    cpu_backend = Backend("numpy", f"CPU: NumPy, {compiled}", cpu.matches)
     if choice == "numpy":
         return cpu_backend
     try:

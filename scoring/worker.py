@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     detail = backend.detail
     if backend.name == "numpy":
         engine = cpu.choose_engine(args.prng_type, len(seeds.values), args.skip + len(history))
+        if engine == "compiled" and cpu.load_compiled() is None:  # what cpu.matches falls to
+            engine = ("vectorized (the compiled engine needs Numba: pip install "
+                      "'scripts-coordinator[worker]')")
         detail = f"{detail}; engine for this file: {engine}"
     print(f"backend: {backend.name} ({detail})", file=sys.stderr, flush=True)
     started = time.perf_counter()

@@ -163,3 +163,23 @@ def test_the_wheel_ships_scripts_and_examples_and_its_extras_split_head_from_wor
     bounds = {line.split("<")[0].split(">")[0].split("[")[0]: line for line in base}
     assert ">=5.7" in bounds["kombu"] and "<6" in bounds["kombu"]  # Producer.batch()
     assert "<6" in bounds["celery"] and "<9" in bounds["redis"]  # the message contract
+
+
+def test_the_scorer_says_the_engine_that_runs_where_numba_is_missing(bare: Path,
+                                                                   tmp_path: Path) -> None:
+    data = outside(bare, "coordinator", "demo-data", "--out-dir", "d", "--candidates",
+                   "1000000", "--draws", "100", cwd=tmp_path)
+    assert data.returncode == 0, data.stderr
+    script = next((bare / "lib").glob("python3*/site-packages/worker_tasks/builtin_scripts/"
+                                      "full_scoring_worker.py"))
+    env = {**os.environ, "PATH": f"{bare / 'bin'}:/usr/bin:/bin"}
+    scored = subprocess.run(
+        [str(bare / "bin" / "python"), str(script), "--seeds-file", "d/survivors.json",
+         "--train-history", "d/train_history.json", "--output-file", "out.json",
+         "--prng-type", "java_lcg", "--mod", "1000"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert scored.returncode == 0, scored.stderr
+    backend = next(line for line in scored.stderr.splitlines() if line.startswith("backend:"))
+    # 10^8 steps would take the compiled engine; without Numba the line says what runs.
+    assert "no compiled loops: Numba is not installed" in backend, backend
+    assert "engine for this file: vectorized (the compiled engine needs Numba" in backend
