@@ -4,21 +4,54 @@ from __future__ import annotations
 
 import os
 import re
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 from celery import Celery
 
 import celeryconfig
-from coordinator.errors import BrokerUnreachableError
+from coordinator.errors import BrokerUnreachableError, InvalidJobsError
 from worker_tasks.app import make_app
 
+# The broker's password, when it is kept out of SC_BROKER_URL (and of the inventory).
+BROKER_PASSWORD_ENV = "SC_BROKER_PASSWORD"
 # How long a command waits for Redis before it says it is unreachable (exit 3).
 CONNECT_TIMEOUT_S = float(os.environ.get("SC_CONNECT_TIMEOUT", "3"))
 
 
 def broker_url(url: str | None = None) -> str:
-    """The broker URL in force: explicit, else ``SC_BROKER_URL``, else local Redis."""
-    return url or os.environ.get("SC_BROKER_URL") or celeryconfig.broker_url
+    """The broker URL in force: explicit, else ``SC_BROKER_URL``, else local Redis; with
+    ``$SC_BROKER_PASSWORD`` filled in (percent-encoded) when the URL has no password, the
+    same way the nodes' URLs get it. ``InvalidJobsError`` for a URL whose password needs
+    encoding and has none (it would reach another host, or none)."""
+    url = url or os.environ.get("SC_BROKER_URL") or celeryconfig.broker_url
+    check_url(url)
+    return with_password(url)
+
+
+def check_url(url: str) -> None:
+    """Refuse a Redis URL whose password holds ``/``, ``?``, ``#`` or a bare ``%``: the URL
+    parser would end the host part there and connect elsewhere."""
+    parts = urlsplit(url)
+    raw_password = parts.netloc.rpartition("@")[0].partition(":")[2]
+    if "@" in parts.path or "@" in parts.query or "@" in parts.fragment or re.search(
+            r"%(?![0-9A-Fa-f]{2})", raw_password):
+        raise InvalidJobsError(
+            f"the broker URL {redact(url)} has a password with a character that must be "
+            f"percent-encoded (/ ? # %): give the password in ${BROKER_PASSWORD_ENV} and the "
+            f"URL without it, or encode it (urllib.parse.quote(password, safe=''))")
+
+
+def with_password(url: str) -> str:
+    """``url`` with ``$SC_BROKER_PASSWORD`` filled in when the URL has no password."""
+    password = os.environ.get(BROKER_PASSWORD_ENV)
+    parts = urlsplit(url)
+    if not password or parts.password is not None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    netloc = f"{user}:{quote(password, safe='')}@{hostport}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def tracking_url(url: str | None = None, broker: str | None = None) -> str:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
-from coordinator.cluster.inventory import EXAMPLE, load_inventory, with_password
+from coordinator.broker import with_password
+from coordinator.cluster.inventory import EXAMPLE, load_inventory
 from coordinator.errors import InvalidJobsError
+from coordinator.redis_server import RedisServer
 from tests.helpers import run_cli
 
 GOOD = """\
@@ -104,3 +107,24 @@ def test_the_broker_password_may_come_from_the_environment(
     assert with_password("redis://:inline@zeus/0") == "redis://:inline@zeus/0"  # file wins
     monkeypatch.delenv("SC_BROKER_PASSWORD")
     assert with_password("redis://zeus:6379/0") == "redis://zeus:6379/0"
+
+
+# A password with every character a URL gives a meaning to.
+AWKWARD = "p/ss?w#rd%x@y:z"
+
+
+def test_a_password_that_needs_encoding_works_the_same_on_the_head(tmp_path: Path) -> None:
+    """The head's SC_BROKER_URL gets $SC_BROKER_PASSWORD filled in (encoded) as the nodes'
+    URLs do; a raw URL that the parser would misread is refused in one line (issue 22, 6)."""
+    with RedisServer(password=AWKWARD) as server:
+        plain = f"redis://127.0.0.1:{server.port}/0"
+        ok = run_cli("runs", env={"SC_BROKER_URL": plain, "SC_BROKER_PASSWORD": AWKWARD})
+        assert ok.returncode == 0, ok.stderr
+        raw = run_cli("runs", env={"SC_BROKER_URL": f"redis://:{AWKWARD}@127.0.0.1:"
+                                                    f"{server.port}/0"})
+        assert raw.returncode == 2, raw.stderr
+        assert raw.stderr.count("\n") == 1 and "must be percent-encoded" in raw.stderr
+        assert AWKWARD not in raw.stderr  # the password itself is never printed
+        encoded = run_cli("runs", env={"SC_BROKER_URL": f"redis://:{quote(AWKWARD, safe='')}"
+                                                        f"@127.0.0.1:{server.port}/0"})
+        assert encoded.returncode == 0, encoded.stderr

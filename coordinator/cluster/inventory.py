@@ -17,11 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from coordinator.broker import redact
+from coordinator.broker import redact, with_password
 from coordinator.errors import InvalidJobsError
 from coordinator.jobs import SAFE_NAME
 from worker_tasks.spec import is_floating
@@ -29,7 +28,6 @@ from worker_tasks.spec import is_floating
 DEFAULT_INVENTORY = "cluster.toml"
 INVENTORY_ENV = "SC_INVENTORY"
 # Filled into a broker URL that has no password, so the file need not hold one.
-BROKER_PASSWORD_ENV = "SC_BROKER_PASSWORD"
 # Where a node keeps its worker's pid file, log and environment file (under its workdir).
 STATE_DIR = ".scripts-coordinator"
 
@@ -128,18 +126,6 @@ class Node:
     def remote_path(self, relative: str) -> str:
         """A workdir-relative path (as jobs write them) on this node's disk."""
         return posixpath.normpath(posixpath.join(self.config.workdir, relative))
-
-
-def with_password(url: str) -> str:
-    """``url`` with ``$SC_BROKER_PASSWORD`` filled in when the URL has no password."""
-    password = os.environ.get(BROKER_PASSWORD_ENV)
-    parts = urlsplit(url)
-    if not password or parts.password is not None:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    netloc = f"{user}:{quote(password, safe='')}@{hostport}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass(frozen=True)
