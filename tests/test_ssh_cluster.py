@@ -486,6 +486,14 @@ def test_a_broker_password_from_the_environment_never_shows(ssh_cluster: SshClus
             for result in (up, status, wrong):
                 assert secret not in result.stdout + result.stderr
                 assert "wrong-pw" not in result.stdout + result.stderr
+            kept = env.cli("cluster", "down", inventory=inventory, env=secret_env)
+            assert kept.returncode == 0 and f"{envfile} stays (--purge removes it)" in \
+                kept.stdout, kept.stdout
+            assert envfile.exists()
+            purged = env.cli("cluster", "down", "--purge", inventory=inventory, env=secret_env)
+            assert purged.returncode == 0, purged.stdout + purged.stderr
+            assert f"removed {envfile} (the broker password)" in purged.stdout
+            assert not envfile.exists()
         finally:
             env.cli("cluster", "down", "--now", inventory=inventory, env=secret_env)
 

@@ -121,7 +121,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     from coordinator.cluster import workers
 
-    return on_nodes(args, "down", lambda remote: workers.down(remote, args.now, args.timeout))
+    return on_nodes(args, "down", lambda remote: workers.down(remote, args.now, args.timeout,
+                                                              args.purge))
 
 
 @over_ssh
@@ -293,6 +294,9 @@ def register(command: CommandFactory) -> None:
     sub.add_argument("--timeout", type=float, default=600.0, metavar="S",
                      help="how long a warm stop may wait for the running job (default: "
                           "%(default)s)")
+    sub.add_argument("--purge", action="store_true",
+                     help="also remove the env file up wrote on the node (it holds the broker "
+                          "URL with its password); without it the file stays for the next up")
     sub.set_defaults(handler=cmd_down)
 
     sub = verb("unit", "print a systemd unit that runs a node's worker",

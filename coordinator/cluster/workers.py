@@ -87,15 +87,25 @@ def detach_failure(text: str) -> str:
     return " | ".join([head, *lines[1:]])
 
 
-def down(remote: RemoteNode, now: bool = False, timeout: float = DOWN_TIMEOUT_S) -> str:
-    """Stop the worker ``up`` started (its pid file): warm, or ``now`` with its jobs."""
+def down(remote: RemoteNode, now: bool = False, timeout: float = DOWN_TIMEOUT_S,
+         purge: bool = False) -> str:
+    """Stop the worker ``up`` started (its pid file): warm, or ``now`` with its jobs.
+
+    ``purge``: also remove the env file ``up`` wrote (it holds the broker's URL with its
+    password); without it the file stays for the next ``up``, and the line says so.
+    """
     node = remote.node
     args = ["worker", "--node", node.label, "--stop", "--pidfile", node.pidfile,
             "--timeout", f"{timeout:g}"]
     result = remote.coordinator(*args, *(["--now"] if now else []), timeout=timeout + 60)
     if not result.ok:
         raise NodeError(result.last_line().removeprefix("coordinator: error: "))
-    return result.last_line()
+    if not purge:
+        return f"{result.last_line()}; {node.envfile} stays (--purge removes it)"
+    removed = remote.shell(f"rm -f -- {shlex.quote(node.envfile)}")
+    if not removed.ok:
+        raise NodeError(f"could not remove {node.envfile}: {removed.last_line()}")
+    return f"{result.last_line()}; removed {node.envfile} (the broker password)"
 
 
 def state(remote: RemoteNode) -> dict[str, Any]:
