@@ -67,7 +67,9 @@ def worker_args(node: Node) -> list[str]:
 def up(remote: RemoteNode, head_broker: str) -> str:
     """Start the node's worker detached (idempotent: a live one is left as it is)."""
     node = remote.node
-    made = remote.run(["mkdir", "-p", "--", node.config.workdir, node.state_dir])
+    # The node's directories need not exist yet (the Step 3 scorer is built in: no deploy).
+    made = remote.run(["mkdir", "-p", "--", node.config.workdir, node.state_dir,
+                       node.config.scripts_dir])
     if not made.ok:
         raise NodeError(f"could not create {node.state_dir} on the node: {made.last_line()}")
     write_private(remote, node.envfile, env_file_text(worker_env(node, head_broker)))
