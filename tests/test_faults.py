@@ -51,9 +51,14 @@ def test_job_lost_with_its_worker_is_delivered_again(
     wait_for(lambda: run.status().jobs[0].state is JobState.RUNNING, 60, "the job to start")
     cluster.kill_worker("rig-x")  # SIGKILL: the node dies mid-job, nothing is acked
     assert not (tmp_path / "lost" / "long.json.done").exists()
-    status = run_cli("status", run.id, "--broker", cluster.broker_url)
-    assert "node rig-x (no worker running):" in status.stdout
-    assert "does not answer: the job runs again once a worker serves rig-x" in status.stdout
+    def shown() -> str:
+        return run_cli("status", run.id, "--broker", cluster.broker_url).stdout
+
+    # status reads the presence registry: a worker killed outright is gone from it in 10 s
+    # (PRESENCE_TTL_S), before its job's lease expires (30 s) and the job is requeued.
+    wait_for(lambda: "node rig-x (no worker running):" in shown(), 25,
+             "status to see the killed worker gone")
+    assert "does not answer: the job runs again once a worker serves rig-x" in shown()
     cluster.start_worker("rig-x")
     cluster.wait_ready(["rig-x"])
     status = run.wait(timeout=90)

@@ -183,7 +183,7 @@ def test_purged_messages_make_jobs_lost_and_retry_lost_runs_them(tmp_path: Path)
         assert broker.llen("node.rig-q") == 0
         status = run_cli("status", run.id, env={"SC_BROKER_URL": bench.server.url},
                          cwd=tmp_path)
-        assert status.returncode == 0, status.stderr
+        assert status.returncode == 1, status.stderr  # lost jobs: status says so, exit 1
         # status only marks them (wait would publish them again): the user decides.
         assert ("3 jobs lost (their messages are gone and no worker runs them): p0, p1, p2; "
                 f"coordinator retry --lost {run.id} republishes them") in status.stderr
