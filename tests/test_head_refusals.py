@@ -181,3 +181,23 @@ def test_recover_says_how_many_it_published_and_how_many_were_done(tmp_path: Pat
                          str(tmp_path), "--broker", bench.server.url, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert "published 1 jobs (2 already done, not published)" in result.stderr
+
+
+def test_a_hand_made_message_cannot_write_lines_into_the_worker_log(tmp_path: Path) -> None:
+    """Celery logs a message's shown name (``shadow``) and id on receipt, before any check:
+    the worker makes each one printable line first."""
+    with make_bench(tmp_path, ["rig-a"]) as bench:
+        message = {"run_id": "20261129-000000-000000", "job_id": "x"}
+        send_raw(bench.server, message, task_id="forged\nFORGED ID LINE",
+                 shadow="job x\nFORGED NAME LINE\r\x1b[2J")
+        log = bench.workdir / "worker-logs" / "worker-rig-a.log"
+        wait_for(lambda: "forged?FORGED ID LINE" in log.read_text(), 30,
+                 "the message's receipt in the log")
+        lines = log.read_text().splitlines()
+        assert not [line for line in lines if line.startswith(("FORGED", "\x1b"))], lines
+        assert any("job x?FORGED NAME LINE" in line for line in lines)
+        from coordinator import submit  # the worker lives on and runs the next job
+
+        run = submit([bench.job("after", "rig-a")], output_dir="o", workdir=tmp_path,
+                     broker_url=bench.server.url)
+        assert run.wait(timeout=60).all_succeeded

@@ -5,6 +5,10 @@ not take (a malformed task message) with a traceback and a dump of the body: an
 attacker's payload repeated into the log, twenty lines a message. These are
 untrusted input refused as designed, so each is one line naming the message and
 the reason; the message is acknowledged or rejected exactly as Celery does.
+
+The header fields Celery prints and shows before any check of ours (the task's shown
+name, ``shadow``, and its ``id``) are made one printable line first: a hand-made
+message could otherwise write lines of its own into the log ("Task ...[...] received").
 """
 
 from __future__ import annotations
@@ -14,8 +18,33 @@ from typing import Any
 
 from celery import signals
 from celery.worker.consumer import Consumer
+from vine import promise
 
 logger = logging.getLogger(__name__)
+
+# The longest shown name or id a message may carry into the log (the head's are < 200).
+MAX_HEADER_CHARS = 300
+
+
+def one_line(value: Any) -> Any:
+    """``value`` if it is one printable line of at most ``MAX_HEADER_CHARS``; else cleaned:
+    unprintable characters as ``?``, cut to the limit (a string), or None."""
+    if not isinstance(value, str):
+        return None
+    if value.isprintable() and len(value) <= MAX_HEADER_CHARS:
+        return value
+    return "".join(char if char.isprintable() else "?" for char in value)[:MAX_HEADER_CHARS]
+
+
+def clean_headers(message: Any) -> None:
+    """Make the shown name and the id one printable line each, in place (untrusted input)."""
+    headers = getattr(message, "headers", None)
+    if not isinstance(headers, dict):
+        return
+    if headers.get("shadow") is not None:
+        headers["shadow"] = one_line(headers["shadow"])
+    if "id" in headers and headers["id"] is not None:
+        headers["id"] = one_line(headers["id"]) or "invalid-id"
 
 
 def message_id(message: Any) -> str:
@@ -24,7 +53,17 @@ def message_id(message: Any) -> str:
 
 
 class QuietConsumer(Consumer):
-    """Celery's consumer; ``on_decode_error`` and ``on_invalid_task`` say one line each."""
+    """Celery's consumer; ``on_decode_error`` and ``on_invalid_task`` say one line each, and
+    every message's shown name and id are cleaned before Celery logs them."""
+
+    def create_task_handler(self, promise: Any = promise) -> Any:
+        handle = super().create_task_handler(promise)
+
+        def on_task_received(message: Any) -> Any:
+            clean_headers(message)
+            return handle(message)
+
+        return on_task_received
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         logger.error("refused message %s: cannot decode its body (%s, content type %s)",
