@@ -609,9 +609,13 @@ def test_killed_workers_attempts_are_kept_failover_spreads_and_no_stale_message_
     from celery.events.state import State
 
     live_nodes, dead_nodes = ["rig-a", "rig-b", "rig-c"], ["rig-d", "rig-e", "rig-f"]
-    with make_bench(tmp_path, live_nodes + dead_nodes) as bench:
+    # A short lease: a killed worker's attempt is seen dead 4 s after the kill, not 30.
+    with make_bench(tmp_path, live_nodes + dead_nodes, env={"SC_LEASE_TTL": "4"}) as bench:
         jobs = [bench.job(f"busy_{node}", node, "--sleep", "4") for node in live_nodes]
-        jobs += [bench.job(f"dies_{node}", node, "--sleep", "60") for node in dead_nodes]
+        # 60 s where they are killed; moved to a live node, a moment (--speed, by SC_NODE).
+        quick = ",".join(f"{node}=0.01" for node in live_nodes)
+        jobs += [bench.job(f"dies_{node}", node, "--sleep", "60", "--speed", quick)
+                 for node in dead_nodes]
         jobs += [bench.job(f"queued_{node}", node) for node in dead_nodes]
         run = submit(jobs, output_dir="o", workdir=tmp_path, broker_url=bench.server.url)
         state = State()  # what Flower keeps of the task events, fed the same way
@@ -631,8 +635,12 @@ def test_killed_workers_attempts_are_kept_failover_spreads_and_no_stale_message_
                 for node in dead_nodes:
                     bench.cluster.kill_worker(node)
                 final = run.wait(timeout=180, failover=2)
+                # Ended, with the reason: FAILURE if the job moved while it looked running,
+                # RETRY if it was requeued first (its message could still come back).
                 wait_for(lambda: all(state.tasks.get(task_id) is not None
-                                     and state.tasks[task_id].state == "FAILURE"
+                                     and state.tasks[task_id].state in ("FAILURE", "RETRY")
+                                     and "died with its worker" in str(
+                                         state.tasks[task_id].exception)
                                      for task_id in dead_tasks.values()), 30,
                          "the dead attempts to end in Flower's view",
                          seen=lambda: str({t: getattr(state.tasks.get(t), "state", None)
