@@ -12,6 +12,7 @@ then, idle and during a run of ``--jobs-per-node`` jobs per node, the wall time 
 * the baseline the views used before: an ``inspect().active_queues()`` broadcast
   (what ``status`` and each ``worker --detach`` asked), so the ratio says what changed;
 
+(idle: the median of ``--repeats`` timings; during the run: one, as the run goes on)
 and the memory of one worker (PSS of its session's processes, the median). Targets (issue
 21): per-worker start time flat in N (within 1.5x from the smallest to the largest N),
 ``status`` and ``metrics`` under 0.5 s at 100 idle nodes. Every worker is stopped at the
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -93,29 +95,43 @@ def stop_workers(nodes: list[str], env: dict[str, str], work: Path) -> None:
             timeout=COMMAND_TIMEOUT_S, check=False), nodes))
 
 
-def views(run_id: str, url: str, env: dict[str, str], work: Path) -> dict[str, float]:
-    """Seconds of each operator view, on the CLI and in-process, and the broadcast baseline."""
+def median_of(repeats: int, measure: Callable[[], float]) -> float:
+    """The median of ``repeats`` timings: one sample is at the mercy of N workers' heartbeats."""
+    return statistics.median(measure() for _ in range(repeats))
+
+
+def timed(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def views(run_id: str, url: str, env: dict[str, str], work: Path,
+          repeats: int) -> dict[str, float]:
+    """Seconds of each operator view (the median of ``repeats``), on the CLI and in-process,
+    and the broadcast baseline."""
     client = redis.Redis.from_url(url)
     run = get_run(run_id, url)
-    figures: dict[str, float] = {}
-    figures["status (CLI)"], _ = coordinator("status", run_id, env=env, cwd=work)
-    start = time.perf_counter()
-    run.settle()
-    status = run.status(light=True)
-    run.workers(status.by_node())
-    figures["status (in-process)"] = time.perf_counter() - start
-    figures["metrics (CLI)"], _ = coordinator("metrics", "--textfile", str(work / "m.prom"),
-                                              env=env, cwd=work)
-    start = time.perf_counter()
-    collect(client, client)
-    figures["metrics (in-process)"] = time.perf_counter() - start
-    start = time.perf_counter()
-    publisher(url).control.inspect(timeout=1.0).active_queues()
-    figures["baseline: inspect broadcast"] = time.perf_counter() - start
-    return figures
+
+    def in_process_status() -> None:
+        run.settle()
+        run.workers(run.status(light=True).by_node())
+
+    app = publisher(url)
+    return {
+        "status (CLI)": median_of(repeats, lambda: coordinator("status", run_id, env=env,
+                                                               cwd=work)[0]),
+        "status (in-process)": median_of(repeats, lambda: timed(in_process_status)),
+        "metrics (CLI)": median_of(repeats, lambda: coordinator(
+            "metrics", "--textfile", str(work / "m.prom"), env=env, cwd=work)[0]),
+        "metrics (in-process)": median_of(repeats, lambda: timed(lambda: collect(client,
+                                                                                client))),
+        "baseline: inspect broadcast": median_of(repeats, lambda: timed(
+            lambda: app.control.inspect(timeout=1.0).active_queues())),
+    }
 
 
-def measure(width: int, jobs_per_node: int, batch: int) -> dict[str, object]:
+def measure(width: int, jobs_per_node: int, batch: int, repeats: int) -> dict[str, object]:
     nodes = [f"rig-{index:03d}" for index in range(width)]
     with tempfile.TemporaryDirectory(prefix="sc-width-") as tmp, RedisServer() as server:
         work = Path(tmp)
@@ -131,13 +147,13 @@ def measure(width: int, jobs_per_node: int, batch: int) -> dict[str, object]:
                            for node in nodes], output_dir="idle", workdir=work,
                           broker_url=server.url)
             warm.wait(timeout=COMMAND_TIMEOUT_S)
-            idle = views(warm.id, server.url, env, work)
+            idle = views(warm.id, server.url, env, work, repeats)
             jobs = [{"job_id": f"busy_{node}_{index}", "script": "examples/write_output.py",
                      "node": node, "args": ["--output-file", f"busy/{node}_{index}.json",
                                             "--sleep", "0.5"]}
                     for index in range(jobs_per_node) for node in nodes]
             busy_run = submit(jobs, output_dir="busy", workdir=work, broker_url=server.url)
-            busy = views(busy_run.id, server.url, env, work)
+            busy = views(busy_run.id, server.url, env, work, repeats=1)
             final = busy_run.wait(timeout=COMMAND_TIMEOUT_S * 4)
             assert final.all_succeeded, final.line()
         finally:
@@ -150,8 +166,10 @@ def main() -> int:
     parser.add_argument("--widths", default="25,50,100")
     parser.add_argument("--jobs-per-node", type=int, default=10)
     parser.add_argument("--batch", type=int, default=10, help="workers started at once")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="idle views: the median of this many timings")
     args = parser.parse_args()
-    results = [measure(int(width), args.jobs_per_node, args.batch)
+    results = [measure(int(width), args.jobs_per_node, args.batch, args.repeats)
                for width in args.widths.split(",")]
     print(f"{'N':>4} {'start s/worker':>15} {'last batch':>11} {'PSS MiB/worker':>15}")
     for result in results:

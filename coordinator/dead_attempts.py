@@ -40,6 +40,24 @@ class DeadAttempt:
     requeued: bool
 
 
+# How the error of a job requeued after its worker died begins (``requeue_error``).
+REQUEUED_MARK = "died with its worker"
+
+
+def requeue_error(job: Any) -> str:
+    """The error a requeued job carries until its next attempt (a ``JobRecord``)."""
+    where = ("the job is delivered again to the first free node" if job.floating else
+             f"the job is delivered again when a worker serves {job.node}")
+    placed = f" on {job.node}" if job.floating else ""
+    return f"attempt {job.attempts} {REQUEUED_MARK} {job.host}{placed}; {where}"
+
+
+def requeued_dead(job: Any) -> bool:
+    """The job waits because the head requeued it after its worker died (its old attempt is
+    in its history, and its message is the same one)."""
+    return bool(job.host and job.error and REQUEUED_MARK in job.error.split(";", 1)[0])
+
+
 def dead_reason(record: Mapping[str, Any]) -> str:
     return (f"attempt {record.get('attempts', 0)} died with its worker "
             f"{record.get('host') or '(unknown)'} (noticed by the head node)")

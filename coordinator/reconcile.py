@@ -31,7 +31,14 @@ import redis
 from celery import Celery
 
 from coordinator.cluster_view import ClusterView, Liveness
-from coordinator.dead_attempts import DeadAttempt, announce, dead_reason, with_dead_attempt
+from coordinator.dead_attempts import (
+    DeadAttempt,
+    announce,
+    dead_reason,
+    requeue_error,
+    requeued_dead,
+    with_dead_attempt,
+)
 from coordinator.records import JobRecord
 from coordinator.submit import republish
 from worker_tasks.spec import FLOATING_NODE, queue_for
@@ -66,12 +73,7 @@ def settle(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord], live: Li
                 notes.append(f"{job.job_id}: succeeded (its .done exists; its worker's final "
                              f"write was lost)")
         elif not live.running(job):
-            if job.floating:
-                error = (f"attempt {job.attempts} died with its worker {job.host} on "
-                         f"{job.node}; the job is delivered again to the first free node")
-            else:
-                error = (f"attempt {job.attempts} died with its worker {job.host}; the job is "
-                         f"delivered again when a worker serves {job.node}")
+            error = requeue_error(job)
             node = FLOATING_NODE if job.floating else None
             record = vars(job)
             if tracker.requeue_dead(run_id, job.job_id, job.task_id, error, node,
@@ -220,7 +222,10 @@ def move_jobs(client: redis.Redis, app: Celery, run_id: str, jobs: Sequence[JobR
         done = republish(client, app, run_id, [job.job_id], MOVABLE, change,
                          note=f"moved from {job.node} to {target}")
         by_target[target].extend(done)
-        if done and job.state is JobState.RUNNING and job.task_id and job.host:
+        # Its old attempt died with its worker (still running in the record, or requeued for
+        # a redelivery that will not come now): Flower sees it fail, moved.
+        if done and job.task_id and job.host and (
+                job.state is JobState.RUNNING or requeued_dead(job)):
             reason = f"{dead_reason(vars(job))}; moved to {target}"
             dead.append(DeadAttempt(job.task_id, job.host, reason, requeued=False))
     if by_target:
