@@ -47,3 +47,17 @@ def select_backend(choice: str = "auto") -> Backend:
             raise BackendUnavailable(f"--backend cupy: {err}") from None
         return Backend(cpu_backend.name, f"{cpu_backend.detail}; no GPU: {err}", cpu.matches)
     return Backend("cupy", detail, gpu.matches)
+
+
+def best_engine() -> str:
+    """The fastest engine this machine can score with, and why not a faster one: one line
+    (``coordinator cluster status`` shows it per node)."""
+    try:
+        return f"cupy ({gpu.probe()})"
+    except gpu.GpuUnavailable as err:
+        no_gpu = f"no GPU: {err}"
+    try:
+        import numba
+    except ImportError:
+        return f"numpy (Numba not installed; {no_gpu})"
+    return f"numba {numba.__version__} ({no_gpu})"

@@ -43,7 +43,7 @@ def test_defaults_apply_and_the_label_is_the_default_host(tmp_path: Path) -> Non
     assert (rig_a.config.host, rig_a.config.port, rig_a.config.gpus) == ("gpu-node-1.lan", 22, 2)
     assert rig_a.config.workdir == "/data/pipeline" and by_address.config.workdir == "/scratch"
     assert by_address.config.host == "127.0.0.7" and by_address.config.user == "pipeline"
-    assert rig_a.pidfile == "/data/pipeline/.scripts-coordinator/worker-rig-a.pid"
+    assert rig_a.pidfile() == "/data/pipeline/.scripts-coordinator/worker-rig-a.pid"
     assert not rig_a.config.shared_storage and by_address.config.shared_storage
     # Jobs files may name a node by label or by its host.
     assert inventory.resolve("rig-a") == "rig-a"

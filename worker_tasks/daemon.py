@@ -29,6 +29,9 @@ EXEC_WINDOW_S = 1.0
 # In the environment of every job's script (run_job.script_env): a process of a running job.
 JOB_VARIABLE = b"SC_JOB_ID="
 
+# Where a worker started with a workdir keeps its pid file and log, under that workdir
+# (``coordinator worker``'s defaults, and every node of an inventory).
+STATE_DIR = ".scripts-coordinator"
 
 @dataclass(frozen=True)
 class PidFileState:
@@ -127,35 +130,57 @@ def start_detached(argv: Sequence[str], env: Mapping[str, str], cwd: Path, pidfi
 
 
 def stop(pidfile: Path, marker: str, now: bool = False, timeout: float = 60.0) -> str:
-    """Stop the worker of ``pidfile``; returns one line saying what happened.
+    """Stop the worker of ``pidfile``; returns one line saying what happened (``stop_all``)."""
+    return stop_all([(pidfile, marker)], now, timeout)[0]
 
-    Warm (default): SIGTERM to the worker, which finishes its running job (and
-    writes its ``.done``) before exiting; waits up to ``timeout`` seconds.
-    ``now``: SIGKILL to every process of the worker's session, scripts included.
-    Raises ``TimeoutError`` if a warm stop has not finished within ``timeout``.
+
+def stop_all(workers: Sequence[tuple[Path, str]], now: bool = False,
+             timeout: float = 60.0) -> list[str]:
+    """Stop the workers of these ``(pidfile, marker)`` pairs; one line each on what happened.
+
+    Warm (default): SIGTERM to every worker first (none takes another job), then each
+    finishes its running job (and writes its ``.done``) before exiting; all within
+    ``timeout`` seconds together. ``now``: SIGKILL to every process of each worker's
+    session, scripts included. Raises ``TimeoutError`` if a warm stop has not finished
+    within ``timeout``.
     """
-    state = read_pidfile(pidfile, marker)
-    if not state.alive:
-        pidfile.unlink(missing_ok=True)
-        return "not running" + (f" (removed stale pid file, pid {state.pid})"
-                                if state.stale else "")
-    assert state.pid is not None
-    if now:
-        kill_session(state.pid)
-        pidfile.unlink(missing_ok=True)
-        return f"killed worker pid {state.pid} and its jobs"
-    busy = bool(job_processes(state.pid))
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(state.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not process_matches(state.pid, marker):
+    lines: list[str] = []
+    waiting: list[tuple[int, Path, str, bool, int]] = []
+    for index, (pidfile, marker) in enumerate(workers):
+        state = read_pidfile(pidfile, marker)
+        lines.append("")
+        if not state.alive:
             pidfile.unlink(missing_ok=True)
-            how = "its running job finished first" if busy else "no job was running"
-            return f"stopped worker pid {state.pid} (warm: {how})"
-        time.sleep(STOP_POLL_S)
-    raise TimeoutError(f"worker pid {state.pid} is still finishing its job after {timeout:g} s; "
-                       f"the warm shutdown goes on (--now kills it)")
+            lines[index] = "not running" + (f" (removed stale pid file, pid {state.pid})"
+                                            if state.stale else "")
+            continue
+        assert state.pid is not None
+        if now:
+            kill_session(state.pid)
+            pidfile.unlink(missing_ok=True)
+            lines[index] = f"killed worker pid {state.pid} and its jobs"
+            continue
+        busy = bool(job_processes(state.pid))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(state.pid, signal.SIGTERM)
+        waiting.append((state.pid, pidfile, marker, busy, index))
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        for entry in list(waiting):
+            pid, pidfile, marker, busy, index = entry
+            if not process_matches(pid, marker):
+                pidfile.unlink(missing_ok=True)
+                how = "its running job finished first" if busy else "no job was running"
+                lines[index] = f"stopped worker pid {pid} (warm: {how})"
+                waiting.remove(entry)
+        if waiting:
+            time.sleep(STOP_POLL_S)
+    if waiting:
+        pids = ", ".join(str(entry[0]) for entry in waiting)
+        who = f"worker pid {pids} is" if len(waiting) == 1 else f"workers pid {pids} are"
+        raise TimeoutError(f"{who} still finishing a job after {timeout:g} s; the warm "
+                           f"shutdown goes on (--now kills it)")
+    return lines
 
 
 def kill_session(sid: int) -> None:

@@ -29,6 +29,7 @@ from coordinator.cli.node import project_version
 from coordinator.cluster.inventory import EXAMPLE, Inventory, inventory_path, load_inventory
 from coordinator.cluster_view import ClusterView
 from coordinator.errors import BrokerUnreachableError, ExitCode, NodeFailedError
+from worker_tasks.spec import queue_for
 
 if TYPE_CHECKING:  # Fabric is imported only by the verbs that use it
     from coordinator.cluster.group import NodeOutcome
@@ -114,7 +115,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from coordinator.cluster import workers
 
     head_broker = resolve_broker_url(args.broker)
-    return on_nodes(args, "up", lambda remote: workers.up(remote, head_broker))
+    return on_nodes(args, "up", lambda remote: workers.up(remote, head_broker, args.per_gpu))
 
 
 @over_ssh
@@ -150,7 +151,7 @@ def cmd_unit(args: argparse.Namespace) -> int:
     from coordinator.cluster import workers
 
     for node in load(args).select(args.nodes):
-        sys.stdout.write(workers.systemd_unit(node))
+        sys.stdout.write(workers.systemd_unit(node, args.per_gpu))
     return ExitCode.OK
 
 
@@ -179,27 +180,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     def one(remote: RemoteNode) -> str:
         state = workers.state(remote)
-        parts = ["ssh ok"]
-        problems = []
-        if state.get("alive"):
-            parts.append(f"worker pid {state['pid']} alive")
-        else:
-            stale = f" (stale pid file, pid {state['pid']})" if state.get("stale") else ""
-            parts.append(f"no worker running{stale}")
-            problems.append("no worker")
-        name = str(state.get("worker_name"))
-        if view is not None:
-            ping = name in view.answering()
-            parts.append("ping ok" if ping else "no ping answer")
-            if not ping:
-                problems.append("no ping")
-            parts.append(f"queue {view.client.llen(remote.node.queue)}")
-            job = view.current_job(name)
-            parts.append(f"running {job}" if job else "idle")
+        parts, problems = [], []
+        several = len(state["workers"]) > 1
+        for worker in state["workers"]:
+            slot = str(worker.get("slot"))
+            seen, trouble = worker_parts(worker, view, queue_for(slot))
+            where = f"{slot.removeprefix(remote.label + '.')}: " if several else ""
+            parts.append(where + ", ".join(seen))
+            problems += [f"{where}{problem}" for problem in trouble]
+        if state.get("engine"):
+            parts.append(f"engine {state['engine']}")
         if state.get("version") != head_version:
             parts.append(f"version {state.get('version')} (head has {head_version}: "
                          f"cluster deploy --project)")
-        line = ", ".join(parts)
+        line = "ssh ok, " + "; ".join(parts)
         if problems:
             raise NodeError(line)
         return line
@@ -212,6 +206,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     if broker_error:
         raise BrokerUnreachableError(broker_error)
     return code
+
+
+def worker_parts(worker: dict[str, object], view: ClusterView | None,
+                 queue: str) -> tuple[list[str], list[str]]:
+    """What ``cluster status`` says of one worker of a node, and what is wrong with it."""
+    parts, problems = [], []
+    if worker.get("alive"):
+        parts.append(f"worker pid {worker['pid']} alive")
+    else:
+        stale = f" (stale pid file, pid {worker['pid']})" if worker.get("stale") else ""
+        parts.append(f"no worker running{stale}")
+        problems.append("no worker")
+    name = str(worker.get("worker_name"))
+    if view is not None:
+        ping = name in view.answering()
+        parts.append("ping ok" if ping else "no ping answer")
+        if not ping:
+            problems.append("no ping")
+        parts.append(f"queue {view.client.llen(queue)}")
+        job = view.current_job(name)
+        parts.append(f"running {job}" if job else "idle")
+    return parts, problems
 
 
 CLUSTER_EXITS = (
@@ -271,11 +287,19 @@ def register(command: CommandFactory) -> None:
                           "python: WHEEL, or a wheel built from this source tree")
     sub.set_defaults(handler=cmd_deploy)
 
-    sub = verb("up", "start one detached worker per node (idempotent; replaces stale pid files)",
-               "  coordinator cluster up\n  coordinator cluster up rig-b rig-c")
+    sub = verb("up", "start one detached worker per node, or per GPU (idempotent; replaces "
+                     "stale pid files)",
+               "  coordinator cluster up\n  coordinator cluster up rig-b rig-c\n"
+               "  coordinator cluster up --per-gpu    # for runs submitted with --per-gpu")
+    sub.add_argument("--per-gpu", action="store_true",
+                     help="one worker per GPU of each node (its inventory 'gpus'; queues "
+                          "node.NODE.gpuK), for runs submitted with --per-gpu: a node with "
+                          "gpus = 2 then runs two jobs at once, one per GPU. Without it one "
+                          "worker per node runs one job at a time (jobs that use every GPU)")
     sub.set_defaults(handler=cmd_up)
 
-    sub = verb("status", "per node: SSH, worker pid, Celery ping, queue length, current job",
+    sub = verb("status", "per node: SSH, each worker's pid, Celery ping, queue length and "
+                         "current job; the scoring engine it can use; its version",
                "  coordinator cluster status")
     sub.set_defaults(handler=cmd_status)
 
@@ -285,8 +309,8 @@ def register(command: CommandFactory) -> None:
                      help="how many lines (default: 50)")
     sub.set_defaults(handler=cmd_logs)
 
-    sub = verb("down", "stop the workers that up started: warm (the running job finishes and "
-                       "writes its .done) or --now",
+    sub = verb("down", "stop the workers that up started (per node or per GPU): warm (the "
+                       "running job finishes and writes its .done) or --now",
                "  coordinator cluster down\n  coordinator cluster down rig-c --now")
     sub.add_argument("--now", action="store_true",
                      help="kill each worker and its running job at once (no .done is written; "
@@ -301,5 +325,10 @@ def register(command: CommandFactory) -> None:
 
     sub = verb("unit", "print a systemd unit that runs a node's worker",
                "  coordinator cluster unit rig-a | ssh rig-a 'sudo tee "
-               "/etc/systemd/system/scripts-coordinator-worker-rig-a.service'", nodes="+")
+               "/etc/systemd/system/scripts-coordinator-worker-rig-a.service'\n"
+               "  coordinator cluster unit rig-a --per-gpu   # a template: "
+               "scripts-coordinator-worker-rig-a@0, @1, ...", nodes="+")
+    sub.add_argument("--per-gpu", action="store_true",
+                     help="a template unit (NAME@.service) whose instance is the GPU index, "
+                          "as cluster up --per-gpu starts them")
     sub.set_defaults(handler=cmd_unit)

@@ -9,6 +9,7 @@ pid file and a log file; what ``cluster up`` runs over SSH), ``--stop`` and
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import socket
@@ -35,9 +36,11 @@ from coordinator.jobs import SAFE_NAME
 from coordinator.local import READY_TIMEOUT_S, worker_command, worker_name
 from coordinator.plan import Plan
 from worker_tasks import daemon
+from worker_tasks.daemon import STATE_DIR
 from worker_tasks.presence import seen_since, serving
 from worker_tasks.spec import (
     MAX_GPU_ID,
+    gpu_of_slot,
     is_floating,
     node_of_slot,
     queue_for,
@@ -47,9 +50,11 @@ from worker_tasks.spec import (
 
 # Lines of the worker's log quoted when it dies at start.
 LOG_TAIL_LINES = 5
-# How often a starting worker is looked for in the presence registry, and how long a ping
-# waits (seconds).
+# How often a starting worker is looked for in the presence registry (seconds).
 PING_INTERVAL_S = 0.5
+# How long a worker listed as serving the node has to answer the ping that proves it
+# alive (seconds).
+PING_TIMEOUT_S = 1.0
 
 
 def project_version() -> str:
@@ -80,7 +85,7 @@ def state_path(args: argparse.Namespace, kind: str) -> Path:
     given = getattr(args, f"{kind}file")
     if given:
         return Path(given)
-    return Path(args.workdir) / ".scripts-coordinator" / f"worker-{args.slot}.{kind}"
+    return Path(args.workdir) / STATE_DIR / f"worker-{args.slot}.{kind}"
 
 
 def log_tail(logfile: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
@@ -104,16 +109,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.env_file:
         load_env_file(args.env_file)
     pidfile, logfile = state_path(args, "pid"), state_path(args, "log")
-    marker = queue_for(args.slot)
-    if args.status:
-        return worker_status(args, pidfile, logfile, marker)
-    if args.stop:
+    if args.status or args.stop:
+        # No --gpu and no --pidfile: every worker of the node here (whole node, per GPU).
+        slots = (node_slots(args) if args.gpu is None and not args.pidfile else
+                 {args.slot: (pidfile, logfile)})
+        if args.status:
+            return worker_status(args, slots)
         try:
-            print(daemon.stop(pidfile, marker, now=args.now, timeout=args.timeout))
+            lines = daemon.stop_all([(files[0], queue_for(slot)) for slot, files in
+                                     slots.items()], now=args.now, timeout=args.timeout)
         except TimeoutError as err:
             raise NodeFailedError(str(err)) from None
+        for slot, line in zip(slots, lines, strict=True):
+            print(line if len(slots) == 1 else f"{slot}: {line}")
         return ExitCode.OK
 
+    marker = queue_for(args.slot)
     current = daemon.read_pidfile(pidfile, marker)
     if current.alive:
         if args.detach:
@@ -126,9 +137,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     check_broker(app)
     others = other_workers(connect_tracking(None, args.broker), app, args.slot)
     if others and not args.force:
-        raise InvalidJobsError(
-            f"node {args.slot} is already served by {', '.join(others)}: a second worker would "
-            f"run its jobs in parallel (one at a time per node); --force starts it anyway")
+        mode = ("a second worker would run its jobs in parallel (one at a time per node)"
+                if all(slot_of_worker(name) == args.slot for name in others) else
+                "per-node and per-GPU workers of one node would run jobs on the same GPUs at "
+                "once (stop the other kind first)")
+        raise InvalidJobsError(f"node {args.slot} is already served by {', '.join(others)}: "
+                               f"{mode}; --force starts it anyway")
     os.environ["SC_BROKER_URL"] = resolve_broker_url(args.broker)
     os.environ["SC_SCRIPTS_DIR"] = str(Path(args.scripts_dir).resolve())
     os.environ["SC_WORKDIR"] = str(Path(args.workdir).resolve())
@@ -150,17 +164,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def other_workers(tracking: redis.Redis, app: Celery, slot: str) -> list[str]:
-    """The workers serving ``slot`` already, by the presence registry (one read, at any
-    width). By slot: the other GPUs' workers of the node are no second worker of this one.
-    An entry with this very worker's name may be a dead one of this machine (a killed
-    worker is listed for ``PRESENCE_TTL_S``): only a ping to that name settles it."""
+    """The workers serving ``slot`` already, or the same GPUs by the other mode (a whole-node
+    worker beside per-GPU ones would run jobs on one GPU at once), by the presence registry
+    (one read, at any width). The other GPUs' workers of the node are no second worker of
+    this one. A killed worker stays listed for ``PRESENCE_TTL_S``: one ping to the names
+    listed settles which are alive."""
     node = node_of_slot(slot)
+    whole = gpu_of_slot(slot) is None
     names = [name for name in serving(tracking, [node]).get(node, [])
-             if slot_of_worker(name) == slot]
-    mine = worker_name(slot)
-    if mine in names and not app.control.ping(destination=[mine], timeout=PING_INTERVAL_S):
-        names.remove(mine)
-    return names
+             if slot_of_worker(name) == slot
+             or whole != (gpu_of_slot(slot_of_worker(name)) is None)]
+    if not names:
+        return []
+    answered = {name for reply in app.control.ping(destination=names, timeout=PING_TIMEOUT_S)
+                for name in reply}
+    return [name for name in names if name in answered]
 
 
 def start_detached(args: argparse.Namespace, command: list[str], pidfile: Path, logfile: Path,
@@ -187,13 +205,42 @@ def start_detached(args: argparse.Namespace, command: list[str], pidfile: Path, 
                             f"{READY_TIMEOUT_S:g} s; see {logfile}")
 
 
-def worker_status(args: argparse.Namespace, pidfile: Path, logfile: Path, marker: str) -> int:
-    state = daemon.read_pidfile(pidfile, marker)
+def node_slots(args: argparse.Namespace) -> dict[str, tuple[Path, Path]]:
+    """slot -> (pid file, log file) of every worker of ``--node`` that has a pid file under
+    ``--workdir`` (the whole node's first, then its GPUs in order); the whole node's alone
+    when there is none."""
+    state_dir = Path(args.workdir) / STATE_DIR
+    slots = {}
+    for path in state_dir.glob(f"worker-{glob.escape(args.node)}*.pid"):
+        slot = path.name.removeprefix("worker-").removesuffix(".pid")
+        if node_of_slot(slot) == args.node:
+            slots[slot] = (path, path.with_suffix(".log"))
+    if not slots:
+        args.slot = args.node
+        return {args.node: (state_path(args, "pid"), state_path(args, "log"))}
+    return dict(sorted(slots.items(), key=lambda item: gpu_index(item[0])))
+
+
+def gpu_index(slot: str) -> int:
+    """Sort key: the whole node (-1) first, then its GPUs by number (gpu2 before gpu10)."""
+    gpu = gpu_of_slot(slot)
+    return -1 if gpu is None else gpu
+
+
+def worker_status(args: argparse.Namespace, slots: dict[str, tuple[Path, Path]]) -> int:
+    """The node's workers as one JSON object: each one's pid file state, and what the node
+    has (version, Python, the fastest scoring engine it can use)."""
+    from scoring.backends import best_engine
+
+    workers = []
+    for slot, (pidfile, logfile) in slots.items():
+        state = daemon.read_pidfile(pidfile, queue_for(slot))
+        workers.append({"slot": slot, "pid": state.pid, "alive": state.alive,
+                        "stale": state.stale, "worker_name": worker_name(slot),
+                        "pidfile": str(pidfile), "logfile": str(logfile)})
     print(json.dumps({
-        "node": args.slot, "pid": state.pid, "alive": state.alive, "stale": state.stale,
-        "worker_name": worker_name(args.slot), "hostname": socket.gethostname(),
-        "version": project_version(), "python": sys.executable,
-        "pidfile": str(pidfile), "logfile": str(logfile),
+        "node": args.node, "workers": workers, "hostname": socket.gethostname(),
+        "version": project_version(), "python": sys.executable, "engine": best_engine(),
     }))
     return ExitCode.OK
 

@@ -3,7 +3,8 @@
 Scripts go to each node's ``scripts_dir``, data to its ``workdir`` (at the same
 relative path as on the head node); nothing is ever written outside those two
 directories. ``--project`` installs this project on the node from a wheel built
-on the head node, so both sides run the same message contract.
+on the head node, so both sides run the same message contract, with the extras
+the inventory names for the node (``worker`` by default, ``gpu`` on GPU nodes).
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def project_wheel(given: str | None, work: Path) -> Path:
 
 
 def install_project(remote: RemoteNode, wheel: Path) -> str:
-    """Install the wheel with the node's configured Python (dependencies as pip resolves them)."""
+    """Install the wheel with the node's configured Python, with the node's ``extras``
+    (default ``worker``: Numba; ``gpu``: CuPy), dependencies as pip resolves them there."""
     node = remote.node
     python = node.config.python
     if not remote.run(["test", "-x", python]).ok:
@@ -148,17 +150,20 @@ def install_project(remote: RemoteNode, wheel: Path) -> str:
     wheels_dir = posixpath.join(node.state_dir, "wheels")
     push(remote, {wheel.name: wheel}, wheels_dir)
     remote_wheel = posixpath.join(wheels_dir, wheel.name)
-    # First the dependencies (as pip resolves them on the node), then this exact build.
-    for args in (["install", "--quiet", remote_wheel],
+    extras = node.config.extras
+    with_extras = f"{remote_wheel}[{','.join(extras)}]" if extras else remote_wheel
+    shown = f"{wheel.name}[{','.join(extras)}]" if extras else wheel.name
+    # First the dependencies and extras (as pip resolves them on the node), then this build.
+    for args in (["install", "--quiet", with_extras],
                  ["install", "--quiet", "--force-reinstall", "--no-deps", remote_wheel]):
         result = remote.run([python, "-m", "pip", *args], timeout=INSTALL_TIMEOUT_S)
         if not result.ok:
-            raise NodeError(f"pip install of {wheel.name} failed on the node: "
+            raise NodeError(f"pip install of {shown} failed on the node: "
                             f"{result.last_line()}")
     check = remote.coordinator("--version")
     if not check.ok:
         raise NodeError(f"installed, but `{python} -m coordinator` fails: {check.last_line()}")
-    return f"project: installed {wheel.name} ({check.stdout.strip()})"
+    return f"project: installed {shown} ({check.stdout.strip()})"
 
 
 def venv_of(python: str) -> str:

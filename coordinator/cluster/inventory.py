@@ -23,13 +23,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from coordinator.broker import redact, with_password
 from coordinator.errors import InvalidJobsError
 from coordinator.jobs import SAFE_NAME
-from worker_tasks.spec import is_floating
+from worker_tasks.daemon import STATE_DIR
+from worker_tasks.spec import is_floating, slot_of
 
 DEFAULT_INVENTORY = "cluster.toml"
 INVENTORY_ENV = "SC_INVENTORY"
-# Filled into a broker URL that has no password, so the file need not hold one.
-# Where a node keeps its worker's pid file, log and environment file (under its workdir).
-STATE_DIR = ".scripts-coordinator"
 
 
 def _absolute(value: Any) -> Any:
@@ -45,7 +43,23 @@ def _host(value: Any) -> Any:
     return value
 
 
+def _extras(value: Any) -> Any:
+    # TOML gives a list; the frozen config keeps a tuple. Only the extras the project has.
+    if isinstance(value, list):
+        unknown = [name for name in value if name not in INSTALL_EXTRAS]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not an extra of scripts-coordinator "
+                             f"(known: {', '.join(INSTALL_EXTRAS)})")
+        return tuple(dict.fromkeys(value))
+    return value
+
+
 NodePath = Annotated[str, BeforeValidator(_absolute)]
+Extras = Annotated[tuple[str, ...], BeforeValidator(_extras)]
+# The pip extras ``deploy --project`` may install on a node (pyproject.toml's).
+INSTALL_EXTRAS = ("worker", "gpu", "head")
+# What a node gets unless its table says otherwise: the Step 3 script's compiled engine.
+DEFAULT_EXTRAS = ("worker",)
 HostName = Annotated[str, BeforeValidator(_host)]
 HOST_NAME = re.compile(r"[A-Za-z0-9_.:%\[\]-]{1,253}\Z")
 
@@ -63,7 +77,10 @@ class NodeConfig(BaseModel):
         workdir: where the node's scripts run; outputs land under it.
         broker: the Redis URL as the node reaches it (default: the head's broker URL).
         shared_storage: the head node sees the node's workdir at its own workdir.
-        gpus: how many GPUs the node has (for ``coordinator jobs scoring``).
+        gpus: how many GPUs the node has (``jobs scoring`` deals it that many shares;
+            ``cluster up --per-gpu`` starts that many workers).
+        extras: the pip extras ``deploy --project`` installs (``worker``: Numba;
+            ``gpu``: CuPy); default ``["worker"]``.
         connect_timeout: seconds before an SSH connection attempt fails.
         strict_host_keys: refuse hosts missing from known_hosts (default: accept new ones).
     """
@@ -80,6 +97,7 @@ class NodeConfig(BaseModel):
     broker: str | None = None
     shared_storage: bool = False
     gpus: int = Field(default=1, ge=1, le=64)
+    extras: Extras = DEFAULT_EXTRAS
     connect_timeout: float = Field(default=10.0, gt=0, le=600)
     strict_host_keys: bool = False
 
@@ -102,13 +120,18 @@ class Node:
     def state_dir(self) -> str:
         return posixpath.join(self.config.workdir, STATE_DIR)
 
-    @property
-    def pidfile(self) -> str:
-        return posixpath.join(self.state_dir, f"worker-{self.label}.pid")
+    def slots(self, per_gpu: bool = False) -> list[str]:
+        """What this node's workers serve: the node, or each of its GPUs (per-GPU runs)."""
+        if not per_gpu:
+            return [self.label]
+        return [slot_of(self.label, gpu) for gpu in range(self.config.gpus)]
 
-    @property
-    def logfile(self) -> str:
-        return posixpath.join(self.state_dir, f"worker-{self.label}.log")
+    def pidfile(self, slot: str | None = None) -> str:
+        """The pid file of the worker serving ``slot`` (default: the whole node)."""
+        return posixpath.join(self.state_dir, f"worker-{slot or self.label}.pid")
+
+    def logfile(self, slot: str | None = None) -> str:
+        return posixpath.join(self.state_dir, f"worker-{slot or self.label}.log")
 
     @property
     def envfile(self) -> str:
@@ -256,13 +279,16 @@ workdir = "/data/pipeline"        # where jobs run on the node; outputs land und
 broker = "redis://zeus:6379/0"    # Redis as the nodes reach it; a password may come from
                                   # $SC_BROKER_PASSWORD on the head node instead of this file
 shared_storage = false            # true if this head node sees each node's workdir (NFS)
+extras = ["worker", "gpu"]        # installed with the project by deploy --project: worker
+                                  # (Numba: the fast CPU engine), gpu (CuPy); CPU nodes: ["worker"]
 # connect_timeout = 10            # seconds before an SSH connection attempt fails
 # strict_host_keys = false        # true: refuse hosts missing from ~/.ssh/known_hosts
 
 [nodes.rig-a]                     # the label jobs files use ("node": "rig-a")
 host = "gpu-node-1.lan"           # defaults to the label, so addresses as labels work too
 port = 22
-gpus = 2
+gpus = 2                          # jobs scoring deals it two shares; cluster up --per-gpu
+                                  # starts one worker per GPU (for runs submitted with --per-gpu)
 
 [nodes.rig-b]
 host = "gpu-node-2.lan"

@@ -164,9 +164,10 @@ class RemoteNode:
                             f"(coordinator cluster deploy --project installs it)")
 
     def worker_state(self) -> dict[str, Any]:
-        """The node's own view of its worker (pid file, liveness, version, host name)."""
+        """The node's own view of its workers (``workers``: each one's slot, pid, liveness),
+        its version, host name and best scoring engine (``coordinator worker --status``)."""
         result = self.coordinator("worker", "--node", self.label, "--status",
-                                  "--pidfile", self.node.pidfile, "--logfile", self.node.logfile)
+                                  "--workdir", self.node.config.workdir)
         if not result.ok:
             raise NodeError(f"worker --status failed: {result.last_line()}")
         try:
@@ -175,6 +176,8 @@ class RemoteNode:
             raise NodeError(f"worker --status printed no JSON: {result.last_line()}") from None
         if not isinstance(state, dict):
             raise NodeError("worker --status printed something other than a JSON object")
+        if "workers" not in state:  # a node with an older version: one worker, no engine
+            state = {**state, "workers": [{**state, "slot": self.label}]}
         return state
 
     def sftp(self) -> paramiko.SFTPClient:

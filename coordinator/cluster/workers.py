@@ -18,6 +18,7 @@ import paramiko
 
 from coordinator.cluster.inventory import Node
 from coordinator.cluster.remote import NodeError, RemoteNode
+from worker_tasks.spec import gpu_of_slot, slot_of
 
 # Head-node settings a node's worker must share (same key prefix, same timeouts).
 FORWARDED_ENV = ("SC_VISIBILITY_TIMEOUT", "SC_RESTORE_INTERVAL", "SC_RESULT_EXPIRES",
@@ -26,6 +27,8 @@ FORWARDED_ENV = ("SC_VISIBILITY_TIMEOUT", "SC_RESTORE_INTERVAL", "SC_RESULT_EXPI
 START_TIMEOUT_S = 90.0
 # The longest a warm `down` waits for the running job before saying it is still finishing.
 DOWN_TIMEOUT_S = 600.0
+# A placeholder GPU index for the per-GPU template unit (replaced by systemd's %i).
+GPU_INSTANCE = 0
 
 
 def worker_env(node: Node, head_broker: str) -> dict[str, str]:
@@ -57,15 +60,21 @@ def write_private(remote: RemoteNode, path: str, text: str) -> None:
         sftp.close()
 
 
-def worker_args(node: Node) -> list[str]:
-    """``coordinator worker`` arguments that run this node's worker (up and the unit)."""
-    return ["worker", "--node", node.label, "--scripts-dir", node.config.scripts_dir,
-            "--workdir", node.config.workdir, "--pidfile", node.pidfile,
-            "--logfile", node.logfile, "--env-file", node.envfile]
+def worker_args(node: Node, slot: str | None = None) -> list[str]:
+    """``coordinator worker`` arguments that run the worker serving ``slot`` (default: the
+    whole node; ``rig-a.gpu1``: GPU 1 of it), for up and the unit."""
+    slot = slot or node.label
+    gpu = gpu_of_slot(slot)
+    return ["worker", "--node", node.label, *(["--gpu", str(gpu)] if gpu is not None else []),
+            "--scripts-dir", node.config.scripts_dir, "--workdir", node.config.workdir,
+            "--pidfile", node.pidfile(slot), "--logfile", node.logfile(slot),
+            "--env-file", node.envfile]
 
 
-def up(remote: RemoteNode, head_broker: str) -> str:
-    """Start the node's worker detached (idempotent: a live one is left as it is)."""
+def up(remote: RemoteNode, head_broker: str, per_gpu: bool = False) -> str:
+    """Start the node's worker detached, or with ``per_gpu`` one per GPU of it (``gpus``);
+    idempotent: a live one is left as it is. The node refuses a whole-node worker beside
+    per-GPU ones (they would run jobs on the same GPUs at once)."""
     node = remote.node
     # The node's directories need not exist yet (the Step 3 scorer is built in: no deploy).
     made = remote.run(["mkdir", "-p", "--", node.config.workdir, node.state_dir,
@@ -73,11 +82,17 @@ def up(remote: RemoteNode, head_broker: str) -> str:
     if not made.ok:
         raise NodeError(f"could not create {node.state_dir} on the node: {made.last_line()}")
     write_private(remote, node.envfile, env_file_text(worker_env(node, head_broker)))
-    result = remote.coordinator(*worker_args(node), "--detach",
-                                timeout=START_TIMEOUT_S + 60)
-    if not result.ok:
-        raise NodeError(detach_failure(result.stderr or result.stdout))
-    return result.last_line()
+    slots = node.slots(per_gpu)
+    lines = []
+    for slot in slots:
+        result = remote.coordinator(*worker_args(node, slot), "--detach",
+                                    timeout=START_TIMEOUT_S + 60)
+        if not result.ok:
+            started = f"started {', '.join(slots[:len(lines)])}; " if lines else ""
+            where = f"{slot}: " if per_gpu else ""
+            raise NodeError(f"{started}{where}{detach_failure(result.stderr or result.stdout)}")
+        lines.append(result.last_line())
+    return "; ".join(lines)
 
 
 def detach_failure(text: str) -> str:
@@ -91,54 +106,75 @@ def detach_failure(text: str) -> str:
 
 def down(remote: RemoteNode, now: bool = False, timeout: float = DOWN_TIMEOUT_S,
          purge: bool = False) -> str:
-    """Stop the worker ``up`` started (its pid file): warm, or ``now`` with its jobs.
+    """Stop every worker ``up`` started on the node (by their pid files, whole node and per
+    GPU): warm, all signalled at once, or ``now`` with their jobs.
 
     ``purge``: also remove the env file ``up`` wrote (it holds the broker's URL with its
     password); without it the file stays for the next ``up``, and the line says so.
     """
     node = remote.node
-    args = ["worker", "--node", node.label, "--stop", "--pidfile", node.pidfile,
+    args = ["worker", "--node", node.label, "--workdir", node.config.workdir, "--stop",
             "--timeout", f"{timeout:g}"]
     result = remote.coordinator(*args, *(["--now"] if now else []), timeout=timeout + 60)
     if not result.ok:
         raise NodeError(result.last_line().removeprefix("coordinator: error: "))
+    stopped = "; ".join(line.strip() for line in result.stdout.splitlines() if line.strip())
     if not purge:
-        return f"{result.last_line()}; {node.envfile} stays (--purge removes it)"
+        return f"{stopped}; {node.envfile} stays (--purge removes it)"
     removed = remote.shell(f"rm -f -- {shlex.quote(node.envfile)}")
     if not removed.ok:
         raise NodeError(f"could not remove {node.envfile}: {removed.last_line()}")
-    return f"{result.last_line()}; removed {node.envfile} (the broker password)"
+    return f"{stopped}; removed {node.envfile} (the broker password)"
 
 
 def state(remote: RemoteNode) -> dict[str, Any]:
-    """The node's view of its worker: pid, alive, stale, worker name, version."""
+    """The node's view of its workers (each one's pid, alive, stale, name), its version and
+    the fastest scoring engine it can use."""
     return remote.worker_state()
 
 
 def logs(remote: RemoteNode, lines: int) -> str:
-    """The last ``lines`` lines of the node's worker log."""
-    log = remote.node.logfile
-    result = remote.shell(f"tail -n {int(lines)} -- {shlex.quote(log)}")
+    """The last ``lines`` lines of each worker log of the node (whole node, per GPU; tail
+    heads each with its file name when there are several)."""
+    node = remote.node
+    label = node.label  # letters, digits, '.', '_', '-': safe inside a glob
+    script = (f"cd -- {shlex.quote(node.state_dir)} 2>/dev/null && "
+              f"set -- $(ls -1 -- worker-{label}.log worker-{label}.gpu*.log 2>/dev/null) && "
+              f"[ $# -gt 0 ] && tail -n {int(lines)} -- \"$@\"")
+    result = remote.shell(script)
     if not result.ok:
-        raise NodeError(f"cannot read {log} on the node: {result.last_line()}")
+        reason = result.last_line() if result.stderr.strip() else "no worker log there"
+        raise NodeError(f"cannot read {node.logfile()} on the node: {reason}")
     return result.stdout
 
 
-def systemd_unit(node: Node) -> str:
-    """A systemd service that runs the node's worker, for users who prefer their init system.
+def systemd_unit(node: Node, per_gpu: bool = False) -> str:
+    """A systemd service that runs the node's worker, for users who prefer their init system;
+    ``per_gpu``: a template unit, one instance per GPU (``@0``, ``@1``, ...).
 
     ``cluster up`` writes the environment file it reads; stop is warm (SIGTERM to
     the worker, which finishes its job), then everything left is killed.
     """
-    command = shlex.join([node.config.python, "-m", "coordinator", *[
-        arg for arg in worker_args(node) if arg not in ("--pidfile", node.pidfile)]])
+    slot = slot_of(node.label, GPU_INSTANCE) if per_gpu else node.label
+    args = worker_args(node, slot)
+    pid_at = args.index("--pidfile")
+    del args[pid_at:pid_at + 2]
+    if per_gpu:  # the GPU index is the instance name
+        args[args.index("--gpu") + 1] = "%i"
+        args = [arg.replace(slot, f"{node.label}.gpu%i") for arg in args]
+    command = shlex.join([node.config.python, "-m", "coordinator", *args])
     user = f"User={node.config.user}\n" if node.config.user else ""
+    base = f"scripts-coordinator-worker-{node.label}"
+    name = f"{base}@" if per_gpu else base
+    enable = (" ".join(f"{base}@{gpu}" for gpu in range(node.config.gpus)) if per_gpu
+              else base)
+    queue = f"node.{node.label}.gpu%i" if per_gpu else node.queue
+    what = f"GPU %i of node {node.label}" if per_gpu else f"node {node.label}"
     return (
-        f"# /etc/systemd/system/scripts-coordinator-worker-{node.label}.service\n"
-        f"# on {node.config.host}: systemctl daemon-reload && "
-        f"systemctl enable --now scripts-coordinator-worker-{node.label}\n"
+        f"# /etc/systemd/system/{name}.service\n"
+        f"# on {node.config.host}: systemctl daemon-reload && systemctl enable --now {enable}\n"
         "[Unit]\n"
-        f"Description=scripts-coordinator worker for node {node.label} (queue {node.queue})\n"
+        f"Description=scripts-coordinator worker for {what} (queue {queue})\n"
         "Wants=network-online.target\n"
         "After=network-online.target\n\n"
         "[Service]\n"
