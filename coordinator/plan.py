@@ -8,7 +8,7 @@ untouched (Step 5 writes where its args say).
 from __future__ import annotations
 
 import posixpath
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -96,6 +96,10 @@ class Plan:
 
     def jobs_per_node(self) -> dict[str, int]:
         return {node: len(specs) for node, specs in self.by_node().items()}
+
+    def jobs_per_slot(self) -> dict[str, int]:
+        """Jobs per slot (node, or node's GPU in per-GPU runs), in slot order."""
+        return dict(sorted(Counter(spec.slot for spec in self.specs).items()))
 
     def slots(self) -> list[str]:
         """Where jobs run one at a time: nodes, or nodes' GPUs in per-GPU runs."""

@@ -45,6 +45,7 @@ from coordinator.submit import (
     republish,
 )
 from coordinator.submit import prepare as prepare_plan
+from worker_tasks.spec import is_floating, node_of_slot, slot_of_worker
 from worker_tasks.tracking import LOST_ONLY, RETRYABLE
 
 logger = logging.getLogger("coordinator")
@@ -116,10 +117,18 @@ class Run:
         return ClusterView(self.client).serving(self.planned if nodes is None else nodes)
 
     def unserved(self) -> dict[str, int]:
-        """node -> jobs planned there, for the nodes no worker has announced itself for."""
-        served = ClusterView(self.client).serving(self.planned)
-        return {node: count for node, count in sorted(self.planned.items())
-                if node not in served}
+        """slot -> jobs planned there, for the run's slots (nodes, or nodes' GPUs in per-GPU
+        runs) that no worker serves: a per-GPU worker takes no whole-node job, nor the other
+        way round, though both count as serving the node."""
+        per_slot = dict(self.info().get("jobs_per_slot") or self.planned)
+        served = ClusterView(self.client).serving({node_of_slot(slot) for slot in per_slot})
+        serving_slots = {slot_of_worker(name) for names in served.values() for name in names}
+
+        def is_served(slot: str) -> bool:
+            node = node_of_slot(slot)  # floating jobs: any worker at all takes them
+            return node in served and (is_floating(node) or slot in serving_slots)
+
+        return {slot: count for slot, count in sorted(per_slot.items()) if not is_served(slot)}
 
     def unassigned_messages(self) -> int:
         """Messages in the broker's default queue, which no worker consumes."""

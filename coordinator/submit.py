@@ -167,6 +167,7 @@ def record_run(client: redis.Redis, plan: Plan, extra: dict[str, Any] | None = N
         "nodes": sorted(plan.by_node()),
         "jobs_per_node": plan.jobs_per_node(),
         "slots": plan.slots(),
+        "jobs_per_slot": plan.jobs_per_slot(),
         "jobs_file": plan.jobs_file,
         "workdir": str(plan.options.workdir.resolve()),
         "per_gpu": plan.options.per_gpu,

@@ -23,7 +23,8 @@ from tests.helpers import NODES, REPO
 REFERENCE_FIXTURES = {"java_draws": "Java (java.util.Random)",
                       "cpp_draws": "C++ (std engines, xorshift32)",
                       "compiler": "C++ (CUDA kernel harness)",
-                      "ssh_cluster": "SSH (real sshd hosts)"}
+                      "ssh_cluster": "SSH (real sshd hosts)",
+                      "ssh_hosts": "SSH (real sshd hosts)"}
 _reference_passes: dict[str, int] = dict.fromkeys(REFERENCE_FIXTURES.values(), 0)
 
 

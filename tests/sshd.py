@@ -137,3 +137,22 @@ def inventory_text(hosts: dict[str, SshHost], key: Path, python: str,
                   f'user = "{host.user}"', f'scripts_dir = "{host.scripts_dir}"',
                   f'workdir = "{host.workdir}"', ""]
     return "\n".join(lines) + extra_nodes
+
+
+def node_venv(disk: Path, head_python: str) -> Path:
+    """A venv on a test host's disk without this project, as a node has before ``deploy
+    --project``: its dependencies (and pip) come from the head's environment through a
+    ``.pth`` file, and its pip is offline (``pip.conf``: no index), so an extra the head
+    lacks fails to install instead of being downloaded. Returns its python."""
+    venv = disk / "venv"
+    subprocess.run([head_python, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    python = venv / "bin" / "python"
+    paths = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = subprocess.run([str(python), "-c", paths], check=True, capture_output=True,
+                          text=True, timeout=60).stdout.strip()
+    head_site = subprocess.run([head_python, "-c", paths], check=True, capture_output=True,
+                               text=True, timeout=60).stdout.strip()
+    Path(site, "head_dependencies.pth").write_text(head_site + "\n")
+    (venv / "pip.conf").write_text("[global]\nno-index = true\n")
+    return python

@@ -8,6 +8,7 @@ nothing of the repository in it.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -183,3 +184,11 @@ def test_the_scorer_says_the_engine_that_runs_where_numba_is_missing(bare: Path,
     # 10^8 steps would take the compiled engine; without Numba the line says what runs.
     assert "no compiled loops: Numba is not installed" in backend, backend
     assert "engine for this file: vectorized (the compiled engine needs Numba" in backend
+
+
+def test_a_node_without_numba_says_its_engine_is_numpy(bare: Path, tmp_path: Path) -> None:
+    status = outside(bare, "coordinator", "worker", "--node", "rig-a", "--workdir",
+                     str(tmp_path), "--status", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    engine = json.loads(status.stdout)["engine"]
+    assert engine.startswith("numpy (Numba not installed; no GPU: cupy is not installed"), engine

@@ -24,7 +24,14 @@ from coordinator import JobState, get_run, submit
 from coordinator.cli import build_parser
 from coordinator.redis_server import RedisServer
 from tests.helpers import BIN, REPO, echo_job, run_cli, write_jobs
-from tests.sshd import SshHost, free_port, inventory_text, keygen, require_sshd
+from tests.sshd import (
+    SshHost,
+    free_port,
+    inventory_text,
+    keygen,
+    node_venv,
+    require_sshd,
+)
 from tests.waiting import wait_for
 
 PYTHON = str(BIN / "python")
@@ -402,6 +409,23 @@ def test_the_systemd_unit_runs_the_same_worker_command(ssh_cluster: SshCluster) 
     assert (args.command, args.node, args.detach) == ("worker", "rig-a", False)
     assert args.scripts_dir == str(host.scripts_dir) and args.workdir == str(host.workdir)
 
+    # Per GPU: a template unit, one instance per GPU, each the worker `up --per-gpu` starts.
+    inventory = ssh_cluster.root / "two_gpus.toml"
+    inventory.write_text(inventory_text({"rig-a": host}, ssh_cluster.key, PYTHON) + "gpus = 2\n")
+    template = ssh_cluster.cli("cluster", "unit", "rig-a", "--per-gpu", inventory=inventory)
+    assert template.returncode == 0, template.stderr
+    assert template.stdout.startswith(
+        "# /etc/systemd/system/scripts-coordinator-worker-rig-a@.service\n")
+    assert ("systemctl enable --now scripts-coordinator-worker-rig-a@0 "
+            "scripts-coordinator-worker-rig-a@1\n") in template.stdout
+    parser = configparser.ConfigParser(strict=True, interpolation=None)
+    parser.read_string(template.stdout)
+    instance = shlex.split(parser["Service"]["ExecStart"].replace("%i", "1"))
+    args = build_parser().parse_args(instance[3:])
+    assert (args.node, args.gpu) == ("rig-a", 1)
+    assert args.logfile == str(host.workdir / ".scripts-coordinator" / "worker-rig-a.gpu1.log")
+    assert "queue node.rig-a.gpu%i" in parser["Unit"]["Description"]
+
 
 def test_node_names_resolve_through_the_inventory(ssh_cluster: SshCluster) -> None:
     env = ssh_cluster
@@ -423,17 +447,8 @@ def test_deploy_project_installs_this_build_with_the_nodes_python(
     """A node venv without the project gets it from a wheel built here."""
     env = ssh_cluster
     host = env.hosts["rig-b"]
-    venv = host.disk / "venv"
-    subprocess.run([PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    node_python = venv / "bin" / "python"
-    site = subprocess.run([str(node_python), "-c", "import sysconfig; "
-                           "print(sysconfig.get_paths()['purelib'])"], check=True,
-                          capture_output=True, text=True, timeout=60).stdout.strip()
-    head_site = subprocess.run([PYTHON, "-c", "import sysconfig; "
-                                "print(sysconfig.get_paths()['purelib'])"], check=True,
-                               capture_output=True, text=True, timeout=60).stdout.strip()
-    # The node's dependencies (and pip) come from the head's environment; the project does not.
-    Path(site, "head_dependencies.pth").write_text(head_site + "\n")
+    node_python = node_venv(host.disk, PYTHON)
+    venv = node_python.parent.parent
     inventory = env.root / "project.toml"
     inventory.write_text(inventory_text({"rig-b": host}, env.key, str(node_python)))
     before = env.cli("cluster", "up", inventory=inventory)
@@ -447,7 +462,9 @@ def test_deploy_project_installs_this_build_with_the_nodes_python(
     deployed = env.cli("cluster", "deploy", "--scripts-dir", str(scripts), "--project",
                        inventory=inventory)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    # With the inventory's extras: worker (Numba) by default.
     assert "project: installed scripts_coordinator-" in deployed.stdout
+    assert "-py3-none-any.whl[worker] (" in deployed.stdout, deployed.stdout
     assert (Path(host.scripts_dir) / "step_x.py").read_text() == "print('step x')\n"
     where = subprocess.run([str(node_python), "-c",
                             "import coordinator; print(coordinator.__file__)"],
@@ -456,6 +473,17 @@ def test_deploy_project_installs_this_build_with_the_nodes_python(
     assert where.startswith(str(venv)), where
     status = env.cli("cluster", "status", inventory=inventory)
     assert "no worker running" in status.stdout and "version" not in status.stdout
+    assert "engine numba " in status.stdout, status.stdout  # the node's fastest engine
+
+    # A GPU node's extras: pip is asked for CuPy too (offline here, so it says it has none).
+    inventory.write_text(inventory_text({"rig-b": host}, env.key, str(node_python)) +
+                         'extras = ["worker", "gpu"]\n')
+    gpu = env.cli("cluster", "deploy", "--project", "--no-scripts", inventory=inventory)
+    assert gpu.returncode == 6, gpu.stdout + gpu.stderr
+    line = next(line for line in gpu.stdout.splitlines() if line.startswith("rig-b"))
+    assert "FAILED pip install of scripts_coordinator-" in line, line
+    assert "-py3-none-any.whl[worker,gpu] failed on the node: " in line
+    assert "cupy-cuda12x" in line, line
 
 
 def test_a_broker_password_from_the_environment_never_shows(ssh_cluster: SshCluster) -> None:

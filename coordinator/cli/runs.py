@@ -28,7 +28,7 @@ from coordinator.options import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR, DEFAULTS,
 from coordinator.plan import Plan
 from coordinator.records import JobRecord, RunStatus
 from coordinator.run import Run, get_run, latest_run, prepare, publish, recent_runs
-from worker_tasks.spec import is_floating
+from worker_tasks.spec import gpu_of_slot, is_floating, node_of_slot, slot_of_worker
 from worker_tasks.tracking import RETRYABLE, JobState, error_lines
 
 # A run with more jobs lists only the interesting ones in `status` (unless --all).
@@ -219,15 +219,29 @@ def cmd_adapter(args: argparse.Namespace) -> int:
 
 
 def warn_unserved(run: Run) -> None:
-    """Say which nodes have no worker: their jobs would wait silently otherwise."""
-    for node, count in run.unserved().items():
+    """Say which nodes (or GPUs) have no worker: their jobs would wait silently otherwise."""
+    unserved = run.unserved()
+    others = run.workers({node_of_slot(slot) for slot in unserved}) if unserved else {}
+    for slot, count in unserved.items():
+        node = node_of_slot(slot)
         if is_floating(node):
             print(f"{PROG}: warning: no worker is up to take the {count} floating jobs (queue "
-                  f"node.{node}); any worker takes them once it starts", file=sys.stderr)
+                  f"node.{slot}); any worker takes them once it starts", file=sys.stderr)
             continue
-        print(f"{PROG}: warning: no worker serves node {node} (queue node.{node}); its "
-              f"{count} jobs wait until one starts: coordinator worker --node {node}"
-              f" (or coordinator cluster up {node})", file=sys.stderr)
+        gpu = gpu_of_slot(slot)
+        start = (f"coordinator worker --node {node}" + (f" --gpu {gpu}" if gpu is not None
+                                                        else "") +
+                 f" (or coordinator cluster up {node}{' --per-gpu' if gpu is not None else ''})")
+        kind = "per-GPU" if gpu is None else "whole-node"
+        # Workers of the other kind (per-GPU for a whole-node job, or the reverse).
+        serving = sorted(slot_of_worker(name) for name in others.get(node, [])
+                         if (gpu_of_slot(slot_of_worker(name)) is None) != (gpu is None))
+        hint = (f"; the node's workers are {kind} ({', '.join(serving)}): "
+                f"{'submit with --per-gpu' if gpu is None else 'submit without --per-gpu'}, "
+                f"or start: {start}" if serving else f": {start}")
+        what = f"GPU {gpu} of node {node}" if gpu is not None else f"node {node}"
+        print(f"{PROG}: warning: no worker serves {what} (queue node.{slot}); its {count} jobs "
+              f"wait until one starts{hint}", file=sys.stderr)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
