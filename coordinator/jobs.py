@@ -123,6 +123,9 @@ class Job(BaseModel):
             the command's ``--retries``).
         retry_delay: optional extension: base of the backoff between attempts (seconds).
         pin: optional extension: never moved to another node (``move``, ``--failover``).
+        warm: optional extension: false starts the script's interpreter fresh on a worker
+            that runs jobs warm (``worker --warm``); true asks for a warm start (default:
+            the worker's setting).
     """
 
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
@@ -137,6 +140,7 @@ class Job(BaseModel):
     retries: Retries = None
     retry_delay: RetryDelay = None
     pin: bool = False
+    warm: bool | None = None
 
 
 class LegacyScoringJob(BaseModel):

@@ -208,5 +208,6 @@ def plan_jobs(jobs: Iterable[Job], run_id: str, options: SubmitOptions = DEFAULT
                 retry_delay=(job.retry_delay if job.retry_delay is not None
                              else options.retry_delay),
                 per_gpu=options.per_gpu,
+                warm=job.warm,
             )))
     return Plan(run_id=run_id, specs=specs, options=options, pinned=frozenset(pinned))

@@ -22,6 +22,9 @@ import numpy as np
 from scoring.prng import JAVA_MASK, JAVA_MULTIPLIER
 from scoring.states import java_magic
 
+# True once every loop's machine code is loaded in this process (``scoring.warm_engines``):
+# then it costs nothing more, and ``scoring.cpu`` uses it whatever the chunk's size.
+LOADED = False
 # Seeds per parallel block in mt19937, which needs a 624-word scratch state.
 MT_BLOCK = 256
 
@@ -181,3 +184,18 @@ KERNELS = {
     "minstd": minstd_matches,
     "xorshift32": xorshift32_matches,
 }
+
+# The compiled loops themselves (java_lcg's takes its magic numbers as two more int64s).
+PARALLEL_LOOPS = (_java_lcg, mt19937_matches, minstd_matches, xorshift32_matches)
+
+
+def load_all() -> None:
+    """Load every loop's machine code for the types ``scoring.cpu`` calls it with, from
+    Numba's on-disk cache (compiled there the first time): nothing runs, so no thread pool
+    starts, and a process forked after this scores compiled from its first seed."""
+    global LOADED
+    arrays = (nb.uint64[::1], nb.int64[::1], nb.int64, nb.int64, nb.int32[::1])
+    for loop in PARALLEL_LOOPS:
+        extra = loop.py_func.__code__.co_argcount - len(arrays)
+        loop.compile((*arrays, *([nb.int64] * extra)))
+    LOADED = True

@@ -14,6 +14,7 @@ by the chunk size, whatever the number of seeds.
 
 from __future__ import annotations
 
+import sys
 from types import ModuleType
 
 import numpy as np
@@ -47,8 +48,16 @@ def choose_engine(prng_type: str, n_seeds: int, n_steps: int, engine: str = "aut
         raise ValueError(f"unknown CPU engine {engine!r}; choose {', '.join(ENGINES)}")
     if engine != "auto":
         return engine
+    if compiled_loaded():  # a warm worker's parent loaded it: no load time to pay back
+        return "compiled"
     per_seed = n_steps + (MT_SETUP_STEPS if prng_type == "mt19937" else 0)
     return "compiled" if n_seeds * per_seed >= COMPILED_MIN_WORK else "vectorized"
+
+
+def compiled_loaded() -> bool:
+    """Whether the compiled loops are already loaded here (``scoring.warm_engines``)."""
+    compiled = sys.modules.get("scoring.compiled")
+    return bool(getattr(compiled, "LOADED", False))
 
 
 def matches(

@@ -2,24 +2,21 @@
 
 Start a node's worker with ``celery -A worker_tasks worker -Q node.<node> ...``
 (or ``coordinator worker --node <node>``). This package never imports the
-head node's code.
+head node's code. Importing it is cheap: the app and its task (``worker.py``)
+load on first use of ``worker_tasks.app`` or ``worker_tasks.run_job``.
 """
 
 from typing import Any
 
-from celery.signals import worker_init
-
-from worker_tasks import (
-    presence,  # noqa: F401  (workers keep their nodes' presence in Redis)
-    shutdown,  # noqa: F401  (a stopping worker exits in bounded time)
-)
-from worker_tasks.app import app
-from worker_tasks.run_job import run_job
-
 __all__ = ["app", "run_job"]
 
 
-@worker_init.connect
-def load_worker_only_parts(**kwargs: Any) -> None:
-    """In a worker (not on the head node): refuse pool_grow, autoscale, add_consumer."""
-    from worker_tasks import control  # noqa: F401
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from worker_tasks import worker
+
+        # Bound here once: importing the submodule worker_tasks.app would otherwise leave
+        # the module, not the Celery app, under that name.
+        globals().update(app=worker.app, run_job=worker.run_job)
+        return globals()[name]
+    raise AttributeError(f"module 'worker_tasks' has no attribute {name!r}")

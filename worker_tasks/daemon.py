@@ -28,6 +28,9 @@ KILL_SETTLE_S = 10.0
 EXEC_WINDOW_S = 1.0
 # In the environment of every job's script (run_job.script_env): a process of a running job.
 JOB_VARIABLE = b"SC_JOB_ID="
+# The process name of a warm job's runner and script (forked, so their environment as the
+# kernel shows it is the zygote's; ``zygote.py`` sets this name instead).
+WARM_JOB_NAME = "sc-warm-job"
 
 # Where a worker started with a workdir keeps its pid file and log, under that workdir
 # (``coordinator worker``'s defaults, and every node of an inventory).
@@ -101,16 +104,18 @@ def session_members(sid: int) -> list[int]:
 
 def job_processes(sid: int) -> list[int]:
     """The processes of session ``sid`` that belong to a running job (their environment
-    names it: ``SC_JOB_ID``, set for every script)."""
-    running = []
-    for pid in session_members(sid):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:
-            continue
-        if any(entry.startswith(JOB_VARIABLE) for entry in environ.split(b"\0")):
-            running.append(pid)
-    return running
+    names it: ``SC_JOB_ID``, set for every script; a warm job's, by their name)."""
+    return [pid for pid in session_members(sid) if is_job_process(pid)]
+
+
+def is_job_process(pid: int) -> bool:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return False
+    return name == WARM_JOB_NAME or any(entry.startswith(JOB_VARIABLE)
+                                        for entry in environ.split(b"\0"))
 
 
 def start_detached(argv: Sequence[str], env: Mapping[str, str], cwd: Path, pidfile: Path,

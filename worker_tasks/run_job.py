@@ -43,6 +43,7 @@ from celery import Task
 from celery.exceptions import Ignore
 from celery.utils.log import get_task_logger
 
+from worker_tasks import warm
 from worker_tasks.app import app
 from worker_tasks.lease import SlotLease
 from worker_tasks.retries import Retries
@@ -56,6 +57,7 @@ from worker_tasks.tracking import (
     error_line,
     now,
 )
+from worker_tasks.warm import WarmRunner
 
 logger = get_task_logger(__name__)
 
@@ -68,7 +70,7 @@ CANCEL_POLL_S = 1.0
 TAIL_LINES = 20
 TAIL_BYTES = 4096
 # Worker settings a script must not inherit (they may hold the broker's password).
-PRIVATE_ENV = ("SC_BROKER_URL", "SC_RESULT_BACKEND", "SC_TRACKING_URL")
+PRIVATE_ENV = ("SC_BROKER_URL", "SC_RESULT_BACKEND", "SC_TRACKING_URL", warm.SOCKET_VARIABLE)
 # Worker setting (not a message field): the CUDA device index its jobs get, when the worker
 # sees one GPU only (a per-GPU worker in a container with that device).
 GPU_DEVICE_VARIABLE = "SC_GPU_DEVICE"
@@ -468,8 +470,8 @@ class JobExecution:
         spec = self.spec
         try:
             script = find_script(spec.script)
-            runner = Runner([sys.executable, str(script), *spec.args], self.base,
-                            script_env(spec, attempt), log)
+            argv, env = [sys.executable, str(script), *spec.args], script_env(spec, attempt)
+            runner = self.warm_runner(argv, env, log) or Runner(argv, self.base, env, log)
         except JobRefused as err:
             return None, str(err), False
         except OSError as err:
@@ -487,6 +489,27 @@ class JobExecution:
             if not self.still_wanted():
                 runner.kill()
                 return None, "cancelled while running", True
+
+    def warm_runner(self, argv: list[str], env: dict[str, str], log: Path
+                    ) -> WarmRunner | None:
+        """The job forked from the worker's zygote when it runs warm (its ``warm`` field, else
+        the worker's setting); None to run it cold. Why a wanted warm start fell back to cold
+        goes into the job's log."""
+        wanted = warm.enabled() if self.spec.warm is None else self.spec.warm
+        if not wanted:
+            return None
+        socket_path = os.environ.get(warm.SOCKET_VARIABLE)
+        why = (warm.cold_reason(self.spec.env) or
+               (None if socket_path else "this worker keeps no warm interpreter "
+                                         "(coordinator worker --warm): ran cold"))
+        if why is None:
+            assert socket_path is not None
+            try:
+                return WarmRunner(socket_path, argv, self.base, env, log)
+            except warm.WarmUnavailable as err:
+                why = f"{err}: ran cold"
+        log_line(log, f"not warm: {why}")
+        return None
 
     def succeed(self, paths: JobPaths, attempt: Attempt,
                 history: list[dict[str, Any]]) -> dict[str, Any]:

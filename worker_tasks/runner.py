@@ -19,11 +19,14 @@ import ctypes
 import os
 import select
 import signal
+import socket
 import struct
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 PR_SET_PDEATHSIG = 1  # prctl: signal this process when its parent dies
 PR_SET_CHILD_SUBREAPER = 36  # prctl: orphaned descendants are re-parented to this process
@@ -42,7 +45,7 @@ class Outcome:
     error: str | None = None
 
 
-def _prctl(option: int, value: int) -> None:
+def prctl(option: int, value: int | ctypes.c_char_p) -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
 
@@ -75,12 +78,19 @@ def kill_descendants() -> None:
         time.sleep(0.01)
 
 
-def _runner_main(argv: Sequence[str], cwd: str, env: Mapping[str, str], log_path: str,
-                 status_fd: int, parent: int) -> None:
-    """The runner's whole life (in the forked child); never returns."""
+def runner_main(start_script: Callable[[int, int], int], log_path: str, status_fd: int,
+                parent: int, waiter: socket.socket | None = None) -> NoReturn:
+    """The runner's whole life (in a forked child); never returns.
+
+    ``start_script(log_fd, status_fd)`` starts the script as a child of this process and
+    returns its pid: a fresh interpreter (``spawn_script``) or a fork of a warm one
+    (``zygote.fork_script``); the runner around it is the same. ``waiter``: a connection
+    to the process waiting for this job when that is not the parent (a warm job's pool
+    process); once it closes, the job is stopped as if the parent had died.
+    """
     os.setpgid(0, 0)
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
     def stop(signum: int, frame: object) -> None:
         kill_descendants()
@@ -89,23 +99,18 @@ def _runner_main(argv: Sequence[str], cwd: str, env: Mapping[str, str], log_path
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, stop)
-    if os.getppid() != parent:  # the pool process died before PDEATHSIG was armed
+    if os.getppid() != parent:  # the parent died before PDEATHSIG was armed
         os._exit(128 + signal.SIGTERM)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.chdir(cwd)  # the script's working directory (posix_spawn has no chdir of its own)
     try:
-        # posix_spawn (vfork and exec): no second copy of the worker's address space.
-        script = os.posix_spawn(
-            argv[0], list(argv), dict(env),
-            file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                          (os.POSIX_SPAWN_DUP2, log_fd, 1), (os.POSIX_SPAWN_DUP2, log_fd, 2),
-                          (os.POSIX_SPAWN_CLOSE, status_fd)],
-            setsigdef=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+        script = start_script(log_fd, status_fd)
     except OSError as err:
-        os.write(log_fd, f"could not start {argv[0]}: {err}\n".encode())
+        os.write(log_fd, f"could not start the script: {err}\n".encode())
         os.write(status_fd, struct.pack("i", EXEC_FAILED << 8))  # "exited with 127"
         os._exit(0)
     os.close(log_fd)
+    if waiter is not None:
+        threading.Thread(target=stop_when_closed, args=(waiter,), daemon=True).start()
     while True:
         pid, status = os.waitpid(-1, 0)
         if pid == script:
@@ -113,6 +118,43 @@ def _runner_main(argv: Sequence[str], cwd: str, env: Mapping[str, str], log_path
     kill_descendants()
     os.write(status_fd, struct.pack("i", status))
     os._exit(0)
+
+
+def stop_when_closed(waiter: socket.socket) -> None:
+    """Block until ``waiter`` closes (its process died, or gave up the job), then SIGTERM
+    this runner: its handler stops the script and all it started."""
+    with contextlib.suppress(OSError):
+        waiter.settimeout(None)
+        while waiter.recv(64):
+            pass
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def spawn_script(argv: Sequence[str], cwd: str, env: Mapping[str, str]
+                 ) -> Callable[[int, int], int]:
+    """A cold start: ``argv`` in a fresh process (posix_spawn: vfork and exec, so no second
+    copy of the worker's address space)."""
+    def start(log_fd: int, status_fd: int) -> int:
+        os.chdir(cwd)  # the script's working directory (posix_spawn has no chdir of its own)
+        return os.posix_spawn(
+            argv[0], list(argv), dict(env),
+            file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                          (os.POSIX_SPAWN_DUP2, log_fd, 1), (os.POSIX_SPAWN_DUP2, log_fd, 2),
+                          (os.POSIX_SPAWN_CLOSE, status_fd)],
+            setsigdef=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+
+    return start
+
+
+def outcome_of(data: bytes, runner_status: str) -> Outcome:
+    """The script's outcome from the 4 bytes the runner wrote (its wait status)."""
+    if len(data) != 4:
+        return Outcome(exit_code=None, error=f"the job's runner ended without the script's "
+                                             f"status ({runner_status})")
+    status = struct.unpack("i", data)[0]
+    if os.WIFSIGNALED(status):
+        return Outcome(exit_code=None, signal=os.WTERMSIG(status))
+    return Outcome(exit_code=os.WEXITSTATUS(status))
 
 
 class Runner:
@@ -133,7 +175,8 @@ class Runner:
         if pid == 0:
             try:
                 os.close(read_fd)
-                _runner_main(argv, str(cwd), env, str(log_path), write_fd, parent)
+                runner_main(spawn_script(argv, str(cwd), env), str(log_path), write_fd,
+                            parent)
             finally:
                 os._exit(EXEC_FAILED)
         os.close(write_fd)
@@ -165,10 +208,4 @@ class Runner:
         data = os.read(self._status_fd, 4)
         os.close(self._status_fd)
         os.close(self._pidfd)
-        if len(data) != 4:
-            return Outcome(exit_code=None, error=f"the job's runner ended without the script's "
-                                                 f"status (wait status {runner_status})")
-        status = struct.unpack("i", data)[0]
-        if os.WIFSIGNALED(status):
-            return Outcome(exit_code=None, signal=os.WTERMSIG(status))
-        return Outcome(exit_code=os.WEXITSTATUS(status))
+        return outcome_of(data, f"wait status {runner_status}")

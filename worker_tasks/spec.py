@@ -290,6 +290,8 @@ class JobSpec:
         retry_delay: base of the exponential backoff between attempts (seconds).
         per_gpu: one job at a time per GPU of the node (queue ``node.<node>.gpu<k>``)
             instead of per node (the original contract, the default).
+        warm: fork the script's interpreter from the worker's zygote (True), start it
+            fresh (False), or as the worker is set (None: ``coordinator worker --warm``).
     """
 
     run_id: str
@@ -306,6 +308,7 @@ class JobSpec:
     retries: int = 0
     retry_delay: float = DEFAULT_RETRY_DELAY_S
     per_gpu: bool = False
+    warm: bool | None = None
 
     @property
     def floating(self) -> bool:
@@ -372,4 +375,5 @@ class JobSpec:
             retry_delay=check_seconds(message.get("retry_delay", DEFAULT_RETRY_DELAY_S),
                                       "retry_delay", MAX_RETRY_DELAY_S, allow_zero=True),
             per_gpu=check_flag(message.get("per_gpu", False), "per_gpu"),
+            warm=None if message.get("warm") is None else check_flag(message["warm"], "warm"),
         )

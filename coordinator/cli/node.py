@@ -35,7 +35,7 @@ from coordinator.errors import ClusterStartError, ExitCode, InvalidJobsError, No
 from coordinator.jobs import SAFE_NAME
 from coordinator.local import READY_TIMEOUT_S, worker_command, worker_name
 from coordinator.plan import Plan
-from worker_tasks import daemon
+from worker_tasks import daemon, warm
 from worker_tasks.daemon import STATE_DIR
 from worker_tasks.presence import seen_since, serving
 from worker_tasks.spec import (
@@ -144,6 +144,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise InvalidJobsError(f"node {args.slot} is already served by {', '.join(others)}: "
                                f"{mode}; --force starts it anyway")
     os.environ["SC_BROKER_URL"] = resolve_broker_url(args.broker)
+    os.environ.update(warm_env(args))
     os.environ["SC_SCRIPTS_DIR"] = str(Path(args.scripts_dir).resolve())
     os.environ["SC_WORKDIR"] = str(Path(args.workdir).resolve())
     command = worker_command(args.slot, args.loglevel)
@@ -266,13 +267,14 @@ def cmd_local(args: argparse.Namespace) -> int:
         print_plan(plan)
         return ExitCode.OK
     check_scripts_exist(plan, Path(args.scripts_dir))
+    worker_env = warm_env(args)
     slots = local_slots(plan, args.nodes)  # nodes, or each node's GPUs
     print(f"local cluster: private Redis and {len(slots)} workers ({', '.join(slots)})",
           file=sys.stderr, flush=True)
     log_dir = plan.options.workdir / plan.output_dir / "logs"
     try:
         with LocalCluster(slots, args.scripts_dir, plan.options.workdir, log_dir=log_dir,
-                          die_with_parent=True) as cluster:
+                          extra_env=worker_env, die_with_parent=True) as cluster:
             run = publish(plan, broker_url=cluster.broker_url)
             print(f"run {run.id}: {len(plan.specs)} jobs published", file=sys.stderr,
                   flush=True)
@@ -303,6 +305,34 @@ def local_slots(plan: Plan, extra: str | None) -> list[str]:
         raise InvalidJobsError("every job floats and no node is named: give the nodes to run "
                                "them on, e.g. --nodes rig-a,rig-b")
     return sorted(wanted)
+
+
+def add_warm_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--warm", action="store_true",
+                        help="fork each job's interpreter from a warm parent that has imported "
+                             "--preload once (no interpreter start per job; a job says "
+                             "\"warm\": false to start fresh); a failed preload is one line in "
+                             "the worker log, and jobs then run cold")
+    parser.add_argument("--preload", metavar="MODULES", type=module_list,
+                        help="with --warm: the modules the warm parent imports, comma-"
+                             "separated (default: numpy,scoring.warm_engines, the Step 3 "
+                             "script's engines), e.g. --preload numpy,torch")
+
+
+def module_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    bad = [name for name in names if not all(part.isidentifier() for part in name.split("."))]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]!r} is not a module name")
+    return names
+
+
+def warm_env(args: argparse.Namespace) -> dict[str, str]:
+    """The workers' environment for ``--warm`` / ``--preload`` (empty without ``--warm``)."""
+    if args.preload is not None and not args.warm:
+        raise InvalidJobsError("--preload: give --warm too (it says what the warm parent "
+                               "imports)")
+    return warm.worker_settings(args.preload) if args.warm else {}
 
 
 def add_place_flags(parser: argparse.ArgumentParser) -> None:
@@ -339,6 +369,7 @@ def register(command: CommandFactory) -> None:
                      help="per-GPU mode: serve only GPU K of the node (queue node.NODE.gpuK); "
                           "start one such worker per GPU, for runs submitted with --per-gpu")
     add_place_flags(sub)
+    add_warm_flags(sub)
     sub.add_argument("--loglevel", default="INFO", help="Celery log level (default: INFO)")
     sub.add_argument("--force", action="store_true",
                      help="start even if another worker already serves this node")
@@ -372,6 +403,7 @@ def register(command: CommandFactory) -> None:
     add_original_flags(sub)
     add_retry_flags(sub)
     add_place_flags(sub)
+    add_warm_flags(sub)
     sub.add_argument("--timeout", type=float, metavar="S",
                      help="give up waiting after S seconds (exit 5); everything is stopped")
     sub.add_argument("--joblog", metavar="FILE",

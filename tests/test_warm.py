@@ -1,0 +1,263 @@
+"""Warm jobs: each job's interpreter forked from the worker's zygote, with the guarantees of a
+cold one. Real workers (``SC_WARM``, as ``coordinator worker --warm`` sets it) on the
+suite's Redis; the jobs run ``tests/warm_probe.py``, which reports what it sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator import JobState, submit
+from coordinator.local import LocalCluster
+from coordinator.redis_server import RedisServer
+from tests.helpers import REPO, run_cli
+from tests.waiting import wait_for
+from worker_tasks.daemon import WARM_JOB_NAME
+
+NODE = "rig-warm"
+ALONE = "rig-warm-alone"  # a node of its own, for the workers a test kills or breaks
+# What a job's report may differ in from another job's: its own id and output file.
+OWN_FIELDS = ("SC_JOB_ID", "SC_RUN_ID", "SC_ATTEMPT")
+
+
+def probe(job_id: str, *extra: str, node: str = NODE, **fields: Any) -> dict[str, Any]:
+    return {"job_id": job_id, "script": "tests/warm_probe.py", "node": node,
+            "args": ["--output-file", f"w/{job_id}.json", *extra], **fields}
+
+
+@pytest.fixture(scope="module")
+def warm_cluster(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[LocalCluster]:
+    """One warm worker whose zygote has imported ``json`` (the probe marks it)."""
+    work = tmp_path_factory.mktemp("warm")
+    with LocalCluster([NODE], scripts_dir=REPO, workdir=work, broker_url=redis_server.url,
+                      extra_env={"SC_WARM": "1", "SC_PRELOAD": "json"},
+                      die_with_parent=True) as cluster:
+        yield cluster
+
+
+def run_jobs(cluster: LocalCluster, jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run ``jobs`` to the end; job id -> its record."""
+    run = submit(jobs, output_dir="w", workdir=cluster.workdir, broker_url=cluster.broker_url)
+    status = run.wait(timeout=120)
+    return {job.job_id: job for job in status.jobs}
+
+
+def report(cluster: LocalCluster, job_id: str) -> dict[str, Any]:
+    data = json.loads((cluster.workdir / "w" / f"{job_id}.json").read_text())
+    data["argv"] = [arg.replace(job_id, "JOB") for arg in data["argv"]]
+    data["env"] = {name: value for name, value in data["env"].items()
+                   if name not in OWN_FIELDS}
+    return data
+
+
+def log_of(cluster: LocalCluster, job_id: str) -> str:
+    return (cluster.workdir / "w" / "logs" / f"{job_id}.log").read_text()
+
+
+def test_a_warm_job_sees_what_a_cold_one_sees(warm_cluster: LocalCluster) -> None:
+    jobs = run_jobs(warm_cluster, [probe("warm_a"), probe("cold_a", warm=False)])
+    assert {job.state for job in jobs.values()} == {JobState.SUCCEEDED}
+    warm, cold = report(warm_cluster, "warm_a"), report(warm_cluster, "cold_a")
+    assert (warm.pop("warm"), cold.pop("warm")) == (True, False)
+    # Field by field: __name__, argv, sys.path[0], cwd, the environment, descriptors, threads.
+    assert warm == cold
+    assert warm["name"] == "__main__" and warm["path0"] == str(REPO / "tests")
+    assert warm["cwd"] == str(warm_cluster.workdir) and warm["fds"][:3] == [0, 1, 2]
+    assert "not warm" not in log_of(warm_cluster, "warm_a")
+
+
+def test_warm_and_cold_jobs_end_with_the_same_statuses(warm_cluster: LocalCluster) -> None:
+    endings = {"status": ("--exit", "3"), "raise": ("--raise",), "text": ("--exit-text", "bye"),
+               "segv": ("--segfault",)}
+    jobs = run_jobs(warm_cluster, [probe(f"{kind}_{mode}", *args, warm=mode == "warm")
+                                   for kind, args in endings.items()
+                                   for mode in ("warm", "cold")])
+    for kind in endings:
+        warm, cold = jobs[f"{kind}_warm"], jobs[f"{kind}_cold"]
+        assert warm.state is cold.state is JobState.FAILED, (warm, cold)
+        assert (warm.exit_code, warm.error.replace("warm=True", "warm=False").replace(
+            f"{kind}_warm", f"{kind}_cold")) == (cold.exit_code, cold.error), kind
+    assert (jobs["status_warm"].exit_code, jobs["segv_warm"].exit_code) == (3, -11)
+    assert "script killed by signal 11" in jobs["segv_warm"].error
+    assert "bye" in jobs["text_warm"].error
+    # The traceback is the script's own, as python script.py prints it.
+    log = log_of(warm_cluster, "raise_warm")
+    assert (f'Traceback (most recent call last):\n  File "{REPO / "tests" / "warm_probe.py"}"'
+            in log and "ValueError: the probe raised on purpose" in log), log
+    assert "zygote.py" not in log and "runpy" not in log
+
+
+def test_what_a_job_leaves_behind_does_not_reach_the_next(warm_cluster: LocalCluster) -> None:
+    first = run_jobs(warm_cluster, [probe("leaves", "--leave-state")])
+    assert first["leaves"].state is JobState.SUCCEEDED
+    second = run_jobs(warm_cluster, [probe("after")])
+    assert second["after"].state is JobState.SUCCEEDED
+    before, after = report(warm_cluster, "leaves"), report(warm_cluster, "after")
+    assert after["warm"] and before["warm"]
+    # A mark on a preloaded module, a new module, a variable, an open file, a thread.
+    assert (after["json_mark"], after["wave_loaded"], after["leftover_env"]) == (
+        None, False, None)
+    assert after["fds"] == before["fds"] and after["threads"] == 1
+
+
+def job_processes(job_id: str) -> list[int]:
+    """Live processes of a job: its warm script and runner (by name) or anything it started
+    (by its environment)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            name = (entry / "comm").read_text().strip()
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and (name == WARM_JOB_NAME or
+                             f"SC_JOB_ID={job_id}".encode() in environ.split(b"\0")):
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def pool_process(main: int) -> int:
+    """The worker's pool process (concurrency 1): the child of ``main`` Celery titles so."""
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == main and b"ForkPoolWorker" in cmdline:
+            return int(entry.name)
+    raise AssertionError(f"worker {main} has no pool process")
+
+
+def test_a_timed_out_or_cancelled_warm_job_takes_everything_it_started(
+        warm_cluster: LocalCluster) -> None:
+    jobs = run_jobs(warm_cluster, [probe("slow", "--sleep", "60", "--child-sleep", "60",
+                                         timeout=2)])
+    assert jobs["slow"].state is JobState.FAILED
+    assert "timed out after 2 s; killed" in jobs["slow"].error
+    wait_for(lambda: job_processes("slow") == [], 10, "the timed-out job's processes gone")
+
+    run = submit([probe("cancelled", "--sleep", "60", "--child-sleep", "60")], output_dir="w",
+                 workdir=warm_cluster.workdir, broker_url=warm_cluster.broker_url)
+    wait_for(lambda: len(job_processes("cancelled")) >= 2, 30, "the job and its child to run")
+    run.cancel()
+    wait_for(lambda: job_processes("cancelled") == [], 5, "the cancelled job's processes gone")
+    assert run.wait(timeout=30).jobs[0].state is JobState.CANCELLED
+
+
+def test_a_killed_worker_takes_its_warm_job_and_a_failed_preload_runs_jobs_cold(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    with LocalCluster([ALONE], scripts_dir=REPO, workdir=tmp_path, broker_url=redis_server.url,
+                      extra_env={"SC_WARM": "1", "SC_PRELOAD": "json"}) as cluster:
+        run = submit([probe("orphan", "--sleep", "60", "--child-sleep", "60", node=ALONE)],
+                     output_dir="w", workdir=tmp_path, broker_url=redis_server.url)
+        main = cluster.workers[ALONE].pid
+        # The pool process that waits for the job dies: the runner sees its connection close.
+        wait_for(lambda: len(job_processes("orphan")) >= 2, 30, "the job and its child to run")
+        first = job_processes("orphan")
+        os.kill(pool_process(main), signal.SIGKILL)
+        wait_for(lambda: not any(alive(pid) for pid in first), 15, "the job's processes gone")
+        # Celery gives the lost job back (reject on worker lost); SIGKILL to the worker's main
+        # process alone: its zygote, the job's runner, the script and its child go through
+        # their death signals.
+        wait_for(lambda: len(job_processes("orphan")) >= 2, 30, "the job to run again")
+        again = job_processes("orphan")
+        os.kill(main, signal.SIGKILL)
+        wait_for(lambda: not any(alive(pid) for pid in again), 15, "the job's processes gone")
+        run.cancel()
+    with LocalCluster([ALONE], scripts_dir=REPO, workdir=tmp_path, broker_url=redis_server.url,
+                      log_dir=tmp_path / "failed-preload",
+                      extra_env={"SC_WARM": "1", "SC_PRELOAD": "json,no_such_module"}
+                      ) as cluster:
+        jobs = run_jobs(cluster, [probe("cold_anyway", node=ALONE)])
+        worker_log = (cluster.log_dir / f"worker-{ALONE}.log").read_text()
+    assert jobs["cold_anyway"].state is JobState.SUCCEEDED
+    assert not report(cluster, "cold_anyway")["warm"]
+    lines = [line for line in worker_log.splitlines() if "warm:" in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        "warm: preload no_such_module failed: ModuleNotFoundError: No module named "
+        "'no_such_module'; jobs run cold"), lines
+    assert "not warm: the zygote did not answer" in log_of(cluster, "cold_anyway")
+
+
+def test_a_zygote_that_dies_is_restarted_saying_so(warm_cluster: LocalCluster) -> None:
+    log = warm_cluster.log_dir / f"worker-{NODE}.log"
+    zygote = int(next(line for line in reversed(log.read_text().splitlines())
+                      if "warm: zygote pid" in line).split("zygote pid ")[1].split()[0])
+    os.kill(zygote, signal.SIGKILL)
+    wait_for(lambda: f"warm: the zygote (pid {zygote}) died" in log.read_text(), 15,
+             "the restart line")
+    wait_for(lambda: log.read_text().split(f"(pid {zygote}) died", 1)[1].count(
+        "warm: zygote pid") == 1, 30, "the new zygote ready")
+    jobs = run_jobs(warm_cluster, [probe("after_restart")])
+    assert jobs["after_restart"].state is JobState.SUCCEEDED
+    assert report(warm_cluster, "after_restart")["warm"]
+
+
+def test_step3_on_a_warm_worker_scores_compiled_from_the_first_chunk(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    made = run_cli("demo-data", "--out-dir", "d", "--candidates", "2000", "--draws", "50",
+                   cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    args = ["--seeds-file", "d/survivors.json", "--train-history", "d/train_history.json",
+            "--prng-type", "java_lcg", "--mod", "1000"]
+    chunks = [{"job_id": f"chunk_{mode}", "script": "full_scoring_worker.py", "node": ALONE,
+               "args": [*args, "--output-file", f"w/chunk_{mode}.json"],
+               "warm": mode == "warm"} for mode in ("warm", "cold")]
+    # The default preload: the Step 3 script's engines.
+    with LocalCluster([ALONE], scripts_dir=REPO, workdir=tmp_path, broker_url=redis_server.url,
+                      extra_env={"SC_WARM": "1"}) as cluster:
+        jobs = run_jobs(cluster, chunks)
+        worker_log = (cluster.log_dir / f"worker-{ALONE}.log").read_text()
+    assert {job.state for job in jobs.values()} == {JobState.SUCCEEDED}, jobs
+    assert "preloaded numpy, scoring.warm_engines" in worker_log
+    engines = {mode: next(line for line in log_of(cluster, f"chunk_{mode}").splitlines()
+                          if line.startswith("backend:")) for mode in ("warm", "cold")}
+    # 2000 seeds is far below what pays back loading the compiled engine in a cold process.
+    assert engines["warm"].endswith("engine for this file: compiled)"), engines
+    assert engines["cold"].endswith("engine for this file: vectorized)"), engines
+    scores = {mode: json.loads((tmp_path / "w" / f"chunk_{mode}.json").read_text())
+              for mode in ("warm", "cold")}
+    assert scores["warm"]["results"] == scores["cold"]["results"]
+
+
+def test_worker_warm_flags(redis_server: RedisServer, tmp_path: Path) -> None:
+    args = ["worker", "--node", ALONE, "--workdir", str(tmp_path), "--broker", redis_server.url]
+    alone = run_cli(*args, "--preload", "json", "--detach")
+    assert alone.returncode == 2 and "--preload: give --warm too" in alone.stderr
+    bad = run_cli(*args, "--warm", "--preload", "json,not-a-module", "--detach")
+    assert bad.returncode == 2 and "'not-a-module' is not a module name" in bad.stderr
+    try:
+        started = run_cli(*args, "--warm", "--preload", "json", "--detach")
+        assert started.returncode == 0, started.stderr
+        log = tmp_path / ".scripts-coordinator" / f"worker-{ALONE}.log"
+        wait_for(lambda: "warm: zygote pid" in log.read_text(), 30, "the zygote ready")
+        assert "preloaded json" in log.read_text()
+        # A warm stop lets the running warm job finish (the zygote goes after it).
+        run = submit([probe("finishes", "--sleep", "3", node=ALONE)], output_dir="w",
+                     workdir=tmp_path, broker_url=redis_server.url)
+        wait_for(lambda: run.status().jobs[0].state is JobState.RUNNING, 30, "the job to run")
+        stopped = run_cli(*args, "--stop")
+        assert "(warm: its running job finished first)" in stopped.stdout, stopped.stdout
+        assert run.status().jobs[0].state is JobState.SUCCEEDED
+    finally:
+        run_cli(*args, "--stop", "--now")

@@ -1,0 +1,64 @@
+"""A job script that reports what its interpreter looks like, for warm versus cold tests.
+
+    python tests/warm_probe.py --output-file out/x.json [--exit N] [--raise] [--exit-text T]
+        [--segfault] [--leave-state] [--sleep S] [--child-sleep S]
+
+The report (the output file): ``__name__``, ``sys.argv``, ``sys.path[0]``, the working
+directory, the environment, the open descriptors, the threads, whether it was forked warm
+(the zygote's modules are loaded), and what an earlier job may have left behind (a mark on
+the preloaded ``json`` module, the ``wave`` module, a variable). ``--leave-state`` leaves
+all of those behind, plus an open file and a thread. The exit options end it the ways a
+script can end: a status, an uncaught exception, ``sys.exit(text)``, a segfault.
+"""
+
+import sys
+
+warm = "worker_tasks.runner" in sys.modules  # the zygote's; before this script imports any
+left_before = {"json_mark": getattr(sys.modules.get("json"), "MARK", None),
+               "wave_loaded": "wave" in sys.modules}
+
+import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--output-file", required=True)
+parser.add_argument("--exit", type=int)
+parser.add_argument("--raise", dest="raise_", action="store_true")
+parser.add_argument("--exit-text")
+parser.add_argument("--segfault", action="store_true")
+parser.add_argument("--leave-state", action="store_true")
+parser.add_argument("--sleep", type=float, default=0.0)
+parser.add_argument("--child-sleep", type=float)
+args = parser.parse_args()
+
+report = {
+    "name": __name__, "argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(),
+    "env": dict(os.environ), "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
+    "threads": threading.active_count(), "warm": warm,
+    "leftover_env": os.environ.get("LEFT_BY_EARLIER_JOB"), **left_before,
+}
+if args.leave_state:
+    json.MARK = os.environ["SC_JOB_ID"]
+    import wave  # noqa: F401
+    os.environ["LEFT_BY_EARLIER_JOB"] = "1"
+    leaked = open(os.devnull)  # noqa: SIM115 (left open on purpose)
+    threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+if args.child_sleep:
+    subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({args.child_sleep})"])
+time.sleep(args.sleep)
+with open(args.output_file, "w") as out:
+    json.dump(report, out)
+print(f"probe {os.environ['SC_JOB_ID']} warm={warm}", flush=True)
+if args.exit is not None:
+    sys.exit(args.exit)
+if args.raise_:
+    raise ValueError("the probe raised on purpose")
+if args.exit_text:
+    sys.exit(args.exit_text)
+if args.segfault:
+    ctypes.string_at(0)

@@ -1,0 +1,47 @@
+"""The worker assembled: the Celery app, the job task, and the hooks a worker process runs.
+
+``celery -A worker_tasks worker`` finds the app through the package (``worker_tasks.app``
+loads this module on first use), so importing ``worker_tasks.spec`` or the zygote stays
+free of Celery.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery.signals import worker_init, worker_shutdown
+from celery.utils.log import get_logger
+
+from worker_tasks import (
+    presence,  # noqa: F401  (workers keep their nodes' presence in Redis)
+    shutdown,  # noqa: F401  (a stopping worker exits in bounded time)
+    warm,
+)
+from worker_tasks.app import app
+from worker_tasks.run_job import PRIVATE_ENV, run_job
+
+__all__ = ["app", "run_job"]
+
+logger = get_logger(__name__)
+_supervisor: list[warm.Supervisor] = []  # this worker's zygote, when it runs warm
+
+
+@worker_init.connect
+def load_worker_only_parts(**kwargs: Any) -> None:
+    """In a worker (not on the head node): refuse pool_grow, autoscale, add_consumer; with
+    ``SC_WARM``, start the zygote before the pool (its processes inherit where it listens)."""
+    from worker_tasks import control  # noqa: F401
+
+    if warm.enabled() and not _supervisor:
+        env = {name: value for name, value in os.environ.items() if name not in PRIVATE_ENV}
+        supervisor = warm.Supervisor(warm.preload_modules(), env)
+        os.environ[warm.SOCKET_VARIABLE] = supervisor.socket_path
+        supervisor.start()
+        _supervisor.append(supervisor)
+
+
+@worker_shutdown.connect
+def stop_zygote(**kwargs: Any) -> None:
+    for supervisor in _supervisor:
+        supervisor.stop()

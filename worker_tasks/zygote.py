@@ -1,0 +1,281 @@
+"""The warm parent of a worker's jobs: one process that has imported the heavy modules once,
+from which each job's interpreter is forked instead of started.
+
+``python -m worker_tasks.zygote SOCKET MODULES`` imports ``MODULES`` (comma-separated),
+prints one JSON line (``{"ready": true, ...}`` or ``{"ready": false, "failed": ...}``),
+and serves requests on the Unix socket ``SOCKET``: each is one job (argv, cwd, env, log
+path). For each, it forks a runner (``runner.runner_main``: own process group, subreaper,
+killed with its parent) that forks the script's process, which sets up what ``python
+script.py`` would have (environment, working directory, ``sys.argv``, ``sys.path[0]``,
+stdio on the job's log, default signal handlers, fresh random seeds) and runs the script
+as ``__main__``. The reply hands the worker the runner's pidfd and the pipe its wait
+status comes on (``SCM_RIGHTS``), so the worker waits and kills exactly as for a cold job.
+
+The zygote is single-threaded and never runs job code, so every job starts from the same
+state; it never initialises CUDA (importing CuPy does not; a device query would, and CUDA
+state does not survive a fork). It dies with the worker process that started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import json
+import os
+import runpy
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from worker_tasks.daemon import WARM_JOB_NAME
+from worker_tasks.runner import PR_SET_PDEATHSIG, prctl, runner_main
+
+PR_SET_NAME = 15  # prctl: this process's name (comm), as ps and /proc show it
+# The largest request accepted (argv, env and paths of one job), bytes.
+MAX_REQUEST_BYTES = 1 << 20
+# How long a connected worker may take to send its request (seconds).
+REQUEST_TIMEOUT_S = 5.0
+# How often the zygote reaps finished runners and looks whether its parent is alive (s).
+IDLE_POLL_S = 1.0
+
+
+class BadRequest(ValueError):
+    """A request that is not one job's (argv, cwd, env, log)."""
+
+
+def check_request(request: Any) -> tuple[list[str], str, dict[str, str], str]:
+    """(argv, cwd, env, log) of a request; ``BadRequest`` naming what is wrong."""
+    if not isinstance(request, dict):
+        raise BadRequest("a request must be a JSON object")
+    argv, cwd, env, log = (request.get(name) for name in ("argv", "cwd", "env", "log"))
+    if not (isinstance(argv, list) and len(argv) >= 2 and all(isinstance(a, str) for a in argv)):
+        raise BadRequest("argv must be [python, script, args...] (strings)")
+    if not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                          for k, v in env.items())):
+        raise BadRequest("env must map strings to strings")
+    if not (isinstance(cwd, str) and os.path.isabs(cwd) and isinstance(log, str)
+            and os.path.isabs(log)):
+        raise BadRequest("cwd and log must be absolute paths")
+    return argv, cwd, env, log
+
+
+def exit_status_of(exit_: SystemExit) -> int:
+    """The status ``python script.py`` ends with for this ``SystemExit`` (None: 0, an int:
+    itself, anything else: printed to stderr, 1)."""
+    code = exit_.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def reseed_after_fork() -> None:
+    """Every job its own random numbers, as a fresh interpreter would draw them: ``random``
+    reseeds itself at fork; NumPy's legacy global generator does not."""
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        with contextlib.suppress(Exception):
+            numpy_random.seed()
+
+
+def run_script(argv: list[str], cwd: str, env: dict[str, str]) -> NoReturn:
+    """The script's process (forked from the runner): ``python argv[1] argv[2:]``, warm."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    script = argv[1]
+    sys.argv = argv[1:]
+    sys.path[0] = os.path.dirname(os.path.realpath(script))
+    reseed_after_fork()
+    status = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exit_:
+        status = exit_status_of(exit_)
+    except KeyboardInterrupt as err:  # as Python does: die of SIGINT
+        print_uncaught(err, script)
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    except BaseException as err:  # an uncaught exception: its traceback, status 1
+        print_uncaught(err, script)
+        status = 1
+    os._exit(finish(status))
+
+
+def print_uncaught(err: BaseException, script: str) -> None:
+    """The traceback ``python script.py`` prints: from the script's own frames on (this
+    module's and runpy's are not the job's)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != script:
+        tb = tb.tb_next
+    traceback.print_exception(type(err), err, tb or err.__traceback__)
+
+
+def finish(status: int) -> int:
+    """What the interpreter does at exit: join non-daemon threads, run atexit, flush."""
+    with contextlib.suppress(Exception):
+        threading._shutdown()  # type: ignore[attr-defined]
+    import atexit
+
+    with contextlib.suppress(Exception):
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    return status
+
+
+def fork_script(argv: list[str], cwd: str, env: dict[str, str],
+                waiter: socket.socket) -> Callable[[int, int], int]:
+    """A warm start for ``runner_main``: fork, point stdio at the job's log, run the script
+    (which keeps none of the runner's descriptors)."""
+    def start(log_fd: int, status_fd: int) -> int:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                waiter.close()
+                os.close(status_fd)
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                os.dup2(log_fd, 1)
+                os.dup2(log_fd, 2)
+                os.close(null)
+                os.close(log_fd)
+                for stream in (sys.stdout, sys.stderr):  # as PYTHONUNBUFFERED=1 would
+                    stream.reconfigure(line_buffering=True, write_through=True)
+                run_script(argv, cwd, env)
+            finally:
+                os._exit(1)
+        return pid
+
+    return start
+
+
+class Zygote:
+    """The serving loop: accept a job, fork its runner, hand back its pidfd and status pipe.
+
+    Parameters:
+        listener: the bound, listening Unix socket.
+        parent: the worker process that started this zygote (it dies with it).
+    """
+
+    def __init__(self, listener: socket.socket, parent: int) -> None:
+        self.listener = listener
+        self.parent = parent
+
+    def serve(self) -> NoReturn:
+        while True:
+            ready, _, _ = select.select([self.listener], [], [], IDLE_POLL_S)
+            self.reap()
+            if os.getppid() != self.parent:
+                os._exit(0)
+            if ready:
+                connection, _ = self.listener.accept()
+                with connection:
+                    self.handle(connection)
+
+    def reap(self) -> None:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+
+    def handle(self, connection: socket.socket) -> None:
+        connection.settimeout(REQUEST_TIMEOUT_S)
+        try:
+            data = b""
+            while not data.endswith(b"\n") and len(data) <= MAX_REQUEST_BYTES:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            argv, cwd, env, log = check_request(json.loads(data))
+        except (OSError, ValueError) as err:  # BadRequest and bad JSON are ValueErrors
+            with contextlib.suppress(OSError):
+                connection.sendall(json.dumps({"error": str(err)[:500]}).encode() + b"\n")
+            return
+        read_fd, write_fd = os.pipe()
+        me = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                self.listener.close()
+                os.close(read_fd)
+                prctl(PR_SET_NAME, ctypes.c_char_p(WARM_JOB_NAME.encode()))
+                runner_main(fork_script(argv, cwd, env, connection), log, write_fd, me,
+                            waiter=connection)
+            finally:
+                os._exit(127)
+        os.close(write_fd)
+        pidfd = os.pidfd_open(pid)
+        try:
+            socket.send_fds(connection, [json.dumps({"pid": pid}).encode() + b"\n"],
+                            [read_fd, pidfd])
+        except OSError:  # the worker went away: nobody waits for this job
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        finally:
+            os.close(read_fd)
+            os.close(pidfd)
+
+
+def preload(modules: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Import each module; (the ones imported, module -> one-line error for the others)."""
+    loaded, failed = [], {}
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except BaseException as err:  # noqa: BLE001 (any failure is reported, not raised)
+            failed[name] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        else:
+            loaded.append(name)
+    return loaded, failed
+
+
+def main(argv: list[str]) -> NoReturn:
+    socket_path, modules = argv[0], [name for name in argv[1].split(",") if name]
+    parent = os.getppid()
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(0)
+    # Listening before the imports: a job that comes meanwhile waits for them, not cold.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket: this user only
+    try:
+        listener.bind(socket_path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(16)
+    started = time.monotonic()
+    loaded, failed = preload(modules)
+    threads = threading.active_count()
+    ready = not failed and threads == 1  # a fork keeps only the forking thread
+    report = {"ready": ready, "pid": os.getpid(), "loaded": loaded, "failed": failed,
+              "threads": threads, "seconds": round(time.monotonic() - started, 3)}
+    print(json.dumps(report), flush=True)
+    if not ready:  # waiting jobs see the socket close, and run cold
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(socket_path)
+        os._exit(1)
+    Zygote(listener, parent).serve()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
