@@ -1,16 +1,21 @@
-"""Dispatch, three ways, on the same script: this project, GNU parallel, and the old design.
+"""Dispatch, four ways, on the same scripts: this project cold and warm, GNU parallel, and the
+old design.
 
     python benchmarks/bench_dispatch.py [--sizes 36,1000] [--delays 0,0.2] [--nodes 4]
+        [--scripts no-op,numpy]
 
-Every way runs ``examples/write_output.py --sleep D`` (it writes a JSON output
-file) N times, one job at a time per node, the nodes in parallel:
+Every way runs each script N times, one job at a time per node, the nodes in parallel;
+the scripts are ``examples/write_output.py --sleep D`` (no-op: it writes a JSON output
+file) and ``benchmarks/numpy_job.py --sleep D`` (the same after ``import numpy``):
 
 * coordinator: a LocalCluster (private Redis, one Celery worker per node), then
   submit, wait and collect, with the ``.done`` rule, tracking, lease and runner;
+* coordinator warm: the same with ``coordinator worker --warm`` workers (each job forked
+  from a zygote that imported NumPy and the Step 3 engines once);
 * GNU parallel with one slot per node (``parallel -j NODES``), the baseline;
-* the old design: one thread per node running its jobs one after another, each
-  over a new SSH connection (``ssh host python script ...``) to a real sshd this
-  benchmark starts on 127.0.0.2 with a key of its own.
+* the old design (no-op script only): one thread per node running its jobs one after
+  another, each over a new SSH connection (``ssh host python script ...``) to a real sshd
+  this benchmark starts on 127.0.0.2 with a key of its own.
 
 It prints makespan, jobs per second and the overhead per job (makespan per
 node slot minus the work), then the marginal cost of one more job (the slope
@@ -41,11 +46,17 @@ from coordinator import submit  # noqa: E402
 from coordinator.local import LocalCluster  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "worker_tasks" / "builtin_scripts" / "examples" / "write_output.py"
+# The scripts, as jobs name them (under the workers' scripts directory, REPO) and their files.
+SCRIPTS = {"no-op": "examples/write_output.py", "numpy": "benchmarks/numpy_job.py"}
+FILES = {"examples/write_output.py": REPO / "worker_tasks" / "builtin_scripts" / "examples" /
+         "write_output.py", "benchmarks/numpy_job.py": REPO / "benchmarks" / "numpy_job.py"}
+SCRIPT = FILES[SCRIPTS["no-op"]]
+WAYS = ("coordinator", "coordinator warm", "GNU parallel", "old: SSH per job")
 
 
-def jobs_for(count: int, nodes: list[str], sleep: float, tag: str) -> list[dict]:
-    return [{"job_id": f"{tag}_{i:04d}", "script": "examples/write_output.py",
+def jobs_for(count: int, nodes: list[str], sleep: float, tag: str,
+             script: str = SCRIPTS["no-op"]) -> list[dict]:
+    return [{"job_id": f"{tag}_{i:04d}", "script": script,
              "args": ["--output-file", f"out/{tag}_{i:04d}.json", "--sleep", str(sleep)],
              "node": nodes[i % len(nodes)]} for i in range(count)]
 
@@ -73,9 +84,10 @@ def coordinator_way(cluster: LocalCluster, jobs: list[dict], work: Path) -> tupl
 
 def parallel_way(jobs: list[dict], slots: int, work: Path) -> float:
     lines = "".join(" ".join(job["args"]) + "\n" for job in jobs)
+    script = FILES[jobs[0]["script"]]
     start = time.perf_counter()
     subprocess.run(["parallel", "--will-cite", "-j", str(slots), "--colsep", " ",
-                    sys.executable, str(SCRIPT), "{1}", "{2}", "{3}", "{4}"],
+                    sys.executable, str(script), "{1}", "{2}", "{3}", "{4}"],
                    input=lines, text=True, cwd=work, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 
@@ -148,70 +160,89 @@ def main() -> int:
     parser.add_argument("--sizes", default="36,1000", help="job counts (default: 36,1000)")
     parser.add_argument("--delays", default="0,0.2", help="seconds of work per job")
     parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--scripts", default="no-op,numpy",
+                        help=f"which scripts ({', '.join(SCRIPTS)}; default: both)")
     parser.add_argument("--no-ssh", action="store_true", help="leave out the old design")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
     delays = [float(delay) for delay in args.delays.split(",")]
+    scripts = [name for name in args.scripts.split(",") if name]
+    unknown = [name for name in scripts if name not in SCRIPTS]
+    if unknown:
+        parser.error(f"--scripts: unknown {unknown[0]!r} (known: {', '.join(SCRIPTS)})")
     nodes = [f"rig-{chr(ord('a') + i)}" for i in range(args.nodes)]
     have_parallel = ensure_debian_package("parallel", "parallel")
     have_ssh = not args.no_ssh and ensure_debian_package("/usr/sbin/sshd", "openssh-server")
 
-    results: dict[tuple[str, int, float], float] = {}
+    results: dict[tuple[str, str, int, float], float] = {}
+    profiles: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="sc-bench-") as tmp:
         work = Path(tmp)
         (work / "alone").mkdir()
         alone = script_alone(work)
         host = SshHost(work / "ssh") if have_ssh else None
         try:
-            with LocalCluster(nodes, scripts_dir=REPO, workdir=work / "cluster",
-                              log_dir=work / "logs") as cluster:
+            for way, env in (("coordinator", {}), ("coordinator warm", {"SC_WARM": "1"})):
+                with LocalCluster(nodes, scripts_dir=REPO, workdir=work / "cluster",
+                                  log_dir=work / "logs" / way.replace(" ", "-"),
+                                  extra_env=env) as cluster:
+                    for name in scripts:
+                        for delay in delays:
+                            for size in sizes:
+                                tag = f"{'w' if env else 'c'}{name}d{int(delay * 1000)}n{size}"
+                                jobs = jobs_for(size, nodes, delay, tag, SCRIPTS[name])
+                                seconds, summary = coordinator_way(cluster, jobs,
+                                                                   work / "cluster")
+                                results[way, name, size, delay] = seconds
+                                if size == max(sizes) and delay == 0 and name == scripts[0]:
+                                    profiles[way] = where_the_time_went(summary)
+            for name in scripts:
                 for delay in delays:
                     for size in sizes:
-                        tag = f"d{int(delay * 1000)}n{size}"
-                        jobs = jobs_for(size, nodes, delay, tag)
-                        seconds, summary = coordinator_way(cluster, jobs, work / "cluster")
-                        results["coordinator", size, delay] = seconds
-                        if size == max(sizes) and delay == 0:
-                            profile = where_the_time_went(summary)
+                        jobs = jobs_for(size, nodes, delay, f"{name}d{delay}n{size}",
+                                        SCRIPTS[name])
                         if have_parallel:
                             (work / "parallel" / "out").mkdir(parents=True, exist_ok=True)
-                            results["GNU parallel", size, delay] = parallel_way(
+                            results["GNU parallel", name, size, delay] = parallel_way(
                                 jobs, len(nodes), work / "parallel")
-                        if host is not None:
+                        if host is not None and name == "no-op":
                             (work / "old" / "out").mkdir(parents=True, exist_ok=True)
-                            results["old: SSH per job", size, delay] = old_way(
+                            results["old: SSH per job", name, size, delay] = old_way(
                                 jobs, nodes, work / "old", host)
         finally:
             if host is not None:
                 host.close()
 
-    print(f"{len(nodes)} nodes, one job at a time per node; the script alone takes "
+    print(f"{len(nodes)} nodes, one job at a time per node; the no-op script alone takes "
           f"{alone * 1000:.0f} ms (Python start-up and its work)")
-    print(f"{'way':<20} {'N':>5} {'D s':>5} {'makespan s':>11} {'jobs/s':>8} "
+    print(f"{'way':<18} {'script':<7} {'N':>5} {'D s':>5} {'makespan s':>11} {'jobs/s':>8} "
           f"{'overhead/job ms':>16}")
-    ways = ["coordinator", "GNU parallel", "old: SSH per job"]
-    for delay in delays:
-        for size in sizes:
-            for way in ways:
-                if (way, size, delay) not in results:
-                    continue
-                seconds = results[way, size, delay]
-                overhead = (seconds * len(nodes) / size - delay) * 1000
-                print(f"{way:<20} {size:>5} {delay:>5.1f} {seconds:>11.2f} "
-                      f"{size / seconds:>8.1f} {overhead:>16.0f}")
+    for name in scripts:
+        for delay in delays:
+            for size in sizes:
+                for way in WAYS:
+                    if (way, name, size, delay) not in results:
+                        continue
+                    seconds = results[way, name, size, delay]
+                    overhead = (seconds * len(nodes) / size - delay) * 1000
+                    print(f"{way:<18} {name:<7} {size:>5} {delay:>5.1f} {seconds:>11.2f} "
+                          f"{size / seconds:>8.1f} {overhead:>16.0f}")
     small, large = min(sizes), max(sizes)
     print("marginal cost of one more job (per node slot, between N = "
           f"{small} and N = {large}):")
-    for delay in delays:
-        slopes = {way: (results[way, large, delay] - results[way, small, delay])
-                  * len(nodes) / (large - small) for way in ways
-                  if (way, large, delay) in results and (way, small, delay) in results}
-        base = slopes.get("GNU parallel")
-        for way, slope in slopes.items():
-            ratio = f"  {slope / base:.2f}x GNU parallel" if base else ""
-            print(f"  D = {delay:g} s  {way:<20} {slope * 1000:>7.1f} ms{ratio}")
-    print(f"coordinator, N = {large}, D = 0: {profile}")
-    for way in ways[1:]:
+    for name in scripts:
+        for delay in delays:
+            slopes = {way: (results[way, name, large, delay] - results[way, name, small, delay])
+                      * len(nodes) / (large - small) for way in WAYS
+                      if (way, name, large, delay) in results
+                      and (way, name, small, delay) in results}
+            base = slopes.get("GNU parallel")
+            for way, slope in slopes.items():
+                ratio = f"  {slope / base:.2f}x GNU parallel" if base else ""
+                print(f"  {name:<7} D = {delay:g} s  {way:<18} {slope * 1000:>7.1f} ms{ratio}")
+    for way, profile in profiles.items():
+        print(f"{way}, {scripts[0]}, N = {large}, D = 0: {profile}")
+    for way in WAYS[2:]:
         if not any(key[0] == way for key in results):
             print(f"{way}: skipped (not installed here)")
     return 0
