@@ -10,7 +10,9 @@ command lines and measures wall time and peak memory of each:
 * ``coordinator status`` (with its checks), ``status --no-check``, ``collect``;
 * following: the first full read of a ``wait``, then one poll (what ``wait``
   does every half second: the counters and the change stream, not the records);
-* Redis memory per queued job (its message in the queue and its record).
+* Redis memory per queued job (its message in the queue and its record);
+* the CLI's own start: ``coordinator --help``, and ``coordinator runs`` and
+  ``coordinator status RUN`` on an empty Redis and on a small run (median of 5 each).
 
 The baseline, in the same run on the smaller size: what the previous main did,
 one ``send_task`` and one tracking write per job, each its own round trip.
@@ -42,7 +44,9 @@ from worker_tasks.tracking import encode, job_key  # noqa: E402
 BIN = Path(sys.executable).parent
 # The issue's targets (seconds, MB), printed beside each figure.
 TARGETS = {("submit", 10_000): 2.0, ("submit", 100_000): 20.0, "status": 10.0, "collect": 10.0,
-           "poll": 10.0, "memory": 300}
+           "poll": 10.0, "memory": 300, "start": 0.2}
+# Each start-up figure is the median of this many runs.
+START_REPEATS = 5
 
 
 def write_jobs(path: Path, count: int) -> Path:
@@ -67,6 +71,18 @@ def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float
     if os.waitstatus_to_exitcode(status) not in (0, 1):
         raise SystemExit(f"{' '.join(argv)} failed")
     return seconds, usage.ru_maxrss / 1024, out
+
+
+def start_times(work: Path, env: dict[str, str]) -> None:
+    """The CLI's start, before any run: --help, runs, and status of a 10-job run."""
+    small = write_jobs(work / "jobs10.json", 10)
+    _, _, out = timed([str(BIN / "coordinator"), "submit", "--jobs-file", str(small)], work, env)
+    run_id = out.strip()
+    for what, argv in (("coordinator --help", ["--help"]), ("coordinator runs", ["runs"]),
+                       ("coordinator status (10 jobs)", ["status", run_id, "--no-check"])):
+        seconds = sorted(timed([str(BIN / "coordinator"), *argv], work, env)[0]
+                         for _ in range(START_REPEATS))[START_REPEATS // 2]
+        row(f"start: {what}", f"{seconds:.3f} s", f"< {TARGETS['start']:g} s")
 
 
 def unbatched_baseline(url: str, jobs_file: Path) -> float:
@@ -111,6 +127,8 @@ def main() -> int:
         env = {**os.environ, "SC_BROKER_URL": server.url}
         client = redis.Redis.from_url(server.url)
         row("what", "figure", "target", "vs baseline")
+        start_times(work, env)
+        client.flushall()
         baseline_file = write_jobs(work / f"jobs{min(sizes)}.json", min(sizes))
         baseline = unbatched_baseline(server.url, baseline_file)
         row(f"baseline: submit {min(sizes):,} unbatched (in-process)", f"{baseline:.2f} s")

@@ -8,22 +8,30 @@ The Python API for other pipeline steps::
     summary = run.summary()
 """
 
-from coordinator.errors import (
-    BrokerUnreachableError,
-    CoordinatorError,
-    ExitCode,
-    InvalidJobsError,
-    NodeFailedError,
-    RunNotFoundError,
-    WaitTimeoutError,
-)
-from coordinator.options import SubmitOptions
-from coordinator.records import JobRecord, RunStatus
-from coordinator.run import Run, get_run, prepare, publish, recover, submit
-from worker_tasks.tracking import JobState, RunState
+from typing import Any
 
-__all__ = [
-    "BrokerUnreachableError", "CoordinatorError", "ExitCode", "InvalidJobsError", "JobRecord",
-    "JobState", "NodeFailedError", "Run", "RunNotFoundError", "RunState", "RunStatus",
-    "SubmitOptions", "WaitTimeoutError", "get_run", "prepare", "publish", "recover", "submit",
-]
+# Where each public name lives; imported on first use, so that `coordinator --help` and the
+# light verbs do not pay for Celery, redis-py and pydantic.
+_EXPORTS = {
+    "coordinator.errors": ("BrokerUnreachableError", "CoordinatorError", "ExitCode",
+                           "InvalidJobsError", "NodeFailedError", "RunNotFoundError",
+                           "WaitTimeoutError"),
+    "coordinator.options": ("SubmitOptions",),
+    "coordinator.records": ("JobRecord", "RunStatus"),
+    "coordinator.run": ("Run", "get_run", "prepare", "publish", "recover", "submit"),
+    "worker_tasks.tracking": ("JobState", "RunState"),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module 'coordinator' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import re
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit, urlunsplit
-
-import redis
-from celery import Celery
 
 import celeryconfig
 from coordinator.errors import BrokerUnreachableError, InvalidJobsError
-from worker_tasks.app import make_app
+
+if TYPE_CHECKING:  # imported by the calls that connect: a URL's parsing needs neither
+    import redis
+    from celery import Celery
 
 # The broker's password, when it is kept out of SC_BROKER_URL (and of the inventory).
 BROKER_PASSWORD_ENV = "SC_BROKER_PASSWORD"
@@ -66,6 +67,8 @@ def redact(url: str) -> str:
 
 def connect_tracking(url: str | None = None, broker: str | None = None) -> redis.Redis:
     """A client on the tracking Redis, pinged: raises ``BrokerUnreachableError`` fast."""
+    import redis
+
     target = tracking_url(url, broker)
     client = redis.Redis.from_url(
         target, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=CONNECT_TIMEOUT_S * 3
@@ -84,6 +87,8 @@ def publisher(url: str | None = None) -> Celery:
     tracking records, and a Redis backend would subscribe to every task's result
     channel as it is sent. Workers still store results with their own settings.
     """
+    from worker_tasks.app import make_app
+
     app = make_app(broker_url(url))
     app.conf.result_backend = None
     return app

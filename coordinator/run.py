@@ -19,38 +19,30 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
-from celery import Celery
 
 import celeryconfig
 from coordinator.broker import CONNECT_TIMEOUT_S, check_broker, connect_tracking, publisher
 from coordinator.broker import broker_url as resolve_broker_url
-from coordinator.cluster.inventory import Inventory, find_inventory
-from coordinator.cluster_view import ClusterView
-from coordinator.collector import Collection, collect
 from coordinator.errors import InvalidJobsError, RunNotFoundError
-from coordinator.follow import POLL_INTERVAL_S, FollowOptions, Settler, follow
-from coordinator.options import SubmitOptions
-from coordinator.plan import Plan
-from coordinator.reconcile import move_jobs
 from coordinator.records import FOLLOW_FIELDS, RunStatus, read_info, read_status
-from coordinator.submit import (
-    JobsInput,
-    cancel_run,
-    latest_run_id,
-    publish_run,
-    recent_run_ids,
-    republish,
-)
-from coordinator.submit import prepare as prepare_plan
 from worker_tasks.spec import is_floating, node_of_slot, slot_of_worker
 from worker_tasks.tracking import LOST_ONLY, RETRYABLE
 
+if TYPE_CHECKING:  # imported where used: a run's status and records need none of them
+    from celery import Celery
+
+    from coordinator.cluster.inventory import Inventory
+    from coordinator.collector import Collection
+    from coordinator.options import SubmitOptions
+    from coordinator.plan import Plan
+    from coordinator.submit import JobsInput
+
 logger = logging.getLogger("coordinator")
 
-InventoryInput = Inventory | str | Path | None
+InventoryInput = "Inventory | str | Path | None"
 
 
 class Run:
@@ -114,12 +106,16 @@ class Run:
         """node -> the workers serving it (or its GPUs), for ``nodes`` (default: the run's):
         the presence registry, one Redis read whatever the cluster's width; a worker killed
         outright stays listed for up to ``PRESENCE_TTL_S`` (10 s)."""
+        from coordinator.cluster_view import ClusterView
+
         return ClusterView(self.client).serving(self.planned if nodes is None else nodes)
 
     def unserved(self) -> dict[str, int]:
         """slot -> jobs planned there, for the run's slots (nodes, or nodes' GPUs in per-GPU
         runs) that no worker serves: a per-GPU worker takes no whole-node job, nor the other
         way round, though both count as serving the node."""
+        from coordinator.cluster_view import ClusterView
+
         per_slot = dict(self.info().get("jobs_per_slot") or self.planned)
         served = ClusterView(self.client).serving({node_of_slot(slot) for slot in per_slot})
         serving_slots = {slot_of_worker(name) for names in served.values() for name in names}
@@ -138,7 +134,7 @@ class Run:
         self,
         timeout: float | None = None,
         on_progress: Callable[[RunStatus], None] | None = None,
-        poll_interval: float = POLL_INTERVAL_S,
+        poll_interval: float | None = None,
         failover: float | None = None,
         workdir: str | Path | None = None,
         notice: Callable[[str], None] | None = None,
@@ -153,7 +149,11 @@ class Run:
         Raises ``WaitTimeoutError`` when ``timeout`` seconds pass first,
         ``RunVanishedError`` if the run's records disappear.
         """
-        options = FollowOptions(timeout=timeout, poll_interval=poll_interval,
+        from coordinator.follow import POLL_INTERVAL_S, FollowOptions, follow
+
+        options = FollowOptions(timeout=timeout,
+                                poll_interval=POLL_INTERVAL_S if poll_interval is None
+                                else poll_interval,
                                 workdir=None if workdir is None else Path(workdir),
                                 failover=failover, notice=notice or logger.warning)
         return follow(self.client, self.app, self.broker, self.id, on_progress, options)
@@ -175,6 +175,8 @@ class Run:
 
     def settle(self, workdir: str | Path | None = None) -> list[str]:
         """Settle this run's records once (see ``wait``); returns what changed, one line each."""
+        from coordinator.follow import FollowOptions, Settler
+
         lines: list[str] = []
         options = FollowOptions(workdir=None if workdir is None else Path(workdir),
                                 notice=lines.append, republish_lost=False)
@@ -195,6 +197,8 @@ class Run:
         (default: whenever the run's inventory has such nodes). ``joblog``: where the
         GNU-parallel-format job log goes (default: beside the summary).
         """
+        from coordinator.collector import collect
+
         inventory = self.inventory if fetch is not False else None
         if fetch and inventory is None:
             raise InvalidJobsError("--fetch needs a cluster inventory (--inventory FILE)")
@@ -210,6 +214,8 @@ class Run:
         A job cancelled while running never gets a ``.done``, even if its script was
         finishing at that moment.
         """
+        from coordinator.submit import cancel_run
+
         return cancel_run(self.client, self.id)
 
     def retry_failed(self, lost: bool = False) -> int:
@@ -218,6 +224,8 @@ class Run:
         Returns how many. Each gets a new task id; its old message, if it ever
         arrives, is dropped.
         """
+        from coordinator.submit import republish
+
         check_broker(self.app)
         states = LOST_ONLY if lost else RETRYABLE
         job_ids = [job.job_id for job in self.status().jobs if job.state in states]
@@ -230,6 +238,9 @@ class Run:
         Jobs of ``source`` that were running when its worker died move too. Returns
         target -> job ids moved there.
         """
+        from coordinator.cluster_view import ClusterView
+        from coordinator.reconcile import move_jobs
+
         check_broker(self.app)
         jobs = [job for job in self.status().jobs if job.node == source]
         live = ClusterView(self.client, self.app).liveness({source})
@@ -238,6 +249,8 @@ class Run:
 
 
 def load_inventory_input(inventory: InventoryInput) -> Inventory | None:
+    from coordinator.cluster.inventory import Inventory, find_inventory
+
     if inventory is None or isinstance(inventory, Inventory):
         return inventory
     return find_inventory(inventory)
@@ -245,6 +258,8 @@ def load_inventory_input(inventory: InventoryInput) -> Inventory | None:
 
 def options_of(options: SubmitOptions | None, settings: dict[str, Any]) -> SubmitOptions:
     """``options`` (default: the defaults) with keyword ``settings`` applied on top."""
+    from coordinator.options import SubmitOptions
+
     if "inventory" in settings:
         settings = {**settings, "inventory": load_inventory_input(settings["inventory"])}
     return (options or SubmitOptions()).but(**settings)
@@ -262,6 +277,8 @@ def submit(jobs: JobsInput, options: SubmitOptions | None = None, *,
     Raises ``InvalidJobsError`` (nothing published), ``BrokerUnreachableError``,
     or ``NodeFailedError`` (an input could not be pushed; nothing published).
     """
+    from coordinator.submit import prepare as prepare_plan
+
     plan = prepare_plan(jobs, options_of(options, settings))
     return publish(plan, broker_url=broker_url, tracking_url=tracking_url)
 
@@ -275,6 +292,8 @@ def recover(jobs: JobsInput, options: SubmitOptions | None = None, *,
     their node when it keeps its outputs on its own disk) are recorded as skipped;
     only the others are published. Arguments as for ``submit``.
     """
+    from coordinator.submit import prepare as prepare_plan
+
     plan = prepare_plan(jobs, options_of(options, settings))
     return publish(plan, broker_url=broker_url, tracking_url=tracking_url, recover=True)
 
@@ -285,6 +304,8 @@ def publish(plan: Plan, broker_url: str | None = None, tracking_url: str | None 
 
     ``recover``: jobs whose ``.done`` exists already are recorded skipped, not published.
     """
+    from coordinator.submit import publish_run
+
     url = resolve_broker_url(broker_url)
     cluster = plan.options.inventory
     client = connect_tracking(tracking_url, url)
@@ -309,6 +330,8 @@ def prepare(jobs: JobsInput, options: SubmitOptions | None = None, **settings: A
 
     Arguments as for ``submit``; ``publish(plan)`` then records and sends it as it is.
     """
+    from coordinator.submit import prepare as prepare_plan
+
     return prepare_plan(jobs, options_of(options, settings))
 
 
@@ -326,6 +349,8 @@ def done_jobs(plan: Plan, workdir: Path, cluster: Inventory | None) -> set[str]:
 def latest_run(broker_url: str | None = None, tracking_url: str | None = None,
                inventory: InventoryInput = None) -> Run:
     """A handle on the newest run recorded (``RunNotFoundError`` if there is none)."""
+    from coordinator.submit import latest_run_id
+
     url = resolve_broker_url(broker_url)
     newest = latest_run_id(connect_tracking(tracking_url, url))
     if newest is None:
@@ -336,6 +361,8 @@ def latest_run(broker_url: str | None = None, tracking_url: str | None = None,
 def recent_runs(limit: int, broker_url: str | None = None,
                 tracking_url: str | None = None) -> list[Run]:
     """Handles on the newest ``limit`` runs, newest first (expired ones left out)."""
+    from coordinator.submit import recent_run_ids
+
     url = resolve_broker_url(broker_url)
     client = connect_tracking(tracking_url, url)
     return [Run(run_id, client, url) for run_id in recent_run_ids(client, limit)]

@@ -225,6 +225,7 @@ def test_the_error_tail_is_this_attempts_output_only(tmp_path: Path) -> None:
     ({"zz": 1, "aa": 2}, "message has unknown fields 'aa', 'zz'"),
     ({"run_id": 7}, "run_id must be a string, not int"),
     ({"per_gpu": "yes"}, "per_gpu must be true or false, not 'yes'"),
+    ({"warm": 1}, "warm must be true or false, not 1"),
     ({"retry_delay": -1}, "retry_delay -1 must be finite, >= 0 and at most 3600"),
     ({"retry_delay": "2"}, "retry_delay must be a number of seconds, not str"),
     ({"retries": 101}, "retries must be an integer in 0..100, not 101"),
@@ -253,7 +254,7 @@ def test_each_refusal_reads_exactly(changes: dict[str, object], expected: str) -
 
 def test_a_message_reads_back_field_for_field_at_the_bounds() -> None:
     full = {**MESSAGE, "gpu_id": 255, "retries": 100, "retry_delay": 0, "per_gpu": True,
-            "timeout": 2.5, "env": {f"JOB_{i}": str(i) for i in range(64)},
+            "warm": False, "timeout": 2.5, "env": {f"JOB_{i}": str(i) for i in range(64)},
             "args": ["x" * (1 << 19), "y" * (1 << 19)]}
     spec = JobSpec.from_message(full)
     assert spec.to_message() == {**full, "retry_delay": 0.0}
@@ -261,7 +262,7 @@ def test_a_message_reads_back_field_for_field_at_the_bounds() -> None:
     assert JobSpec.from_message({**MESSAGE, "args": ["a"] * 4096}).args == ["a"] * 4096
     plain = JobSpec.from_message({k: v for k, v in MESSAGE.items() if k != "output_file"})
     assert (plain.output_file, plain.timeout, plain.env, plain.retries, plain.retry_delay,
-            plain.per_gpu) == (None, None, {}, 0, 2.0, False)
+            plain.per_gpu, plain.warm) == (None, None, {}, 0, 2.0, False, None)
     assert (plain.queue, plain.slot) == ("node.rig-a", "rig-a")
     assert (spec.queue, spec.slot) == ("node.rig-a.gpu255", "rig-a.gpu255")
 

@@ -14,8 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import redis
-
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.broker import connect_tracking, publisher, redact
 from coordinator.cli.common import (
@@ -26,20 +24,22 @@ from coordinator.cli.common import (
     require,
 )
 from coordinator.cli.node import project_version
-from coordinator.cluster.inventory import EXAMPLE, Inventory, inventory_path, load_inventory
-from coordinator.cluster_view import ClusterView
 from coordinator.errors import BrokerUnreachableError, ExitCode, NodeFailedError
 from worker_tasks.spec import queue_for
 
-if TYPE_CHECKING:  # Fabric is imported only by the verbs that use it
+if TYPE_CHECKING:  # Fabric, pydantic and Redis: imported by the verbs that use them
     from coordinator.cluster.group import NodeOutcome
+    from coordinator.cluster.inventory import Inventory
     from coordinator.cluster.remote import RemoteNode
+    from coordinator.cluster_view import ClusterView
 
 # How long the head node waits for workers' replies to ping and inspect (seconds).
 INSPECT_TIMEOUT_S = 2.0
 
 
 def load(args: argparse.Namespace) -> Inventory:
+    from coordinator.cluster.inventory import inventory_path, load_inventory
+
     return load_inventory(inventory_path(args.inventory))
 
 
@@ -75,6 +75,8 @@ def on_nodes(args: argparse.Namespace, verb: str,
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from coordinator.cluster.inventory import EXAMPLE
+
     sys.stdout.write(EXAMPLE)
     return ExitCode.OK
 
@@ -83,6 +85,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from coordinator.cluster import deploy
     from coordinator.cluster.group import Cluster
+    from coordinator.cluster.inventory import inventory_path
 
     inventory = load(args)
     scripts = None
@@ -157,6 +160,10 @@ def cmd_unit(args: argparse.Namespace) -> int:
 
 def broker_view(broker: str | None) -> tuple[ClusterView | None, str | None]:
     """The cluster as the head node's broker sees it, asked once; or why it cannot be seen."""
+    import redis
+
+    from coordinator.cluster_view import ClusterView
+
     url = resolve_broker_url(broker)
     try:
         view = ClusterView(connect_tracking(None, broker), publisher(broker),

@@ -16,8 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
-import redis
-
 from coordinator.errors import CoordinatorError, ExitCode, InvalidJobsError
 
 PROG = "coordinator"
@@ -111,6 +109,17 @@ def add_inventory_flag(parser: argparse.ArgumentParser, help_text: str | None = 
                                           "storage, outputs are fetched from the nodes")
 
 
+class _NeverRaised(Exception):
+    """Stands for redis-py's error class in a command that never loaded redis-py."""
+
+
+def redis_error() -> type[Exception]:
+    """redis-py's ``RedisError`` once it is loaded (only then can a command have raised it);
+    looked up when an exception is handled, so a quick verb never imports redis-py."""
+    module = sys.modules.get("redis")
+    return module.RedisError if module is not None else _NeverRaised
+
+
 def _terminate(signum: int, frame: Any) -> NoReturn:
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
 
@@ -128,7 +137,7 @@ def run_cli(handler: Callable[[argparse.Namespace], int], args: argparse.Namespa
         # Point stdout at /dev/null so the interpreter's final flush says nothing either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return int(ExitCode.OK)
-    except redis.RedisError as err:  # Redis went away after the first contact
+    except redis_error() as err:  # Redis went away after the first contact
         print(f"{prog}: error: lost the connection to Redis: {err}", file=sys.stderr)
         return int(ExitCode.BROKER_UNREACHABLE)
     except OSError as err:  # a file or directory the command needed; no traceback

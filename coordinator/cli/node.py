@@ -15,11 +15,8 @@ import os
 import socket
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-
-import redis
-from celery import Celery
+from typing import TYPE_CHECKING
 
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.broker import check_broker, connect_tracking, publisher
@@ -32,12 +29,8 @@ from coordinator.cli.runs import (
     print_plan,
 )
 from coordinator.errors import ClusterStartError, ExitCode, InvalidJobsError, NodeFailedError
-from coordinator.jobs import SAFE_NAME
-from coordinator.local import READY_TIMEOUT_S, worker_command, worker_name
-from coordinator.plan import Plan
-from worker_tasks import daemon, warm
+from worker_tasks import daemon
 from worker_tasks.daemon import STATE_DIR
-from worker_tasks.presence import seen_since, serving
 from worker_tasks.spec import (
     MAX_GPU_ID,
     gpu_of_slot,
@@ -47,6 +40,12 @@ from worker_tasks.spec import (
     slot_of,
     slot_of_worker,
 )
+
+if TYPE_CHECKING:  # the verbs import these when they run: --help stays quick
+    import redis
+    from celery import Celery
+
+    from coordinator.plan import Plan
 
 # Lines of the worker's log quoted when it dies at start.
 LOG_TAIL_LINES = 5
@@ -58,6 +57,8 @@ PING_TIMEOUT_S = 1.0
 
 
 def project_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("scripts-coordinator")
     except PackageNotFoundError:
@@ -97,6 +98,9 @@ def log_tail(logfile: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from coordinator.jobs import SAFE_NAME
+    from coordinator.local import worker_command
+
     if not SAFE_NAME.match(args.node) or ".." in args.node:
         raise InvalidJobsError(f"--node {args.node!r}: use letters, digits, '.', '_', '-'")
     if is_floating(args.node):
@@ -170,6 +174,8 @@ def other_workers(tracking: redis.Redis, app: Celery, slot: str) -> list[str]:
     (one read, at any width). The other GPUs' workers of the node are no second worker of
     this one. A killed worker stays listed for ``PRESENCE_TTL_S``: one ping to the names
     listed settles which are alive."""
+    from worker_tasks.presence import serving
+
     node = node_of_slot(slot)
     whole = gpu_of_slot(slot) is None
     names = [name for name in serving(tracking, [node]).get(node, [])
@@ -185,6 +191,9 @@ def other_workers(tracking: redis.Redis, app: Celery, slot: str) -> list[str]:
 def start_detached(args: argparse.Namespace, command: list[str], pidfile: Path, logfile: Path,
                    note: str) -> int:
     """Start the worker in its own session and wait until it announces itself (or dies)."""
+    from coordinator.local import READY_TIMEOUT_S, worker_name
+    from worker_tasks.presence import seen_since
+
     started = time.time()
     process = daemon.start_detached(command, os.environ, Path(args.workdir).resolve(), pidfile,
                                     logfile)
@@ -231,6 +240,7 @@ def gpu_index(slot: str) -> int:
 def worker_status(args: argparse.Namespace, slots: dict[str, tuple[Path, Path]]) -> int:
     """The node's workers as one JSON object: each one's pid file state, and what the node
     has (version, Python, the fastest scoring engine it can use)."""
+    from coordinator.local import worker_name
     from scoring.backends import best_engine
 
     workers = []
@@ -293,6 +303,8 @@ def local_slots(plan: Plan, extra: str | None) -> list[str]:
     A floating job needs no slot of its own; with only floating jobs and no ``--nodes``
     there is nothing to run them on.
     """
+    from coordinator.jobs import SAFE_NAME
+
     wanted = {slot for slot in plan.slots() if not is_floating(node_of_slot(slot))}
     for name in (extra or "").split(","):
         name = name.strip()
@@ -332,7 +344,9 @@ def warm_env(args: argparse.Namespace) -> dict[str, str]:
     if args.preload is not None and not args.warm:
         raise InvalidJobsError("--preload: give --warm too (it says what the warm parent "
                                "imports)")
-    return warm.worker_settings(args.preload) if args.warm else {}
+    from worker_tasks.warm import worker_settings
+
+    return worker_settings(args.preload) if args.warm else {}
 
 
 def add_place_flags(parser: argparse.ArgumentParser) -> None:

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import sys
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-
-import redis
 
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.broker import check_broker, connect_tracking, publisher, redact
@@ -25,6 +21,8 @@ def is_loopback(address: str) -> bool:
     if address == "localhost":
         return True
     try:
+        import ipaddress
+
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
@@ -54,6 +52,10 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import redis
+
     from coordinator.metrics import collect, write_textfile
 
     url = resolve_broker_url(args.broker)

@@ -8,8 +8,8 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from celeryconfig import task_default_queue as UNASSIGNED_QUEUE
 from coordinator.cli.common import (
     ENVIRONMENT,
     EXIT_MEANINGS,
@@ -20,20 +20,19 @@ from coordinator.cli.common import (
     exit_table,
     formatter,
 )
-from coordinator.cluster.inventory import Inventory, find_inventory
-from coordinator.collector import render
 from coordinator.errors import ExitCode, InvalidJobsError, RunNotFoundError
-from coordinator.jobs import SAFE_NAME
 from coordinator.options import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR, DEFAULTS, SubmitOptions
-from coordinator.plan import Plan
-from coordinator.records import JobRecord, RunStatus
-from coordinator.run import Run, get_run, latest_run, prepare, publish, recent_runs
 from worker_tasks.spec import gpu_of_slot, is_floating, node_of_slot, slot_of_worker
-from worker_tasks.tracking import RETRYABLE, JobState, error_lines
+
+if TYPE_CHECKING:  # the verbs import these when they run: --help stays quick
+    from coordinator.cluster.inventory import Inventory
+    from coordinator.plan import Plan
+    from coordinator.records import JobRecord, RunStatus
+    from coordinator.run import Run
 
 # A run with more jobs lists only the interesting ones in `status` (unless --all).
 STATUS_LIST_LIMIT = 200
-QUIET_STATES = (JobState.QUEUED, JobState.SUCCEEDED, JobState.SKIPPED)
+QUIET_STATES = ("queued", "succeeded", "skipped")  # JobState values
 
 
 E = ExitCode
@@ -129,12 +128,16 @@ def add_run_arg(parser: argparse.ArgumentParser) -> None:
 
 def inventory_of(args: argparse.Namespace) -> Inventory | None:
     """The inventory of a command that collects (it has ``--inventory``), else None."""
+    from coordinator.cluster.inventory import find_inventory
+
     if not hasattr(args, "inventory"):
         return None
     return find_inventory(args.inventory)
 
 
 def resolve_run(args: argparse.Namespace) -> Run:
+    from coordinator.run import get_run, latest_run
+
     inventory = inventory_of(args)
     if args.run_id:
         return get_run(args.run_id, args.broker, inventory=inventory)
@@ -150,6 +153,7 @@ def follow(run: Run, args: argparse.Namespace, detached: bool = True) -> int:
 
     ``detached``: the run lives on a cluster that outlives this command (not ``local``).
     """
+    from coordinator.collector import render
     from coordinator.progress import ProgressDisplay  # rich loads only to follow a run
 
     try:
@@ -168,6 +172,8 @@ def follow(run: Run, args: argparse.Namespace, detached: bool = True) -> int:
 
 def prepare_args(args: argparse.Namespace, **overrides: object) -> Plan:
     """The plan of a command line's jobs file and options (nothing written)."""
+    from coordinator.run import prepare
+
     return prepare(args.jobs_file, SubmitOptions.from_args(args, **overrides))
 
 
@@ -180,6 +186,8 @@ def print_plan(plan: Plan) -> None:
 
 def cmd_submit(args: argparse.Namespace, plan: Plan | None = None) -> int:
     """``submit``, ``recover`` and ``scripts-coordinator``: prepare (or take ``plan``), publish."""
+    from coordinator.run import publish
+
     plan = plan or prepare_args(args)
     if args.dry_run:
         print_plan(plan)
@@ -245,6 +253,8 @@ def warn_unserved(run: Run) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    from coordinator.run import recent_runs
+
     runs = recent_runs(args.limit, args.broker)
     if not runs:
         print("no runs recorded in this Redis yet")
@@ -259,6 +269,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from celeryconfig import task_default_queue as UNASSIGNED_QUEUE
+    from worker_tasks.tracking import JobState
+
     run = resolve_run(args)
     if not args.no_check:
         for line in run.settle(workdir=args.workdir):
@@ -289,7 +302,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         tally = ", ".join(f"{counts[state]} {state}" for state in JobState if counts[state])
         print(f"  node {node} ({workers}): {len(jobs)} jobs: {tally}")
         for job in jobs:
-            if not every and (job.state in QUIET_STATES or listed >= STATUS_LIST_LIMIT):
+            if not every and (job.state.value in QUIET_STATES or listed >= STATUS_LIST_LIMIT):
                 continue
             listed += 1
             print(f"    {job_line(job, node, alive)}")
@@ -301,11 +314,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def status_exit(status: RunStatus) -> ExitCode:
     """``status``: 1 once a job failed, was cancelled or is lost (whatever else still runs)."""
+    from worker_tasks.tracking import RETRYABLE
+
     return ExitCode.JOBS_FAILED if any(job.state in RETRYABLE for job in status.jobs) \
         else ExitCode.OK
 
 
 def job_line(job: JobRecord, node: str, alive: set[str]) -> str:
+    from worker_tasks.tracking import JobState, error_lines
+
     extra = f" exit {job.exit_code}" if job.exit_code not in (None, 0) else ""
     extra += f" {job.duration_s:.1f} s" if job.duration_s is not None else ""
     if job.moved_from:
@@ -325,6 +342,8 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
+    from coordinator.collector import render
+
     run = resolve_run(args)
     collection = run.collect(args.workdir, fetch=True if args.fetch else None,
                              joblog=args.joblog)
@@ -377,6 +396,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_move(args: argparse.Namespace) -> int:
+    from coordinator.jobs import SAFE_NAME
+
     run = resolve_run(args)
     targets = [name for name in args.to.split(",") if name]
     for name in [args.source, *targets]:

@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 from coordinator.cli.common import CommandFactory, add_inventory_flag, exit_table, formatter
-from coordinator.cluster.inventory import find_inventory
 from coordinator.errors import ExitCode, InvalidJobsError
 from coordinator.options import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR
 
 
 def nodes_spec(args: argparse.Namespace) -> str:
     """``--nodes``, else every inventory node with its GPU count (``rig-a:2,rig-b:1``)."""
+    from coordinator.cluster.inventory import find_inventory
+
     if args.nodes:
         return str(args.nodes)
     inventory = find_inventory(args.inventory)
