@@ -18,7 +18,7 @@ from coordinator import JobState, submit
 from coordinator.local import LocalCluster
 from coordinator.redis_server import RedisServer
 from tests.helpers import REPO, run_cli
-from tests.waiting import wait_for
+from tests.waiting import alive, wait_for
 from worker_tasks.daemon import WARM_JOB_NAME
 
 NODE = "rig-warm"
@@ -125,14 +125,6 @@ def job_processes(job_id: str) -> list[int]:
                              f"SC_JOB_ID={job_id}".encode() in environ.split(b"\0")):
             found.append(int(entry.name))
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def pool_process(main: int) -> int:

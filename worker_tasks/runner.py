@@ -157,7 +157,38 @@ def outcome_of(data: bytes, runner_status: str) -> Outcome:
     return Outcome(exit_code=os.WEXITSTATUS(status))
 
 
-class Runner:
+class JobProcess:
+    """What the pool process holds of a running job: ``wait`` for its outcome, ``kill`` it
+    with all it started. ``pid`` is the runner's (its process group's), ``_pidfd`` refers
+    to it, ``_ready_fd`` turns readable once the outcome can be read (``_collect``)."""
+
+    pid: int
+    _pidfd: int
+    _ready_fd: int
+
+    def wait(self, timeout: float | None = None) -> Outcome | None:
+        """The script's outcome once the runner is done; None if ``timeout`` passes first."""
+        ready, _, _ = select.select([self._ready_fd], [], [], timeout)
+        if not ready:
+            return None
+        return self._collect()
+
+    def kill(self) -> Outcome:
+        """Stop the script and all it started (SIGTERM to the runner, which cleans up)."""
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signal.SIGTERM)
+        outcome = self.wait(REAP_TIMEOUT_S + 5)
+        if outcome is None:  # the runner itself is stuck: kill its process group
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            outcome = self.wait(REAP_TIMEOUT_S) or self._collect()
+        return outcome
+
+    def _collect(self) -> Outcome:
+        raise NotImplementedError
+
+
+class Runner(JobProcess):
     """Start a script under a runner; ``wait`` for it; ``kill`` it with everything it started.
 
     Parameters:
@@ -183,24 +214,7 @@ class Runner:
         self.pid = pid
         self._status_fd = read_fd
         self._pidfd = os.pidfd_open(pid)
-
-    def wait(self, timeout: float | None = None) -> Outcome | None:
-        """The script's outcome once the runner has exited; None if ``timeout`` passes first."""
-        ready, _, _ = select.select([self._pidfd], [], [], timeout)
-        if not ready:
-            return None
-        return self._collect()
-
-    def kill(self) -> Outcome:
-        """Stop the script and all it started (SIGTERM to the runner, which cleans up)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
-        outcome = self.wait(REAP_TIMEOUT_S + 5)
-        if outcome is None:  # the runner itself is stuck: kill its process group
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGKILL)
-            outcome = self._collect()
-        return outcome
+        self._ready_fd = self._pidfd  # readable once the runner has exited
 
     def _collect(self) -> Outcome:
         """Reap the runner and read the script's wait status from the pipe."""

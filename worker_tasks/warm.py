@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from worker_tasks.runner import REAP_TIMEOUT_S, Outcome, outcome_of
+from worker_tasks.runner import JobProcess, Outcome, outcome_of
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +177,7 @@ class Supervisor:
             os.rmdir(self.directory)
 
 
-class WarmRunner:
+class WarmRunner(JobProcess):
     """A job forked from the zygote at ``socket_path``; the same ``wait``/``kill`` as the cold
     ``Runner`` (the runner in between is the same code). Raises ``WarmUnavailable`` if the
     zygote cannot start it.
@@ -215,25 +214,7 @@ class WarmRunner:
             raise WarmUnavailable(f"the zygote refused the job: {reply.get('error', message)}")
         self.pid = int(reply["pid"])
         self._status_fd, self._pidfd = fds
-
-    def wait(self, timeout: float | None = None) -> Outcome | None:
-        """The script's outcome once the runner has reported it; None if ``timeout`` passes."""
-        ready, _, _ = select.select([self._status_fd], [], [], timeout)
-        if not ready:
-            return None
-        return self._collect()
-
-    def kill(self) -> Outcome:
-        """Stop the script and all it started (SIGTERM to the runner, which cleans up)."""
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(self._pidfd, signal.SIGTERM)
-        outcome = self.wait(REAP_TIMEOUT_S + 5)
-        if outcome is None:  # the runner itself is stuck: kill its process group
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)
-            select.select([self._status_fd], [], [], REAP_TIMEOUT_S)
-            outcome = self._collect()
-        return outcome
+        self._ready_fd = self._status_fd  # readable once the runner wrote the status (or died)
 
     def _collect(self) -> Outcome:
         data = os.read(self._status_fd, 4)

@@ -74,7 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     local = build_parser().parse_args(
         ["local", "--jobs-file", str(work / "scoring_jobs.json"), "--output-dir",
          DEFAULT_OUTPUT_DIR, "--chunk-dir", DEFAULT_CHUNK_DIR, "--scripts-dir", str(work),
-         "--workdir", str(work)])
+         "--workdir", str(work), *(["--warm"] if args.warm else [])])
     code = cmd_local(local)
     secret = json.loads(demo.secret.read_text())["secret_seed"]
     merged = work / DEFAULT_OUTPUT_DIR / "survivors_with_scores.json"
@@ -127,6 +127,9 @@ def register(command: CommandFactory) -> None:
     sub.add_argument("--chunks", type=int, default=36, help="jobs (default: 36)")
     sub.add_argument("--draws", type=int, default=100, help="history length (default: 100)")
     sub.add_argument("--rng-seed", type=int, default=2026, help="makes the data reproducible")
+    sub.add_argument("--warm", action="store_true",
+                     help="warm workers: each chunk's interpreter forked with NumPy and the "
+                          "compiled engine already loaded (coordinator worker --warm)")
     sub.set_defaults(handler=cmd_demo)
 
     sub = command("examples", "copy the example jobs files and scripts into DIR/examples",
