@@ -32,6 +32,7 @@ import getpass
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -154,7 +155,12 @@ def script_alone(work: Path, repeat: int = 20) -> float:
     return (time.perf_counter() - start) / repeat
 
 
+def interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM: the clusters, sshd and temporary files go too
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, interrupted)
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="36,1000", help="job counts (default: 36,1000)")
@@ -185,7 +191,7 @@ def main() -> int:
             for way, env in (("coordinator", {}), ("coordinator warm", {"SC_WARM": "1"})):
                 with LocalCluster(nodes, scripts_dir=REPO, workdir=work / "cluster",
                                   log_dir=work / "logs" / way.replace(" ", "-"),
-                                  extra_env=env) as cluster:
+                                  extra_env=env, die_with_parent=True) as cluster:
                     for name in scripts:
                         for delay in delays:
                             for size in sizes:

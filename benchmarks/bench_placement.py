@@ -90,7 +90,7 @@ def main() -> int:
         work_dir = Path(tmp)
         (work_dir / "speedy.py").write_text(SCRIPT)
         with LocalCluster(NODES, scripts_dir=work_dir, workdir=work_dir,
-                          log_dir=work_dir / "logs") as cluster:
+                          log_dir=work_dir / "logs", die_with_parent=True) as cluster:
             empty = coordinator_run(cluster, jobs_for(4, 0.0, args.factors, "empty"), work_dir,
                                     "empty", balance=False)
             pinned = coordinator_run(cluster, jobs_for(args.jobs, args.work, args.factors,
