@@ -17,7 +17,11 @@ def imported_after(module: str) -> set[str]:
 
 
 @pytest.mark.parametrize(("module", "forbidden"), [
-    ("worker_tasks", {"coordinator", "scoring"}),
+    ("worker_tasks.worker", {"coordinator", "scoring"}),
+    # The zygote's state is every warm job's: nothing but what it preloads, no Celery.
+    ("worker_tasks.zygote", {"coordinator", "scoring", "celery", "kombu", "redis", "numpy"}),
+    # The CLI parses and prints --help before any verb loads its heavy parts.
+    ("coordinator.cli", {"celery", "kombu", "redis", "pydantic", "fabric", "paramiko"}),
     ("scoring.worker", {"coordinator", "worker_tasks", "celery"}),
     ("full_scoring_worker", {"coordinator", "worker_tasks", "celery"}),
 ])
@@ -30,3 +34,22 @@ def test_the_python_api_is_importable_from_the_package() -> None:
 
     for name in ("submit", "get_run", "Run", "RunStatus", "JobState", "ExitCode"):
         assert hasattr(coordinator, name)
+
+
+def test_every_promise_break_still_applies() -> None:
+    """``tools/break_promises.py``: each break's text is in its file once, each named test
+    exists (a stale entry would break nothing and prove nothing)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(repo / "tools"))
+    try:
+        import break_promises
+    finally:
+        sys.path.remove(str(repo / "tools"))
+    stale = [item.promise for item in break_promises.BREAKS
+             if (repo / item.path).read_text().count(item.old) != 1]
+    missing = [test for item in break_promises.BREAKS for test in item.tests
+               if f"def {test.partition('::')[2].split('[')[0]}(" not in
+               (repo / test.partition("::")[0]).read_text()]
+    assert (stale, missing) == ([], [])

@@ -60,7 +60,7 @@ BREAKS = [
            T + "test_local_cluster.py::"
                "test_cancel_stops_the_running_job_and_drops_the_queued_ones")),
     Break("a script dies with its worker (death signal)", "worker_tasks/runner.py",
-          "    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)\n", "",
+          "    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)\n", "",
           (T + "test_reliability.py::"
                "test_a_worker_killed_mid_job_takes_the_scripts_children_with_it",)),
     Break("a timeout kills the script and everything it started", "worker_tasks/runner.py",
@@ -70,8 +70,8 @@ BREAKS = [
           "            os.kill(pid, signal.SIGKILL)\n",
           (T + "test_promises.py::test_a_timeout_kills_the_script_and_its_children",)),
     Break("the collector settles each job by its .done file", "coordinator/collector.py",
-          "    marker = (workdir / job.done_file).exists()",
-          "    marker = job.state.is_success",
+          "    present = marker.exists()",
+          "    present = job.state.is_success",
           (T + "test_promises.py::"
                "test_the_collector_settles_by_the_done_file_whatever_the_record_says",)),
     Break("--output-file=VALUE is rewritten, its .done beside it", "coordinator/plan.py",
@@ -110,7 +110,7 @@ BREAKS = [
           "CANCELLABLE = (JobState.QUEUED, JobState.RUNNING, JobState.LOST, JobState.FINISHING)",
           (T + "test_tracking.py::test_each_transition_is_allowed_from_its_states_and_refused"
                "_from_every_other",)),
-    Break("a worker stops in bounded time without its broker", "worker_tasks/__init__.py",
+    Break("a worker stops in bounded time without its broker", "worker_tasks/worker.py",
           "    shutdown,  # noqa: F401  (a stopping worker exits in bounded time)\n", "",
           (T + "test_reliability.py::"
                "test_a_worker_stops_in_bounded_time_when_its_broker_is_gone",)),
@@ -121,9 +121,9 @@ BREAKS = [
                "_nothing",
            T + "test_reliability.py::"
                "test_a_sigkilled_local_coordinator_takes_its_cluster_with_it")),
-    Break("status finds the per-GPU workers of a node", "coordinator/run.py",
-          "return ClusterView(self.client, self.app).consuming_nodes()",
-          "return ClusterView(self.client, self.app).consuming_slots()",
+    Break("status finds the per-GPU workers of a node", "worker_tasks/presence.py",
+          "    PRESENCE.nodes = sorted({node for node in map(node_of_queue, queues) if node})",
+          "    PRESENCE.nodes = sorted({queue.removeprefix('node.') for queue in queues})",
           (T + "test_cluster_view.py::test_status_finds_the_per_gpu_workers_of_a_node",)),
     Break("--balance leaves pinned jobs on their node", "coordinator/plan.py",
           "node = FLOATING_NODE if options.balance and not job.pin else job.node",
@@ -242,6 +242,50 @@ BREAKS = [
           "            pass\n",
           (T + "test_head_refusals.py::"
                "test_a_hand_made_message_cannot_write_lines_into_the_worker_log",)),
+    Break("a warm job runs with the script's directory as sys.path[0]", "worker_tasks/zygote.py",
+          "    sys.path[0] = os.path.dirname(os.path.realpath(script))\n", "",
+          (T + "test_warm.py::test_a_warm_job_sees_what_a_cold_one_sees",)),
+    Break("a warm job's traceback is the script's own", "worker_tasks/zygote.py",
+          "    while tb is not None and tb.tb_frame.f_code.co_filename != script:\n"
+          "        tb = tb.tb_next\n", "",
+          (T + "test_warm.py::test_warm_and_cold_jobs_end_with_the_same_statuses",)),
+    Break("a warm job dies when the pool process waiting for it goes", "worker_tasks/runner.py",
+          "        threading.Thread(target=stop_when_closed, args=(waiter,), daemon=True).start()",
+          "        pass",
+          (T + "test_warm.py::test_a_killed_worker_takes_its_warm_job_and_a_failed_preload_"
+               "runs_jobs_cold",)),
+    Break("a failed preload runs jobs cold", "worker_tasks/zygote.py",
+          "    ready = not failed and threads == 1", "    ready = threads == 1",
+          (T + "test_warm.py::test_a_killed_worker_takes_its_warm_job_and_a_failed_preload_"
+               "runs_jobs_cold",)),
+    Break("a warm worker scores Step 3 compiled from the first chunk", "scoring/cpu.py",
+          "    if compiled_loaded():", "    if False:",
+          (T + "test_warm.py::test_step3_on_a_warm_worker_scores_compiled_from_the_first_chunk",)),
+    Break("a warm stop of a node signals every GPU worker first", "worker_tasks/daemon.py",
+          "        waiting.append((state.pid, pidfile, marker, busy, index))\n",
+          "        waiting.append((state.pid, pidfile, marker, busy, index))\n"
+          "        while process_matches(state.pid, marker):\n"
+          "            time.sleep(STOP_POLL_S)\n",
+          (T + "test_per_gpu_workers.py::test_a_warm_stop_of_the_node_signals_every_gpu_worker_"
+               "before_waiting",)),
+    Break("per-node and per-GPU workers of one node refuse each other", "coordinator/cli/node.py",
+          "             or whole != (gpu_of_slot(slot_of_worker(name)) is None)]", "             ]",
+          (T + "test_per_gpu_workers.py::test_per_node_and_per_gpu_workers_of_one_node_refuse_"
+               "each_other",)),
+    Break("submit says when a node's workers are of the other kind", "coordinator/run.py",
+          "            return node in served and (is_floating(node) or slot in serving_slots)",
+          "            return node in served",
+          (T + "test_per_gpu_workers.py::test_submit_says_when_the_nodes_workers_are_of_the_"
+               "other_kind",)),
+    Break("deploy --project installs the node's extras", "coordinator/cluster/deploy.py",
+          "    extras = node.config.extras\n", "    extras = ()\n",
+          (T + "test_ssh_cluster.py::test_deploy_project_installs_this_build_with_the_nodes_"
+               "python",)),
+    Break("cluster up --per-gpu starts a worker per GPU", "coordinator/cluster/inventory.py",
+          "        return [slot_of(self.label, gpu) for gpu in range(self.config.gpus)]",
+          "        return [slot_of(self.label, 0)]",
+          (T + "test_cluster_section.py::test_the_cluster_section_runs_as_written_from_an_empty_"
+               "head_directory",)),
 ]
 
 
