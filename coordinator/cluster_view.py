@@ -22,12 +22,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
-from celery import Celery
 
 from coordinator.records import JobRecord
+
+if TYPE_CHECKING:  # only a caller that asks the workers passes an app
+    from celery import Celery
 from worker_tasks.lease import task_of_token
 from worker_tasks.presence import serving
 from worker_tasks.spec import node_of_queue, node_of_slot, slot_of_queue

@@ -22,6 +22,7 @@ from worker_tasks.tracking import (
     job_key,
     jobs_key,
     run_key,
+    runs_key,
 )
 
 
@@ -214,3 +215,13 @@ def read_counts(client: redis.Redis, run_id: str) -> Counter[JobState]:
     raw = client.hgetall(counts_key(run_id))
     return Counter({JobState(name.decode()): int(value) for name, value in raw.items()
                     if int(value)})
+
+
+def latest_run_id(client: redis.Redis) -> str | None:
+    newest = recent_run_ids(client, 1)
+    return newest[0] if newest else None
+
+
+def recent_run_ids(client: redis.Redis, limit: int) -> list[str]:
+    """The newest ``limit`` run ids, newest first."""
+    return [raw.decode() for raw in client.zrevrange(runs_key(), 0, limit - 1)]

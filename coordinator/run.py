@@ -27,7 +27,14 @@ import celeryconfig
 from coordinator.broker import CONNECT_TIMEOUT_S, check_broker, connect_tracking, publisher
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.errors import InvalidJobsError, RunNotFoundError
-from coordinator.records import FOLLOW_FIELDS, RunStatus, read_info, read_status
+from coordinator.records import (
+    FOLLOW_FIELDS,
+    RunStatus,
+    latest_run_id,
+    read_info,
+    read_status,
+    recent_run_ids,
+)
 from worker_tasks.spec import is_floating, node_of_slot, slot_of_worker
 from worker_tasks.tracking import LOST_ONLY, RETRYABLE
 
@@ -249,10 +256,11 @@ class Run:
 
 
 def load_inventory_input(inventory: InventoryInput) -> Inventory | None:
-    from coordinator.cluster.inventory import Inventory, find_inventory
-
-    if inventory is None or isinstance(inventory, Inventory):
+    """An ``Inventory`` as given, or loaded from the path given (None: none)."""
+    if inventory is None or not isinstance(inventory, str | Path):
         return inventory
+    from coordinator.cluster.inventory import find_inventory
+
     return find_inventory(inventory)
 
 
@@ -349,8 +357,6 @@ def done_jobs(plan: Plan, workdir: Path, cluster: Inventory | None) -> set[str]:
 def latest_run(broker_url: str | None = None, tracking_url: str | None = None,
                inventory: InventoryInput = None) -> Run:
     """A handle on the newest run recorded (``RunNotFoundError`` if there is none)."""
-    from coordinator.submit import latest_run_id
-
     url = resolve_broker_url(broker_url)
     newest = latest_run_id(connect_tracking(tracking_url, url))
     if newest is None:
@@ -361,8 +367,6 @@ def latest_run(broker_url: str | None = None, tracking_url: str | None = None,
 def recent_runs(limit: int, broker_url: str | None = None,
                 tracking_url: str | None = None) -> list[Run]:
     """Handles on the newest ``limit`` runs, newest first (expired ones left out)."""
-    from coordinator.submit import recent_run_ids
-
     url = resolve_broker_url(broker_url)
     client = connect_tracking(tracking_url, url)
     return [Run(run_id, client, url) for run_id in recent_run_ids(client, limit)]

@@ -39,7 +39,6 @@ from worker_tasks.tracking import (
     JobTracker,
     RunState,
     jobs_key,
-    runs_key,
 )
 from worker_tasks.tracking import now as timestamp
 
@@ -262,16 +261,6 @@ def publish_run(
             tracker.set_run_state(plan.run_id, RunState.CANCELLED)
         raise
     tracker.set_run_state(plan.run_id, RunState.ACTIVE)
-
-
-def latest_run_id(client: redis.Redis) -> str | None:
-    newest = recent_run_ids(client, 1)
-    return newest[0] if newest else None
-
-
-def recent_run_ids(client: redis.Redis, limit: int) -> list[str]:
-    """The newest ``limit`` run ids, newest first."""
-    return [raw.decode() for raw in client.zrevrange(runs_key(), 0, limit - 1)]
 
 
 def cancel_run(client: redis.Redis, run_id: str) -> int:

@@ -24,6 +24,7 @@ from coordinator.cli.common import (
     require,
 )
 from coordinator.cli.node import project_version
+from coordinator.cluster import inventory_path
 from coordinator.errors import BrokerUnreachableError, ExitCode, NodeFailedError
 from worker_tasks.spec import queue_for
 
@@ -38,7 +39,7 @@ INSPECT_TIMEOUT_S = 2.0
 
 
 def load(args: argparse.Namespace) -> Inventory:
-    from coordinator.cluster.inventory import inventory_path, load_inventory
+    from coordinator.cluster.inventory import load_inventory
 
     return load_inventory(inventory_path(args.inventory))
 
@@ -85,8 +86,6 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from coordinator.cluster import deploy
     from coordinator.cluster.group import Cluster
-    from coordinator.cluster.inventory import inventory_path
-
     inventory = load(args)
     scripts = None
     if not args.no_scripts:

@@ -128,11 +128,14 @@ def add_run_arg(parser: argparse.ArgumentParser) -> None:
 
 def inventory_of(args: argparse.Namespace) -> Inventory | None:
     """The inventory of a command that collects (it has ``--inventory``), else None."""
-    from coordinator.cluster.inventory import find_inventory
+    from coordinator.cluster import inventory_in_force
 
-    if not hasattr(args, "inventory"):
+    path = inventory_in_force(args.inventory) if hasattr(args, "inventory") else None
+    if path is None:
         return None
-    return find_inventory(args.inventory)
+    from coordinator.cluster.inventory import load_inventory
+
+    return load_inventory(path)
 
 
 def resolve_run(args: argparse.Namespace) -> Run:

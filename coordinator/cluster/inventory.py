@@ -9,7 +9,6 @@ name nodes by address work unchanged. Every problem is one line, exit 2.
 
 from __future__ import annotations
 
-import os
 import posixpath
 import re
 import tomllib
@@ -21,13 +20,11 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from coordinator.broker import redact, with_password
+from coordinator.cluster import INVENTORY_ENV, inventory_in_force
 from coordinator.errors import InvalidJobsError
 from coordinator.jobs import SAFE_NAME
 from worker_tasks.daemon import STATE_DIR
 from worker_tasks.spec import is_floating, slot_of
-
-DEFAULT_INVENTORY = "cluster.toml"
-INVENTORY_ENV = "SC_INVENTORY"
 
 
 def _absolute(value: Any) -> Any:
@@ -186,17 +183,10 @@ class Inventory:
         return any(not node.config.shared_storage for node in self.nodes.values())
 
 
-def inventory_path(explicit: str | Path | None = None) -> Path:
-    """``--inventory``, else ``$SC_INVENTORY``, else ``./cluster.toml``."""
-    return Path(explicit or os.environ.get(INVENTORY_ENV) or DEFAULT_INVENTORY)
-
-
 def find_inventory(explicit: str | Path | None = None) -> Inventory | None:
     """The inventory in force for run commands: loaded if named or present, else None."""
-    path = inventory_path(explicit)
-    if explicit is None and not os.environ.get(INVENTORY_ENV) and not path.exists():
-        return None
-    return load_inventory(path)
+    path = inventory_in_force(explicit)
+    return None if path is None else load_inventory(path)
 
 
 def load_inventory(path: str | Path) -> Inventory:
