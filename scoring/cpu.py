@@ -8,7 +8,9 @@ Two engines give identical matches:
 
 ``engine="auto"`` takes the compiled loops once a call has at least
 ``COMPILED_MIN_WORK`` steps to do (seed-draws, plus mt19937's 1,248 steps a
-seed to seed and twist its state), and the vectorised code below that. Memory stays bounded
+seed to seed and twist its state), and the vectorised code below that; where
+the loops are loaded already (a warm worker's zygote loaded them), from
+``COMPILED_MIN_WORK_LOADED`` steps (starting their thread pool is all they cost). Memory stays bounded
 by the chunk size, whatever the number of seeds.
 """
 
@@ -28,6 +30,9 @@ CHUNK_SEEDS = {"compiled": 1 << 20, "vectorized": 1 << 16, "vectorized_mt19937":
 # Below this many PRNG steps the compiled engine does not pay back its load time.
 # Measured on 2 cores: load 0.7 s; java_lcg 139 M steps/s vectorised, 646 M compiled.
 COMPILED_MIN_WORK = 100_000_000
+# The same once its code is loaded (a warm worker's zygote did it): what is left to pay
+# back is starting its thread pool in this process, about 0.1 s (break-even 18 M steps).
+COMPILED_MIN_WORK_LOADED = 20_000_000
 MT_SETUP_STEPS = 2 * 624  # seeding plus the first twist, per seed
 
 __all__ = ["ENGINES", "choose_engine", "initial_states", "java_magic", "matches"]
@@ -48,10 +53,10 @@ def choose_engine(prng_type: str, n_seeds: int, n_steps: int, engine: str = "aut
         raise ValueError(f"unknown CPU engine {engine!r}; choose {', '.join(ENGINES)}")
     if engine != "auto":
         return engine
-    if compiled_loaded():  # a warm worker's parent loaded it: no load time to pay back
-        return "compiled"
     per_seed = n_steps + (MT_SETUP_STEPS if prng_type == "mt19937" else 0)
-    return "compiled" if n_seeds * per_seed >= COMPILED_MIN_WORK else "vectorized"
+    # A warm worker's zygote loaded the compiled code: only its thread pool's start is left.
+    threshold = COMPILED_MIN_WORK_LOADED if compiled_loaded() else COMPILED_MIN_WORK
+    return "compiled" if n_seeds * per_seed >= threshold else "vectorized"
 
 
 def compiled_loaded() -> bool:

@@ -258,9 +258,9 @@ BREAKS = [
           "    ready = not failed and threads == 1", "    ready = threads == 1",
           (T + "test_warm.py::test_a_killed_worker_takes_its_warm_job_and_a_failed_preload_"
                "runs_jobs_cold",)),
-    Break("a warm worker scores Step 3 compiled from the first chunk", "scoring/cpu.py",
-          "    if compiled_loaded():", "    if False:",
-          (T + "test_warm.py::test_step3_on_a_warm_worker_scores_compiled_from_the_first_chunk",)),
+    Break("a warm worker scores Step 3 with the engine it loaded ahead", "scoring/cpu.py",
+          "COMPILED_MIN_WORK_LOADED if compiled_loaded() else", "COMPILED_MIN_WORK if False else",
+          (T + "test_warm.py::test_step3_on_a_warm_worker_scores_with_the_engine_loaded_ahead",)),
     Break("a warm stop of a node signals every GPU worker first", "worker_tasks/daemon.py",
           "        waiting.append((state.pid, pidfile, marker, busy, index))\n",
           "        waiting.append((state.pid, pidfile, marker, busy, index))\n"
