@@ -10,8 +10,8 @@ Two engines give identical matches:
 ``COMPILED_MIN_WORK`` steps to do (seed-draws, plus mt19937's 1,248 steps a
 seed to seed and twist its state), and the vectorised code below that; where
 the loops are loaded already (a warm worker's zygote loaded them), from
-``COMPILED_MIN_WORK_LOADED`` steps (starting their thread pool is all they cost). Memory stays bounded
-by the chunk size, whatever the number of seeds.
+``COMPILED_MIN_WORK_LOADED`` steps (starting their thread pool is all they cost).
+Memory stays bounded by the chunk size, whatever the number of seeds.
 """
 
 from __future__ import annotations
