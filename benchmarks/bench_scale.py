@@ -37,7 +37,7 @@ from coordinator.broker import publisher  # noqa: E402
 from coordinator.follow import RunFollower  # noqa: E402
 from coordinator.options import SubmitOptions  # noqa: E402
 from coordinator.redis_server import RedisServer  # noqa: E402
-from coordinator.submit import prepare, task_id_for  # noqa: E402
+from coordinator.submission import prepare, task_id_for  # noqa: E402
 from worker_tasks.spec import RUN_JOB_TASK  # noqa: E402
 from worker_tasks.tracking import encode, job_key  # noqa: E402
 

@@ -11,7 +11,8 @@ The Python API for other pipeline steps::
 from typing import Any
 
 # Where each public name lives; imported on first use, so that `coordinator --help` and the
-# light verbs do not pay for Celery, redis-py and pydantic.
+# light verbs do not pay for Celery, redis-py and pydantic. No submodule shares a name with
+# these (importing one would rebind the package's attribute to the module).
 _EXPORTS = {
     "coordinator.errors": ("BrokerUnreachableError", "CoordinatorError", "ExitCode",
                            "InvalidJobsError", "NodeFailedError", "RunNotFoundError",

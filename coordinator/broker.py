@@ -87,7 +87,7 @@ def publisher(url: str | None = None) -> Celery:
     tracking records, and a Redis backend would subscribe to every task's result
     channel as it is sent. Workers still store results with their own settings.
     """
-    from worker_tasks.app import make_app
+    from worker_tasks.celery_app import make_app
 
     app = make_app(broker_url(url))
     app.conf.result_backend = None

@@ -38,7 +38,7 @@ from coordinator.records import (
     read_status,
     status_from,
 )
-from coordinator.submit import republish
+from coordinator.submission import republish
 from worker_tasks.spec import is_floating, queue_for
 from worker_tasks.tracking import ACTIVE, LOST_ONLY, JobEvent, JobState, events_key, run_key
 

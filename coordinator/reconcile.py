@@ -40,7 +40,7 @@ from coordinator.dead_attempts import (
     with_dead_attempt,
 )
 from coordinator.records import JobRecord
-from coordinator.submit import republish
+from coordinator.submission import republish
 from worker_tasks.spec import FLOATING_NODE, queue_for
 from worker_tasks.tracking import ACTIVE, MOVABLE, JobState, JobTracker
 from worker_tasks.tracking import now as timestamp

@@ -8,7 +8,7 @@
 Submitting is two steps that can be taken apart: ``prepare(jobs, options)``
 validates and plans (nothing is written; ``--dry-run`` prints the plan), and
 ``publish(plan)`` records and sends that plan as it is. The handle sits on top
-of publishing (``coordinator.submit``), reading records
+of publishing (``coordinator.submission``), reading records
 (``coordinator.records``) and collecting (``coordinator.collector``); none of
 those imports it. Everything the handle knows it reads from Redis, so a handle
 from ``get_run`` knows what the one ``submit`` returned knows.
@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # imported where used: a run's status and records need none o
     from coordinator.collector import Collection
     from coordinator.options import SubmitOptions
     from coordinator.plan import Plan
-    from coordinator.submit import JobsInput
+    from coordinator.submission import JobsInput
 
 logger = logging.getLogger("coordinator")
 
@@ -221,7 +221,7 @@ class Run:
         A job cancelled while running never gets a ``.done``, even if its script was
         finishing at that moment.
         """
-        from coordinator.submit import cancel_run
+        from coordinator.submission import cancel_run
 
         return cancel_run(self.client, self.id)
 
@@ -231,7 +231,7 @@ class Run:
         Returns how many. Each gets a new task id; its old message, if it ever
         arrives, is dropped.
         """
-        from coordinator.submit import republish
+        from coordinator.submission import republish
 
         check_broker(self.app)
         states = LOST_ONLY if lost else RETRYABLE
@@ -285,7 +285,7 @@ def submit(jobs: JobsInput, options: SubmitOptions | None = None, *,
     Raises ``InvalidJobsError`` (nothing published), ``BrokerUnreachableError``,
     or ``NodeFailedError`` (an input could not be pushed; nothing published).
     """
-    from coordinator.submit import prepare as prepare_plan
+    from coordinator.submission import prepare as prepare_plan
 
     plan = prepare_plan(jobs, options_of(options, settings))
     return publish(plan, broker_url=broker_url, tracking_url=tracking_url)
@@ -300,7 +300,7 @@ def recover(jobs: JobsInput, options: SubmitOptions | None = None, *,
     their node when it keeps its outputs on its own disk) are recorded as skipped;
     only the others are published. Arguments as for ``submit``.
     """
-    from coordinator.submit import prepare as prepare_plan
+    from coordinator.submission import prepare as prepare_plan
 
     plan = prepare_plan(jobs, options_of(options, settings))
     return publish(plan, broker_url=broker_url, tracking_url=tracking_url, recover=True)
@@ -312,7 +312,7 @@ def publish(plan: Plan, broker_url: str | None = None, tracking_url: str | None 
 
     ``recover``: jobs whose ``.done`` exists already are recorded skipped, not published.
     """
-    from coordinator.submit import publish_run
+    from coordinator.submission import publish_run
 
     url = resolve_broker_url(broker_url)
     cluster = plan.options.inventory
@@ -338,7 +338,7 @@ def prepare(jobs: JobsInput, options: SubmitOptions | None = None, **settings: A
 
     Arguments as for ``submit``; ``publish(plan)`` then records and sends it as it is.
     """
-    from coordinator.submit import prepare as prepare_plan
+    from coordinator.submission import prepare as prepare_plan
 
     return prepare_plan(jobs, options_of(options, settings))
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import celeryconfig
 from coordinator.errors import InvalidJobsError
 from coordinator.options import SubmitOptions
-from coordinator.submit import prepare, record_run, task_id_for
+from coordinator.submission import prepare, record_run, task_id_for
 from tests.helpers import run_cli, write_jobs
 from tests.test_reliability import make_bench, send_raw
 from tests.waiting import wait_for

@@ -21,7 +21,7 @@ from coordinator.options import SubmitOptions
 from coordinator.reconcile import settle
 from coordinator.records import FOLLOW_FIELDS, read_status
 from coordinator.redis_server import RedisServer
-from coordinator.submit import prepare, record_run, task_id_for
+from coordinator.submission import prepare, record_run, task_id_for
 from tests.helpers import echo_job
 from worker_tasks import presence
 from worker_tasks.lease import SlotLease, make_token

@@ -12,7 +12,7 @@ from coordinator.jobs import Job, LegacyScoringJob, load_jobs, load_jobs_file, p
 from coordinator.legacy import convert, write_chunks
 from coordinator.options import SubmitOptions
 from coordinator.plan import find_output_file, output_file_problem, plan_jobs, rewrite_output_path
-from coordinator.submit import prepare
+from coordinator.submission import prepare
 
 ORIGINAL = {
     "job_id": "chunk_0000",

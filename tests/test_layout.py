@@ -53,3 +53,23 @@ def test_every_promise_break_still_applies() -> None:
                if f"def {test.partition('::')[2].split('[')[0]}(" not in
                (repo / test.partition("::")[0]).read_text()]
     assert (stale, missing) == ([], [])
+
+
+@pytest.mark.parametrize("package", ["coordinator", "worker_tasks"])
+def test_no_public_name_is_also_a_submodule(package: str) -> None:
+    """The packages export lazily; importing a submodule of the same name would rebind the
+    name to the module (``from coordinator import submit`` giving a module)."""
+    import importlib
+    import pkgutil
+
+    module = importlib.import_module(package)
+    submodules = {info.name for info in pkgutil.iter_modules(module.__path__)}
+    assert set(module.__all__) & submodules == set()
+    code = (f"import importlib, pkgutil, {package}; "
+            f"[importlib.import_module('{package}.' + m.name) "
+            f"for m in pkgutil.iter_modules({package}.__path__) if m.name != '__main__']; "
+            f"print(all(not isinstance(getattr({package}, name), type({package})) "
+            f"for name in {package}.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "True"

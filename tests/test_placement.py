@@ -12,7 +12,7 @@ import pytest
 from coordinator import JobState, submit
 from coordinator.errors import InvalidJobsError
 from coordinator.options import SubmitOptions
-from coordinator.submit import prepare
+from coordinator.submission import prepare
 from tests.helpers import run_cli, write_jobs
 from tests.test_reliability import VISIBILITY_S, Bench, make_bench
 from tests.waiting import wait_for

@@ -24,9 +24,9 @@ from coordinator.errors import InvalidJobsError
 from coordinator.local import LocalCluster
 from coordinator.options import SubmitOptions
 from coordinator.redis_server import RedisServer
-from coordinator.submit import prepare
+from coordinator.submission import prepare
 from tests.helpers import run_cli
-from worker_tasks.app import make_app
+from worker_tasks.celery_app import make_app
 from worker_tasks.spec import RUN_JOB_TASK, InvalidMessage, JobSpec
 
 SEED_JOB = {"job_id": "chunk_0000", "script": "full_scoring_worker.py",

@@ -30,7 +30,7 @@ from coordinator.local import LocalCluster, worker_name
 from coordinator.redis_server import RedisServer
 from tests.helpers import BIN, REPO, default_sigint, run_cli, write_jobs
 from tests.waiting import alive, wait_for
-from worker_tasks.app import make_app
+from worker_tasks.celery_app import make_app
 from worker_tasks.spec import RUN_JOB_TASK
 
 # Unacknowledged jobs come back after this many seconds in these tests.
@@ -451,7 +451,7 @@ def test_hostile_messages_are_refused_and_the_worker_lives_on(bench: Bench) -> N
 
 def test_a_message_without_a_queue_is_refused_at_the_publisher_and_shown_by_status(
         bench: Bench) -> None:
-    from worker_tasks.app import UnroutedJobError
+    from worker_tasks.celery_app import UnroutedJobError
 
     app = make_app(bench.server.url)
     with pytest.raises(UnroutedJobError, match="published without a queue"):

@@ -12,7 +12,7 @@ from coordinator import submit
 from coordinator.errors import InvalidJobsError
 from coordinator.local import LocalCluster
 from coordinator.scoring_jobs import generate_scoring_jobs, make_demo_data, parse_nodes
-from coordinator.submit import prepare
+from coordinator.submission import prepare
 from scoring.prng import reference_draws
 from tests.helpers import REPO, run_cli, write_jobs
 

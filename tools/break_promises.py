@@ -133,7 +133,7 @@ BREAKS = [
           "gpu_id=self.gpu_id if gpu is None else gpu, per_gpu=gpu is not None)",
           "gpu_id=self.gpu_id, per_gpu=gpu is not None)",
           (T + "test_placement.py::test_per_gpu_floating_jobs_get_their_slots_gpu",)),
-    Break("retry of a failed floating job floats again", "coordinator/submit.py",
+    Break("retry of a failed floating job floats again", "coordinator/submission.py",
           '        if record.get("floating"):\n            update',
           '        if False:\n            update',
           (T + "test_placement.py::test_retry_of_a_failed_floating_job_floats_again_and_move"

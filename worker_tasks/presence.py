@@ -67,7 +67,7 @@ class Presence:
 
     @cache  # noqa: B019 (one client for the life of the worker process)
     def client(self) -> redis.Redis:
-        from worker_tasks.app import app
+        from worker_tasks.celery_app import app
 
         url = os.environ.get("SC_TRACKING_URL") or app.conf.broker_url
         return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)

@@ -44,7 +44,7 @@ from celery.exceptions import Ignore
 from celery.utils.log import get_task_logger
 
 from worker_tasks import warm
-from worker_tasks.app import app
+from worker_tasks.celery_app import app
 from worker_tasks.lease import SlotLease
 from worker_tasks.retries import Retries
 from worker_tasks.runner import Outcome, Runner

@@ -1,8 +1,8 @@
 """The worker assembled: the Celery app, the job task, and the hooks a worker process runs.
 
 ``celery -A worker_tasks worker`` finds the app through the package (``worker_tasks.app``
-loads this module on first use), so importing ``worker_tasks.spec`` or the zygote stays
-free of Celery.
+loads this module on first use; the app itself is made in ``celery_app.py``), so importing
+``worker_tasks.spec`` or the zygote stays free of Celery.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from worker_tasks import (
     shutdown,  # noqa: F401  (a stopping worker exits in bounded time)
     warm,
 )
-from worker_tasks.app import app
+from worker_tasks.celery_app import app
 from worker_tasks.run_job import PRIVATE_ENV, run_job
 
 __all__ = ["app", "run_job"]
