@@ -101,7 +101,6 @@ class Supervisor:
         self.socket_path = os.path.join(self.directory, "zygote.sock")
         self.process: subprocess.Popen[str] | None = None
         self.stopping = threading.Event()
-        self.ready = threading.Event()
         self.thread = threading.Thread(target=self.keep, name="sc-zygote", daemon=True)
 
     def start(self) -> None:
@@ -115,7 +114,6 @@ class Supervisor:
                 return
             assert self.process is not None
             status = self.process.wait()
-            self.ready.clear()
             if self.stopping.is_set():
                 return
             deaths = [moment for moment in deaths if time.monotonic() - moment
@@ -156,7 +154,6 @@ class Supervisor:
             return False
         logger.info("warm: zygote pid %d ready in %.2f s, preloaded %s", report["pid"],
                     report["seconds"], ", ".join(report["loaded"]) or "nothing")
-        self.ready.set()
         return True
 
     def stop_process(self) -> None:
