@@ -466,9 +466,11 @@ def test_deploy_project_installs_this_build_with_the_nodes_python(
     assert "project: installed scripts_coordinator-" in deployed.stdout
     assert "-py3-none-any.whl[worker] (" in deployed.stdout, deployed.stdout
     assert (Path(host.scripts_dir) / "step_x.py").read_text() == "print('step x')\n"
+    # As the node runs it: none of this process's environment (a PYTHONPATH would win).
+    node_env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
     where = subprocess.run([str(node_python), "-c",
                             "import coordinator; print(coordinator.__file__)"],
-                           cwd=venv, check=True, capture_output=True, text=True,
+                           cwd=venv, env=node_env, check=True, capture_output=True, text=True,
                            timeout=60).stdout
     assert where.startswith(str(venv)), where
     status = env.cli("cluster", "status", inventory=inventory)
