@@ -168,7 +168,32 @@ def test_the_cluster_section_runs_as_written_from_an_empty_head_directory(
             "read -rs REDIS_PASSWORD": read_password,
             "export ": export,
         }
-        after = {"coordinator cluster init > cluster.toml": edit_inventory}
+
+        def output(prefix: str) -> str:
+            ran = [done for command, done in walk.ran.items() if command.startswith(prefix)]
+            assert len(ran) == 1, f"the section runs {prefix!r} {len(ran)} times"
+            return ran[0].stdout + ran[0].stderr
+
+        def check_workers() -> None:
+            """Before the run: what deploy, up --per-gpu and status did (a run without its
+            workers would only wait)."""
+            # deploy: the project with its extras on both nodes; the user's script, no inventory.
+            deployed = output("coordinator cluster deploy --project")
+            assert deployed.count("whl[worker] (") == 2, deployed
+            assert (hosts_by_label["rig-a"].scripts_dir / "step_x.py").is_file()
+            assert not (hosts_by_label["rig-a"].scripts_dir / "cluster.toml").exists()
+            # up --per-gpu: two workers on the two-GPU node, one on the other.
+            up = output("coordinator cluster up --per-gpu")
+            assert up.count("started worker rig-a.gpu0@") == 1, up
+            assert up.count("started worker rig-a.gpu1@") == 1 and "rig-b.gpu0@" in up
+            status = output("coordinator cluster status")
+            rig_a = next(line for line in status.splitlines() if line.startswith("rig-a"))
+            assert re.search(r"gpu0: worker pid \d+ alive, ping ok, queue 0, idle; "
+                             r"gpu1: worker pid \d+ alive, ping ok, queue 0, idle; engine numba ",
+                             rig_a), rig_a
+
+        after = {"coordinator cluster init > cluster.toml": edit_inventory,
+                 "coordinator cluster status": check_workers}
 
         for command in commands:
             stand_in = next((run for prefix, run in stand_ins.items()
@@ -181,25 +206,6 @@ def test_the_cluster_section_runs_as_written_from_an_empty_head_directory(
                 after[command]()
         assert "'scripts-coordinator[head]'" in commands[1]  # the head's install has the verbs
 
-        def output(prefix: str) -> str:
-            ran = [done for command, done in walk.ran.items() if command.startswith(prefix)]
-            assert len(ran) == 1, f"the section runs {prefix!r} {len(ran)} times"
-            return ran[0].stdout + ran[0].stderr
-
-        # deploy: the project with its extras on both nodes; the user's script, no inventory.
-        deployed = output("coordinator cluster deploy --project")
-        assert deployed.count("whl[worker] (") == 2, deployed
-        assert (hosts_by_label["rig-a"].scripts_dir / "step_x.py").is_file()
-        assert not (hosts_by_label["rig-a"].scripts_dir / "cluster.toml").exists()
-        # up --per-gpu: two workers on the two-GPU node, one on the other.
-        up = output("coordinator cluster up --per-gpu")
-        assert up.count("started worker rig-a.gpu0@") == 1, up
-        assert up.count("started worker rig-a.gpu1@") == 1 and "rig-b.gpu0@" in up
-        status = output("coordinator cluster status")
-        rig_a = next(line for line in status.splitlines() if line.startswith("rig-a"))
-        assert re.search(r"gpu0: worker pid \d+ alive, ping ok, queue 0, idle; "
-                         r"gpu1: worker pid \d+ alive, ping ok, queue 0, idle; engine numba ",
-                         rig_a), rig_a
         # The run: every chunk, the outputs fetched home, the secret seed at rank 1.
         ran = output("scripts-coordinator --jobs-file scoring_jobs.json --per-gpu")
         assert "36/36 succeeded" in ran, ran

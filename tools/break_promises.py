@@ -121,9 +121,10 @@ BREAKS = [
                "_nothing",
            T + "test_reliability.py::"
                "test_a_sigkilled_local_coordinator_takes_its_cluster_with_it")),
-    Break("status finds the per-GPU workers of a node", "worker_tasks/presence.py",
-          "    PRESENCE.nodes = sorted({node for node in map(node_of_queue, queues) if node})",
-          "    PRESENCE.nodes = sorted({queue.removeprefix('node.') for queue in queues})",
+    Break("status finds the per-GPU workers of a node", "coordinator/cli/runs.py",
+          'workers = ", ".join(served.get(node, [])) or "no worker running"',
+          'workers = ", ".join(name for name in served.get(node, []) if "gpu" not in name) '
+          'or "no worker running"',
           (T + "test_cluster_view.py::test_status_finds_the_per_gpu_workers_of_a_node",)),
     Break("--balance leaves pinned jobs on their node", "coordinator/plan.py",
           "node = FLOATING_NODE if options.balance and not job.pin else job.node",
