@@ -182,9 +182,10 @@ def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str]) -> N
     """Send each job to its node's queue, in batches; ``BrokerUnreachableError`` on failure.
 
     The messages are Celery's own protocol-2 messages, built by Celery
-    (``app.amqp.as_task_v2``) and published as ``send_task`` would, with the same
-    ``task-sent`` event; what differs is only that the per-call option handling is
-    done once, and that kombu's batching groups the Redis pushes into pipelines.
+    (``app.amqp.as_task_v2``) and published as ``send_task`` would; what differs is only
+    that the per-call option handling is done once, that kombu's batching groups the
+    Redis pushes into pipelines, and that each batch's ``task-sent`` events travel as one
+    event message (see ``publish_sent_events``).
     """
     amqp = app.amqp
     sent_events = bool(app.conf.task_send_sent_event)
@@ -195,9 +196,11 @@ def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str]) -> N
                 producer.maybe_declare(amqp.queues[queue])
             dispatcher = app.events.Dispatcher(producer.connection, enabled=False)
             for part, ids in zip(chunks(specs), chunks(task_ids), strict=True):
-                with producer.batch(max_size=BATCH_SIZE):
-                    for spec, task_id in zip(part, ids, strict=True):
-                        publish_one(amqp, producer, dispatcher, spec, task_id, sent_events)
+                with producer.batch(max_size=BATCH_SIZE + 1):
+                    events = [publish_one(amqp, producer, spec, task_id, sent_events)
+                              for spec, task_id in zip(part, ids, strict=True)]
+                    if sent_events:
+                        publish_sent_events(dispatcher, producer, events)
     except (KombuError, OSError, redis.RedisError) as err:
         # KombuError covers OperationalError and BatchPublishError (a batch the broker
         # refused part of: its delivery is uncertain, so the run is cancelled).
@@ -213,8 +216,9 @@ def shown_name(spec: JobSpec) -> str:
     return f"job {spec.job_id} {where} (run {spec.run_id})"
 
 
-def publish_one(amqp: Any, producer: Any, dispatcher: Any, spec: JobSpec, task_id: str,
-                sent_event: bool) -> None:
+def publish_one(amqp: Any, producer: Any, spec: JobSpec, task_id: str,
+                sent_event: bool) -> dict[str, Any] | None:
+    """Publish one job's message; its ``task-sent`` event's fields (None: events off)."""
     message = message_of(spec)
     queue = spec.queue
     # Flower's view of the arguments: one readable line, made cheaply (Celery's saferepr
@@ -229,7 +233,27 @@ def publish_one(amqp: Any, producer: Any, dispatcher: Any, spec: JobSpec, task_i
                      delivery_mode=PERSISTENT, declare=[], retry=False, **properties)
     if event is not None:
         event.update(queue=queue, exchange="", routing_key=queue, name=name)
-        dispatcher.publish("task-sent", event, producer, retry=False)
+    return event
+
+
+def publish_sent_events(dispatcher: Any, producer: Any,
+                        fields: Sequence[dict[str, Any] | None]) -> None:
+    """The ``task-sent`` events of a batch as one event message: a list of events under
+    the routing key ``task.multi``, the form Celery's own worker uses when it buffers its
+    task events, and which every event receiver (Flower's included) reads event by event.
+    One message instead of one per job: a third of a 10,000-job submit otherwise."""
+    from celery.events.event import Event
+    from celery.utils.time import utcoffset
+
+    offset = utcoffset()
+    events = [Event("task-sent", hostname=dispatcher.hostname, utcoffset=offset,
+                    pid=dispatcher.pid, clock=dispatcher.clock.forward(), **event)
+              for event in fields if event is not None]
+    if events:
+        producer.publish(events, routing_key="task.multi", exchange=dispatcher.exchange.name,
+                         declare=[dispatcher.exchange], serializer=dispatcher.serializer,
+                         headers=dispatcher.headers, delivery_mode=dispatcher.delivery_mode,
+                         retry=False)
 
 
 def publish_run(

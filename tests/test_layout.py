@@ -22,6 +22,9 @@ def imported_after(module: str) -> set[str]:
     ("worker_tasks.zygote", {"coordinator", "scoring", "celery", "kombu", "redis", "numpy"}),
     # The CLI parses and prints --help before any verb loads its heavy parts.
     ("coordinator.cli", {"celery", "kombu", "redis", "pydantic", "fabric", "paramiko"}),
+    # Reading runs and who serves them (runs, status --no-check) starts without Celery.
+    ("coordinator.records", {"celery", "kombu", "pydantic", "fabric"}),
+    ("coordinator.cluster_view", {"celery", "kombu", "pydantic", "fabric"}),
     ("scoring.worker", {"coordinator", "worker_tasks", "celery"}),
     ("full_scoring_worker", {"coordinator", "worker_tasks", "celery"}),
 ])

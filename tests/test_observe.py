@@ -71,6 +71,16 @@ def test_flower_shows_workers_with_their_queues_and_every_job(flower: str,
     run = submit(jobs, output_dir="fl", broker_url=redis_server.url)
     wait_for(lambda: {job.job_id: job.state for job in run.status().jobs}["fl_slow"]
              is JobState.RUNNING, 60, "the slow job to run")
+    # A job no worker has taken yet is known only by its task-sent event (sent in groups,
+    # as Celery's task.multi): Flower lists it as sent, under its job's name.
+    queued_id = f"{run.id}.fl_queued.0"
+
+    def queued_seen() -> object:
+        task = http(f"{flower}/api/tasks").get(queued_id)  # type: ignore[union-attr]
+        return task and (task["state"], task["name"])
+
+    wait_for(lambda: queued_seen() == ("PENDING", f"job fl_queued on rig-c (run {run.id})"),
+             30, "Flower to list the queued job from its task-sent event")
     run.cancel()
     run.wait(timeout=60)
     expected = {f"{run.id}.fl_ok.0": "SUCCESS", f"{run.id}.fl_bad.0": "FAILURE",

@@ -7,6 +7,8 @@ worker). The head node reads these in one round trip instead of broadcasting
 an inspect and waiting a second for replies.
 
 Keys: ``<p>:workers:<node>``, a sorted set of worker names scored by last sighting.
+Reading them needs no Celery (``coordinator status`` starts quicker); a worker connects
+its hooks with ``connect_hooks``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from functools import cache
 from typing import Any
 
 import redis
-from celery.signals import heartbeat_sent, worker_ready, worker_shutdown
 
 from worker_tasks.spec import node_of_queue
 from worker_tasks.tracking import KEY_PREFIX
@@ -93,7 +94,16 @@ class Presence:
 PRESENCE = Presence()
 
 
-@worker_ready.connect
+def connect_hooks() -> None:
+    """Keep this worker's entry: announced when ready and at every heartbeat, withdrawn at
+    a warm shutdown (called once, by ``worker_tasks.worker``)."""
+    from celery.signals import heartbeat_sent, worker_ready, worker_shutdown
+
+    worker_ready.connect(on_worker_ready, dispatch_uid=f"{__name__}.ready")
+    heartbeat_sent.connect(on_heartbeat, dispatch_uid=f"{__name__}.heartbeat")
+    worker_shutdown.connect(on_worker_shutdown, dispatch_uid=f"{__name__}.shutdown")
+
+
 def on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
     queues = [queue.name for queue in sender.task_consumer.queues]
     PRESENCE.hostname = sender.hostname
@@ -102,11 +112,9 @@ def on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
     PRESENCE.announce()
 
 
-@heartbeat_sent.connect
 def on_heartbeat(sender: Any = None, **kwargs: Any) -> None:
     PRESENCE.announce()
 
 
-@worker_shutdown.connect
 def on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
     PRESENCE.withdraw()

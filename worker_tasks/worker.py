@@ -14,12 +14,14 @@ from celery.signals import worker_init, worker_shutdown
 from celery.utils.log import get_logger
 
 from worker_tasks import (
-    presence,  # noqa: F401  (workers keep their nodes' presence in Redis)
+    presence,
     shutdown,  # noqa: F401  (a stopping worker exits in bounded time)
     warm,
 )
 from worker_tasks.celery_app import app
 from worker_tasks.run_job import PRIVATE_ENV, run_job
+
+presence.connect_hooks()  # workers keep their nodes' presence in Redis
 
 __all__ = ["app", "run_job"]
 
