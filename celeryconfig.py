@@ -12,6 +12,9 @@ Every setting has a local-Redis default, so a laptop needs no configuration.
 | SC_RESTORE_INTERVAL      | 60                           | how often (seconds) a worker looks   |
 |                          |                              | for jobs past the visibility timeout |
 | SC_RESULT_EXPIRES        | 604800 (7 days)              | task results expire after (seconds)  |
+| SC_SENTINEL_MASTER       | mymaster                     | the master's name, for URLs that     |
+|                          |                              | name Sentinels (sentinel://h:p;...)  |
+| SC_SENTINEL_PASSWORD     | (none)                       | the Sentinels' own password          |
 """
 
 from __future__ import annotations
@@ -19,6 +22,19 @@ from __future__ import annotations
 import os
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+# The master's name for sentinel:// URLs (Redis's own example name by default).
+DEFAULT_SENTINEL_MASTER = "mymaster"
+
+
+def sentinel_master_name() -> str:
+    """The master Sentinels watch, for every Redis URL that names Sentinels."""
+    return os.environ.get("SC_SENTINEL_MASTER") or DEFAULT_SENTINEL_MASTER
+
+
+def sentinel_password() -> str | None:
+    """The Sentinels' own password, where they require one (``requirepass`` in their conf)."""
+    return os.environ.get("SC_SENTINEL_PASSWORD") or None
+
 
 broker_url = os.environ.get("SC_BROKER_URL", DEFAULT_BROKER_URL)
 result_backend = os.environ.get("SC_RESULT_BACKEND", broker_url)
@@ -52,7 +68,16 @@ broker_transport_options = {
     # The sweep's lock outlives a broker crash that catches it held (it is persisted):
     # kombu's 300 s default then holds back every abandoned job for five minutes.
     "unacked_mutex_expire": 30,
+    # Read only by kombu's sentinel:// transport (ignored for redis://).
+    "master_name": sentinel_master_name(),
 }
+result_backend_transport_options = {"master_name": sentinel_master_name()}
+if sentinel_password():
+    broker_transport_options["sentinel_kwargs"] = {"password": sentinel_password()}
+    result_backend_transport_options["sentinel_kwargs"] = {"password": sentinel_password()}
+# A demoted master answers READONLY (a channel error, not a connection error): the
+# worker's consumer then reconnects, through the Sentinels, instead of stopping.
+broker_channel_error_retry = True
 result_expires = int(os.environ.get("SC_RESULT_EXPIRES", str(7 * 24 * 3600)))
 
 # A broker blip must not kill a running GPU job: it finishes and writes its .done; its

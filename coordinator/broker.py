@@ -9,6 +9,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import celeryconfig
 from coordinator.errors import BrokerUnreachableError, InvalidJobsError
+from worker_tasks.connections import SENTINEL_SCHEME, SentinelAddress, is_sentinel, redis_client
 
 if TYPE_CHECKING:  # imported by the calls that connect: a URL's parsing needs neither
     import redis
@@ -32,8 +33,21 @@ def broker_url(url: str | None = None) -> str:
 
 def check_url(url: str) -> None:
     """Refuse a Redis URL whose password holds ``/``, ``?``, ``#`` or a bare ``%``: the URL
-    parser would end the host part there and connect elsewhere."""
-    parts = urlsplit(url)
+    parser would end the host part there and connect elsewhere. A ``sentinel://`` URL is
+    checked address by address, and must name at least one Sentinel."""
+    if is_sentinel(url):
+        try:
+            SentinelAddress.parse(url)
+        except ValueError as err:
+            raise InvalidJobsError(f"the broker URL {redact(url)}: {err}") from None
+        for chunk in url.split(";"):
+            check_one_url(chunk, url)
+        return
+    check_one_url(url, url)
+
+
+def check_one_url(part: str, url: str) -> None:
+    parts = urlsplit(part)
     raw_password = parts.netloc.rpartition("@")[0].partition(":")[2]
     if "@" in parts.path or "@" in parts.query or "@" in parts.fragment or re.search(
             r"%(?![0-9A-Fa-f]{2})", raw_password):
@@ -44,7 +58,12 @@ def check_url(url: str) -> None:
 
 
 def with_password(url: str) -> str:
-    """``url`` with ``$SC_BROKER_PASSWORD`` filled in when the URL has no password."""
+    """``url`` with ``$SC_BROKER_PASSWORD`` filled in when the URL has no password (for
+    Sentinels, in the first address: the master's password, as kombu reads it)."""
+    if is_sentinel(url):
+        first, sep, rest = url.partition(";")
+        return with_password(first.replace(SENTINEL_SCHEME, "redis", 1)).replace(
+            "redis", SENTINEL_SCHEME, 1) + sep + rest
     password = os.environ.get(BROKER_PASSWORD_ENV)
     parts = urlsplit(url)
     if not password or parts.password is not None:
@@ -62,7 +81,7 @@ def tracking_url(url: str | None = None, broker: str | None = None) -> str:
 
 def redact(url: str) -> str:
     """The URL with any password replaced, for error messages."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(://[^:/@;]*:)[^@;]*@", r"\1***@", url)
 
 
 def connect_tracking(url: str | None = None, broker: str | None = None) -> redis.Redis:
@@ -70,9 +89,8 @@ def connect_tracking(url: str | None = None, broker: str | None = None) -> redis
     import redis
 
     target = tracking_url(url, broker)
-    client = redis.Redis.from_url(
-        target, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=CONNECT_TIMEOUT_S * 3
-    )
+    client = redis_client(target, socket_connect_timeout=CONNECT_TIMEOUT_S,
+                          socket_timeout=CONNECT_TIMEOUT_S * 3)
     try:
         client.ping()
     except (redis.RedisError, OSError) as err:

@@ -18,11 +18,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-import redis
-
 from coordinator.die_with_parent import wrapped
 from coordinator.errors import ClusterStartError
 from coordinator.redis_server import RedisServer
+from worker_tasks.connections import redis_client
 from worker_tasks.presence import seen_since
 from worker_tasks.spec import floating_queue, node_of_queue, queue_for
 from worker_tasks.spec import worker_name as spec_worker_name
@@ -149,7 +148,7 @@ class LocalCluster:
         # Presence is kept by node: a per-GPU worker (rig-a.gpu1) is found under rig-a.
         labels = {node_of_queue(queue_for(node)) or node for node in chosen}
         prefix = self.worker_env().get("SC_KEY_PREFIX") or KEY_PREFIX
-        client = redis.Redis.from_url(self.broker_url, socket_connect_timeout=5)
+        client = redis_client(self.broker_url, socket_connect_timeout=5)
         deadline = time.monotonic() + READY_TIMEOUT_S
         try:
             while wanted and time.monotonic() < deadline:

@@ -55,12 +55,14 @@ class RedisServer:
         password: require this password (``requirepass``); it is part of ``url``.
         persistent: append-only file, fsync'd on every write (a restart keeps queued jobs).
         die_with_parent: the server gets SIGTERM when this process dies, even by SIGKILL.
+        replica_of: the port of a master on 127.0.0.1 that this server replicates.
     """
 
     def __init__(self, port: int | None = None, binary: str | None = None,
                  password: str | None = None, persistent: bool = False,
-                 die_with_parent: bool = False) -> None:
+                 die_with_parent: bool = False, replica_of: int | None = None) -> None:
         self.port = port or free_port()
+        self.replica_of = replica_of
         self.binary = binary or find_redis_server()
         self.password = password
         self.persistent = persistent
@@ -80,7 +82,10 @@ class RedisServer:
                    *(["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
                      else ["--appendonly", "no"]),
                    "--protected-mode", "yes",
-                   *(["--requirepass", self.password] if self.password else [])]
+                   *(["--requirepass", self.password, "--masterauth", self.password]
+                     if self.password else []),
+                   *(["--replicaof", "127.0.0.1", str(self.replica_of)]
+                     if self.replica_of else [])]
         if self.die_with_parent:
             # Its data directory goes with it, even when this process is SIGKILLed.
             command = wrapped(command, signal.SIGTERM, remove=str(self.dir))

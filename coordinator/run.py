@@ -35,6 +35,7 @@ from coordinator.records import (
     read_status,
     recent_run_ids,
 )
+from worker_tasks.connections import redis_client
 from worker_tasks.spec import is_floating, node_of_slot, slot_of_worker
 from worker_tasks.tracking import LOST_ONLY, RETRYABLE
 
@@ -175,9 +176,9 @@ class Run:
     def broker(self) -> redis.Redis:
         """A client on the broker's Redis (its queues), for finding lost messages."""
         if self._broker is None:
-            self._broker = redis.Redis.from_url(resolve_broker_url(self.broker_url),
-                                                socket_connect_timeout=CONNECT_TIMEOUT_S,
-                                                socket_timeout=CONNECT_TIMEOUT_S * 10)
+            self._broker = redis_client(resolve_broker_url(self.broker_url),
+                                        socket_connect_timeout=CONNECT_TIMEOUT_S,
+                                        socket_timeout=CONNECT_TIMEOUT_S * 10)
         return self._broker
 
     def settle(self, workdir: str | Path | None = None) -> list[str]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 
+from worker_tasks.connections import redis_client
 from worker_tasks.spec import node_of_queue
 from worker_tasks.tracking import KEY_PREFIX
 
@@ -71,7 +72,7 @@ class Presence:
         from worker_tasks.celery_app import app
 
         url = os.environ.get("SC_TRACKING_URL") or app.conf.broker_url
-        return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        return redis_client(url, socket_connect_timeout=2, socket_timeout=2)
 
     def announce(self) -> None:
         if not self.nodes:

@@ -45,6 +45,7 @@ from celery.utils.log import get_task_logger
 
 from worker_tasks import warm
 from worker_tasks.celery_app import app
+from worker_tasks.connections import redis_client
 from worker_tasks.lease import SlotLease
 from worker_tasks.retries import Retries
 from worker_tasks.runner import Outcome, Runner
@@ -128,7 +129,7 @@ def workdir() -> Path:
 @cache
 def tracker() -> JobTracker:
     url = os.environ.get("SC_TRACKING_URL") or app.conf.broker_url
-    return JobTracker(redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10))
+    return JobTracker(redis_client(url, socket_connect_timeout=5, socket_timeout=10))
 
 
 def retrying(what: str, call: Callable[[], T], limit: float = TRACKING_RETRY_S) -> T:

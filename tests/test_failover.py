@@ -1,0 +1,110 @@
+"""A broker that fails over: the master SIGKILLed mid-run and never restarted, Sentinel
+promotes the replica, and the run completes by itself, every job succeeded exactly once.
+
+The jobs run ``tests/probe_job.py`` (its own ledger of executions, a lock per job and per
+node), so "exactly once" and "one job of a node at a time" are the script's own word.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator import JobState, get_run, submit
+from coordinator.local import LocalCluster
+from tests.helpers import BIN, REPO
+from tests.sentinels import SentinelGroup
+from tests.waiting import wait_for
+
+NODES = ["rig-a", "rig-b", "rig-c", "rig-d"]
+# Jobs in the run: enough that the failover lands with most of them still to run.
+JOBS = 200
+# Unacknowledged jobs come back after this many seconds.
+VISIBILITY_S = 8
+
+
+@pytest.fixture()
+def ha(tmp_path: Path) -> Iterator[tuple[SentinelGroup, LocalCluster, Path]]:
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    with SentinelGroup() as group, LocalCluster(
+            NODES, scripts_dir=REPO, workdir=tmp_path, log_dir=tmp_path / "worker-logs",
+            broker_url=group.url,
+            extra_env={"SC_VISIBILITY_TIMEOUT": str(VISIBILITY_S),
+                       "SC_RESTORE_INTERVAL": "1"}) as cluster:
+        yield group, cluster, ledger
+
+
+def probe_jobs(ledger: Path, count: int = JOBS) -> list[dict[str, Any]]:
+    return [{"job_id": f"j{index:03d}", "script": "tests/probe_job.py",
+             "node": NODES[index % len(NODES)],
+             "args": ["--ledger", str(ledger), "--output-file", f"o/j{index:03d}.json",
+                      "--sleep", "0.05"]} for index in range(count)]
+
+
+def successes(ledger: Path, job_id: str) -> int:
+    path = ledger / f"{job_id}.ledger"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return sum(1 for line in lines if line.split()[:1] == ["end"] and line.split()[2] == "0")
+
+
+def executions(ledger: Path, job_id: str) -> int:
+    path = ledger / f"{job_id}.ledger"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return sum(1 for line in lines if line.startswith("start "))
+
+
+def finished(ledger: Path) -> int:
+    return sum(successes(ledger, f"j{index:03d}") for index in range(JOBS))
+
+
+def waiter(tmp_path: Path, group: SentinelGroup, run_id: str) -> subprocess.Popen[bytes]:
+    """``coordinator wait RUN`` against the Sentinels, output in files."""
+    env = {**os.environ, "SC_BROKER_URL": group.url, "SC_RECONNECT_TIMEOUT": "120"}
+    return subprocess.Popen(
+        [str(BIN / "coordinator"), "wait", run_id, "--workdir", str(tmp_path)], cwd=tmp_path,
+        stdout=(tmp_path / "wait.out").open("w"), stderr=(tmp_path / "wait.err").open("w"),
+        env=env)
+
+
+def assert_each_job_succeeded_once(tmp_path: Path, ledger: Path, run_id: str,
+                                   url: str) -> None:
+    status = get_run(run_id, url).status()
+    assert {job.state for job in status.jobs} == {JobState.SUCCEEDED}
+    assert len(status.jobs) == JOBS
+    for index in range(JOBS):
+        job_id = f"j{index:03d}"
+        assert successes(ledger, job_id) == 1, (job_id, executions(ledger, job_id))
+        assert executions(ledger, job_id) == 1, job_id
+        assert (tmp_path / "o" / f"{job_id}.json.done").exists()
+    violations = ledger / "violations"
+    assert not violations.exists(), violations.read_text()
+
+
+def test_a_run_completes_when_its_master_dies_for_good(
+        ha: tuple[SentinelGroup, LocalCluster, Path], tmp_path: Path) -> None:
+    group, cluster, ledger = ha
+    first_master = group.master.port
+    run = submit(probe_jobs(ledger), output_dir="o", broker_url=group.url)
+    process = waiter(tmp_path, group, run.id)
+    try:
+        wait_for(lambda: finished(ledger) >= 30, 120, "the first jobs to finish")
+        group.master.kill()  # SIGKILL, never restarted
+        wait_for(lambda: group.master_port() not in (None, first_master), 30,
+                 "Sentinel to promote the replica")
+        assert finished(ledger) < JOBS - 40, "the failover came too late to prove anything"
+        process.wait(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    out = (tmp_path / "wait.out").read_text()
+    err = (tmp_path / "wait.err").read_text()
+    assert process.returncode == 0, out + err
+    assert f"{JOBS}/{JOBS} succeeded" in out, out + err
+    assert_each_job_succeeded_once(tmp_path, ledger, run.id, group.url)

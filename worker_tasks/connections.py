@@ -1,0 +1,140 @@
+"""Redis clients from a URL: one server, or the master that Redis Sentinel names.
+
+Every Redis URL the project takes (broker, results, tracking; head node and workers)
+goes through ``redis_client``, so each accepts the same forms:
+
+* ``redis://[:password@]host:port/db``, ``rediss://...`` (TLS), ``unix:///path``: one server;
+* ``sentinel://[:password@]host:port;sentinel://host:port;.../db``: the Sentinels that
+  watch the master named by ``$SC_SENTINEL_MASTER`` (default ``mymaster``), as kombu and
+  Celery read it. The client asks a Sentinel for the master before each new connection,
+  so after a failover its next command reaches the promoted replica (a demoted master's
+  ``READONLY`` becomes a connection error that makes it ask again).
+
+The password (and user) of the first address is the master's; Sentinels are asked
+without one unless ``$SC_SENTINEL_PASSWORD`` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import celeryconfig
+
+if TYPE_CHECKING:
+    import redis
+
+SENTINEL_SCHEME = "sentinel"
+# A Sentinel's port when an address gives none.
+DEFAULT_SENTINEL_PORT = 26379
+
+
+def is_sentinel(url: str) -> bool:
+    return url.split(":", 1)[0].lower() == SENTINEL_SCHEME
+
+
+def sentinel_master() -> str:
+    """The name of the master the Sentinels watch (``$SC_SENTINEL_MASTER``)."""
+    return celeryconfig.sentinel_master_name()
+
+
+@dataclass(frozen=True)
+class SentinelAddress:
+    """What a ``sentinel://`` URL says: the Sentinels, and how to talk to the master."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    db: int
+    username: str | None
+    password: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelAddress:
+        """``ValueError`` with one line for a URL that names no usable Sentinel."""
+        sentinels: list[tuple[str, int]] = []
+        db, username, password = 0, None, None
+        for index, chunk in enumerate(part for part in url.split(";") if part.strip()):
+            parts = urlsplit(chunk.strip())
+            if parts.scheme.lower() != SENTINEL_SCHEME or not parts.hostname:
+                raise ValueError(f"{chunk.strip()!r} is not a sentinel://host:port address")
+            try:
+                port = parts.port or DEFAULT_SENTINEL_PORT
+            except ValueError:
+                raise ValueError(f"{chunk.strip()!r} has no valid port") from None
+            sentinels.append((parts.hostname, port))
+            if index == 0:
+                username = unquote(parts.username) if parts.username else None
+                password = unquote(parts.password) if parts.password is not None else None
+            path = parts.path.strip("/")
+            if path:
+                if not path.isdigit():
+                    raise ValueError(f"{chunk.strip()!r}: the database must be a number")
+                db = int(path)
+        if not sentinels:
+            raise ValueError("a sentinel:// URL must name at least one Sentinel")
+        return cls(tuple(sentinels), db, username, password)
+
+
+def redis_client(url: str, **options: Any) -> redis.Redis:
+    """A client on ``url``'s Redis (the current master, for a ``sentinel://`` URL).
+
+    ``options``: connection settings for ``redis.Redis`` (``socket_timeout``, ...); they
+    apply to the Sentinels too, so a dead Sentinel costs one timeout, not a hang.
+    """
+    import redis
+
+    if not is_sentinel(url):
+        return redis.Redis.from_url(url, **options)
+    from redis.sentinel import Sentinel
+
+    address = SentinelAddress.parse(url)
+    sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=sentinel_kwargs(options),
+                        **options)
+    return sentinel.master_for(sentinel_master(), db=address.db, username=address.username,
+                               password=address.password)
+
+
+def sentinel_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    """How to talk to the Sentinels themselves: the clients' timeouts, their password."""
+    kwargs = {name: value for name, value in options.items()
+              if name in ("socket_timeout", "socket_connect_timeout")}
+    password = celeryconfig.sentinel_password()
+    if password:
+        kwargs["password"] = password
+    return kwargs
+
+
+def master_address(url: str, **options: Any) -> tuple[str, int]:
+    """Where ``url``'s master is now: asked of the Sentinels, or the URL's own host."""
+    if not is_sentinel(url):
+        kwargs = redis_client(url, **options).connection_pool.connection_kwargs
+        return str(kwargs.get("host") or kwargs.get("path")), int(kwargs.get("port") or 0)
+    from redis.sentinel import Sentinel
+
+    address = SentinelAddress.parse(url)
+    timeouts = {name: value for name, value in options.items()
+                if name in ("socket_timeout", "socket_connect_timeout")}
+    sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=sentinel_kwargs(timeouts))
+    host, port = sentinel.discover_master(sentinel_master())
+    return str(host), int(port)
+
+
+def describe_replication(url: str, **options: Any) -> list[str]:
+    """Lines saying which Redis is the master and how far each replica lags behind it
+    (for ``cluster status`` and ``metrics``): one server without replicas says so."""
+    info = redis_client(url, **options).info("replication")
+    host, port = master_address(url, **options)
+    kind = f"Sentinel master {sentinel_master()!r}" if is_sentinel(url) else "Redis"
+    lines = [f"{kind} at {host}:{port}: role {info.get('role', '?')}, "
+             f"{info.get('connected_slaves', 0)} replica(s)"]
+    for name, value in sorted(info.items()):
+        if name.startswith("slave") and isinstance(value, dict):
+            lines.append(f"  replica {value.get('ip')}:{value.get('port')} "
+                         f"{value.get('state', '?')}, lag {value.get('lag', '?')} s, "
+                         f"{replica_bytes_behind(info, value)} bytes behind")
+    return lines
+
+
+def replica_bytes_behind(info: dict[str, Any], replica: dict[str, Any]) -> int:
+    """How much of the master's replication stream a replica has not confirmed."""
+    return max(int(info.get("master_repl_offset", 0)) - int(replica.get("offset", 0)), 0)
