@@ -94,6 +94,21 @@ class Plan:
     def preserve_paths(self) -> bool:
         return self.options.preserve_paths
 
+    def digest(self) -> str:
+        """What the run will do, as a hash: every message but its run id, and where outputs
+        go. Two plans of one jobs file with the same options share it, whatever their run
+        ids: a re-started ``scripts-coordinator`` finds the run it had published."""
+        import hashlib
+
+        import orjson
+
+        hashed = hashlib.sha256(orjson.dumps([self.output_dir, self.preserve_paths]))
+        for spec in self.specs:
+            message = spec.to_message()
+            hashed.update(orjson.dumps({**message, "run_id": ""},
+                                       option=orjson.OPT_SORT_KEYS))
+        return hashed.hexdigest()
+
     def jobs_per_node(self) -> dict[str, int]:
         return {node: len(specs) for node, specs in self.by_node().items()}
 

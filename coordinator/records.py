@@ -222,6 +222,26 @@ def latest_run_id(client: redis.Redis) -> str | None:
     return newest[0] if newest else None
 
 
+# How many of the newest runs a re-started submission looks through for its own.
+RESUME_LOOKBACK = 50
+
+
+def unfinished_run_of(client: redis.Redis, digest: str, workdir: str) -> str | None:
+    """The newest run recorded with this plan digest and workdir that is still under way
+    (published, not cancelled, some job not final): the run a re-started submission of
+    the same jobs should follow instead of publishing them again."""
+    for run_id in recent_run_ids(client, RESUME_LOOKBACK):
+        raw = client.hmget(run_key(run_id), ["plan_digest", "workdir", "state"])
+        info = decode({name: value for name, value in
+                       zip(("plan_digest", "workdir", "state"), raw, strict=True)
+                       if value is not None})
+        if (info.get("plan_digest") == digest and info.get("workdir") == workdir
+                and info.get("state") == RunState.ACTIVE
+                and any(not state.is_final for state in read_counts(client, run_id))):
+            return run_id
+    return None
+
+
 def recent_run_ids(client: redis.Redis, limit: int) -> list[str]:
     """The newest ``limit`` run ids, newest first."""
     return [raw.decode() for raw in client.zrevrange(runs_key(), 0, limit - 1)]

@@ -34,6 +34,7 @@ from coordinator.records import (
     read_info,
     read_status,
     recent_run_ids,
+    unfinished_run_of,
 )
 from worker_tasks.connections import redis_client
 from worker_tasks.spec import is_floating, node_of_slot, slot_of_worker
@@ -72,6 +73,8 @@ class Run:
         self.inventory = inventory
         self._app: Celery | None = None
         self._broker: redis.Redis | None = None
+        # True when ``submit(resume=True)`` found this run under way and published nothing.
+        self.resumed = False
 
     def __repr__(self) -> str:
         return f"Run({self.id!r})"
@@ -276,20 +279,22 @@ def options_of(options: SubmitOptions | None, settings: dict[str, Any]) -> Submi
 
 def submit(jobs: JobsInput, options: SubmitOptions | None = None, *,
            broker_url: str | None = None, tracking_url: str | None = None,
-           **settings: Any) -> Run:
+           resume: bool = False, **settings: Any) -> Run:
     """Validate, record and publish a run; returns its handle.
 
     ``jobs`` is a jobs file path or a list of job dicts (the jobs-file format).
     ``options`` (a ``SubmitOptions``), or any of its fields as keywords
     (``output_dir=``, ``workdir=``, ``retries=``, ``per_gpu=``, ``inventory=`` an
     ``Inventory`` or its path, ...): see ``SubmitOptions``.
+    ``resume``: when a run of the same jobs, options and workdir is still under way (its
+    submitter died, say), return its handle (``run.resumed``) instead of publishing it again.
     Raises ``InvalidJobsError`` (nothing published), ``BrokerUnreachableError``,
     or ``NodeFailedError`` (an input could not be pushed; nothing published).
     """
     from coordinator.submission import prepare as prepare_plan
 
     plan = prepare_plan(jobs, options_of(options, settings))
-    return publish(plan, broker_url=broker_url, tracking_url=tracking_url)
+    return publish(plan, broker_url=broker_url, tracking_url=tracking_url, resume=resume)
 
 
 def recover(jobs: JobsInput, options: SubmitOptions | None = None, *,
@@ -308,16 +313,24 @@ def recover(jobs: JobsInput, options: SubmitOptions | None = None, *,
 
 
 def publish(plan: Plan, broker_url: str | None = None, tracking_url: str | None = None,
-            recover: bool = False) -> Run:
+            recover: bool = False, resume: bool = False) -> Run:
     """Record and publish a prepared plan as it is; returns the run's handle.
 
     ``recover``: jobs whose ``.done`` exists already are recorded skipped, not published.
+    ``resume``: an unfinished run of the same plan is returned instead (see ``submit``).
     """
     from coordinator.submission import publish_run
 
     url = resolve_broker_url(broker_url)
     cluster = plan.options.inventory
     client = connect_tracking(tracking_url, url)
+    if resume:
+        under_way = unfinished_run_of(client, plan.digest(),
+                                      str(plan.options.workdir.resolve()))
+        if under_way is not None:
+            run = Run(under_way, client, url, inventory=cluster)
+            run.resumed = True
+            return run
     app = publisher(url)
     check_broker(app)
     done = done_jobs(plan, plan.options.workdir, cluster) if recover else set()

@@ -7,6 +7,7 @@ node), so "exactly once" and "one job of a node at a time" are the script's own 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 
 from coordinator import JobState, get_run, submit
 from coordinator.local import LocalCluster
+from coordinator.run import recent_runs
 from tests.helpers import BIN, REPO
 from tests.sentinels import SentinelGroup
 from tests.waiting import wait_for
@@ -108,3 +110,86 @@ def test_a_run_completes_when_its_master_dies_for_good(
     assert process.returncode == 0, out + err
     assert f"{JOBS}/{JOBS} succeeded" in out, out + err
     assert_each_job_succeeded_once(tmp_path, ledger, run.id, group.url)
+
+
+@pytest.fixture()
+def pair(tmp_path: Path) -> Iterator[tuple[LocalCluster, Path, Path]]:
+    """Two nodes on a private Redis, the probe's ledger, and a 40-job jobs file."""
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    jobs = [{"job_id": f"h{index:02d}", "script": "tests/probe_job.py",
+             "node": ("rig-a", "rig-b")[index % 2],
+             "args": ["--ledger", str(ledger), "--output-file", f"o/h{index:02d}.json",
+                      "--sleep", "0.2"]} for index in range(HEAD_JOBS)]
+    jobs_file = tmp_path / "jobs.json"
+    jobs_file.write_text(json.dumps(jobs))
+    with LocalCluster(["rig-a", "rig-b"], scripts_dir=REPO, workdir=tmp_path,
+                      log_dir=tmp_path / "worker-logs") as cluster:
+        yield cluster, ledger, jobs_file
+
+
+# Jobs in the head-node tests.
+HEAD_JOBS = 40
+
+
+def head_command(cluster: LocalCluster, jobs_file: Path, *extra: str) -> subprocess.Popen[str]:
+    """The original command line, as the pipeline runs it, from the jobs file's directory."""
+    return subprocess.Popen(
+        [str(BIN / "scripts-coordinator"), "--jobs-file", jobs_file.name, "--output-dir", "o",
+         *extra], cwd=jobs_file.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "SC_BROKER_URL": cluster.broker_url})
+
+
+def killed_mid_run(cluster: LocalCluster, ledger: Path, jobs_file: Path) -> str:
+    """Start the head's command, SIGKILL it once a few jobs are done; the run's id."""
+    head = head_command(cluster, jobs_file)
+    assert head.stdout is not None
+    run_id = head.stdout.readline().strip()  # printed as soon as the run is published
+    wait_for(lambda: sum(successes(ledger, f"h{index:02d}") for index in range(HEAD_JOBS))
+             >= 6, 60, "the first jobs to finish")
+    head.kill()
+    head.communicate(timeout=30)
+    return run_id
+
+
+def assert_head_jobs_ran_once(ledger: Path, tmp_path: Path) -> None:
+    for index in range(HEAD_JOBS):
+        job_id = f"h{index:02d}"
+        assert executions(ledger, job_id) == 1, job_id
+        assert successes(ledger, job_id) == 1, job_id
+        assert (tmp_path / "o" / f"{job_id}.json.done").exists()
+    assert not (ledger / "violations").exists()
+
+
+def test_a_head_node_killed_mid_run_is_finished_by_wait_from_a_new_process(
+        pair: tuple[LocalCluster, Path, Path], tmp_path: Path) -> None:
+    cluster, ledger, jobs_file = pair
+    run_id = killed_mid_run(cluster, ledger, jobs_file)
+    # The workers go on without the head node; a new process picks the run up and collects.
+    waited = subprocess.run([str(BIN / "coordinator"), "wait", run_id], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "SC_BROKER_URL": cluster.broker_url})
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert f"{HEAD_JOBS}/{HEAD_JOBS} succeeded" in waited.stdout
+    assert json.loads((tmp_path / "o" / "run_summary.json").read_text())["succeeded"] == \
+        HEAD_JOBS
+    assert_head_jobs_ran_once(ledger, tmp_path)
+
+
+def test_the_original_command_started_again_resumes_its_run(
+        pair: tuple[LocalCluster, Path, Path], tmp_path: Path) -> None:
+    cluster, ledger, jobs_file = pair
+    run_id = killed_mid_run(cluster, ledger, jobs_file)
+    again = head_command(cluster, jobs_file)
+    out, err = again.communicate(timeout=180)
+    assert again.returncode == 0, out + err
+    assert f"resuming run {run_id}: the same jobs and output directory" in err
+    assert f"{HEAD_JOBS}/{HEAD_JOBS} succeeded" in out
+    assert [run.id for run in recent_runs(10, cluster.broker_url)] == [run_id]  # no second run
+    assert_head_jobs_ran_once(ledger, tmp_path)
+    # Once the run is over, the same command is a new run (whose jobs are all done already).
+    later = head_command(cluster, jobs_file, "--new-run")
+    out, err = later.communicate(timeout=120)
+    assert later.returncode == 0, out + err
+    assert "resuming" not in err
+    assert len(recent_runs(10, cluster.broker_url)) == 2

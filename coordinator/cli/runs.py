@@ -196,7 +196,13 @@ def cmd_submit(args: argparse.Namespace, plan: Plan | None = None) -> int:
         print_plan(plan)
         return ExitCode.OK
     recovering = getattr(args, "recover", False)
-    run = publish(plan, broker_url=args.broker, recover=recovering)
+    resuming = not recovering and not getattr(args, "new_run", True)
+    run = publish(plan, broker_url=args.broker, recover=recovering, resume=resuming)
+    if run.resumed:
+        print(f"resuming run {run.id}: the same jobs and output directory, published from "
+              f"{run.info().get('submitted_from', '?')} and still under way (--new-run "
+              f"publishes them again instead)", file=sys.stderr)
+        return follow(run, args)
     if recovering:
         print(f"recovered run {run.id}: {run.recovered} jobs already done (their .done exists), "
               f"the others published", file=sys.stderr)
@@ -540,5 +546,9 @@ def build_legacy_parser(prog: str = "scripts-coordinator") -> argparse.ArgumentP
     add_original_flags(parser)
     add_retry_flags(parser)
     parser.add_argument("--broker", metavar="URL", help="Redis URL (default: $SC_BROKER_URL)")
+    parser.add_argument("--new-run", action="store_true",
+                        help="publish a new run even when a run of the same jobs file, "
+                             "options and directory is still under way (by default that run "
+                             "is followed: a command killed mid-run picks its run up again)")
     add_follow_flags(parser)
     return parser
