@@ -89,6 +89,11 @@ class Run:
         return list(self.info().get("pushed") or [])
 
     @property
+    def publish_notes(self) -> list[str]:
+        """What happened while publishing that a user should know (a broker failover)."""
+        return list(self.info().get("publish_notes") or [])
+
+    @property
     def recovered(self) -> int:
         """Jobs a recovered run found done (their ``.done`` exists) and did not publish."""
         return int(self.info().get("recovered_jobs") or 0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import secrets
 import shlex
 import socket
@@ -39,12 +40,16 @@ from worker_tasks.tracking import (
     JobTracker,
     RunState,
     jobs_key,
+    run_key,
 )
 from worker_tasks.tracking import now as timestamp
 
 # Jobs per Redis pipeline and per publish batch: large enough to amortise round trips,
 # small enough to keep each pipeline's memory modest.
-BATCH_SIZE = 2000
+BATCH_SIZE = int(os.environ.get("SC_PUBLISH_BATCH", "2000"))
+# How long publishing waits for Sentinel to promote a new master when the broker is lost
+# mid-run (seconds); a plain redis:// broker is not waited for (the run is cancelled).
+FAILOVER_WAIT_S = float(os.environ.get("SC_FAILOVER_TIMEOUT", "60"))
 # How much of a job's command line Flower shows (the message header ``argsrepr``).
 ARGSREPR_CHARS = 200
 # AMQP delivery mode 2: the broker keeps the message across a restart (Redis with AOF).
@@ -179,19 +184,24 @@ def record_run(client: redis.Redis, plan: Plan, extra: dict[str, Any] | None = N
                                           JobState.SKIPPED: len(done)}, created)
 
 
-def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str]) -> None:
+def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str],
+            on_batch: Callable[[int], None] | None = None) -> None:
     """Send each job to its node's queue, in batches; ``BrokerUnreachableError`` on failure.
 
     The messages are Celery's own protocol-2 messages, built by Celery
     (``app.amqp.as_task_v2``) and published as ``send_task`` would; what differs is only
     that the per-call option handling is done once, that kombu's batching groups the
     Redis pushes into pipelines, and that each batch's ``task-sent`` events travel as one
-    event message (see ``publish_sent_events``).
+    event message (see ``publish_sent_events``). ``on_batch`` hears how many jobs each
+    batch the broker took held.
     """
     amqp = app.amqp
     sent_events = bool(app.conf.task_send_sent_event)
     try:
-        with app.producer_or_acquire() as producer:
+        # A connection of its own (not the app's pool): after a failover, a pooled one
+        # would still point at the lost master.
+        with app.connection_for_write() as connection:
+            producer = app.amqp.Producer(connection, auto_declare=False)
             # Each node's queue is declared once, not once per message.
             for queue in {spec.queue for spec in specs}:
                 producer.maybe_declare(amqp.queues[queue])
@@ -202,6 +212,8 @@ def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str]) -> N
                               for spec, task_id in zip(part, ids, strict=True)]
                     if sent_events:
                         publish_sent_events(dispatcher, producer, events)
+                if on_batch is not None:
+                    on_batch(len(part))
     except (KombuError, OSError, redis.RedisError) as err:
         # KombuError covers OperationalError and BatchPublishError (a batch the broker
         # refused part of: its delivery is uncertain, so the run is cancelled).
@@ -277,15 +289,55 @@ def publish_run(
     pushed = before_publish(plan) if before_publish is not None else []
     record_run(client, plan, {**(extra or {}), "pushed": pushed}, done)
     pending = [spec for spec in plan.specs if spec.job_id not in done]
+    task_ids = [task_id_for(spec) for spec in pending]
     tracker = JobTracker(client)
-    try:
-        publish(pending, app, [task_id_for(spec) for spec in pending])
-    except BrokerUnreachableError:
-        # Workers drop messages of a cancelled run: the half that got out is harmless.
-        with contextlib.suppress(redis.RedisError):
-            tracker.set_run_state(plan.run_id, RunState.CANCELLED)
-        raise
+    sent = 0  # jobs of ``pending`` in batches the broker took
+    notes: list[str] = []
+
+    def took(count: int) -> None:
+        nonlocal sent
+        sent += count
+
+    deadline = time.monotonic() + FAILOVER_WAIT_S
+    while True:
+        try:
+            publish(pending[sent:], app, task_ids[sent:], on_batch=took)
+            break
+        except BrokerUnreachableError as err:
+            if not new_master_within(app.conf.broker_url, deadline):
+                # Workers drop messages of a cancelled run: the half that got out is harmless.
+                with contextlib.suppress(redis.RedisError):
+                    tracker.set_run_state(plan.run_id, RunState.CANCELLED)
+                raise
+            # The batch that failed may or may not be queued: its jobs are not sent again
+            # here (a copy could run twice); ``wait`` finds those whose message is gone and
+            # publishes them again, once, under a new task id.
+            uncertain = len(pending[sent:sent + BATCH_SIZE])
+            note = (f"the broker failed over while publishing ({err}): {sent} jobs published "
+                    f"before, {uncertain} in the batch it lost (coordinator wait publishes "
+                    f"any whose message is gone), the rest after")
+            sent += uncertain
+            if not client.exists(run_key(plan.run_id)):  # not yet on the promoted replica
+                record_run(client, plan, {**(extra or {}), "pushed": pushed}, done)
+            notes.append(note)
+            client.hset(run_key(plan.run_id), "publish_notes", json.dumps(notes))
     tracker.set_run_state(plan.run_id, RunState.ACTIVE)
+
+
+def new_master_within(url: str, deadline: float) -> bool:
+    """For a broker behind Sentinels: wait until a master answers (a failover), up to
+    ``deadline``. A single Redis is not waited for: its loss ends the publishing."""
+    from worker_tasks.connections import is_sentinel, redis_client
+
+    if not is_sentinel(url):
+        return False
+    client = redis_client(url, socket_connect_timeout=1, socket_timeout=2)
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.RedisError, OSError):
+            if client.info("replication").get("role") == "master":
+                return True
+        time.sleep(0.2)
+    return False
 
 
 def cancel_run(client: redis.Redis, run_id: str) -> int:

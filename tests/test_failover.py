@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from coordinator import JobState, get_run, submit
 from coordinator.local import LocalCluster
@@ -193,3 +195,38 @@ def test_the_original_command_started_again_resumes_its_run(
     assert later.returncode == 0, out + err
     assert "resuming" not in err
     assert len(recent_runs(10, cluster.broker_url)) == 2
+
+
+def test_a_failover_while_a_run_is_published_loses_no_job(
+        ha: tuple[SentinelGroup, LocalCluster, Path], tmp_path: Path) -> None:
+    """The master dies as soon as the first batch is queued (batches of one job, so the
+    rest are still being published): the publisher waits for the promoted replica and
+    goes on; ``wait`` publishes again any job whose message the dead master took along."""
+    group, cluster, ledger = ha
+    jobs_file = tmp_path / "jobs.json"
+    jobs_file.write_text(json.dumps(probe_jobs(ledger)))
+    master = redis.Redis(port=group.master.port)
+    env = {**os.environ, "SC_BROKER_URL": group.url, "SC_PUBLISH_BATCH": "1",
+           "SC_RECONNECT_TIMEOUT": "120"}
+    head = subprocess.Popen(
+        [str(BIN / "scripts-coordinator"), "--jobs-file", jobs_file.name, "--output-dir", "o"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        def first_batch_queued() -> bool:
+            return any(master.llen(f"node.{node}") for node in NODES)
+
+        wait_for(first_batch_queued, 60, "the first batch to be queued", every=0.001)
+        group.master.kill()
+        out, err = head.communicate(timeout=300)
+    finally:
+        if head.poll() is None:
+            head.kill()
+            head.communicate()
+    assert head.returncode == 0, out + err
+    assert "the broker failed over while publishing" in err, err
+    published_before = re.search(r"\): (\d+) jobs published before", err)
+    assert published_before, err
+    assert 0 < int(published_before[1]) < JOBS - 20, err  # the failover landed mid-publish
+    assert f"{JOBS}/{JOBS} succeeded" in out, out + err
+    run_id = out.splitlines()[0].strip()
+    assert_each_job_succeeded_once(tmp_path, ledger, run_id, group.url)

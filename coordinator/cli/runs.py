@@ -208,6 +208,8 @@ def cmd_submit(args: argparse.Namespace, plan: Plan | None = None) -> int:
               f"the others published", file=sys.stderr)
     for line in run.pushed:
         print(f"pushed {line}", file=sys.stderr)
+    for line in run.publish_notes:
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
     print(json.dumps({"run_id": run.id}) if args.json else run.id, flush=True)
     published = sum(run.planned.values()) - run.recovered
     skipped = f" ({run.recovered} already done, not published)" if recovering else ""
