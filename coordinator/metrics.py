@@ -10,6 +10,11 @@ itself, every queue included:
     sc_node_busy_seconds_total{node}     time its jobs have run (attempts, all runs)
     sc_run_jobs{run, state}              jobs of each recent run by state
     sc_unassigned_messages               messages in node.unassigned (nobody consumes it)
+    sc_broker_master{address, role}      1, naming the Redis the broker's commands reach
+                                         (the master Sentinel names, behind Sentinels)
+    sc_broker_replicas                   replicas connected to it
+    sc_broker_replica_lag_seconds{replica}   seconds since each replica last confirmed
+    sc_broker_replica_behind_bytes{replica}  replication stream it has not confirmed
 
 Serve them (``coordinator metrics --port 9108``) or write them for node_exporter's
 textfile collector (``--textfile /var/lib/node_exporter/sc.prom``).
@@ -25,6 +30,7 @@ import redis
 
 import celeryconfig
 from coordinator.cluster_view import ClusterView
+from worker_tasks.connections import Replication
 from worker_tasks.presence import presence_key
 from worker_tasks.spec import node_of_queue, queue_for
 from worker_tasks.tracking import (
@@ -47,6 +53,11 @@ HELP = {
     "sc_run_jobs": ("gauge", "Jobs of a run by state."),
     "sc_unassigned_messages": ("gauge", "Messages in node.unassigned, which no worker "
                                         "consumes."),
+    "sc_broker_master": ("gauge", "1, naming the Redis the broker's commands reach now."),
+    "sc_broker_replicas": ("gauge", "Replicas connected to the broker's master."),
+    "sc_broker_replica_lag_seconds": ("gauge", "Seconds since the replica last confirmed."),
+    "sc_broker_replica_behind_bytes": ("gauge", "Replication stream the replica has not "
+                                                "confirmed."),
 }
 
 
@@ -107,6 +118,15 @@ def collect(broker: redis.Redis, tracking: redis.Redis) -> str:
             samples["sc_run_jobs"].append((label(run=run_id, state=state.value),
                                            counts.get(state.value, 0)))
     samples["sc_unassigned_messages"].append(("", broker.llen(celeryconfig.task_default_queue)))
+    replication = Replication.of(broker)
+    samples["sc_broker_master"].append(
+        (label(address=replication.address, role=replication.role), 1))
+    samples["sc_broker_replicas"].append(("", len(replication.replicas)))
+    for replica in replication.replicas:
+        samples["sc_broker_replica_lag_seconds"].append((label(replica=replica.address),
+                                                         replica.lag_s))
+        samples["sc_broker_replica_behind_bytes"].append((label(replica=replica.address),
+                                                          replica.behind_bytes))
     lines: list[str] = []
     for name, (kind, text) in HELP.items():
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]

@@ -21,8 +21,9 @@ import redis
 from coordinator import JobState, get_run, submit
 from coordinator.local import LocalCluster
 from coordinator.run import recent_runs
-from tests.helpers import BIN, REPO
+from tests.helpers import BIN, REPO, run_cli
 from tests.sentinels import SentinelGroup
+from tests.test_observe import metric
 from tests.waiting import wait_for
 
 NODES = ["rig-a", "rig-b", "rig-c", "rig-d"]
@@ -94,6 +95,13 @@ def test_a_run_completes_when_its_master_dies_for_good(
         ha: tuple[SentinelGroup, LocalCluster, Path], tmp_path: Path) -> None:
     group, cluster, ledger = ha
     first_master = group.master.port
+    # Metrics name the master and its replica's lag (then the promoted replica, below).
+    before = broker_metrics(group, tmp_path)
+    assert metric(before, "sc_broker_master", address=f"127.0.0.1:{first_master}",
+                  role="master") == 1
+    assert metric(before, "sc_broker_replicas") == 1
+    assert metric(before, "sc_broker_replica_lag_seconds",
+                  replica=f"127.0.0.1:{group.replica.port}") is not None
     run = submit(probe_jobs(ledger), output_dir="o", broker_url=group.url)
     process = waiter(tmp_path, group, run.id)
     try:
@@ -112,6 +120,17 @@ def test_a_run_completes_when_its_master_dies_for_good(
     assert process.returncode == 0, out + err
     assert f"{JOBS}/{JOBS} succeeded" in out, out + err
     assert_each_job_succeeded_once(tmp_path, ledger, run.id, group.url)
+    after = broker_metrics(group, tmp_path)
+    assert metric(after, "sc_broker_master", address=f"127.0.0.1:{group.replica.port}",
+                  role="master") == 1
+    assert metric(after, "sc_broker_replicas") == 0
+
+
+def broker_metrics(group: SentinelGroup, tmp_path: Path) -> str:
+    textfile = tmp_path / "sc.prom"
+    result = run_cli("metrics", "--textfile", str(textfile), env={"SC_BROKER_URL": group.url})
+    assert result.returncode == 0, result.stderr
+    return textfile.read_text()
 
 
 @pytest.fixture()

@@ -167,6 +167,9 @@ def test_step3_over_ssh_from_init_to_down(ssh_cluster: SshCluster) -> None:
 
     status = env.cli("cluster", "status")
     assert status.returncode == 0, status.stdout + status.stderr
+    # Which Redis the broker is, and that it has no replica (see test_failover for some).
+    assert f"broker: Redis at 127.0.0.1:{env.redis.port} (master), 0 replica(s): a single " \
+        "copy of the queues and records" in status.stdout
     for label in LABELS:
         line = next(line for line in status.stdout.splitlines() if line.startswith(label))
         assert f"ssh ok, worker pid {pids[label]} alive, ping ok, queue 0, idle" in line

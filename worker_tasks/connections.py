@@ -104,37 +104,48 @@ def sentinel_kwargs(options: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def master_address(url: str, **options: Any) -> tuple[str, int]:
-    """Where ``url``'s master is now: asked of the Sentinels, or the URL's own host."""
-    if not is_sentinel(url):
-        kwargs = redis_client(url, **options).connection_pool.connection_kwargs
-        return str(kwargs.get("host") or kwargs.get("path")), int(kwargs.get("port") or 0)
-    from redis.sentinel import Sentinel
-
-    address = SentinelAddress.parse(url)
-    timeouts = {name: value for name, value in options.items()
-                if name in ("socket_timeout", "socket_connect_timeout")}
-    sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=sentinel_kwargs(timeouts))
-    host, port = sentinel.discover_master(sentinel_master())
-    return str(host), int(port)
+@dataclass(frozen=True)
+class Replica:
+    address: str
+    state: str
+    lag_s: float
+    behind_bytes: int
 
 
-def describe_replication(url: str, **options: Any) -> list[str]:
-    """Lines saying which Redis is the master and how far each replica lags behind it
-    (for ``cluster status`` and ``metrics``): one server without replicas says so."""
-    info = redis_client(url, **options).info("replication")
-    host, port = master_address(url, **options)
-    kind = f"Sentinel master {sentinel_master()!r}" if is_sentinel(url) else "Redis"
-    lines = [f"{kind} at {host}:{port}: role {info.get('role', '?')}, "
-             f"{info.get('connected_slaves', 0)} replica(s)"]
-    for name, value in sorted(info.items()):
-        if name.startswith("slave") and isinstance(value, dict):
-            lines.append(f"  replica {value.get('ip')}:{value.get('port')} "
-                         f"{value.get('state', '?')}, lag {value.get('lag', '?')} s, "
-                         f"{replica_bytes_behind(info, value)} bytes behind")
-    return lines
+@dataclass(frozen=True)
+class Replication:
+    """Which Redis a client's commands reach now, and how far its replicas lag behind it."""
 
+    address: str
+    role: str
+    replicas: tuple[Replica, ...]
+    sentinel_master: str | None = None
 
-def replica_bytes_behind(info: dict[str, Any], replica: dict[str, Any]) -> int:
-    """How much of the master's replication stream a replica has not confirmed."""
-    return max(int(info.get("master_repl_offset", 0)) - int(replica.get("offset", 0)), 0)
+    @classmethod
+    def of(cls, client: redis.Redis) -> Replication:
+        info = client.info("replication")
+        offset = int(info.get("master_repl_offset", 0))
+        replicas = tuple(
+            Replica(f"{value.get('ip')}:{value.get('port')}", str(value.get("state", "?")),
+                    float(value.get("lag", 0)), max(offset - int(value.get("offset", 0)), 0))
+            for name, value in sorted(info.items())
+            if name.startswith("slave") and isinstance(value, dict))
+        pool = client.connection_pool
+        if hasattr(pool, "get_master_address"):  # a Sentinel-managed pool
+            host, port = pool.get_master_address()
+            return cls(f"{host}:{port}", str(info.get("role", "?")), replicas,
+                       getattr(pool, "service_name", None))
+        kwargs = pool.connection_kwargs
+        where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+        return cls(str(where), str(info.get("role", "?")), replicas)
+
+    def lines(self) -> list[str]:
+        """For ``cluster status``: the master, then a line per replica."""
+        kind = (f"Sentinel master {self.sentinel_master!r}" if self.sentinel_master
+                else "Redis")
+        first = f"{kind} at {self.address} ({self.role}), {len(self.replicas)} replica(s)"
+        if not self.replicas:
+            first += ": a single copy of the queues and records"
+        return [first] + [f"  replica {replica.address} {replica.state}, lag "
+                          f"{replica.lag_s:g} s, {replica.behind_bytes} bytes behind"
+                          for replica in self.replicas]

@@ -174,6 +174,21 @@ def broker_view(broker: str | None) -> tuple[ClusterView | None, str | None]:
     return view, None
 
 
+def broker_lines(broker: str | None) -> list[str]:
+    """Which Redis the broker is now (behind Sentinels: the master they name) and how far
+    its replicas lag."""
+    import redis
+
+    from worker_tasks.connections import Replication, redis_client
+
+    url = resolve_broker_url(broker)
+    try:
+        return Replication.of(redis_client(url, socket_connect_timeout=3,
+                                           socket_timeout=5)).lines()
+    except (redis.RedisError, OSError) as err:
+        return [f"{redact(url)}: replication unknown ({err})"]
+
+
 @over_ssh
 def cmd_status(args: argparse.Namespace) -> int:
     from coordinator.cluster import workers
@@ -182,6 +197,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     inventory = load(args)
     view, broker_error = broker_view(args.broker)
+    if view is not None:
+        print("\n".join(f"broker: {line}" for line in broker_lines(args.broker)), flush=True)
     head_version = project_version()
 
     def one(remote: RemoteNode) -> str:
