@@ -30,6 +30,7 @@ from coordinator import JobState, submit
 from coordinator.cli import build_parser
 from coordinator.redis_server import find_redis_server, free_port
 from tests.helpers import BIN, REPO, echo_job
+from worker_tasks.connections import SentinelAddress
 
 PASSWORD = "compose-s3cret"
 ENV = {"REDIS_PASSWORD": PASSWORD, "FLOWER_BASIC_AUTH": "admin:flower-s3cret",
@@ -63,12 +64,13 @@ def load(name: str, env: dict[str, str] = ENV) -> dict[str, Any]:
     return interpolate(yaml.safe_load((REPO / name).read_text()), env)
 
 
-HEAD, GPU = "docker-compose.yml", "docker-compose.gpu.yml"
+HEAD, GPU, HA = "docker-compose.yml", "docker-compose.gpu.yml", "docker-compose.ha.yml"
 
 
 def test_the_compose_files_validate_against_the_compose_spec() -> None:
     result = subprocess.run([str(BIN / "check-jsonschema"), "--builtin-schema",
-                             "vendor.compose-spec", str(REPO / HEAD), str(REPO / GPU)],
+                             "vendor.compose-spec", str(REPO / HEAD), str(REPO / GPU),
+                             str(REPO / HA)],
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -121,6 +123,30 @@ def test_every_service_is_a_real_invocation_with_consistent_names(tmp_path: Path
         assert service["image"].endswith("-gpu")
     assert head["flower"]["environment"]["SC_BROKER_URL"] == \
         f"redis://:{PASSWORD}@redis:6379/0"
+
+
+def test_the_sentinel_profile_gives_the_head_services_a_broker_that_fails_over() -> None:
+    """docker-compose.ha.yml: a replica and three Sentinels of the redis service, whose
+    quorum is two; the head's services name the Sentinels, each a real invocation."""
+    ha = load(HA)["services"]
+    base = load(HEAD)["services"]
+    sentinels = [name for name in ha if name.startswith("sentinel-")]
+    assert len(sentinels) == 3 and all(ha[name]["profiles"] == ["ha"] for name in sentinels)
+    conf = ha["sentinel-1"]["command"][-1]
+    assert "sentinel monitor mymaster redis 6379 2" in conf and "--sentinel" in conf
+    assert "--replicaof redis 6379" in ha["redis-replica"]["command"][-1]
+    assert "--min-replicas-to-write 1" in ha["redis"]["command"][-1]
+    url = ";".join(f"sentinel://{f':{PASSWORD}@' if index == 1 else ''}sentinel-{index}:26379"
+                   for index in (1, 2, 3)) + "/0"
+    for name in ("flower", "metrics", "coordinator"):
+        env = ha[name]["environment"]
+        assert env["SC_BROKER_URL"] == url and env["SC_SENTINEL_MASTER"] == "mymaster"
+        assert name in base  # an override of the base file's service, not a new one
+    for name in ("flower", "metrics"):
+        build_parser().parse_args(coordinator_args(base[name]))
+    assert SentinelAddress.parse(url).sentinels == (("sentinel-1", 26379),
+                                                     ("sentinel-2", 26379),
+                                                     ("sentinel-3", 26379))
 
 
 def test_the_dockerfile_is_pinned_layered_and_not_root() -> None:
