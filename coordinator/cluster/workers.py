@@ -22,7 +22,8 @@ from worker_tasks.spec import gpu_of_slot, slot_of
 
 # Head-node settings a node's worker must share (same key prefix, same timeouts).
 FORWARDED_ENV = ("SC_VISIBILITY_TIMEOUT", "SC_RESTORE_INTERVAL", "SC_RESULT_EXPIRES",
-                 "SC_RUN_TTL", "SC_KEY_PREFIX", "SC_TRACKING_URL", "SC_RESULT_BACKEND")
+                 "SC_RUN_TTL", "SC_KEY_PREFIX", "SC_TRACKING_URL", "SC_RESULT_BACKEND",
+                 "SC_SENTINEL_MASTER", "SC_SENTINEL_PASSWORD")
 # A worker has this long to answer its first ping once started (seconds, slow nodes).
 START_TIMEOUT_S = 90.0
 # The longest a warm `down` waits for the running job before saying it is still finishing.
