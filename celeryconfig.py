@@ -40,9 +40,11 @@ broker_url = os.environ.get("SC_BROKER_URL", DEFAULT_BROKER_URL)
 result_backend = os.environ.get("SC_RESULT_BACKEND", broker_url)
 
 # JSON only: a pickle from anyone who can write to the broker would be code execution.
+# application/data is Celery's "auth" serializer: JSON signed with the head node's key
+# (worker_tasks.signing decides who needs it).
 task_serializer = "json"
 result_serializer = "json"
-accept_content = ["json"]
+accept_content = ["json", "application/data"]
 result_accept_content = ["json"]
 
 # A job lost with its worker is delivered again: ack after the job, not before.

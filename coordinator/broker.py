@@ -104,11 +104,18 @@ def publisher(url: str | None = None) -> Celery:
     Its result backend is disabled: the head node reads job states from the
     tracking records, and a Redis backend would subscribe to every task's result
     channel as it is sent. Workers still store results with their own settings.
+    With ``$SC_SIGNING_KEY`` it signs every job (``worker_tasks.signing``); a key or
+    certificate it cannot use is ``InvalidJobsError`` (exit 2), before anything is sent.
     """
     from worker_tasks.celery_app import make_app
+    from worker_tasks.signing import SigningError, register
 
     app = make_app(broker_url(url))
     app.conf.result_backend = None
+    try:
+        app.conf.sc_sign_jobs = register()
+    except SigningError as err:
+        raise InvalidJobsError(str(err)) from None
     return app
 
 

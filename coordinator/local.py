@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable
@@ -21,6 +23,7 @@ from pathlib import Path
 from coordinator.die_with_parent import wrapped
 from coordinator.errors import ClusterStartError
 from coordinator.redis_server import RedisServer
+from worker_tasks import signing
 from worker_tasks.connections import redis_client
 from worker_tasks.presence import seen_since
 from worker_tasks.spec import floating_queue, node_of_queue, queue_for
@@ -29,6 +32,8 @@ from worker_tasks.tracking import KEY_PREFIX
 
 # How long workers may take to answer a ping after starting (seconds; 2 slow cores).
 READY_TIMEOUT_S = 90.0
+# The throwaway key of a signed local cluster: <keys dir>/head.key, head.crt.
+HEAD_KEY_NAME = "head"
 # Grace for a worker's warm shutdown before it is killed (seconds).
 STOP_GRACE_S = 10.0
 # How often readiness is looked at while workers start (seconds).
@@ -69,6 +74,8 @@ class LocalCluster:
         extra_env: more environment for the workers (e.g. SC_VISIBILITY_TIMEOUT).
         die_with_parent: Redis and the workers die with this process, even a SIGKILLed one
             (``coordinator local`` sets it); start and restart workers from the main thread.
+        signed: make a throwaway head key and certificate; the workers trust only it and
+            refuse unsigned jobs; ``head_env()`` is what a publisher needs to sign.
     """
 
     def __init__(
@@ -80,6 +87,7 @@ class LocalCluster:
         broker_url: str | None = None,
         extra_env: dict[str, str] | None = None,
         die_with_parent: bool = False,
+        signed: bool = False,
     ) -> None:
         self.nodes = sorted(set(nodes))
         self.scripts_dir = Path(scripts_dir).resolve()
@@ -91,6 +99,8 @@ class LocalCluster:
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.started_at: dict[str, float] = {}
         self.die_with_parent = die_with_parent
+        self.signed = signed
+        self.keys_dir: Path | None = None
 
     @property
     def broker_url(self) -> str:
@@ -99,9 +109,21 @@ class LocalCluster:
         assert self.redis is not None, "cluster not started"
         return self.redis.url
 
+    def head_env(self) -> dict[str, str]:
+        """What a process publishing to this cluster sets to sign its jobs (if signed)."""
+        if self.keys_dir is None:
+            return {}
+        return {signing.KEY_VARIABLE: str(self.keys_dir / f"{HEAD_KEY_NAME}.key"),
+                signing.CERT_VARIABLE: str(self.keys_dir / f"{HEAD_KEY_NAME}.crt")}
+
     def worker_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.extra_env)
+        if self.keys_dir is not None:
+            env.update({signing.TRUST_VARIABLE: str(self.keys_dir / "trusted"),
+                        signing.REQUIRE_VARIABLE: "1"})
+            env.pop(signing.KEY_VARIABLE, None)  # a worker signs nothing
+            env.pop(signing.UNSIGNED_VARIABLE, None)
         env.update(
             SC_BROKER_URL=self.broker_url,
             SC_RESULT_BACKEND=self.broker_url,
@@ -112,6 +134,11 @@ class LocalCluster:
         return env
 
     def start(self) -> LocalCluster:
+        if self.signed and self.keys_dir is None:
+            self.keys_dir = Path(tempfile.mkdtemp(prefix="sc-keys-"))
+            _, cert = signing.make_keypair(self.keys_dir, HEAD_KEY_NAME)
+            (self.keys_dir / "trusted").mkdir()
+            shutil.copy(cert, self.keys_dir / "trusted" / cert.name)
         if not self._broker_url:
             self.redis = RedisServer(die_with_parent=self.die_with_parent).start()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -211,6 +238,9 @@ class LocalCluster:
                 if self.redis is not None:
                     self.redis.close()
                     self.redis = None
+                if self.keys_dir is not None:  # a throwaway key goes with its cluster
+                    shutil.rmtree(self.keys_dir, ignore_errors=True)
+                    self.keys_dir = None
             finally:
                 for signum, handler in previous.items():
                     signal.signal(signum, handler)

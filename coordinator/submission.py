@@ -32,6 +32,7 @@ from coordinator.jobs import Job, LegacyScoringJob, iter_load_jobs
 from coordinator.legacy import Conversion, convert, write_chunks
 from coordinator.options import DEFAULTS, SubmitOptions
 from coordinator.plan import Plan, plan_jobs
+from worker_tasks.signing import AUTH_SERIALIZER
 from worker_tasks.spec import DEFAULT_RETRY_DELAY_S, FLOATING_NODE, RUN_JOB_TASK, JobSpec
 from worker_tasks.tracking import (
     CANCELLABLE,
@@ -117,7 +118,8 @@ def message_of(spec: JobSpec) -> dict[str, Any]:
 
 # Message fields a record leaves out when they hold their default (smaller records).
 UNSTORED_DEFAULTS = {"timeout": None, "env": {}, "retries": 0,
-                     "retry_delay": DEFAULT_RETRY_DELAY_S, "output_file": None, "per_gpu": False}
+                     "retry_delay": DEFAULT_RETRY_DELAY_S, "output_file": None, "per_gpu": False,
+                     "task_id": None}
 
 
 def stored_spec(spec: JobSpec) -> dict[str, Any]:
@@ -197,6 +199,8 @@ def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str],
     """
     amqp = app.amqp
     sent_events = bool(app.conf.task_send_sent_event)
+    # Signed when the publisher registered the head's key (coordinator.broker.publisher).
+    serializer = AUTH_SERIALIZER if app.conf.get("sc_sign_jobs") else "json"
     try:
         # A connection of its own (not the app's pool): after a failover, a pooled one
         # would still point at the lost master.
@@ -208,7 +212,8 @@ def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str],
             dispatcher = app.events.Dispatcher(producer.connection, enabled=False)
             for part, ids in zip(chunks(specs), chunks(task_ids), strict=True):
                 with producer.batch(max_size=BATCH_SIZE + 1):
-                    events = [publish_one(amqp, producer, spec, task_id, sent_events)
+                    events = [publish_one(amqp, producer, spec, task_id, sent_events,
+                                          serializer)
                               for spec, task_id in zip(part, ids, strict=True)]
                     if sent_events:
                         publish_sent_events(dispatcher, producer, events)
@@ -229,10 +234,10 @@ def shown_name(spec: JobSpec) -> str:
     return f"job {spec.job_id} {where} (run {spec.run_id})"
 
 
-def publish_one(amqp: Any, producer: Any, spec: JobSpec, task_id: str,
-                sent_event: bool) -> dict[str, Any] | None:
+def publish_one(amqp: Any, producer: Any, spec: JobSpec, task_id: str, sent_event: bool,
+                serializer: str = "json") -> dict[str, Any] | None:
     """Publish one job's message; its ``task-sent`` event's fields (None: events off)."""
-    message = message_of(spec)
+    message = {**message_of(spec), "task_id": task_id}
     queue = spec.queue
     # Flower's view of the arguments: one readable line, made cheaply (Celery's saferepr
     # of a job's message costs more than the rest of publishing it, and a full copy of the
@@ -242,8 +247,9 @@ def publish_one(amqp: Any, producer: Any, spec: JobSpec, task_id: str,
     headers, properties, body, event = amqp.as_task_v2(
         task_id, RUN_JOB_TASK, args=[message], argsrepr=shown, kwargsrepr="{}",
         create_sent_event=sent_event, shadow=name)
-    producer.publish(body, exchange="", routing_key=queue, headers=headers, serializer="json",
-                     delivery_mode=PERSISTENT, declare=[], retry=False, **properties)
+    producer.publish(body, exchange="", routing_key=queue, headers=headers,
+                     serializer=serializer, delivery_mode=PERSISTENT, declare=[], retry=False,
+                     **properties)
     if event is not None:
         event.update(queue=queue, exchange="", routing_key=queue, name=name)
     return event

@@ -6,6 +6,9 @@ attacker's payload repeated into the log, twenty lines a message. These are
 untrusted input refused as designed, so each is one line naming the message and
 the reason; the message is acknowledged or rejected exactly as Celery does.
 
+A worker with a trust store takes only jobs signed by a key it trusts
+(``worker_tasks.signing.admit``): the others are refused here, before Celery decodes them.
+
 The header fields Celery prints and shows before any check of ours (the task's shown
 name, ``shadow``, and its ``id``) are made one printable line first: a hand-made
 message could otherwise write lines of its own into the log ("Task ...[...] received").
@@ -19,6 +22,8 @@ from typing import Any
 from celery import signals
 from celery.worker.consumer import Consumer
 from vine import promise
+
+from worker_tasks.signing import admit
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +66,22 @@ class QuietConsumer(Consumer):
 
         def on_task_received(message: Any) -> Any:
             clean_headers(message)
+            refusal = admit(message, {queue.name for queue in self.task_consumer.queues})
+            if refusal is not None:
+                return self.refuse(message, refusal)
             return handle(message)
 
         return on_task_received
+
+    def refuse(self, message: Any, reason: str) -> None:
+        """One line, the message acknowledged (it must not come back), and a task-rejected
+        event, so Flower shows it REJECTED; nothing runs."""
+        task_id = message_id(message)
+        logger.error("refused message %s: %s; nothing run", task_id, reason)
+        message.ack()
+        dispatcher = getattr(self, "event_dispatcher", None)
+        if dispatcher is not None and dispatcher.enabled:
+            dispatcher.send("task-rejected", uuid=task_id, requeue=False)
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         logger.error("refused message %s: cannot decode its body (%s, content type %s)",

@@ -292,6 +292,8 @@ class JobSpec:
             instead of per node (the original contract, the default).
         warm: fork the script's interpreter from the worker's zygote (True), start it
             fresh (False), or as the worker is set (None: ``coordinator worker --warm``).
+        task_id: the id of the message that carries the job, set as it is published: a
+            signed message's headers are not signed, its body is (``worker_tasks.signing``).
     """
 
     run_id: str
@@ -309,6 +311,7 @@ class JobSpec:
     retry_delay: float = DEFAULT_RETRY_DELAY_S
     per_gpu: bool = False
     warm: bool | None = None
+    task_id: str | None = None
 
     @property
     def floating(self) -> bool:
@@ -376,4 +379,6 @@ class JobSpec:
                                       "retry_delay", MAX_RETRY_DELAY_S, allow_zero=True),
             per_gpu=check_flag(message.get("per_gpu", False), "per_gpu"),
             warm=None if message.get("warm") is None else check_flag(message["warm"], "warm"),
+            task_id=(None if message.get("task_id") is None
+                     else check_text(message["task_id"], "task_id")),
         )

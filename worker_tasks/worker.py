@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from celery.signals import worker_init, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown
 from celery.utils.log import get_logger
 
 from worker_tasks import (
@@ -34,6 +34,9 @@ def load_worker_only_parts(**kwargs: Any) -> None:
     """In a worker (not on the head node): refuse pool_grow, autoscale, add_consumer; with
     ``SC_WARM``, start the zygote before the pool (its processes inherit where it listens)."""
     from worker_tasks import control  # noqa: F401
+    from worker_tasks.signing import register
+
+    register()  # its pool processes inherit the serializer and the trust store
 
     if warm.enabled() and not _supervisor:
         env = {name: value for name, value in os.environ.items() if name not in PRIVATE_ENV}
@@ -41,6 +44,19 @@ def load_worker_only_parts(**kwargs: Any) -> None:
         os.environ[warm.SOCKET_VARIABLE] = supervisor.socket_path
         supervisor.start()
         _supervisor.append(supervisor)
+
+
+@worker_ready.connect
+def say_signing(**kwargs: Any) -> None:
+    from worker_tasks.signing import trust_store, unsigned
+
+    store = trust_store()
+    if store:
+        logger.info("signing: only jobs signed by a key whose certificate is in %s run here",
+                    store)
+    else:
+        logger.warning("signing off%s: any client of the broker can run jobs here",
+                       " (SC_UNSIGNED=1)" if unsigned() else " (no trust store)")
 
 
 @worker_shutdown.connect

@@ -65,6 +65,25 @@ def project_version() -> str:
         return "unknown"
 
 
+def check_signing(args: argparse.Namespace) -> None:
+    """A worker that must run only signed jobs has a trust store it can read (exit 2)."""
+    from worker_tasks import signing
+
+    if args.trusted_certs:
+        os.environ[signing.TRUST_VARIABLE] = str(Path(args.trusted_certs).resolve())
+    if args.require_signed:
+        os.environ[signing.REQUIRE_VARIABLE] = "1"
+    if signing.flag(signing.REQUIRE_VARIABLE) and signing.trust_store() is None:
+        raise InvalidJobsError(
+            f"node {args.slot}: signed jobs are required but there is no trust store: give "
+            f"--trusted-certs DIR (the head's certificate; cluster deploy installs it), or "
+            f"set {signing.UNSIGNED_VARIABLE}=1 to run unsigned jobs deliberately")
+    try:
+        signing.register()
+    except signing.SigningError as err:
+        raise InvalidJobsError(f"node {args.slot}: {err}") from None
+
+
 def load_env_file(path: str) -> None:
     """``KEY=VALUE`` lines (systemd's EnvironmentFile, unquoted) into this environment."""
     try:
@@ -137,6 +156,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise InvalidJobsError(f"node {args.slot}: a worker is already running (pid "
                                f"{current.pid}, pid file {pidfile})")
     note = f"; replaced stale pid file (pid {current.pid} gone)" if current.stale else ""
+    check_signing(args)
     app = publisher(args.broker)
     check_broker(app)
     others = other_workers(connect_tracking(None, args.broker), app, args.slot)
@@ -271,6 +291,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     """A private Redis and a worker per slot of the plan, the run followed, all stopped."""
     from coordinator.local import LocalCluster
     from coordinator.run import publish
+    from worker_tasks import signing
 
     plan = prepare_args(args)
     if args.dry_run:
@@ -284,7 +305,10 @@ def cmd_local(args: argparse.Namespace) -> int:
     log_dir = plan.options.workdir / plan.output_dir / "logs"
     try:
         with LocalCluster(slots, args.scripts_dir, plan.options.workdir, log_dir=log_dir,
-                          extra_env=worker_env, die_with_parent=True) as cluster:
+                          extra_env=worker_env, die_with_parent=True,
+                          signed=not signing.unsigned()) as cluster:
+            # Signed with the cluster's throwaway key, so signing runs on every local run.
+            os.environ.update(cluster.head_env())
             run = publish(plan, broker_url=cluster.broker_url)
             print(f"run {run.id}: {len(plan.specs)} jobs published", file=sys.stderr,
                   flush=True)
@@ -408,6 +432,11 @@ def register(command: CommandFactory) -> None:
     sub.add_argument("--env-file", metavar="FILE",
                      help="NAME=VALUE lines loaded first (SC_BROKER_URL, ...); keeps a broker "
                           "password off the command line")
+    sub.add_argument("--trusted-certs", metavar="DIR",
+                     help="run only jobs signed by a key whose certificate is in DIR "
+                          "($SC_TRUSTED_CERTS); every other message is refused in one line")
+    sub.add_argument("--require-signed", action="store_true",
+                     help="refuse to start without --trusted-certs ($SC_REQUIRE_SIGNED=1)")
     sub.set_defaults(handler=cmd_worker)
 
     sub = command("local", "run a jobs file on this machine: private Redis, one worker per node",

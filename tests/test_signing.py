@@ -1,0 +1,269 @@
+"""Only the head node can make a node run anything: signed jobs against an attacker who
+has the whole broker (the Redis password) but not the head's key.
+
+The cluster is a signed local one (``LocalCluster(signed=True)``, as ``coordinator local``
+and ``demo`` start): a throwaway head key, workers that trust only its certificate and
+require signatures. Each refusal is one line in the worker's log; nothing runs (the
+probe's ledger says so); the worker goes on serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from coordinator import JobState, submit
+from coordinator.local import LocalCluster
+from coordinator.redis_server import free_port
+from tests.helpers import BIN, REPO, echo_job, run_cli
+from tests.waiting import wait_for
+from worker_tasks import signing
+
+NODES = ["rig-a", "rig-b"]
+# Celery's auth payload: five fields joined by this separator (celery.security).
+SEPARATOR = b"\x00\x01"
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    workdir = tmp_path_factory.mktemp("signed")
+    (workdir / "ledger").mkdir()
+    with LocalCluster(NODES, scripts_dir=REPO, workdir=workdir, log_dir=workdir / "logs",
+                      signed=True) as cluster:
+        yield cluster
+
+
+@pytest.fixture()
+def as_head(signed: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> LocalCluster:
+    """This process publishes as the head node: with its key."""
+    for name, value in signed.head_env().items():
+        monkeypatch.setenv(name, value)
+    return signed
+
+
+@pytest.fixture()
+def as_attacker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process has the broker URL and nothing else."""
+    for name in (signing.KEY_VARIABLE, signing.CERT_VARIABLE, signing.UNSIGNED_VARIABLE):
+        monkeypatch.delenv(name, raising=False)
+
+
+def probe(cluster: LocalCluster, job_id: str, node: str, *extra: str) -> dict[str, Any]:
+    return {"job_id": job_id, "script": "tests/probe_job.py", "node": node,
+            "args": ["--ledger", str(cluster.workdir / "ledger"), "--output-file",
+                     f"o/{job_id}.json", *extra]}
+
+
+def executions(cluster: LocalCluster, job_id: str) -> int:
+    path = cluster.workdir / "ledger" / f"{job_id}.ledger"
+    return path.read_text().count("start ") if path.exists() else 0
+
+
+def log_of(cluster: LocalCluster, node: str) -> str:
+    return (cluster.log_dir / f"worker-{node}.log").read_text(errors="replace")
+
+
+def refused(cluster: LocalCluster, node: str, task_id: str, reason: str) -> None:
+    """Wait for the one line that refuses ``task_id`` for ``reason``."""
+    line = f"refused message {task_id}: "
+
+    def seen() -> bool:
+        return any(line in text and reason in text and "nothing run" in text
+                   for text in log_of(cluster, node).splitlines())
+
+    wait_for(seen, 30, f"the worker of {node} to refuse {task_id} ({reason})")
+
+
+def still_serving(cluster: LocalCluster, node: str, name: str) -> None:
+    run = submit([echo_job(name, node, "o")], output_dir="o", broker_url=cluster.broker_url)
+    assert run.wait(timeout=60).jobs[0].state is JobState.SUCCEEDED
+
+
+def broker(cluster: LocalCluster) -> redis.Redis:
+    return redis.Redis.from_url(cluster.broker_url)
+
+
+def take_message(cluster: LocalCluster, queue: str) -> dict[str, Any]:
+    """The one message waiting in ``queue`` (a node no worker serves), taken out."""
+    raw = broker(cluster).rpop(queue)
+    assert raw is not None, f"no message in {queue}"
+    return json.loads(raw)
+
+
+def put_message(cluster: LocalCluster, queue: str, envelope: dict[str, Any]) -> None:
+    broker(cluster).lpush(queue, json.dumps(envelope))
+
+
+def with_signed_body(envelope: dict[str, Any],
+                     change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """The envelope with its job changed inside the signed payload, signature kept."""
+    payload = base64.b64decode(base64.b64decode(envelope["body"]))
+    signer, signature, content_type, encoding, body = payload.split(SEPARATOR, 4)
+    decoded = json.loads(body)
+    change(decoded[0][0])
+    fields = [signer, signature, content_type, encoding, json.dumps(decoded).encode()]
+    packed = base64.b64encode(SEPARATOR.join(fields))
+    return {**envelope, "body": base64.b64encode(packed).decode()}
+
+
+def test_unsigned_and_foreign_jobs_are_refused_in_one_line(
+        signed: LocalCluster, as_attacker: None, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # (a) a well-formed job, published as the head would, but with no key.
+    unsigned = submit([probe(signed, "plain", "rig-a")], output_dir="o",
+                      broker_url=signed.broker_url)
+    refused(signed, "rig-a", f"{unsigned.id}.plain.0", "not signed (content type "
+            "application/json)")
+    # (b) signed, by a key whose certificate the workers do not trust.
+    key, cert = signing.make_keypair(tmp_path / "mallory", "mallory")
+    monkeypatch.setenv(signing.KEY_VARIABLE, str(key))
+    monkeypatch.setenv(signing.CERT_VARIABLE, str(cert))
+    foreign = submit([probe(signed, "foreign", "rig-b")], output_dir="o",
+                     broker_url=signed.broker_url)
+    refused(signed, "rig-b", f"{foreign.id}.foreign.0", "Unknown certificate")
+    assert executions(signed, "plain") == executions(signed, "foreign") == 0
+    for run in (unsigned, foreign):
+        assert not (signed.workdir / "o" / f"{run.status().jobs[0].job_id}.json").exists()
+
+
+def test_the_head_nodes_jobs_run_and_the_workers_serve_on(as_head: LocalCluster) -> None:
+    run = submit([probe(as_head, "good", "rig-a")], output_dir="o",
+                 broker_url=as_head.broker_url)
+    assert run.wait(timeout=60).jobs[0].state is JobState.SUCCEEDED
+    assert executions(as_head, "good") == 1
+    still_serving(as_head, "rig-b", "after_refusals")
+
+
+def test_an_altered_or_rerouted_signed_message_is_refused(as_head: LocalCluster) -> None:
+    # A signed job for a node no worker serves: its message waits, the attacker takes it.
+    run = submit([probe(as_head, "held", "rig-z")], output_dir="o",
+                 broker_url=as_head.broker_url)
+    envelope = take_message(as_head, "node.rig-z")
+    task_id = f"{run.id}.held.0"
+    # (c) its body altered (sent to rig-a instead), the signature kept.
+    altered = with_signed_body(envelope, lambda job: job.update(node="rig-a"))
+    put_message(as_head, "node.rig-a", altered)
+    refused(as_head, "rig-a", task_id, "its signature does not verify")
+    # (d) the same message, unaltered, pushed into another node's queue.
+    put_message(as_head, "node.rig-b", envelope)
+    refused(as_head, "rig-b", task_id, "signed for queue node.rig-z")
+    # Its headers are not signed: an id other than the one it was signed with is refused.
+    renamed = {**envelope, "headers": {**envelope["headers"], "id": f"{run.id}.held.7"}}
+    put_message(as_head, "node.rig-a", renamed)
+    refused(as_head, "rig-a", f"{run.id}.held.7", f"signed for task id '{task_id}'")
+    assert executions(as_head, "held") == 0
+    still_serving(as_head, "rig-a", "after_forgeries")
+
+
+def test_a_replayed_signed_message_runs_nothing(as_head: LocalCluster) -> None:
+    """(e) Copies of signed messages taken while they waited, pushed again after their job
+    succeeded or was cancelled: the record and the .done drop them."""
+    busy = submit([probe(as_head, "busy", "rig-a", "--sleep", "3")], output_dir="o",
+                  broker_url=as_head.broker_url)
+    wait_for(lambda: busy.status().jobs[0].state is JobState.RUNNING, 60, "rig-a to be busy")
+    finished = submit([probe(as_head, "finished", "rig-a")], output_dir="o",
+                      broker_url=as_head.broker_url)
+    cancelled = submit([probe(as_head, "cancelled", "rig-a")], output_dir="o",
+                       broker_url=as_head.broker_url)
+    copies = [json.loads(raw) for raw in broker(as_head).lrange("node.rig-a", 0, -1)]
+    assert len(copies) == 2
+    cancelled.cancel()
+    assert finished.wait(timeout=60).jobs[0].state is JobState.SUCCEEDED
+    assert cancelled.wait(timeout=60).jobs[0].state is JobState.CANCELLED
+    before = log_of(as_head, "rig-a").count("cancelled; not run")
+    for envelope in copies:
+        put_message(as_head, "node.rig-a", envelope)
+    wait_for(lambda: log_of(as_head, "rig-a").count("cancelled; not run") > before
+             and log_of(as_head, "rig-a").count(f"{finished.id}.finished.0] succeeded") >= 2,
+             30, "the worker to drop both replays")
+    assert "'state': 'skipped'" in log_of(as_head, "rig-a")  # found its .done
+    assert executions(as_head, "finished") == 1 and executions(as_head, "cancelled") == 0
+    assert finished.status().jobs[0].state is JobState.SUCCEEDED
+
+
+def test_a_job_sent_through_flowers_task_api_is_refused(signed: LocalCluster,
+                                                         as_attacker: None) -> None:
+    """(f) Flower's task API publishes as any Celery client does: unsigned."""
+    port = free_port()
+    env = {name: value for name, value in os.environ.items()
+           if name not in (signing.KEY_VARIABLE, signing.CERT_VARIABLE)}
+    flower = subprocess.Popen([str(BIN / "coordinator"), "flower", "--port", str(port),
+                               "--broker", signed.broker_url], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    message = {"run_id": "20261205-000000-abcdef", "job_id": "via_flower",
+               "script": "examples/write_output.py",
+               "args": ["--output-file", "o/via_flower.json"], "node": "rig-a", "gpu_id": 0,
+               "done_file": "o/via_flower.json.done", "log_file": "o/logs/via_flower.log"}
+    body = json.dumps({"args": [message], "queue": "node.rig-a"}).encode()
+    url = f"http://127.0.0.1:{port}/api/task/async-apply/scripts_coordinator.run_job"
+    sent: dict[str, Any] = {}
+
+    def send() -> bool:
+        try:
+            request = urllib.request.Request(url, data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=5) as response:
+                sent.update(json.loads(response.read()))
+            return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(send, 60, "Flower to take the task", every=0.5)
+        refused(signed, "rig-a", sent["task-id"], "not signed")
+    finally:
+        flower.terminate()
+        flower.wait(timeout=30)
+    assert not (signed.workdir / "o" / "via_flower.json").exists()
+
+
+def test_rotation_refuses_no_job_and_then_the_old_key(signed: LocalCluster,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    """A second certificate trusted beside the first, the head switched to the new key with
+    jobs of the old one still queued, then the old certificate removed."""
+    assert signed.keys_dir is not None
+    trusted = signed.keys_dir / "trusted"
+    old_env = signed.head_env()
+    for name, value in old_env.items():
+        monkeypatch.setenv(name, value)
+    busy = submit([probe(signed, "rot_busy", "rig-b", "--sleep", "2")], output_dir="o",
+                  broker_url=signed.broker_url)
+    wait_for(lambda: busy.status().jobs[0].state is JobState.RUNNING, 60, "rig-b to be busy")
+    old_jobs = submit([probe(signed, "rot_old", "rig-b")], output_dir="o",
+                      broker_url=signed.broker_url)
+    key, cert = signing.make_keypair(tmp_path / "new", "head-2")
+    shutil.copy(cert, trusted / cert.name)
+    monkeypatch.setenv(signing.KEY_VARIABLE, str(key))
+    monkeypatch.setenv(signing.CERT_VARIABLE, str(cert))
+    new_jobs = submit([probe(signed, "rot_new", "rig-b")], output_dir="o",
+                      broker_url=signed.broker_url)
+    for run in (busy, old_jobs, new_jobs):
+        assert run.wait(timeout=60).jobs[0].state is JobState.SUCCEEDED
+    (trusted / Path(old_env[signing.CERT_VARIABLE]).name).unlink()
+    monkeypatch.setenv(signing.KEY_VARIABLE, old_env[signing.KEY_VARIABLE])
+    monkeypatch.setenv(signing.CERT_VARIABLE, old_env[signing.CERT_VARIABLE])
+    stale = submit([probe(signed, "rot_stale", "rig-b")], output_dir="o",
+                   broker_url=signed.broker_url)
+    refused(signed, "rig-b", f"{stale.id}.rot_stale.0", "Unknown certificate")
+    assert executions(signed, "rot_stale") == 0
+    # Put the old certificate back for the module's other tests.
+    shutil.copy(old_env[signing.CERT_VARIABLE], trusted)
+
+
+def test_a_worker_that_requires_signatures_needs_a_trust_store(tmp_path: Path) -> None:
+    result = run_cli("worker", "--node", "rig-q", "--workdir", str(tmp_path),
+                     "--require-signed", env={signing.TRUST_VARIABLE: ""})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "signed jobs are required but there is no trust store" in result.stderr
