@@ -255,14 +255,16 @@ def test_each_refusal_reads_exactly(changes: dict[str, object], expected: str) -
 def test_a_message_reads_back_field_for_field_at_the_bounds() -> None:
     full = {**MESSAGE, "gpu_id": 255, "retries": 100, "retry_delay": 0, "per_gpu": True,
             "warm": False, "timeout": 2.5, "env": {f"JOB_{i}": str(i) for i in range(64)},
-            "args": ["x" * (1 << 19), "y" * (1 << 19)]}
+            "args": ["x" * (1 << 19), "y" * (1 << 19)],
+            "task_id": f"{MESSAGE['run_id']}.{MESSAGE['job_id']}.0"}
     spec = JobSpec.from_message(full)
     assert spec.to_message() == {**full, "retry_delay": 0.0}
     assert JobSpec.from_message(spec.to_message()) == spec
     assert JobSpec.from_message({**MESSAGE, "args": ["a"] * 4096}).args == ["a"] * 4096
     plain = JobSpec.from_message({k: v for k, v in MESSAGE.items() if k != "output_file"})
     assert (plain.output_file, plain.timeout, plain.env, plain.retries, plain.retry_delay,
-            plain.per_gpu, plain.warm) == (None, None, {}, 0, 2.0, False, None)
+            plain.per_gpu, plain.warm, plain.task_id) == (None, None, {}, 0, 2.0, False, None,
+                                                          None)
     assert (plain.queue, plain.slot) == ("node.rig-a", "rig-a")
     assert (spec.queue, spec.slot) == ("node.rig-a.gpu255", "rig-a.gpu255")
 
