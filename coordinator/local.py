@@ -32,8 +32,6 @@ from worker_tasks.tracking import KEY_PREFIX
 
 # How long workers may take to answer a ping after starting (seconds; 2 slow cores).
 READY_TIMEOUT_S = 90.0
-# The throwaway key of a signed local cluster: <keys dir>/head.key, head.crt.
-HEAD_KEY_NAME = "head"
 # Grace for a worker's warm shutdown before it is killed (seconds).
 STOP_GRACE_S = 10.0
 # How often readiness is looked at while workers start (seconds).
@@ -113,8 +111,8 @@ class LocalCluster:
         """What a process publishing to this cluster sets to sign its jobs (if signed)."""
         if self.keys_dir is None:
             return {}
-        return {signing.KEY_VARIABLE: str(self.keys_dir / f"{HEAD_KEY_NAME}.key"),
-                signing.CERT_VARIABLE: str(self.keys_dir / f"{HEAD_KEY_NAME}.crt")}
+        return {signing.KEY_VARIABLE: str(self.keys_dir / f"{signing.HEAD_KEY_NAME}.key"),
+                signing.CERT_VARIABLE: str(self.keys_dir / f"{signing.HEAD_KEY_NAME}.crt")}
 
     def worker_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -136,7 +134,7 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         if self.signed and self.keys_dir is None:
             self.keys_dir = Path(tempfile.mkdtemp(prefix="sc-keys-"))
-            _, cert = signing.make_keypair(self.keys_dir, HEAD_KEY_NAME)
+            _, cert = signing.make_keypair(self.keys_dir, signing.HEAD_KEY_NAME)
             (self.keys_dir / "trusted").mkdir()
             shutil.copy(cert, self.keys_dir / "trusted" / cert.name)
         if not self._broker_url:

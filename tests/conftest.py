@@ -6,7 +6,9 @@ Helpers that tests import (commands, jobs) live in ``tests/helpers.py``, waiting
 
 from __future__ import annotations
 
+import os
 import signal
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import redis
 from coordinator.local import LocalCluster
 from coordinator.redis_server import RedisServer
 from tests.helpers import NODES, REPO
+from worker_tasks.signing import KEYS_DIR_VARIABLE
 
 # The external references, by the fixture that brings each one in: the summary line at the
 # end of a run says how many of their tests passed (CI's proof that they ran, not skipped).
@@ -33,6 +36,15 @@ def pytest_configure(config: pytest.Config) -> None:
     # teardown stops what it started (servers, workers). Without this, SIGTERM kills
     # pytest where it stands and the session's workers live on.
     signal.signal(signal.SIGTERM, _interrupt)
+    # No head key of the user's (~/.config) signs the suite's jobs, and none the suite
+    # makes (cluster init) outlives the test that made it (see ``own_keys_dir``).
+    os.environ[KEYS_DIR_VARIABLE] = tempfile.mkdtemp(prefix="sc-test-keys-")
+
+
+@pytest.fixture(autouse=True)
+def own_keys_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's own (empty) head keys directory: a cluster init makes its key there."""
+    monkeypatch.setenv(KEYS_DIR_VARIABLE, str(tmp_path / "head-keys"))
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -129,6 +129,8 @@ def test_the_cluster_section_runs_as_written_from_an_empty_head_directory(
         env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
         for name in [name for name in env if name.startswith("SC_")]:
             del env[name]
+        # Stand-in: the head's key (cluster init) in this test's directory, not ~/.config.
+        env["SC_KEYS_DIR"] = str(head / "head-keys")
         walk = Walk(head, env)
 
         def edit_inventory() -> None:

@@ -33,6 +33,7 @@ from tests.sshd import (
     require_sshd,
 )
 from tests.waiting import wait_for
+from worker_tasks import signing
 
 PYTHON = str(BIN / "python")
 LABELS = ("rig-a", "rig-b")
@@ -141,6 +142,10 @@ def test_step3_over_ssh_from_init_to_down(ssh_cluster: SshCluster) -> None:
     # init: a commented example that is itself a valid inventory.
     example = env.cli("cluster", "init")
     assert example.returncode == 0 and "[nodes.rig-a]" in example.stdout
+    # ... and the head's signing key, made once, readable by its owner only.
+    head_key, head_cert = signing.head_key_files()
+    assert "made the head node's signing key" in example.stderr
+    assert head_key.stat().st_mode & 0o777 == 0o600
     (env.root / "example.toml").write_text(example.stdout)
     listed = env.cli("cluster", "unit", "rig-b", inventory=env.root / "example.toml")
     assert listed.returncode == 0 and "gpu-node-2.lan" in listed.stdout
@@ -154,6 +159,10 @@ def test_step3_over_ssh_from_init_to_down(ssh_cluster: SshCluster) -> None:
         assert (host.scripts_dir / "full_scoring_worker.py").read_bytes() == \
             (REPO / "full_scoring_worker.py").read_bytes()
     assert "sent 2 files" in deployed.stdout
+    for host in env.hosts.values():  # the certificate, never the key, in each trust store
+        trusted = host.workdir / ".scripts-coordinator" / "trusted"
+        assert [path.name for path in trusted.iterdir()] == ["head.crt"]
+        assert (trusted / "head.crt").read_bytes() == head_cert.read_bytes()
     again = env.cli("cluster", "deploy", "--scripts-dir", "scripts")
     assert again.stdout.count("nothing to send; 2 files unchanged") == 2
 
@@ -170,6 +179,7 @@ def test_step3_over_ssh_from_init_to_down(ssh_cluster: SshCluster) -> None:
     # Which Redis the broker is, and that it has no replica (see test_failover for some).
     assert f"broker: Redis at 127.0.0.1:{env.redis.port} (master), 0 replica(s): a single " \
         "copy of the queues and records" in status.stdout
+    assert "signing: jobs are signed with this head node's key" in status.stdout
     for label in LABELS:
         line = next(line for line in status.stdout.splitlines() if line.startswith(label))
         assert f"ssh ok, worker pid {pids[label]} alive, ping ok, queue 0, idle" in line
@@ -214,6 +224,24 @@ def test_step3_over_ssh_from_init_to_down(ssh_cluster: SshCluster) -> None:
     collected = env.cli("collect", run_id)
     assert collected.returncode == 0
     assert collected.stdout.count("fetched 0 files (36 already here)") == 2
+
+    # Every job was signed and verified; a node whose trust store lacks the head's
+    # certificate runs nothing and says so.
+    for label, host in env.hosts.items():
+        log = (host.workdir / ".scripts-coordinator" / f"worker-{label}.log").read_text()
+        assert "signing: only jobs signed by a key whose certificate is in" in log
+    rig_b = env.hosts["rig-b"]
+    (rig_b.workdir / ".scripts-coordinator" / "trusted" / "head.crt").unlink()
+    (head / "one_b.json").write_text(json.dumps([{
+        "job_id": "untrusted", "script": "examples/write_output.py", "node": "rig-b",
+        "args": ["--output-file", "again/untrusted.json"]}]))
+    untrusted = env.cli("submit", "--jobs-file", "one_b.json", "--output-dir", "again")
+    assert untrusted.returncode == 0, untrusted.stderr
+    b_log = rig_b.workdir / ".scripts-coordinator" / "worker-rig-b.log"
+    wait_for(lambda: "Unknown certificate" in b_log.read_text(), 30,
+             "rig-b to refuse the jobs its trust store no longer vouches for")
+    assert not (rig_b.workdir / "again").exists()
+    assert env.cli("cancel", untrusted.stdout.strip()).returncode == 0
 
     logs = env.cli("cluster", "logs", "rig-a", "--lines", "3")
     assert logs.returncode == 0

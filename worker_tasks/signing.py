@@ -18,6 +18,8 @@ that would change what it consumes are refused, ``worker_tasks.control``).
 |---------------------|--------|----------------------------------------------------------|
 | SC_SIGNING_KEY      | head   | its private key (PEM, RSA, mode 0600): jobs are signed   |
 | SC_SIGNING_CERT     | head   | its certificate (PEM), which the workers trust           |
+| SC_KEYS_DIR         | head   | where ``cluster init`` keeps head.key and head.crt, used |
+|                     |        | when the two above are unset (~/.config/scripts-coordinator) |
 | SC_TRUSTED_CERTS    | worker | a directory of certificates: only their jobs run         |
 | SC_REQUIRE_SIGNED   | worker | 1: refuse to start without a trust store                 |
 | SC_UNSIGNED         | both   | 1: jobs travel unsigned, deliberately (says so)          |
@@ -39,6 +41,9 @@ CERT_VARIABLE = "SC_SIGNING_CERT"
 TRUST_VARIABLE = "SC_TRUSTED_CERTS"
 REQUIRE_VARIABLE = "SC_REQUIRE_SIGNED"
 UNSIGNED_VARIABLE = "SC_UNSIGNED"
+KEYS_DIR_VARIABLE = "SC_KEYS_DIR"
+# The head's key and certificate in the keys directory: head.key, head.crt.
+HEAD_KEY_NAME = "head"
 # RSA key size: Celery's serializer takes RSA only; 2048 bits sign in about 0.25 ms.
 KEY_BITS = 2048
 # A generated certificate is valid this long (days).
@@ -63,10 +68,42 @@ def trust_store() -> str | None:
     return None if unsigned() else (os.environ.get(TRUST_VARIABLE) or None)
 
 
+def keys_dir() -> Path:
+    """Where ``cluster init`` makes the head's key (``$SC_KEYS_DIR``, else the user's
+    config directory)."""
+    configured = os.environ.get(KEYS_DIR_VARIABLE)
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "scripts-coordinator"
+
+
+def head_key_files() -> tuple[Path, Path]:
+    return keys_dir() / f"{HEAD_KEY_NAME}.key", keys_dir() / f"{HEAD_KEY_NAME}.crt"
+
+
+def ensure_head_key() -> tuple[Path, Path, bool]:
+    """The head's key and certificate in ``keys_dir()``, made when absent (True), never
+    replaced."""
+    key, cert = head_key_files()
+    if key.exists() and cert.exists():
+        return key, cert, False
+    keys_dir().mkdir(parents=True, exist_ok=True)
+    keys_dir().chmod(0o700)
+    key, cert = make_keypair(keys_dir(), HEAD_KEY_NAME)
+    return key, cert, True
+
+
 def signing_files() -> tuple[str, str] | None:
-    """The head's key and certificate, unless signing is deliberately off."""
+    """The head's key and certificate (``$SC_SIGNING_KEY``/``$SC_SIGNING_CERT``, else those
+    ``cluster init`` made), unless signing is deliberately off."""
     key, cert = os.environ.get(KEY_VARIABLE), os.environ.get(CERT_VARIABLE)
-    if unsigned() or not key:
+    if unsigned():
+        return None
+    if not key:
+        made_key, made_cert = head_key_files()
+        if made_key.exists() and made_cert.exists():
+            return str(made_key), str(made_cert)
         return None
     if not cert:
         raise SigningError(f"${KEY_VARIABLE} is set but ${CERT_VARIABLE} is not: the "
@@ -155,12 +192,15 @@ def admit(message: Any, queues: set[str]) -> str | None:
     before the trust store last changed, decodes it without verifying again.
     """
     store = trust_store()
+    content_type = getattr(message, "content_type", None)
     if store is None:
+        if content_type == SIGNED_CONTENT_TYPE:
+            return ("signed, and this worker has no trust store to verify it: start it with "
+                    "--trusted-certs DIR (cluster deploy installs the head's certificate)")
         return None
     from worker_tasks.spec import RUN_JOB_TASK
 
     reload_if_changed(store)
-    content_type = getattr(message, "content_type", None)
     if content_type != SIGNED_CONTENT_TYPE:
         return f"not signed (content type {content_type}): only signed jobs run here"
     try:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.broker import connect_tracking, publisher, redact
 from coordinator.cli.common import (
+    PROG,
     CommandFactory,
     add_inventory_flag,
     exit_table,
@@ -77,8 +78,17 @@ def on_nodes(args: argparse.Namespace, verb: str,
 
 def cmd_init(args: argparse.Namespace) -> int:
     from coordinator.cluster.inventory import EXAMPLE
+    from worker_tasks import signing
 
     sys.stdout.write(EXAMPLE)
+    if signing.unsigned():
+        print(f"{PROG}: no signing key made ({signing.UNSIGNED_VARIABLE}=1)", file=sys.stderr)
+        return ExitCode.OK
+    key, cert, made = signing.ensure_head_key()
+    what = "made" if made else "kept"
+    print(f"{PROG}: {what} the head node's signing key {key} (mode 0600, never copied "
+          f"anywhere) and its certificate {cert} (cluster deploy installs it on the nodes)",
+          file=sys.stderr)
     return ExitCode.OK
 
 
@@ -86,6 +96,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from coordinator.cluster import deploy
     from coordinator.cluster.group import Cluster
+    from worker_tasks.signing import signing_files
     inventory = load(args)
     scripts = None
     if not args.no_scripts:
@@ -94,6 +105,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         for line in skipped:
             print(f"scripts: {line}", flush=True)
     data = deploy.data_files(args.data, Path.cwd()) if args.data else None
+    signed = signing_files()
+    cert = Path(signed[1]) if signed else None
     with deploy.with_workdir() as scratch:
         wheel = (deploy.project_wheel(args.project or None, Path(scratch))
                  if args.project is not None else None)
@@ -102,6 +115,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             done = []
             if wheel is not None:
                 done.append(deploy.install_project(remote, wheel))
+            if cert is not None:
+                done.append(deploy.deploy_trust(remote, cert))
             if scripts is not None:
                 done.append(deploy.deploy_scripts(remote, scripts))
             if data is not None:
@@ -174,6 +189,15 @@ def broker_view(broker: str | None) -> tuple[ClusterView | None, str | None]:
     return view, None
 
 
+def signing_status() -> str:
+    from worker_tasks.signing import SigningError, status_line
+
+    try:
+        return status_line()
+    except SigningError as err:
+        return str(err)
+
+
 def broker_lines(broker: str | None) -> list[str]:
     """Which Redis the broker is now (behind Sentinels: the master they name) and how far
     its replicas lag."""
@@ -199,6 +223,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     view, broker_error = broker_view(args.broker)
     if view is not None:
         print("\n".join(f"broker: {line}" for line in broker_lines(args.broker)), flush=True)
+    print(f"signing: {signing_status()}", flush=True)
     head_version = project_version()
 
     def one(remote: RemoteNode) -> str:

@@ -89,6 +89,11 @@ def scripts_files(scripts_dir: Path, excludes: Iterable[str] = (),
     return files, skipped
 
 
+def deploy_trust(remote: RemoteNode, cert: Path) -> str:
+    """The head's certificate (never its key) into the node's trust store."""
+    return "trust: " + push(remote, {cert.name: cert}, remote.node.trust_dir).line()
+
+
 def deploy_scripts(remote: RemoteNode, files: dict[str, Path]) -> str:
     return "scripts: " + push(remote, files, remote.node.config.scripts_dir).line()
 

@@ -120,6 +120,11 @@ class Node:
     def state_dir(self) -> str:
         return posixpath.join(self.config.workdir, STATE_DIR)
 
+    @property
+    def trust_dir(self) -> str:
+        """The node's trust store: the head's certificate, installed by ``cluster deploy``."""
+        return posixpath.join(self.state_dir, "trusted")
+
     def slots(self, per_gpu: bool = False) -> list[str]:
         """What this node's workers serve: the node, or each of its GPUs (per-GPU runs)."""
         if not per_gpu:

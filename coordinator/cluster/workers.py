@@ -18,6 +18,7 @@ import paramiko
 
 from coordinator.cluster.inventory import Node
 from coordinator.cluster.remote import NodeError, RemoteNode
+from worker_tasks import signing
 from worker_tasks.spec import gpu_of_slot, slot_of
 
 # Head-node settings a node's worker must share (same key prefix, same timeouts).
@@ -33,9 +34,16 @@ GPU_INSTANCE = 0
 
 
 def worker_env(node: Node, head_broker: str) -> dict[str, str]:
-    """The node worker's environment file: broker plus the settings both sides share."""
+    """The node worker's environment file: broker plus the settings both sides share; when
+    the head signs its jobs, the node's trust store, required (``cluster deploy`` puts the
+    head's certificate there); when signing is off on purpose, off here too."""
     env = {"SC_BROKER_URL": node.broker_url(head_broker)}
     env.update({name: os.environ[name] for name in FORWARDED_ENV if name in os.environ})
+    if signing.unsigned():
+        env[signing.UNSIGNED_VARIABLE] = "1"
+    elif signing.signing_files() is not None:
+        env[signing.TRUST_VARIABLE] = node.trust_dir
+        env[signing.REQUIRE_VARIABLE] = "1"
     return env
 
 
