@@ -9,7 +9,14 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import celeryconfig
 from coordinator.errors import BrokerUnreachableError, InvalidJobsError
-from worker_tasks.connections import SENTINEL_SCHEME, SentinelAddress, is_sentinel, redis_client
+from worker_tasks.connections import (
+    CA_VARIABLE,
+    SENTINEL_SCHEME,
+    SentinelAddress,
+    is_sentinel,
+    redis_client,
+    uses_tls,
+)
 
 if TYPE_CHECKING:  # imported by the calls that connect: a URL's parsing needs neither
     import redis
@@ -94,8 +101,21 @@ def connect_tracking(url: str | None = None, broker: str | None = None) -> redis
     try:
         client.ping()
     except (redis.RedisError, OSError) as err:
-        raise BrokerUnreachableError(f"cannot reach Redis at {redact(target)}: {err}") from None
+        raise BrokerUnreachableError(f"cannot reach Redis at {redact(target)}: {err}"
+                                     f"{tls_hint(target, err)}") from None
     return client
+
+
+def tls_hint(url: str, err: Exception) -> str:
+    """What a TLS failure most likely means, for the one-line error."""
+    text = str(err)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return (f" (the server's certificate does not verify against "
+                f"{os.environ.get(CA_VARIABLE) or 'the system CAs'}: set ${CA_VARIABLE} to "
+                f"the CA that signed it)")
+    if not uses_tls(url) and ("reset by peer" in text or "Connection closed" in text):
+        return " (a TLS-only Redis refuses plain text: use a rediss:// URL)"
+    return ""
 
 
 def publisher(url: str | None = None) -> Celery:
@@ -126,4 +146,5 @@ def check_broker(app: Celery) -> None:
         with app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=CONNECT_TIMEOUT_S)
     except Exception as err:  # kombu raises OperationalError or the transport's own
-        raise BrokerUnreachableError(f"cannot reach the broker at {redact(url)}: {err}") from None
+        raise BrokerUnreachableError(f"cannot reach the broker at {redact(url)}: {err}"
+                                     f"{tls_hint(url, err)}") from None

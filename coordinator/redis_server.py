@@ -56,13 +56,17 @@ class RedisServer:
         persistent: append-only file, fsync'd on every write (a restart keeps queued jobs).
         die_with_parent: the server gets SIGTERM when this process dies, even by SIGKILL.
         replica_of: the port of a master on 127.0.0.1 that this server replicates.
+        tls: (CA, certificate, key) files: TLS only (no plain-text port); ``url`` is
+            ``rediss://``, and clients that show a certificate must have one of the CA's.
     """
 
     def __init__(self, port: int | None = None, binary: str | None = None,
                  password: str | None = None, persistent: bool = False,
-                 die_with_parent: bool = False, replica_of: int | None = None) -> None:
+                 die_with_parent: bool = False, replica_of: int | None = None,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
         self.port = port or free_port()
         self.replica_of = replica_of
+        self.tls = tls
         self.binary = binary or find_redis_server()
         self.password = password
         self.persistent = persistent
@@ -73,11 +77,18 @@ class RedisServer:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         log = (self.dir / "redis.log").open("ab")
-        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+        if self.tls:
+            ca, cert, key = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-ca-cert-file", str(ca),
+                     "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                     "--tls-auth-clients", "optional"]
+        else:
+            ports = ["--port", str(self.port)]
+        command = [self.binary, *ports, "--bind", "127.0.0.1",
                    "--save", "", "--dir", str(self.dir),
                    *(["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
                      else ["--appendonly", "no"]),
@@ -93,8 +104,9 @@ class RedisServer:
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         log.close()
+        tls = ({"ssl": True, "ssl_ca_certs": str(self.tls[0])} if self.tls else {})
         client = redis.Redis(port=self.port, host="127.0.0.1", password=self.password,
-                             socket_connect_timeout=0.5)
+                             socket_connect_timeout=0.5, **tls)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

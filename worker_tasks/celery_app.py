@@ -7,6 +7,7 @@ from typing import Any
 from celery import Celery
 
 import celeryconfig
+from worker_tasks.connections import tls_options, uses_tls
 
 # The job task's name (also in spec.RUN_JOB_TASK; repeated to keep this module import-light).
 RUN_JOB_TASK = "scripts_coordinator.run_job"
@@ -37,6 +38,11 @@ def make_app(broker_url: str | None = None, result_backend: str | None = None) -
     elif result_backend:
         overrides["result_backend"] = result_backend
     app.conf.update(overrides)
+    # rediss:// brokers and backends verify the server (worker_tasks.connections).
+    if uses_tls(app.conf.broker_url or ""):
+        app.conf.broker_use_ssl = tls_options()
+    if uses_tls(str(app.conf.result_backend or "")):
+        app.conf.redis_backend_use_ssl = tls_options()
     return app
 
 

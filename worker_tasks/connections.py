@@ -12,10 +12,17 @@ goes through ``redis_client``, so each accepts the same forms:
 
 The password (and user) of the first address is the master's; Sentinels are asked
 without one unless ``$SC_SENTINEL_PASSWORD`` is set.
+
+TLS (``rediss://``): the server's certificate is verified against ``$SC_REDIS_CA`` (else
+the system's CAs); ``$SC_REDIS_CERT`` and ``$SC_REDIS_KEY`` give a client certificate
+where the server asks for one. ``tls_options`` is the same for redis-py, kombu and the
+result backend.
 """
 
 from __future__ import annotations
 
+import os
+import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -26,12 +33,29 @@ if TYPE_CHECKING:
     import redis
 
 SENTINEL_SCHEME = "sentinel"
+TLS_SCHEME = "rediss"
+# The CA that signed the Redis server's certificate; a client certificate and its key.
+CA_VARIABLE, CERT_VARIABLE, KEY_VARIABLE = "SC_REDIS_CA", "SC_REDIS_CERT", "SC_REDIS_KEY"
 # A Sentinel's port when an address gives none.
 DEFAULT_SENTINEL_PORT = 26379
 
 
 def is_sentinel(url: str) -> bool:
     return url.split(":", 1)[0].lower() == SENTINEL_SCHEME
+
+
+def uses_tls(url: str) -> bool:
+    return url.split(":", 1)[0].lower() == TLS_SCHEME
+
+
+def tls_options() -> dict[str, Any]:
+    """How to verify a ``rediss://`` server, and the client certificate to show it."""
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    for setting, variable in (("ssl_ca_certs", CA_VARIABLE), ("ssl_certfile", CERT_VARIABLE),
+                              ("ssl_keyfile", KEY_VARIABLE)):
+        if os.environ.get(variable):
+            options[setting] = os.environ[variable]
+    return options
 
 
 def sentinel_master() -> str:
@@ -84,6 +108,8 @@ def redis_client(url: str, **options: Any) -> redis.Redis:
     import redis
 
     if not is_sentinel(url):
+        if uses_tls(url):
+            options = {**tls_options(), **options}
         return redis.Redis.from_url(url, **options)
     from redis.sentinel import Sentinel
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -96,6 +97,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from coordinator.cluster import deploy
     from coordinator.cluster.group import Cluster
+    from worker_tasks.connections import CA_VARIABLE
     from worker_tasks.signing import signing_files
     inventory = load(args)
     scripts = None
@@ -107,6 +109,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     data = deploy.data_files(args.data, Path.cwd()) if args.data else None
     signed = signing_files()
     cert = Path(signed[1]) if signed else None
+    redis_ca = Path(os.environ[CA_VARIABLE]) if os.environ.get(CA_VARIABLE) else None
     with deploy.with_workdir() as scratch:
         wheel = (deploy.project_wheel(args.project or None, Path(scratch))
                  if args.project is not None else None)
@@ -117,6 +120,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 done.append(deploy.install_project(remote, wheel))
             if cert is not None:
                 done.append(deploy.deploy_trust(remote, cert))
+            if redis_ca is not None:
+                done.append(deploy.deploy_redis_ca(remote, redis_ca))
             if scripts is not None:
                 done.append(deploy.deploy_scripts(remote, scripts))
             if data is not None:

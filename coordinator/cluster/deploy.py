@@ -94,6 +94,15 @@ def deploy_trust(remote: RemoteNode, cert: Path) -> str:
     return "trust: " + push(remote, {cert.name: cert}, remote.node.trust_dir).line()
 
 
+def deploy_redis_ca(remote: RemoteNode, ca: Path) -> str:
+    """The CA of the broker's TLS certificate, for the node's rediss:// connections."""
+    return "redis CA: " + push(remote, {REDIS_CA_NAME: ca}, remote.node.state_dir).line()
+
+
+# The broker's CA on a node, in its state directory (``cluster up`` points SC_REDIS_CA at it).
+REDIS_CA_NAME = "redis-ca.crt"
+
+
 def deploy_scripts(remote: RemoteNode, files: dict[str, Path]) -> str:
     return "scripts: " + push(remote, files, remote.node.config.scripts_dir).line()
 

@@ -16,9 +16,11 @@ from typing import Any
 
 import paramiko
 
+from coordinator.cluster.deploy import REDIS_CA_NAME
 from coordinator.cluster.inventory import Node
 from coordinator.cluster.remote import NodeError, RemoteNode
 from worker_tasks import signing
+from worker_tasks.connections import CA_VARIABLE
 from worker_tasks.spec import gpu_of_slot, slot_of
 
 # Head-node settings a node's worker must share (same key prefix, same timeouts).
@@ -39,6 +41,8 @@ def worker_env(node: Node, head_broker: str) -> dict[str, str]:
     head's certificate there); when signing is off on purpose, off here too."""
     env = {"SC_BROKER_URL": node.broker_url(head_broker)}
     env.update({name: os.environ[name] for name in FORWARDED_ENV if name in os.environ})
+    if os.environ.get(CA_VARIABLE):  # cluster deploy put the broker's CA there
+        env[CA_VARIABLE] = posixpath.join(node.state_dir, REDIS_CA_NAME)
     if signing.unsigned():
         env[signing.UNSIGNED_VARIABLE] = "1"
     elif signing.signing_files() is not None:
