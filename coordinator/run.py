@@ -89,6 +89,11 @@ class Run:
         return list(self.info().get("pushed") or [])
 
     @property
+    def signed(self) -> bool:
+        """Whether its jobs were published signed with the head's key."""
+        return bool(self.info().get("signed"))
+
+    @property
     def publish_notes(self) -> list[str]:
         """What happened while publishing that a user should know (a broker failover)."""
         return list(self.info().get("publish_notes") or [])
@@ -347,7 +352,8 @@ def publish(plan: Plan, broker_url: str | None = None, tracking_url: str | None 
             return [outcome.line() for outcome in push_inputs(cluster, plan_,
                                                                plan_.options.workdir)]
 
-    publish_run(plan, client, app, before_publish=before, extra={"recovered": recover},
+    publish_run(plan, client, app, before_publish=before,
+                extra={"recovered": recover, "signed": bool(app.conf.get("sc_sign_jobs"))},
                 done=done)
     return Run(plan.run_id, client, url, inventory=cluster)
 
