@@ -30,6 +30,7 @@ from coordinator import JobState, submit
 from coordinator.cli import build_parser
 from coordinator.redis_server import find_redis_server, free_port
 from tests.helpers import BIN, REPO, echo_job
+from worker_tasks import signing
 from worker_tasks.connections import SentinelAddress
 
 PASSWORD = "compose-s3cret"
@@ -244,7 +245,13 @@ def test_the_services_run_here_against_a_password_protected_redis(
     host = socket.gethostname()
     gpu_env = {**ENV, "HEAD": "127.0.0.1"}
     worker = load(GPU, gpu_env)["services"]["worker"]
-    env = {**os.environ, **worker["environment"],
+    # The head's key (as cluster init makes it), its certificate in the node's ./trusted.
+    key, cert = signing.make_keypair(tmp / "head-keys", "head")
+    (tmp / "trusted").mkdir()
+    shutil.copy(cert, tmp / "trusted")
+    assert worker["environment"][signing.TRUST_VARIABLE] == "/trusted"
+    assert f"{'./trusted'}:/trusted:ro" in worker["volumes"]
+    env = {**os.environ, **worker["environment"], signing.TRUST_VARIABLE: str(tmp / "trusted"),
            "SC_BROKER_URL": services["url"]}  # the head's Redis, as this host reaches it
     mapping = {"/scripts": str(tmp / "scripts"), "/work": str(tmp / "work")}
     flower_port = free_port()
@@ -270,8 +277,13 @@ def test_the_services_run_here_against_a_password_protected_redis(
                          check=False, timeout=60).returncode != 0:
         assert time.monotonic() < deadline, "the worker never answered its health check"
         assert all(child.poll() is None for child in services["started"]), "a service exited"
-    run = submit([echo_job("composed", "rig-a", "o")], output_dir="o",
-                 broker_url=services["url"])
+    os.environ.update({signing.KEY_VARIABLE: str(key), signing.CERT_VARIABLE: str(cert)})
+    try:
+        run = submit([echo_job("composed", "rig-a", "o")], output_dir="o",
+                     broker_url=services["url"])
+    finally:
+        for name in (signing.KEY_VARIABLE, signing.CERT_VARIABLE):
+            os.environ.pop(name)
     assert run.wait(timeout=60).jobs[0].state is JobState.SUCCEEDED
     assert (tmp / "work" / "o" / "composed.json.done").exists()
     # Flower's health check, then the job on its API (auth on); the metrics endpoint.
