@@ -19,12 +19,15 @@ import shlex
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import redis
 from celery import Celery
 from kombu.exceptions import BatchPublishError, KombuError
+from kombu.serialization import dumps
 
 from coordinator.broker import redact
 from coordinator.errors import BrokerUnreachableError, InvalidJobsError
@@ -51,6 +54,8 @@ BATCH_SIZE = int(os.environ.get("SC_PUBLISH_BATCH", "2000"))
 # How long publishing waits for Sentinel to promote a new master when the broker is lost
 # mid-run (seconds); a plain redis:// broker is not waited for (the run is cancelled).
 FAILOVER_WAIT_S = float(os.environ.get("SC_FAILOVER_TIMEOUT", "60"))
+# Threads that sign a batch's messages (RSA signing runs outside the GIL).
+SIGNING_THREADS = max(1, min(8, os.cpu_count() or 1))
 # How much of a job's command line Flower shows (the message header ``argsrepr``).
 ARGSREPR_CHARS = 200
 # AMQP delivery mode 2: the broker keeps the message across a restart (Redis with AOF).
@@ -204,19 +209,29 @@ def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str],
     try:
         # A connection of its own (not the app's pool): after a failover, a pooled one
         # would still point at the lost master.
-        with app.connection_for_write() as connection:
+        with app.connection_for_write() as connection, ThreadPoolExecutor(
+                max_workers=SIGNING_THREADS if serializer == AUTH_SERIALIZER else 1) as pool:
             producer = app.amqp.Producer(connection, auto_declare=False)
             # Each node's queue is declared once, not once per message.
             for queue in {spec.queue for spec in specs}:
                 producer.maybe_declare(amqp.queues[queue])
             dispatcher = app.events.Dispatcher(producer.connection, enabled=False)
             for part, ids in zip(chunks(specs), chunks(task_ids), strict=True):
+                jobs = [outgoing(amqp, spec, task_id, sent_events)
+                        for spec, task_id in zip(part, ids, strict=True)]
+                # Signing is most of a signed job's cost; RSA lets go of the GIL meanwhile.
+                encode = partial(dumps, serializer=serializer)
+                bodies = [job.body for job in jobs]
+                encoded = (pool.map(encode, bodies) if serializer == AUTH_SERIALIZER
+                           else map(encode, bodies))
                 with producer.batch(max_size=BATCH_SIZE + 1):
-                    events = [publish_one(amqp, producer, spec, task_id, sent_events,
-                                          serializer)
-                              for spec, task_id in zip(part, ids, strict=True)]
+                    for job, (content_type, encoding, data) in zip(jobs, encoded, strict=True):
+                        producer.publish(data, exchange="", routing_key=job.queue,
+                                         headers=job.headers, content_type=content_type,
+                                         content_encoding=encoding, delivery_mode=PERSISTENT,
+                                         declare=[], retry=False, **job.properties)
                     if sent_events:
-                        publish_sent_events(dispatcher, producer, events)
+                        publish_sent_events(dispatcher, producer, [job.event for job in jobs])
                 if on_batch is not None:
                     on_batch(len(part))
     except (KombuError, OSError, redis.RedisError) as err:
@@ -234,9 +249,20 @@ def shown_name(spec: JobSpec) -> str:
     return f"job {spec.job_id} {where} (run {spec.run_id})"
 
 
-def publish_one(amqp: Any, producer: Any, spec: JobSpec, task_id: str, sent_event: bool,
-                serializer: str = "json") -> dict[str, Any] | None:
-    """Publish one job's message; its ``task-sent`` event's fields (None: events off)."""
+@dataclasses.dataclass(frozen=True)
+class Outgoing:
+    """One job's Celery message before its body is encoded, and its task-sent event."""
+
+    queue: str
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    body: Any
+    event: dict[str, Any] | None
+
+
+def outgoing(amqp: Any, spec: JobSpec, task_id: str, sent_event: bool) -> Outgoing:
+    """The job's message as Celery builds it (``as_task_v2``); the body carries the task id,
+    which a signature then covers (the headers are not signed)."""
     message = {**message_of(spec), "task_id": task_id}
     queue = spec.queue
     # Flower's view of the arguments: one readable line, made cheaply (Celery's saferepr
@@ -247,12 +273,9 @@ def publish_one(amqp: Any, producer: Any, spec: JobSpec, task_id: str, sent_even
     headers, properties, body, event = amqp.as_task_v2(
         task_id, RUN_JOB_TASK, args=[message], argsrepr=shown, kwargsrepr="{}",
         create_sent_event=sent_event, shadow=name)
-    producer.publish(body, exchange="", routing_key=queue, headers=headers,
-                     serializer=serializer, delivery_mode=PERSISTENT, declare=[], retry=False,
-                     **properties)
     if event is not None:
         event.update(queue=queue, exchange="", routing_key=queue, name=name)
-    return event
+    return Outgoing(queue, headers, properties, body, event)
 
 
 def publish_sent_events(dispatcher: Any, producer: Any,
