@@ -6,7 +6,8 @@ For each size it writes a Step 3 jobs file (the original format, 8 nodes, no
 workers: the jobs stay queued) and, against a private Redis, runs the real
 command lines and measures wall time and peak memory of each:
 
-* ``coordinator submit`` (validation, tracking records, batched publishing);
+* ``coordinator submit`` (validation, tracking records, batched publishing), unsigned and,
+  for the smaller size, signed with a throwaway head key;
 * ``coordinator status`` (with its checks), ``status --no-check``, ``collect``;
 * following: the first full read of a ``wait``, then one poll (what ``wait``
   does every half second: the counters and the change stream, not the records);
@@ -38,6 +39,7 @@ from coordinator.follow import RunFollower  # noqa: E402
 from coordinator.options import SubmitOptions  # noqa: E402
 from coordinator.redis_server import RedisServer  # noqa: E402
 from coordinator.submission import prepare, task_id_for  # noqa: E402
+from worker_tasks.signing import make_keypair  # noqa: E402
 from worker_tasks.spec import RUN_JOB_TASK  # noqa: E402
 from worker_tasks.tracking import encode, job_key  # noqa: E402
 
@@ -124,7 +126,8 @@ def main() -> int:
     sizes = [int(size) for size in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="sc-scale-") as tmp, RedisServer() as server:
         work = Path(tmp)
-        env = {**os.environ, "SC_BROKER_URL": server.url}
+        # Unsigned unless the row says otherwise (a head key of the user's is not used).
+        env = {**os.environ, "SC_BROKER_URL": server.url, "SC_UNSIGNED": "1"}
         client = redis.Redis.from_url(server.url)
         row("what", "figure", "target", "vs baseline")
         start_times(work, env)
@@ -142,6 +145,7 @@ def main() -> int:
             run_id = out.strip()
             target = TARGETS.get(("submit", size))
             ratio = f"{baseline / seconds * size / min(sizes):.1f}x faster" if baseline else ""
+            unsigned = seconds
             row(f"submit {size:,} jobs (CLI)", f"{seconds:.2f} s",
                 f"< {target:g} s" if target else "", ratio)
             row("  coordinator peak memory", f"{rss:.0f} MB", f"< {TARGETS['memory']} MB")
@@ -155,6 +159,15 @@ def main() -> int:
             row(f"wait: first read of {size:,} jobs", f"{first:.2f} s", f"< {TARGETS['poll']:g} s")
             row("wait: each poll after it", f"{poll * 1000:.1f} ms")
             client.flushall()
+            if size == min(sizes):
+                key, cert = make_keypair(work / "keys", "head")
+                signed_env = {**env, "SC_SIGNING_KEY": str(key), "SC_SIGNING_CERT": str(cert)}
+                signed_env.pop("SC_UNSIGNED")
+                signed, _, _ = timed([str(BIN / "coordinator"), "submit", "--jobs-file",
+                                      str(jobs_file)], work, signed_env)
+                row(f"submit {size:,} jobs signed (CLI)", f"{signed:.2f} s", "",
+                    f"{signed / unsigned:.2f}x unsigned")
+                client.flushall()
     return 0
 
 

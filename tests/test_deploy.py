@@ -9,6 +9,7 @@ password-protected test Redis, their health checks included.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -223,7 +224,8 @@ def services(tmp_path: Path) -> Iterator[dict[str, Any]]:
                "started": started, "tmp": tmp_path}
     finally:
         for child in [process, *started]:
-            os.killpg(child.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # one that exited: stop the rest
+                os.killpg(child.pid, signal.SIGTERM)
         for child in [process, *started]:
             try:
                 child.wait(timeout=15)
