@@ -76,3 +76,40 @@ def test_no_public_name_is_also_a_submodule(package: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_each_command_loads_only_its_group_and_the_table_names_every_command() -> None:
+    """``coordinator.cli.COMMAND_GROUPS`` is what each group registers, exactly; a command
+    line builds the parser of its own group only (and parses as the whole one would)."""
+    import argparse
+
+    from coordinator import cli
+
+    def registered(name: str) -> set[str]:
+        parser = argparse.ArgumentParser()
+        commands = parser.add_subparsers()
+        cli.group(name).register(lambda command, *_: commands.add_parser(command))
+        return set(commands.choices)
+
+    by_group = {name: registered(name) for name in cli.GROUP_NAMES}
+    assert {command: name for name, commands in by_group.items() for command in commands} \
+        == cli.COMMAND_GROUPS
+    whole = cli.build_parser()
+    for command, name in cli.COMMAND_GROUPS.items():
+        parser = cli.build_parser(command)
+        choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+        assert set(choices) == by_group[name]
+    assert cli.command_of(["--broker", "redis://x", "status", "RUN"]) == "status"
+    assert cli.command_of(["--version"]) is None
+    argv = ["submit", "--jobs-file", "j.json", "--dry-run"]
+    assert vars(cli.build_parser(cli.command_of(argv)).parse_args(argv)) == \
+        vars(whole.parse_args(argv))
+
+
+def test_runs_and_status_load_no_other_group() -> None:
+    code = ("import sys; from coordinator.cli import build_parser; "
+            "build_parser('status').parse_args(['status', 'RUN']); "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('coordinator.cli.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.split() == ["coordinator.cli.common", "coordinator.cli.runs"]

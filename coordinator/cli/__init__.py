@@ -9,10 +9,11 @@ what they share.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
-from coordinator.cli import cluster, node, observe, runs, workload
 from coordinator.cli.common import (
     ENVIRONMENT,
     EXIT_CODES,
@@ -24,10 +25,40 @@ from coordinator.cli.common import (
     formatter,
     run_cli,
 )
-from coordinator.cli.node import project_version
 from coordinator.errors import ExitCode
 
-GROUPS = (runs, node, cluster, observe, workload)
+# The groups of verbs, in --help's order, and the group that registers each command: a
+# command line loads only its own group's module (all of them cost every command 25 ms of
+# its start); --help, a typo or no command loads them all. tests/test_layout.py checks
+# this table against what each group registers.
+GROUP_NAMES = ("runs", "node", "cluster", "observe", "workload")
+COMMAND_GROUPS = {
+    **dict.fromkeys(("submit", "recover", "status", "runs", "wait", "collect", "report",
+                     "cancel", "retry", "move"), "runs"),
+    **dict.fromkeys(("worker", "local"), "node"),
+    "cluster": "cluster",
+    **dict.fromkeys(("flower", "metrics"), "observe"),
+    **dict.fromkeys(("demo", "examples", "shims", "jobs", "demo-data"), "workload"),
+}
+# Options before the command that take a value (``coordinator --broker URL status``).
+VALUE_OPTIONS = ("--broker",)
+
+
+def group(name: str) -> ModuleType:
+    return importlib.import_module(f"coordinator.cli.{name}")
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command a command line names, if the options before it let it be found."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in VALUE_OPTIONS:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
 
 
 class VersionAction(argparse.Action):
@@ -41,10 +72,13 @@ class VersionAction(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: object, option_string: str | None = None) -> None:
+        from coordinator.cli.node import project_version
+
         parser.exit(message=f"scripts-coordinator {project_version()}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command_name: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``command_name`` (a known command), only its group."""
     parser = ArgumentParser(
         prog=PROG, formatter_class=formatter,
         description="Fan GPU script jobs out over per-node Celery queues; success is a "
@@ -80,18 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    formatter_class=formatter,
                                    parents=[common] if reaches_redis else [])
 
-    for group in GROUPS:
-        group.register(command)
+    only = COMMAND_GROUPS.get(command_name or "")
+    for name in (only,) if only else GROUP_NAMES:
+        group(name).register(command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(command_of(argv)).parse_args(argv)
     return run_cli(args.handler, args)
 
 
 def legacy_main(argv: Sequence[str] | None = None) -> int:
     """``scripts-coordinator``: the original tool's command line (submit and follow)."""
+    runs = group("runs")
     args = runs.build_legacy_parser().parse_args(argv)
     args.wait, args.json = True, False
     return run_cli(runs.cmd_submit, args, prog="scripts-coordinator")
@@ -99,6 +136,7 @@ def legacy_main(argv: Sequence[str] | None = None) -> int:
 
 def adapter_main(argv: Sequence[str] | None = None) -> int:
     """``coordinator_adapter.py``: as ``scripts-coordinator``, saying each job's route first."""
+    runs = group("runs")
     args = runs.build_legacy_parser("coordinator_adapter.py").parse_args(argv)
     args.wait, args.json = True, False
     return run_cli(runs.cmd_adapter, args, prog="coordinator_adapter.py")
