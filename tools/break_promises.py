@@ -232,7 +232,8 @@ BREAKS = [
           (T + "test_observe.py::test_flower_shows_workers_with_their_queues_and_every_job",)),
     Break("Flower lists a queued job from its grouped task-sent event",
           "coordinator/submission.py",
-          "                        publish_sent_events(dispatcher, producer, events)",
+          "                        publish_sent_events(dispatcher, producer, [job.event for job "
+          "in jobs])",
           "                        pass",
           (T + "test_observe.py::test_flower_shows_workers_with_their_queues_and_every_job",)),
     Break("tracking and presence follow a Sentinel failover", "worker_tasks/connections.py",
