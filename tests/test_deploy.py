@@ -30,7 +30,7 @@ import yaml
 from coordinator import JobState, submit
 from coordinator.cli import build_parser
 from coordinator.redis_server import find_redis_server, free_port
-from tests.helpers import BIN, REPO, echo_job
+from tests.helpers import BIN, REPO, echo_job, run_cli
 from worker_tasks import signing
 from worker_tasks.connections import SentinelAddress
 
@@ -67,12 +67,13 @@ def load(name: str, env: dict[str, str] = ENV) -> dict[str, Any]:
 
 
 HEAD, GPU, HA = "docker-compose.yml", "docker-compose.gpu.yml", "docker-compose.ha.yml"
+TLS = "docker-compose.tls.yml"
 
 
 def test_the_compose_files_validate_against_the_compose_spec() -> None:
     result = subprocess.run([str(BIN / "check-jsonschema"), "--builtin-schema",
                              "vendor.compose-spec", str(REPO / HEAD), str(REPO / GPU),
-                             str(REPO / HA)],
+                             str(REPO / HA), str(REPO / TLS)],
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -317,3 +318,44 @@ def test_help_teaches_with_examples(command: list[str]) -> None:
                             text=True, timeout=60, check=False)
     assert result.returncode == 0
     assert "example" in result.stdout
+
+
+def test_the_tls_override_runs_here_and_its_services_verify_the_server(tmp_path: Path) -> None:
+    """docker-compose.tls.yml: the redis service's own command (TLS only, password on) and
+    health check, then our commands with the services' environment, mapped to this host."""
+    from tests.tls import make_ca_and_server
+
+    tls = tmp_path / "tls"
+    ca, _, _ = make_ca_and_server(tls, "redis")
+    shutil.copy(ca, tls / "ca.crt")
+    (tmp_path / "data").mkdir()
+    port = free_port()
+    services = load(TLS)["services"]
+    script = (services["redis"]["command"][-1]
+              .replace("exec redis-server", f"exec {find_redis_server()} --bind 127.0.0.1 "
+                                            f"--dir {tmp_path / 'data'}")
+              .replace("--tls-port 6379", f"--tls-port {port}").replace("/tls/", f"{tls}/"))
+    assert "--port 0" in script  # no plain-text port
+    process = subprocess.Popen([*services["redis"]["command"][:-1], script],
+                               env={**os.environ, **ENV}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        health = (services["redis"]["healthcheck"]["test"][-1]
+                  .replace("redis-cli", f"{redis_cli()} -p {port}").replace("/tls/", f"{tls}/"))
+        deadline = time.monotonic() + 30
+        while subprocess.run(["sh", "-c", health], env={**os.environ, **ENV},
+                             check=False).returncode != 0:
+            assert time.monotonic() < deadline, "the TLS redis service never became healthy"
+            time.sleep(0.2)
+        for name in ("metrics", "coordinator"):
+            env = {key: value.replace("@redis:6379", f"@127.0.0.1:{port}")
+                   .replace("/tls/", f"{tls}/") for key, value in
+                   services[name]["environment"].items() if key != "SC_KEYS_DIR"}
+            assert env["SC_BROKER_URL"].startswith("rediss://")
+            listed = run_cli("runs", env=env)
+            assert listed.returncode == 0, (name, listed.stderr)
+        plain = run_cli("runs", env={"SC_BROKER_URL": f"redis://:{PASSWORD}@127.0.0.1:{port}/0"})
+        assert plain.returncode == 3 and "use a rediss:// URL" in plain.stderr
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=15)
