@@ -132,13 +132,16 @@ class LocalCluster:
         return env
 
     def start(self) -> LocalCluster:
+        if not self._broker_url:
+            self.redis = RedisServer(die_with_parent=self.die_with_parent).start()
         if self.signed and self.keys_dir is None:
-            self.keys_dir = Path(tempfile.mkdtemp(prefix="sc-keys-"))
+            # In the private Redis's directory, when there is one: it goes with the Redis,
+            # even when this process is SIGKILLed.
+            parent = self.redis.dir if self.redis is not None else None
+            self.keys_dir = Path(tempfile.mkdtemp(prefix="sc-keys-", dir=parent))
             _, cert = signing.make_keypair(self.keys_dir, signing.HEAD_KEY_NAME)
             (self.keys_dir / "trusted").mkdir()
             shutil.copy(cert, self.keys_dir / "trusted" / cert.name)
-        if not self._broker_url:
-            self.redis = RedisServer(die_with_parent=self.die_with_parent).start()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for node in self.nodes:

@@ -529,6 +529,7 @@ def test_a_sigkilled_local_coordinator_takes_its_cluster_with_it(tmp_path: Path)
              seen=lambda: " ".join(str(pid) for pid in started if alive(pid)))
     wait_for(lambda: not list(tmp_path.glob("sc-redis-*")), 30,
              "the private Redis's temporary directory to be removed")
+    assert not list(tmp_path.rglob("sc-keys-*"))  # the throwaway signing key went with it
 
 
 def test_local_sigkilled_as_its_first_short_job_runs_leaves_nothing(tmp_path: Path) -> None:
