@@ -91,7 +91,8 @@ def test_flower_shows_workers_with_their_queues_and_every_job(flower: str,
         return {task_id: tasks[task_id]["state"] for task_id in expected  # type: ignore[index]
                 if task_id in tasks}  # type: ignore[operator]
 
-    wait_for(lambda: states() == expected, 60, "Flower to see every job's end")
+    wait_for(lambda: states() == expected, 60, "Flower to see every job's end",
+             seen=lambda: str(states()))
     failed = http(f"{flower}/api/task/info/{run.id}.fl_bad.0")
     assert isinstance(failed, dict)
     # The list says which job each task is; the page reads like the job's own error.

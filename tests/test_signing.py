@@ -271,3 +271,18 @@ def test_a_worker_that_requires_signatures_needs_a_trust_store(tmp_path: Path) -
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1
     assert "signed jobs are required but there is no trust store" in result.stderr
+
+
+def test_a_bad_file_in_the_trust_store_refuses_jobs_and_the_worker_lives(
+        as_head: LocalCluster) -> None:
+    assert as_head.keys_dir is not None
+    garbage = as_head.keys_dir / "trusted" / "garbage.crt"
+    garbage.write_text("not a certificate\n")
+    try:
+        run = submit([probe(as_head, "garbled", "rig-a")], output_dir="o",
+                     broker_url=as_head.broker_url)
+        refused(as_head, "rig-a", f"{run.id}.garbled.0", "the trust store cannot be read")
+        assert executions(as_head, "garbled") == 0
+    finally:
+        garbage.unlink()
+    still_serving(as_head, "rig-a", "after_garbage")

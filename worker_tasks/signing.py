@@ -200,7 +200,10 @@ def admit(message: Any, queues: set[str]) -> str | None:
         return None
     from worker_tasks.spec import RUN_JOB_TASK
 
-    reload_if_changed(store)
+    try:
+        reload_if_changed(store)
+    except SigningError as err:  # a bad file dropped into the store: nothing verifies
+        return f"the trust store cannot be read ({err})"
     if content_type != SIGNED_CONTENT_TYPE:
         return f"not signed (content type {content_type}): only signed jobs run here"
     try:
