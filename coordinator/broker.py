@@ -128,12 +128,12 @@ def publisher(url: str | None = None) -> Celery:
     certificate it cannot use is ``InvalidJobsError`` (exit 2), before anything is sent.
     """
     from worker_tasks.celery_app import make_app
-    from worker_tasks.signing import SigningError, register
+    from worker_tasks.signing import Part, SigningError, register
 
     app = make_app(broker_url(url))
     app.conf.result_backend = None
     try:
-        app.conf.sc_sign_jobs = register()
+        app.conf.sc_sign_jobs = register(Part.HEAD)
     except SigningError as err:
         raise InvalidJobsError(str(err)) from None
     return app

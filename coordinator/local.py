@@ -36,6 +36,9 @@ READY_TIMEOUT_S = 90.0
 STOP_GRACE_S = 10.0
 # How often readiness is looked at while workers start (seconds).
 READY_POLL_S = 0.05
+# The local workers' one key for their control replies: they all run on this machine as
+# this user, so a key each would keep nothing apart.
+LOCAL_NODES_KEY = "local-nodes"
 
 
 def worker_command(node: str, loglevel: str = "INFO") -> list[str]:
@@ -73,7 +76,8 @@ class LocalCluster:
         die_with_parent: Redis and the workers die with this process, even a SIGKILLed one
             (``coordinator local`` sets it); start and restart workers from the main thread.
         signed: make a throwaway head key and certificate; the workers trust only it and
-            refuse unsigned jobs; ``head_env()`` is what a publisher needs to sign.
+            refuse unsigned jobs; they sign their control replies with a throwaway key of
+            their own; ``head_env()`` is what a publisher needs to sign and to verify them.
     """
 
     def __init__(
@@ -112,15 +116,18 @@ class LocalCluster:
         if self.keys_dir is None:
             return {}
         return {signing.KEY_VARIABLE: str(self.keys_dir / f"{signing.HEAD_KEY_NAME}.key"),
-                signing.CERT_VARIABLE: str(self.keys_dir / f"{signing.HEAD_KEY_NAME}.crt")}
+                signing.CERT_VARIABLE: str(self.keys_dir / f"{signing.HEAD_KEY_NAME}.crt"),
+                signing.NODE_CERTS_VARIABLE: str(self.keys_dir / signing.NODE_CERTS_DIR)}
 
     def worker_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.extra_env)
         if self.keys_dir is not None:
+            # The workers sign their control replies with the nodes' key, trust the head's.
             env.update({signing.TRUST_VARIABLE: str(self.keys_dir / "trusted"),
-                        signing.REQUIRE_VARIABLE: "1"})
-            env.pop(signing.KEY_VARIABLE, None)  # a worker signs nothing
+                        signing.REQUIRE_VARIABLE: "1",
+                        signing.KEY_VARIABLE: str(self.keys_dir / f"{LOCAL_NODES_KEY}.key"),
+                        signing.CERT_VARIABLE: str(self.keys_dir / f"{LOCAL_NODES_KEY}.crt")})
             env.pop(signing.UNSIGNED_VARIABLE, None)
         env.update(
             SC_BROKER_URL=self.broker_url,
@@ -142,6 +149,9 @@ class LocalCluster:
             _, cert = signing.make_keypair(self.keys_dir, signing.HEAD_KEY_NAME)
             (self.keys_dir / "trusted").mkdir()
             shutil.copy(cert, self.keys_dir / "trusted" / cert.name)
+            _, node_cert = signing.make_keypair(self.keys_dir, LOCAL_NODES_KEY)
+            (self.keys_dir / signing.NODE_CERTS_DIR).mkdir()
+            shutil.copy(node_cert, self.keys_dir / signing.NODE_CERTS_DIR / node_cert.name)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for node in self.nodes:

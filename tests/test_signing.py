@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -85,8 +86,13 @@ def refused(cluster: LocalCluster, node: str, task_id: str, reason: str) -> None
 
 
 def still_serving(cluster: LocalCluster, node: str, name: str) -> None:
-    run = submit([echo_job(name, node, "o")], output_dir="o", broker_url=cluster.broker_url)
-    assert run.wait(timeout=60).jobs[0].state is JobState.SUCCEEDED
+    """``node``'s worker runs the head's next job (published with the head's key)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for variable, value in cluster.head_env().items():
+            patch.setenv(variable, value)
+        run = submit([echo_job(name, node, "o")], output_dir="o",
+                     broker_url=cluster.broker_url)
+        assert run.wait(timeout=60).jobs[0].state is JobState.SUCCEEDED
 
 
 def broker(cluster: LocalCluster) -> redis.Redis:
@@ -199,8 +205,11 @@ def test_a_job_sent_through_flowers_task_api_is_refused(signed: LocalCluster,
                                                          as_attacker: None) -> None:
     """(f) Flower's task API publishes as any Celery client does: unsigned."""
     port = free_port()
+    from coordinator.local import worker_name
+
     env = {name: value for name, value in os.environ.items()
            if name not in (signing.KEY_VARIABLE, signing.CERT_VARIABLE)}
+    env[signing.NODE_CERTS_VARIABLE] = signed.head_env()[signing.NODE_CERTS_VARIABLE]
     flower = subprocess.Popen([str(BIN / "coordinator"), "flower", "--port", str(port),
                                "--broker", signed.broker_url], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -222,13 +231,32 @@ def test_a_job_sent_through_flowers_task_api_is_refused(signed: LocalCluster,
         except OSError:
             return False
 
+    workers: dict[str, Any] = {}
+
+    def listed() -> bool:
+        api = f"http://127.0.0.1:{port}/api/workers?refresh=1"
+        with urllib.request.urlopen(api, timeout=10) as response:
+            workers.update(json.loads(response.read()))
+        return len(workers) == len(NODES) and all("stats" in info for info in workers.values())
+
     try:
         wait_for(send, 60, "Flower to take the task", every=0.5)
         refused(signed, "rig-a", sent["task-id"], "not signed")
+        # Flower holds no key: it still inspects every worker (their replies verified
+        # against the nodes' certificates), and its shutdown button is refused.
+        wait_for(listed, 60, "Flower to list both workers with their stats", every=0.5)
+        before = log_mark(signed, "rig-b")
+        shutdown = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/worker/shutdown/{worker_name('rig-b')}",
+            data=b"", method="POST")
+        urllib.request.urlopen(shutdown, timeout=10).close()
+        control_refused(signed, "rig-b", "command shutdown: not signed by the head", before)
     finally:
         flower.terminate()
         flower.wait(timeout=30)
     assert not (signed.workdir / "o" / "via_flower.json").exists()
+    assert signed.workers["rig-b"].poll() is None
+    still_serving(signed, "rig-b", "after_flower")
 
 
 def test_rotation_refuses_no_job_and_then_the_old_key(signed: LocalCluster,
@@ -286,3 +314,123 @@ def test_a_bad_file_in_the_trust_store_refuses_jobs_and_the_worker_lives(
     finally:
         garbage.unlink()
     still_serving(as_head, "rig-a", "after_garbage")
+
+
+# -- remote control: the head's commands signed, the nodes' replies signed ---------------------
+
+def control_refused(cluster: LocalCluster, node: str, reason: str, since: int) -> None:
+    """Wait for a line, after offset ``since`` of ``node``'s log, refusing a control message
+    for ``reason``."""
+    def seen() -> bool:
+        return any("refused control" in line and reason in line and "nothing done" in line
+                   for line in log_of(cluster, node)[since:].splitlines())
+
+    wait_for(seen, 30, f"the worker of {node} to refuse ({reason})")
+
+
+def log_mark(cluster: LocalCluster, node: str) -> int:
+    return len(log_of(cluster, node))
+
+
+def test_a_command_that_changes_a_worker_needs_the_heads_signature(
+        signed: LocalCluster, as_attacker: None, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from coordinator.broker import publisher
+    from coordinator.local import worker_name
+
+    rig_a = worker_name("rig-a")
+    app = publisher(signed.broker_url)  # the broker URL, no key
+    # Reading is open (what Flower does without a key): the node answers, signed.
+    assert app.control.ping(destination=[rig_a], timeout=2) == [{rig_a: {"ok": "pong"}}]
+    # Changing is not: an unsigned shutdown is refused, answered with the reason.
+    before = log_mark(signed, "rig-a")
+    replies = app.control.broadcast("shutdown", destination=[rig_a], reply=True, timeout=2)
+    assert replies == [{rig_a: {"error": "refused: not signed by the head node (unsigned, "
+                                         "only inspection commands are taken)"}}]
+    control_refused(signed, "rig-a", "command shutdown: not signed by the head node", before)
+    # Signed by a key the workers do not trust: it does not verify.
+    key, cert = signing.make_keypair(tmp_path / "mallory", "mallory")
+    monkeypatch.setenv(signing.KEY_VARIABLE, str(key))
+    monkeypatch.setenv(signing.CERT_VARIABLE, str(cert))
+    mallory = publisher(signed.broker_url)
+    before = log_mark(signed, "rig-a")
+    mallory.control.broadcast("shutdown", destination=[rig_a])
+    control_refused(signed, "rig-a", "does not verify", before)
+    for node in NODES:
+        assert signed.workers[node].poll() is None
+        still_serving(signed, node, f"after_control_{node}")
+
+
+def test_a_signed_command_runs_once_and_only_while_fresh(as_head: LocalCluster) -> None:
+    """The head's signed command runs; a copy taken off the wire and sent again, or one
+    signed long ago, is refused."""
+    from kombu import pidbox
+
+    from coordinator.broker import publisher
+    from coordinator.local import worker_name
+    from worker_tasks.mailbox import NONCE, SENT_AT
+
+    rig_b = worker_name("rig-b")
+    app = publisher(as_head.broker_url)
+    listener = broker(as_head).pubsub()
+    listener.psubscribe("*pidbox*")
+    wait_for(lambda: listener.get_message(timeout=0.1) is not None, 10, "the subscription")
+    rate = {"task_name": "scripts_coordinator.run_job", "rate_limit": "1000/s"}
+    replies = app.control.broadcast("rate_limit", arguments=rate, destination=[rig_b],
+                                    reply=True, timeout=2)
+    assert replies == [{rig_b: {"ok": "new rate limit set successfully"}}]
+    sent: list[tuple[bytes, bytes]] = []
+
+    def captured() -> bool:
+        message = listener.get_message(timeout=0.1)
+        if message and message["type"] == "pmessage":
+            sent.append((message["channel"], message["data"]))
+        return bool(sent)
+
+    wait_for(captured, 10, "the signed command on the wire")
+    listener.close()
+    assert json.loads(sent[0][1])["content-type"] == signing.SIGNED_CONTENT_TYPE
+    before = log_mark(as_head, "rig-b")
+    broker(as_head).publish(*sent[0])
+    control_refused(as_head, "rig-b", "signed, but seen before (a replay)", before)
+    # Signed by the head an hour ago (kombu's own publish: no fresh stamp added).
+    before = log_mark(as_head, "rig-b")
+    with app.connection_for_write() as connection:
+        mailbox = app.control.mailbox(connection)
+        pidbox.Mailbox._publish(mailbox, "rate_limit",
+                                {**rate, SENT_AT: time.time() - 3600, NONCE: "old"},
+                                destination=[rig_b], serializer=signing.AUTH_SERIALIZER)
+    control_refused(as_head, "rig-b", "signed, but not sent in the last", before)
+    still_serving(as_head, "rig-b", "after_replays")
+
+
+def test_the_head_takes_only_replies_its_node_certificates_verify(
+        as_head: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from coordinator.broker import publisher
+    from coordinator.local import worker_name
+
+    names = {worker_name(node) for node in NODES}
+    answered = {name for reply in publisher(as_head.broker_url).control.ping(timeout=2)
+                for name in reply}
+    assert answered == names
+    # A head that trusts another node's certificate, not theirs: their replies are skipped.
+    _, other = signing.make_keypair(tmp_path / "other", "rig-other")
+    monkeypatch.setenv(signing.NODE_CERTS_VARIABLE, str(other.parent))
+    (other.parent / "rig-other.key").unlink()
+    with caplog.at_level("WARNING", logger="worker_tasks.mailbox"):
+        assert publisher(as_head.broker_url).control.ping(timeout=2) == []
+    assert "skipped a control reply that does not verify" in caplog.text
+    # A worker that signs nothing (no key of its own): its unsigned replies are skipped too.
+    env = {signing.TRUST_VARIABLE: str(as_head.keys_dir / "trusted"),  # type: ignore[operator]
+           signing.KEY_VARIABLE: "", signing.CERT_VARIABLE: ""}
+    monkeypatch.setenv(signing.NODE_CERTS_VARIABLE,
+                       as_head.head_env()[signing.NODE_CERTS_VARIABLE])
+    caplog.clear()
+    with LocalCluster(["rig-u"], scripts_dir=REPO, workdir=tmp_path, log_dir=tmp_path / "logs",
+                      broker_url=as_head.broker_url, extra_env=env):
+        app = publisher(as_head.broker_url)
+        rig_u = worker_name("rig-u")
+        with caplog.at_level("WARNING", logger="worker_tasks.mailbox"):
+            assert app.control.ping(destination=[rig_u], timeout=2) == []
+        assert "skipped an unsigned control reply" in caplog.text

@@ -179,7 +179,19 @@ def test_step3_over_ssh_from_init_to_down(ssh_cluster: SshCluster) -> None:
     # Which Redis the broker is, and that it has no replica (see test_failover for some).
     assert f"broker: Redis at 127.0.0.1:{env.redis.port} (master), 0 replica(s): a single " \
         "copy of the queues and records" in status.stdout
-    assert "signing: jobs are signed with this head node's key" in status.stdout
+    # Each node made its own key on its own disk; the head holds only their certificates,
+    # and verifies the signed replies of both (ping ok).
+    node_certs = signing.keys_dir() / signing.NODE_CERTS_DIR
+    assert sorted(path.name for path in node_certs.iterdir()) == ["rig-a.crt", "rig-b.crt"]
+    for label, host in env.hosts.items():
+        keys = host.workdir / ".scripts-coordinator" / "keys"
+        assert (keys / "node.key").stat().st_mode & 0o777 == 0o600
+        assert (keys / "node.crt").read_bytes() == (node_certs / f"{label}.crt").read_bytes()
+        up_line = next(line for line in up.stdout.splitlines() if line.startswith(label))
+        assert f"ok     node key made: {keys / 'node.key'}; " in up_line
+    assert not list(node_certs.parent.rglob("node.key"))
+    assert "signing: jobs and commands are signed with this head node's key; replies " \
+        f"verified against 2 node certificate(s) in {node_certs}" in status.stdout
     for label in LABELS:
         line = next(line for line in status.stdout.splitlines() if line.startswith(label))
         assert f"ssh ok, worker pid {pids[label]} alive, ping ok, queue 0, idle" in line
@@ -242,6 +254,32 @@ def test_step3_over_ssh_from_init_to_down(ssh_cluster: SshCluster) -> None:
              "rig-b to refuse the jobs its trust store no longer vouches for")
     assert not (rig_b.workdir / "again").exists()
     assert env.cli("cancel", untrusted.stdout.strip()).returncode == 0
+
+    # A node's key makes no other node run anything: rig-b's key (as if rig-b were taken)
+    # signs a job for rig-a, which trusts only the head's certificate.
+    rig_b_keys = rig_b.workdir / ".scripts-coordinator" / "keys"
+    (head / "one_a.json").write_text(json.dumps([{
+        "job_id": "from_rig_b", "script": "examples/write_output.py", "node": "rig-a",
+        "args": ["--output-file", "again/from_rig_b.json"]}]))
+    forged = env.cli("submit", "--jobs-file", "one_a.json", "--output-dir", "again",
+                     env={signing.KEY_VARIABLE: str(rig_b_keys / "node.key"),
+                          signing.CERT_VARIABLE: str(rig_b_keys / "node.crt")})
+    assert forged.returncode == 0, forged.stderr
+    a_log = env.hosts["rig-a"].workdir / ".scripts-coordinator" / "worker-rig-a.log"
+    wait_for(lambda: f"refused message {forged.stdout.strip()}.from_rig_b.0: its signature "
+             "does not verify" in a_log.read_text(), 30, "rig-a to refuse rig-b's job")
+    assert not (env.hosts["rig-a"].workdir / "again").exists()
+    assert env.cli("cancel", forged.stdout.strip()).returncode == 0
+    # rig-b, no longer trusting the head, refuses its signed ping; a node whose certificate
+    # the head no longer holds (rig-a) cannot answer for itself: neither is "ping ok".
+    (node_certs / "rig-a.crt").unlink()
+    status = env.cli("cluster", "status")
+    for label in LABELS:
+        line = next(line for line in status.stdout.splitlines() if line.startswith(label))
+        assert "no ping answer" in line, status.stdout
+    assert "skipped a control reply that does not verify" in status.stderr
+    assert "refused control message: it cannot be read or does not verify" in \
+        b_log.read_text()
 
     logs = env.cli("cluster", "logs", "rig-a", "--lines", "3")
     assert logs.returncode == 0

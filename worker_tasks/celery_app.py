@@ -27,7 +27,8 @@ def refuse_unrouted(name: str, args: Any, kwargs: Any, options: dict[str, Any],
 
 def make_app(broker_url: str | None = None, result_backend: str | None = None) -> Celery:
     """A Celery app configured from ``celeryconfig``; URLs may be overridden."""
-    app = Celery("scripts_coordinator")
+    # Remote control through our mailbox: signed commands and replies (worker_tasks.mailbox).
+    app = Celery("scripts_coordinator", control="worker_tasks.mailbox:SignedControl")
     app.config_from_object(celeryconfig)
     # Refused messages are told in one line (see consumer.py); the head's apps consume nothing.
     overrides: dict[str, Any] = {"task_routes": (refuse_unrouted,),

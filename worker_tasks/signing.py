@@ -11,13 +11,23 @@ and its ``.done`` like any redelivery. The trust store is re-read when its direc
 changes: rotate by adding the new certificate, switching the head to the new key, and
 removing the old certificate once the jobs it signed have run.
 
-Control commands and events stay JSON: they cannot make a worker run a job (the commands
-that would change what it consumes are refused, ``worker_tasks.control``).
+Remote control is signed the same way, each party with its own key
+(``worker_tasks.mailbox``): the head signs its commands, a worker its replies with its
+node's key (``cluster up`` makes one on each node); a worker verifies against the head's
+certificates (its trust store), the head and Flower against the nodes'. Events and results
+stay JSON: they make nothing run.
+
+Each process registers the serializer once, for its part (``Part``): the head signs with
+its key and reads replies against the nodes' certificates; a worker signs with its node's
+key and takes what the head's certificates verify; an observer (Flower, a plain ``celery
+inspect``) signs nothing, so a job it sends is unsigned and refused.
 
 | variable            | side   | meaning                                                  |
 |---------------------|--------|----------------------------------------------------------|
-| SC_SIGNING_KEY      | head   | its private key (PEM, RSA, mode 0600): jobs are signed   |
-| SC_SIGNING_CERT     | head   | its certificate (PEM), which the workers trust           |
+| SC_SIGNING_KEY      | both   | this party's private key (PEM, RSA, mode 0600): the      |
+|                     |        | head's signs jobs and commands, a node's its replies     |
+| SC_SIGNING_CERT     | both   | its certificate (PEM), which the other side trusts       |
+| SC_NODE_CERTS       | head   | the nodes' certificates (default: KEYS_DIR/nodes)        |
 | SC_KEYS_DIR         | head   | where ``cluster init`` keeps head.key and head.crt, used |
 |                     |        | when the two above are unset (~/.config/scripts-coordinator) |
 | SC_TRUSTED_CERTS    | worker | a directory of certificates: only their jobs run         |
@@ -27,8 +37,11 @@ that would change what it consumes are refused, ``worker_tasks.control``).
 
 from __future__ import annotations
 
+import base64
 import datetime
+import enum
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +55,12 @@ TRUST_VARIABLE = "SC_TRUSTED_CERTS"
 REQUIRE_VARIABLE = "SC_REQUIRE_SIGNED"
 UNSIGNED_VARIABLE = "SC_UNSIGNED"
 KEYS_DIR_VARIABLE = "SC_KEYS_DIR"
+NODE_CERTS_VARIABLE = "SC_NODE_CERTS"
+# In the keys directory: the nodes' certificates, one per node (cluster up fetches them).
+NODE_CERTS_DIR = "nodes"
+# On a node, in its state directory: keys/node.key and keys/node.crt (cluster up makes them).
+NODE_KEYS_DIR = "keys"
+NODE_KEY_NAME = "node"
 # The head's key and certificate in the keys directory: head.key, head.crt.
 HEAD_KEY_NAME = "head"
 # RSA key size: Celery's serializer takes RSA only; 2048 bits sign in about 0.25 ms.
@@ -82,16 +101,28 @@ def head_key_files() -> tuple[Path, Path]:
     return keys_dir() / f"{HEAD_KEY_NAME}.key", keys_dir() / f"{HEAD_KEY_NAME}.crt"
 
 
-def ensure_head_key() -> tuple[Path, Path, bool]:
-    """The head's key and certificate in ``keys_dir()``, made when absent (True), never
+def ensure_keypair(directory: Path, name: str, common_name: str | None = None
+                   ) -> tuple[Path, Path, bool]:
+    """NAME.key and NAME.crt in ``directory`` (mode 0700), made when absent (True), never
     replaced."""
-    key, cert = head_key_files()
+    key, cert = directory / f"{name}.key", directory / f"{name}.crt"
     if key.exists() and cert.exists():
         return key, cert, False
-    keys_dir().mkdir(parents=True, exist_ok=True)
-    keys_dir().chmod(0o700)
-    key, cert = make_keypair(keys_dir(), HEAD_KEY_NAME)
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    key, cert = make_keypair(directory, name, common_name)
     return key, cert, True
+
+
+def ensure_head_key() -> tuple[Path, Path, bool]:
+    """The head's key and certificate in ``keys_dir()``, made when absent (True)."""
+    return ensure_keypair(keys_dir(), HEAD_KEY_NAME)
+
+
+def ensure_node_key(state_dir: Path, label: str) -> tuple[Path, Path, bool]:
+    """A node's own key and certificate (subject: its label) in its state directory, made
+    on the node when absent (True); the key never leaves it."""
+    return ensure_keypair(state_dir / NODE_KEYS_DIR, NODE_KEY_NAME, label)
 
 
 def signing_files() -> tuple[str, str] | None:
@@ -111,14 +142,60 @@ def signing_files() -> tuple[str, str] | None:
     return key, cert
 
 
-def register() -> bool:
-    """Register Celery's signing serializer with this process's key and trust store (each
-    where configured); True when this process signs what it publishes."""
+class Part(enum.Enum):
+    """What a process is to signing: which key it signs with, which certificates it trusts."""
+
+    HEAD = "head"  # signs jobs and commands (the head's key); verifies the nodes' replies
+    WORKER = "worker"  # signs replies (its node's key); takes what the head's key signed
+    OBSERVER = "observer"  # signs nothing; verifies the nodes' replies (Flower)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What this process registered: its part, whether it signs, and the certificates it
+    verifies against (None: none)."""
+
+    part: Part
+    signs: bool
+    store: str | None
+
+
+_registration: list[Registration] = []  # this process's, once registered
+
+
+def node_key_files() -> tuple[str, str] | None:
+    """A worker's own key and certificate (``$SC_SIGNING_KEY``/``$SC_SIGNING_CERT``); never
+    the head's key from the keys directory, even on the head's machine."""
+    key, cert = os.environ.get(KEY_VARIABLE), os.environ.get(CERT_VARIABLE)
+    if unsigned() or not key or not cert:
+        return None
+    return key, cert
+
+
+def node_certs() -> str | None:
+    """The directory of the nodes' certificates the head verifies replies against, when it
+    holds any (``$SC_NODE_CERTS``, else ``KEYS_DIR/nodes``)."""
+    if unsigned():
+        return None
+    directory = Path(os.environ.get(NODE_CERTS_VARIABLE) or keys_dir() / NODE_CERTS_DIR)
+    try:
+        return str(directory) if any(directory.iterdir()) else None
+    except OSError:
+        return None
+
+
+def register(part: Part) -> bool:
+    """Register Celery's signing serializer with ``part``'s key and certificates (each where
+    configured); True when this process signs what it publishes."""
     from celery.security.serialization import register_auth
 
-    files = signing_files()
-    store = trust_store()
-    if store is not None and not Path(store).is_dir():
+    if part is Part.HEAD:
+        files, store = signing_files(), node_certs()
+    elif part is Part.WORKER:
+        files, store = node_key_files(), trust_store()
+    else:
+        files, store = None, node_certs()
+    if part is Part.WORKER and store is not None and not Path(store).is_dir():
         raise SigningError(f"${TRUST_VARIABLE}={store} is not a directory of certificates")
     key = cert = None
     if files is not None:
@@ -130,7 +207,27 @@ def register() -> bool:
         register_auth(key=key, cert=cert, store=store, digest=DIGEST)
     except Exception as err:  # celery.exceptions.SecurityError, ValueError of a bad PEM
         raise SigningError(f"signing set-up failed: {err}") from None
+    _registration[:] = [Registration(part, files is not None, store)]
     return files is not None
+
+
+def registration() -> Registration:
+    """This process's registration; a process that registered nothing is an observer (a
+    plain ``celery inspect`` or Flower): it signs nothing."""
+    if not _registration:
+        register(Part.OBSERVER)
+    return _registration[0]
+
+
+def read_unverified(payload: bytes | str) -> tuple[bytes, str, str]:
+    """The body, content type and encoding inside a signed message's body (Celery's
+    ``SecureSerializer`` packing), unverified: for a head
+    that knows no node's certificate (it takes unsigned replies as well)."""
+    from celery.security.serialization import DEFAULT_SEPARATOR
+
+    raw = base64.b64decode(payload)
+    _signer, _signature, content_type, encoding, body = raw.split(DEFAULT_SEPARATOR, 4)
+    return body, content_type.decode(), encoding.decode()
 
 
 def status_line() -> str:
@@ -138,13 +235,22 @@ def status_line() -> str:
     if unsigned():
         return f"signing off ({UNSIGNED_VARIABLE}=1): any client of the broker can run jobs"
     if signing_files():
-        return "jobs are signed with this head node's key"
+        store = node_certs()
+        if store is None:
+            return ("jobs and commands are signed with this head node's key; the workers' "
+                    "replies are taken unverified (no node certificates: cluster up makes "
+                    "them)")
+        count = sum(1 for _ in Path(store).iterdir())
+        return (f"jobs and commands are signed with this head node's key; replies verified "
+                f"against {count} node certificate(s) in {store}")
     return (f"signing off: no key (${KEY_VARIABLE}); workers that require signatures "
             f"refuse these jobs")
 
 
-def make_keypair(directory: Path, name: str) -> tuple[Path, Path]:
-    """A new RSA key (mode 0600) and a self-signed certificate for it, in ``directory``."""
+def make_keypair(directory: Path, name: str, common_name: str | None = None
+                 ) -> tuple[Path, Path]:
+    """A new RSA key (mode 0600) and a self-signed certificate for it (subject
+    ``common_name``, default ``name``), in ``directory`` as NAME.key and NAME.crt."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -152,7 +258,7 @@ def make_keypair(directory: Path, name: str) -> tuple[Path, Path]:
 
     directory.mkdir(parents=True, exist_ok=True)
     key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name or name)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -179,7 +285,7 @@ def reload_if_changed(store: str) -> None:
     except OSError:
         return
     if _loaded_store != [stamp]:
-        register()
+        register(Part.WORKER)
         _loaded_store[:] = [stamp]
 
 

@@ -34,9 +34,9 @@ def load_worker_only_parts(**kwargs: Any) -> None:
     """In a worker (not on the head node): refuse pool_grow, autoscale, add_consumer; with
     ``SC_WARM``, start the zygote before the pool (its processes inherit where it listens)."""
     from worker_tasks import control  # noqa: F401
-    from worker_tasks.signing import register
+    from worker_tasks.signing import Part, register
 
-    register()  # its pool processes inherit the serializer and the trust store
+    register(Part.WORKER)  # its pool processes inherit the serializer and the trust store
 
     if warm.enabled() and not _supervisor:
         env = {name: value for name, value in os.environ.items() if name not in PRIVATE_ENV}

@@ -79,7 +79,7 @@ def check_signing(args: argparse.Namespace) -> None:
             f"--trusted-certs DIR (the head's certificate; cluster deploy installs it), or "
             f"set {signing.UNSIGNED_VARIABLE}=1 to run unsigned jobs deliberately")
     try:
-        signing.register()
+        signing.register(signing.Part.WORKER)
     except signing.SigningError as err:
         raise InvalidJobsError(f"node {args.slot}: {err}") from None
 
@@ -131,6 +131,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     args.slot = slot_of(args.node, args.gpu)
     if args.env_file:
         load_env_file(args.env_file)
+    if args.make_key:
+        return make_node_key(args)
     pidfile, logfile = state_path(args, "pid"), state_path(args, "log")
     if args.status or args.stop:
         # No --gpu and no --pidfile: every worker of the node here (whole node, per GPU).
@@ -255,6 +257,17 @@ def gpu_index(slot: str) -> int:
     """Sort key: the whole node (-1) first, then its GPUs by number (gpu2 before gpu10)."""
     gpu = gpu_of_slot(slot)
     return -1 if gpu is None else gpu
+
+
+def make_node_key(args: argparse.Namespace) -> int:
+    """The node's key, made here if absent (never copied off the node); its certificate on
+    stdout for the head to trust, a line on stderr saying which."""
+    from worker_tasks.signing import ensure_node_key
+
+    key, cert, made = ensure_node_key(Path(args.workdir) / STATE_DIR, args.node)
+    print(f"{PROG}: node key {'made' if made else 'kept'}: {key}", file=sys.stderr)
+    sys.stdout.write(cert.read_text())
+    return ExitCode.OK
 
 
 def worker_status(args: argparse.Namespace, slots: dict[str, tuple[Path, Path]]) -> int:
@@ -420,6 +433,10 @@ def register(command: CommandFactory) -> None:
                            "first), or at once with --now")
     mode.add_argument("--status", action="store_true",
                       help="print the worker's pid file state as JSON (pid, alive, stale)")
+    mode.add_argument("--make-key", action="store_true",
+                      help="make this node's own key (if it has none) in WORKDIR/"
+                           ".scripts-coordinator/keys and print its certificate: the worker "
+                           "signs its control replies with it (cluster up runs this)")
     sub.add_argument("--now", action="store_true",
                      help="with --stop: kill the worker and its running job at once")
     sub.add_argument("--timeout", type=float, default=600.0, metavar="S",

@@ -48,7 +48,36 @@ def worker_env(node: Node, head_broker: str) -> dict[str, str]:
     elif signing.signing_files() is not None:
         env[signing.TRUST_VARIABLE] = node.trust_dir
         env[signing.REQUIRE_VARIABLE] = "1"
+        keys = posixpath.join(node.state_dir, signing.NODE_KEYS_DIR, signing.NODE_KEY_NAME)
+        env[signing.KEY_VARIABLE] = f"{keys}.key"  # the node's own (node_key makes it)
+        env[signing.CERT_VARIABLE] = f"{keys}.crt"
     return env
+
+
+def node_key(remote: RemoteNode) -> str:
+    """The node's own key, made on the node when it has none; its certificate kept on the
+    head (``KEYS_DIR/nodes/LABEL.crt``), which then verifies the node's control replies."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    node = remote.node
+    result = remote.coordinator("worker", "--node", node.label, "--workdir",
+                                node.config.workdir, "--make-key")
+    if not result.ok:
+        raise NodeError(f"could not make the node's key: {result.last_line()}")
+    try:
+        cert = x509.load_pem_x509_certificate(result.stdout.encode())
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError as err:
+        raise NodeError(f"the node's certificate does not parse: {err}") from None
+    if [name.value for name in names] != [node.label]:
+        raise NodeError(f"the node's certificate names {names[0].value if names else 'nobody'}"
+                        f", not {node.label}")
+    store = signing.keys_dir() / signing.NODE_CERTS_DIR
+    store.mkdir(parents=True, exist_ok=True)
+    (store / f"{node.label}.crt").write_text(result.stdout)
+    said = (result.stderr.strip().splitlines() or ["node key"])[-1]
+    return said.removeprefix("coordinator: ")  # "node key made: PATH" or "... kept: PATH"
 
 
 def env_file_text(env: dict[str, str]) -> str:
@@ -94,14 +123,15 @@ def up(remote: RemoteNode, head_broker: str, per_gpu: bool = False) -> str:
                        node.config.scripts_dir])
     if not made.ok:
         raise NodeError(f"could not create {node.state_dir} on the node: {made.last_line()}")
-    write_private(remote, node.envfile, env_file_text(worker_env(node, head_broker)))
+    env = worker_env(node, head_broker)
+    lines = [node_key(remote)] if signing.KEY_VARIABLE in env else []
+    write_private(remote, node.envfile, env_file_text(env))
     slots = node.slots(per_gpu)
-    lines = []
-    for slot in slots:
+    for done, slot in enumerate(slots):
         result = remote.coordinator(*worker_args(node, slot), "--detach",
                                     timeout=START_TIMEOUT_S + 60)
         if not result.ok:
-            started = f"started {', '.join(slots[:len(lines)])}; " if lines else ""
+            started = f"started {', '.join(slots[:done])}; " if done else ""
             where = f"{slot}: " if per_gpu else ""
             raise NodeError(f"{started}{where}{detach_failure(result.stderr or result.stdout)}")
         lines.append(result.last_line())
