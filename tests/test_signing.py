@@ -393,6 +393,15 @@ def test_a_signed_command_runs_once_and_only_while_fresh(as_head: LocalCluster) 
     before = log_mark(as_head, "rig-b")
     broker(as_head).publish(*sent[0])
     control_refused(as_head, "rig-b", "signed, but seen before (a replay)", before)
+    # Hand-made control messages that are no command, or no message at all: one line each.
+    envelope = json.loads(sent[0][1])
+    for body, reason in ((b'"shutdown"', "not a command"),
+                         (b"{not json", "cannot be read or does not verify")):
+        before = log_mark(as_head, "rig-b")
+        forged = {**envelope, "content-type": "application/json",
+                  "body": base64.b64encode(body).decode()}
+        broker(as_head).publish(sent[0][0], json.dumps(forged))
+        control_refused(as_head, "rig-b", reason, before)
     # Signed by the head an hour ago (kombu's own publish: no fresh stamp added).
     before = log_mark(as_head, "rig-b")
     with app.connection_for_write() as connection:
@@ -434,3 +443,12 @@ def test_the_head_takes_only_replies_its_node_certificates_verify(
         with caplog.at_level("WARNING", logger="worker_tasks.mailbox"):
             assert app.control.ping(destination=[rig_u], timeout=2) == []
         assert "skipped an unsigned control reply" in caplog.text
+    # A worker with no trust store cannot read the head's signed command, and says why.
+    bare = {signing.TRUST_VARIABLE: "", signing.KEY_VARIABLE: "", signing.CERT_VARIABLE: ""}
+    with LocalCluster(["rig-v"], scripts_dir=REPO, workdir=tmp_path, log_dir=tmp_path / "logs",
+                      broker_url=as_head.broker_url, extra_env=bare):
+        assert publisher(as_head.broker_url).control.ping(destination=[worker_name("rig-v")],
+                                                           timeout=2) == []
+        log = tmp_path / "logs" / "worker-rig-v.log"
+        wait_for(lambda: "refused control message: signed, and this worker has no trust store"
+                 in log.read_text(), 30, "rig-v to say it cannot verify the head's command")

@@ -85,6 +85,10 @@ class GatedNode(pidbox.Node):
         """The command's body, verified where it is signed; None (said in one line) when
         it cannot be read."""
         store = signing.trust_store()
+        if store is None and is_signed(message):
+            logger.error("refused control message: signed, and this worker has no trust store "
+                         "to verify it (start it with --trusted-certs DIR); nothing done")
+            return None
         try:
             if store is not None:
                 signing.reload_if_changed(store)
