@@ -254,8 +254,17 @@ def test_the_services_run_here_against_a_password_protected_redis(
     shutil.copy(cert, tmp / "trusted")
     assert worker["environment"][signing.TRUST_VARIABLE] == "/trusted"
     assert f"{'./trusted'}:/trusted:ro" in worker["volumes"]
+    # The node's own key, made as the file's comment says; its certificate to the head.
+    made = run_cli("worker", "--node", "rig-a", "--workdir", str(tmp / "work"), "--make-key")
+    assert made.returncode == 0, made.stderr
+    node_certs = tmp / "keys" / "nodes"
+    node_certs.mkdir(parents=True)
+    (node_certs / "rig-a.crt").write_text(made.stdout)
     env = {**os.environ, **worker["environment"], signing.TRUST_VARIABLE: str(tmp / "trusted"),
            "SC_BROKER_URL": services["url"]}  # the head's Redis, as this host reaches it
+    for name in (signing.KEY_VARIABLE, signing.CERT_VARIABLE):
+        env[name] = env[name].replace("/work/", f"{tmp / 'work'}/", 1)
+        assert Path(env[name]).is_file(), name
     mapping = {"/scripts": str(tmp / "scripts"), "/work": str(tmp / "work")}
     flower_port = free_port()
     flower = load(HEAD)["services"]["flower"]
@@ -264,8 +273,10 @@ def test_the_services_run_here_against_a_password_protected_redis(
     metrics_port = free_port()
     metrics_argv = [arg.replace("0.0.0.0", "127.0.0.1").replace("9108", str(metrics_port))
                     for arg in shlex.split(load(HEAD)["services"]["metrics"]["command"])]
+    assert flower["environment"][signing.NODE_CERTS_VARIABLE] == "/node-certs"
     head_env = {**os.environ, "SC_BROKER_URL": services["url"],
-                "FLOWER_BASIC_AUTH": ENV["FLOWER_BASIC_AUTH"]}
+                "FLOWER_BASIC_AUTH": ENV["FLOWER_BASIC_AUTH"],
+                signing.NODE_CERTS_VARIABLE: str(node_certs)}
     for argv, child_env in ((on_this_host(shlex.split(worker["command"]), mapping), env),
                             (on_this_host(flower_argv, {}), head_env),
                             (on_this_host(metrics_argv, {}), head_env)):
@@ -304,6 +315,15 @@ def test_the_services_run_here_against_a_password_protected_redis(
         if json.loads(body).get(task_id, {}).get("state") == "SUCCESS":
             break
         assert time.monotonic() < deadline, "Flower never saw the job"
+        time.sleep(0.5)
+    # Flower inspects the worker and verifies its reply, signed with the node's key.
+    deadline = time.monotonic() + 60
+    while True:
+        _, body = http(f"http://127.0.0.1:{flower_port}/api/workers?refresh=1",
+                       ENV["FLOWER_BASIC_AUTH"])
+        if "stats" in json.loads(body).get(f"rig-a@{host}", {}):
+            break
+        assert time.monotonic() < deadline, "Flower never inspected the worker"
         time.sleep(0.5)
     status, body = http(f"http://127.0.0.1:{metrics_port}/metrics")
     assert status == 200 and b'sc_node_workers{node="rig-a"} 1' in body
