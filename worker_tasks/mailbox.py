@@ -127,7 +127,8 @@ class GatedNode(pidbox.Node):
             return ("not signed by the head node (unsigned, only inspection commands are "
                     "taken)")
         if not isinstance(sent_at, int | float) or abs(time.time() - sent_at) > FRESH_S:
-            return f"signed, but not sent in the last {FRESH_S:g} s (a replay?)"
+            return (f"signed, but not sent in the last {FRESH_S:g} s (a replay, or this "
+                    f"node's clock and the head's disagree: keep them in time with NTP)")
         if not isinstance(nonce, str) or nonce in self._nonces:
             return "signed, but seen before (a replay)"
         self.remember(nonce, sent_at)
