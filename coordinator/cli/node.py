@@ -413,7 +413,9 @@ def register(command: CommandFactory) -> None:
                   "  coordinator worker --node rig-a --workdir /data --detach   # in the "
                   "background\n"
                   "  coordinator worker --node rig-a --workdir /data --stop     # warm stop\n"
-                  "  coordinator worker --node rig-a --workdir /data --status   # JSON",
+                  "  coordinator worker --node rig-a --workdir /data --status   # JSON\n"
+                  "  coordinator worker --node rig-a --workdir /data --make-key > rig-a.crt"
+                  "  # the node's own key",
                   WORKER_EXITS)
     sub.add_argument("--node", required=True, help="the node label jobs name, e.g. rig-a")
     sub.add_argument("--gpu", type=int, metavar="K",
