@@ -167,8 +167,11 @@ def node_key_files() -> tuple[str, str] | None:
     """A worker's own key and certificate (``$SC_SIGNING_KEY``/``$SC_SIGNING_CERT``); never
     the head's key from the keys directory, even on the head's machine."""
     key, cert = os.environ.get(KEY_VARIABLE), os.environ.get(CERT_VARIABLE)
-    if unsigned() or not key or not cert:
+    if unsigned() or not key:
         return None
+    if not cert:
+        raise SigningError(f"${KEY_VARIABLE} is set but ${CERT_VARIABLE} is not: the head "
+                           f"verifies this node's replies against the certificate")
     return key, cert
 
 
