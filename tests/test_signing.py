@@ -396,7 +396,8 @@ def test_a_signed_command_runs_once_and_only_while_fresh(as_head: LocalCluster) 
     # Hand-made control messages that are no command, or no message at all: one line each.
     envelope = json.loads(sent[0][1])
     for body, reason in ((b'"shutdown"', "not a command"),
-                         (b"{not json", "cannot be read or does not verify")):
+                         (b"{not json", "cannot be read or does not verify"),
+                         (b'{"method": "ping", "reply_to": 5}', "its reply_to is not")):
         before = log_mark(as_head, "rig-b")
         forged = {**envelope, "content-type": "application/json",
                   "body": base64.b64encode(body).decode()}

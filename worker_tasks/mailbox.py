@@ -60,6 +60,12 @@ def shown(value: Any) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)[:80]
 
 
+def reply_address(reply_to: Any) -> bool:
+    """Whether an untrusted ``reply_to`` is what kombu replies to: two strings."""
+    return (isinstance(reply_to, dict) and isinstance(reply_to.get("exchange"), str)
+            and isinstance(reply_to.get("routing_key"), str))
+
+
 class GatedNode(pidbox.Node):
     """A worker's mailbox: each command verified before Celery runs it."""
 
@@ -107,14 +113,19 @@ class GatedNode(pidbox.Node):
                  ticket: Any = None, **kwargs: Any) -> Any:
         arguments = dict(arguments) if isinstance(arguments, dict) else {}
         stamp = arguments.pop(SENT_AT, None), arguments.pop(NONCE, None)
-        refusal = self.refusal(method, *stamp)
+        where = reply_to if reply_address(reply_to) else None
+        refusal = (self.refusal(method, *stamp) if where is not None or reply_to is None
+                   else "its reply_to is not an exchange and a routing key")
         if refusal is None:
             return super().dispatch(method, arguments, reply_to, ticket, **kwargs)
         logger.error("refused control command %s: %s; nothing done", shown(method), refusal)
-        if isinstance(reply_to, dict):
-            self.reply({self.hostname: {"error": f"refused: {refusal}"}},
-                       exchange=reply_to.get("exchange"),
-                       routing_key=reply_to.get("routing_key"), ticket=ticket)
+        if where is not None:
+            try:
+                self.reply({self.hostname: {"error": f"refused: {refusal}"}},
+                           exchange=where["exchange"], routing_key=where["routing_key"],
+                           ticket=ticket)
+            except Exception as err:  # the sender's reply queue may be gone; said, not raised
+                logger.error("could not answer the refused command: %s", shown(str(err)))
         return None
 
     def refusal(self, method: str, sent_at: Any, nonce: Any) -> str | None:
