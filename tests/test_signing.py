@@ -322,7 +322,8 @@ def control_refused(cluster: LocalCluster, node: str, reason: str, since: int) -
     """Wait for a line, after offset ``since`` of ``node``'s log, refusing a control message
     for ``reason``."""
     def seen() -> bool:
-        return any("refused control" in line and reason in line and "nothing done" in line
+        return any(reason in line and ("refused control" in line and "nothing done" in line
+                                       or "failed" in line)
                    for line in log_of(cluster, node)[since:].splitlines())
 
     wait_for(seen, 30, f"the worker of {node} to refuse ({reason})")
@@ -397,7 +398,9 @@ def test_a_signed_command_runs_once_and_only_while_fresh(as_head: LocalCluster) 
     envelope = json.loads(sent[0][1])
     for body, reason in ((b'"shutdown"', "not a command"),
                          (b"{not json", "cannot be read or does not verify"),
-                         (b'{"method": "ping", "reply_to": 5}', "its reply_to is not")):
+                         (b'{"method": "ping", "reply_to": 5}', "its reply_to is not"),
+                         (b'{"method": "active_queues", "arguments": {"x": 1}}',
+                          "control command active_queues failed")):
         before = log_mark(as_head, "rig-b")
         forged = {**envelope, "content-type": "application/json",
                   "body": base64.b64encode(body).decode()}

@@ -128,6 +128,17 @@ class GatedNode(pidbox.Node):
                 logger.error("could not answer the refused command: %s", shown(str(err)))
         return None
 
+    def handle(self, method: str, arguments: Any = None) -> Any:
+        """Run the command; one whose arguments its handler rejects is one line and an error
+        reply, not kombu's traceback (the arguments are the sender's)."""
+        if method not in self.handlers:
+            return super().handle(method, arguments)  # KeyError: Celery says it in one line
+        try:
+            return super().handle(method, arguments)
+        except Exception as err:  # SystemExit (a signed shutdown) passes through
+            logger.error("control command %s failed: %s", shown(method), shown(repr(err)))
+            return {"error": shown(repr(err))}
+
     def refusal(self, method: str, sent_at: Any, nonce: Any) -> str | None:
         """Why this worker does not run ``method``, or None to run it."""
         if signing.trust_store() is None:
