@@ -192,7 +192,8 @@ class SignedMailbox(pidbox.Mailbox):
                 return loads(*signing.read_unverified(message.body), force=True)
             if store is not None and not is_signed(message):
                 logger.warning("skipped an unsigned control reply: replies must be signed by "
-                               "a node's key (its certificate in %s)", store)
+                               "a node's key (its certificate in %s; a worker started without "
+                               "one: cluster down, then cluster up makes it)", store)
                 return None
             return message.decode()
         except Exception as err:  # SecurityError: an unknown or forged signature
