@@ -216,14 +216,8 @@ def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str],
             for queue in {spec.queue for spec in specs}:
                 producer.maybe_declare(amqp.queues[queue])
             dispatcher = app.events.Dispatcher(producer.connection, enabled=False)
-            for part, ids in zip(chunks(specs), chunks(task_ids), strict=True):
-                jobs = [outgoing(amqp, spec, task_id, sent_events)
-                        for spec, task_id in zip(part, ids, strict=True)]
-                # Signing is most of a signed job's cost; RSA lets go of the GIL meanwhile.
-                encode = partial(dumps, serializer=serializer)
-                bodies = [job.body for job in jobs]
-                encoded = (pool.map(encode, bodies) if serializer == AUTH_SERIALIZER
-                           else map(encode, bodies))
+            batches = encoded_batches(amqp, specs, task_ids, sent_events, serializer, pool)
+            for part, jobs, encoded in batches:
                 with producer.batch(max_size=BATCH_SIZE + 1):
                     for job, (content_type, encoding, data) in zip(jobs, encoded, strict=True):
                         producer.publish(data, exchange="", routing_key=job.queue,
@@ -240,6 +234,31 @@ def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str],
         cause = err.__cause__ if isinstance(err, BatchPublishError) and err.__cause__ else err
         message = f"broker {redact(app.conf.broker_url)} failed while publishing: {cause}"
         raise BrokerUnreachableError(message) from None
+
+
+EncodedBatch = tuple[Sequence[JobSpec], list["Outgoing"], Iterable[tuple[str, str, Any]]]
+
+
+def encoded_batches(amqp: Any, specs: Sequence[JobSpec], task_ids: Sequence[str],
+                    sent_events: bool, serializer: str,
+                    pool: ThreadPoolExecutor) -> Iterator[EncodedBatch]:
+    """Each batch's jobs, their messages and their encoded bodies, one batch ahead: a
+    signed batch is signed in ``pool`` while the batch before it is published (signing is
+    most of a signed job's cost, and RSA lets go of the GIL meanwhile)."""
+    encode = partial(dumps, serializer=serializer)
+    ahead: EncodedBatch | None = None
+    for part, ids in zip(chunks(specs), chunks(task_ids), strict=True):
+        jobs = [outgoing(amqp, spec, task_id, sent_events)
+                for spec, task_id in zip(part, ids, strict=True)]
+        bodies = [job.body for job in jobs]
+        # Executor.map submits the whole batch at once; plain map encodes as it publishes.
+        encoded = (pool.map(encode, bodies) if serializer == AUTH_SERIALIZER
+                   else map(encode, bodies))
+        if ahead is not None:
+            yield ahead
+        ahead = (part, jobs, encoded)
+    if ahead is not None:
+        yield ahead
 
 
 def shown_name(spec: JobSpec) -> str:
