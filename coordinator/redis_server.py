@@ -110,16 +110,23 @@ class RedisServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ClusterStartError(
-                    f"redis-server exited with status {self.process.returncode}: "
-                    f"{self.log_tail()}"
-                )
+                failure = (f"redis-server exited with status {self.process.returncode}: "
+                           f"{self.log_tail()}")
+                self.forget_if_empty()
+                raise ClusterStartError(failure)
             with contextlib.suppress(redis.RedisError):
                 if client.ping():
                     return self
             time.sleep(0.05)
         self.stop()
+        self.forget_if_empty()
         raise ClusterStartError(f"redis-server did not answer within {START_TIMEOUT_S:g} s")
+
+    def forget_if_empty(self) -> None:
+        """After a failed start: remove the data directory if it holds only the log (a
+        restart's data stays for a look)."""
+        if {path.name for path in self.dir.iterdir()} <= {"redis.log"}:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def log_tail(self) -> str:
         text = (self.dir / "redis.log").read_text(errors="replace").strip().splitlines()

@@ -139,13 +139,17 @@ def test_exit_6_when_the_local_cluster_cannot_start(tmp_path: Path) -> None:
     broken.parent.mkdir()
     broken.write_text("#!/bin/sh\necho 'Fatal: cannot open the data directory' >&2\nexit 1\n")
     broken.chmod(0o755)
+    temp = tmp_path / "temp"
+    temp.mkdir()
     result = run_cli("local", "--jobs-file", str(jobs), "--scripts-dir", str(REPO),
-                     cwd=tmp_path, env={"PATH": f"{broken.parent}:{os.environ['PATH']}"})
+                     cwd=tmp_path, env={"PATH": f"{broken.parent}:{os.environ['PATH']}",
+                                        "TMPDIR": str(temp)})
     assert result.returncode == 6, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "coordinator: error: redis-server exited with status 1: Fatal: cannot open the data "
         "directory")
     assert not (tmp_path / "full_scoring_results").exists()
+    assert list(temp.iterdir()) == []  # no Redis directory (nor key) left behind
 
 
 @pytest.mark.parametrize("tool", ["scripts-coordinator", "submit"])
