@@ -26,7 +26,7 @@ from coordinator.redis_server import RedisServer
 from worker_tasks import signing
 from worker_tasks.connections import redis_client
 from worker_tasks.presence import seen_since
-from worker_tasks.spec import floating_queue, node_of_queue, queue_for
+from worker_tasks.spec import floating_queue, node_of_queue, node_of_slot, queue_for
 from worker_tasks.spec import worker_name as spec_worker_name
 from worker_tasks.tracking import KEY_PREFIX
 
@@ -36,9 +36,9 @@ READY_TIMEOUT_S = 90.0
 STOP_GRACE_S = 10.0
 # How often readiness is looked at while workers start (seconds).
 READY_POLL_S = 0.05
-# The local workers' one key for their control replies: they all run on this machine as
-# this user, so a key each would keep nothing apart.
-LOCAL_NODES_KEY = "local-nodes"
+# Where a signed local cluster keeps its nodes' own keys (the head's store, ``nodes``,
+# holds their certificates only).
+NODE_KEYS_DIR = "node-keys"
 
 
 def worker_command(node: str, loglevel: str = "INFO") -> list[str]:
@@ -119,16 +119,21 @@ class LocalCluster:
                 signing.CERT_VARIABLE: str(self.keys_dir / f"{signing.HEAD_KEY_NAME}.crt"),
                 signing.NODE_CERTS_VARIABLE: str(self.keys_dir / signing.NODE_CERTS_DIR)}
 
-    def worker_env(self) -> dict[str, str]:
+    def worker_env(self, slot: str | None = None) -> dict[str, str]:
+        """The environment of ``slot``'s worker (signed: its node's own key)."""
         env = dict(os.environ)
         env.update(self.extra_env)
         if self.keys_dir is not None:
-            # The workers sign their control replies with the nodes' key, trust the head's.
+            # The workers trust the head's key and sign their control replies with their
+            # node's: one node's key cannot answer for another.
             env.update({signing.TRUST_VARIABLE: str(self.keys_dir / "trusted"),
-                        signing.REQUIRE_VARIABLE: "1",
-                        signing.KEY_VARIABLE: str(self.keys_dir / f"{LOCAL_NODES_KEY}.key"),
-                        signing.CERT_VARIABLE: str(self.keys_dir / f"{LOCAL_NODES_KEY}.crt")})
+                        signing.REQUIRE_VARIABLE: "1"})
             env.pop(signing.UNSIGNED_VARIABLE, None)
+            env.pop(signing.KEY_VARIABLE, None)
+            env.pop(signing.CERT_VARIABLE, None)
+            if slot is not None:
+                key, cert = self.node_key(node_of_slot(slot))
+                env.update({signing.KEY_VARIABLE: str(key), signing.CERT_VARIABLE: str(cert)})
         env.update(
             SC_BROKER_URL=self.broker_url,
             SC_RESULT_BACKEND=self.broker_url,
@@ -149,15 +154,22 @@ class LocalCluster:
             _, cert = signing.make_keypair(self.keys_dir, signing.HEAD_KEY_NAME)
             (self.keys_dir / "trusted").mkdir()
             shutil.copy(cert, self.keys_dir / "trusted" / cert.name)
-            _, node_cert = signing.make_keypair(self.keys_dir, LOCAL_NODES_KEY)
             (self.keys_dir / signing.NODE_CERTS_DIR).mkdir()
-            shutil.copy(node_cert, self.keys_dir / signing.NODE_CERTS_DIR / node_cert.name)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for node in self.nodes:
             self.start_worker(node)
         self.wait_ready()
         return self
+
+    def node_key(self, node: str) -> tuple[Path, Path]:
+        """``node``'s own key and certificate, made on first use; the head trusts the
+        certificate (``nodes/NODE.crt``)."""
+        assert self.keys_dir is not None, "an unsigned cluster has no keys"
+        key, cert, made = signing.ensure_keypair(self.keys_dir / NODE_KEYS_DIR, node, node)
+        if made:
+            shutil.copy(cert, self.keys_dir / signing.NODE_CERTS_DIR / f"{node}.crt")
+        return key, cert
 
     def start_worker(self, node: str) -> subprocess.Popen[bytes]:
         self.started_at[node] = time.time()
@@ -166,7 +178,7 @@ class LocalCluster:
             command = wrapped(command, signal.SIGQUIT)
         with (self.log_dir / f"worker-{node}.log").open("ab") as log:
             process = subprocess.Popen(
-                command, cwd=self.workdir, env=self.worker_env(),
+                command, cwd=self.workdir, env=self.worker_env(node),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own group: stopping it stops its pool too
             )

@@ -447,6 +447,20 @@ def test_the_head_takes_only_replies_its_node_certificates_verify(
         with caplog.at_level("WARNING", logger="worker_tasks.mailbox"):
             assert app.control.ping(destination=[rig_u], timeout=2) == []
         assert "skipped an unsigned control reply" in caplog.text
+    # A node answers for itself only: rig-a's key (as if taken from rig-a's disk) signing the
+    # replies of a worker that calls itself rig-w is skipped.
+    rig_a_keys = as_head.keys_dir / "node-keys"  # type: ignore[operator]
+    posing = {signing.TRUST_VARIABLE: str(as_head.keys_dir / "trusted"),  # type: ignore[operator]
+              signing.KEY_VARIABLE: str(rig_a_keys / "rig-a.key"),
+              signing.CERT_VARIABLE: str(rig_a_keys / "rig-a.crt")}
+    caplog.clear()
+    with LocalCluster(["rig-w"], scripts_dir=REPO, workdir=tmp_path, log_dir=tmp_path / "logs",
+                      broker_url=as_head.broker_url, extra_env=posing):
+        with caplog.at_level("WARNING", logger="worker_tasks.mailbox"):
+            assert publisher(as_head.broker_url).control.ping(
+                destination=[worker_name("rig-w")], timeout=2) == []
+        assert f"skipped a control reply for {worker_name('rig-w')} signed by node rig-a's " \
+            "key" in caplog.text
     # A worker with no trust store cannot read the head's signed command, and says why.
     bare = {signing.TRUST_VARIABLE: "", signing.KEY_VARIABLE: "", signing.CERT_VARIABLE: ""}
     with LocalCluster(["rig-v"], scripts_dir=REPO, workdir=tmp_path, log_dir=tmp_path / "logs",

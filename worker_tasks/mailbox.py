@@ -33,6 +33,7 @@ from kombu import Consumer, pidbox
 from kombu.serialization import loads
 
 from worker_tasks import signing
+from worker_tasks.spec import node_of_slot, slot_of_worker
 
 logger = logging.getLogger(__name__)
 
@@ -195,11 +196,21 @@ class SignedMailbox(pidbox.Mailbox):
                                "a node's key (its certificate in %s; a worker started without "
                                "one: cluster down, then cluster up makes it)", store)
                 return None
-            return message.decode()
+            body = message.decode()
         except Exception as err:  # SecurityError: an unknown or forged signature
             logger.warning("skipped a control reply that does not verify against %s: %s",
                            store, shown(str(err)))
             return None
+        if store is not None:
+            # Each node answers for itself only: a reply names workers of the signer's node.
+            signer = signing.signer_name(message.body)
+            others = [name for name in (body if isinstance(body, dict) else {None: None})
+                      if not isinstance(name, str) or node_of_slot(slot_of_worker(name)) != signer]
+            if others:
+                logger.warning("skipped a control reply for %s signed by node %s's key",
+                               shown(others[0]), shown(signer))
+                return None
+        return body
 
     def _collect(self, ticket: Any, limit: int | None = None, timeout: float = 1,
                  callback: Any = None, channel: Any = None, accept: Any = None) -> list[Any]:

@@ -222,15 +222,28 @@ def registration() -> Registration:
     return _registration[0]
 
 
-def read_unverified(payload: bytes | str) -> tuple[bytes, str, str]:
-    """The body, content type and encoding inside a signed message's body (Celery's
-    ``SecureSerializer`` packing), unverified: for a head
-    that knows no node's certificate (it takes unsigned replies as well)."""
+def unpack(payload: bytes | str) -> tuple[str, bytes, str, str]:
+    """The signer's certificate id, the body, its content type and encoding inside a signed
+    message's body (Celery's ``SecureSerializer`` packing), unverified."""
     from celery.security.serialization import DEFAULT_SEPARATOR
 
     raw = base64.b64decode(payload)
-    _signer, _signature, content_type, encoding, body = raw.split(DEFAULT_SEPARATOR, 4)
-    return body, content_type.decode(), encoding.decode()
+    signer, _signature, content_type, encoding, body = raw.split(DEFAULT_SEPARATOR, 4)
+    return (base64.b64decode(signer).decode(errors="replace"), body, content_type.decode(),
+            encoding.decode())
+
+
+def read_unverified(payload: bytes | str) -> tuple[bytes, str, str]:
+    """The body, content type and encoding of a signed message, unverified: for a head that
+    knows no node's certificate (it takes unsigned replies as well)."""
+    return unpack(payload)[1:]
+
+
+def signer_name(payload: bytes | str) -> str:
+    """Whose key signed a message: its certificate's subject (a node's label, for the keys
+    ``ensure_node_key`` makes). Celery names a certificate ``<issuer> <serial>``, and ours
+    are self-signed, so the issuer is the subject."""
+    return unpack(payload)[0].rpartition(" ")[0]
 
 
 def status_line() -> str:
