@@ -1,4 +1,4 @@
-"""Following a run to its end: read only what changed, survive broker trouble, settle records.
+"""Following a run to its end: read only what changed, survive broker trouble, report.
 
 ``RunFollower`` keeps a snapshot of every job, loaded once, then brought up to
 date from the run's change stream (one ``XREAD`` per poll) and checked
@@ -6,8 +6,8 @@ against the per-state counters the transitions keep; it reloads in full only
 when the two disagree (the stream was trimmed). ``follow`` is the wait loop
 around it: it reconnects with backoff when Redis goes away (for up to
 ``SC_RECONNECT_TIMEOUT`` seconds, saying so), says when a run's records
-vanished, settles stuck records (``reconcile``), and with ``failover`` moves
-the queued jobs of a node that has had no live worker for that long.
+vanished, and hands what it learns to the scheduler (``coordinator.scheduler``), which
+makes every decision about the live run. Following decides nothing.
 """
 
 from __future__ import annotations
@@ -19,39 +19,32 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
-from celery import Celery
 
 from coordinator.broker import redact
-from coordinator.cluster_view import ClusterView
 from coordinator.errors import BrokerUnreachableError, RunNotFoundError, WaitTimeoutError
-from coordinator.reconcile import find_lost, move_jobs, settle
 from coordinator.records import (
     FOLLOW_FIELDS,
     JobRecord,
     RunStatus,
     read_counts,
     read_info,
-    read_records,
     read_status,
     status_from,
 )
-from coordinator.submission import republish
-from worker_tasks.spec import is_floating, queue_for
-from worker_tasks.tracking import ACTIVE, LOST_ONLY, JobEvent, JobState, events_key, run_key
+from worker_tasks.tracking import JobEvent, JobState, events_key, run_key
+
+if TYPE_CHECKING:
+    from coordinator.scheduler import Scheduler
 
 # How often the follower reads the stream and counters (seconds).
 POLL_INTERVAL_S = 0.5
 # Stream entries read per poll at most (the rest come on the next poll).
 EVENTS_PER_POLL = 50_000
-# Without progress for this long, records are reconciled with workers, files and messages.
-RECONCILE_AFTER_S = float(os.environ.get("SC_RECONCILE_AFTER", "10"))
 # How long a follower keeps reconnecting to a Redis that went away (seconds).
 RECONNECT_TIMEOUT_S = float(os.environ.get("SC_RECONNECT_TIMEOUT", "300"))
-# Liveness of nodes is checked this often when failover is on (seconds).
-FAILOVER_CHECK_S = 5.0
 
 Notice = Callable[[str], None]
 
@@ -152,30 +145,25 @@ class FollowOptions:
     Parameters:
         timeout: give up after this many seconds (``WaitTimeoutError``).
         poll_interval: seconds between polls.
-        workdir: where ``.done`` files are visible (shared storage), for settling
-            (default: where the run's workers wrote, ``RunStatus.files_dir``).
-        failover: move a node's queued jobs after it has had no live worker this long.
         reconnect_timeout: keep reconnecting to Redis this long before giving up.
-        republish_lost: publish a job found lost again, once (``wait``); ``status`` only marks.
-        notice: where one-line notices go (reconnecting, settled, lost, moved).
+        notice: where one-line notices go (reconnecting, reconnected).
     """
 
     timeout: float | None = None
     poll_interval: float = POLL_INTERVAL_S
-    workdir: Path | None = None
-    failover: float | None = None
     reconnect_timeout: float = RECONNECT_TIMEOUT_S
-    republish_lost: bool = True
     notice: Notice = field(default=lambda line: None)
 
 
-def follow(client: redis.Redis, app: Celery, broker: redis.Redis, run_id: str,
-           on_progress: Callable[[RunStatus], None] | None,
-           options: FollowOptions) -> RunStatus:
-    """Block until every job of the run is final; see the module docstring."""
+def follow(client: redis.Redis, run_id: str, on_progress: Callable[[RunStatus], None] | None,
+           options: FollowOptions, scheduler: Scheduler | None = None) -> RunStatus:
+    """Block until every job of the run is final; see the module docstring.
+
+    ``scheduler`` hears of each poll (``after_progress`` or ``while_quiet``); without one,
+    the run is only watched.
+    """
     follower = RunFollower(client, run_id)
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
-    settler = Settler(client, app, broker, run_id, options)
     first = True
     while True:
         try:
@@ -195,11 +183,12 @@ def follow(client: redis.Redis, app: Celery, broker: redis.Redis, run_id: str,
             on_progress(status)
         if status.finished:
             return read_status(client, run_id)  # once, in full, for the caller
-        if changed:
-            settler.progress()
-        else:
+        if scheduler is not None:
             try:
-                settler.maybe_settle(status)
+                if changed:
+                    scheduler.after_progress(status)
+                else:
+                    scheduler.while_quiet(status)
             except redis.ConnectionError as err:
                 reconnect(client, err, options)
         if deadline is not None and time.monotonic() >= deadline:
@@ -228,11 +217,6 @@ def reconnect(client: redis.Redis, err: Exception, options: FollowOptions) -> No
                                  f"{options.reconnect_timeout:g} s: {err}")
 
 
-def listing(job_ids: list[str], most: int = 10) -> str:
-    """Job ids for a one-line notice: the first ``most``, then an ellipsis."""
-    return ", ".join(job_ids[:most]) + (" ..." if len(job_ids) > most else "")
-
-
 def vanished(run_id: str, follower: RunFollower) -> RunVanishedError:
     info = follower.info
     jobs_file = info.get("jobs_file") or "JOBS_FILE"
@@ -242,118 +226,3 @@ def vanished(run_id: str, follower: RunFollower) -> RunVanishedError:
         f"restarted without persistence, or they were deleted); jobs whose .done exists are "
         f"done. Recover the rest with: coordinator recover --jobs-file {jobs_file} "
         f"--output-dir {output_dir}")
-
-
-class Settler:
-    """What ``follow`` does when nothing moves: settle records, find lost jobs, fail over."""
-
-    def __init__(self, client: redis.Redis, app: Celery, broker: redis.Redis, run_id: str,
-                 options: FollowOptions) -> None:
-        self.client = client
-        self.app = app
-        self.broker = broker
-        self.run_id = run_id
-        self.options = options
-        self.quiet_since = time.monotonic()
-        self.last_settle = 0.0
-        self.last_failover_check = 0.0
-        self.unserved_since: dict[str, float] = {}
-        self.published_again: set[str] = set()
-
-    def progress(self) -> None:
-        self.quiet_since = time.monotonic()
-
-    def maybe_settle(self, status: RunStatus) -> None:
-        moment = time.monotonic()
-        if self.options.failover is not None and moment - self.last_failover_check >= \
-                FAILOVER_CHECK_S:
-            self.last_failover_check = moment
-            self.failover(status)
-        if moment - self.quiet_since < RECONCILE_AFTER_S or moment - self.last_settle < \
-                RECONCILE_AFTER_S:
-            return
-        self.last_settle = moment
-        self.settle(status)
-
-    def settle(self, status: RunStatus) -> None:
-        """Settle the running records, then look for lost jobs (see ``reconcile``).
-
-        ``status`` may be a light snapshot: only the running jobs' full records (their
-        ``.done`` paths) are read.
-        """
-        waiting_ids = [job.job_id for job in status.jobs if not job.state.is_final]
-        if not waiting_ids:
-            return
-        running_ids = [job.job_id for job in status.jobs
-                       if job.state in (JobState.RUNNING, JobState.FINISHING)]
-        running = read_records(self.client, self.run_id, running_ids)
-        live = ClusterView(self.client, self.app).liveness(
-            {job.node for job in status.jobs if not job.state.is_final})
-        settled = settle(self.client, self.run_id, running, live,
-                         self.options.workdir or status.files_dir(), self.app)
-        for line in settled:
-            self.options.notice(line)
-        fresh = ([job for job in status.jobs if not job.state.is_final] if not settled
-                 else read_records(self.client, self.run_id, waiting_ids, FOLLOW_FIELDS))
-        lost = find_lost(self.app, self.client, self.broker, self.run_id, fresh, live)
-        if lost:
-            self.publish_again(lost)
-
-    def publish_again(self, lost: list[str]) -> None:
-        """Publish lost jobs again, once each; a job lost a second time stays lost.
-
-        A broker that crashes while handing a message to a worker loses it for good (kombu
-        pops it, then records it as unacknowledged: two steps), so a follower that finds a
-        lost job publishes it again rather than end the run short. Its old message, if it
-        ever turns up, is stale and dropped; the node lease keeps any two from overlapping.
-        """
-        again = [job_id for job_id in lost if job_id not in self.published_again
-                 and self.options.republish_lost]
-        self.published_again.update(again)
-        published = republish(self.client, self.app, self.run_id, again, LOST_ONLY,
-                              note="its message vanished; published again by wait")
-        if published:
-            self.options.notice(f"{len(published)} jobs lost (their messages are gone and no "
-                                f"worker runs them): {listing(published)}; published again")
-        kept = [job_id for job_id in lost if job_id not in published]
-        if kept:
-            self.options.notice(f"{len(kept)} jobs lost (their messages are gone and no worker "
-                                f"runs them): {listing(kept)}; coordinator retry --lost "
-                                f"{self.run_id} republishes them")
-
-    def failover(self, status: RunStatus) -> None:
-        assert self.options.failover is not None
-        # Floating jobs wait on no node ("any"): any live worker takes them.
-        waiting_nodes = {job.node for job in status.jobs
-                         if not job.state.is_final and not is_floating(job.node)}
-        view = ClusterView(self.client, self.app)
-        served = view.serving({*waiting_nodes, *status.info.get("nodes", [])})
-        moment = time.monotonic()
-        for node in waiting_nodes:
-            if node in served:
-                self.unserved_since.pop(node, None)
-            else:
-                self.unserved_since.setdefault(node, moment)
-        dead = [node for node, since in self.unserved_since.items()
-                if moment - since >= self.options.failover and node in waiting_nodes]
-        targets = sorted(node for node in served if node not in dead and not is_floating(node))
-        if not dead or not targets:
-            return
-        records = read_status(self.client, self.run_id, FOLLOW_FIELDS).jobs
-        live = view.liveness(waiting_nodes)
-        # What each target has to do: its queue and its running job. Every move adds to it,
-        # so moved jobs spread over the least loaded nodes, not onto the first by name.
-        running = Counter(job.node for job in records if job.state in ACTIVE)
-        loads = {node: int(self.broker.llen(queue_for(node))) + running[node]
-                 for node in targets}
-        for node in dead:
-            jobs = [job for job in records if job.node == node and not job.state.is_final]
-            moved = move_jobs(self.client, self.app, self.run_id, jobs, targets, live, loads,
-                              self.broker)
-            if moved:
-                where = ", ".join(f"{target} ({len(ids)})" for target, ids in moved.items())
-                count = sum(map(len, moved.values()))
-                self.options.notice(f"failover: node {node} has had no worker for "
-                                    f"{self.options.failover:g} s; moved {count} queued jobs "
-                                    f"to {where}")
-            self.unserved_since.pop(node, None)

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from coordinator.errors import InvalidJobsError
 from coordinator.jobs import Job
 from coordinator.options import DEFAULTS, SubmitOptions
+from coordinator.placement import AsFiled, FirstFreeSlot, Placement
 from worker_tasks.spec import (
-    FLOATING_NODE,
     InvalidMessage,
     JobSpec,
     check_relative_path,
@@ -177,6 +177,7 @@ def plan_jobs(jobs: Iterable[Job], run_id: str, options: SubmitOptions = DEFAULT
     """
     output_dir, preserve_paths = options.output_dir, options.preserve_paths
     check_output_dir(output_dir)
+    placement: Placement = FirstFreeSlot() if options.balance else AsFiled()
     specs: list[JobSpec] = []
     writers: dict[str, tuple[int, str]] = {}
     pinned: set[str] = set()
@@ -188,7 +189,7 @@ def plan_jobs(jobs: Iterable[Job], run_id: str, options: SubmitOptions = DEFAULT
         if problem:
             raise InvalidJobsError(f"{where}: field 'args': {problem}")
         args = list(job.args) if preserve_paths else rewrite_output_path(job.args, output_dir)
-        node = FLOATING_NODE if options.balance and not job.pin else job.node
+        node = job.node if job.pin else placement.place(job.job_id, job.node)
         output = find_output_file(args)
         if output is not None:
             try:

@@ -13,13 +13,13 @@ job's current task id, so a live attempt is never overruled):
 * a ``queued`` or ``running`` job whose message is in no queue, not in flight
   and not run by any worker is ``lost`` (``coordinator retry --lost``).
 
-Moving jobs off a dead node (``move_jobs``) republishes them elsewhere; the
-old messages become stale and are dropped where they arrive.
+Moving jobs off a dead node (``move_jobs``) republishes them where a placement policy
+puts them; the old messages become stale and are dropped where they arrive. When to do any
+of this is the scheduler's decision (``coordinator.scheduler``), not this module's.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections import defaultdict
@@ -39,6 +39,7 @@ from coordinator.dead_attempts import (
     requeued_dead,
     with_dead_attempt,
 )
+from coordinator.placement import Placement, placed
 from coordinator.records import JobRecord
 from coordinator.submission import republish
 from worker_tasks.spec import FLOATING_NODE, queue_for
@@ -183,31 +184,20 @@ def find_lost(app: Celery, client: redis.Redis, broker: redis.Redis, run_id: str
 
 
 def move_jobs(client: redis.Redis, app: Celery, run_id: str, jobs: Sequence[JobRecord],
-              targets: Sequence[str], live: Liveness | None = None,
-              loads: dict[str, int] | None = None,
+              placement: Placement, live: Liveness | None = None,
               broker: redis.Redis | None = None) -> dict[str, list[str]]:
-    """Republish ``jobs`` on ``targets``; returns target -> job ids.
+    """Republish ``jobs`` where ``placement`` puts them; returns target -> job ids.
 
-    Pinned jobs and jobs whose attempt is alive stay. ``loads``: work already waiting per
-    target; each job goes to the least loaded one and ``loads`` is updated with it, so a
-    caller moving several nodes' jobs spreads them all. Round-robin when not given. A
-    running job whose worker died keeps its dead attempt in its history, and Flower sees
-    that attempt end (``coordinator.dead_attempts``). With ``broker``, the moved jobs' old
-    messages are deleted from the nodes they left (``remove_messages``).
+    Pinned jobs and jobs whose attempt is alive stay. A running job whose worker died keeps
+    its dead attempt in its history, and Flower sees that attempt end
+    (``coordinator.dead_attempts``). With ``broker``, the moved jobs' old messages are
+    deleted from the nodes they left (``remove_messages``).
     """
     # Pinned jobs stay; floating ones need no move (any live worker takes them).
     movable = [job for job in jobs if not job.pin and not job.floating and (
         job.state in (JobState.QUEUED, JobState.LOST)
         or (job.state is JobState.RUNNING and live is not None and not live.running(job)))]
-    plan: dict[str, str] = {}
-    order = itertools.cycle(targets)
-    for job in movable:
-        if loads is None:
-            plan[job.job_id] = next(order)
-            continue
-        target = min(targets, key=lambda node: (loads.get(node, 0), node))
-        loads[target] = loads.get(target, 0) + 1
-        plan[job.job_id] = target
+    plan = placed(placement, [(job.job_id, job.node) for job in movable])
     by_target: dict[str, list[str]] = defaultdict(list)
     dead: list[DeadAttempt] = []
     for job in movable:

@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # imported where used: a run's status and records need none o
     from coordinator.collector import Collection
     from coordinator.options import SubmitOptions
     from coordinator.plan import Plan
+    from coordinator.scheduler import Scheduler, SchedulerOptions
     from coordinator.submission import JobsInput
 
 logger = logging.getLogger("coordinator")
@@ -171,13 +172,22 @@ class Run:
         ``RunVanishedError`` if the run's records disappear.
         """
         from coordinator.follow import POLL_INTERVAL_S, FollowOptions, follow
+        from coordinator.scheduler import SchedulerOptions
 
-        options = FollowOptions(timeout=timeout,
-                                poll_interval=POLL_INTERVAL_S if poll_interval is None
-                                else poll_interval,
-                                workdir=None if workdir is None else Path(workdir),
-                                failover=failover, notice=notice or logger.warning)
-        return follow(self.client, self.app, self.broker, self.id, on_progress, options)
+        notice = notice or logger.warning
+        following = FollowOptions(timeout=timeout,
+                                  poll_interval=POLL_INTERVAL_S if poll_interval is None
+                                  else poll_interval, notice=notice)
+        scheduler = self.scheduler(SchedulerOptions(
+            workdir=None if workdir is None else Path(workdir), failover=failover,
+            notice=notice))
+        return follow(self.client, self.id, on_progress, following, scheduler)
+
+    def scheduler(self, options: SchedulerOptions) -> Scheduler:
+        """The head's decisions about this run (``coordinator.scheduler``)."""
+        from coordinator.scheduler import Scheduler
+
+        return Scheduler(self.client, self.app, self.broker, self.id, options)
 
     @property
     def app(self) -> Celery:
@@ -196,13 +206,13 @@ class Run:
 
     def settle(self, workdir: str | Path | None = None) -> list[str]:
         """Settle this run's records once (see ``wait``); returns what changed, one line each."""
-        from coordinator.follow import FollowOptions, Settler
+        from coordinator.scheduler import SchedulerOptions
 
         lines: list[str] = []
-        options = FollowOptions(workdir=None if workdir is None else Path(workdir),
-                                notice=lines.append, republish_lost=False)
+        options = SchedulerOptions(workdir=None if workdir is None else Path(workdir),
+                                   notice=lines.append, republish_lost=False)
         light = read_status(self.client, self.id, FOLLOW_FIELDS)
-        Settler(self.client, self.app, self.broker, self.id, options).settle(light)
+        self.scheduler(options).settle(light)
         return lines
 
     def collect(self, workdir: str | Path | None = None, fetch: bool | None = None,
@@ -254,19 +264,18 @@ class Run:
                              note="published again"))
 
     def move(self, source: str, targets: list[str]) -> dict[str, list[str]]:
-        """Move the queued jobs of node ``source`` to ``targets`` (round-robin); pinned stay.
+        """Move the queued jobs of node ``source`` to the least loaded of ``targets``;
+        pinned jobs stay.
 
         Jobs of ``source`` that were running when its worker died move too. Returns
         target -> job ids moved there.
         """
         from coordinator.cluster_view import ClusterView
-        from coordinator.reconcile import move_jobs
+        from coordinator.scheduler import move_off
 
         check_broker(self.app)
-        jobs = [job for job in self.status().jobs if job.node == source]
         live = ClusterView(self.client, self.app).liveness({source})
-        return move_jobs(self.client, self.app, self.id, jobs, targets, live,
-                         broker=self.broker)
+        return move_off(self.client, self.app, self.broker, self.id, source, targets, live)
 
 
 def load_inventory_input(inventory: InventoryInput) -> Inventory | None:

@@ -53,12 +53,21 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    # Runs where the test ran (an xdist worker): the report carries which references the
+    # test used to wherever reports are counted (the controller).
     outcome = yield
     report = outcome.get_result()
+    if report.when == "call":
+        report.user_properties.extend(
+            ("reference", reference) for fixture, reference in REFERENCE_FIXTURES.items()
+            if fixture in getattr(item, "fixturenames", ()))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when == "call" and report.passed:
-        for fixture, reference in REFERENCE_FIXTURES.items():
-            if fixture in getattr(item, "fixturenames", ()):
-                _reference_passes[reference] += 1
+        for name, value in report.user_properties:
+            if name == "reference":
+                _reference_passes[value] += 1
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -2,6 +2,7 @@
 
     python tests/probe_job.py --ledger DIR --output-file out/x.json [--sleep S]
         [--fail-attempts N] [--child-sleep S] [--speed NODE=FACTOR,...] [--lock-per-gpu]
+        [--until PATH]
 
 Each execution appends ``start`` and, if it gets that far, ``end <exit code>`` lines
 to ``DIR/<job>.ledger``, and holds two exclusive non-blocking locks while it runs:
@@ -12,6 +13,8 @@ prove that neither ever happened. ``--fail-attempts N`` fails attempts 1..N
 (``SC_ATTEMPT``), for automatic retries. ``--speed`` multiplies the sleep by the
 factor of the node running it (``SC_NODE``): a mixed cluster of slow and fast nodes.
 ``--lock-per-gpu``: the slot lock is per GPU (``CUDA_VISIBLE_DEVICES``), for per-GPU runs.
+``--until PATH``: the sleep ends early once PATH exists (a test opens the gate when it has
+seen what it waits for, instead of hoping the sleep was long enough).
 Start lines say ``start <attempt> <pid> <time> <node> <gpu>``.
 """
 
@@ -31,6 +34,7 @@ parser.add_argument("--fail-attempts", type=int, default=0)
 parser.add_argument("--child-sleep", type=float)
 parser.add_argument("--speed", default="", help="NODE=FACTOR,...: sleep longer on slow nodes")
 parser.add_argument("--lock-per-gpu", action="store_true")
+parser.add_argument("--until", metavar="PATH", help="end the sleep once PATH exists")
 args = parser.parse_args()
 
 job = os.environ["SC_JOB_ID"]
@@ -62,7 +66,9 @@ note(f"{job}.ledger", f"start {attempt} {os.getpid()} {time.time():.3f} {node} {
 if args.child_sleep:
     child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({args.child_sleep})"])
     note(f"{job}.children", str(child.pid))
-time.sleep(args.sleep * float(factors.get(node, "1")))
+sleep_until = time.monotonic() + args.sleep * float(factors.get(node, "1"))
+while time.monotonic() < sleep_until and not (args.until and os.path.exists(args.until)):
+    time.sleep(min(0.05, max(0.0, sleep_until - time.monotonic())))
 code = 1 if attempt <= args.fail_attempts else 0
 if code == 0:
     os.makedirs(os.path.dirname(args.output_file) or ".", exist_ok=True)

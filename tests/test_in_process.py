@@ -18,6 +18,7 @@ import redis
 from coordinator.cluster_view import Liveness
 from coordinator.follow import RunFollower
 from coordinator.options import SubmitOptions
+from coordinator.placement import AsFiled, FirstFreeSlot, LeastLoaded, loads_of, placed
 from coordinator.reconcile import settle
 from coordinator.records import FOLLOW_FIELDS, read_status
 from coordinator.redis_server import RedisServer
@@ -190,3 +191,18 @@ def test_the_report_time_axis_ticks_at_round_steps() -> None:
             {"attempt": 1, "started_at": 100.0, "finished_at": 103.4, "exit_code": 0}]}]}
     labels = re.findall(r">([0-9.]+) s</text>", render_svg(summary))
     assert labels == ["0", "0.5", "1", "1.5", "2", "2.5", "3"], labels
+
+
+def test_placement_policies_decide_one_job_at_a_time() -> None:
+    jobs = [(f"j{i}", "rig-dead") for i in range(5)]
+    assert placed(AsFiled(), jobs) == dict.fromkeys((job for job, _ in jobs), "rig-dead")
+    assert placed(FirstFreeSlot(), jobs) == dict.fromkeys((job for job, _ in jobs), "any")
+    # Least loaded counts what it places: rig-b's 2 waiting jobs are matched first.
+    policy = LeastLoaded(["rig-a", "rig-b"], {"rig-b": 2})
+    assert placed(policy, jobs) == {"j0": "rig-a", "j1": "rig-a", "j2": "rig-a",
+                                    "j3": "rig-b", "j4": "rig-a"}
+    assert policy.loads == {"rig-a": 4, "rig-b": 3}
+    assert loads_of({"rig-a": 1}, {"rig-a": 1, "rig-c": 1}, ["rig-a", "rig-b"]) == \
+        {"rig-a": 2, "rig-b": 0}
+    with pytest.raises(ValueError, match="at least one target"):
+        LeastLoaded([])

@@ -145,14 +145,17 @@ def test_redis_killed_mid_run_with_persistence_converges_and_wait_returns(
 def test_redis_restarted_empty_says_the_run_vanished_and_recover_finishes_it(
         tmp_path: Path) -> None:
     with make_bench(tmp_path, ["rig-a"]) as bench:
+        # c runs until the test opens its gate: the waiter sees it run, however slow it starts.
+        gate = tmp_path / "gate"
         jobs = [bench.job("a", "rig-a"), bench.job("b", "rig-a"),
-                bench.job("c", "rig-a", "--sleep", "4"), bench.job("d", "rig-a")]
+                bench.job("c", "rig-a", "--sleep", "120", "--until", gate), bench.job("d", "rig-a")]
         jobs_file = write_jobs(tmp_path / "jobs.json", jobs)
         run = submit(jobs_file, output_dir="o", broker_url=bench.server.url, workdir=tmp_path)
         with waiter_of(bench, run.id, 60) as (waiter, _, err_file):
             wait_for(lambda: " c running" in err_file.read_text(), 60, "the waiter to see c run")
             bench.server.kill()
             bench.server.start()  # no persistence: every record and queued message is gone
+            gate.touch()
             waiter.wait(timeout=120)
         err = err_file.read_text()
         assert waiter.returncode == 4, err

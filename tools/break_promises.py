@@ -127,8 +127,8 @@ BREAKS = [
           'or "no worker running"',
           (T + "test_cluster_view.py::test_status_finds_the_per_gpu_workers_of_a_node",)),
     Break("--balance leaves pinned jobs on their node", "coordinator/plan.py",
-          "node = FLOATING_NODE if options.balance and not job.pin else job.node",
-          "node = FLOATING_NODE if options.balance else job.node",
+          "node = job.node if job.pin else placement.place(job.job_id, job.node)",
+          "node = placement.place(job.job_id, job.node)",
           (T + "test_placement.py::test_a_pinned_job_never_leaves_its_node_in_a_balanced_run",)),
     Break("a floating job runs with its slot's own GPU", "worker_tasks/spec.py",
           "gpu_id=self.gpu_id if gpu is None else gpu, per_gpu=gpu is not None)",
@@ -188,7 +188,7 @@ BREAKS = [
           "die_with_parent=False,\n",
           (T + "test_reliability.py::"
                "test_a_sigkilled_local_coordinator_takes_its_cluster_with_it",)),
-    Break("wait publishes a job whose message vanished again, once", "coordinator/follow.py",
+    Break("wait publishes a job whose message vanished again, once", "coordinator/scheduler.py",
           "        again = [job_id for job_id in lost if job_id not in self.published_again\n"
           "                 and self.options.republish_lost]",
           "        again: list[str] = []",

@@ -526,7 +526,8 @@ def register(command: CommandFactory) -> None:
     sub.add_argument("--from", dest="source", required=True, metavar="NODE",
                      help="the node whose queued (and abandoned running) jobs move")
     sub.add_argument("--to", required=True, metavar="NODE[,NODE...]",
-                     help="where they go, round-robin; jobs with \"pin\": true stay")
+                     help="where they go, each job to the one with the least work waiting; "
+                          "jobs with \"pin\": true stay")
     sub.set_defaults(handler=cmd_move)
 
 

@@ -1,0 +1,81 @@
+"""Where a job goes: the placement policies the head chooses between.
+
+A policy answers one question, job by job: on which node's queue (or on the shared queue of
+floating jobs, ``any``) is this job published? Planning asks it once per job at submit
+time; the scheduler (``coordinator.scheduler``) asks it again when it moves jobs during a
+run. Pinned jobs (``"pin": true``) never reach a policy: their callers keep them where the
+jobs file puts them.
+
+Today's policies:
+
+* ``AsFiled``: the node the jobs file names (the original tool's rule).
+* ``FirstFreeSlot``: the shared queue; the first worker that is free takes the job
+  (``--balance``). Nobody needs to follow the run for this to work.
+* ``LeastLoaded``: the target with the least work waiting (its queue and its running job),
+  counting each job placed, so a batch spreads instead of piling onto the first target by
+  name (``move``, ``--failover``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from worker_tasks.spec import FLOATING_NODE
+
+
+class Placement(Protocol):
+    """A placement policy: one decision per job."""
+
+    def place(self, job_id: str, node: str) -> str:
+        """The node (or ``any``) that job ``job_id``, filed for ``node``, is queued on."""
+        ...
+
+
+class AsFiled:
+    """Each job on the node the jobs file names."""
+
+    def place(self, job_id: str, node: str) -> str:
+        return node
+
+
+class FirstFreeSlot:
+    """Each job floats: the first free worker (or GPU slot, per-GPU) takes it."""
+
+    def place(self, job_id: str, node: str) -> str:
+        return FLOATING_NODE
+
+
+@dataclass
+class LeastLoaded:
+    """Each job to the target with the least work waiting; ties go by name.
+
+    Parameters:
+        targets: the nodes jobs may go to.
+        loads: work already waiting per target (queued plus running); targets missing
+            count as idle. Updated with every job placed.
+    """
+
+    targets: Sequence[str]
+    loads: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ValueError("LeastLoaded needs at least one target")
+
+    def place(self, job_id: str, node: str) -> str:
+        target = min(self.targets, key=lambda name: (self.loads.get(name, 0), name))
+        self.loads[target] = self.loads.get(target, 0) + 1
+        return target
+
+
+def placed(policy: Placement, jobs: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """job id -> where ``policy`` puts it, for ``(job_id, node)`` pairs in order."""
+    return {job_id: policy.place(job_id, node) for job_id, node in jobs}
+
+
+def loads_of(queued: Mapping[str, int], running: Mapping[str, int],
+             targets: Sequence[str]) -> dict[str, int]:
+    """Work waiting per target: its queue's length plus the jobs running there."""
+    return {node: int(queued.get(node, 0)) + int(running.get(node, 0)) for node in targets}

@@ -1,0 +1,214 @@
+"""What the head decides while a run is under way: the scheduler.
+
+A run is correct without anyone watching it: workers pull jobs, every transition is
+atomic, and records converge to the ``.done`` files. What the head learns while it
+follows a run it may act on, and every such decision is made here, nowhere else:
+
+* **settle**: a record that disagrees with a ``.done`` file or with a dead worker is put
+  right (``coordinator.reconcile`` does the reading and the transitions);
+* **publish again**: a job whose message vanished (a broker restarted empty) is published
+  once more, once;
+* **fail over**: the queued jobs of a node that has had no live worker for ``failover``
+  seconds move to the live nodes, where the placement policy puts them
+  (``coordinator.placement``); ``move_off`` does the same when a user asks (``move``).
+
+The follower (``coordinator.follow``) calls the hooks below, named for the moment they run;
+it only reads and reports.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+from celery import Celery
+
+from coordinator.cluster_view import ClusterView, Liveness
+from coordinator.placement import LeastLoaded, loads_of
+from coordinator.reconcile import find_lost, move_jobs, settle
+from coordinator.records import FOLLOW_FIELDS, JobRecord, RunStatus, read_records, read_status
+from coordinator.submission import republish
+from worker_tasks.spec import is_floating, queue_for
+from worker_tasks.tracking import ACTIVE, LOST_ONLY, JobState
+
+# Without progress for this long, records are reconciled with workers, files and messages.
+RECONCILE_AFTER_S = float(os.environ.get("SC_RECONCILE_AFTER", "10"))
+# Liveness of nodes is checked this often when failover is on (seconds).
+FAILOVER_CHECK_S = 5.0
+
+Notice = Callable[[str], None]
+
+
+@dataclass
+class SchedulerOptions:
+    """What the scheduler may do.
+
+    Parameters:
+        workdir: where ``.done`` files are visible (shared storage), for settling
+            (default: where the run's workers wrote, ``RunStatus.files_dir``).
+        failover: move a node's queued jobs after it has had no live worker this long.
+        republish_lost: publish a job found lost again, once (``wait``); ``status`` only marks.
+        notice: where one-line notices of each decision go (settled, lost, moved).
+    """
+
+    workdir: Path | None = None
+    failover: float | None = None
+    republish_lost: bool = True
+    notice: Notice = field(default=lambda line: None)
+
+
+def listing(job_ids: list[str], most: int = 10) -> str:
+    """Job ids for a one-line notice: the first ``most``, then an ellipsis."""
+    return ", ".join(job_ids[:most]) + (" ..." if len(job_ids) > most else "")
+
+
+def target_loads(broker: redis.Redis, records: Sequence[JobRecord],
+                 targets: Sequence[str]) -> dict[str, int]:
+    """Work waiting per target node: its queue in the broker plus this run's running jobs."""
+    running = Counter(job.node for job in records if job.state in ACTIVE)
+    queued = {node: int(broker.llen(queue_for(node))) for node in targets}
+    return loads_of(queued, running, targets)
+
+
+def move_off(client: redis.Redis, app: Celery, broker: redis.Redis, run_id: str,
+             source: str, targets: Sequence[str], live: Liveness) -> dict[str, list[str]]:
+    """Move the queued (and abandoned) jobs of node ``source`` to the least loaded of
+    ``targets``; pinned jobs stay. Returns target -> job ids."""
+    records = read_status(client, run_id, FOLLOW_FIELDS).jobs
+    jobs = [job for job in records if job.node == source]
+    placement = LeastLoaded(targets, target_loads(broker, records, targets))
+    return move_jobs(client, app, run_id, jobs, placement, live, broker)
+
+
+class Scheduler:
+    """The head's decisions about one live run, each at the moment it is due.
+
+    Parameters:
+        client: the tracking Redis.
+        app: a Celery app on the broker (publishing, asking workers).
+        broker: a client on the broker's Redis (queues, for lost messages and loads).
+        run_id: the run.
+        options: what it may do (``SchedulerOptions``).
+    """
+
+    def __init__(self, client: redis.Redis, app: Celery, broker: redis.Redis, run_id: str,
+                 options: SchedulerOptions) -> None:
+        self.client = client
+        self.app = app
+        self.broker = broker
+        self.run_id = run_id
+        self.options = options
+        self.quiet_since = time.monotonic()
+        self.last_settle = 0.0
+        self.last_failover_check = 0.0
+        self.unserved_since: dict[str, float] = {}
+        self.published_again: set[str] = set()
+
+    # -- hooks, called by the follower ------------------------------------------------------
+
+    def after_progress(self, status: RunStatus) -> None:
+        """A job moved: the run is not stuck, so settling waits."""
+        self.quiet_since = time.monotonic()
+
+    def while_quiet(self, status: RunStatus) -> None:
+        """Nothing moved since the last poll: fail over when due, settle when quiet long
+        enough. ``status`` may be a light snapshot."""
+        moment = time.monotonic()
+        if self.options.failover is not None and moment - self.last_failover_check >= \
+                FAILOVER_CHECK_S:
+            self.last_failover_check = moment
+            self.failover(status)
+        if moment - self.quiet_since < RECONCILE_AFTER_S or moment - self.last_settle < \
+                RECONCILE_AFTER_S:
+            return
+        self.last_settle = moment
+        self.settle(status)
+
+    # -- decisions --------------------------------------------------------------------------
+
+    def settle(self, status: RunStatus) -> None:
+        """Settle the running records, then look for lost jobs (see ``reconcile``).
+
+        ``status`` may be a light snapshot: only the running jobs' full records (their
+        ``.done`` paths) are read.
+        """
+        waiting_ids = [job.job_id for job in status.jobs if not job.state.is_final]
+        if not waiting_ids:
+            return
+        running_ids = [job.job_id for job in status.jobs
+                       if job.state in (JobState.RUNNING, JobState.FINISHING)]
+        running = read_records(self.client, self.run_id, running_ids)
+        live = ClusterView(self.client, self.app).liveness(
+            {job.node for job in status.jobs if not job.state.is_final})
+        settled = settle(self.client, self.run_id, running, live,
+                         self.options.workdir or status.files_dir(), self.app)
+        for line in settled:
+            self.options.notice(line)
+        fresh = ([job for job in status.jobs if not job.state.is_final] if not settled
+                 else read_records(self.client, self.run_id, waiting_ids, FOLLOW_FIELDS))
+        lost = find_lost(self.app, self.client, self.broker, self.run_id, fresh, live)
+        if lost:
+            self.publish_again(lost)
+
+    def publish_again(self, lost: list[str]) -> None:
+        """Publish lost jobs again, once each; a job lost a second time stays lost.
+
+        A broker that crashes while handing a message to a worker loses it for good (kombu
+        pops it, then records it as unacknowledged: two steps), so a follower that finds a
+        lost job publishes it again rather than end the run short. Its old message, if it
+        ever turns up, is stale and dropped; the node lease keeps any two from overlapping.
+        """
+        again = [job_id for job_id in lost if job_id not in self.published_again
+                 and self.options.republish_lost]
+        self.published_again.update(again)
+        published = republish(self.client, self.app, self.run_id, again, LOST_ONLY,
+                              note="its message vanished; published again by wait")
+        if published:
+            self.options.notice(f"{len(published)} jobs lost (their messages are gone and no "
+                                f"worker runs them): {listing(published)}; published again")
+        kept = [job_id for job_id in lost if job_id not in published]
+        if kept:
+            self.options.notice(f"{len(kept)} jobs lost (their messages are gone and no worker "
+                                f"runs them): {listing(kept)}; coordinator retry --lost "
+                                f"{self.run_id} republishes them")
+
+    def failover(self, status: RunStatus) -> None:
+        """Move the queued jobs of nodes without a live worker for ``failover`` seconds."""
+        assert self.options.failover is not None
+        # Floating jobs wait on no node ("any"): any live worker takes them.
+        waiting_nodes = {job.node for job in status.jobs
+                         if not job.state.is_final and not is_floating(job.node)}
+        view = ClusterView(self.client, self.app)
+        served = view.serving({*waiting_nodes, *status.info.get("nodes", [])})
+        moment = time.monotonic()
+        for node in waiting_nodes:
+            if node in served:
+                self.unserved_since.pop(node, None)
+            else:
+                self.unserved_since.setdefault(node, moment)
+        dead = [node for node, since in self.unserved_since.items()
+                if moment - since >= self.options.failover and node in waiting_nodes]
+        targets = sorted(node for node in served if node not in dead and not is_floating(node))
+        if not dead or not targets:
+            return
+        records = read_status(self.client, self.run_id, FOLLOW_FIELDS).jobs
+        live = view.liveness(waiting_nodes)
+        # One policy for every dead node: each move adds to its target's load, so moved
+        # jobs spread over the least loaded nodes, not onto the first by name.
+        placement = LeastLoaded(targets, target_loads(self.broker, records, targets))
+        for node in dead:
+            jobs = [job for job in records if job.node == node and not job.state.is_final]
+            moved = move_jobs(self.client, self.app, self.run_id, jobs, placement, live,
+                              self.broker)
+            if moved:
+                where = ", ".join(f"{target} ({len(ids)})" for target, ids in moved.items())
+                count = sum(map(len, moved.values()))
+                self.options.notice(f"failover: node {node} has had no worker for "
+                                    f"{self.options.failover:g} s; moved {count} queued jobs "
+                                    f"to {where}")
+            self.unserved_since.pop(node, None)
