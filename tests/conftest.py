@@ -2,10 +2,16 @@
 
 Helpers that tests import (commands, jobs) live in ``tests/helpers.py``, waiting in
 ``tests/waiting.py``.
+
+The suite runs its tests side by side (pytest-xdist, ``-n 4`` in README command 2): every
+server a test starts takes a free port, and every directory is the test's own. A test
+marked ``alone`` runs while no other test runs (``SideBySide``), and the longest files are
+handed out first, so the run does not end waiting on one of them; ``alone`` tests last.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import tempfile
@@ -31,7 +37,17 @@ REFERENCE_FIXTURES = {"java_draws": "Java (java.util.Random)",
 _reference_passes: dict[str, int] = dict.fromkeys(REFERENCE_FIXTURES.values(), 0)
 
 
+# The files whose tests take longest (``--durations``): handed out first when tests run side
+# by side, so that no worker is left with one of them at the end.
+LONGEST_FIRST = ("test_soak.py", "test_cluster_section.py", "test_failover.py",
+                 "test_ssh_cluster.py", "test_exit_statuses.py", "test_reliability.py",
+                 "test_promises.py", "test_warm.py", "test_per_gpu_workers.py")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "alone: runs while no other test runs (it watches the whole machine, or "
+                   "the whole machine's load would change what it measures)")
     # SIGTERM stops the suite as Ctrl-C does: pytest ends the run and every fixture's
     # teardown stops what it started (servers, workers). Without this, SIGTERM kills
     # pytest where it stands and the session's workers live on.
@@ -49,6 +65,64 @@ def own_keys_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not side_by_side(config):
+        return
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    # Tests that run alone go last: queued earlier, one would hold every worker idle until
+    # the longest test then running ends.
+    items.sort(key=lambda item: (item.get_closest_marker("alone") is not None,
+                                 rank.get(item.path.name, len(rank))))  # stable within a file
+
+
+def side_by_side(config: pytest.Config) -> bool:
+    """Tests run in several processes (pytest-xdist's ``-n N``, N > 0)."""
+    return bool(getattr(config.option, "numprocesses", None)) or hasattr(config, "workerinput")
+
+
+class SideBySide:
+    """A readers-writer lock over a file that every test process of the run shares.
+
+    Each test holds it shared while it runs; a test marked ``alone`` holds it exclusive.
+    A turnstile in front keeps an ``alone`` test from waiting for ever behind a stream of
+    shared holders: once it queues there, no new test starts until it has run.
+
+    Parameters:
+        directory: a directory every test process of this run sees (the run's base temp).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.turnstile = directory / "side-by-side.turnstile"
+        self.room = directory / "side-by-side.lock"
+
+    def hold(self, alone: bool) -> Iterator[None]:
+        with self.turnstile.open("a") as turnstile, self.room.open("a") as room:
+            fcntl.flock(turnstile, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+            finally:
+                if not alone:
+                    fcntl.flock(turnstile, fcntl.LOCK_UN)
+            try:
+                yield
+            finally:
+                fcntl.flock(room, fcntl.LOCK_UN)
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def side_by_side_turn(request: pytest.FixtureRequest,
+                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A test's turn: shared with the others, or alone (``@pytest.mark.alone``)."""
+    # Only in an xdist worker: an inner pytest that a test starts runs inside that test's
+    # turn, and must not queue behind it.
+    if not hasattr(request.config, "workerinput"):
+        yield
+        return
+    lock = SideBySide(tmp_path_factory.getbasetemp().parent)
+    yield from lock.hold(alone=request.node.get_closest_marker("alone") is not None)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -172,12 +172,14 @@ def test_a_warm_stop_says_whether_a_job_was_running(cluster: LocalCluster,
         run_cli(*args, "--stop", "--now")
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_an_interrupted_suite_stops_every_server_and_worker_it_started(
         signum: signal.Signals, tmp_path: Path) -> None:
     pids_file = tmp_path / "pids.json"
     inner = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         "--basetemp",
          str(tmp_path / "inner"), str(REPO / "tests" / "interrupted_suite.py")],
         cwd=REPO, env={**os.environ, "SC_TEST_PIDS": str(pids_file)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -607,6 +607,7 @@ def test_status_shows_at_most_one_running_job_per_node_after_kills(tmp_path: Pat
 
 
 
+@pytest.mark.alone  # six workers, three SIGKILLed, with 4 s leases: the width test
 def test_killed_workers_attempts_are_kept_failover_spreads_and_no_stale_message_is_left(
         tmp_path: Path) -> None:
     """Three of six workers SIGKILLed mid-job under --failover (issue 21, items 1-3 and 6)."""
