@@ -35,8 +35,11 @@ from worker_tasks.presence import serving
 from worker_tasks.spec import node_of_queue, node_of_slot, slot_of_queue
 from worker_tasks.tracking import lease_key
 
-# How long the head node waits for workers' replies to ping and inspect (seconds).
+# How long the head node waits for workers' replies to ping and inspect (seconds): while
+# it follows a run, and for an operator's look at every node over real networks (``cluster
+# status``: signed replies, nodes a long way off).
 INSPECT_TIMEOUT_S = 1.0
+OPERATOR_INSPECT_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -68,13 +71,16 @@ class ClusterView:
         app: a Celery app on the broker (ping, inspect); only the methods that ask the
             workers themselves need it.
         timeout: how long to wait for workers' replies (seconds).
+        broker: a client on the broker's Redis, where the queues are (``queue_length``);
+            the tracking Redis may be another server (``SC_TRACKING_URL``).
     """
 
     def __init__(self, client: redis.Redis, app: Celery | None = None,
-                 timeout: float = INSPECT_TIMEOUT_S) -> None:
+                 timeout: float = INSPECT_TIMEOUT_S, broker: redis.Redis | None = None) -> None:
         self.client = client
         self.app = app
         self.timeout = timeout
+        self.broker = broker
         self._queues: dict[str, list[str]] | None = None
         self._answering: set[str] | None = None
         self._active: dict[str, list[dict[str, Any]]] | None = None
@@ -146,6 +152,13 @@ class ClusterView:
             for tasks in replies.values():
                 ids.update(task.get("id") for task in tasks or [] if task.get("id"))
         return ids
+
+    # -- the broker's queues -----------------------------------------------------------------
+
+    def queue_length(self, queue: str) -> int:
+        """Messages waiting in ``queue``, read where the queues are: the broker."""
+        assert self.broker is not None, "queue lengths need a client on the broker"
+        return int(self.broker.llen(queue))
 
     # -- leases -----------------------------------------------------------------------------
 

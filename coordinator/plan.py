@@ -8,7 +8,7 @@ untouched (Step 5 writes where its args say).
 from __future__ import annotations
 
 import posixpath
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -20,6 +20,7 @@ from coordinator.placement import AsFiled, FirstFreeSlot, Placement
 from worker_tasks.spec import (
     InvalidMessage,
     JobSpec,
+    by_node,
     check_relative_path,
     done_path_for,
 )
@@ -30,14 +31,19 @@ if TYPE_CHECKING:
 OUTPUT_FLAG = "--output-file"
 
 
-def find_output_file(args: Sequence[str]) -> str | None:
-    """The value after ``--output-file`` (or of ``--output-file=VALUE``), if any."""
+def flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value after ``flag`` (or of ``flag=VALUE``) in a job's args, if any."""
     for index, arg in enumerate(args):
-        if arg == OUTPUT_FLAG and index + 1 < len(args):
+        if arg == flag and index + 1 < len(args):
             return args[index + 1]
-        if arg.startswith(OUTPUT_FLAG + "="):
+        if arg.startswith(flag + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+def find_output_file(args: Sequence[str]) -> str | None:
+    """The value after ``--output-file`` (or of ``--output-file=VALUE``), if any."""
+    return flag_value(args, OUTPUT_FLAG)
 
 
 def output_file_problem(args: Sequence[str]) -> str | None:
@@ -121,10 +127,7 @@ class Plan:
         return sorted({spec.slot for spec in self.specs})
 
     def by_node(self) -> dict[str, list[JobSpec]]:
-        nodes: dict[str, list[JobSpec]] = defaultdict(list)
-        for spec in self.specs:
-            nodes[spec.node].append(spec)
-        return dict(sorted(nodes.items()))
+        return by_node(self.specs)
 
     def describe(self) -> str:
         """The dry-run text: jobs per node with their final paths."""

@@ -6,7 +6,7 @@ collector, the progress display and the CLI all work from its ``RunStatus``.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from coordinator.errors import RunNotFoundError
+from worker_tasks.spec import by_node
 from worker_tasks.tracking import (
     JobState,
     RunState,
@@ -146,10 +147,7 @@ class RunStatus:
         return self.submitted_dir
 
     def by_node(self) -> dict[str, list[JobRecord]]:
-        nodes: dict[str, list[JobRecord]] = defaultdict(list)
-        for job in self.jobs:
-            nodes[job.node].append(job)
-        return dict(sorted(nodes.items()))
+        return by_node(self.jobs)
 
     def counts_text(self) -> str:
         """``11 succeeded, 1 failed, 4 running``: the non-zero states."""

@@ -11,11 +11,10 @@ import numpy as np
 
 from coordinator.errors import InvalidJobsError
 from coordinator.files import write_json_atomically
-from coordinator.jobs import SAFE_NAME
 from coordinator.legacy import SCORING_SCRIPT
 from scoring.inputs import ScoringInputError, check_prng, load_history, parse_seeds, read_json
 from scoring.prng import PRNGS, reference_draws
-from worker_tasks.spec import FLOATING_NODE
+from worker_tasks.spec import FLOATING_NODE, is_safe_name
 
 
 def parse_nodes(spec: str) -> list[tuple[str, int]]:
@@ -23,7 +22,7 @@ def parse_nodes(spec: str) -> list[tuple[str, int]]:
     slots: list[tuple[str, int]] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, count = part.partition(":")
-        if not SAFE_NAME.match(name):
+        if not is_safe_name(name):
             raise InvalidJobsError(f"--nodes: {name!r} is not a valid node name")
         try:
             gpus = int(count) if count else 1

@@ -8,8 +8,9 @@ not the interpreter this project is installed for, it hands itself over to that
 one (``os.execv``), so no shell script has to change.
 
 ``coordinator shims DIR`` writes the two files into a pipeline's directory, each
-naming the interpreter of this installation; the two files at the top of the
-repository are the same template, naming the checkout's ``.venv``.
+naming the interpreter of this installation. Both are ``coordinator/shim.py``, which
+runs what its file name says; the two files at the top of the repository are links to
+it, naming the checkout's ``.venv``.
 """
 
 from __future__ import annotations
@@ -20,54 +21,24 @@ from pathlib import Path
 from coordinator.cli.node import project_version
 from coordinator.errors import InvalidJobsError
 
-# file name -> (the entry point in coordinator.cli, what it is)
-SHIMS = {
-    "scripts_coordinator.py": ("legacy_main", "the original coordinator's command line"),
-    "coordinator_adapter.py": ("adapter_main", "script jobs and legacy inline-seed jobs, "
-                                               "routes shown"),
-}
-# In the checkout's own shims: the interpreter is the repository's .venv, found at run time.
-CHECKOUT_PYTHON = 'os.path.join(HERE, ".venv", "bin", "python")'
-
-TEMPLATE = '''#!/usr/bin/env python3
-"""{name}: {what}.
-
-Runs scripts-coordinator ({origin}). The pipeline's command lines
-work unchanged, e.g.:
-    python3 {name} --jobs-file scoring_jobs.json
-See `coordinator --help`. A python3 without the project hands over to the one that has it.
-"""
-
-import os
-import sys
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-# The interpreter scripts-coordinator is installed for.
-PYTHON = {python}
-
-sys.path.insert(0, HERE)
-try:
-    from coordinator.cli import {entry}
-except ImportError as err:
-    # Hand over once (never in a loop) to the interpreter that has the project.
-    if "SC_SHIM_HANDOVER" not in os.environ and os.path.exists(PYTHON):
-        os.environ["SC_SHIM_HANDOVER"] = sys.executable
-        os.execv(PYTHON, [PYTHON, os.path.abspath(__file__), *sys.argv[1:]])
-    sys.exit(f"{name}: scripts-coordinator cannot be loaded by "
-             f"{{sys.executable}} ({{err}}); install it, or run: coordinator shims DIR")
-
-if __name__ == "__main__":
-    sys.exit({entry}())
-'''
+# The one shim, a script of this package: the checkout's two files are links to it, and a
+# pipeline's copies are it with the interpreter named.
+SHIM = Path(__file__).with_name("shim.py")
+SHIMS = ("scripts_coordinator.py", "coordinator_adapter.py")
+# The line that names the interpreter: the checkout's .venv, found at run time.
+CHECKOUT_PYTHON = 'PYTHON = os.path.join(HERE, ".venv", "bin", "python")\n'
 
 
 def render(name: str, python: str | None = None) -> str:
     """The shim ``name``; ``python``: the interpreter it names (None: the checkout's .venv)."""
-    entry, what = SHIMS[name]
-    origin = (f"version {project_version()}, {python}" if python else
-              "this checkout, its .venv")
-    return TEMPLATE.format(name=name, what=what, entry=entry, origin=origin,
-                           python=repr(python) if python else CHECKOUT_PYTHON)
+    if name not in SHIMS:
+        raise ValueError(f"no shim is called {name}")
+    template = SHIM.read_text(encoding="utf-8")
+    if python is None:
+        return template
+    assert template.count(CHECKOUT_PYTHON) == 1, "the shim names its interpreter once"
+    return template.replace(CHECKOUT_PYTHON,
+                            f"PYTHON = {python!r}  # scripts-coordinator {project_version()}\n")
 
 
 def write_shims(directory: str | Path, python: str | None = None) -> list[Path]:

@@ -36,7 +36,7 @@ from coordinator.legacy import Conversion, convert, write_chunks
 from coordinator.options import DEFAULTS, SubmitOptions
 from coordinator.plan import Plan, plan_jobs
 from worker_tasks.signing import AUTH_SERIALIZER
-from worker_tasks.spec import DEFAULT_RETRY_DELAY_S, FLOATING_NODE, RUN_JOB_TASK, JobSpec
+from worker_tasks.spec import FLOATING_NODE, RUN_JOB_TASK, JobSpec
 from worker_tasks.tracking import (
     CANCELLABLE,
     SPEC_FIELDS,
@@ -121,10 +121,9 @@ def message_of(spec: JobSpec) -> dict[str, Any]:
     return spec.to_message()
 
 
-# Message fields a record leaves out when they hold their default (smaller records).
-UNSTORED_DEFAULTS = {"timeout": None, "env": {}, "retries": 0,
-                     "retry_delay": DEFAULT_RETRY_DELAY_S, "output_file": None, "per_gpu": False,
-                     "task_id": None}
+# Message fields a record leaves out when they hold their default (smaller records): the
+# message contract's own defaults, and a job without an output file.
+UNSTORED_DEFAULTS = {**JobSpec.defaults(), "output_file": None}
 
 
 def stored_spec(spec: JobSpec) -> dict[str, Any]:

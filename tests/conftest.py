@@ -45,6 +45,11 @@ LONGEST_FIRST = ("test_soak.py", "test_cluster_section.py", "test_failover.py",
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if side_by_side(config) and getattr(config.option, "maxschedchunk", None) is None:
+        # One test at a time to whichever process is free, in the order below: xdist's
+        # default hands each process a run of consecutive tests first, which would give
+        # every one of the longest tests to the same process.
+        config.option.maxschedchunk = 1
     config.addinivalue_line(
         "markers", "alone: runs while no other test runs (it watches the whole machine, or "
                    "the whole machine's load would change what it measures)")

@@ -93,6 +93,13 @@ def cwd_of(proc_entry: Path) -> str | None:
         return None
 
 
+def works_under(proc_entry: Path, root: Path) -> bool:
+    """The process works in ``root`` or below it (not merely in a name that starts alike:
+    ``test_x1`` is no parent of ``test_x10``)."""
+    cwd = cwd_of(proc_entry)
+    return cwd is not None and Path(cwd).is_relative_to(root)
+
+
 def env_for(server: RedisServer, **extra: str) -> dict[str, str]:
     return {**os.environ, "SC_BROKER_URL": server.url, **extra}
 
@@ -488,8 +495,8 @@ def local_running_two_slow_jobs(tmp_path: Path, output: int | None) -> tuple[
         wait_for(lambda: len(list(logs.glob("slow_*.log"))) == 2, 120, "both jobs to run")
         (redis_dir,) = tmp_path.glob("sc-redis-*")
         started = [int(entry.name) for entry in Path("/proc").iterdir()
-                   if entry.name.isdigit() and int(entry.name) != process.pid and (
-                       (cwd_of(entry) or "").startswith(str(tmp_path)))]
+                   if entry.name.isdigit() and int(entry.name) != process.pid
+                   and works_under(entry, tmp_path)]
         redis_pid = next(pid for pid in started if cwd_of(Path(f"/proc/{pid}")) == str(redis_dir))
         assert len(started) >= 7  # Redis, two workers with their pool processes, two scripts
     except BaseException:
@@ -556,7 +563,7 @@ def test_local_sigkilled_as_its_first_short_job_runs_leaves_nothing(tmp_path: Pa
 
     def leftovers() -> list[int]:
         return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
-                and (cwd_of(entry) or "").startswith(str(tmp_path))]
+                and works_under(entry, tmp_path)]
 
     wait_for(lambda: leftovers() == [], 60, "every process of the local cluster to end",
              seen=lambda: " ".join(map(str, leftovers())))

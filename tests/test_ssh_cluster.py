@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from coordinator import JobState, get_run, submit
 from coordinator.cli import build_parser
@@ -82,8 +83,8 @@ def processes_under(root: Path) -> list[str]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != "Z" and (str(root) in cmdline or cwd.startswith(str(root))):
-            found.append(f"{entry.name}: {cmdline[:120]}")
+        if state != "Z" and (str(root) in cmdline or Path(cwd).is_relative_to(root)):
+            found.append(f"{entry.name}: {cmdline}")  # whole: a deep clone pushes names far
     return found
 
 
@@ -391,6 +392,21 @@ def test_down_is_warm_by_default_and_now_kills_the_job(workers_up: SshCluster,
     assert session_alive(pid) == []
     assert processes_under(workdir) == []  # no orphaned script
     assert not (workdir / "down" / "hard.json.done").exists()
+
+
+def test_cluster_status_reads_queue_lengths_from_the_broker(workers_up: SshCluster) -> None:
+    """The tracking Redis may be another server (``SC_TRACKING_URL``): the queues are the
+    broker's. A decoy list of the queue's name in the tracking Redis must not be counted."""
+    env = workers_up
+    with RedisServer() as tracking:
+        decoy = redis.Redis.from_url(tracking.url)
+        for count, label in enumerate(LABELS, start=5):
+            decoy.rpush(f"node.{label}", *[b"not a message"] * count)
+        status = env.cli("cluster", "status", env={"SC_TRACKING_URL": tracking.url})
+    assert status.returncode == 0, status.stdout + status.stderr
+    for label in LABELS:
+        line = next(line for line in status.stdout.splitlines() if line.startswith(label))
+        assert "ping ok, queue 0, idle" in line, status.stdout
 
 
 def test_a_job_whose_output_cannot_be_fetched_is_named_in_the_summary(

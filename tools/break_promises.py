@@ -75,7 +75,7 @@ BREAKS = [
           (T + "test_promises.py::"
                "test_the_collector_settles_by_the_done_file_whatever_the_record_says",)),
     Break("--output-file=VALUE is rewritten, its .done beside it", "coordinator/plan.py",
-          '        if arg.startswith(OUTPUT_FLAG + "="):\n'
+          '        if arg.startswith(flag + "="):\n'
           '            return arg.split("=", 1)[1]\n',
           "",
           (T + "test_promises.py::"

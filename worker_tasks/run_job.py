@@ -181,12 +181,6 @@ def confine(base: Path, relative: str, what: str) -> Path:
     return path
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def script_env(spec: JobSpec, attempt: int) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if name not in PRIVATE_ENV}
     env.update(spec.env)
@@ -432,7 +426,7 @@ class JobExecution:
         node = spec.node if self.floating else None
         start = self.track("start", lambda t: t.start(*self.ids(), started_at=round(started, 3),
                                                       node=node, workdir=str(self.base)))
-        if start.outcome == "cancelled":
+        if start.outcome is Outcome.CANCELLED:
             self.track("cancel", lambda t: t.drop_cancelled(*self.ids()))
             raise NotRun("its run was cancelled; not run")
         if not start.ok:
@@ -534,7 +528,7 @@ class JobExecution:
             # Redis stayed away for the whole retry window: the job did succeed, so the
             # marker (the truth) is written; the head node settles the record from it.
             moved = Transition("ok", None, self.attempts)
-        if moved.outcome == "missing":
+        if moved.outcome is Outcome.MISSING:
             # The record vanished (Redis lost its data): no cancel can have been recorded,
             # and the job did succeed; the marker lets a recovered run skip it.
             moved = Transition("ok", None, self.attempts)
@@ -542,7 +536,7 @@ class JobExecution:
             pending.unlink(missing_ok=True)
             log_line(log, f"finished, but its record is {moved.previous} ({moved.outcome}): "
                           f"no marker written")
-            if moved.outcome == "refused" and moved.previous is JobState.CANCELLED:
+            if moved.outcome is Outcome.REFUSED and moved.previous is JobState.CANCELLED:
                 raise NotRun("cancelled as it finished; no marker written")
             raise Dropped(f"finished after its record became {moved.previous}")
         os.replace(pending, done)

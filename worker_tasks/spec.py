@@ -15,8 +15,10 @@ import functools
 import math
 import os
 import re
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any, Protocol, TypeVar
 
 # The stable task name: workers and publishers of any version agree on it.
 RUN_JOB_TASK = "scripts_coordinator.run_job"
@@ -80,9 +82,14 @@ def check_text(value: Any, what: str) -> str:
     return value
 
 
+def is_safe_name(value: str) -> bool:
+    """The one rule for job ids and node labels: safe characters, and no ``..``."""
+    return bool(SAFE_NAME.match(value)) and ".." not in value
+
+
 def check_name(value: Any, what: str) -> str:
     check_text(value, what)
-    if not SAFE_NAME.match(value) or ".." in value:
+    if not is_safe_name(value):
         raise InvalidMessage(f"{what} {value!r} is not a safe name (letters, digits, '.', "
                              f"'_', '-'; no '..')")
     return value
@@ -264,6 +271,21 @@ def slot_of_worker(name: str) -> str:
     return name.partition("@")[0]
 
 
+class OnNode(Protocol):
+    node: str
+
+
+Placed = TypeVar("Placed", bound=OnNode)
+
+
+def by_node(items: Iterable[Placed]) -> dict[str, list[Placed]]:
+    """Messages or records grouped by their node, nodes in name order, items in theirs."""
+    nodes: dict[str, list[Placed]] = defaultdict(list)
+    for item in items:
+        nodes[item.node].append(item)
+    return dict(sorted(nodes.items()))
+
+
 def done_path_for(output_file: str | None, output_dir: str, job_id: str) -> str:
     """The ``.done`` rule: ``<output-file>.done``, else ``<output-dir>/<job_id>.json.done``."""
     if output_file:
@@ -312,6 +334,13 @@ class JobSpec:
     per_gpu: bool = False
     warm: bool | None = None
     task_id: str | None = None
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The optional fields and the value each takes when a message leaves it out."""
+        return {item.name: item.default if item.default is not MISSING else item.default_factory()
+                for item in fields(cls)
+                if item.default is not MISSING or item.default_factory is not MISSING}
 
     @property
     def floating(self) -> bool:

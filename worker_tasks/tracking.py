@@ -287,17 +287,27 @@ return #moves
 """
 
 
+class Outcome(StrEnum):
+    """What a transition did (``TRANSITION_LUA``'s first reply), or why it did nothing."""
+
+    OK = "ok"
+    MISSING = "missing"            # no record: the run expired or was deleted
+    CANCELLED = "cancelled"        # the run is cancelled (transitions that refuse then)
+    SUPERSEDED = "superseded"      # the record holds another task id (a newer message)
+    REFUSED = "refused"            # the record's state is not one the transition leaves
+
+
 @dataclass(frozen=True)
 class Transition:
-    """What a transition did: ``ok``, or why not (missing, cancelled, superseded, refused)."""
+    """What a transition did: ``ok``, or why not (see ``Outcome``)."""
 
-    outcome: str
+    outcome: Outcome
     previous: JobState | None
     attempts: int
 
     @property
     def ok(self) -> bool:
-        return self.outcome == "ok"
+        return self.outcome is Outcome.OK
 
 
 def states_arg(states: Iterable[JobState]) -> str:
@@ -528,7 +538,7 @@ def parse_transition(result: list[Any]) -> Transition:
     outcome, previous, attempts = result
     outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
     previous = previous.decode() if isinstance(previous, bytes) else previous
-    return Transition(outcome=outcome,
+    return Transition(outcome=Outcome(outcome),
                       previous=JobState(json.loads(previous)) if previous else None,
                       attempts=int(attempts))
 

@@ -36,9 +36,6 @@ if TYPE_CHECKING:  # Fabric, pydantic and Redis: imported by the verbs that use 
     from coordinator.cluster.remote import RemoteNode
     from coordinator.cluster_view import ClusterView
 
-# How long the head node waits for workers' replies to ping and inspect (seconds).
-INSPECT_TIMEOUT_S = 2.0
-
 
 def load(args: argparse.Namespace) -> Inventory:
     from coordinator.cluster.inventory import load_inventory
@@ -181,12 +178,14 @@ def broker_view(broker: str | None) -> tuple[ClusterView | None, str | None]:
     """The cluster as the head node's broker sees it, asked once; or why it cannot be seen."""
     import redis
 
-    from coordinator.cluster_view import ClusterView
+    from coordinator.cluster_view import OPERATOR_INSPECT_TIMEOUT_S, ClusterView
+    from worker_tasks.connections import redis_client
 
     url = resolve_broker_url(broker)
     try:
         view = ClusterView(connect_tracking(None, broker), publisher(broker),
-                           timeout=INSPECT_TIMEOUT_S)
+                           timeout=OPERATOR_INSPECT_TIMEOUT_S,
+                           broker=redis_client(url, socket_connect_timeout=3, socket_timeout=5))
         if view.answering():
             view.active()
     except (BrokerUnreachableError, redis.RedisError, OSError) as err:
@@ -277,7 +276,7 @@ def worker_parts(worker: dict[str, object], view: ClusterView | None,
         parts.append("ping ok" if ping else "no ping answer")
         if not ping:
             problems.append("no ping")
-        parts.append(f"queue {view.client.llen(queue)}")
+        parts.append(f"queue {view.queue_length(queue)}")
         job = view.current_job(name)
         parts.append(f"running {job}" if job else "idle")
     return parts, problems

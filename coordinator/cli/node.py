@@ -29,12 +29,14 @@ from coordinator.cli.runs import (
     print_plan,
 )
 from coordinator.errors import ClusterStartError, ExitCode, InvalidJobsError, NodeFailedError
+from coordinator.options import DEFAULTS
 from worker_tasks import daemon
 from worker_tasks.daemon import STATE_DIR
 from worker_tasks.spec import (
     MAX_GPU_ID,
     gpu_of_slot,
     is_floating,
+    is_safe_name,
     node_of_slot,
     queue_for,
     slot_of,
@@ -117,10 +119,9 @@ def log_tail(logfile: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from coordinator.jobs import SAFE_NAME
     from coordinator.local import worker_command
 
-    if not SAFE_NAME.match(args.node) or ".." in args.node:
+    if not is_safe_name(args.node):
         raise InvalidJobsError(f"--node {args.node!r}: use letters, digits, '.', '_', '-'")
     if is_floating(args.node):
         raise InvalidJobsError(f"--node {args.node}: reserved for floating jobs (every worker "
@@ -340,14 +341,12 @@ def local_slots(plan: Plan, extra: str | None) -> list[str]:
     A floating job needs no slot of its own; with only floating jobs and no ``--nodes``
     there is nothing to run them on.
     """
-    from coordinator.jobs import SAFE_NAME
-
     wanted = {slot for slot in plan.slots() if not is_floating(node_of_slot(slot))}
     for name in (extra or "").split(","):
         name = name.strip()
         if not name:
             continue
-        if not SAFE_NAME.match(name) or ".." in name or is_floating(name):
+        if not is_safe_name(name) or is_floating(name):
             raise InvalidJobsError(f"--nodes: {name!r} is not a node name")
         wanted.add(name)
     if not wanted:
@@ -389,8 +388,9 @@ def warm_env(args: argparse.Namespace) -> dict[str, str]:
 def add_place_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scripts-dir", default=".", metavar="DIR", type=existing_dir,
                         help="where job scripts are looked up (default: current directory)")
-    parser.add_argument("--workdir", default=".", metavar="DIR", type=existing_dir,
-                        help="where scripts run and relative paths resolve (default: .)")
+    parser.add_argument("--workdir", default=str(DEFAULTS.workdir), metavar="DIR",
+                        type=existing_dir, help="where scripts run and relative paths resolve "
+                                                "(default: %(default)s)")
 
 
 WORKER_EXITS = (

@@ -22,7 +22,13 @@ from coordinator.cli.common import (
 )
 from coordinator.errors import ExitCode, InvalidJobsError, RunNotFoundError
 from coordinator.options import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR, DEFAULTS, SubmitOptions
-from worker_tasks.spec import gpu_of_slot, is_floating, node_of_slot, slot_of_worker
+from worker_tasks.spec import (
+    gpu_of_slot,
+    is_floating,
+    is_safe_name,
+    node_of_slot,
+    slot_of_worker,
+)
 
 if TYPE_CHECKING:  # the verbs import these when they run: --help stays quick
     from coordinator.cluster.inventory import Inventory
@@ -113,9 +119,9 @@ def add_retry_flags(parser: argparse.ArgumentParser) -> None:
                         help="every job without \"pin\": true floats: the first free node (or "
                              "GPU, with --per-gpu) takes it, whatever node the file names; for "
                              "mixed clusters (see docs/step3.md)")
-    parser.add_argument("--retries", type=int, default=0, metavar="N",
+    parser.add_argument("--retries", type=int, default=DEFAULTS.retries, metavar="N",
                         help="retry a failed attempt up to N times on the same node, for jobs "
-                             "that set no 'retries' (default: 0)")
+                             "that set no 'retries' (default: %(default)s)")
     parser.add_argument("--retry-delay", type=float, default=DEFAULTS.retry_delay, metavar="S",
                         help="base of the exponential backoff (with jitter) between attempts "
                              "(default: %(default)s s)")
@@ -130,12 +136,11 @@ def inventory_of(args: argparse.Namespace) -> Inventory | None:
     """The inventory of a command that collects (it has ``--inventory``), else None."""
     from coordinator.cluster import inventory_in_force
 
-    path = inventory_in_force(args.inventory) if hasattr(args, "inventory") else None
-    if path is None:
-        return None
-    from coordinator.cluster.inventory import load_inventory
+    if not hasattr(args, "inventory") or inventory_in_force(args.inventory) is None:
+        return None  # checked first: a command without an inventory never loads its model
+    from coordinator.cluster.inventory import find_inventory
 
-    return load_inventory(path)
+    return find_inventory(args.inventory)
 
 
 def resolve_run(args: argparse.Namespace) -> Run:
@@ -410,12 +415,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_move(args: argparse.Namespace) -> int:
-    from coordinator.jobs import SAFE_NAME
-
     run = resolve_run(args)
     targets = [name for name in args.to.split(",") if name]
     for name in [args.source, *targets]:
-        if not SAFE_NAME.match(name):
+        if not is_safe_name(name):
             raise InvalidJobsError(f"{name!r} is not a node name")
     if args.source in targets:
         raise InvalidJobsError(f"--to lists {args.source}, the node the jobs move from")

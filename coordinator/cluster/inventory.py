@@ -22,9 +22,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from coordinator.broker import redact, with_password
 from coordinator.cluster import INVENTORY_ENV, inventory_in_force
 from coordinator.errors import InvalidJobsError
-from coordinator.jobs import SAFE_NAME
 from worker_tasks.daemon import STATE_DIR
-from worker_tasks.spec import is_floating, slot_of
+from worker_tasks.spec import is_floating, is_safe_name, slot_of
 
 
 def _absolute(value: Any) -> Any:
@@ -225,7 +224,7 @@ def parse_inventory(document: dict[str, Any], path: Path) -> Inventory:
     nodes: dict[str, Node] = {}
     for label, table in tables.items():
         where = f"[nodes.{label}]"
-        if not SAFE_NAME.match(label) or ".." in label:
+        if not is_safe_name(label):
             raise InvalidJobsError(f"{path}: {where}: {label!r} is not a valid node label "
                                    f"(letters, digits, '.', '_', '-')")
         if is_floating(label):

@@ -24,7 +24,7 @@ from coordinator.cluster.inventory import Inventory
 from coordinator.cluster.remote import NodeError, RemoteNode
 from coordinator.cluster.sync import Fetch, check_relative, fetch_file, push
 from coordinator.errors import NodeFailedError
-from coordinator.plan import Plan
+from coordinator.plan import Plan, flag_value
 from coordinator.records import JobRecord
 from worker_tasks.spec import FLOATING_NODE, JobSpec, node_of_slot, slot_of_worker
 
@@ -151,22 +151,13 @@ def input_files(plan: Plan, workdir: Path) -> dict[str, dict[str, Path]]:
     wanted: dict[str, dict[str, Path]] = defaultdict(dict)
     for spec in plan.specs:
         for flag in SCORING_INPUT_FLAGS:
-            value = argument(spec.args, flag)
+            value = flag_value(spec.args, flag)
             if value is None or posixpath.isabs(value):
                 continue
             local = workdir / value
             if local.is_file():
                 wanted[spec.node][posixpath.normpath(value)] = local
     return wanted
-
-
-def argument(args: list[str], flag: str) -> str | None:
-    for index, arg in enumerate(args):
-        if arg == flag and index + 1 < len(args):
-            return args[index + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def push_inputs(inventory: Inventory, plan: Plan, workdir: Path) -> list[NodeOutcome]:

@@ -236,7 +236,3 @@ def systemd_unit(node: Node, per_gpu: bool = False) -> str:
         "WantedBy=multi-user.target\n"
     )
 
-
-def node_paths(node: Node) -> list[str]:
-    """The directories on the node that the head node may write into."""
-    return [posixpath.normpath(node.config.scripts_dir), posixpath.normpath(node.config.workdir)]
