@@ -7,11 +7,14 @@ untouched (Step 5 writes where its args say).
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from coordinator.errors import InvalidJobsError
 from coordinator.jobs import Job
@@ -83,6 +86,7 @@ class Plan:
         pinned: jobs that never move (``"pin": true``).
         conversions: legacy inline-seed jobs, whose chunk files publishing writes.
         jobs_file: the jobs file's absolute path, when the jobs came from one.
+        fingerprint: the digest of the messages and the output settings (``digest``).
     """
 
     run_id: str
@@ -91,6 +95,7 @@ class Plan:
     pinned: frozenset[str] = frozenset()
     conversions: tuple[Conversion, ...] = field(default=())
     jobs_file: str | None = None
+    fingerprint: str = ""
 
     @property
     def output_dir(self) -> str:
@@ -103,17 +108,9 @@ class Plan:
     def digest(self) -> str:
         """What the run will do, as a hash: every message but its run id, and where outputs
         go. Two plans of one jobs file with the same options share it, whatever their run
-        ids: a re-started ``scripts-coordinator`` finds the run it had published."""
-        import hashlib
-
-        import orjson
-
-        hashed = hashlib.sha256(orjson.dumps([self.output_dir, self.preserve_paths]))
-        for spec in self.specs:
-            message = spec.to_message()
-            hashed.update(orjson.dumps({**message, "run_id": ""},
-                                       option=orjson.OPT_SORT_KEYS))
-        return hashed.hexdigest()
+        ids: a re-started ``scripts-coordinator`` finds the run it had published. Taken
+        while planning, from the message each job became (``fingerprint``)."""
+        return self.fingerprint
 
     def jobs_per_node(self) -> dict[str, int]:
         return {node: len(specs) for node, specs in self.by_node().items()}
@@ -154,14 +151,27 @@ class Plan:
         return "\n".join(lines)
 
 
-def checked(where: str, spec: JobSpec) -> JobSpec:
+def checked(where: str, message: dict[str, Any]) -> JobSpec:
     """The message as the worker will check it, checked here by the same rules: a job the
     workers would refuse is refused before anything is published."""
     try:
-        JobSpec.from_message(spec.to_message())
+        return JobSpec.from_message(message)
     except InvalidMessage as err:
         raise InvalidJobsError(f"{where}: {err} (the workers would refuse this job)") from None
-    return spec
+
+
+class Fingerprint:
+    """The digest of a plan, taken message by message as each job is planned."""
+
+    def __init__(self, output_dir: str, preserve_paths: bool) -> None:
+        self.hashed = hashlib.sha256(orjson.dumps([output_dir, preserve_paths]))
+
+    def add(self, message: dict[str, Any]) -> None:
+        # Every field but the run id: two plans of one file share it, whatever their ids.
+        self.hashed.update(orjson.dumps({**message, "run_id": ""}, option=orjson.OPT_SORT_KEYS))
+
+    def hexdigest(self) -> str:
+        return self.hashed.hexdigest()
 
 
 def check_output_dir(output_dir: str) -> str:
@@ -181,6 +191,7 @@ def plan_jobs(jobs: Iterable[Job], run_id: str, options: SubmitOptions = DEFAULT
     output_dir, preserve_paths = options.output_dir, options.preserve_paths
     check_output_dir(output_dir)
     placement: Placement = FirstFreeSlot() if options.balance else AsFiled()
+    fingerprint = Fingerprint(output_dir, preserve_paths)
     specs: list[JobSpec] = []
     writers: dict[str, tuple[int, str]] = {}
     pinned: set[str] = set()
@@ -211,22 +222,27 @@ def plan_jobs(jobs: Iterable[Job], run_id: str, options: SubmitOptions = DEFAULT
                 f"written by job {other_index} (job_id {other_id!r})"
             )
         writers[normal] = (index, job.job_id)
-        specs.append(checked(where, JobSpec(
-                run_id=run_id,
-                job_id=job.job_id,
-                script=job.script,
-                args=args,
-                node=node,
-                gpu_id=job.gpu_id,
-                output_file=output,
-                done_file=done,
-                log_file=posixpath.join(output_dir, "logs", f"{job.job_id}.log"),
-                timeout=job.timeout,
-                env=dict(job.env),
-                retries=job.retries if job.retries is not None else options.retries,
-                retry_delay=(job.retry_delay if job.retry_delay is not None
-                             else options.retry_delay),
-                per_gpu=options.per_gpu,
-                warm=job.warm,
-            )))
-    return Plan(run_id=run_id, specs=specs, options=options, pinned=frozenset(pinned))
+        # The job becomes its message once: checked by the workers' rules, then hashed.
+        message = {
+            "run_id": run_id,
+            "job_id": job.job_id,
+            "script": job.script,
+            "args": args,
+            "node": node,
+            "gpu_id": job.gpu_id,
+            "output_file": output,
+            "done_file": done,
+            "log_file": posixpath.join(output_dir, "logs", f"{job.job_id}.log"),
+            "timeout": job.timeout,
+            "env": dict(job.env),
+            "retries": job.retries if job.retries is not None else options.retries,
+            "retry_delay": (job.retry_delay if job.retry_delay is not None
+                            else options.retry_delay),
+            "per_gpu": options.per_gpu,
+            "warm": job.warm,
+            "task_id": None,
+        }
+        specs.append(checked(where, message))
+        fingerprint.add(message)
+    return Plan(run_id=run_id, specs=specs, options=options, pinned=frozenset(pinned),
+                fingerprint=fingerprint.hexdigest())

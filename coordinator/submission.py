@@ -116,11 +116,6 @@ def task_id_for(spec: JobSpec, generation: int = 0) -> str:
     return f"{spec.run_id}.{spec.job_id}.{generation}"
 
 
-def message_of(spec: JobSpec) -> dict[str, Any]:
-    """The message of a job (without ``asdict``'s deep copy: 10x faster at 100,000 jobs)."""
-    return spec.to_message()
-
-
 # Message fields a record leaves out when they hold their default (smaller records): the
 # message contract's own defaults, and a job without an output file.
 UNSTORED_DEFAULTS = {**JobSpec.defaults(), "output_file": None}
@@ -128,10 +123,9 @@ UNSTORED_DEFAULTS = {**JobSpec.defaults(), "output_file": None}
 
 def stored_spec(spec: JobSpec) -> dict[str, Any]:
     """The message fields a record keeps (``spec``): defaults and the job id left out."""
-    message = message_of(spec)
-    return {name: message[name] for name in SPEC_FIELDS
-            if name != "job_id" and (name not in UNSTORED_DEFAULTS
-                                     or message[name] != UNSTORED_DEFAULTS[name])}
+    fields = ((name, getattr(spec, name)) for name in SPEC_FIELDS if name != "job_id")
+    return {name: value for name, value in fields
+            if name not in UNSTORED_DEFAULTS or value != UNSTORED_DEFAULTS[name]}
 
 
 def spec_from_record(run_id: str, record: dict[str, Any]) -> JobSpec:
@@ -281,7 +275,7 @@ class Outgoing:
 def outgoing(amqp: Any, spec: JobSpec, task_id: str, sent_event: bool) -> Outgoing:
     """The job's message as Celery builds it (``as_task_v2``); the body carries the task id,
     which a signature then covers (the headers are not signed)."""
-    message = {**message_of(spec), "task_id": task_id}
+    message = {**spec.to_message(), "task_id": task_id}
     queue = spec.queue
     # Flower's view of the arguments: one readable line, made cheaply (Celery's saferepr
     # of a job's message costs more than the rest of publishing it, and a full copy of the

@@ -55,6 +55,7 @@ from worker_tasks.tracking import (
     JobState,
     JobTracker,
     Transition,
+    TransitionOutcome,
     error_line,
     now,
 )
@@ -426,7 +427,7 @@ class JobExecution:
         node = spec.node if self.floating else None
         start = self.track("start", lambda t: t.start(*self.ids(), started_at=round(started, 3),
                                                       node=node, workdir=str(self.base)))
-        if start.outcome is Outcome.CANCELLED:
+        if start.outcome is TransitionOutcome.CANCELLED:
             self.track("cancel", lambda t: t.drop_cancelled(*self.ids()))
             raise NotRun("its run was cancelled; not run")
         if not start.ok:
@@ -527,16 +528,17 @@ class JobExecution:
         except redis.RedisError:
             # Redis stayed away for the whole retry window: the job did succeed, so the
             # marker (the truth) is written; the head node settles the record from it.
-            moved = Transition("ok", None, self.attempts)
-        if moved.outcome is Outcome.MISSING:
+            moved = Transition(TransitionOutcome.OK, None, self.attempts)
+        if moved.outcome is TransitionOutcome.MISSING:
             # The record vanished (Redis lost its data): no cancel can have been recorded,
             # and the job did succeed; the marker lets a recovered run skip it.
-            moved = Transition("ok", None, self.attempts)
+            moved = Transition(TransitionOutcome.OK, None, self.attempts)
         if not moved.ok:
             pending.unlink(missing_ok=True)
             log_line(log, f"finished, but its record is {moved.previous} ({moved.outcome}): "
                           f"no marker written")
-            if moved.outcome is Outcome.REFUSED and moved.previous is JobState.CANCELLED:
+            if (moved.outcome is TransitionOutcome.REFUSED
+                    and moved.previous is JobState.CANCELLED):
                 raise NotRun("cancelled as it finished; no marker written")
             raise Dropped(f"finished after its record became {moved.previous}")
         os.replace(pending, done)

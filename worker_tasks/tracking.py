@@ -287,7 +287,7 @@ return #moves
 """
 
 
-class Outcome(StrEnum):
+class TransitionOutcome(StrEnum):
     """What a transition did (``TRANSITION_LUA``'s first reply), or why it did nothing."""
 
     OK = "ok"
@@ -299,15 +299,15 @@ class Outcome(StrEnum):
 
 @dataclass(frozen=True)
 class Transition:
-    """What a transition did: ``ok``, or why not (see ``Outcome``)."""
+    """What a transition did: ``ok``, or why not (see ``TransitionOutcome``)."""
 
-    outcome: Outcome
+    outcome: TransitionOutcome
     previous: JobState | None
     attempts: int
 
     @property
     def ok(self) -> bool:
-        return self.outcome is Outcome.OK
+        return self.outcome is TransitionOutcome.OK
 
 
 def states_arg(states: Iterable[JobState]) -> str:
@@ -538,7 +538,7 @@ def parse_transition(result: list[Any]) -> Transition:
     outcome, previous, attempts = result
     outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
     previous = previous.decode() if isinstance(previous, bytes) else previous
-    return Transition(outcome=Outcome(outcome),
+    return Transition(outcome=TransitionOutcome(outcome),
                       previous=JobState(json.loads(previous)) if previous else None,
                       attempts=int(attempts))
 
