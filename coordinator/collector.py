@@ -127,9 +127,8 @@ def build_summary(status: RunStatus, jobs: list[JobRecord]) -> dict[str, Any]:
         if job.state.value in node:
             node[job.state.value] += 1
         node["busy_s"] = round(node["busy_s"] + (job.duration_s or 0.0), 3)
-    starts = [job.started_at for job in jobs if job.started_at]
     ends = [job.finished_at for job in jobs if job.finished_at]
-    makespan = round(max(ends) - min(starts), 3) if starts and ends else 0.0
+    makespan = round(busy_time(jobs), 3)
     ok = sum(1 for job in jobs if job.state.is_success)
     return {
         "run_id": status.run_id,
@@ -148,6 +147,33 @@ def build_summary(status: RunStatus, jobs: list[JobRecord]) -> dict[str, Any]:
         "moves": status.info.get("moves", []),
         "jobs": [job_summary(job) for job in jobs],
     }
+
+
+def busy_time(jobs: list[JobRecord]) -> float:
+    """The makespan: how long at least one attempt of the run was running, in seconds.
+
+    The union of every attempt's start-to-end interval, so the idle time before a retry or
+    a resume (and the jobs a recovered run skipped, which never ran) does not count. For a
+    run that is never idle it is the span from the first start to the last end.
+    """
+    spans = sorted((attempt["started_at"], attempt.get("finished_at") or attempt["started_at"])
+                   for job in jobs for attempt in attempts_of(job))
+    total, reach = 0.0, float("-inf")
+    for start, end in spans:
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def attempts_of(job: JobRecord) -> list[dict[str, Any]]:
+    """The job's attempts with a start time: its history, or its one attempt's record."""
+    history = [attempt for attempt in job.history if attempt.get("started_at")]
+    if history:
+        return history
+    if job.started_at:
+        return [{"started_at": job.started_at, "finished_at": job.finished_at}]
+    return []
 
 
 def collect(status: RunStatus, workdir: str | Path | None = None,
@@ -191,8 +217,13 @@ def render(collection: Collection) -> str:
     lines = []
     if collection.fetched is not None:
         lines.extend(f"fetch: {outcome.line()}" for outcome in collection.fetched.node_lines)
+    skipped = summary["counts"].get(JobState.SKIPPED, 0)
+    # Succeeded counts the skipped jobs (their .done existed): the headline says how many, so
+    # that it adds up with the table's ok and skipped columns.
+    of_them = f", {skipped} of them skipped (their .done existed)" if skipped else ""
     lines += [f"run {summary['run_id']}: {summary['succeeded']}/{summary['jobs_total']} "
-              f"succeeded ({summary['success_rate']:.0%}), makespan {summary['makespan_s']:.1f} s",
+              f"succeeded ({summary['success_rate']:.0%}){of_them}, makespan "
+              f"{summary['makespan_s']:.1f} s (time with a job running)",
               f"  {'node':<16} {'jobs':>5} {'ok':>5} {'failed':>6} {'skipped':>7} {'busy s':>8}"]
     for name, node in summary["nodes"].items():
         lines.append(f"  {name:<16} {node['jobs']:>5} {node['succeeded']:>5} "

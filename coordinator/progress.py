@@ -42,6 +42,7 @@ class ProgressDisplay:
         self.progress: Progress | None = None
         self.tasks: dict[str, int] = {}
         self.seen: dict[str, set[tuple[JobState, int]]] = {}  # job -> (state, attempt) seen
+        self.ended: set[str] = set()  # jobs a line has shown final: the count the lines give
 
     def __enter__(self) -> ProgressDisplay:
         if self.live:
@@ -106,6 +107,12 @@ class ProgressDisplay:
                 extra = f" in {job.duration_s:.1f} s"
             if job.state is JobState.FAILED and job.error:
                 extra += f": {error_line(job.error)}"  # one line: the script's reason too
+            # The count grows line by line from 0: a snapshot holding several ends at once
+            # (the first one, say) does not put its total on its first line.
+            if job.state.is_final:
+                self.ended.add(job.job_id)
+            else:
+                self.ended.discard(job.job_id)  # retried: it is under way again
             self.stream.write(f"{stamp} [{job.node}] {job.job_id} {job.state}{extra}"
-                              f"  ({status.done}/{status.total})\n")
+                              f"  ({len(self.ended)}/{status.total})\n")
         self.stream.flush()

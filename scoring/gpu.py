@@ -132,7 +132,10 @@ def probe() -> str:
     try:
         import cupy
     except ImportError as err:
-        raise GpuUnavailable(f"cupy is not installed ({err.name})") from None
+        # Name what is missing once: CuPy itself, or a module CuPy needs.
+        if err.name in (None, "cupy"):
+            raise GpuUnavailable("cupy is not installed") from None
+        raise GpuUnavailable(f"cupy cannot be imported: it needs {err.name}") from None
     try:
         count = cupy.cuda.runtime.getDeviceCount()
         if count < 1:

@@ -372,6 +372,22 @@ BREAKS = [
     Break("a node's key answers for that node only", "worker_tasks/mailbox.py",
           "            if others:", "            if False:",
           (T + "test_signing.py::test_the_head_takes_only_replies_its_node_certificates_verify",)),
+    Break("the makespan counts work, not gaps", "coordinator/collector.py",
+          "    makespan = round(busy_time(jobs), 3)",
+          "    makespan = round(max(ends) - min(job.started_at or ends[0] for job in jobs), 3) "
+          "if ends else 0.0",
+          (T + "test_honest_lines.py::test_the_makespan_of_a_retried_run_counts_work_not_the_gap_"
+               "before_the_retry",)),
+    Break("the headline says how many succeeded jobs were skipped", "coordinator/collector.py",
+          '    of_them = f", {skipped} of them skipped (their .done existed)" if skipped else ""',
+          '    of_them = ""',
+          (T + "test_honest_lines.py::test_a_resumed_runs_headline_adds_up_with_its_table",)),
+    Break("progress counts from 0", "coordinator/progress.py",
+          'f"  ({len(self.ended)}/{status.total})', 'f"  ({status.done}/{status.total})',
+          (T + "test_honest_lines.py::test_progress_lines_count_from_zero_one_end_at_a_time",)),
+    Break("cluster status reads queue lengths from the broker", "coordinator/cluster_view.py",
+          "        return int(self.broker.llen(queue))", "        return int(self.client.llen(queue))",
+          (T + "test_ssh_cluster.py::test_cluster_status_reads_queue_lengths_from_the_broker",)),
 ]
 
 
