@@ -386,7 +386,8 @@ BREAKS = [
           'f"  ({len(self.ended)}/{status.total})', 'f"  ({status.done}/{status.total})',
           (T + "test_honest_lines.py::test_progress_lines_count_from_zero_one_end_at_a_time",)),
     Break("cluster status reads queue lengths from the broker", "coordinator/cluster_view.py",
-          "        return int(self.broker.llen(queue))", "        return int(self.client.llen(queue))",
+          "        return int(self.broker.llen(queue))",
+          "        return int(self.client.llen(queue))",
           (T + "test_ssh_cluster.py::test_cluster_status_reads_queue_lengths_from_the_broker",)),
 ]
 
