@@ -370,3 +370,33 @@ def test_cancel_stops_the_running_job_and_drops_the_queued_ones(cluster: LocalCl
         wait_for_text(log, f"job {job.job_id} of run {run.id}", 30)
     assert not list((cluster_workdir / "cancel").glob("*.done"))
     assert not (cluster_workdir / "cancel" / "slow_1.json").exists()
+
+
+def test_a_jobs_runner_is_named_after_its_job_in_ps(cluster: LocalCluster,
+                                                      redis_server: RedisServer) -> None:
+    """An operator reading ``ps`` sees which process runs which job (not a second copy of
+    its pool process's title)."""
+    run = submit([echo_job("titled", "rig-b", "titled", "--sleep", "60")], output_dir="titled",
+                 broker_url=redis_server.url)
+    title = f"scripts-coordinator runner: job titled of run {run.id} on rig-b, attempt 1"
+
+    def cmdline(pid: int | str) -> str:
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return ""
+        return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+    def runners() -> list[int]:
+        return [int(entry.name) for entry in Path("/proc").iterdir()
+                if entry.name.isdigit() and cmdline(entry.name) == title]
+
+    try:
+        wait_for(lambda: len(runners()) == 1, 60, "the job's runner, named after its job")
+        (runner,) = runners()
+        children = Path(f"/proc/{runner}/task/{runner}/children").read_text().split()
+        assert [cmdline(child).endswith("titled/titled.json --sleep 60") for child in children] \
+            == [True], [cmdline(child) for child in children]  # it runs the script
+    finally:
+        run.cancel()
+    wait_for(lambda: runners() == [], 30, "the runner to end with the cancel")

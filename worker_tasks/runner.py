@@ -30,6 +30,7 @@ from typing import NoReturn
 
 PR_SET_PDEATHSIG = 1  # prctl: signal this process when its parent dies
 PR_SET_CHILD_SUBREAPER = 36  # prctl: orphaned descendants are re-parented to this process
+PR_SET_NAME = 15  # prctl: this process's name (comm), as ps and /proc show it
 # How long the runner keeps killing and reaping descendants before it gives up (seconds).
 REAP_TIMEOUT_S = 10.0
 # Exit status of a runner that could not start the script.
@@ -48,6 +49,27 @@ class Outcome:
 def prctl(option: int, value: int | ctypes.c_char_p) -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+
+
+def job_title(env: Mapping[str, str]) -> str:
+    """What ``ps`` shows for a job's runner: which job, of which run, where, which attempt."""
+    return (f"scripts-coordinator runner: job {env.get('SC_JOB_ID', '?')} of run "
+            f"{env.get('SC_RUN_ID', '?')} on {env.get('SC_NODE', '?')}, attempt "
+            f"{env.get('SC_ATTEMPT', '?')}")
+
+
+def name_process(title: str, comm: str | None = None) -> None:
+    """Name this process in ``ps``: ``title`` as its command line (where setproctitle is
+    installed; a forked runner would otherwise show its pool process's title), and
+    ``comm`` as its short name (``/proc/PID/comm``), when given."""
+    try:
+        import setproctitle
+    except ImportError:
+        pass
+    else:
+        setproctitle.setproctitle(title)  # on Linux it sets comm too: set ours after it
+    if comm is not None:
+        prctl(PR_SET_NAME, ctypes.c_char_p(comm.encode()))
 
 
 def children(pid: int) -> list[int]:
@@ -79,15 +101,19 @@ def kill_descendants() -> None:
 
 
 def runner_main(start_script: Callable[[int, int], int], log_path: str, status_fd: int,
-                parent: int, waiter: socket.socket | None = None) -> NoReturn:
+                parent: int, waiter: socket.socket | None = None, title: str | None = None,
+                comm: str | None = None) -> NoReturn:
     """The runner's whole life (in a forked child); never returns.
 
     ``start_script(log_fd, status_fd)`` starts the script as a child of this process and
     returns its pid: a fresh interpreter (``spawn_script``) or a fork of a warm one
     (``zygote.fork_script``); the runner around it is the same. ``waiter``: a connection
     to the process waiting for this job when that is not the parent (a warm job's pool
-    process); once it closes, the job is stopped as if the parent had died.
+    process); once it closes, the job is stopped as if the parent had died. ``title`` and
+    ``comm``: its name in ``ps`` (``job_title``).
     """
+    if title is not None:
+        name_process(title, comm)
     os.setpgid(0, 0)
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -207,7 +233,7 @@ class Runner(JobProcess):
             try:
                 os.close(read_fd)
                 runner_main(spawn_script(argv, str(cwd), env), str(log_path), write_fd,
-                            parent)
+                            parent, title=job_title(env))
             finally:
                 os._exit(EXEC_FAILED)
         os.close(write_fd)

@@ -19,7 +19,6 @@ state does not survive a fork). It dies with the worker process that started it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib
 import json
 import os
@@ -35,9 +34,8 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from worker_tasks.daemon import WARM_JOB_NAME
-from worker_tasks.runner import PR_SET_PDEATHSIG, prctl, runner_main
+from worker_tasks.runner import PR_SET_PDEATHSIG, job_title, prctl, runner_main
 
-PR_SET_NAME = 15  # prctl: this process's name (comm), as ps and /proc show it
 # The largest request accepted (argv, env and paths of one job), bytes.
 MAX_REQUEST_BYTES = 1 << 20
 # How long a connected worker may take to send its request (seconds).
@@ -215,9 +213,8 @@ class Zygote:
             try:
                 self.listener.close()
                 os.close(read_fd)
-                prctl(PR_SET_NAME, ctypes.c_char_p(WARM_JOB_NAME.encode()))
                 runner_main(fork_script(argv, cwd, env, connection), log, write_fd, me,
-                            waiter=connection)
+                            waiter=connection, title=job_title(env), comm=WARM_JOB_NAME)
             finally:
                 os._exit(127)
         os.close(write_fd)
