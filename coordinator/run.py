@@ -148,6 +148,17 @@ class Run:
 
         return {slot: count for slot, count in sorted(per_slot.items()) if not is_served(slot)}
 
+    def refusing_workers(self) -> list[str]:
+        """The workers serving this run's nodes that will refuse its jobs: it was published
+        unsigned and they run only signed jobs (they hold a trust store). Empty for a
+        signed run."""
+        if self.info().get("signed"):
+            return []
+        from worker_tasks.presence import verifying
+
+        return verifying(self.client, [name for names in self.workers().values()
+                                       for name in names])
+
     def unassigned_messages(self) -> int:
         """Messages in the broker's default queue, which no worker consumes."""
         return int(self.broker.llen(celeryconfig.task_default_queue))

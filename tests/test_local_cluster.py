@@ -400,3 +400,13 @@ def test_a_jobs_runner_is_named_after_its_job_in_ps(cluster: LocalCluster,
     finally:
         run.cancel()
     wait_for(lambda: runners() == [], 30, "the runner to end with the cancel")
+
+
+def test_status_of_an_unsigned_run_where_no_worker_verifies_says_nothing_of_signing(
+        cluster: LocalCluster, redis_server: RedisServer) -> None:
+    run = submit([echo_job("quiet", "rig-c", "quiet")], output_dir="quiet",
+                 broker_url=redis_server.url)
+    assert run.wait(timeout=60).jobs[0].state is JobState.SUCCEEDED
+    shown = run_cli("status", run.id, "--no-check", "--broker", redis_server.url)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stderr == "", shown.stderr  # neither "signing off" nor "unsigned"

@@ -385,6 +385,11 @@ BREAKS = [
     Break("progress counts from 0", "coordinator/progress.py",
           'f"  ({len(self.ended)}/{status.total})', 'f"  ({status.done}/{status.total})',
           (T + "test_honest_lines.py::test_progress_lines_count_from_zero_one_end_at_a_time",)),
+    Break("no signing line where no worker requires signatures", "coordinator/cli/runs.py",
+          "    if refusing:  # a line only where a worker requires signatures",
+          '    if refusing or not status.info.get("signed"):',
+          (T + "test_local_cluster.py::test_status_of_an_unsigned_run_where_no_worker_verifies_"
+               "says_nothing_of_signing",)),
     Break("a job's runner is named after its job", "worker_tasks/runner.py",
           "                            parent, title=job_title(env))",
           "                            parent)",

@@ -37,6 +37,22 @@ def presence_key(node: str, prefix: str = KEY_PREFIX) -> str:
     return f"{prefix}:workers:{node}"
 
 
+def verifying_key(prefix: str = KEY_PREFIX) -> str:
+    """The workers that run only signed jobs (they hold a trust store), by last sighting."""
+    return f"{prefix}:workers-verifying"
+
+
+def verifying(client: redis.Redis, workers: Iterable[str]) -> list[str]:
+    """Those of ``workers`` seen lately holding a trust store: they refuse unsigned jobs."""
+    names = sorted(set(workers))
+    if not names:
+        return []
+    seen = client.zmscore(verifying_key(), names)
+    cutoff = time.time() - PRESENCE_TTL_S
+    return [name for name, score in zip(names, seen, strict=True)
+            if score is not None and score >= cutoff]
+
+
 def serving(client: redis.Redis, nodes: Iterable[str]) -> dict[str, list[str]]:
     """node -> names of the workers seen serving it within the last ``PRESENCE_TTL_S``."""
     names = sorted(set(nodes))
@@ -66,6 +82,7 @@ class Presence:
     def __init__(self) -> None:
         self.hostname = ""
         self.nodes: list[str] = []
+        self.verifies = False  # it holds a trust store: it runs only signed jobs
 
     @cache  # noqa: B019 (one client for the life of the worker process)
     def client(self) -> redis.Redis:
@@ -82,6 +99,9 @@ class Presence:
             for node in self.nodes:
                 pipe.zadd(presence_key(node), {self.hostname: time.time()})
                 pipe.expire(presence_key(node), int(PRESENCE_TTL_S * 6))
+            if self.verifies:
+                pipe.zadd(verifying_key(), {self.hostname: time.time()})
+                pipe.expire(verifying_key(), int(PRESENCE_TTL_S * 6))
             pipe.execute()
         except redis.RedisError as err:  # the next heartbeat tries again
             logger.debug("presence not recorded: %s", err)
@@ -90,6 +110,7 @@ class Presence:
         with contextlib.suppress(redis.RedisError):
             for node in self.nodes:
                 self.client().zrem(presence_key(node), self.hostname)
+            self.client().zrem(verifying_key(), self.hostname)
 
 
 PRESENCE = Presence()
@@ -110,6 +131,9 @@ def on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
     PRESENCE.hostname = sender.hostname
     # A per-GPU worker (node.rig-a.gpu1) serves its node too: presence is by node.
     PRESENCE.nodes = sorted({node for node in map(node_of_queue, queues) if node})
+    from worker_tasks.signing import trust_store
+
+    PRESENCE.verifies = trust_store() is not None
     PRESENCE.announce()
 
 

@@ -301,9 +301,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                           "jobs": [vars(job) for job in status.jobs]}, default=str, indent=2))
         return status_exit(status)
     print(f"run {status.run_id} ({status.outcome}): {status.line()}")
-    if not status.info.get("signed"):
-        notice(f"signing off: run {status.run_id}'s jobs were published unsigned (no head key: "
-               f"coordinator cluster init makes one); workers with a trust store refuse them")
+    refusing = run.refusing_workers()
+    if refusing:  # a line only where a worker requires signatures
+        notice(f"unsigned: run {status.run_id}'s jobs were published unsigned (no head key: "
+               f"coordinator cluster init makes one), and {', '.join(refusing)} run only "
+               f"signed jobs: they refuse them")
     unassigned = run.unassigned_messages()
     if unassigned:
         print(f"  warning: {unassigned} messages wait in {UNASSIGNED_QUEUE}, a "
