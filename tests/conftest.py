@@ -37,11 +37,22 @@ REFERENCE_FIXTURES = {"java_draws": "Java (java.util.Random)",
 _reference_passes: dict[str, int] = dict.fromkeys(REFERENCE_FIXTURES.values(), 0)
 
 
-# The files whose tests take longest (``--durations``): handed out first when tests run side
-# by side, so that no worker is left with one of them at the end.
-LONGEST_FIRST = ("test_soak.py", "test_cluster_section.py", "test_failover.py",
-                 "test_ssh_cluster.py", "test_exit_statuses.py", "test_reliability.py",
-                 "test_promises.py", "test_warm.py", "test_per_gpu_workers.py")
+# The longest tests (``--durations=30``, side by side), then the files whose tests take
+# longest: handed out first when tests run side by side, so that no process is left with
+# one of them at the end.
+LONGEST_TESTS = (
+    "test_soak_1000_jobs_with_retries_worker_kills_and_a_broker_crash",
+    "test_the_cluster_section_runs_as_written_from_an_empty_head_directory",
+    "test_a_failover_while_a_run_is_published_loses_no_job",
+    "test_step3_over_ssh_from_init_to_down",
+    "test_each_run_command_reaches_each_status_it_lists",
+    "test_the_python_api_cancels_retries_reports_progress",
+    "test_deploy_project_installs_this_build_with_the_nodes_python",
+    "test_a_run_completes_when_its_master_dies_for_good",
+)
+LONGEST_FIRST = ("test_ssh_cluster.py", "test_failover.py", "test_reliability.py",
+                 "test_warm.py", "test_per_gpu_workers.py", "test_promises.py",
+                 "test_placement.py", "test_faults.py", "test_signing.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -75,11 +86,20 @@ def _interrupt(signum: int, frame: Any) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not side_by_side(config):
         return
-    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    longest = {name: place for place, name in enumerate(LONGEST_TESTS)}
+    files = {name: place for place, name in enumerate(LONGEST_FIRST)}
     # Tests that run alone go last: queued earlier, one would hold every worker idle until
     # the longest test then running ends.
     items.sort(key=lambda item: (item.get_closest_marker("alone") is not None,
-                                 rank.get(item.path.name, len(rank))))  # stable within a file
+                                 longest.get(item.name, len(longest)),
+                                 files.get(item.path.name, len(files))))  # stable within a file
+    # xdist first hands each of its N processes two tests in a row: the N longest go one to
+    # each process, each followed by one of the next N.
+    count = int(getattr(config.option, "numprocesses", 0) or 0)
+    head = items[:2 * count]
+    if count and len(head) == 2 * count:
+        items[:2 * count] = [head[index] for pair in zip(range(count), range(count, 2 * count),
+                                                         strict=True) for index in pair]
 
 
 def side_by_side(config: pytest.Config) -> bool:

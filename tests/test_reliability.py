@@ -93,6 +93,14 @@ def cwd_of(proc_entry: Path) -> str | None:
         return None
 
 
+def command_of(pid: int) -> str:
+    """A process's command line, for a failure message."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return "(gone)"
+
+
 def works_under(proc_entry: Path, root: Path) -> bool:
     """The process works in ``root`` or below it (not merely in a name that starts alike:
     ``test_x1`` is no parent of ``test_x10``)."""
@@ -534,9 +542,15 @@ def test_a_sigkilled_local_coordinator_takes_its_cluster_with_it(tmp_path: Path)
     process.kill()
     process.wait()
     wait_for(lambda: not alive(redis_pid), 30, "Redis to die with the coordinator")
-    wait_for(lambda: [pid for pid in started if alive(pid)] == [], 60,
-             "the workers and their jobs to die with the coordinator",
-             seen=lambda: " ".join(str(pid) for pid in started if alive(pid)))
+
+    def left() -> list[int]:
+        # Still working under tmp_path: a pid the system gave to another process since (a
+        # busy machine starts thousands) is not one of ours.
+        return [pid for pid in started if alive(pid) and works_under(Path(f"/proc/{pid}"),
+                                                                        tmp_path)]
+
+    wait_for(lambda: left() == [], 60, "the workers and their jobs to die with the coordinator",
+             seen=lambda: "\n".join(f"{pid}: {command_of(pid)}" for pid in left()))
     wait_for(lambda: not list(tmp_path.glob("sc-redis-*")), 30,
              "the private Redis's temporary directory to be removed")
     assert not list(tmp_path.rglob("sc-keys-*"))  # the throwaway signing key went with it
@@ -566,7 +580,7 @@ def test_local_sigkilled_as_its_first_short_job_runs_leaves_nothing(tmp_path: Pa
                 and works_under(entry, tmp_path)]
 
     wait_for(lambda: leftovers() == [], 60, "every process of the local cluster to end",
-             seen=lambda: " ".join(map(str, leftovers())))
+             seen=lambda: "\n".join(f"{pid}: {command_of(pid)}" for pid in leftovers()))
     wait_for(lambda: not list(tmp_path.glob("sc-redis-*")), 30,
              "the private Redis's temporary directory to be removed")
 

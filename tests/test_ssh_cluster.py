@@ -572,6 +572,17 @@ def test_deploy_project_installs_this_build_with_the_nodes_python(
     assert "-py3-none-any.whl[worker,gpu] failed on the node: " in line
     assert "cupy-cuda12x" in line, line
 
+    # From a directory without scripts (as docs/cluster.md writes it): the project alone.
+    inventory.write_text(inventory_text({"rig-b": host}, env.key, str(node_python)))
+    empty = env.root / "no-scripts-here"
+    empty.mkdir()
+    refused = env.cli("cluster", "deploy", inventory=inventory, cwd=empty)
+    assert refused.returncode == 2 and "--scripts-dir .: no files to deploy" in refused.stderr
+    alone = env.cli("cluster", "deploy", "--project", inventory=inventory, cwd=empty)
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    assert "scripts: none in .; deploying only the project" in alone.stdout
+    assert "project: installed scripts_coordinator-" in alone.stdout, alone.stdout
+
 
 def test_a_broker_password_from_the_environment_never_shows(ssh_cluster: SshCluster) -> None:
     env = ssh_cluster

@@ -385,6 +385,11 @@ BREAKS = [
     Break("progress counts from 0", "coordinator/progress.py",
           'f"  ({len(self.ended)}/{status.total})', 'f"  ({status.done}/{status.total})',
           (T + "test_honest_lines.py::test_progress_lines_count_from_zero_one_end_at_a_time",)),
+    Break("deploy --project needs no scripts", "coordinator/cli/cluster.py",
+          "            if args.project is None and not args.data:",
+          "            if True:",
+          (T + "test_ssh_cluster.py::test_deploy_project_installs_this_build_with_the_nodes_"
+               "python",)),
     Break("no signing line where no worker requires signatures", "coordinator/cli/runs.py",
           "    if refusing:  # a line only where a worker requires signatures",
           '    if refusing or not status.info.get("signed"):',

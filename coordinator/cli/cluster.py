@@ -27,7 +27,7 @@ from coordinator.cli.common import (
 )
 from coordinator.cli.node import project_version
 from coordinator.cluster import inventory_path
-from coordinator.errors import BrokerUnreachableError, ExitCode, NodeFailedError
+from coordinator.errors import BrokerUnreachableError, ExitCode, InvalidJobsError, NodeFailedError
 from worker_tasks.spec import queue_for
 
 if TYPE_CHECKING:  # Fabric, pydantic and Redis: imported by the verbs that use them
@@ -103,6 +103,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                                                 inventory_path(args.inventory))
         for line in skipped:
             print(f"scripts: {line}", flush=True)
+        if not scripts:
+            if args.project is None and not args.data:
+                raise InvalidJobsError(f"--scripts-dir {args.scripts_dir}: no files to deploy")
+            print(f"scripts: none in {args.scripts_dir}; deploying only the "
+                  f"{'project' if args.project is not None else 'data'}", flush=True)
+            scripts = None
     data = deploy.data_files(args.data, Path.cwd()) if args.data else None
     signed = signing_files()
     cert = Path(signed[1]) if signed else None

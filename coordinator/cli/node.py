@@ -9,12 +9,14 @@ pid file and a log file; what ``cluster up`` runs over SSH), ``--stop`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -303,36 +305,61 @@ def check_scripts_exist(plan: Plan, scripts_dir: Path) -> None:
 
 def cmd_local(args: argparse.Namespace) -> int:
     """A private Redis and a worker per slot of the plan, the run followed, all stopped."""
-    from coordinator.local import LocalCluster
-    from coordinator.run import publish
-    from worker_tasks import signing
-
     plan = prepare_args(args)
     if args.dry_run:
         print_plan(plan)
         return ExitCode.OK
-    check_scripts_exist(plan, Path(args.scripts_dir))
-    worker_env = warm_env(args)
-    slots = local_slots(plan, args.nodes)  # nodes, or each node's GPUs
+    return run_local(plan, Path(args.scripts_dir), args.nodes, warm_env(args), args)
+
+
+def run_local(plan: Plan, scripts_dir: Path, nodes: str | None, worker_env: dict[str, str],
+              following: argparse.Namespace) -> int:
+    """Run ``plan`` on a throwaway local cluster (``local``, ``demo``): its exit status.
+
+    ``nodes``: extra nodes to start a worker for (``--nodes``); ``following``: how the run is
+    followed and collected (``--timeout``, ``--workdir``, ``--failover``, ``--joblog``).
+    """
+    from coordinator.local import LocalCluster
+    from coordinator.run import publish
+    from worker_tasks import signing
+
+    check_scripts_exist(plan, scripts_dir)
+    slots = local_slots(plan, nodes)  # nodes, or each node's GPUs
     print(f"local cluster: private Redis and {len(slots)} workers ({', '.join(slots)})",
           file=sys.stderr, flush=True)
     log_dir = plan.options.workdir / plan.output_dir / "logs"
     try:
-        with LocalCluster(slots, args.scripts_dir, plan.options.workdir, log_dir=log_dir,
+        with LocalCluster(slots, str(scripts_dir), plan.options.workdir, log_dir=log_dir,
                           extra_env=worker_env, die_with_parent=True,
                           signed=not signing.unsigned()) as cluster:
-            # Signed with the cluster's throwaway key, so signing runs on every local run.
-            os.environ.update(cluster.head_env())
-            run = publish(plan, broker_url=cluster.broker_url)
-            print(f"run {run.id}: {len(plan.specs)} jobs published", file=sys.stderr,
-                  flush=True)
-            code = follow(run, args, detached=False)
+            # Signed with the cluster's throwaway key, so signing runs on every local run;
+            # the key is this cluster's, for as long as it runs.
+            with environment(cluster.head_env()):
+                run = publish(plan, broker_url=cluster.broker_url)
+                print(f"run {run.id}: {len(plan.specs)} jobs published", file=sys.stderr,
+                      flush=True)
+                code = follow(run, following, detached=False)
             cluster.stop(now=True)  # every job is final: the workers are idle
             return code
     except KeyboardInterrupt:
         print(f"{PROG}: stopped the local cluster: its Redis, workers and running jobs",
               file=sys.stderr)
         raise
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` set in this process's environment while the block runs, then as before."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def local_slots(plan: Plan, extra: str | None) -> list[str]:

@@ -53,9 +53,11 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """README command 1 without the repository: Step 3 on a local cluster, checked."""
-    from coordinator.cli import build_parser
-    from coordinator.cli.node import cmd_local
+    from coordinator.cli.node import run_local
+    from coordinator.options import SubmitOptions
+    from coordinator.run import prepare
     from coordinator.scoring_jobs import generate_scoring_jobs, make_demo_data
+    from worker_tasks.warm import worker_settings
 
     if not 1 <= args.nodes <= 26:
         raise InvalidJobsError("--nodes: give 1 to 26 nodes")
@@ -71,11 +73,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           DEFAULT_OUTPUT_DIR, workdir=work)
     print(f"demo: {args.candidates} candidates, {args.draws} draws of java_lcg mod 1000, "
           f"{args.chunks} chunks over {nodes}, in {work}", file=sys.stderr, flush=True)
-    local = build_parser().parse_args(
-        ["local", "--jobs-file", str(work / "scoring_jobs.json"), "--output-dir",
-         DEFAULT_OUTPUT_DIR, "--chunk-dir", DEFAULT_CHUNK_DIR, "--scripts-dir", str(work),
-         "--workdir", str(work), *(["--warm"] if args.warm else [])])
-    code = cmd_local(local)
+    plan = prepare(work / "scoring_jobs.json", SubmitOptions(workdir=work))
+    worker_env = worker_settings(None) if args.warm else {}
+    following = argparse.Namespace(timeout=None, workdir=str(work), failover=None, joblog=None)
+    code = run_local(plan, work, None, worker_env, following)
     secret = json.loads(demo.secret.read_text())["secret_seed"]
     merged = work / DEFAULT_OUTPUT_DIR / "survivors_with_scores.json"
     top = json.loads(merged.read_text())["results"][0] if merged.exists() else {}

@@ -62,7 +62,8 @@ NOT_SCRIPTS = {
 def scripts_files(scripts_dir: Path, excludes: Iterable[str] = (),
                   inventory: Path | None = None) -> tuple[dict[str, Path], list[str]]:
     """The files to deploy from ``scripts_dir`` and one line per kind of file left out
-    (``NOT_SCRIPTS``, and the ``inventory`` in use wherever it is named)."""
+    (``NOT_SCRIPTS``, and the ``inventory`` in use wherever it is named); no files is for
+    the caller to judge (a ``--project`` deploy needs none)."""
     if not scripts_dir.is_dir():
         raise InvalidJobsError(f"--scripts-dir {scripts_dir}: not a directory")
     everything = tree_files(scripts_dir, excludes)
@@ -84,8 +85,6 @@ def scripts_files(scripts_dir: Path, excludes: Iterable[str] = (),
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5
                                             else "")
             skipped.append(f"left out {kind}: {shown}")
-    if not files:
-        raise InvalidJobsError(f"--scripts-dir {scripts_dir}: no files to deploy")
     return files, skipped
 
 
