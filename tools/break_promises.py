@@ -54,7 +54,7 @@ class Break:
 T = "tests/"
 BREAKS = [
     Break("cancel terminates running jobs", "worker_tasks/run_job.py",
-          "            if not self.still_wanted():\n                runner.kill()",
+          "            if not self.watch.while_running():\n                runner.kill()",
           "            if False:\n                runner.kill()",
           (T + "test_reliability.py::test_cancel_kills_running_jobs_and_no_marker_appears",
            T + "test_local_cluster.py::"

@@ -46,9 +46,10 @@ from celery.utils.log import get_task_logger
 from worker_tasks import warm
 from worker_tasks.celery_app import app
 from worker_tasks.connections import redis_client
+from worker_tasks.execution import CancelWatch, Launch, Marker, SlotHold, TimeLimit
 from worker_tasks.lease import SlotLease
 from worker_tasks.retries import Retries
-from worker_tasks.runner import Outcome, Runner
+from worker_tasks.runner import Outcome
 from worker_tasks.spec import RUN_JOB_TASK, InvalidMessage, JobSpec, check_name, slot_of_worker
 from worker_tasks.tracking import (
     OUTPUT_TAIL_HEADER,
@@ -59,15 +60,12 @@ from worker_tasks.tracking import (
     error_line,
     now,
 )
-from worker_tasks.warm import WarmRunner
 
 logger = get_task_logger(__name__)
 
 LOG_TAG = "[scripts-coordinator]"
 # How long tracking writes are retried while Redis is away (seconds), then given up.
 TRACKING_RETRY_S = float(os.environ.get("SC_TRACKING_RETRY", "600"))
-# How often a running job looks whether it was cancelled or superseded (seconds).
-CANCEL_POLL_S = 1.0
 # A failed job's error carries this much of the end of its output.
 TAIL_LINES = 20
 TAIL_BYTES = 4096
@@ -304,6 +302,8 @@ class JobExecution:
         self.base = workdir()
         self.retries = Retries(spec.retries, spec.retry_delay)
         self.attempts = 0
+        self.watch = CancelWatch(lambda: tracker().record(spec.run_id, spec.job_id, "state",
+                                                          "task_id"), task_id)
 
     # -- tracking ---------------------------------------------------------------------------
 
@@ -318,16 +318,6 @@ class JobExecution:
     def current(self) -> dict[str, Any]:
         return retrying("read record", lambda: tracker().record(
             self.spec.run_id, self.spec.job_id, "state", "task_id", "history"))
-
-    def still_wanted(self) -> bool:
-        """False once the job was cancelled or its message superseded (checked while running)."""
-        try:
-            record = tracker().record(self.spec.run_id, self.spec.job_id, "state", "task_id")
-        except redis.RedisError:
-            return True  # Redis away: keep running; the final write waits for it
-        if not record:
-            return True  # the record vanished (Redis lost its data): nothing says stop
-        return record.get("state") != JobState.CANCELLED and record.get("task_id") == self.task_id
 
     def result(self, state: JobState, attempt: Attempt | None = None) -> dict[str, Any]:
         """The small JSON result the task returns."""
@@ -357,13 +347,14 @@ class JobExecution:
             raise NotRun("cancelled; not run")
         if paths.done.exists():
             return self.skip()
-        lease = SlotLease(tracker().client, spec.slot, self.host, self.task_id)
-        if not retrying("lease", lambda: lease.acquire(give_up=lambda: not self.still_wanted())):
+        hold = SlotHold(SlotLease(tracker().client, spec.slot, self.host, self.task_id),
+                        self.watch, retrying)
+        if not hold.before_attempts():
             self.not_wanted()
         try:
             return self.run_attempts(paths, record.get("history") or [])
         finally:
-            lease.release()
+            hold.after_attempts()
 
     def refuse(self, why: str) -> NoReturn:
         moved = self.track("refuse", lambda t: t.fail(*self.ids(), error=why))
@@ -417,7 +408,7 @@ class JobExecution:
         self.track("retry", lambda t: t.wait_to_retry(
             *self.ids(), error=error, exit_code=attempt.exit_code, history=history,
             retry_at=round(time.time() + delay, 3)))
-        if not self.pause(delay):
+        if not self.watch.while_backing_off(delay):
             self.not_wanted()
 
     def attempt(self, paths: JobPaths) -> Attempt:
@@ -452,60 +443,30 @@ class JobExecution:
         tail = output_tail(paths.log, attempt.log_offset)
         return f"{attempt.error}\n{OUTPUT_TAIL_HEADER}\n{tail}" if tail else attempt.error
 
-    def pause(self, seconds: float) -> bool:
-        """Wait out a backoff; False if the job is cancelled or superseded meanwhile."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            time.sleep(min(CANCEL_POLL_S, max(0.0, deadline - time.monotonic())))
-            if not self.still_wanted():
-                return False
-        return True
-
     def execute(self, log: Path, attempt: int) -> tuple[int | None, str | None, bool]:
         """Run the script once: (exit code, error or None, cancelled while running)."""
         spec = self.spec
+        launch = Launch(spec.warm, spec.env, self.base, lambda text: log_line(log, text))
+        limit = TimeLimit(spec.timeout)
         try:
             script = find_script(spec.script)
             argv, env = [sys.executable, str(script), *spec.args], script_env(spec, attempt)
-            runner = self.warm_runner(argv, env, log) or Runner(argv, self.base, env, log)
+            runner = launch.before_script(argv, env, log)
         except JobRefused as err:
             return None, str(err), False
         except OSError as err:
             return None, f"could not start the script: {err}", False
-        deadline = None if spec.timeout is None else time.monotonic() + spec.timeout
+        limit.when_script_starts()
         while True:
-            wait = CANCEL_POLL_S if deadline is None else min(CANCEL_POLL_S,
-                                                              deadline - time.monotonic())
-            outcome = runner.wait(max(0.0, wait))
+            outcome = runner.wait(limit.next_wait())
             if outcome is not None:
                 return describe(outcome)
-            if deadline is not None and time.monotonic() >= deadline:
+            if not limit.while_running():
                 runner.kill()
-                return None, f"timed out after {spec.timeout:g} s; killed", False
-            if not self.still_wanted():
+                return None, limit.reason(), False
+            if not self.watch.while_running():
                 runner.kill()
                 return None, "cancelled while running", True
-
-    def warm_runner(self, argv: list[str], env: dict[str, str], log: Path
-                    ) -> WarmRunner | None:
-        """The job forked from the worker's zygote when it runs warm (its ``warm`` field, else
-        the worker's setting); None to run it cold. Why a wanted warm start fell back to cold
-        goes into the job's log."""
-        wanted = warm.enabled() if self.spec.warm is None else self.spec.warm
-        if not wanted:
-            return None
-        socket_path = os.environ.get(warm.SOCKET_VARIABLE)
-        why = (warm.cold_reason(self.spec.env) or
-               (None if socket_path else "this worker keeps no warm interpreter "
-                                         "(coordinator worker --warm): ran cold"))
-        if why is None:
-            assert socket_path is not None
-            try:
-                return WarmRunner(socket_path, argv, self.base, env, log)
-            except warm.WarmUnavailable as err:
-                why = f"{err}: ran cold"
-        log_line(log, f"not warm: {why}")
-        return None
 
     def succeed(self, paths: JobPaths, attempt: Attempt,
                 history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -518,11 +479,10 @@ class JobExecution:
         """
         spec = self.spec
         done, log, duration = paths.done, paths.log, attempt.duration_s
-        marker = {"run_id": spec.run_id, "job_id": spec.job_id, "node": spec.node,
-                  "host": self.host, "output_file": spec.output_file, "duration_s": duration,
-                  "finished_at": now()}
-        pending = done.with_name(f".{done.name}.{os.getpid()}.pending")
-        pending.write_text(json.dumps(marker) + "\n", encoding="utf-8")
+        marker = Marker(done, {"run_id": spec.run_id, "job_id": spec.job_id, "node": spec.node,
+                               "host": self.host, "output_file": spec.output_file,
+                               "duration_s": duration, "finished_at": now()})
+        marker.before_finish()
         try:
             moved = self.track("finish", lambda t: t.finish(*self.ids()))
         except redis.RedisError:
@@ -534,14 +494,14 @@ class JobExecution:
             # and the job did succeed; the marker lets a recovered run skip it.
             moved = Transition(TransitionOutcome.OK, None, self.attempts)
         if not moved.ok:
-            pending.unlink(missing_ok=True)
+            marker.when_refused()
             log_line(log, f"finished, but its record is {moved.previous} ({moved.outcome}): "
                           f"no marker written")
             if (moved.outcome is TransitionOutcome.REFUSED
                     and moved.previous is JobState.CANCELLED):
                 raise NotRun("cancelled as it finished; no marker written")
             raise Dropped(f"finished after its record became {moved.previous}")
-        os.replace(pending, done)
+        marker.after_finish()
         log_line(log, f"succeeded in {duration:.2f} s; wrote {done}")
         with contextlib.suppress(redis.RedisError):  # else the head node settles it by .done
             self.track("succeed", lambda t: t.succeed(*self.ids(), duration_s=duration,

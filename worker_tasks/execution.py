@@ -1,0 +1,188 @@
+"""The concerns of running one job on a worker, one small class each.
+
+``run_job.JobExecution`` walks a delivery from its checks to its final state; what it must
+watch on the way is here, each concern with hooks named for the moment it acts (as
+Dramatiq's middleware are):
+
+* ``SlotHold``: the slot's lease, taken ``before_attempts`` and given back
+  ``after_attempts``: one job at a time per slot, whatever the pool size;
+* ``CancelWatch``: whether the job is still wanted (not cancelled, still this message),
+  asked ``while_running`` and ``while_backing_off``;
+* ``TimeLimit``: the job's own ``timeout``, started ``when_script_starts``, asked
+  ``while_running``;
+* ``Launch``: warm or cold, chosen ``before_script`` (a wanted warm start that cannot be
+  had falls back to cold and says why in the job's log);
+* ``Marker``: the ``.done`` file, prepared ``before_finish``, put in place
+  ``after_finish`` or thrown away ``when_refused``.
+
+None of them reads a message field it was not given: ``run_job`` checks the message first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from worker_tasks import warm
+from worker_tasks.lease import SlotLease
+from worker_tasks.runner import JobProcess, Runner
+from worker_tasks.tracking import JobState
+from worker_tasks.warm import WarmRunner
+
+# How often a running job looks whether it was cancelled or superseded (seconds).
+CANCEL_POLL_S = 1.0
+
+Note = Callable[[str], None]
+
+
+class CancelWatch:
+    """Whether the job is still wanted: its run not cancelled, its message still the current
+    one.
+
+    Parameters:
+        read: the job's record (at least ``state`` and ``task_id``); may raise
+            ``redis.RedisError``.
+        task_id: this delivery's message.
+    """
+
+    def __init__(self, read: Callable[[], dict[str, Any]], task_id: str) -> None:
+        self.read = read
+        self.task_id = task_id
+
+    def while_running(self) -> bool:
+        """False once the job was cancelled or its message superseded."""
+        try:
+            record = self.read()
+        except redis.RedisError:
+            return True  # Redis away: keep running; the final write waits for it
+        if not record:
+            return True  # the record vanished (Redis lost its data): nothing says stop
+        return record.get("state") != JobState.CANCELLED and record.get("task_id") == self.task_id
+
+    def while_backing_off(self, seconds: float) -> bool:
+        """Wait out a backoff; False if the job is cancelled or superseded meanwhile."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(min(CANCEL_POLL_S, max(0.0, deadline - time.monotonic())))
+            if not self.while_running():
+                return False
+        return True
+
+
+class TimeLimit:
+    """The job's own time limit over one attempt's script.
+
+    Parameters:
+        seconds: the job's ``timeout``, or None (no limit).
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.deadline: float | None = None
+
+    def when_script_starts(self) -> None:
+        self.deadline = None if self.seconds is None else time.monotonic() + self.seconds
+
+    def next_wait(self, poll: float = CANCEL_POLL_S) -> float:
+        """How long to wait for the script before looking again."""
+        if self.deadline is None:
+            return poll
+        return max(0.0, min(poll, self.deadline - time.monotonic()))
+
+    def while_running(self) -> bool:
+        """False once the limit has passed."""
+        return self.deadline is None or time.monotonic() < self.deadline
+
+    def reason(self) -> str:
+        return f"timed out after {self.seconds:g} s; killed"
+
+
+class Launch:
+    """How an attempt's script starts: forked from the worker's zygote (warm) or fresh.
+
+    Parameters:
+        wanted: the job's ``warm`` field (None: as the worker is set).
+        job_env: the job's own environment variables (some rule a warm start out).
+        cwd: where the script runs.
+        note: a line into the job's log (why a wanted warm start ran cold).
+    """
+
+    def __init__(self, wanted: bool | None, job_env: dict[str, str], cwd: Path,
+                 note: Note) -> None:
+        self.wanted = warm.enabled() if wanted is None else wanted
+        self.job_env = job_env
+        self.cwd = cwd
+        self.note = note
+
+    def before_script(self, argv: list[str], env: dict[str, str], log: Path) -> JobProcess:
+        """The script started, warm where wanted and possible, else cold."""
+        return self.warm(argv, env, log) or Runner(argv, self.cwd, env, log)
+
+    def warm(self, argv: list[str], env: dict[str, str], log: Path) -> WarmRunner | None:
+        if not self.wanted:
+            return None
+        socket_path = os.environ.get(warm.SOCKET_VARIABLE)
+        why = (warm.cold_reason(self.job_env) or
+               (None if socket_path else "this worker keeps no warm interpreter "
+                                         "(coordinator worker --warm): ran cold"))
+        if why is None:
+            assert socket_path is not None
+            try:
+                return WarmRunner(socket_path, argv, self.cwd, env, log)
+            except warm.WarmUnavailable as err:
+                why = f"{err}: ran cold"
+        self.note(f"not warm: {why}")
+        return None
+
+
+class Marker:
+    """The ``.done`` file: written aside first, put in place only once the record agrees.
+
+    Parameters:
+        done: the marker's path (confined to the workdir).
+        fields: what it says (run, job, node, host, output, duration).
+    """
+
+    def __init__(self, done: Path, fields: dict[str, Any]) -> None:
+        self.done = done
+        self.fields = fields
+        self.pending = done.with_name(f".{done.name}.{os.getpid()}.pending")
+
+    def before_finish(self) -> None:
+        self.pending.write_text(json.dumps(self.fields) + "\n", encoding="utf-8")
+
+    def after_finish(self) -> None:
+        os.replace(self.pending, self.done)
+
+    def when_refused(self) -> None:
+        self.pending.unlink(missing_ok=True)
+
+
+class SlotHold:
+    """The slot's lease around a job's attempts.
+
+    Parameters:
+        lease: the slot's lease for this delivery.
+        watch: whether the job is still wanted (a cancelled one stops waiting).
+        retrying: runs a Redis call, retried while Redis is away.
+    """
+
+    def __init__(self, lease: SlotLease, watch: CancelWatch,
+                 retrying: Callable[[str, Callable[[], bool]], bool]) -> None:
+        self.lease = lease
+        self.watch = watch
+        self.retrying = retrying
+
+    def before_attempts(self) -> bool:
+        """Wait for the lease: True once it is ours, False if the job stopped being wanted."""
+        return self.retrying("lease", lambda: self.lease.acquire(
+            give_up=lambda: not self.watch.while_running()))
+
+    def after_attempts(self) -> None:
+        self.lease.release()
