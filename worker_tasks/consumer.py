@@ -7,7 +7,7 @@ untrusted input refused as designed, so each is one line naming the message and
 the reason; the message is acknowledged or rejected exactly as Celery does.
 
 A worker with a trust store takes only jobs signed by a key it trusts
-(``worker_tasks.signing.admit``): the others are refused here, before Celery decodes them.
+(``worker_tasks.admission.admit``): the others are refused here, before Celery decodes them.
 
 The header fields Celery prints and shows before any check of ours (the task's shown
 name, ``shadow``, and its ``id``) are made one printable line first: a hand-made
@@ -23,7 +23,7 @@ from celery import signals
 from celery.worker.consumer import Consumer
 from vine import promise
 
-from worker_tasks.signing import admit
+from worker_tasks.admission import admit
 
 logger = logging.getLogger(__name__)
 
