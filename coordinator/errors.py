@@ -20,6 +20,7 @@ class ExitCode(IntEnum):
     WAIT_TIMEOUT = 5  # --timeout passed before the run finished
     CLUSTER_FAILED = 6  # `local` could not start, or a cluster node failed (SSH)
     UNCONFIRMED = 7  # no job failed, but a .done is not where the collector looked
+    NO_WORKER = 8  # waiting, no worker served the run's waiting jobs for the bound given
     INTERRUPTED = 130  # Ctrl-C
 
 
@@ -51,6 +52,12 @@ class WaitTimeoutError(CoordinatorError):
     """The run did not finish within the time asked for."""
 
     exit_code = ExitCode.WAIT_TIMEOUT
+
+
+class NoWorkerError(CoordinatorError):
+    """No worker served any of the run's waiting jobs for as long as the caller would wait."""
+
+    exit_code = ExitCode.NO_WORKER
 
 
 class ClusterStartError(CoordinatorError):

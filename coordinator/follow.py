@@ -24,7 +24,12 @@ from typing import TYPE_CHECKING
 import redis
 
 from coordinator.broker import redact
-from coordinator.errors import BrokerUnreachableError, RunNotFoundError, WaitTimeoutError
+from coordinator.errors import (
+    BrokerUnreachableError,
+    NoWorkerError,
+    RunNotFoundError,
+    WaitTimeoutError,
+)
 from coordinator.records import (
     FOLLOW_FIELDS,
     JobRecord,
@@ -34,6 +39,7 @@ from coordinator.records import (
     read_status,
     status_from,
 )
+from worker_tasks.presence import serving
 from worker_tasks.tracking import JobEvent, JobState, events_key, run_key
 
 if TYPE_CHECKING:
@@ -45,6 +51,8 @@ POLL_INTERVAL_S = 0.5
 EVENTS_PER_POLL = 50_000
 # How long a follower keeps reconnecting to a Redis that went away (seconds).
 RECONNECT_TIMEOUT_S = float(os.environ.get("SC_RECONNECT_TIMEOUT", "300"))
+# How often a follower looks whether any worker serves the run's waiting jobs (seconds).
+SERVED_CHECK_S = 2.0
 
 Notice = Callable[[str], None]
 
@@ -146,13 +154,55 @@ class FollowOptions:
         timeout: give up after this many seconds (``WaitTimeoutError``).
         poll_interval: seconds between polls.
         reconnect_timeout: keep reconnecting to Redis this long before giving up.
+        no_worker_timeout: give up once no worker has served any of the run's waiting jobs
+            for this many seconds, nothing running (``NoWorkerError``); None: wait for ever.
         notice: where one-line notices go (reconnecting, reconnected).
     """
 
     timeout: float | None = None
     poll_interval: float = POLL_INTERVAL_S
     reconnect_timeout: float = RECONNECT_TIMEOUT_S
+    no_worker_timeout: float | None = None
     notice: Notice = field(default=lambda line: None)
+
+
+class Unserved:
+    """How long a run has waited with nothing running and no worker serving its waiting jobs
+    (the presence registry), for ``no_worker_timeout``.
+
+    Parameters:
+        client: the tracking Redis (presence).
+        bound: seconds without a worker before ``NoWorkerError``.
+    """
+
+    def __init__(self, client: redis.Redis, bound: float) -> None:
+        self.client = client
+        self.bound = bound
+        self.since: float | None = None
+        self.last_check = 0.0
+
+    def after_poll(self, status: RunStatus, changed: bool) -> None:
+        moment = time.monotonic()
+        if changed:
+            self.since = None  # something moved: a worker is there
+            return
+        if moment - self.last_check < SERVED_CHECK_S:
+            return
+        self.last_check = moment
+        waiting = sorted({job.node for job in status.jobs if job.state is JobState.QUEUED})
+        running = any(job.state in (JobState.RUNNING, JobState.FINISHING) for job in status.jobs)
+        if running or not waiting or serving(self.client, waiting):
+            self.since = None
+            return
+        self.since = moment if self.since is None else self.since
+        if moment - self.since >= self.bound:
+            shown = ", ".join(f"node.{node}" for node in waiting[:5]) + (
+                " ..." if len(waiting) > 5 else "")
+            raise NoWorkerError(
+                f"run {status.run_id}: no worker has served its {status.total - status.done} "
+                f"waiting jobs ({shown}) for {self.bound:g} s; the run goes on: start a worker "
+                f"(coordinator worker --node NODE, or coordinator cluster up), or check that "
+                f"this is the broker you meant (--broker URL / $SC_BROKER_URL)")
 
 
 def follow(client: redis.Redis, run_id: str, on_progress: Callable[[RunStatus], None] | None,
@@ -164,6 +214,8 @@ def follow(client: redis.Redis, run_id: str, on_progress: Callable[[RunStatus], 
     """
     follower = RunFollower(client, run_id)
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
+    unserved = (Unserved(client, options.no_worker_timeout)
+                if options.no_worker_timeout else None)
     first = True
     while True:
         try:
@@ -183,6 +235,8 @@ def follow(client: redis.Redis, run_id: str, on_progress: Callable[[RunStatus], 
             on_progress(status)
         if status.finished:
             return read_status(client, run_id)  # once, in full, for the caller
+        if unserved is not None:
+            unserved.after_poll(status, changed)
         if scheduler is not None:
             try:
                 if changed:

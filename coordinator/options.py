@@ -9,6 +9,7 @@ else; the CLI's flags read their defaults from this class.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,10 @@ if TYPE_CHECKING:  # the inventory module (Fabric-free, but not needed to submit
 
 DEFAULT_OUTPUT_DIR = "full_scoring_results"
 DEFAULT_CHUNK_DIR = "scoring_chunks"
+# How long a command that follows a run waits with no worker serving it, nothing running,
+# before it gives up (seconds; the run goes on): a broker nobody serves is not waited on for
+# ever (``--no-worker-timeout``).
+NO_WORKER_TIMEOUT_S = float(os.environ.get("SC_NO_WORKER_TIMEOUT", "120"))
 
 
 @dataclass(frozen=True)

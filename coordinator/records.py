@@ -167,6 +167,57 @@ def read_info(client: redis.Redis, run_id: str) -> dict[str, Any]:
     return decode(raw)
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """A run's metadata as recorded at submit time, read once (``Run.info``).
+
+    The fields every caller reads are typed attributes; ``info["name"]`` and
+    ``info.get("name")`` reach any other recorded field.
+    """
+
+    fields: dict[str, Any]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.fields[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.fields.get(name, default)
+
+    @property
+    def planned(self) -> dict[str, int]:
+        """Jobs per node, as submitted."""
+        return dict(self.fields.get("jobs_per_node") or {})
+
+    @property
+    def slots(self) -> list[str]:
+        """Where the run's jobs run one at a time: nodes, or nodes' GPUs (per-GPU runs)."""
+        return list(self.fields.get("slots") or [])
+
+    @property
+    def jobs_per_slot(self) -> dict[str, int]:
+        return dict(self.fields.get("jobs_per_slot") or self.planned)
+
+    @property
+    def recovered(self) -> int:
+        """Jobs a recovered run found done (their ``.done`` exists) and did not publish."""
+        return int(self.fields.get("recovered_jobs") or 0)
+
+    @property
+    def pushed(self) -> list[str]:
+        """Lines about input files pushed to nodes before publishing (node-local storage)."""
+        return list(self.fields.get("pushed") or [])
+
+    @property
+    def publish_notes(self) -> list[str]:
+        """What happened while publishing that a user should know (a broker failover)."""
+        return list(self.fields.get("publish_notes") or [])
+
+    @property
+    def signed(self) -> bool:
+        """Whether its jobs were published signed with the head's key."""
+        return bool(self.fields.get("signed"))
+
+
 # Records read per pipeline round trip.
 READ_CHUNK = 5000
 

@@ -18,17 +18,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
 
-import celeryconfig
-from coordinator.broker import CONNECT_TIMEOUT_S, check_broker, connect_tracking, publisher
+from celeryconfig import task_default_queue as UNASSIGNED_QUEUE
+from coordinator.broker import (
+    CONNECT_TIMEOUT_S,
+    check_broker,
+    connect_tracking,
+    publisher,
+    redact,
+)
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.errors import InvalidJobsError, RunNotFoundError
 from coordinator.records import (
     FOLLOW_FIELDS,
+    RunInfo,
     RunStatus,
     latest_run_id,
     read_info,
@@ -38,7 +46,7 @@ from coordinator.records import (
 )
 from worker_tasks.connections import redis_client
 from worker_tasks.spec import is_floating, node_of_slot, slot_of_worker
-from worker_tasks.tracking import LOST_ONLY, RETRYABLE
+from worker_tasks.tracking import LOST_ONLY, RETRYABLE, runs_key
 
 if TYPE_CHECKING:  # imported where used: a run's status and records need none of them
     from celery import Celery
@@ -53,6 +61,25 @@ if TYPE_CHECKING:  # imported where used: a run's status and records need none o
 logger = logging.getLogger("coordinator")
 
 InventoryInput = "Inventory | str | Path | None"
+
+
+@dataclass(frozen=True)
+class Service:
+    """Who serves a run right now (``Run.service``).
+
+    Parameters:
+        workers: node -> the workers serving it (or its GPUs).
+        unserved: slot -> jobs planned there, for the slots no worker serves (a per-GPU
+            worker takes no whole-node job, nor the other way round).
+        unassigned: messages in the broker's default queue, which no worker consumes.
+        refusing: workers that will refuse this run's jobs: it was published unsigned and
+            they run only signed jobs (they hold a trust store).
+    """
+
+    workers: dict[str, list[str]]
+    unserved: dict[str, int]
+    unassigned: int
+    refusing: list[str]
 
 
 class Run:
@@ -80,39 +107,9 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({self.id!r})"
 
-    def info(self) -> dict[str, Any]:
-        """The run's metadata as recorded at submit time."""
-        return read_info(self.client, self.id)
-
-    @property
-    def pushed(self) -> list[str]:
-        """Lines about input files pushed to nodes before publishing (node-local storage)."""
-        return list(self.info().get("pushed") or [])
-
-    @property
-    def signed(self) -> bool:
-        """Whether its jobs were published signed with the head's key."""
-        return bool(self.info().get("signed"))
-
-    @property
-    def publish_notes(self) -> list[str]:
-        """What happened while publishing that a user should know (a broker failover)."""
-        return list(self.info().get("publish_notes") or [])
-
-    @property
-    def recovered(self) -> int:
-        """Jobs a recovered run found done (their ``.done`` exists) and did not publish."""
-        return int(self.info().get("recovered_jobs") or 0)
-
-    @property
-    def planned(self) -> dict[str, int]:
-        """Jobs per node, as submitted."""
-        return dict(self.info().get("jobs_per_node") or {})
-
-    @property
-    def slots(self) -> list[str]:
-        """Where the run's jobs run one at a time: nodes, or nodes' GPUs (per-GPU runs)."""
-        return list(self.info().get("slots") or [])
+    def info(self) -> RunInfo:
+        """The run's metadata as recorded at submit time: one read of its hash."""
+        return RunInfo(read_info(self.client, self.id))
 
     def status(self, fields: list[str] | None = None, light: bool = False) -> RunStatus:
         """A snapshot of every job's record (``fields``: only these; all by default).
@@ -124,44 +121,37 @@ class Run:
             fields = FOLLOW_FIELDS
         return read_status(self.client, self.id, *([fields] if fields else []))
 
-    def workers(self, nodes: Iterable[str] | None = None) -> dict[str, list[str]]:
-        """node -> the workers serving it (or its GPUs), for ``nodes`` (default: the run's):
-        the presence registry, one Redis read whatever the cluster's width; a worker killed
-        outright stays listed for up to ``PRESENCE_TTL_S`` (10 s)."""
+    def service(self, info: RunInfo | None = None) -> Service:
+        """Who serves this run's slots right now: the presence registry (one read whatever the
+        cluster's width; a worker killed outright stays listed for up to ``PRESENCE_TTL_S``),
+        and the broker's queue of messages no worker consumes. ``info``: the run's metadata,
+        when the caller has read it already."""
         from coordinator.cluster_view import ClusterView
+        from worker_tasks.presence import verifying
 
-        return ClusterView(self.client).serving(self.planned if nodes is None else nodes)
-
-    def unserved(self) -> dict[str, int]:
-        """slot -> jobs planned there, for the run's slots (nodes, or nodes' GPUs in per-GPU
-        runs) that no worker serves: a per-GPU worker takes no whole-node job, nor the other
-        way round, though both count as serving the node."""
-        from coordinator.cluster_view import ClusterView
-
-        per_slot = dict(self.info().get("jobs_per_slot") or self.planned)
-        served = ClusterView(self.client).serving({node_of_slot(slot) for slot in per_slot})
+        info = info or self.info()
+        per_slot = info.jobs_per_slot
+        served = ClusterView(self.client).serving(
+            {*info.planned, *(node_of_slot(slot) for slot in per_slot)})
         serving_slots = {slot_of_worker(name) for names in served.values() for name in names}
 
         def is_served(slot: str) -> bool:
             node = node_of_slot(slot)  # floating jobs: any worker at all takes them
             return node in served and (is_floating(node) or slot in serving_slots)
 
-        return {slot: count for slot, count in sorted(per_slot.items()) if not is_served(slot)}
+        everyone = [name for names in served.values() for name in names]
+        return Service(
+            workers=served,
+            unserved={slot: count for slot, count in sorted(per_slot.items())
+                      if not is_served(slot)},
+            unassigned=int(self.broker.llen(UNASSIGNED_QUEUE)),
+            refusing=[] if info.signed else verifying(self.client, everyone))
 
-    def refusing_workers(self) -> list[str]:
-        """The workers serving this run's nodes that will refuse its jobs: it was published
-        unsigned and they run only signed jobs (they hold a trust store). Empty for a
-        signed run."""
-        if self.info().get("signed"):
-            return []
-        from worker_tasks.presence import verifying
+    def workers(self, nodes: Iterable[str]) -> dict[str, list[str]]:
+        """node -> the workers serving it (or its GPUs), for ``nodes``: presence, one read."""
+        from coordinator.cluster_view import ClusterView
 
-        return verifying(self.client, [name for names in self.workers().values()
-                                       for name in names])
-
-    def unassigned_messages(self) -> int:
-        """Messages in the broker's default queue, which no worker consumes."""
-        return int(self.broker.llen(celeryconfig.task_default_queue))
+        return ClusterView(self.client).serving(nodes)
 
     def wait(
         self,
@@ -171,6 +161,7 @@ class Run:
         failover: float | None = None,
         workdir: str | Path | None = None,
         notice: Callable[[str], None] | None = None,
+        no_worker_timeout: float | None = None,
     ) -> RunStatus:
         """Block until every job is final; ``on_progress`` gets each changed snapshot.
 
@@ -180,7 +171,9 @@ class Run:
         ``failover`` moves the queued jobs of a node without a worker for that many
         seconds. ``notice`` gets one line per such event (default: logged).
         Raises ``WaitTimeoutError`` when ``timeout`` seconds pass first,
-        ``RunVanishedError`` if the run's records disappear.
+        ``RunVanishedError`` if the run's records disappear, ``NoWorkerError`` once no
+        worker has served any of its waiting jobs, nothing running, for
+        ``no_worker_timeout`` seconds (None: wait for workers for ever).
         """
         from coordinator.follow import POLL_INTERVAL_S, FollowOptions, follow
         from coordinator.scheduler import SchedulerOptions
@@ -188,7 +181,8 @@ class Run:
         notice = notice or logger.warning
         following = FollowOptions(timeout=timeout,
                                   poll_interval=POLL_INTERVAL_S if poll_interval is None
-                                  else poll_interval, notice=notice)
+                                  else poll_interval, notice=notice,
+                                  no_worker_timeout=no_worker_timeout)
         scheduler = self.scheduler(SchedulerOptions(
             workdir=None if workdir is None else Path(workdir), failover=failover,
             notice=notice))
@@ -309,7 +303,7 @@ def options_of(options: SubmitOptions | None, settings: dict[str, Any]) -> Submi
 
 def submit(jobs: JobsInput, options: SubmitOptions | None = None, *,
            broker_url: str | None = None, tracking_url: str | None = None,
-           resume: bool = False, **settings: Any) -> Run:
+           resume: bool = False, recover: bool = False, **settings: Any) -> Run:
     """Validate, record and publish a run; returns its handle.
 
     ``jobs`` is a jobs file path or a list of job dicts (the jobs-file format).
@@ -318,13 +312,12 @@ def submit(jobs: JobsInput, options: SubmitOptions | None = None, *,
     ``Inventory`` or its path, ...): see ``SubmitOptions``.
     ``resume``: when a run of the same jobs, options and workdir is still under way (its
     submitter died, say), return its handle (``run.resumed``) instead of publishing it again.
+    ``recover``: see ``recover``.
     Raises ``InvalidJobsError`` (nothing published), ``BrokerUnreachableError``,
     or ``NodeFailedError`` (an input could not be pushed; nothing published).
     """
-    from coordinator.submission import prepare as prepare_plan
-
-    plan = prepare_plan(jobs, options_of(options, settings))
-    return publish(plan, broker_url=broker_url, tracking_url=tracking_url, resume=resume)
+    return publish(prepare(jobs, options, **settings), broker_url=broker_url,
+                   tracking_url=tracking_url, recover=recover, resume=resume)
 
 
 def recover(jobs: JobsInput, options: SubmitOptions | None = None, *,
@@ -336,18 +329,29 @@ def recover(jobs: JobsInput, options: SubmitOptions | None = None, *,
     their node when it keeps its outputs on its own disk) are recorded as skipped;
     only the others are published. Arguments as for ``submit``.
     """
+    return submit(jobs, options, broker_url=broker_url, tracking_url=tracking_url,
+                  recover=True, **settings)
+
+
+def prepare(jobs: JobsInput, options: SubmitOptions | None = None, **settings: Any) -> Plan:
+    """Validate and plan a run without touching Redis (what ``--dry-run`` prints).
+
+    Arguments as for ``submit``; ``publish(plan)`` then records and sends it as it is.
+    """
     from coordinator.submission import prepare as prepare_plan
 
-    plan = prepare_plan(jobs, options_of(options, settings))
-    return publish(plan, broker_url=broker_url, tracking_url=tracking_url, recover=True)
+    return prepare_plan(jobs, options_of(options, settings))
 
 
 def publish(plan: Plan, broker_url: str | None = None, tracking_url: str | None = None,
-            recover: bool = False, resume: bool = False) -> Run:
+            recover: bool = False, resume: bool = False,
+            notice: Callable[[str], None] | None = None) -> Run:
     """Record and publish a prepared plan as it is; returns the run's handle.
 
     ``recover``: jobs whose ``.done`` exists already are recorded skipped, not published.
     ``resume``: an unfinished run of the same plan is returned instead (see ``submit``).
+    ``notice``: where a line goes before the first run is published to a Redis that holds no
+    record and no worker of ours (it may be another program's; default: logged).
     """
     from coordinator.submission import publish_run
 
@@ -363,6 +367,10 @@ def publish(plan: Plan, broker_url: str | None = None, tracking_url: str | None 
             return run
     app = publisher(url)
     check_broker(app)
+    if not holds_ours(client):
+        (notice or logger.warning)(
+            f"{redact(url)} holds no run and no worker of scripts-coordinator: publishing the "
+            f"first run there (name another broker with --broker URL or $SC_BROKER_URL)")
     done = done_jobs(plan, plan.options.workdir, cluster) if recover else set()
     before = None
     if cluster is not None and cluster.any_node_local_storage:
@@ -378,14 +386,12 @@ def publish(plan: Plan, broker_url: str | None = None, tracking_url: str | None 
     return Run(plan.run_id, client, url, inventory=cluster)
 
 
-def prepare(jobs: JobsInput, options: SubmitOptions | None = None, **settings: Any) -> Plan:
-    """Validate and plan a run without touching Redis (what ``--dry-run`` prints).
+def holds_ours(client: redis.Redis) -> bool:
+    """The tracking Redis holds a run of ours, or a worker of ours announced itself there."""
+    from worker_tasks.presence import presence_key
 
-    Arguments as for ``submit``; ``publish(plan)`` then records and sends it as it is.
-    """
-    from coordinator.submission import prepare as prepare_plan
-
-    return prepare_plan(jobs, options_of(options, settings))
+    return bool(client.exists(runs_key())) or next(
+        client.scan_iter(match=presence_key("*"), count=1000), None) is not None
 
 
 def done_jobs(plan: Plan, workdir: Path, cluster: Inventory | None) -> set[str]:

@@ -38,8 +38,8 @@ ELSEWHERE = {
 }
 # Statuses a command ends with through another command's code (the same function).
 SAME_CODE = {
-    **{("recover", code): "cmd_submit, as submit" for code in (1, 5, 6, 7)},
-    **{("retry", code): "follow(), as wait" for code in (1, 5, 7)},
+    **{("recover", code): "cmd_submit, as submit" for code in (1, 5, 6, 7, 8)},
+    **{("retry", code): "follow(), as wait" for code in (1, 5, 7, 8)},
     **{("demo", code): "cmd_local's status, as local" for code in (1, 6)},
     ("flower", 0): "Flower's own status: the command replaces itself with Flower",
 }
@@ -118,6 +118,8 @@ def test_each_run_command_reaches_each_status_it_lists(
         ("submit", 1): ["submit", "--jobs-file", failing, "--wait", *good],
         ("submit", 3): ["submit", "--jobs-file", jobs, *dead],
         ("submit", 5): ["submit", "--jobs-file", waits, "--wait", "--timeout", "0.5", *good],
+        ("submit", 8): ["submit", "--jobs-file", waits, "--wait", "--no-worker-timeout", "1",
+                        *good],
         ("submit", 7): ["submit", "--jobs-file", jobs, "--output-dir", "exits_sub7", "--wait",
                         "--workdir", str(tmp_path), *good],
         ("recover", 0): ["recover", "--jobs-file", jobs, "--output-dir", "exits_sub", *good],
@@ -132,6 +134,7 @@ def test_each_run_command_reaches_each_status_it_lists(
         ("wait", 1): ["wait", runs["bad"], *good],
         ("wait", 4): ["wait", unknown, *good],
         ("wait", 5): ["wait", runs["pending"], "--timeout", "0.5", *good],
+        ("wait", 8): ["wait", runs["pending"], "--no-worker-timeout", "1", *good],
         ("wait", 7): ["wait", runs["ok"], "--workdir", str(tmp_path), *good],
         ("collect", 0): ["collect", runs["ok"], *good],
         ("collect", 1): ["collect", runs["bad"], *good],

@@ -410,3 +410,26 @@ def test_status_of_an_unsigned_run_where_no_worker_verifies_says_nothing_of_sign
     shown = run_cli("status", run.id, "--no-check", "--broker", redis_server.url)
     assert shown.returncode == 0, shown.stderr
     assert shown.stderr == "", shown.stderr  # neither "signing off" nor "unsigned"
+
+
+def test_a_broker_nobody_serves_is_named_and_not_waited_on_for_ever(tmp_path: Path) -> None:
+    """A Redis that holds nothing of ours (another program's, say) is named before the first
+    publish; --wait gives up with exit 8 once no worker has served the run for the bound."""
+    jobs = write_jobs(tmp_path / "jobs.json", [echo_job("lonely", "rig-nobody", "lonely")])
+    with RedisServer() as stranger:
+        # Bounded here too: were the bound not kept, this would fail, not hang.
+        first = run_cli("submit", "--jobs-file", str(jobs), "--wait", "--no-worker-timeout", "2",
+                        "--broker", stranger.url, cwd=tmp_path, timeout=60)
+        assert first.returncode == 8, first.stdout + first.stderr
+        assert ("holds no run and no worker of scripts-coordinator: publishing the first run "
+                "there (name another broker with --broker URL or $SC_BROKER_URL)") in first.stderr
+        (line,) = [line for line in first.stderr.splitlines() if "no worker has served" in line]
+        assert line.endswith("no worker has served its 1 waiting jobs (node.rig-nobody) for "
+                             "2 s; the run goes on: start a worker (coordinator worker --node "
+                             "NODE, or coordinator cluster up), or check that this is the "
+                             "broker you meant (--broker URL / $SC_BROKER_URL)"), line
+        # The run is recorded there now: a second submit is not warned about.
+        again = run_cli("submit", "--jobs-file", str(jobs), "--broker", stranger.url,
+                        cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert "holds no run" not in again.stderr

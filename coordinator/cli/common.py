@@ -31,6 +31,8 @@ EXIT_MEANINGS: dict[ExitCode, str] = {
     ExitCode.CLUSTER_FAILED: "a cluster could not start or a node failed",
     ExitCode.UNCONFIRMED: "no job failed, but a .done is not where the collector looked "
                           "(its line says where the workers wrote; see --workdir)",
+    ExitCode.NO_WORKER: "no worker served the run's waiting jobs for --no-worker-timeout "
+                        "seconds (the run goes on; start a worker, or name another broker)",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C, SIGTERM)",
 }
 # Where --help's exit table wraps its lines.

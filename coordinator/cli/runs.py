@@ -21,7 +21,13 @@ from coordinator.cli.common import (
     formatter,
 )
 from coordinator.errors import ExitCode, InvalidJobsError, RunNotFoundError
-from coordinator.options import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR, DEFAULTS, SubmitOptions
+from coordinator.options import (
+    DEFAULT_CHUNK_DIR,
+    DEFAULT_OUTPUT_DIR,
+    DEFAULTS,
+    NO_WORKER_TIMEOUT_S,
+    SubmitOptions,
+)
 from worker_tasks.spec import (
     gpu_of_slot,
     is_floating,
@@ -34,7 +40,7 @@ if TYPE_CHECKING:  # the verbs import these when they run: --help stays quick
     from coordinator.cluster.inventory import Inventory
     from coordinator.plan import Plan
     from coordinator.records import JobRecord, RunStatus
-    from coordinator.run import Run
+    from coordinator.run import Run, Service
 
 # A run with more jobs lists only the interesting ones in `status` (unless --all).
 STATUS_LIST_LIMIT = 200
@@ -48,7 +54,8 @@ FOLLOWED = ((E.OK, "every job succeeded (without --wait: the run was published)"
             E.BROKER_UNREACHABLE, (E.WAIT_TIMEOUT, "with --wait: --timeout passed first (the "
                                                     "run goes on)"),
             (E.CLUSTER_FAILED, "inputs could not be pushed to a node (node-local storage)"),
-            (E.UNCONFIRMED, "with --wait: " + EXIT_MEANINGS[E.UNCONFIRMED]))
+            (E.UNCONFIRMED, "with --wait: " + EXIT_MEANINGS[E.UNCONFIRMED]),
+            (E.NO_WORKER, "with --wait: " + EXIT_MEANINGS[E.NO_WORKER]))
 SUBMIT_EXITS = FOLLOWED
 STATUS_EXITS = ((E.OK, "no job failed (the run may still be going)"),
                 (E.JOBS_FAILED, "at least one job failed, was cancelled or is lost"),
@@ -57,7 +64,7 @@ RUNS_EXITS = ((E.OK, "listed (also when there are none)"), E.BROKER_UNREACHABLE)
 WAIT_EXITS = ((E.OK, "every job succeeded"), E.JOBS_FAILED,
               (E.BROKER_UNREACHABLE, "Redis unreachable for longer than $SC_RECONNECT_TIMEOUT"),
               (E.RUN_NOT_FOUND, "unknown run id, or its records vanished while waiting"),
-              E.WAIT_TIMEOUT, E.UNCONFIRMED)
+              E.WAIT_TIMEOUT, E.UNCONFIRMED, E.NO_WORKER)
 COLLECT_EXITS = ((E.OK, "every job succeeded"),
                  (E.JOBS_FAILED, "at least one job failed or is not final yet"),
                  E.BROKER_UNREACHABLE, E.RUN_NOT_FOUND, E.UNCONFIRMED)
@@ -68,7 +75,8 @@ RETRY_EXITS = ((E.OK, "published again (with --wait: and every job succeeded)"),
                (E.JOBS_FAILED, "with --wait: at least one job failed again"),
                E.BROKER_UNREACHABLE, E.RUN_NOT_FOUND,
                (E.WAIT_TIMEOUT, "with --wait: --timeout passed first"),
-               (E.UNCONFIRMED, "with --wait: " + EXIT_MEANINGS[E.UNCONFIRMED]))
+               (E.UNCONFIRMED, "with --wait: " + EXIT_MEANINGS[E.UNCONFIRMED]),
+               (E.NO_WORKER, "with --wait: " + EXIT_MEANINGS[E.NO_WORKER]))
 MOVE_EXITS = ((E.OK, "moved (or nothing to move)"), E.BROKER_UNREACHABLE, E.RUN_NOT_FOUND)
 
 
@@ -104,6 +112,11 @@ def add_follow_flags(parser: argparse.ArgumentParser) -> None:
     """Flags of every command that follows a run to its end and collects it."""
     parser.add_argument("--timeout", type=float, metavar="S",
                         help="give up waiting after S seconds (exit 5; the run goes on)")
+    parser.add_argument("--no-worker-timeout", type=float, default=NO_WORKER_TIMEOUT_S,
+                        metavar="S",
+                        help="give up waiting (exit 8; the run goes on) once no worker has "
+                             "served any of the run's waiting jobs, none running, for S seconds "
+                             "(default: %(default)g, $SC_NO_WORKER_TIMEOUT; 0: wait for ever)")
     parser.add_argument("--failover", type=float, metavar="S",
                         help="move the queued jobs of a node that has had no live worker for S "
                              "seconds to the nodes with the shortest queues (pinned jobs stay)")
@@ -167,7 +180,8 @@ def follow(run: Run, args: argparse.Namespace, detached: bool = True) -> int:
     try:
         with ProgressDisplay() as progress:
             run.wait(timeout=args.timeout, on_progress=progress, workdir=args.workdir,
-                     failover=getattr(args, "failover", None), notice=progress.notice(notice))
+                     failover=getattr(args, "failover", None), notice=progress.notice(notice),
+                     no_worker_timeout=getattr(args, "no_worker_timeout", None) or None)
     except KeyboardInterrupt:
         if detached:
             print(f"{PROG}: stopped following run {run.id}; it goes on without this command "
@@ -202,25 +216,27 @@ def cmd_submit(args: argparse.Namespace, plan: Plan | None = None) -> int:
         return ExitCode.OK
     recovering = getattr(args, "recover", False)
     resuming = not recovering and not getattr(args, "new_run", True)
-    run = publish(plan, broker_url=args.broker, recover=recovering, resume=resuming)
+    run = publish(plan, broker_url=args.broker, recover=recovering, resume=resuming,
+                  notice=notice)
+    info = run.info()  # read once: everything below says what the run recorded
     if run.resumed:
         print(f"resuming run {run.id}: the same jobs and output directory, published from "
-              f"{run.info().get('submitted_from', '?')} and still under way (--new-run "
+              f"{info.get('submitted_from', '?')} and still under way (--new-run "
               f"publishes them again instead)", file=sys.stderr)
         return follow(run, args)
     if recovering:
-        print(f"recovered run {run.id}: {run.recovered} jobs already done (their .done exists), "
-              f"the others published", file=sys.stderr)
-    for line in run.pushed:
+        print(f"recovered run {run.id}: {info.recovered} jobs already done (their .done "
+              f"exists), the others published", file=sys.stderr)
+    for line in info.pushed:
         print(f"pushed {line}", file=sys.stderr)
-    for line in run.publish_notes:
+    for line in info.publish_notes:
         print(f"{PROG}: warning: {line}", file=sys.stderr)
     print(json.dumps({"run_id": run.id}) if args.json else run.id, flush=True)
-    published = sum(run.planned.values()) - run.recovered
-    skipped = f" ({run.recovered} already done, not published)" if recovering else ""
+    published = sum(info.planned.values()) - info.recovered
+    skipped = f" ({info.recovered} already done, not published)" if recovering else ""
     print(f"published {published} jobs{skipped}; follow with: coordinator wait {run.id}",
           file=sys.stderr)
-    warn_unserved(run)
+    warn_unserved(run, run.service(info))
     if args.wait:
         return follow(run, args)
     return ExitCode.OK
@@ -242,9 +258,9 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     return cmd_submit(args, plan)
 
 
-def warn_unserved(run: Run) -> None:
+def warn_unserved(run: Run, service: Service) -> None:
     """Say which nodes (or GPUs) have no worker: their jobs would wait silently otherwise."""
-    unserved = run.unserved()
+    unserved = service.unserved
     others = run.workers({node_of_slot(slot) for slot in unserved}) if unserved else {}
     for slot, count in unserved.items():
         node = node_of_slot(slot)
@@ -285,7 +301,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from celeryconfig import task_default_queue as UNASSIGNED_QUEUE
+    from coordinator.run import UNASSIGNED_QUEUE
     from worker_tasks.tracking import JobState
 
     run = resolve_run(args)
@@ -301,17 +317,16 @@ def cmd_status(args: argparse.Namespace) -> int:
                           "jobs": [vars(job) for job in status.jobs]}, default=str, indent=2))
         return status_exit(status)
     print(f"run {status.run_id} ({status.outcome}): {status.line()}")
-    refusing = run.refusing_workers()
-    if refusing:  # a line only where a worker requires signatures
-        notice(f"unsigned: run {status.run_id}'s jobs were published unsigned (no head key: "
-               f"coordinator cluster init makes one), and {', '.join(refusing)} run only "
-               f"signed jobs: they refuse them")
-    unassigned = run.unassigned_messages()
-    if unassigned:
-        print(f"  warning: {unassigned} messages wait in {UNASSIGNED_QUEUE}, a "
-              f"queue no worker consumes (published without a node's queue)")
     # The presence registry: one read at any width (a killed worker shows for up to 10 s).
     # By node: per-GPU workers (rig-a.gpu0, rig-a.gpu1) serve their node's jobs.
+    service = run.service()
+    if service.refusing:  # a line only where a worker requires signatures
+        notice(f"unsigned: run {status.run_id}'s jobs were published unsigned (no head key: "
+               f"coordinator cluster init makes one), and {', '.join(service.refusing)} run "
+               f"only signed jobs: they refuse them")
+    if service.unassigned:
+        print(f"  warning: {service.unassigned} messages wait in {UNASSIGNED_QUEUE}, a "
+              f"queue no worker consumes (published without a node's queue)")
     by_node = status.by_node()
     served = run.workers(by_node)
     alive = {worker for workers in served.values() for worker in workers}
