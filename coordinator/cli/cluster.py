@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # Fabric, pydantic and Redis: imported by the verbs that use 
     from coordinator.cluster.group import NodeOutcome
     from coordinator.cluster.inventory import Inventory
     from coordinator.cluster.remote import RemoteNode
+    from coordinator.cluster.workers import WorkerProcess
     from coordinator.cluster_view import ClusterView
 
 
@@ -137,27 +138,28 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 @over_ssh
 def cmd_up(args: argparse.Namespace) -> int:
-    from coordinator.cluster import workers
+    from coordinator.cluster.workers import RemoteWorker
 
     head_broker = resolve_broker_url(args.broker)
-    return on_nodes(args, "up", lambda remote: workers.up(remote, head_broker, args.per_gpu))
+    return on_nodes(args, "up",
+                    lambda remote: RemoteWorker(remote, head_broker).start(args.per_gpu))
 
 
 @over_ssh
 def cmd_down(args: argparse.Namespace) -> int:
-    from coordinator.cluster import workers
+    from coordinator.cluster.workers import RemoteWorker
 
-    return on_nodes(args, "down", lambda remote: workers.down(remote, args.now, args.timeout,
-                                                              args.purge))
+    return on_nodes(args, "down", lambda remote: RemoteWorker(remote).close(
+        args.now, args.timeout, args.purge))
 
 
 @over_ssh
 def cmd_logs(args: argparse.Namespace) -> int:
-    from coordinator.cluster import workers
     from coordinator.cluster.group import Cluster
+    from coordinator.cluster.workers import RemoteWorker
 
     with Cluster(load(args), args.nodes) as cluster:
-        outcomes = cluster.each(lambda remote: ("", workers.logs(remote, args.lines)))
+        outcomes = cluster.each(lambda remote: ("", RemoteWorker(remote).logs(args.lines)))
     for outcome in outcomes:
         if len(outcomes) > 1:
             print(f"==> {outcome.label} <==")
@@ -225,9 +227,9 @@ def broker_lines(broker: str | None) -> list[str]:
 
 @over_ssh
 def cmd_status(args: argparse.Namespace) -> int:
-    from coordinator.cluster import workers
     from coordinator.cluster.group import Cluster
     from coordinator.cluster.remote import NodeError
+    from coordinator.cluster.workers import RemoteWorker
 
     inventory = load(args)
     view, broker_error = broker_view(args.broker)
@@ -237,19 +239,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     head_version = project_version()
 
     def one(remote: RemoteNode) -> str:
-        state = workers.state(remote)
+        state = RemoteWorker(remote).state()
         parts, problems = [], []
-        several = len(state["workers"]) > 1
-        for worker in state["workers"]:
-            slot = str(worker.get("slot"))
-            seen, trouble = worker_parts(worker, view, queue_for(slot))
-            where = f"{slot.removeprefix(remote.label + '.')}: " if several else ""
+        several = len(state.workers) > 1
+        for worker in state.workers:
+            seen, trouble = worker_parts(worker, view, queue_for(worker.slot))
+            where = f"{worker.slot.removeprefix(remote.label + '.')}: " if several else ""
             parts.append(where + ", ".join(seen))
             problems += [f"{where}{problem}" for problem in trouble]
-        if state.get("engine"):
-            parts.append(f"engine {state['engine']}")
-        if state.get("version") != head_version:
-            parts.append(f"version {state.get('version')} (head has {head_version}: "
+        if state.engine:
+            parts.append(f"engine {state.engine}")
+        if state.version != head_version:
+            parts.append(f"version {state.version} (head has {head_version}: "
                          f"cluster deploy --project)")
         line = "ssh ok, " + "; ".join(parts)
         if problems:
@@ -266,17 +267,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return code
 
 
-def worker_parts(worker: dict[str, object], view: ClusterView | None,
+def worker_parts(worker: WorkerProcess, view: ClusterView | None,
                  queue: str) -> tuple[list[str], list[str]]:
     """What ``cluster status`` says of one worker of a node, and what is wrong with it."""
     parts, problems = [], []
-    if worker.get("alive"):
-        parts.append(f"worker pid {worker['pid']} alive")
+    if worker.alive:
+        parts.append(f"worker pid {worker.pid} alive")
     else:
-        stale = f" (stale pid file, pid {worker['pid']})" if worker.get("stale") else ""
+        stale = f" (stale pid file, pid {worker.pid})" if worker.stale else ""
         parts.append(f"no worker running{stale}")
         problems.append("no worker")
-    name = str(worker.get("worker_name"))
+    name = worker.worker_name
     if view is not None:
         ping = name in view.answering()
         parts.append("ping ok" if ping else "no ping answer")

@@ -1,6 +1,7 @@
-"""A node's worker driven from the head node: up, down, status, logs, systemd unit.
+"""A node's worker driven from the head node: ``RemoteWorker`` (start, close, state, logs),
+and the systemd unit that runs the same worker.
 
-Each verb is a thin remote call of ``coordinator worker`` on the node (with its
+Each action is a thin remote call of ``coordinator worker`` on the node (with its
 ``--detach`` / ``--stop`` / ``--status`` modes), so a node behaves the same
 whether the head node or a person at its console started the worker. The
 broker URL (which may hold a password) travels in an environment file written
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import posixpath
 import shlex
+from dataclasses import dataclass
 from typing import Any
 
 import paramiko
@@ -170,10 +172,73 @@ def down(remote: RemoteNode, now: bool = False, timeout: float = DOWN_TIMEOUT_S,
     return f"{stopped}; removed {node.envfile} (the broker password)"
 
 
-def state(remote: RemoteNode) -> dict[str, Any]:
-    """The node's view of its workers (each one's pid, alive, stale, name), its version and
-    the fastest scoring engine it can use."""
-    return remote.worker_state()
+@dataclass(frozen=True)
+class WorkerProcess:
+    """One worker process of a node, as the node sees it (``coordinator worker --status``).
+
+    Parameters:
+        slot: what it serves: the node, or one GPU of it (``rig-a.gpu1``).
+        pid: its pid file's pid, if any.
+        alive: that process lives and is this worker.
+        stale: a pid file is left by a worker that died.
+        worker_name: its Celery name (``rig-a@host``), as ping answers name it.
+    """
+
+    slot: str
+    pid: int | None
+    alive: bool
+    stale: bool
+    worker_name: str
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """A node's own view of its workers, its version and its fastest scoring engine."""
+
+    workers: list[WorkerProcess]
+    version: str | None
+    engine: str | None
+
+    @classmethod
+    def from_status(cls, status: dict[str, Any]) -> NodeState:
+        """From the JSON ``coordinator worker --status`` prints (``RemoteNode.worker_state``)."""
+        return cls(workers=[WorkerProcess(slot=str(worker.get("slot")), pid=worker.get("pid"),
+                                          alive=bool(worker.get("alive")),
+                                          stale=bool(worker.get("stale")),
+                                          worker_name=str(worker.get("worker_name")))
+                            for worker in status.get("workers", [])],
+                   version=status.get("version"), engine=status.get("engine"))
+
+
+class RemoteWorker:
+    """A node's worker (or its per-GPU workers), driven over the node's SSH connection.
+
+    Parameters:
+        remote: the node, over one connection (``RemoteNode``).
+        head_broker: the broker's URL as the head node reaches it (``start`` needs it).
+    """
+
+    def __init__(self, remote: RemoteNode, head_broker: str | None = None) -> None:
+        self.remote = remote
+        self.head_broker = head_broker
+
+    def start(self, per_gpu: bool = False) -> str:
+        """Start it detached (idempotent); its line for ``cluster up`` (see ``up``)."""
+        assert self.head_broker is not None, "starting a worker needs the broker's URL"
+        return up(self.remote, self.head_broker, per_gpu)
+
+    def close(self, now: bool = False, timeout: float = DOWN_TIMEOUT_S,
+              purge: bool = False) -> str:
+        """Stop it, warm or ``now``; its line for ``cluster down`` (see ``down``)."""
+        return down(self.remote, now, timeout, purge)
+
+    def state(self) -> NodeState:
+        """The node's view of its workers, its version and its fastest engine."""
+        return NodeState.from_status(self.remote.worker_state())
+
+    def logs(self, lines: int) -> str:
+        """The last ``lines`` lines of each of its logs (see ``logs``)."""
+        return logs(self.remote, lines)
 
 
 def logs(remote: RemoteNode, lines: int) -> str:
