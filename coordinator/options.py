@@ -45,6 +45,9 @@ class SubmitOptions:
             first free node (or GPU slot) takes it.
         inventory: the cluster inventory: node names are resolved through it, and nodes
             without shared storage get their inputs pushed and outputs fetched.
+        scripts_dir: where the workers' scripts are, as this machine sees them; when given,
+            a job whose script is neither there nor among the built-in scripts is refused
+            while planning (``--dry-run`` too), not on the worker. None: not checked here.
     """
 
     output_dir: str = DEFAULT_OUTPUT_DIR
@@ -56,9 +59,12 @@ class SubmitOptions:
     per_gpu: bool = False
     balance: bool = False
     inventory: Inventory | None = None
+    scripts_dir: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workdir", Path(self.workdir))
+        if self.scripts_dir is not None:
+            object.__setattr__(self, "scripts_dir", Path(self.scripts_dir))
 
     def but(self, **changes: Any) -> SubmitOptions:
         """A copy with some settings changed."""

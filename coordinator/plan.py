@@ -12,6 +12,7 @@ import posixpath
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -21,6 +22,7 @@ from coordinator.jobs import Job
 from coordinator.options import DEFAULTS, SubmitOptions
 from coordinator.placement import AsFiled, FirstFreeSlot, Placement
 from worker_tasks.spec import (
+    BUILTIN_SCRIPTS_DIR,
     InvalidMessage,
     JobSpec,
     by_node,
@@ -174,6 +176,13 @@ class Fingerprint:
         return self.hashed.hexdigest()
 
 
+def check_script_present(where: str, script: str, scripts_dir: Path) -> None:
+    """The script is in ``scripts_dir`` or among the built-in scripts, where a worker looks."""
+    if not any((base / script).is_file() for base in (scripts_dir, BUILTIN_SCRIPTS_DIR)):
+        raise InvalidJobsError(f"{where}: field 'script': {script!r} not found in scripts "
+                               f"directory {scripts_dir.resolve()} (see --scripts-dir)")
+
+
 def check_output_dir(output_dir: str) -> str:
     """The output directory is relative to the workers' workdir, and stays inside it."""
     try:
@@ -202,6 +211,8 @@ def plan_jobs(jobs: Iterable[Job], run_id: str, options: SubmitOptions = DEFAULT
         problem = output_file_problem(job.args)
         if problem:
             raise InvalidJobsError(f"{where}: field 'args': {problem}")
+        if options.scripts_dir is not None:
+            check_script_present(where, job.script, options.scripts_dir)
         args = list(job.args) if preserve_paths else rewrite_output_path(job.args, output_dir)
         node = job.node if job.pin else placement.place(job.job_id, job.node)
         output = find_output_file(args)

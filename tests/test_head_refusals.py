@@ -201,3 +201,34 @@ def test_a_hand_made_message_cannot_write_lines_into_the_worker_log(tmp_path: Pa
         run = submit([bench.job("after", "rig-a")], output_dir="o", workdir=tmp_path,
                      broker_url=bench.server.url)
         assert run.wait(timeout=60).all_succeeded
+
+
+def test_a_missing_script_is_refused_at_submit_where_the_scripts_are_in_sight(
+        tmp_path: Path) -> None:
+    """With the scripts directory on this machine (--scripts-dir), a missing script is exit 2
+    in one line, --dry-run too, and nothing is published; built-in scripts count as there."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "step.py").write_text("print('step')\n")
+    jobs = write_jobs(tmp_path / "jobs.json", [
+        {"job_id": "here", "script": "step.py", "args": [], "node": "rig-a"},
+        {"job_id": "built_in", "script": "examples/write_output.py",
+         "args": ["--output-file", "x/b.json"], "node": "rig-a"},
+        {"job_id": "gone", "script": "stpe.py", "args": [], "node": "rig-b"}])
+    expected = (f"coordinator: error: jobs: job 2 (job_id 'gone'): field 'script': 'stpe.py' "
+                f"not found in scripts directory {scripts.resolve()} (see --scripts-dir)")
+    from coordinator.redis_server import RedisServer
+
+    with RedisServer() as server:
+        for extra in (["--dry-run"], []):
+            refused = run_cli("submit", "--jobs-file", str(jobs), "--scripts-dir", str(scripts),
+                              "--broker", server.url, *extra, cwd=tmp_path)
+            assert refused.returncode == 2, refused.stdout + refused.stderr
+            assert refused.stderr.strip().splitlines() == [expected]
+        assert redis.Redis.from_url(server.url).dbsize() == 0  # nothing published
+    # Without it the scripts live on the workers: the plan says they were not checked.
+    unchecked = run_cli("submit", "--jobs-file", str(jobs), "--dry-run", cwd=tmp_path)
+    assert unchecked.returncode == 0, unchecked.stderr
+    assert unchecked.stderr.splitlines() == [
+        "coordinator: the jobs' scripts were not checked here (they live on the workers; "
+        "--scripts-dir DIR checks them before anything is published)"]

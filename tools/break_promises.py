@@ -393,6 +393,12 @@ BREAKS = [
           "        if unserved is not None:\n", "        if False:\n",
           (T + "test_local_cluster.py::test_a_broker_nobody_serves_is_named_and_not_waited_on_"
                "for_ever",)),
+    Break("a missing script is refused at submit where the scripts are in sight",
+          "coordinator/plan.py", "        if options.scripts_dir is not None:\n",
+          "        if False:\n",
+          (T + "test_head_refusals.py::test_a_missing_script_is_refused_at_submit_where_the_"
+               "scripts_are_in_sight",
+           T + "test_local.py::test_local_refuses_bad_input_before_starting_anything")),
     Break("deploy --project needs no scripts", "coordinator/cli/cluster.py",
           "            if args.project is None and not args.data:",
           "            if True:",

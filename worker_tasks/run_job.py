@@ -50,7 +50,14 @@ from worker_tasks.execution import CancelWatch, Launch, Marker, SlotHold, TimeLi
 from worker_tasks.lease import SlotLease
 from worker_tasks.retries import Retries
 from worker_tasks.runner import Outcome
-from worker_tasks.spec import RUN_JOB_TASK, InvalidMessage, JobSpec, check_name, slot_of_worker
+from worker_tasks.spec import (
+    BUILTIN_SCRIPTS_DIR,
+    RUN_JOB_TASK,
+    InvalidMessage,
+    JobSpec,
+    check_name,
+    slot_of_worker,
+)
 from worker_tasks.tracking import (
     OUTPUT_TAIL_HEADER,
     JobState,
@@ -114,7 +121,7 @@ class ScriptNotFound(JobRefused):
 
 
 # This project's own job scripts, searched after --scripts-dir.
-BUILTIN_SCRIPTS = Path(__file__).resolve().parent / "builtin_scripts"
+BUILTIN_SCRIPTS = BUILTIN_SCRIPTS_DIR
 
 
 def scripts_dir() -> Path:

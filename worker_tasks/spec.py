@@ -18,6 +18,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 # The stable task name: workers and publishers of any version agree on it.
@@ -57,6 +58,11 @@ MAX_ENV = 64
 # (LD_PRELOAD, PYTHONPATH, OPENSSL_CONF, BASH_ENV, GCONV_PATH) or leave its GPU.
 DEFAULT_ENV_ALLOW = r"JOB_[A-Z0-9_]+|(OMP|MKL|OPENBLAS|NUMEXPR|NUMBA)_NUM_THREADS"
 ENV_ALLOW_VARIABLE = "SC_JOB_ENV_ALLOW"
+
+
+# This project's own job scripts (the Step 3 scorer, the example): a worker looks there after
+# its --scripts-dir, so an installed worker finds them without opening site-packages.
+BUILTIN_SCRIPTS_DIR = Path(__file__).resolve().parent / "builtin_scripts"
 
 
 class InvalidMessage(ValueError):

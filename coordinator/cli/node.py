@@ -292,17 +292,6 @@ def worker_status(args: argparse.Namespace, slots: dict[str, tuple[Path, Path]])
     return ExitCode.OK
 
 
-def check_scripts_exist(plan: Plan, scripts_dir: Path) -> None:
-    """Locally the scripts directory is in sight: refuse a missing script before starting."""
-    from worker_tasks.run_job import BUILTIN_SCRIPTS
-
-    for index, spec in enumerate(plan.specs):
-        if not any((base / spec.script).is_file() for base in (scripts_dir, BUILTIN_SCRIPTS)):
-            raise InvalidJobsError(
-                f"jobs: job {index} (job_id {spec.job_id!r}): field 'script': {spec.script!r} "
-                f"not found in scripts directory {scripts_dir.resolve()} (see --scripts-dir)")
-
-
 def cmd_local(args: argparse.Namespace) -> int:
     """A private Redis and a worker per slot of the plan, the run followed, all stopped."""
     plan = prepare_args(args)
@@ -323,7 +312,6 @@ def run_local(plan: Plan, scripts_dir: Path, nodes: str | None, worker_env: dict
     from coordinator.run import publish
     from worker_tasks import signing
 
-    check_scripts_exist(plan, scripts_dir)
     slots = local_slots(plan, nodes)  # nodes, or each node's GPUs
     print(f"local cluster: private Redis and {len(slots)} workers ({', '.join(slots)})",
           file=sys.stderr, flush=True)

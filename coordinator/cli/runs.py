@@ -17,6 +17,7 @@ from coordinator.cli.common import (
     ArgumentParser,
     CommandFactory,
     add_inventory_flag,
+    existing_dir,
     exit_table,
     formatter,
 )
@@ -106,6 +107,14 @@ def add_collect_flags(parser: argparse.ArgumentParser) -> None:
                         help="GNU parallel's joblog format, one line per attempt (default: "
                              "OUTPUT_DIR/joblog, beside run_summary.json)")
     add_inventory_flag(parser)
+
+
+def add_scripts_check_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scripts-dir", metavar="DIR", type=existing_dir,
+                        help="where the workers' scripts are, as this machine sees them: a job "
+                             "whose script is not there (nor built in) is refused before "
+                             "anything is published, --dry-run included (default: not checked "
+                             "here; the worker refuses it)")
 
 
 def add_follow_flags(parser: argparse.ArgumentParser) -> None:
@@ -204,6 +213,9 @@ def print_plan(plan: Plan) -> None:
         print(conversion.note)
     print(plan.describe())
     print("dry run: nothing published")
+    if plan.options.scripts_dir is None:
+        notice("the jobs' scripts were not checked here (they live on the workers; "
+               "--scripts-dir DIR checks them before anything is published)")
 
 
 def cmd_submit(args: argparse.Namespace, plan: Plan | None = None) -> int:
@@ -455,6 +467,7 @@ def register(command: CommandFactory) -> None:
                   SUBMIT_EXITS)
     add_original_flags(sub)
     add_retry_flags(sub)
+    add_scripts_check_flag(sub)
     sub.add_argument("--wait", action="store_true",
                      help="follow the run with progress, then collect (like scripts-coordinator)")
     add_follow_flags(sub)
@@ -467,6 +480,7 @@ def register(command: CommandFactory) -> None:
                   SUBMIT_EXITS)
     add_original_flags(sub)
     add_retry_flags(sub)
+    add_scripts_check_flag(sub)
     sub.add_argument("--wait", action="store_true", help="follow the run, then collect")
     add_follow_flags(sub)
     sub.add_argument("--json", action="store_true", help="print the run id as JSON")
@@ -571,6 +585,7 @@ def build_legacy_parser(prog: str = "scripts-coordinator") -> argparse.ArgumentP
     )
     add_original_flags(parser)
     add_retry_flags(parser)
+    add_scripts_check_flag(parser)
     parser.add_argument("--broker", metavar="URL", help="Redis URL (default: $SC_BROKER_URL)")
     parser.add_argument("--new-run", action="store_true",
                         help="publish a new run even when a run of the same jobs file, "

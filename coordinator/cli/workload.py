@@ -73,7 +73,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           DEFAULT_OUTPUT_DIR, workdir=work)
     print(f"demo: {args.candidates} candidates, {args.draws} draws of java_lcg mod 1000, "
           f"{args.chunks} chunks over {nodes}, in {work}", file=sys.stderr, flush=True)
-    plan = prepare(work / "scoring_jobs.json", SubmitOptions(workdir=work))
+    plan = prepare(work / "scoring_jobs.json", SubmitOptions(workdir=work, scripts_dir=work))
     worker_env = worker_settings(None) if args.warm else {}
     following = argparse.Namespace(timeout=None, workdir=str(work), failover=None, joblog=None)
     code = run_local(plan, work, None, worker_env, following)
