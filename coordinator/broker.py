@@ -29,13 +29,21 @@ CONNECT_TIMEOUT_S = float(os.environ.get("SC_CONNECT_TIMEOUT", "3"))
 
 
 def broker_url(url: str | None = None) -> str:
-    """The broker URL in force: explicit, else ``SC_BROKER_URL``, else local Redis; with
+    """The broker URL in force: explicit, else ``SC_BROKER_URL``, else the local cluster
+    ``coordinator local --up`` keeps on this machine (said once), else local Redis; with
     ``$SC_BROKER_PASSWORD`` filled in (percent-encoded) when the URL has no password, the
     same way the nodes' URLs get it. ``InvalidJobsError`` for a URL whose password needs
     encoding and has none (it would reach another host, or none)."""
-    url = url or os.environ.get("SC_BROKER_URL") or celeryconfig.broker_url
+    url = url or os.environ.get("SC_BROKER_URL") or standing() or celeryconfig.broker_url
     check_url(url)
     return with_password(url)
+
+
+def standing() -> str | None:
+    """The broker of the local cluster ``coordinator local --up`` keeps, if one is up."""
+    from coordinator.standing import standing_broker
+
+    return standing_broker()
 
 
 def check_url(url: str) -> None:

@@ -24,6 +24,7 @@ import redis
 
 from coordinator.local import LocalCluster
 from coordinator.redis_server import RedisServer
+from coordinator.standing import STATE_VARIABLE
 from tests.helpers import NODES, REPO
 from worker_tasks.signing import KEYS_DIR_VARIABLE
 
@@ -71,12 +72,15 @@ def pytest_configure(config: pytest.Config) -> None:
     # No head key of the user's (~/.config) signs the suite's jobs, and none the suite
     # makes (cluster init) outlives the test that made it (see ``own_keys_dir``).
     os.environ[KEYS_DIR_VARIABLE] = tempfile.mkdtemp(prefix="sc-test-keys-")
+    os.environ[STATE_VARIABLE] = str(Path(tempfile.mkdtemp(prefix="sc-test-state-")) / "local.json")
 
 
 @pytest.fixture(autouse=True)
 def own_keys_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test's own (empty) head keys directory: a cluster init makes its key there."""
+    """Each test's own (empty) head keys directory: a cluster init makes its key there; and
+    its own local-cluster state file: no cluster a user keeps up (local --up) is used."""
     monkeypatch.setenv(KEYS_DIR_VARIABLE, str(tmp_path / "head-keys"))
+    monkeypatch.setenv(STATE_VARIABLE, str(tmp_path / "local-state" / "local-cluster.json"))
 
 
 def _interrupt(signum: int, frame: Any) -> None:

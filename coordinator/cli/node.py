@@ -27,6 +27,7 @@ from coordinator.cli.runs import (
     add_original_flags,
     add_retry_flags,
     follow,
+    notice,
     prepare_args,
     print_plan,
 )
@@ -293,12 +294,54 @@ def worker_status(args: argparse.Namespace, slots: dict[str, tuple[Path, Path]])
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    """A private Redis and a worker per slot of the plan, the run followed, all stopped."""
+    """A private Redis and a worker per slot of the plan, the run followed, all stopped; or
+    (``--up``, ``--status``, ``--down``) a local cluster that stays up."""
+    from coordinator import standing
+
+    if args.serve:  # the supervisor ``--up`` starts (not for people)
+        return standing.serve(node_list(args.nodes), Path(args.scripts_dir),
+                              Path(args.workdir), warm_env(args))
+    if args.up:
+        cluster = standing.up(node_list(args.nodes), Path(args.scripts_dir).resolve(),
+                              Path(args.workdir).resolve(), warm=args.warm)
+        print("\n".join(["local cluster up:", *(f"  {line}" for line in cluster.lines())]))
+        return ExitCode.OK
+    if args.down:
+        print(standing.down())
+        return ExitCode.OK
+    if args.status:
+        cluster = standing.StandingCluster.read()
+        if cluster is None:
+            print("no local cluster is up (coordinator local --up starts one)")
+            return ExitCode.CLUSTER_FAILED
+        print("\n".join(["local cluster up:", *(f"  {line}" for line in cluster.lines())]))
+        return ExitCode.OK
+    if not args.jobs_file:
+        raise InvalidJobsError("local: give --jobs-file FILE (or --up, --status, --down)")
     plan = prepare_args(args)
     if args.dry_run:
         print_plan(plan)
         return ExitCode.OK
+    up = standing.StandingCluster.read()
+    if up is not None:  # submit to the cluster that stays up, and follow the run there
+        from coordinator.run import publish
+
+        run = publish(plan, broker_url=up.broker_url, notice=notice)
+        print(f"run {run.id}: {len(plan.specs)} jobs published to the local cluster that is up "
+              f"({up.broker_url})", file=sys.stderr, flush=True)
+        return follow(run, args)
     return run_local(plan, Path(args.scripts_dir), args.nodes, warm_env(args), args)
+
+
+def node_list(text: str | None) -> list[str]:
+    """``--nodes rig-a,rig-b`` for a cluster that stays up (default: two nodes)."""
+    from coordinator.standing import DEFAULT_NODES
+
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    for name in names:
+        if not is_safe_name(name) or is_floating(name):
+            raise InvalidJobsError(f"--nodes: {name!r} is not a node name")
+    return names or list(DEFAULT_NODES)
 
 
 def run_local(plan: Plan, scripts_dir: Path, nodes: str | None, worker_env: dict[str, str],
@@ -487,5 +530,23 @@ def register(command: CommandFactory) -> None:
                      help="GNU parallel's joblog format (default: OUTPUT_DIR/joblog)")
     sub.add_argument("--nodes", metavar="NODE[,NODE...]",
                      help="also start workers for these nodes (or GPU slots, rig-a.gpu1), "
-                          "beside those the jobs file names: floating jobs run on all of them")
+                          "beside those the jobs file names: floating jobs run on all of them; "
+                          "with --up: the nodes of the cluster (default: rig-a,rig-b)")
+    stays = sub.add_mutually_exclusive_group()
+    stays.add_argument("--up", action="store_true",
+                       help="start a local cluster that stays up (private Redis, a worker per "
+                            "--nodes, Flower) in the background and return; while it is up, "
+                            "every command and the Python API here use it when no broker is "
+                            "named, and local --jobs-file submits to it")
+    stays.add_argument("--status", action="store_true",
+                       help="say whether the local cluster is up, and where each part is")
+    stays.add_argument("--down", action="store_true",
+                       help="stop the local cluster and all it started (no process, no "
+                            "directory left)")
+    stays.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    sub.add_argument("--cold", action="store_true",
+                     help="start each job's interpreter fresh (the default, until warm is)")
+    for action in sub._actions:  # noqa: SLF001 (--up/--status/--down need no jobs file)
+        if "--jobs-file" in action.option_strings:
+            action.required = False
     sub.set_defaults(handler=cmd_local)

@@ -1,0 +1,61 @@
+"""docs/python-api.md's first example, run as written from an empty directory (issue 32):
+``local --up``, the Python API with no broker named, ``local --down`` leaving nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import BIN, REPO, run_cli
+from tests.waiting import alive, wait_for
+
+PAGE = REPO / "docs" / "python-api.md"
+
+
+def blocks(language: str) -> list[str]:
+    text = PAGE.read_text(encoding="utf-8")
+    return [part.split("```", 1)[0] for part in text.split(f"```{language}\n")[1:]]
+
+
+def test_the_python_api_page_runs_as_written_from_an_empty_directory(tmp_path: Path) -> None:
+    up_block, down_block = blocks("bash")[:2]
+    (python_block,) = blocks("python")[:1]
+    work = tmp_path / "empty"
+    work.mkdir()
+    state = tmp_path / "state" / "local-cluster.json"
+    # No SC_* variable but the state file's place (each test its own): no broker is named.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SC_")}
+    env.update(SC_LOCAL_STATE=str(state), PATH=f"{BIN}:{env.get('PATH', '')}")
+    try:
+        for line in up_block.splitlines():
+            command = line.split("#", 1)[0].strip()
+            done = subprocess.run(command, shell=True, cwd=work, env=env, text=True,
+                                  capture_output=True, timeout=180, check=False)
+            assert done.returncode == 0, (command, done.stdout, done.stderr)
+        cluster = json.loads(state.read_text())
+        ran = subprocess.run([sys.executable, "-c", python_block], cwd=work, env=env, text=True,
+                             capture_output=True, timeout=300, check=False)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert ran.stdout.splitlines()[-1] == "4/4 succeeded; failed: []", ran.stdout
+        assert ran.stderr.count("using the local cluster at ") == 1, ran.stderr  # said once
+        assert (work / "out" / "run_summary.json").exists()
+        status = run_cli("local", "--status", cwd=work, env=env)
+        assert status.returncode == 0 and cluster["broker_url"] in status.stdout
+        # local --jobs-file submits to the cluster that is up instead of a throwaway one.
+        local = run_cli("local", "--jobs-file", "examples/hello_jobs.json", "--output-dir",
+                        "out2", cwd=work, env=env)
+        assert local.returncode == 0, local.stdout + local.stderr
+        assert (f"jobs published to the local cluster that is up ({cluster['broker_url']})"
+                in local.stderr)
+    finally:
+        down = subprocess.run(down_block.split("#", 1)[0].strip(), shell=True, cwd=work,
+                              env=env, text=True, capture_output=True, timeout=120, check=False)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert down.stdout.startswith("stopped the local cluster"), down.stdout
+    wait_for(lambda: not any(alive(pid) for pid in [cluster["pid"], *cluster["processes"]]), 30,
+             "every process of the local cluster to end")
+    assert not state.parent.exists()  # its state, its log and the workers' logs
+    assert run_cli("local", "--status", cwd=work, env=env).returncode == 6
