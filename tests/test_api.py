@@ -25,8 +25,9 @@ def test_command_line_flags_take_their_defaults_from_the_options_type() -> None:
     assert DEFAULTS.retry_delay == DEFAULT_RETRY_DELAY_S
     local = build_parser().parse_args(["local", "--jobs-file", "j.json", "--retries", "3",
                                        "--per-gpu", "--output-dir", "o"])
+    # local knows where its scripts are: planning checks them there (issue 32).
     assert SubmitOptions.from_args(local) == SubmitOptions(output_dir="o", retries=3,
-                                                           per_gpu=True)
+                                                           per_gpu=True, scripts_dir=Path("."))
 
 
 def test_a_prepared_plan_is_published_as_it_is(redis_server: RedisServer,
