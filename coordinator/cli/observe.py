@@ -47,7 +47,9 @@ def cmd_flower(args: argparse.Namespace) -> int:
                f"--address={args.address}", f"--port={args.port}",
                f"--max_tasks={args.max_tasks}"]
     print(f"{PROG}: Flower on http://{args.address}:{args.port} for broker {redact(url)}"
-          f"{'' if auth else ' (no password: loopback only)'}", file=sys.stderr, flush=True)
+          f"{'' if auth else ' (no password: loopback only)'}; it shows the runs that start "
+          f"from now on (coordinator status RUN has the earlier ones)", file=sys.stderr,
+          flush=True)
     os.execve(sys.executable, command, env)  # Flower replaces this process: signals reach it
 
 
