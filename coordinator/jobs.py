@@ -15,6 +15,7 @@ Two kinds of entry are accepted:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from coordinator.errors import InvalidJobsError
 from worker_tasks import spec as rules
 from worker_tasks.spec import SAFE_NAME
+
+logger = logging.getLogger("coordinator")
 
 __all__ = ["SAFE_NAME", "Job", "LegacyScoringJob", "load_jobs", "load_jobs_file", "parse_jobs"]
 
@@ -215,6 +218,7 @@ def iter_jobs(entries: Any, source: str = "jobs") -> Iterator[Job | LegacyScorin
     if not entries:
         raise InvalidJobsError(f"{source}: the jobs list is empty")
     first_index: dict[str, int] = {}
+    unknown_seen: set[str] = set()
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise InvalidJobsError(
@@ -234,8 +238,25 @@ def iter_jobs(entries: Any, source: str = "jobs") -> Iterator[Job | LegacyScorin
                 f"first used by job {first_index[job.job_id]}"
             )
         first_index[job.job_id] = index
+        warn_unknown_fields(source, index, entry, model, unknown_seen)
         entries[index] = None  # the raw entry is done with: 100,000 of them weigh 100 MB
         yield job
+
+
+# Fields a job may name that no version of this tool reads yet, and what ignoring them means.
+NOT_YET = {"after": "this job does not wait for the jobs it names: it runs as soon as a "
+                    "worker takes it"}
+
+
+def warn_unknown_fields(source: str, index: int, entry: dict[str, Any],
+                        model: type[BaseModel], seen: set[str]) -> None:
+    """Say, once per field name, that a job names a field this tool ignores: a typo must not
+    pass silently. Unknown fields stay harmless (DESIGN.md): the job is not refused."""
+    for name in sorted(set(entry) - set(model.model_fields) - seen):
+        seen.add(name)
+        meaning = NOT_YET.get(name, "a typo? the fields are " + ", ".join(model.model_fields))
+        logger.warning("%s: %s: unknown field %r ignored (%s); later jobs with it are not named",
+                       source, who(index, entry), name, meaning)
 
 
 def load_jobs_file(path: str | Path) -> list[Job | LegacyScoringJob]:

@@ -232,3 +232,25 @@ def test_a_missing_script_is_refused_at_submit_where_the_scripts_are_in_sight(
     assert unchecked.stderr.splitlines() == [
         "coordinator: the jobs' scripts were not checked here (they live on the workers; "
         "--scripts-dir DIR checks them before anything is published)"]
+
+
+def test_an_unknown_field_is_named_once_and_not_refused(tmp_path: Path) -> None:
+    """A typo must not pass silently, and an unknown key still does not make a file fail
+    (DESIGN.md): each unknown field is named once, with the first job that has it."""
+    jobs = write_jobs(tmp_path / "jobs.json", [
+        {"job_id": "a", "script": "examples/write_output.py", "args": [], "node": "rig-a",
+         "after": ["b"]},
+        {"job_id": "b", "script": "examples/write_output.py", "args": [], "node": "rig-a",
+         "retires": 2},
+        {"job_id": "c", "script": "examples/write_output.py", "args": [], "node": "rig-a",
+         "retires": 2}])
+    dry = run_cli("submit", "--jobs-file", str(jobs), "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    named = [line for line in dry.stderr.splitlines() if "unknown field" in line]
+    assert named == [
+        f"{jobs}: job 0 (job_id 'a'): unknown field 'after' ignored (this job does not wait for "
+        f"the jobs it names: it runs as soon as a worker takes it); later jobs with it are not "
+        f"named",
+        f"{jobs}: job 1 (job_id 'b'): unknown field 'retires' ignored (a typo? the fields are "
+        f"job_id, script, args, node, gpu_id, timeout, env, retries, retry_delay, pin, warm); "
+        f"later jobs with it are not named"]
