@@ -457,3 +457,52 @@ def test_options_convert_their_workdir_and_change_by_copy() -> None:
     assert options.workdir == Path("w")
     changed = options.but(retries=4)
     assert (changed.retries, options.retries, changed.workdir) == (4, 0, Path("w"))
+
+
+def test_unknown_fields_are_named_once_each_and_kept_harmless(
+        caplog: pytest.LogCaptureFixture) -> None:
+    entries = [{"job_id": f"j{i}", "script": "s.py", "node": "rig-a", "retires": 1}
+               for i in range(3)]
+    entries[1]["colour"] = "blue"
+    with caplog.at_level("WARNING", logger="coordinator"):
+        jobs = parse_jobs(entries, "f.json")
+    assert [job.job_id for job in jobs] == ["j0", "j1", "j2"]
+    assert [record.getMessage() for record in caplog.records] == [
+        "f.json: job 0 (job_id 'j0'): unknown field 'retires' ignored (a typo? the fields are "
+        "job_id, script, args, node, gpu_id, timeout, env, retries, retry_delay, pin, warm); "
+        "later jobs with it are not named",
+        "f.json: job 1 (job_id 'j1'): unknown field 'colour' ignored (a typo? the fields are "
+        "job_id, script, args, node, gpu_id, timeout, env, retries, retry_delay, pin, warm); "
+        "later jobs with it are not named"]
+
+
+def test_a_plans_digest_is_its_messages_and_output_settings_not_its_run_id(
+        tmp_path: Path) -> None:
+    jobs = [{"job_id": "d1", "script": "s.py", "args": ["--output-file", "x/d1.json"],
+             "node": "rig-a"}]
+    first = plan_jobs(parse_jobs([dict(job) for job in jobs]), "20260101-000000-aaaaaa")
+    again = plan_jobs(parse_jobs([dict(job) for job in jobs]), "20260101-000000-bbbbbb")
+    assert first.digest() == again.digest() and len(first.digest()) == 64
+    other_dir = plan_jobs(parse_jobs([dict(job) for job in jobs]), "20260101-000000-aaaaaa",
+                          SubmitOptions(output_dir="elsewhere"))
+    other_arg = plan_jobs(parse_jobs([{**jobs[0], "args": [*jobs[0]["args"], "--x"]}]),
+                          "20260101-000000-aaaaaa")
+    assert len({first.digest(), other_dir.digest(), other_arg.digest()}) == 3
+
+
+def test_planning_checks_scripts_where_the_scripts_directory_is_given(tmp_path: Path) -> None:
+    (tmp_path / "here.py").write_text("")
+    jobs = [{"job_id": "a", "script": "here.py", "node": "rig-a"},
+            {"job_id": "b", "script": "examples/write_output.py", "node": "rig-a"}]  # built in
+    plan = plan_jobs(parse_jobs([dict(job) for job in jobs]), "20260101-000000-aaaaaa",
+                     SubmitOptions(scripts_dir=tmp_path))
+    assert [spec.script for spec in plan.specs] == ["here.py", "examples/write_output.py"]
+    missing = [*jobs, {"job_id": "c", "script": "gone.py", "node": "rig-a"}]
+    with pytest.raises(InvalidJobsError) as refused:
+        plan_jobs(parse_jobs([dict(job) for job in missing]), "20260101-000000-aaaaaa",
+                  SubmitOptions(scripts_dir=tmp_path))
+    assert str(refused.value) == (f"jobs: job 2 (job_id 'c'): field 'script': 'gone.py' not found "
+                                  f"in scripts directory {tmp_path.resolve()} (see --scripts-dir)")
+    # Without a scripts directory nothing is checked here (the worker refuses it).
+    assert len(plan_jobs(parse_jobs([dict(job) for job in missing]),
+                         "20260101-000000-aaaaaa").specs) == 3
