@@ -53,22 +53,30 @@ class Collection:
         if self.all_succeeded:
             return ExitCode.OK
         states = {job["state"] for job in self.summary["jobs"]}
-        if states <= {JobState.SUCCEEDED, JobState.SKIPPED, JobState.UNCONFIRMED}:
+        if states <= {JobState.SUCCEEDED, JobState.SKIPPED, UNCONFIRMED}:
             return ExitCode.UNCONFIRMED
         return ExitCode.JOBS_FAILED
 
 
-def judge(job: JobRecord, workdir: Path, fetch_error: str | None = None) -> JobRecord:
-    """The job's state by the ``.done`` rule, whatever the tracking record says."""
+# The collector's word for a job its worker recorded as succeeded whose ``.done`` it cannot
+# see (collected in another directory than the workers wrote into): a verdict of the
+# collector's, never a stored state.
+UNCONFIRMED = "unconfirmed"
+
+
+def judge(job: JobRecord, workdir: Path,
+          fetch_error: str | None = None) -> tuple[JobRecord, bool]:
+    """The job's state by the ``.done`` rule, whatever the tracking record says, and whether
+    a success its record claims is confirmed by its ``.done`` (False: ``UNCONFIRMED``)."""
     if fetch_error is not None:
-        return replace(job, state=JobState.FAILED, error=fetch_error)
+        return replace(job, state=JobState.FAILED, error=fetch_error), True
     marker = workdir / job.done_file
     present = marker.exists()
     if present and not job.state.is_success:
-        return replace(job, state=JobState.SUCCEEDED)
+        return replace(job, state=JobState.SUCCEEDED), True
     if not present and job.state.is_success:
-        return replace(job, state=JobState.UNCONFIRMED, error=unconfirmed_reason(job, marker))
-    return job
+        return replace(job, error=unconfirmed_reason(job, marker)), False
+    return job, True
 
 
 def unconfirmed_reason(job: JobRecord, marker: Path) -> str:
@@ -79,9 +87,9 @@ def unconfirmed_reason(job: JobRecord, marker: Path) -> str:
             f"directory is visible (the shared volume), or pass --workdir DIR")
 
 
-def job_summary(job: JobRecord) -> dict[str, Any]:
+def job_summary(job: JobRecord, verdict: str) -> dict[str, Any]:
     return {
-        "job_id": job.job_id, "state": job.state.value, "node": job.node, "gpu_id": job.gpu_id,
+        "job_id": job.job_id, "state": verdict, "node": job.node, "gpu_id": job.gpu_id,
         "attempts": job.attempts, "exit_code": job.exit_code, "duration_s": job.duration_s,
         "started_at": job.started_at, "finished_at": job.finished_at, "host": job.host,
         "log": job.log_file, "output_file": job.output_file, "done_file": job.done_file,
@@ -118,25 +126,33 @@ def write_joblog(path: Path, jobs: list[JobRecord]) -> Path:
     return path
 
 
-def build_summary(status: RunStatus, jobs: list[JobRecord]) -> dict[str, Any]:
+def build_summary(status: RunStatus, jobs: list[JobRecord],
+                  unconfirmed: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The run's summary; ``unconfirmed``: the jobs whose success the collector could not
+    confirm (``judge``)."""
+
+    def verdict(job: JobRecord) -> str:
+        return UNCONFIRMED if job.job_id in unconfirmed else job.state.value
+
     nodes: dict[str, dict[str, Any]] = {}
     for job in jobs:
         node = nodes.setdefault(job.node, {"jobs": 0, "succeeded": 0, "failed": 0,
                                            "skipped": 0, "busy_s": 0.0})
         node["jobs"] += 1
-        if job.state.value in node:
-            node[job.state.value] += 1
+        if verdict(job) in node:
+            node[verdict(job)] += 1
         node["busy_s"] = round(node["busy_s"] + (job.duration_s or 0.0), 3)
     ends = [job.finished_at for job in jobs if job.finished_at]
     makespan = round(busy_time(jobs), 3)
-    ok = sum(1 for job in jobs if job.state.is_success)
+    ok = sum(1 for job in jobs if verdict(job) in (JobState.SUCCEEDED, JobState.SKIPPED))
     return {
         "run_id": status.run_id,
         "output_dir": status.output_dir,
         "created_at": status.created_at,
         "finished": all(job.state.is_final for job in jobs),
         "jobs_total": len(jobs),
-        "counts": {state.value: sum(1 for j in jobs if j.state is state) for state in JobState},
+        "counts": {name: sum(1 for job in jobs if verdict(job) == name)
+                   for name in [*(state.value for state in JobState), UNCONFIRMED]},
         "succeeded": ok,
         "success_rate": round(ok / len(jobs), 4) if jobs else 0.0,
         "all_succeeded": ok == len(jobs),
@@ -145,7 +161,7 @@ def build_summary(status: RunStatus, jobs: list[JobRecord]) -> dict[str, Any]:
         "nodes": dict(sorted(nodes.items())),
         # Jobs moved off a node (coordinator move, --failover): from, to, which.
         "moves": status.info.get("moves", []),
-        "jobs": [job_summary(job) for job in jobs],
+        "jobs": [job_summary(job, verdict(job)) for job in jobs],
     }
 
 
@@ -195,12 +211,15 @@ def collect(status: RunStatus, workdir: str | Path | None = None,
         fetched = fetch_outputs(inventory, [job for job in status.jobs if job.state.is_final],
                                 base)
     errors = fetched.errors if fetched else {}
-    jobs = [judge(job, base, errors.get(job.job_id)) for job in status.jobs]
-    summary = build_summary(status, jobs)
+    judged = [judge(job, base, errors.get(job.job_id)) for job in status.jobs]
+    jobs = [job for job, _ in judged]
+    unconfirmed = frozenset(job.job_id for job, confirmed in judged if not confirmed)
+    summary = build_summary(status, jobs, unconfirmed)
     output_dir = Path(status.output_dir)
     merged: list[MergeResult] = []
     for merger in MERGERS:
-        claimed = [job for job in jobs if merger.claims(job) and job.state.is_success]
+        claimed = [job for job in jobs if merger.claims(job) and job.state.is_success
+                   and job.job_id not in unconfirmed]
         if claimed:
             merged.append(merger.merge(claimed, output_dir, base))
     summary["merged"] = {result.kind: result.details for result in merged}

@@ -220,10 +220,9 @@ BREAKS = [
           (T + "test_newcomer.py::test_results_are_judged_where_the_workers_wrote_them",)),
     Break("a .done not where the collector looks is unconfirmed, not failed",
           "coordinator/collector.py",
-          "        return replace(job, state=JobState.UNCONFIRMED, error=unconfirmed_reason(job, "
-          "marker))",
+          "        return replace(job, error=unconfirmed_reason(job, marker)), False",
           "        return replace(job, state=JobState.FAILED, error=unconfirmed_reason(job, "
-          "marker))",
+          "marker)), True",
           (T + "test_newcomer.py::test_a_marker_not_where_the_collector_looks_is_unconfirmed",
            T + "test_exit_statuses.py::test_each_run_command_reaches_each_status_it_lists")),
     Break("a failed job's Flower page reads like its own error", "worker_tasks/run_job.py",

@@ -75,9 +75,6 @@ class JobState(StrEnum):
     SKIPPED = "skipped"  # its .done already existed: nothing to do
     CANCELLED = "cancelled"
     LOST = "lost"  # its message is gone and nothing runs it: `retry --lost` republishes it
-    # Never recorded: the collector's word for a job recorded succeeded whose .done it cannot
-    # see (collected in another directory than the workers wrote into).
-    UNCONFIRMED = "unconfirmed"
 
     @property
     def is_final(self) -> bool:
