@@ -27,6 +27,16 @@ _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_HOME)
 
 
+def project_version() -> str:
+    """This installation's version of scripts-coordinator (``unknown`` outside one)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scripts-coordinator")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def __getattr__(name: str) -> Any:
     module = _HOME.get(name)
     if module is None:

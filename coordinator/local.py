@@ -17,12 +17,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from coordinator.die_with_parent import wrapped
-from coordinator.errors import ClusterStartError
+from coordinator.errors import ClusterStartError, InvalidJobsError
 from coordinator.redis_server import RedisServer
+from coordinator.standing import StandingCluster, living, state_path
 from worker_tasks import signing
 from worker_tasks.connections import redis_client
 from worker_tasks.presence import seen_since
@@ -277,3 +278,124 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# -- a local cluster that stays up (coordinator local --up, --down) -----------------------
+
+# How long ``up`` waits for the supervisor to say its cluster is ready (seconds).
+UP_TIMEOUT_S = 120.0
+# How long ``down`` waits for the supervisor and all it started to end (seconds).
+DOWN_TIMEOUT_S = 60.0
+# Default nodes of a cluster started without --nodes.
+DEFAULT_NODES = ("rig-a", "rig-b")
+
+
+def keep_up(nodes: Sequence[str], scripts_dir: Path, workdir: Path, warm: bool) -> StandingCluster:
+    """``local --up``: start the supervisor (``serve``) in the background and wait until its
+    cluster is ready."""
+    running = StandingCluster.read()
+    if running is not None:
+        raise InvalidJobsError(f"a local cluster is up already (pid {running.pid}, "
+                               f"{running.broker_url}): coordinator local --down stops it")
+    log = state_path().with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "coordinator", "local", "--serve", "--nodes", ",".join(nodes),
+            "--scripts-dir", str(scripts_dir), "--workdir", str(workdir),
+            "--warm" if warm else "--cold"]
+    with log.open("ab") as out:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   close_fds=True)
+    deadline = time.monotonic() + UP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        cluster = StandingCluster.read()
+        if cluster is not None and cluster.pid == process.pid:
+            return cluster
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+            raise ClusterStartError(f"the local cluster did not start (exit {process.returncode}"
+                                    f"): {' | '.join(tail) or 'no output'} (log {log})")
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGTERM)
+    raise ClusterStartError(f"the local cluster was not ready within {UP_TIMEOUT_S:g} s "
+                            f"(log {log})")
+
+
+def serve(nodes: Sequence[str], scripts_dir: Path, workdir: Path,
+          worker_env: dict[str, str]) -> int:
+    """The supervisor's life: the cluster and Flower up, the state file written, then hold
+    them until SIGTERM or SIGINT; everything it started stops with it."""
+    from coordinator.redis_server import free_port
+
+    log_dir = state_path().parent / "logs"
+    with LocalCluster(list(nodes), scripts_dir, workdir, log_dir=log_dir, extra_env=worker_env,
+                      die_with_parent=True) as cluster:
+        port = free_port()
+        flower = start_flower(cluster.broker_url, port, log_dir)
+        # Held from here (the children started with them unheld): the one that stops us
+        # is taken by sigwait below.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        StandingCluster(pid=os.getpid(), broker_url=cluster.broker_url, nodes=list(cluster.nodes),
+                        flower_url=f"http://127.0.0.1:{port}" if flower else None,
+                        scripts_dir=str(cluster.scripts_dir), workdir=str(cluster.workdir),
+                        log=str(state_path().with_suffix(".log")),
+                        started_at=time.time(),
+                        processes=[process.pid for process in (
+                            cluster.redis.process if cluster.redis else None, flower,
+                            *cluster.workers.values()) if process is not None]).write()
+        try:
+            received = signal.sigwait({signal.SIGTERM, signal.SIGINT})
+            print(f"local cluster: stopping ({signal.Signals(received).name})", flush=True)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+            state_path().unlink(missing_ok=True)
+            if flower is not None:
+                flower.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    flower.wait(timeout=15)
+                if flower.poll() is None:
+                    flower.kill()
+            cluster.stop(now=True)
+    return 0
+
+
+def start_flower(broker_url: str, port: int, log_dir: Path) -> subprocess.Popen[bytes] | None:
+    """Flower on 127.0.0.1:``port`` (loopback: no password), dying with this process; None
+    where Flower is not installed."""
+    import importlib.util
+
+    from coordinator.die_with_parent import wrapped
+
+    if importlib.util.find_spec("flower") is None:
+        return None
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, SC_BROKER_URL=broker_url, FLOWER_UNAUTHENTICATED_API="true")
+    command = [sys.executable, "-m", "celery", "-A", "worker_tasks", "flower",
+               "--address=127.0.0.1", f"--port={port}"]
+    with (log_dir / "flower.log").open("ab") as out:
+        return subprocess.Popen(wrapped(command, signal.SIGTERM), env=env,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+
+
+def take_down(timeout: float = DOWN_TIMEOUT_S) -> str:
+    """``local --down``: stop the cluster that is up (its supervisor, and so all it started),
+    leaving no process and no directory; one line."""
+    cluster = StandingCluster.read()
+    if cluster is None:
+        return "no local cluster is up"
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(cluster.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (cluster.alive() or living(cluster.processes)):
+        time.sleep(0.1)
+    for pid in ([cluster.pid] if cluster.alive() else []) + living(cluster.processes):
+        with contextlib.suppress(ProcessLookupError):  # not stopped in time: killed
+            os.kill(pid, signal.SIGKILL)
+    state_path().unlink(missing_ok=True)
+    # Its log and the workers' logs go too: nothing of it is left (the runs' own logs stay
+    # in their output directories).
+    shutil.rmtree(state_path().parent / "logs", ignore_errors=True)
+    state_path().with_suffix(".log").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # its directory too, unless something else is there
+        state_path().parent.rmdir()
+    return f"stopped the local cluster (pid {cluster.pid}, {cluster.broker_url})"

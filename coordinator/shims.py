@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from coordinator.cli.node import project_version
+from coordinator import project_version
 from coordinator.errors import InvalidJobsError
 
 # The one shim, a script of this package: the checkout's two files are links to it, and a

@@ -405,7 +405,7 @@ BREAKS = [
           '    url = url or os.environ.get("SC_BROKER_URL") or celeryconfig.broker_url',
           (T + "test_python_api_page.py::test_the_python_api_page_runs_as_written_from_an_empty_"
                "directory",)),
-    Break("local --down leaves no directory", "coordinator/standing.py",
+    Break("local --down leaves no directory", "coordinator/local.py",
           '    shutil.rmtree(state_path().parent / "logs", ignore_errors=True)\n', "",
           (T + "test_python_api_page.py::test_the_python_api_page_runs_as_written_from_an_empty_"
                "directory",)),

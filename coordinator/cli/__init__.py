@@ -72,7 +72,7 @@ class VersionAction(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: object, option_string: str | None = None) -> None:
-        from coordinator.cli.node import project_version
+        from coordinator import project_version
 
         parser.exit(message=f"scripts-coordinator {project_version()}\n")
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from coordinator import project_version
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.broker import connect_tracking, publisher, redact
 from coordinator.cli.common import (
@@ -25,7 +26,6 @@ from coordinator.cli.common import (
     formatter,
     require,
 )
-from coordinator.cli.node import project_version
 from coordinator.cluster import inventory_path
 from coordinator.errors import BrokerUnreachableError, ExitCode, InvalidJobsError, NodeFailedError
 from worker_tasks.spec import queue_for

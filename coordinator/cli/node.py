@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from coordinator import project_version
 from coordinator.broker import broker_url as resolve_broker_url
 from coordinator.broker import check_broker, connect_tracking, publisher
 from coordinator.cli.common import PROG, CommandFactory, existing_dir
@@ -59,15 +60,6 @@ PING_INTERVAL_S = 0.5
 # How long a worker listed as serving the node has to answer the ping that proves it
 # alive (seconds).
 PING_TIMEOUT_S = 1.0
-
-
-def project_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("scripts-coordinator")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def check_signing(args: argparse.Namespace) -> None:
@@ -296,18 +288,18 @@ def worker_status(args: argparse.Namespace, slots: dict[str, tuple[Path, Path]])
 def cmd_local(args: argparse.Namespace) -> int:
     """A private Redis and a worker per slot of the plan, the run followed, all stopped; or
     (``--up``, ``--status``, ``--down``) a local cluster that stays up."""
-    from coordinator import standing
+    from coordinator import local, standing
 
     if args.serve:  # the supervisor ``--up`` starts (not for people)
-        return standing.serve(node_list(args.nodes), Path(args.scripts_dir),
-                              Path(args.workdir), warm_env(args))
+        return local.serve(node_list(args.nodes), Path(args.scripts_dir), Path(args.workdir),
+                           warm_env(args))
     if args.up:
-        cluster = standing.up(node_list(args.nodes), Path(args.scripts_dir).resolve(),
-                              Path(args.workdir).resolve(), warm=args.warm)
+        cluster = local.keep_up(node_list(args.nodes), Path(args.scripts_dir).resolve(),
+                                Path(args.workdir).resolve(), warm=args.warm)
         print("\n".join(["local cluster up:", *(f"  {line}" for line in cluster.lines())]))
         return ExitCode.OK
     if args.down:
-        print(standing.down())
+        print(local.take_down())
         return ExitCode.OK
     if args.status:
         cluster = standing.StandingCluster.read()
@@ -335,7 +327,7 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 def node_list(text: str | None) -> list[str]:
     """``--nodes rig-a,rig-b`` for a cluster that stays up (default: two nodes)."""
-    from coordinator.standing import DEFAULT_NODES
+    from coordinator.local import DEFAULT_NODES
 
     names = [name.strip() for name in (text or "").split(",") if name.strip()]
     for name in names:
