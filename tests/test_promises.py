@@ -71,12 +71,14 @@ def test_the_collector_settles_by_the_done_file_whatever_the_record_says(
 
 def test_output_file_equals_form_is_rewritten_with_its_marker_beside_it(
         cluster: LocalCluster, cluster_workdir: Path) -> None:
+    # The output is not named after the job: a marker made without the output file
+    # (<output-dir>/<job_id>.json.done) would not be the one beside it.
     job = {"job_id": "eq", "script": "examples/write_output.py",
-           "args": ["--output-file=deep/nested/eq.json"], "node": "rig-c"}
+           "args": ["--output-file=deep/nested/eq_result.json"], "node": "rig-c"}
     run = submit([job], output_dir="eqout", broker_url=cluster.broker_url)
     assert run.wait(timeout=60).jobs[0].state is JobState.SUCCEEDED
-    assert (cluster_workdir / "eqout" / "eq.json").is_file()
-    assert (cluster_workdir / "eqout" / "eq.json.done").is_file()
+    assert (cluster_workdir / "eqout" / "eq_result.json").is_file()
+    assert (cluster_workdir / "eqout" / "eq_result.json.done").is_file()
     assert not (cluster_workdir / "deep").exists()
 
 
