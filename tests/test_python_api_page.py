@@ -36,6 +36,12 @@ def test_the_python_api_page_runs_as_written_from_an_empty_directory(tmp_path: P
                                   capture_output=True, timeout=180, check=False)
             assert done.returncode == 0, (command, done.stdout, done.stderr)
         cluster = json.loads(state.read_text())
+        # Where a command with no broker named goes, asked without connecting: anywhere but
+        # the cluster that is up would be this machine's own Redis, which no test touches.
+        resolved = subprocess.run([sys.executable, "-c", "from coordinator.broker import "
+                                   "broker_url; print(broker_url())"], cwd=work, env=env,
+                                  text=True, capture_output=True, timeout=60, check=False)
+        assert resolved.stdout.strip() == cluster["broker_url"], resolved.stdout + resolved.stderr
         ran = subprocess.run([sys.executable, "-c", python_block], cwd=work, env=env, text=True,
                              capture_output=True, timeout=300, check=False)
         assert ran.returncode == 0, ran.stdout + ran.stderr
