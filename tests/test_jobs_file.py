@@ -506,3 +506,19 @@ def test_planning_checks_scripts_where_the_scripts_directory_is_given(tmp_path: 
     # Without a scripts directory nothing is checked here (the worker refuses it).
     assert len(plan_jobs(parse_jobs([dict(job) for job in missing]),
                          "20260101-000000-aaaaaa").specs) == 3
+
+
+def test_the_digest_tells_preserved_paths_from_rewritten_ones_and_after_is_explained(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A job without --output-file has the same message either way: only the setting differs.
+    def plan(preserve: bool) -> str:
+        jobs = parse_jobs([{"job_id": "p", "script": "s.py", "node": "rig-a"}])
+        return plan_jobs(jobs, "20260101-000000-aaaaaa",
+                         SubmitOptions(preserve_paths=preserve)).digest()
+
+    assert plan(True) != plan(False)
+    with caplog.at_level("WARNING", logger="coordinator"):
+        parse_jobs([{"job_id": "w", "script": "s.py", "node": "rig-a", "after": ["p"]}], "f")
+    assert [record.getMessage() for record in caplog.records] == [
+        "f: job 0 (job_id 'w'): unknown field 'after' ignored (this job does not wait for the "
+        "jobs it names: it runs as soon as a worker takes it); later jobs with it are not named"]

@@ -383,3 +383,13 @@ def test_text_checks_pass_unicode_and_refuse_surrogates() -> None:
         check_text("a\udc80", "x")
     with pytest.raises(InvalidMessage, match="x contains a NUL byte"):
         check_text("a\0", "x")
+
+
+def test_a_messages_optional_fields_and_their_defaults_are_the_contracts() -> None:
+    """What a message may leave out, and what it then means (records store only the rest)."""
+    from worker_tasks.spec import JobSpec
+
+    assert JobSpec.defaults() == {"timeout": None, "env": {}, "retries": 0,
+                                  "retry_delay": 2.0, "per_gpu": False, "warm": None,
+                                  "task_id": None}
+    assert JobSpec.defaults()["env"] is not JobSpec.defaults()["env"]  # a fresh dict each
