@@ -219,6 +219,7 @@ def iter_jobs(entries: Any, source: str = "jobs") -> Iterator[Job | LegacyScorin
         raise InvalidJobsError(f"{source}: the jobs list is empty")
     first_index: dict[str, int] = {}
     unknown_seen: set[str] = set()
+    warnings: list[str] = []  # said once the whole list is read: a refused file says one line
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise InvalidJobsError(
@@ -238,9 +239,11 @@ def iter_jobs(entries: Any, source: str = "jobs") -> Iterator[Job | LegacyScorin
                 f"first used by job {first_index[job.job_id]}"
             )
         first_index[job.job_id] = index
-        warn_unknown_fields(source, index, entry, model, unknown_seen)
+        warnings += unknown_fields(source, index, entry, model, unknown_seen)
         entries[index] = None  # the raw entry is done with: 100,000 of them weigh 100 MB
         yield job
+    for line in warnings:
+        logger.warning("%s", line)
 
 
 # Fields a job may name that no version of this tool reads yet, and what ignoring them means.
@@ -248,15 +251,17 @@ NOT_YET = {"after": "this job does not wait for the jobs it names: it runs as so
                     "worker takes it"}
 
 
-def warn_unknown_fields(source: str, index: int, entry: dict[str, Any],
-                        model: type[BaseModel], seen: set[str]) -> None:
-    """Say, once per field name, that a job names a field this tool ignores: a typo must not
-    pass silently. Unknown fields stay harmless (DESIGN.md): the job is not refused."""
+def unknown_fields(source: str, index: int, entry: dict[str, Any],
+                   model: type[BaseModel], seen: set[str]) -> list[str]:
+    """What to say, once per field name, of a field this tool ignores: a typo must not pass
+    silently. Unknown fields stay harmless (DESIGN.md): the job is not refused."""
+    lines = []
     for name in sorted(set(entry) - set(model.model_fields) - seen):
         seen.add(name)
         meaning = NOT_YET.get(name, "a typo? the fields are " + ", ".join(model.model_fields))
-        logger.warning("%s: %s: unknown field %r ignored (%s); later jobs with it are not named",
-                       source, who(index, entry), name, meaning)
+        lines.append(f"{source}: {who(index, entry)}: unknown field {name!r} ignored "
+                     f"({meaning}); later jobs with it are not named")
+    return lines
 
 
 def load_jobs_file(path: str | Path) -> list[Job | LegacyScoringJob]:
