@@ -387,11 +387,11 @@ def publish(plan: Plan, broker_url: str | None = None, tracking_url: str | None 
 
 
 def holds_ours(client: redis.Redis) -> bool:
-    """The tracking Redis holds a run of ours, or a worker of ours announced itself there."""
-    from worker_tasks.presence import presence_key
+    """The tracking Redis holds a run of ours, or a worker of ours announced itself there
+    lately: two keys looked at, never a scan of what may be another program's Redis."""
+    from worker_tasks.presence import seen_key
 
-    return bool(client.exists(runs_key())) or next(
-        client.scan_iter(match=presence_key("*"), count=1000), None) is not None
+    return bool(client.exists(runs_key(), seen_key()))
 
 
 def done_jobs(plan: Plan, workdir: Path, cluster: Inventory | None) -> set[str]:

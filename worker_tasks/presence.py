@@ -37,6 +37,12 @@ def presence_key(node: str, prefix: str = KEY_PREFIX) -> str:
     return f"{prefix}:workers:{node}"
 
 
+def seen_key(prefix: str = KEY_PREFIX) -> str:
+    """Every worker of ours lately, by last sighting: one key says whether any announced
+    itself here (``holds_ours``), without scanning a Redis that may be another program's."""
+    return f"{prefix}:workers-seen"
+
+
 def verifying_key(prefix: str = KEY_PREFIX) -> str:
     """The workers that run only signed jobs (they hold a trust store), by last sighting."""
     return f"{prefix}:workers-verifying"
@@ -99,6 +105,8 @@ class Presence:
             for node in self.nodes:
                 pipe.zadd(presence_key(node), {self.hostname: time.time()})
                 pipe.expire(presence_key(node), int(PRESENCE_TTL_S * 6))
+            pipe.zadd(seen_key(), {self.hostname: time.time()})
+            pipe.expire(seen_key(), int(PRESENCE_TTL_S * 6))
             if self.verifies:
                 pipe.zadd(verifying_key(), {self.hostname: time.time()})
                 pipe.expire(verifying_key(), int(PRESENCE_TTL_S * 6))
