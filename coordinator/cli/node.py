@@ -452,9 +452,11 @@ WORKER_EXITS = (
     (ExitCode.CLUSTER_FAILED, "--detach: the worker died or did not answer at start; --stop: it "
                               "did not stop within --timeout"))
 LOCAL_EXITS = (
-    (ExitCode.OK, "every job succeeded"), ExitCode.JOBS_FAILED,
+    (ExitCode.OK, "every job succeeded (--up, --down: done; --status: a cluster is up)"),
+    ExitCode.JOBS_FAILED,
     (ExitCode.WAIT_TIMEOUT, "--timeout passed first; everything was stopped"),
-    (ExitCode.CLUSTER_FAILED, "its Redis or a worker could not start, or died"))
+    (ExitCode.CLUSTER_FAILED, "its Redis or a worker could not start, or died (--status: no "
+                              "local cluster is up)"))
 
 
 def register(command: CommandFactory) -> None:
@@ -508,9 +510,11 @@ def register(command: CommandFactory) -> None:
                      help="refuse to start without --trusted-certs ($SC_REQUIRE_SIGNED=1)")
     sub.set_defaults(handler=cmd_worker)
 
-    sub = command("local", "run a jobs file on this machine: private Redis, one worker per node",
+    sub = command("local", "run a jobs file on this machine (private Redis, one worker per "
+                           "node), or keep a local cluster up for other commands (--up)",
                   "coordinator examples . && coordinator local --jobs-file "
-                  "examples/hello_jobs.json --output-dir out",
+                  "examples/hello_jobs.json --output-dir out\n"
+                  "  coordinator local --up && python3 my_step.py && coordinator local --down",
                   LOCAL_EXITS)
     add_original_flags(sub)
     add_retry_flags(sub)
