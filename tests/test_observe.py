@@ -100,6 +100,7 @@ def test_flower_shows_workers_with_their_queues_and_every_job(flower: str,
     assert isinstance(failed, dict)
     # The list says which job each task is; the page reads like the job's own error.
     assert failed["name"] == f"job fl_bad on rig-b (run {run.id})"
+    assert isinstance(failed["runtime"], float) and failed["runtime"] > 0  # its Runtime cell
     ok = http(f"{flower}/api/task/info/{run.id}.fl_ok.0")
     assert ok["name"] == f"job fl_ok on rig-a (run {run.id})"  # type: ignore[index]
     assert "script exited with status 3: ValueError: chunk 7 has no seeds" in failed["exception"]

@@ -42,6 +42,7 @@ import redis
 from celery import Task
 from celery.exceptions import Ignore
 from celery.utils.log import get_task_logger
+from celery.worker.request import Request
 
 from worker_tasks import warm
 from worker_tasks.celery_app import app
@@ -100,8 +101,21 @@ class JobFailed(Exception):
         self.report = report or line
 
 
+class JobRequest(Request):  # type: ignore[misc]
+    """A job's request on the worker: its ``task-failed`` event carries the runtime too, so
+    Flower's Runtime column is filled for a failed job as for one that succeeded (Celery sends
+    a runtime with ``task-succeeded`` only)."""
+
+    def send_event(self, type: str, **fields: Any) -> None:  # noqa: A002 (Celery's name)
+        if type == "task-failed" and self.time_start:
+            fields.setdefault("runtime", round(time.time() - self.time_start, 3))
+        super().send_event(type, **fields)
+
+
 class JobTask(Task):  # type: ignore[misc]
     """The job task's class: a failed job's Flower page reads like the job's own error."""
+
+    Request = JobRequest
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
