@@ -68,7 +68,11 @@ class StandingCluster:
         return cluster
 
     def alive(self) -> bool:
-        return bool(living([self.pid]))
+        """Its supervisor lives: that pid, and still ``coordinator local --serve`` (after a
+        reboot the number may belong to another program)."""
+        from worker_tasks.daemon import process_matches
+
+        return process_matches(self.pid, "--serve")
 
     def write(self) -> None:
         path = state_path()

@@ -329,11 +329,16 @@ def node_list(text: str | None) -> list[str]:
     """``--nodes rig-a,rig-b`` for a cluster that stays up (default: two nodes)."""
     from coordinator.local import DEFAULT_NODES
 
+    return nodes_flag(text) or list(DEFAULT_NODES)
+
+
+def nodes_flag(text: str | None) -> list[str]:
+    """The node labels (or GPU slots) of ``--nodes``, each checked by the node-name rule."""
     names = [name.strip() for name in (text or "").split(",") if name.strip()]
     for name in names:
         if not is_safe_name(name) or is_floating(name):
             raise InvalidJobsError(f"--nodes: {name!r} is not a node name")
-    return names or list(DEFAULT_NODES)
+    return names
 
 
 def run_local(plan: Plan, scripts_dir: Path, nodes: str | None, worker_env: dict[str, str],
@@ -392,13 +397,7 @@ def local_slots(plan: Plan, extra: str | None) -> list[str]:
     there is nothing to run them on.
     """
     wanted = {slot for slot in plan.slots() if not is_floating(node_of_slot(slot))}
-    for name in (extra or "").split(","):
-        name = name.strip()
-        if not name:
-            continue
-        if not is_safe_name(name) or is_floating(name):
-            raise InvalidJobsError(f"--nodes: {name!r} is not a node name")
-        wanted.add(name)
+    wanted.update(nodes_flag(extra))
     if not wanted:
         raise InvalidJobsError("every job floats and no node is named: give the nodes to run "
                                "them on, e.g. --nodes rig-a,rig-b")
