@@ -24,11 +24,11 @@ from tests.helpers import BIN, REPO
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([str(BIN / "python"), "-m", "pip", "wheel", "--no-deps",
-                    "--no-build-isolation", "-q", "-w", str(out), str(REPO)], check=True,
-                   timeout=300, capture_output=True)
-    return next(out.glob("scripts_coordinator-*.whl"))
+    # The build deploy --project uses: it takes turns with the other builds of this tree
+    # (tests side by side build it at once).
+    from coordinator.cluster.deploy import build_wheel
+
+    return build_wheel(REPO, tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,9 @@ the inventory names for the node (``worker`` by default, ``gpu`` on GPU nodes).
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
+import hashlib
 import posixpath
 import subprocess
 import sys
@@ -130,11 +132,16 @@ def build_wheel(source: Path, out_dir: Path) -> Path:
     """
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
                "--wheel-dir", str(out_dir), str(source)]
-    done = subprocess.run([*command, "--no-build-isolation"], capture_output=True, text=True,
-                          timeout=BUILD_TIMEOUT_S, check=False)
-    if done.returncode != 0:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
-                              check=False)
+    # setuptools builds in the source tree (build/, *.egg-info): two builds of one tree at
+    # once trample each other, so they take turns.
+    name = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
+    with (Path(tempfile.gettempdir()) / f"sc-wheel-build-{name}.lock").open("a") as turn:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        done = subprocess.run([*command, "--no-build-isolation"], capture_output=True,
+                              text=True, timeout=BUILD_TIMEOUT_S, check=False)
+        if done.returncode != 0:
+            done = subprocess.run(command, capture_output=True, text=True,
+                                  timeout=BUILD_TIMEOUT_S, check=False)
     wheels = sorted(out_dir.glob("scripts_coordinator-*.whl"))
     if done.returncode != 0 or not wheels:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
