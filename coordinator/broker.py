@@ -156,3 +156,28 @@ def check_broker(app: Celery) -> None:
     except Exception as err:  # kombu raises OperationalError or the transport's own
         raise BrokerUnreachableError(f"cannot reach the broker at {redact(url)}: {err}"
                                      f"{tls_hint(url, err)}") from None
+
+
+def broker_client(url: str | None = None, socket_timeout: float = 5.0) -> redis.Redis:
+    """A client on the broker itself (not the tracking Redis), with an operator's timeouts:
+    queue lengths and replication are read where the queues are."""
+    return redis_client(broker_url(url), socket_connect_timeout=CONNECT_TIMEOUT_S,
+                        socket_timeout=socket_timeout)
+
+
+def replication_lines(url: str | None = None) -> list[str]:
+    """Which Redis the broker is now (behind Sentinels: the master they name) and how far
+    its replicas lag."""
+    import redis
+
+    from worker_tasks.connections import Replication
+
+    try:
+        return Replication.of(broker_client(url)).lines()
+    except (redis.RedisError, OSError) as err:
+        return [f"{redact(broker_url(url))}: replication unknown ({err})"]
+
+
+def redis_ca() -> str | None:
+    """The CA file the nodes need to verify the broker's TLS certificate, if one is set."""
+    return os.environ.get(CA_VARIABLE) or None

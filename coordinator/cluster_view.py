@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # only a caller that asks the workers passes an app
     from celery import Celery
 from worker_tasks.lease import task_of_token
 from worker_tasks.presence import serving
-from worker_tasks.spec import node_of_queue, node_of_slot, slot_of_queue
+from worker_tasks.spec import node_of_queue, node_of_slot, queue_for, slot_of_queue
 from worker_tasks.tracking import lease_key
 
 # How long the head node waits for workers' replies to ping and inspect (seconds): while
@@ -154,6 +154,32 @@ class ClusterView:
         return ids
 
     # -- the broker's queues -----------------------------------------------------------------
+
+    @classmethod
+    def for_operator(cls, broker: str | None) -> tuple[ClusterView | None, str | None]:
+        """The cluster as the head node's broker sees it, asked once with an operator's
+        timeouts (``cluster status``); or None and why it cannot be seen."""
+        from coordinator.broker import (
+            broker_client,
+            broker_url,
+            connect_tracking,
+            publisher,
+            redact,
+        )
+        from coordinator.errors import BrokerUnreachableError
+
+        try:
+            view = cls(connect_tracking(None, broker), publisher(broker),
+                       timeout=OPERATOR_INSPECT_TIMEOUT_S, broker=broker_client(broker))
+            if view.answering():
+                view.active()
+        except (BrokerUnreachableError, redis.RedisError, OSError) as err:
+            return None, f"broker {redact(broker_url(broker))} unreachable from here: {err}"
+        return view, None
+
+    def waiting(self, slot: str) -> int:
+        """Messages waiting in ``slot``'s queue."""
+        return self.queue_length(queue_for(slot))
 
     def queue_length(self, queue: str) -> int:
         """Messages waiting in ``queue``, read where the queues are: the broker."""

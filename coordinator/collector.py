@@ -47,6 +47,10 @@ class Collection:
     def all_succeeded(self) -> bool:
         return bool(self.summary["all_succeeded"])
 
+    def text(self) -> str:
+        """The short table printed after a run (``render``)."""
+        return render(self)
+
     @property
     def exit_code(self) -> ExitCode:
         """0 all succeeded; 1 a job failed (or is not final); 7 only unconfirmed ones."""

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coordinator.die_with_parent import wrapped
 from coordinator.errors import ClusterStartError, InvalidJobsError
@@ -27,9 +28,19 @@ from coordinator.standing import StandingCluster, living, state_path
 from worker_tasks import signing
 from worker_tasks.connections import redis_client
 from worker_tasks.presence import seen_since
-from worker_tasks.spec import floating_queue, node_of_queue, node_of_slot, queue_for
+from worker_tasks.spec import (
+    floating_queue,
+    is_floating,
+    is_safe_name,
+    node_of_queue,
+    node_of_slot,
+    queue_for,
+)
 from worker_tasks.spec import worker_name as spec_worker_name
 from worker_tasks.tracking import KEY_PREFIX
+
+if TYPE_CHECKING:
+    from coordinator.plan import Plan
 
 # How long workers may take to answer a ping after starting (seconds; 2 slow cores).
 READY_TIMEOUT_S = 90.0
@@ -280,6 +291,44 @@ class LocalCluster:
         self.stop()
 
 
+def unsigned() -> bool:
+    """Whether signing is turned off here (``SC_UNSIGNED=1``): a local run then makes
+    no throwaway key."""
+    return signing.unsigned()
+
+
+def warm_env(preload: list[str] | None) -> dict[str, str]:
+    """The workers' environment of a warm cluster whose parent imports ``preload``
+    (default: numpy and the Step 3 engines)."""
+    from worker_tasks.warm import worker_settings
+
+    return worker_settings(preload)
+
+
+def parse_nodes(text: str | None) -> list[str]:
+    """The node labels (or GPU slots) of ``--nodes``, each checked by the node-name rule."""
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    for name in names:
+        if not is_safe_name(name) or is_floating(name):
+            raise InvalidJobsError(f"--nodes: {name!r} is not a node name")
+    return names
+
+
+def slots_for(plan: Plan, extra: str | None) -> list[str]:
+    """The slots a throwaway cluster starts a worker for: the plan's pinned ones and
+    ``--nodes``.
+
+    A floating job needs no slot of its own; with only floating jobs and no ``--nodes``
+    there is nothing to run them on.
+    """
+    wanted = {slot for slot in plan.slots() if not is_floating(node_of_slot(slot))}
+    wanted.update(parse_nodes(extra))
+    if not wanted:
+        raise InvalidJobsError("every job floats and no node is named: give the nodes to run "
+                               "them on, e.g. --nodes rig-a,rig-b")
+    return sorted(wanted)
+
+
 # -- a local cluster that stays up (coordinator local --up, --down) -----------------------
 
 # How long ``up`` waits for the supervisor to say its cluster is ready (seconds).
@@ -288,6 +337,16 @@ UP_TIMEOUT_S = 120.0
 DOWN_TIMEOUT_S = 60.0
 # Default nodes of a cluster started without --nodes.
 DEFAULT_NODES = ("rig-a", "rig-b")
+
+
+def node_list(text: str | None) -> list[str]:
+    """``--nodes rig-a,rig-b`` for a cluster that stays up (default: two nodes)."""
+    return parse_nodes(text) or list(DEFAULT_NODES)
+
+
+def standing_cluster() -> StandingCluster | None:
+    """The local cluster that is up (``local --up``), or None."""
+    return StandingCluster.read()
 
 
 def keep_up(nodes: Sequence[str], scripts_dir: Path, workdir: Path, warm: bool) -> StandingCluster:

@@ -16,10 +16,12 @@ import redis
 from coordinator.errors import RunNotFoundError
 from worker_tasks.spec import by_node
 from worker_tasks.tracking import (
+    RETRYABLE,
     JobState,
     RunState,
     counts_key,
     decode,
+    error_lines,
     job_key,
     jobs_key,
     run_key,
@@ -57,6 +59,10 @@ class JobRecord:
     floating: bool = False  # its message names no node: the first free slot takes it
     per_gpu: bool = False
     workdir: str | None = None  # the worker's directory, where it wrote the job's files
+
+    def error_lines(self) -> tuple[str, list[str]]:
+        """The error's first line, and the script's own last words under it."""
+        return error_lines(self.error)
 
     @classmethod
     def from_redis(cls, raw: dict[str, Any]) -> JobRecord:
@@ -119,6 +125,11 @@ class RunStatus:
     @property
     def all_succeeded(self) -> bool:
         return all(job.state.is_success for job in self.jobs)
+
+    @property
+    def troubled(self) -> bool:
+        """A job failed, was cancelled or is lost (whatever else still runs)."""
+        return any(job.state in RETRYABLE for job in self.jobs)
 
     @property
     def outcome(self) -> str:

@@ -45,7 +45,7 @@ from coordinator.records import (
     unfinished_run_of,
 )
 from worker_tasks.connections import redis_client
-from worker_tasks.spec import is_floating, node_of_slot, slot_of_worker
+from worker_tasks.spec import gpu_of_slot, is_floating, is_safe_name, node_of_slot, slot_of_worker
 from worker_tasks.tracking import LOST_ONLY, RETRYABLE, runs_key
 
 if TYPE_CHECKING:  # imported where used: a run's status and records need none of them
@@ -61,6 +61,27 @@ if TYPE_CHECKING:  # imported where used: a run's status and records need none o
 logger = logging.getLogger("coordinator")
 
 InventoryInput = "Inventory | str | Path | None"
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A slot of a run that no worker serves (``Service.gaps``).
+
+    Parameters:
+        slot: the slot (``rig-a``, ``rig-a.gpu1``, or the floating queue's).
+        node, gpu: the node it belongs to, and its GPU in per-GPU mode (else None).
+        floating: its jobs float: any worker at all would take them.
+        jobs: how many of the run's jobs were planned there.
+        other_kind: the node's slots served by workers of the other kind (per-GPU workers
+            for a whole-node slot, or the reverse), which never take these jobs.
+    """
+
+    slot: str
+    node: str
+    gpu: int | None
+    floating: bool
+    jobs: int
+    other_kind: list[str]
 
 
 @dataclass(frozen=True)
@@ -80,6 +101,16 @@ class Service:
     unserved: dict[str, int]
     unassigned: int
     refusing: list[str]
+
+    def gaps(self) -> list[Gap]:
+        """The unserved slots, each with what would serve it."""
+        gaps = []
+        for slot, count in self.unserved.items():
+            node, gpu = node_of_slot(slot), gpu_of_slot(slot)
+            other_kind = sorted(slot_of_worker(name) for name in self.workers.get(node, [])
+                                if (gpu_of_slot(slot_of_worker(name)) is None) != (gpu is None))
+            gaps.append(Gap(slot, node, gpu, is_floating(node), count, other_kind))
+        return gaps
 
 
 class Run:
@@ -220,6 +251,16 @@ class Run:
         self.scheduler(options).settle(light)
         return lines
 
+    def timeline_input(self, workdir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
+        """What ``report`` draws: the run's summary as ``collect`` would write it (nothing is
+        written, nothing merged), and the run's output directory under ``workdir`` (default:
+        where it was submitted)."""
+        from coordinator.collector import build_summary
+
+        status = self.status()
+        base = Path(workdir) if workdir else status.files_dir()
+        return build_summary(status, status.jobs), base / status.output_dir
+
     def collect(self, workdir: str | Path | None = None, fetch: bool | None = None,
                 joblog: str | Path | None = None) -> Collection:
         """Settle every job by its ``.done`` file, merge outputs, write ``run_summary.json``.
@@ -278,6 +319,11 @@ class Run:
         from coordinator.cluster_view import ClusterView
         from coordinator.scheduler import move_off
 
+        for name in [source, *targets]:
+            if not is_safe_name(name):
+                raise InvalidJobsError(f"{name!r} is not a node name")
+        if source in targets:
+            raise InvalidJobsError(f"the targets list {source}, the node the jobs move from")
         check_broker(self.app)
         live = ClusterView(self.client, self.app).liveness({source})
         return move_off(self.client, self.app, self.broker, self.id, source, targets, live)

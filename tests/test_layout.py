@@ -113,3 +113,42 @@ def test_runs_and_status_load_no_other_group() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.split() == ["coordinator.cli.common", "coordinator.cli.runs"]
+
+
+# The CLI is a thin face: it parses, calls the run handle, the cluster or the local cluster,
+# and renders. Each module of the product it imports is one more thing a verb decides itself.
+CLI_IMPORTS_AT_MOST = 16
+
+
+def product_imports(package_dir: str) -> set[str]:
+    """The modules of the product (``coordinator``, ``worker_tasks``, ``scoring``) outside
+    ``package_dir`` that its files import, at any depth (``from a import b``, where ``b`` is
+    a module, counts as ``a.b``)."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    inside = package_dir.replace("/", ".")
+    found = set()
+    for path in (repo / package_dir).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [f"{node.module}.{alias.name}" if
+                         (repo / node.module.replace(".", "/") / f"{alias.name}.py").exists()
+                         else node.module for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            found.update(name for name in names
+                         if name.split(".")[0] in {"coordinator", "worker_tasks", "scoring"}
+                         and not name.startswith(inside))
+    return found
+
+
+def test_the_cli_imports_few_modules_of_the_product() -> None:
+    imported = product_imports("coordinator/cli")
+    assert len(imported) <= CLI_IMPORTS_AT_MOST, sorted(imported)
+    # Nothing of the worker's side or the workload: those are reached through the head's
+    # rooms (the run handle, the cluster, the local cluster, this node's worker).
+    assert not {name for name in imported if not name.startswith("coordinator")}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from coordinator import project_version
 from coordinator.broker import broker_url as resolve_broker_url
-from coordinator.broker import connect_tracking, publisher, redact
 from coordinator.cli.common import (
     PROG,
     CommandFactory,
@@ -27,19 +25,15 @@ from coordinator.cli.common import (
     require,
 )
 from coordinator.cluster import inventory_path
-from coordinator.errors import BrokerUnreachableError, ExitCode, InvalidJobsError, NodeFailedError
-from worker_tasks.spec import queue_for
+from coordinator.errors import BrokerUnreachableError, ExitCode, NodeFailedError
 
 if TYPE_CHECKING:  # Fabric, pydantic and Redis: imported by the verbs that use them
-    from coordinator.cluster.group import NodeOutcome
-    from coordinator.cluster.inventory import Inventory
-    from coordinator.cluster.remote import RemoteNode
-    from coordinator.cluster.workers import WorkerProcess
+    from coordinator.cluster import Inventory, NodeOutcome, RemoteNode, WorkerProcess
     from coordinator.cluster_view import ClusterView
 
 
 def load(args: argparse.Namespace) -> Inventory:
-    from coordinator.cluster.inventory import load_inventory
+    from coordinator.cluster import load_inventory
 
     return load_inventory(inventory_path(args.inventory))
 
@@ -69,21 +63,21 @@ def report(outcomes: list[NodeOutcome], verb: str) -> int:
 
 def on_nodes(args: argparse.Namespace, verb: str,
              action: Callable[[RemoteNode], str | tuple[str, object]]) -> int:
-    from coordinator.cluster.group import Cluster
+    from coordinator.cluster import Cluster
 
     with Cluster(load(args), args.nodes) as cluster:
         return report(cluster.each(action), verb)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from coordinator.cluster.inventory import EXAMPLE
-    from worker_tasks import signing
+    from coordinator.cluster import EXAMPLE, UNSIGNED_VARIABLE, head_key
 
     sys.stdout.write(EXAMPLE)
-    if signing.unsigned():
-        print(f"{PROG}: no signing key made ({signing.UNSIGNED_VARIABLE}=1)", file=sys.stderr)
+    made_key = head_key()
+    if made_key is None:
+        print(f"{PROG}: no signing key made ({UNSIGNED_VARIABLE}=1)", file=sys.stderr)
         return ExitCode.OK
-    key, cert, made = signing.ensure_head_key()
+    key, cert, made = made_key
     what = "made" if made else "kept"
     print(f"{PROG}: {what} the head node's signing key {key} (mode 0600, never copied "
           f"anywhere) and its certificate {cert} (cluster deploy installs it on the nodes)",
@@ -93,52 +87,23 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 @over_ssh
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from coordinator.cluster import deploy
-    from coordinator.cluster.group import Cluster
-    from worker_tasks.connections import CA_VARIABLE
-    from worker_tasks.signing import signing_files
+    from coordinator.broker import redis_ca
+    from coordinator.cluster import Cluster, Deployment, head_certificate
+
     inventory = load(args)
-    scripts = None
-    if not args.no_scripts:
-        scripts, skipped = deploy.scripts_files(Path(args.scripts_dir), args.exclude,
-                                                inventory_path(args.inventory))
-        for line in skipped:
-            print(f"scripts: {line}", flush=True)
-        if not scripts:
-            if args.project is None and not args.data:
-                raise InvalidJobsError(f"--scripts-dir {args.scripts_dir}: no files to deploy")
-            print(f"scripts: none in {args.scripts_dir}; deploying only the "
-                  f"{'project' if args.project is not None else 'data'}", flush=True)
-            scripts = None
-    data = deploy.data_files(args.data, Path.cwd()) if args.data else None
-    signed = signing_files()
-    cert = Path(signed[1]) if signed else None
-    redis_ca = Path(os.environ[CA_VARIABLE]) if os.environ.get(CA_VARIABLE) else None
-    with deploy.with_workdir() as scratch:
-        wheel = (deploy.project_wheel(args.project or None, Path(scratch))
-                 if args.project is not None else None)
-
-        def one(remote: RemoteNode) -> str:
-            done = []
-            if wheel is not None:
-                done.append(deploy.install_project(remote, wheel))
-            if cert is not None:
-                done.append(deploy.deploy_trust(remote, cert))
-            if redis_ca is not None:
-                done.append(deploy.deploy_redis_ca(remote, redis_ca))
-            if scripts is not None:
-                done.append(deploy.deploy_scripts(remote, scripts))
-            if data is not None:
-                done.append(deploy.deploy_data(remote, data))
-            return "; ".join(done)
-
-        with Cluster(inventory, args.nodes) as cluster:
-            return report(cluster.each(one), "deploy")
+    ca = redis_ca()
+    deployment = Deployment(Path(args.scripts_dir), args.exclude, inventory_path(args.inventory),
+                            args.data, args.project, args.no_scripts, head_certificate(),
+                            Path(ca) if ca else None)
+    for line in deployment.notes:
+        print(line, flush=True)
+    with Cluster(inventory, args.nodes) as cluster:
+        return report(deployment.onto(cluster), "deploy")
 
 
 @over_ssh
 def cmd_up(args: argparse.Namespace) -> int:
-    from coordinator.cluster.workers import RemoteWorker
+    from coordinator.cluster import RemoteWorker
 
     head_broker = resolve_broker_url(args.broker)
     return on_nodes(args, "up",
@@ -147,7 +112,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 @over_ssh
 def cmd_down(args: argparse.Namespace) -> int:
-    from coordinator.cluster.workers import RemoteWorker
+    from coordinator.cluster import RemoteWorker
 
     return on_nodes(args, "down", lambda remote: RemoteWorker(remote).close(
         args.now, args.timeout, args.purge))
@@ -155,8 +120,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 @over_ssh
 def cmd_logs(args: argparse.Namespace) -> int:
-    from coordinator.cluster.group import Cluster
-    from coordinator.cluster.workers import RemoteWorker
+    from coordinator.cluster import Cluster, RemoteWorker
 
     with Cluster(load(args), args.nodes) as cluster:
         outcomes = cluster.each(lambda remote: ("", RemoteWorker(remote).logs(args.lines)))
@@ -175,67 +139,25 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 @over_ssh
 def cmd_unit(args: argparse.Namespace) -> int:
-    from coordinator.cluster import workers
+    from coordinator.cluster import systemd_unit
 
     for node in load(args).select(args.nodes):
-        sys.stdout.write(workers.systemd_unit(node, args.per_gpu))
+        sys.stdout.write(systemd_unit(node, args.per_gpu))
     return ExitCode.OK
-
-
-def broker_view(broker: str | None) -> tuple[ClusterView | None, str | None]:
-    """The cluster as the head node's broker sees it, asked once; or why it cannot be seen."""
-    import redis
-
-    from coordinator.cluster_view import OPERATOR_INSPECT_TIMEOUT_S, ClusterView
-    from worker_tasks.connections import redis_client
-
-    url = resolve_broker_url(broker)
-    try:
-        view = ClusterView(connect_tracking(None, broker), publisher(broker),
-                           timeout=OPERATOR_INSPECT_TIMEOUT_S,
-                           broker=redis_client(url, socket_connect_timeout=3, socket_timeout=5))
-        if view.answering():
-            view.active()
-    except (BrokerUnreachableError, redis.RedisError, OSError) as err:
-        return None, f"broker {redact(url)} unreachable from here: {err}"
-    return view, None
-
-
-def signing_status() -> str:
-    from worker_tasks.signing import SigningError, status_line
-
-    try:
-        return status_line()
-    except SigningError as err:
-        return str(err)
-
-
-def broker_lines(broker: str | None) -> list[str]:
-    """Which Redis the broker is now (behind Sentinels: the master they name) and how far
-    its replicas lag."""
-    import redis
-
-    from worker_tasks.connections import Replication, redis_client
-
-    url = resolve_broker_url(broker)
-    try:
-        return Replication.of(redis_client(url, socket_connect_timeout=3,
-                                           socket_timeout=5)).lines()
-    except (redis.RedisError, OSError) as err:
-        return [f"{redact(url)}: replication unknown ({err})"]
 
 
 @over_ssh
 def cmd_status(args: argparse.Namespace) -> int:
-    from coordinator.cluster.group import Cluster
-    from coordinator.cluster.remote import NodeError
-    from coordinator.cluster.workers import RemoteWorker
+    from coordinator.broker import replication_lines
+    from coordinator.cluster import Cluster, NodeError, RemoteWorker, trust_line
+    from coordinator.cluster_view import ClusterView
 
     inventory = load(args)
-    view, broker_error = broker_view(args.broker)
+    view, broker_error = ClusterView.for_operator(args.broker)
     if view is not None:
-        print("\n".join(f"broker: {line}" for line in broker_lines(args.broker)), flush=True)
-    print(f"signing: {signing_status()}", flush=True)
+        print("\n".join(f"broker: {line}" for line in replication_lines(args.broker)),
+              flush=True)
+    print(f"signing: {trust_line()}", flush=True)
     head_version = project_version()
 
     def one(remote: RemoteNode) -> str:
@@ -243,7 +165,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         parts, problems = [], []
         several = len(state.workers) > 1
         for worker in state.workers:
-            seen, trouble = worker_parts(worker, view, queue_for(worker.slot))
+            seen, trouble = worker_parts(worker, view)
             where = f"{worker.slot.removeprefix(remote.label + '.')}: " if several else ""
             parts.append(where + ", ".join(seen))
             problems += [f"{where}{problem}" for problem in trouble]
@@ -267,8 +189,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     return code
 
 
-def worker_parts(worker: WorkerProcess, view: ClusterView | None,
-                 queue: str) -> tuple[list[str], list[str]]:
+def worker_parts(worker: WorkerProcess,
+                 view: ClusterView | None) -> tuple[list[str], list[str]]:
     """What ``cluster status`` says of one worker of a node, and what is wrong with it."""
     parts, problems = [], []
     if worker.alive:
@@ -283,7 +205,7 @@ def worker_parts(worker: WorkerProcess, view: ClusterView | None,
         parts.append("ping ok" if ping else "no ping answer")
         if not ping:
             problems.append("no ping")
-        parts.append(f"queue {view.queue_length(queue)}")
+        parts.append(f"queue {view.waiting(worker.slot)}")
         job = view.current_job(name)
         parts.append(f"running {job}" if job else "idle")
     return parts, problems

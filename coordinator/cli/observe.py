@@ -58,11 +58,10 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
     import redis
 
+    from coordinator.broker import broker_client
     from coordinator.metrics import collect, write_textfile
-    from worker_tasks.connections import redis_client
 
-    url = resolve_broker_url(args.broker)
-    broker = redis_client(url, socket_connect_timeout=3, socket_timeout=10)
+    broker = broker_client(args.broker, socket_timeout=10)
     tracking = connect_tracking(None, args.broker)
     if args.textfile:
         path = Path(args.textfile)

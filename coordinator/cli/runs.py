@@ -29,16 +29,9 @@ from coordinator.options import (
     NO_WORKER_TIMEOUT_S,
     SubmitOptions,
 )
-from worker_tasks.spec import (
-    gpu_of_slot,
-    is_floating,
-    is_safe_name,
-    node_of_slot,
-    slot_of_worker,
-)
 
 if TYPE_CHECKING:  # the verbs import these when they run: --help stays quick
-    from coordinator.cluster.inventory import Inventory
+    from coordinator.cluster import Inventory
     from coordinator.plan import Plan
     from coordinator.records import JobRecord, RunStatus
     from coordinator.run import Run, Service
@@ -160,7 +153,7 @@ def inventory_of(args: argparse.Namespace) -> Inventory | None:
 
     if not hasattr(args, "inventory") or inventory_in_force(args.inventory) is None:
         return None  # checked first: a command without an inventory never loads its model
-    from coordinator.cluster.inventory import find_inventory
+    from coordinator.cluster import find_inventory
 
     return find_inventory(args.inventory)
 
@@ -183,7 +176,6 @@ def follow(run: Run, args: argparse.Namespace, detached: bool = True) -> int:
 
     ``detached``: the run lives on a cluster that outlives this command (not ``local``).
     """
-    from coordinator.collector import render
     from coordinator.progress import ProgressDisplay  # rich loads only to follow a run
 
     try:
@@ -197,7 +189,7 @@ def follow(run: Run, args: argparse.Namespace, detached: bool = True) -> int:
                   f"(coordinator wait {run.id} / coordinator cancel {run.id})", file=sys.stderr)
         raise
     collection = run.collect(args.workdir, joblog=getattr(args, "joblog", None))
-    print(render(collection), flush=True)
+    print(collection.text(), flush=True)
     return collection.exit_code
 
 
@@ -248,7 +240,7 @@ def cmd_submit(args: argparse.Namespace, plan: Plan | None = None) -> int:
     skipped = f" ({info.recovered} already done, not published)" if recovering else ""
     print(f"published {published} jobs{skipped}; follow with: coordinator wait {run.id}",
           file=sys.stderr)
-    warn_unserved(run, run.service(info))
+    warn_unserved(run.service(info))
     if args.wait:
         return follow(run, args)
     return ExitCode.OK
@@ -270,30 +262,24 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     return cmd_submit(args, plan)
 
 
-def warn_unserved(run: Run, service: Service) -> None:
+def warn_unserved(service: Service) -> None:
     """Say which nodes (or GPUs) have no worker: their jobs would wait silently otherwise."""
-    unserved = service.unserved
-    others = run.workers({node_of_slot(slot) for slot in unserved}) if unserved else {}
-    for slot, count in unserved.items():
-        node = node_of_slot(slot)
-        if is_floating(node):
-            print(f"{PROG}: warning: no worker is up to take the {count} floating jobs (queue "
-                  f"node.{slot}); any worker takes them once it starts", file=sys.stderr)
+    for gap in service.gaps():
+        if gap.floating:
+            print(f"{PROG}: warning: no worker is up to take the {gap.jobs} floating jobs (queue "
+                  f"node.{gap.slot}); any worker takes them once it starts", file=sys.stderr)
             continue
-        gpu = gpu_of_slot(slot)
+        gpu, node = gap.gpu, gap.node
         start = (f"coordinator worker --node {node}" + (f" --gpu {gpu}" if gpu is not None
                                                         else "") +
                  f" (or coordinator cluster up {node}{' --per-gpu' if gpu is not None else ''})")
         kind = "per-GPU" if gpu is None else "whole-node"
-        # Workers of the other kind (per-GPU for a whole-node job, or the reverse).
-        serving = sorted(slot_of_worker(name) for name in others.get(node, [])
-                         if (gpu_of_slot(slot_of_worker(name)) is None) != (gpu is None))
-        hint = (f"; the node's workers are {kind} ({', '.join(serving)}): "
+        hint = (f"; the node's workers are {kind} ({', '.join(gap.other_kind)}): "
                 f"{'submit with --per-gpu' if gpu is None else 'submit without --per-gpu'}, "
-                f"or start: {start}" if serving else f": {start}")
+                f"or start: {start}" if gap.other_kind else f": {start}")
         what = f"GPU {gpu} of node {node}" if gpu is not None else f"node {node}"
-        print(f"{PROG}: warning: no worker serves {what} (queue node.{slot}); its {count} jobs "
-              f"wait until one starts{hint}", file=sys.stderr)
+        print(f"{PROG}: warning: no worker serves {what} (queue node.{gap.slot}); its "
+              f"{gap.jobs} jobs wait until one starts{hint}", file=sys.stderr)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -313,8 +299,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from coordinator.records import JobState
     from coordinator.run import UNASSIGNED_QUEUE
-    from worker_tasks.tracking import JobState
 
     run = resolve_run(args)
     if not args.no_check:
@@ -362,20 +348,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def status_exit(status: RunStatus) -> ExitCode:
     """``status``: 1 once a job failed, was cancelled or is lost (whatever else still runs)."""
-    from worker_tasks.tracking import RETRYABLE
-
-    return ExitCode.JOBS_FAILED if any(job.state in RETRYABLE for job in status.jobs) \
-        else ExitCode.OK
+    return ExitCode.JOBS_FAILED if status.troubled else ExitCode.OK
 
 
 def job_line(job: JobRecord, node: str, alive: set[str]) -> str:
-    from worker_tasks.tracking import JobState, error_lines
+    from coordinator.records import JobState
 
     extra = f" exit {job.exit_code}" if job.exit_code not in (None, 0) else ""
     extra += f" {job.duration_s:.1f} s" if job.duration_s is not None else ""
     if job.moved_from:
         extra += f"  (moved from {job.moved_from})"
-    error, last = error_lines(job.error)
+    error, last = job.error_lines()
     if error:
         extra += f"  {error}"
     if job.state is JobState.RUNNING and job.host not in alive:
@@ -390,19 +373,16 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from coordinator.collector import render
-
     run = resolve_run(args)
     collection = run.collect(args.workdir, fetch=True if args.fetch else None,
                              joblog=args.joblog)
-    print(render(collection))
+    print(collection.text())
     if not collection.summary["finished"]:
         print(f"{PROG}: run {collection.summary['run_id']} is not finished", file=sys.stderr)
     return collection.exit_code
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from coordinator.collector import build_summary
     from coordinator.report import render_png, write_report
 
     if args.summary:  # a finished run, from its run_summary.json (no Redis needed)
@@ -412,10 +392,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as err:
             raise InvalidJobsError(f"--summary {args.summary}: {err}") from None
     else:
-        status = resolve_run(args).status()
-        summary = build_summary(status, status.jobs)
-        base = Path(args.workdir) if args.workdir else status.files_dir()
-        output_dir = base / status.output_dir
+        summary, output_dir = resolve_run(args).timeline_input(args.workdir)
     out = Path(args.out) if args.out else output_dir / "report.html"
     print(f"timeline of run {summary['run_id']} written to {write_report(summary, out)}")
     if args.png:
@@ -446,11 +423,6 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_move(args: argparse.Namespace) -> int:
     run = resolve_run(args)
     targets = [name for name in args.to.split(",") if name]
-    for name in [args.source, *targets]:
-        if not is_safe_name(name):
-            raise InvalidJobsError(f"{name!r} is not a node name")
-    if args.source in targets:
-        raise InvalidJobsError(f"--to lists {args.source}, the node the jobs move from")
     moved = run.move(args.source, targets)
     if not moved:
         print(f"run {run.id}: nothing to move from {args.source} (no queued, lost or abandoned "

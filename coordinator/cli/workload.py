@@ -15,7 +15,7 @@ from coordinator.options import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR
 
 def nodes_spec(args: argparse.Namespace) -> str:
     """``--nodes``, else every inventory node with its GPU count (``rig-a:2,rig-b:1``)."""
-    from coordinator.cluster.inventory import find_inventory
+    from coordinator.cluster import find_inventory
 
     if args.nodes:
         return str(args.nodes)
@@ -54,10 +54,10 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """README command 1 without the repository: Step 3 on a local cluster, checked."""
     from coordinator.cli.node import run_local
+    from coordinator.local import warm_env
     from coordinator.options import SubmitOptions
     from coordinator.run import prepare
     from coordinator.scoring_jobs import generate_scoring_jobs, make_demo_data
-    from worker_tasks.warm import worker_settings
 
     if not 1 <= args.nodes <= 26:
         raise InvalidJobsError("--nodes: give 1 to 26 nodes")
@@ -74,7 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo: {args.candidates} candidates, {args.draws} draws of java_lcg mod 1000, "
           f"{args.chunks} chunks over {nodes}, in {work}", file=sys.stderr, flush=True)
     plan = prepare(work / "scoring_jobs.json", SubmitOptions(workdir=work, scripts_dir=work))
-    worker_env = worker_settings(None) if args.warm else {}
+    worker_env = warm_env(None) if args.warm else {}
     following = argparse.Namespace(timeout=None, workdir=str(work), failover=None, joblog=None)
     code = run_local(plan, work, None, worker_env, following)
     secret = json.loads(demo.secret.read_text())["secret_seed"]

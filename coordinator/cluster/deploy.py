@@ -18,11 +18,15 @@ import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from coordinator.cluster.remote import NodeError, RemoteNode
 from coordinator.cluster.sync import push, tree_files
 from coordinator.errors import InvalidJobsError
 from coordinator.options import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR
+
+if TYPE_CHECKING:
+    from coordinator.cluster.group import Cluster, NodeOutcome
 
 # Seconds a node may take to install the project (pip resolving and downloading).
 INSTALL_TIMEOUT_S = 900.0
@@ -193,3 +197,59 @@ def venv_of(python: str) -> str:
 
 def with_workdir(work: Path | None = None) -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(prefix="sc-deploy-", dir=work)
+
+
+class Deployment:
+    """What ``cluster deploy`` puts on every node, gathered once on the head.
+
+    Parameters:
+        scripts_dir, excludes, inventory: the scripts to push (the inventory file and
+            ``excludes`` are left out); ignored with ``no_scripts``.
+        data: files or directories to push into each node's workdir.
+        project: None (no install), ``""`` (a wheel built from this source tree) or a
+            wheel file.
+        certificate, redis_ca: the head's certificate and the broker's CA, when set.
+    """
+
+    def __init__(self, scripts_dir: Path, excludes: Iterable[str], inventory: Path,
+                 data: list[str] | None, project: str | None, no_scripts: bool,
+                 certificate: Path | None, redis_ca: Path | None) -> None:
+        self.notes: list[str] = []  # lines to print before anything is sent
+        self.scripts: dict[str, Path] | None = None
+        if not no_scripts:
+            scripts, skipped = scripts_files(scripts_dir, excludes, inventory)
+            self.notes += [f"scripts: {line}" for line in skipped]
+            if scripts:
+                self.scripts = scripts
+            elif project is None and not data:
+                raise InvalidJobsError(f"--scripts-dir {scripts_dir}: no files to deploy")
+            else:
+                self.notes.append(f"scripts: none in {scripts_dir}; deploying only the "
+                                  f"{'project' if project is not None else 'data'}")
+        self.data = data_files(data, Path.cwd()) if data else None
+        self.project = project
+        self.certificate = certificate
+        self.redis_ca = redis_ca
+
+    def onto(self, cluster: Cluster) -> list[NodeOutcome]:
+        """Everything onto every node of ``cluster`` in parallel (the wheel is built first,
+        once): one outcome per node."""
+        with with_workdir() as scratch:
+            wheel = (project_wheel(self.project or None, Path(scratch))
+                     if self.project is not None else None)
+
+            def one(remote: RemoteNode) -> str:
+                done = []
+                if wheel is not None:
+                    done.append(install_project(remote, wheel))
+                if self.certificate is not None:
+                    done.append(deploy_trust(remote, self.certificate))
+                if self.redis_ca is not None:
+                    done.append(deploy_redis_ca(remote, self.redis_ca))
+                if self.scripts is not None:
+                    done.append(deploy_scripts(remote, self.scripts))
+                if self.data is not None:
+                    done.append(deploy_data(remote, self.data))
+                return "; ".join(done)
+
+            return cluster.each(one)
