@@ -91,11 +91,16 @@ def add_original_flags(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
 
 
-def add_collect_flags(parser: argparse.ArgumentParser) -> None:
+def add_workdir_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--workdir`` of a verb that reads a run's files: where ``what``, seen from here."""
     parser.add_argument("--workdir", metavar="DIR",
-                        help="where the .done files and the output directory are, seen from "
-                             "here (default: the directory the run's workers wrote into when "
-                             "this machine sees it, else the one it was submitted with)")
+                        help=f"where {what}, seen from here (default: the directory the run's "
+                             f"workers wrote into when this machine sees it, else the one it "
+                             f"was submitted with)")
+
+
+def add_collect_flags(parser: argparse.ArgumentParser) -> None:
+    add_workdir_flag(parser, "the .done files and the output directory are")
     parser.add_argument("--joblog", metavar="FILE",
                         help="GNU parallel's joblog format, one line per attempt (default: "
                              "OUTPUT_DIR/joblog, beside run_summary.json)")
@@ -462,10 +467,7 @@ def register(command: CommandFactory) -> None:
                   "coordinator status 20261129-081500-3f9a1c --json", STATUS_EXITS)
     add_run_arg(sub)
     sub.add_argument("--json", action="store_true", help="machine-readable output")
-    sub.add_argument("--workdir", metavar="DIR",
-                     help="where .done files are visible, to settle stuck records (default: "
-                          "where the run's workers wrote, else the directory it was "
-                          "submitted with)")
+    add_workdir_flag(sub, ".done files are visible, to settle stuck records")
     sub.add_argument("--no-check", action="store_true",
                      help="print the records as they are: no settling against .done files, "
                           "workers and queues (faster)")
@@ -505,9 +507,7 @@ def register(command: CommandFactory) -> None:
     sub.add_argument("--summary", metavar="FILE",
                      help="draw a finished run from its run_summary.json instead of Redis "
                           "(e.g. after coordinator local)")
-    sub.add_argument("--workdir", metavar="DIR",
-                     help="where the output directory is (default: where the run's workers "
-                          "wrote, else the directory it was submitted with)")
+    add_workdir_flag(sub, "the output directory is")
     sub.set_defaults(handler=cmd_report)
 
     sub = command("cancel", "drop a run's queued jobs and terminate its running ones",
