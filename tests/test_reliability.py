@@ -467,6 +467,48 @@ def test_hostile_messages_are_refused_and_the_worker_lives_on(bench: Bench) -> N
     assert "Traceback" not in log.read_text()
 
 
+# Items anyone with write access to Redis can push straight into a node's queue, none of
+# them a message: kombu used to end the worker (or drop its connection) on each.
+RAW_ITEMS = [b"not json", b"\xff\xfe", b"[1, 2]", b'"a string"', b"{}", b"null",
+             b'{"properties": 5}',
+             b'{"properties": {"delivery_tag": "t", "delivery_info": []}, "body": ""}',
+             b'{"properties": {"delivery_tag": "t", "body_encoding": "base64"}, "body": "x!"}',
+             b'{"properties": {"delivery_tag": "t"}, "headers": [], "body": ""}',
+             b'{"properties": {"delivery_tag": "t", "body_encoding": "rot13"}, "body": "x"}']
+
+
+def test_a_raw_item_that_is_no_message_is_dropped_and_the_worker_lives_on(
+        bench: Bench) -> None:
+    worker = bench.cluster.workers["rig-a"]
+    broker = redis.Redis.from_url(bench.server.url)
+    for item in RAW_ITEMS:
+        broker.lpush("node.rig-a", item)
+    log = bench.workdir / "worker-logs" / "worker-rig-a.log"
+    wait_for(lambda: log.read_text().count("that is no message") == len(RAW_ITEMS) or
+             worker.poll() is not None, 60, "every raw item to be dropped")
+    assert worker.poll() is None, "the worker died of a raw item"
+    text = log.read_text()
+    assert "Unrecoverable error" not in text and "Connection to broker lost" not in text
+    run = submit([bench.job("after-raw", "rig-a")], output_dir="o", broker_url=bench.server.url)
+    assert run.wait(timeout=60).jobs[0].state is JobState.SUCCEEDED
+    assert bench.cluster.workers["rig-a"] is worker  # the same process, never restarted
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "rediss://127.0.0.1:1/0",
+                                 "sentinel://127.0.0.1:1;sentinel://127.0.0.1:2"])
+def test_every_broker_scheme_reads_through_the_checking_transport(url: str) -> None:
+    from kombu import Connection
+    from kombu.transport import get_transport_cls
+
+    from worker_tasks import transport
+
+    make_app(url.split(";")[0])
+    chosen = get_transport_cls(Connection(url).transport_cls)
+    assert issubclass(chosen, transport.Transport)
+    assert issubclass(chosen.Channel, transport.Channel)
+    assert transport.envelope_problem({"properties": {"delivery_tag": "t"}}) is None
+
+
 def test_a_message_without_a_queue_is_refused_at_the_publisher_and_shown_by_status(
         bench: Bench) -> None:
     from worker_tasks.celery_app import UnroutedJobError

@@ -435,6 +435,10 @@ BREAKS = [
           "        return int(self.broker.llen(queue))",
           "        return int(self.client.llen(queue))",
           (T + "test_ssh_cluster.py::test_cluster_status_reads_queue_lengths_from_the_broker",)),
+    Break("an item in a queue that is no message does not end the worker",
+          "worker_tasks/celery_app.py", "    install_transports()\n", "",
+          (T + "test_reliability.py::test_a_raw_item_that_is_no_message_is_dropped_and_the_"
+               "worker_lives_on",)),
     Break("the CLI reaches the worker's side only through the head's rooms",
           "coordinator/cli/node.py",
           "    from coordinator.node_worker import NodeWorker, load_env_file\n",

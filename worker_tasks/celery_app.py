@@ -8,6 +8,7 @@ from celery import Celery
 
 import celeryconfig
 from worker_tasks.connections import tls_options, uses_tls
+from worker_tasks.transport import install as install_transports
 
 # The job task's name (also in spec.RUN_JOB_TASK; repeated to keep this module import-light).
 RUN_JOB_TASK = "scripts_coordinator.run_job"
@@ -27,6 +28,8 @@ def refuse_unrouted(name: str, args: Any, kwargs: Any, options: dict[str, Any],
 
 def make_app(broker_url: str | None = None, result_backend: str | None = None) -> Celery:
     """A Celery app configured from ``celeryconfig``; URLs may be overridden."""
+    # An item in a queue that is no message is dropped in one line, not fatal to a worker.
+    install_transports()
     # Remote control through our mailbox: signed commands and replies (worker_tasks.mailbox).
     app = Celery("scripts_coordinator", control="worker_tasks.mailbox:SignedControl")
     app.config_from_object(celeryconfig)
