@@ -129,6 +129,9 @@ class Job(BaseModel):
         warm: optional extension: false starts the script's interpreter fresh on a worker
             that runs jobs warm (``worker --warm``); true asks for a warm start (default:
             the worker's setting).
+        after: optional extension: the job ids of this file it waits for; it runs once
+            every one of them has succeeded, and ends without running if one fails for
+            good or is cancelled (Slurm's ``afterok``).
     """
 
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
@@ -144,6 +147,7 @@ class Job(BaseModel):
     retry_delay: RetryDelay = None
     pin: bool = False
     warm: bool | None = None
+    after: list[SafeName] = Field(default_factory=list, max_length=rules.MAX_AFTER)
 
 
 class LegacyScoringJob(BaseModel):
@@ -218,6 +222,7 @@ def iter_jobs(entries: Any, source: str = "jobs") -> Iterator[Job | LegacyScorin
     if not entries:
         raise InvalidJobsError(f"{source}: the jobs list is empty")
     first_index: dict[str, int] = {}
+    waits: dict[str, list[str]] = {}  # job id -> the jobs it names in "after"
     unknown_seen: set[str] = set()
     warnings: list[str] = []  # said once the whole list is read: a refused file says one line
     for index, entry in enumerate(entries):
@@ -239,16 +244,61 @@ def iter_jobs(entries: Any, source: str = "jobs") -> Iterator[Job | LegacyScorin
                 f"first used by job {first_index[job.job_id]}"
             )
         first_index[job.job_id] = index
+        if isinstance(job, Job) and job.after:
+            waits[job.job_id] = job.after
         warnings += unknown_fields(source, index, entry, model, unknown_seen)
         entries[index] = None  # the raw entry is done with: 100,000 of them weigh 100 MB
         yield job
+    check_waits(source, waits, first_index)
     for line in warnings:
         logger.warning("%s", line)
 
 
-# Fields a job may name that no version of this tool reads yet, and what ignoring them means.
-NOT_YET = {"after": "this job does not wait for the jobs it names: it runs as soon as a "
-                    "worker takes it"}
+def check_waits(source: str, waits: dict[str, list[str]], index: dict[str, int]) -> None:
+    """Every job an ``after`` names is in the file, and no job waits for itself, however far
+    round (``InvalidJobsError`` naming the job, and the cycle)."""
+    for job_id, named in waits.items():
+        for other in named:
+            if other not in index:
+                raise InvalidJobsError(f"{source}: job {index[job_id]} (job_id {job_id!r}): "
+                                       f"field 'after': no job {other!r} in this file")
+    cycle = find_cycle(waits)
+    if len(cycle) == 1:
+        raise InvalidJobsError(f"{source}: job {index[cycle[0]]} (job_id {cycle[0]!r}): field "
+                               f"'after': the job waits for itself")
+    if cycle:
+        raise InvalidJobsError(f"{source}: job {index[cycle[0]]} (job_id {cycle[0]!r}): field "
+                               f"'after': a cycle: {' -> '.join([*cycle, cycle[0]])} (each "
+                               f"waits for the next)")
+
+
+def find_cycle(waits: dict[str, list[str]]) -> list[str]:
+    """A cycle of ``waits`` (job -> the jobs it waits for), in order, or [] (iterative
+    depth-first search: a chain of 100,000 jobs is no recursion limit)."""
+    done: set[str] = set()
+    for root in waits:
+        if root in done:
+            continue
+        path: list[str] = []
+        on_path: set[str] = set()
+        stack: list[tuple[str, Iterator[str]]] = [(root, iter(waits.get(root, ())))]
+        path.append(root)
+        on_path.add(root)
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                path.pop()
+                on_path.discard(node)
+                done.add(node)
+            elif child in on_path:
+                return path[path.index(child):]
+            elif child not in done:
+                stack.append((child, iter(waits.get(child, ()))))
+                path.append(child)
+                on_path.add(child)
+    return []
 
 
 def unknown_fields(source: str, index: int, entry: dict[str, Any],
@@ -258,7 +308,7 @@ def unknown_fields(source: str, index: int, entry: dict[str, Any],
     lines = []
     for name in sorted(set(entry) - set(model.model_fields) - seen):
         seen.add(name)
-        meaning = NOT_YET.get(name, "a typo? the fields are " + ", ".join(model.model_fields))
+        meaning = "a typo? the fields are " + ", ".join(model.model_fields)
         lines.append(f"{source}: {who(index, entry)}: unknown field {name!r} ignored "
                      f"({meaning}); later jobs with it are not named")
     return lines

@@ -150,7 +150,36 @@ class Plan:
                     f"  {spec.job_id}  gpu {spec.gpu_id}  {spec.script} {' '.join(spec.args)}"
                 )
                 lines.append(f"      output {spec.output_file or '-'}  done {spec.done_file}")
+                if spec.after:
+                    lines.append(f"      after {', '.join(spec.after)}")
+        if any(spec.after for spec in self.specs):
+            lines.append("levels (a job starts once every job it names has succeeded):")
+            for number, level in enumerate(self.levels()):
+                lines.append(f"  level {number}: " + ", ".join(
+                    f"{spec.job_id} (after {', '.join(spec.after)})" if spec.after
+                    else spec.job_id for spec in level))
         return "\n".join(lines)
+
+    def levels(self) -> list[list[JobSpec]]:
+        """The jobs by how many waits stand before them: level 0 waits for nothing, a job
+        of level n waits for one of level n - 1 (the file is checked: no cycles)."""
+        level: dict[str, int] = {}
+        by_id = {spec.job_id: spec for spec in self.specs}
+        for spec in self.specs:
+            stack = [spec.job_id]
+            while stack:  # iterative: a chain of any length
+                job_id = stack[-1]
+                waits = [name for name in by_id[job_id].after if name not in level]
+                if waits:
+                    stack.extend(waits)
+                    continue
+                stack.pop()
+                level[job_id] = 1 + max((level[name] for name in by_id[job_id].after),
+                                        default=-1)
+        rows: list[list[JobSpec]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+        for spec in self.specs:
+            rows[level[spec.job_id]].append(spec)
+        return rows
 
 
 def checked(where: str, message: dict[str, Any]) -> JobSpec:
@@ -253,6 +282,8 @@ def plan_jobs(jobs: Iterable[Job], run_id: str, options: SubmitOptions = DEFAULT
             "warm": job.warm,
             "task_id": None,
         }
+        if job.after:
+            message["after"] = list(job.after)
         specs.append(checked(where, message))
         fingerprint.add(message)
     return Plan(run_id=run_id, specs=specs, options=options, pinned=frozenset(pinned),

@@ -33,6 +33,7 @@ from coordinator.placement import LeastLoaded, loads_of
 from coordinator.reconcile import find_lost, move_jobs, settle
 from coordinator.records import FOLLOW_FIELDS, JobRecord, RunStatus, read_records, read_status
 from coordinator.submission import republish
+from worker_tasks.dependencies import Dependencies
 from worker_tasks.spec import is_floating, queue_for
 from worker_tasks.tracking import ACTIVE, LOST_ONLY, JobState
 
@@ -140,6 +141,9 @@ class Scheduler:
         waiting_ids = [job.job_id for job in status.jobs if not job.state.is_final]
         if not waiting_ids:
             return
+        held = [job.job_id for job in status.jobs if job.state is JobState.HELD]
+        if held:
+            self.settle_held(held)
         running_ids = [job.job_id for job in status.jobs
                        if job.state in (JobState.RUNNING, JobState.FINISHING)]
         running = read_records(self.client, self.run_id, running_ids)
@@ -154,6 +158,18 @@ class Scheduler:
         lost = find_lost(self.app, self.client, self.broker, self.run_id, fresh, live)
         if lost:
             self.publish_again(lost)
+
+    def settle_held(self, held: list[str]) -> None:
+        """Release the held jobs whose dependencies all succeeded, end those one of whose
+        failed: what the workers that ended those dependencies do, done again in case one
+        died between its steps."""
+        released, ended = Dependencies(self.client, self.broker).settle(self.run_id, held)
+        if released:
+            self.options.notice(f"released {len(released)} held jobs whose dependencies "
+                                f"succeeded: {listing(released)}")
+        if ended:
+            self.options.notice(f"{len(ended)} held jobs ended without running (a dependency "
+                                f"failed): {listing(ended)}")
 
     def publish_again(self, lost: list[str]) -> None:
         """Publish lost jobs again, once each; a job lost a second time stays lost.

@@ -35,6 +35,13 @@ from coordinator.jobs import Job, LegacyScoringJob, iter_load_jobs
 from coordinator.legacy import Conversion, convert, write_chunks
 from coordinator.options import DEFAULTS, SubmitOptions
 from coordinator.plan import Plan, plan_jobs
+from worker_tasks.connections import redis_client
+from worker_tasks.dependencies import (
+    DEPENDENTS_FIELD,
+    RELEASE_TO_FIELD,
+    Dependencies,
+    hold_queue,
+)
 from worker_tasks.signing import AUTH_SERIALIZER
 from worker_tasks.spec import FLOATING_NODE, RUN_JOB_TASK, JobSpec
 from worker_tasks.tracking import (
@@ -155,7 +162,12 @@ def record_run(client: redis.Redis, plan: Plan, extra: dict[str, Any] | None = N
                                       json.dumps(spec.node), json.dumps(task_id_for(spec)))
                                      for spec in part], created, client=pipe)
         pipe.execute()
+    held = held_jobs(plan, done)
     marked = [(spec.job_id, {"pin": True}) for spec in plan.specs if spec.job_id in plan.pinned]
+    marked += [(spec.job_id, {"state": JobState.HELD, RELEASE_TO_FIELD: spec.queue})
+               for spec in plan.specs if spec.job_id in held]
+    marked += [(job_id, {DEPENDENTS_FIELD: dependents})
+               for job_id, dependents in dependents_of(plan).items()]
     marked += [(spec.job_id, {"floating": True}) for spec in plan.specs if spec.floating]
     marked += [(job_id, {"state": JobState.SKIPPED, "finished_at": created,
                          "error": "recovered: its .done existed"}) for job_id in sorted(done)]
@@ -180,12 +192,30 @@ def record_run(client: redis.Redis, plan: Plan, extra: dict[str, Any] | None = N
         "submitted_from": socket.gethostname(),
         **(extra or {}),
     }
-    tracker.create_run(run_id, metadata, {JobState.QUEUED: len(plan.specs) - len(done),
+    tracker.create_run(run_id, metadata, {JobState.QUEUED: len(plan.specs) - len(done) -
+                                          len(held), JobState.HELD: len(held),
                                           JobState.SKIPPED: len(done)}, created)
 
 
+def held_jobs(plan: Plan, done: frozenset[str] | set[str] = frozenset()) -> set[str]:
+    """The jobs that wait for a job of the run not already done (recovered ones count as
+    succeeded): recorded ``held``, published into their hold lists."""
+    return {spec.job_id for spec in plan.specs
+            if spec.job_id not in done and any(name not in done for name in spec.after)}
+
+
+def dependents_of(plan: Plan) -> dict[str, list[str]]:
+    """job -> the jobs that wait for it, in jobs-file order."""
+    dependents: dict[str, list[str]] = {}
+    for spec in plan.specs:
+        for name in spec.after:
+            dependents.setdefault(name, []).append(spec.job_id)
+    return dependents
+
+
 def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str],
-            on_batch: Callable[[int], None] | None = None) -> None:
+            on_batch: Callable[[int], None] | None = None,
+            held: frozenset[str] | set[str] = frozenset()) -> None:
     """Send each job to its node's queue, in batches; ``BrokerUnreachableError`` on failure.
 
     The messages are Celery's own protocol-2 messages, built by Celery
@@ -193,7 +223,8 @@ def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str],
     that the per-call option handling is done once, that kombu's batching groups the
     Redis pushes into pipelines, and that each batch's ``task-sent`` events travel as one
     event message (see ``publish_sent_events``). ``on_batch`` hears how many jobs each
-    batch the broker took held.
+    batch the broker took held. Jobs in ``held`` go into their hold lists, not their
+    queues (``worker_tasks.dependencies``).
     """
     amqp = app.amqp
     sent_events = bool(app.conf.task_send_sent_event)
@@ -206,14 +237,17 @@ def publish(specs: Sequence[JobSpec], app: Celery, task_ids: Sequence[str],
                 max_workers=SIGNING_THREADS if serializer == AUTH_SERIALIZER else 1) as pool:
             producer = app.amqp.Producer(connection, auto_declare=False)
             # Each node's queue is declared once, not once per message.
-            for queue in {spec.queue for spec in specs}:
+            for queue in {spec.queue for spec in specs if spec.job_id not in held}:
                 producer.maybe_declare(amqp.queues[queue])
             dispatcher = app.events.Dispatcher(producer.connection, enabled=False)
             batches = encoded_batches(amqp, specs, task_ids, sent_events, serializer, pool)
             for part, jobs, encoded in batches:
                 with producer.batch(max_size=BATCH_SIZE + 1):
-                    for job, (content_type, encoding, data) in zip(jobs, encoded, strict=True):
-                        producer.publish(data, exchange="", routing_key=job.queue,
+                    for spec, job, (content_type, encoding, data) in zip(
+                            part, jobs, encoded, strict=True):
+                        where = (hold_queue(spec.run_id, spec.job_id)
+                                 if spec.job_id in held else job.queue)
+                        producer.publish(data, exchange="", routing_key=where,
                                          headers=job.headers, content_type=content_type,
                                          content_encoding=encoding, delivery_mode=PERSISTENT,
                                          declare=[], retry=False, **job.properties)
@@ -331,6 +365,7 @@ def publish_run(
     record_run(client, plan, {**(extra or {}), "pushed": pushed}, done)
     pending = [spec for spec in plan.specs if spec.job_id not in done]
     task_ids = [task_id_for(spec) for spec in pending]
+    held = held_jobs(plan, done)
     tracker = JobTracker(client)
     sent = 0  # jobs of ``pending`` in batches the broker took
     notes: list[str] = []
@@ -342,7 +377,7 @@ def publish_run(
     deadline = time.monotonic() + FAILOVER_WAIT_S
     while True:
         try:
-            publish(pending[sent:], app, task_ids[sent:], on_batch=took)
+            publish(pending[sent:], app, task_ids[sent:], on_batch=took, held=held)
             break
         except BrokerUnreachableError as err:
             if not new_master_within(app.conf.broker_url, deadline):
@@ -429,7 +464,18 @@ def republish(client: redis.Redis, app: Celery, run_id: str, job_ids: Sequence[s
                                    spec.node, record.get("attempts", 0), note, update)
         if result.ok:
             moved.append((spec, task_id))
-    if moved:
-        tracker.set_run_state(run_id, RunState.ACTIVE)
-        publish([spec for spec, _ in moved], app, [task_id for _, task_id in moved])
+    if not moved:
+        return []
+    tracker.set_run_state(run_id, RunState.ACTIVE)
+    # A job whose dependencies have not all succeeded (retried with them) waits again.
+    waiting = {spec.job_id for spec, _ in moved if spec.after and not all(
+        JobState(tracker.record(run_id, name, "state").get("state", JobState.QUEUED)).is_success
+        for name in spec.after)}
+    held = {job_id for job_id in waiting if tracker.hold(
+        run_id, job_id, next(spec.queue for spec, _ in moved if spec.job_id == job_id)).ok}
+    publish([spec for spec, _ in moved], app, [task_id for _, task_id in moved], held=held)
+    if held:
+        dependencies = Dependencies(client, redis_client(app.conf.broker_url))
+        for job_id in held:  # a dependency may have succeeded meanwhile
+            dependencies.release_if_ready(run_id, job_id)
     return [spec.job_id for spec, _ in moved]

@@ -469,11 +469,11 @@ def test_unknown_fields_are_named_once_each_and_kept_harmless(
     assert [job.job_id for job in jobs] == ["j0", "j1", "j2"]
     assert [record.getMessage() for record in caplog.records] == [
         "f.json: job 0 (job_id 'j0'): unknown field 'retires' ignored (a typo? the fields are "
-        "job_id, script, args, node, gpu_id, timeout, env, retries, retry_delay, pin, warm); "
-        "later jobs with it are not named",
+        "job_id, script, args, node, gpu_id, timeout, env, retries, retry_delay, pin, warm, "
+        "after); later jobs with it are not named",
         "f.json: job 1 (job_id 'j1'): unknown field 'colour' ignored (a typo? the fields are "
-        "job_id, script, args, node, gpu_id, timeout, env, retries, retry_delay, pin, warm); "
-        "later jobs with it are not named"]
+        "job_id, script, args, node, gpu_id, timeout, env, retries, retry_delay, pin, warm, "
+        "after); later jobs with it are not named"]
 
 
 def test_a_plans_digest_is_its_messages_and_output_settings_not_its_run_id(
@@ -508,7 +508,7 @@ def test_planning_checks_scripts_where_the_scripts_directory_is_given(tmp_path: 
                          "20260101-000000-aaaaaa").specs) == 3
 
 
-def test_the_digest_tells_preserved_paths_from_rewritten_ones_and_after_is_explained(
+def test_the_digest_tells_preserved_paths_from_rewritten_ones_and_after_is_read(
         caplog: pytest.LogCaptureFixture) -> None:
     # A job without --output-file has the same message either way: only the setting differs.
     def plan(preserve: bool) -> str:
@@ -517,8 +517,12 @@ def test_the_digest_tells_preserved_paths_from_rewritten_ones_and_after_is_expla
                          SubmitOptions(preserve_paths=preserve)).digest()
 
     assert plan(True) != plan(False)
+    # "after" is read (it was ignored, with a warning, before 2026-12-06): the waiting
+    # job's message carries it, the other's leaves it out (workers of earlier versions).
     with caplog.at_level("WARNING", logger="coordinator"):
-        parse_jobs([{"job_id": "w", "script": "s.py", "node": "rig-a", "after": ["p"]}], "f")
-    assert [record.getMessage() for record in caplog.records] == [
-        "f: job 0 (job_id 'w'): unknown field 'after' ignored (this job does not wait for the "
-        "jobs it names: it runs as soon as a worker takes it); later jobs with it are not named"]
+        jobs = parse_jobs([{"job_id": "p", "script": "s.py", "node": "rig-a"},
+                           {"job_id": "w", "script": "s.py", "node": "rig-a", "after": ["p"]}],
+                          "f")
+    assert caplog.records == []
+    specs = plan_jobs(jobs, "20260101-000000-aaaaaa").specs
+    assert [spec.to_message().get("after") for spec in specs] == [None, ["p"]]

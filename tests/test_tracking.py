@@ -32,9 +32,9 @@ HOST = "rig-t@box"
 _runs = itertools.count()
 
 Call = Callable[[JobTracker, str, str], Transition | None]
-Q, R, FIN, S, F, SK, C, L = (JobState.QUEUED, JobState.RUNNING, JobState.FINISHING,
-                             JobState.SUCCEEDED, JobState.FAILED, JobState.SKIPPED,
-                             JobState.CANCELLED, JobState.LOST)
+Q, R, FIN, S, F, SK, C, L, H = (JobState.QUEUED, JobState.RUNNING, JobState.FINISHING,
+                                JobState.SUCCEEDED, JobState.FAILED, JobState.SKIPPED,
+                                JobState.CANCELLED, JobState.LOST, JobState.HELD)
 
 # method -> (from states, the state it leads to, the call), spelled out as in the module
 # docstring's table (not taken from the module: a changed rule must turn this red).
@@ -52,7 +52,11 @@ TABLE: dict[str, tuple[tuple[JobState, ...], JobState, Call]] = {
              lambda t, r, j: t.skip(r, j, TASK, HOST, 0)),
     "drop_cancelled": ((Q, R, FIN, L), JobState.CANCELLED,
                        lambda t, r, j: t.drop_cancelled(r, j, TASK, HOST, 0)),
-    "cancel": ((Q, R, L), JobState.CANCELLED, lambda t, r, j: t.cancel(r, j)),
+    "cancel": ((Q, R, L, H), JobState.CANCELLED, lambda t, r, j: t.cancel(r, j)),
+    "release": ((H,), JobState.QUEUED, lambda t, r, j: t.release(r, j)),
+    "end_held": ((H,), JobState.CANCELLED,
+                 lambda t, r, j: t.end_held(r, j, "dependency f failed")),
+    "hold": ((Q,), JobState.HELD, lambda t, r, j: t.hold(r, j, "node.rig-t")),
     "settle_done": ((R, FIN), JobState.SUCCEEDED, lambda t, r, j: t.settle_done(r, j, TASK)),
     "requeue_dead": ((R, FIN), JobState.QUEUED,
                      lambda t, r, j: t.requeue_dead(r, j, TASK, "died with its worker")),

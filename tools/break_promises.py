@@ -106,8 +106,9 @@ BREAKS = [
            T + "test_tracking.py::test_each_transition_is_allowed_from_its_states_and_refused"
                "_from_every_other")),
     Break("a cancel never lands once the marker is being written", "worker_tasks/tracking.py",
-          "CANCELLABLE = (JobState.QUEUED, JobState.RUNNING, JobState.LOST)",
-          "CANCELLABLE = (JobState.QUEUED, JobState.RUNNING, JobState.LOST, JobState.FINISHING)",
+          "CANCELLABLE = (JobState.QUEUED, JobState.RUNNING, JobState.LOST, JobState.HELD)",
+          "CANCELLABLE = (JobState.QUEUED, JobState.RUNNING, JobState.LOST, JobState.HELD,\n"
+          "               JobState.FINISHING)",
           (T + "test_tracking.py::test_each_transition_is_allowed_from_its_states_and_refused"
                "_from_every_other",)),
     Break("a worker stops in bounded time without its broker", "worker_tasks/worker.py",

@@ -47,6 +47,7 @@ from celery.worker.request import Request
 from worker_tasks import warm
 from worker_tasks.celery_app import app
 from worker_tasks.connections import redis_client
+from worker_tasks.dependencies import DEPENDENTS_FIELD, Dependencies
 from worker_tasks.execution import CancelWatch, Launch, Marker, SlotHold, TimeLimit
 from worker_tasks.lease import SlotLease
 from worker_tasks.retries import Retries
@@ -150,6 +151,36 @@ def workdir() -> Path:
 def tracker() -> JobTracker:
     url = os.environ.get("SC_TRACKING_URL") or app.conf.broker_url
     return JobTracker(redis_client(url, socket_connect_timeout=5, socket_timeout=10))
+
+
+@cache
+def dependencies() -> Dependencies:
+    """Releases and ends the jobs that wait for the jobs this worker ends."""
+    return Dependencies(tracker().client,
+                        redis_client(app.conf.broker_url, socket_connect_timeout=5,
+                                     socket_timeout=10))
+
+
+def after_job(spec: JobSpec) -> None:
+    """The job's record is final, or this delivery did nothing: the jobs that wait for it
+    are released (it succeeded) or ended (it failed for good, or was cancelled). Read from
+    the record, so a message delivered again after its job ended releases too (a worker
+    killed between the two steps)."""
+    record = retrying("read record", lambda: tracker().record(
+        spec.run_id, spec.job_id, "state", DEPENDENTS_FIELD))
+    if not record.get(DEPENDENTS_FIELD):
+        return
+    state = JobState(record["state"])
+    if state.is_success:
+        released = retrying("release", lambda: dependencies().after_success(
+            spec.run_id, spec.job_id))
+        if released:
+            logger.info("job %s of run %s released %s", spec.job_id, spec.run_id,
+                        ", ".join(released))
+    elif state.is_final and state is not JobState.LOST:
+        why = "failed" if state is JobState.FAILED else f"was {state}"
+        retrying("end dependents", lambda: dependencies().after_failure(
+            spec.run_id, spec.job_id, why))
 
 
 def retrying(what: str, call: Callable[[], T], limit: float = TRACKING_RETRY_S) -> T:
@@ -366,6 +397,8 @@ class JobExecution:
             raise Dropped(f"superseded by message {record.get('task_id')}")
         if record.get("state") == JobState.CANCELLED:
             raise NotRun("cancelled; not run")
+        if spec.after:
+            self.check_released()
         if paths.done.exists():
             return self.skip()
         hold = SlotHold(SlotLease(tracker().client, spec.slot, self.host, self.task_id),
@@ -376,6 +409,18 @@ class JobExecution:
             return self.run_attempts(paths, record.get("history") or [])
         finally:
             hold.after_attempts()
+
+    def check_released(self) -> None:
+        """Every job this one waits for (its signed ``after``) succeeded: a message moved
+        early by hand, or a record released by a forged edit, runs nothing."""
+        spec = self.spec
+        states = retrying("read dependencies", lambda: dependencies().waited_states(
+            spec.run_id, spec.job_id))
+        pending = [name for name in spec.after
+                   if states.get(name) is None or not states[name].is_success]
+        if pending:
+            raise Dropped(f"delivered before it was released: dependency {pending[0]} has "
+                          f"not succeeded; not run")
 
     def refuse(self, why: str) -> NoReturn:
         moved = self.track("refuse", lambda t: t.fail(*self.ids(), error=why))
@@ -584,14 +629,21 @@ def run_job(self: Any, message: Any = None, *extra: Any, **kwargs: Any) -> dict[
             raise Ignore() from None
     execution = JobExecution(spec, self.request.id, host, floating)
     try:
-        return execution.run()
+        result = execution.run()
+        with contextlib.suppress(redis.RedisError):  # else the head's scheduler releases
+            after_job(spec)
+        return result
     except NotRun as stop:
+        with contextlib.suppress(redis.RedisError):
+            after_job(spec)
         # A cancelled or stale delivery: REVOKED in Flower, and no result is stored.
         logger.warning("job %s of run %s (message %s): %s", spec.job_id, spec.run_id,
                        self.request.id, stop.why)
         self.send_event("task-revoked", terminated=False, signum=None, expired=False)
         raise Ignore() from None
     except JobFailed:
+        with contextlib.suppress(redis.RedisError):
+            after_job(spec)
         raise
     except Exception as err:  # a full disk, a permission: the job fails, never stays running
         error = f"worker error: {type(err).__name__}: {err}"

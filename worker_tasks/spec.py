@@ -50,6 +50,8 @@ MAX_RETRIES = 100
 MAX_RETRY_DELAY_S = 3600.0
 # Bounds on a message's size: arguments, their total length, environment entries.
 MAX_ARGS = 4096
+# Jobs one job may wait for ("after").
+MAX_AFTER = 1024
 MAX_ARGS_CHARS = 1 << 20
 MAX_ENV = 64
 # Environment names a job may set: a small safe set unless the operator widens it
@@ -208,6 +210,18 @@ def check_args(value: Any) -> list[str]:
     return list(value)
 
 
+def check_after(value: Any) -> list[str]:
+    """The job ids a job waits for: safe names, at most ``MAX_AFTER``, none twice."""
+    if not isinstance(value, list):
+        raise InvalidMessage(f"after must be a list of job ids, not {type(value).__name__}")
+    if len(value) > MAX_AFTER:
+        raise InvalidMessage(f"after names {len(value)} jobs (at most {MAX_AFTER})")
+    names = [check_name(name, f"after[{index}]") for index, name in enumerate(value)]
+    if len(set(names)) != len(names):
+        raise InvalidMessage("after names a job twice")
+    return names
+
+
 def check_retries(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RETRIES:
         raise InvalidMessage(f"retries must be an integer in 0..{MAX_RETRIES}, not {value!r}")
@@ -322,6 +336,9 @@ class JobSpec:
             fresh (False), or as the worker is set (None: ``coordinator worker --warm``).
         task_id: the id of the message that carries the job, set as it is published: a
             signed message's headers are not signed, its body is (``worker_tasks.signing``).
+        after: the jobs of the run it waits for: the worker runs it only once each has
+            succeeded (left out of the message when empty, so workers of earlier versions
+            read every other job).
     """
 
     run_id: str
@@ -340,6 +357,7 @@ class JobSpec:
     per_gpu: bool = False
     warm: bool | None = None
     task_id: str | None = None
+    after: list[str] = field(default_factory=list)
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -373,7 +391,10 @@ class JobSpec:
 
     def to_message(self) -> dict[str, Any]:
         """The message (a plain dict; lists and dicts are shared, not copied)."""
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        message = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        if not self.after:
+            del message["after"]
+        return message
 
     @classmethod
     def from_message(cls, message: Any) -> JobSpec:
@@ -416,4 +437,5 @@ class JobSpec:
             warm=None if message.get("warm") is None else check_flag(message["warm"], "warm"),
             task_id=(None if message.get("task_id") is None
                      else check_text(message["task_id"], "task_id")),
+            after=check_after(message.get("after", [])),
         )

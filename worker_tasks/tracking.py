@@ -16,6 +16,13 @@ message (task id), so a stale message cannot touch it.
 
     method           from                                 to          by      holding
     create_jobs      (none)                               queued      head    -
+                                                          held (a job with "after")
+    hold             queued                               held        head    -    (retry)
+    release          held                                 queued      either  -    (every job
+                                                                                   it waits for
+                                                                                   succeeded)
+    end_held         held                                 cancelled   either  -    (one failed
+                                                                                   for good)
     start            queued running finishing lost        running     worker  yes  (+1 attempt,
                                                                                    refused once
                                                                                    the run is
@@ -26,7 +33,7 @@ message (task id), so a stale message cannot touch it.
     fail             queued running finishing lost        failed      worker  yes
     skip             queued running finishing lost failed skipped     worker  yes
     drop_cancelled   queued running finishing lost        cancelled   worker  yes
-    cancel           queued running lost                  cancelled   head    -
+    cancel           queued running lost held             cancelled   head    -
     settle_done      running finishing                    succeeded   head    yes
     requeue_dead     running finishing                    queued      head    yes
     mark_lost        queued running finishing             lost        head    yes
@@ -43,6 +50,8 @@ Keys (``<p>`` is the prefix, ``sc`` by default):
     <p>:lease:node:<slot>         the slot's lease while one of its jobs runs (lease.py; the
                                   key says "node" for workers of earlier versions)
     <p>:busy                      hash: node -> seconds its jobs have run (metrics)
+    <p>:held:<run_id>:<job_id>    (on the broker) the signed message of a held job, until its
+                                  release moves it into its queue (dependencies.py)
     <p>:workers:<node>            the workers serving a node (presence.py)
 """
 
@@ -67,6 +76,7 @@ EVENTS_SLACK = 10_000
 
 
 class JobState(StrEnum):
+    HELD = "held"  # waits for the jobs it names in "after" (dependencies.py releases it)
     QUEUED = "queued"
     RUNNING = "running"
     FINISHING = "finishing"  # succeeded, its .done being written: a cancel comes too late
@@ -78,7 +88,8 @@ class JobState(StrEnum):
 
     @property
     def is_final(self) -> bool:
-        return self not in (JobState.QUEUED, JobState.RUNNING, JobState.FINISHING)
+        return self not in (JobState.HELD, JobState.QUEUED, JobState.RUNNING,
+                            JobState.FINISHING)
 
     @property
     def is_success(self) -> bool:
@@ -98,7 +109,7 @@ STARTABLE = (JobState.QUEUED, JobState.RUNNING, JobState.FINISHING, JobState.LOS
 # States of a job an attempt is working on (its worker holds the node's lease meanwhile).
 ACTIVE = (JobState.RUNNING, JobState.FINISHING)
 # What a head-node cancel stops: jobs not final, and not past the point of a cancel.
-CANCELLABLE = (JobState.QUEUED, JobState.RUNNING, JobState.LOST)
+CANCELLABLE = (JobState.QUEUED, JobState.RUNNING, JobState.LOST, JobState.HELD)
 # What ``retry`` publishes again, what a ``move`` relocates, what a lost job is.
 RETRYABLE = (JobState.FAILED, JobState.CANCELLED, JobState.LOST)
 MOVABLE = (JobState.QUEUED, JobState.LOST, JobState.RUNNING)
@@ -166,7 +177,7 @@ EVENT_FIELDS = ("attempts", "host", "duration_s", "error", "task_id", "node", "n
 # The message fields a record keeps in its one ``spec`` field (JSON): the job as planned,
 # stored once. ``node`` is also a field of its own (a move changes it).
 SPEC_FIELDS = ("job_id", "script", "args", "node", "gpu_id", "output_file", "done_file",
-               "log_file", "timeout", "env", "retries", "retry_delay", "per_gpu")
+               "log_file", "timeout", "env", "retries", "retry_delay", "per_gpu", "after")
 
 
 def runs_key() -> str:
@@ -393,6 +404,29 @@ class JobTracker:
         return self._apply(run_id, job_id, JobState.CANCELLED, STARTABLE, task_id,
                            JobEvent(job_id, JobState.CANCELLED, attempts=attempts, host=host),
                            finished_at=now())
+
+    # -- a held job's transitions (by the worker that ended its last dependency, or the head)
+
+    def release(self, run_id: str, job_id: str) -> Transition:
+        """Every job it waits for succeeded: ``queued`` (its message is moved next)."""
+        return self._apply(run_id, job_id, JobState.QUEUED, (JobState.HELD,), None,
+                           JobEvent(job_id, JobState.QUEUED,
+                                    note="released: every job it waits for succeeded"),
+                           queued_at=now())
+
+    def hold(self, run_id: str, job_id: str, release_to: str) -> Transition:
+        """A job published again (``retry``) whose dependencies have not all succeeded
+        waits for them again, to be released into ``release_to``."""
+        return self._apply(run_id, job_id, JobState.HELD, (JobState.QUEUED,), None,
+                           JobEvent(job_id, JobState.HELD,
+                                    note="held: it waits for the jobs it names in after"),
+                           release_to=release_to)
+
+    def end_held(self, run_id: str, job_id: str, reason: str) -> Transition:
+        """A job it waits for failed for good or was cancelled: it ends without running."""
+        return self._apply(run_id, job_id, JobState.CANCELLED, (JobState.HELD,), None,
+                           JobEvent(job_id, JobState.CANCELLED, error=reason),
+                           finished_at=now(), error=reason)
 
     # -- the head node's transitions ------------------------------------------------------
 
