@@ -258,6 +258,9 @@ def check_waits(source: str, waits: dict[str, list[str]], index: dict[str, int])
     """Every job an ``after`` names is in the file, and no job waits for itself, however far
     round (``InvalidJobsError`` naming the job, and the cycle)."""
     for job_id, named in waits.items():
+        if len(set(named)) != len(named):
+            raise InvalidJobsError(f"{source}: job {index[job_id]} (job_id {job_id!r}): field "
+                                   f"'after': a job is named twice")
         for other in named:
             if other not in index:
                 raise InvalidJobsError(f"{source}: job {index[job_id]} (job_id {job_id!r}): "

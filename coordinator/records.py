@@ -59,6 +59,7 @@ class JobRecord:
     floating: bool = False  # its message names no node: the first free slot takes it
     per_gpu: bool = False
     workdir: str | None = None  # the worker's directory, where it wrote the job's files
+    after: list[str] = field(default_factory=list)  # the jobs it waits for
 
     def error_lines(self) -> tuple[str, list[str]]:
         """The error's first line, and the script's own last words under it."""
@@ -77,7 +78,7 @@ class JobRecord:
 
 # What a record's ``spec`` (the job's message) contributes to a JobRecord.
 SPEC_VALUES = ("job_id", "node", "gpu_id", "script", "args", "output_file", "done_file",
-               "log_file", "retries", "per_gpu")
+               "log_file", "retries", "per_gpu", "after")
 # The record's own fields (``spec`` is read as one JSON value and unpacked).
 RECORD_FIELDS = [f.name for f in fields(JobRecord) if f.name not in SPEC_VALUES
                  or f.name == "node"] + ["spec"]

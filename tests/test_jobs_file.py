@@ -526,3 +526,99 @@ def test_the_digest_tells_preserved_paths_from_rewritten_ones_and_after_is_read(
     assert caplog.records == []
     specs = plan_jobs(jobs, "20260101-000000-aaaaaa").specs
     assert [spec.to_message().get("after") for spec in specs] == [None, ["p"]]
+
+
+def test_short_arguments_share_one_copy_and_long_ones_do_not() -> None:
+    """Arguments of at most 32 characters are interned: 100,000 jobs repeating "--mod"
+    and "1000" hold one copy of each (built at run time here, so nothing is interned
+    already)."""
+    short, long = "".join(["x"] * 32), "".join(["y"] * 33)
+    jobs = parse_jobs([{"job_id": f"i{index}", "script": "s.py", "node": "rig-a",
+                        "args": ["".join(["x"] * 32), "".join(["y"] * 33)]}
+                       for index in range(2)])
+    assert jobs[0].args == jobs[1].args == [short, long]
+    assert jobs[0].args[0] is jobs[1].args[0]
+    assert jobs[0].args[1] is not jobs[1].args[1]
+
+
+def test_a_plan_counts_its_jobs_per_slot_in_slot_order() -> None:
+    entries = [{"job_id": f"s{index}", "script": "s.py", "node": node, "gpu_id": gpu}
+               for index, (node, gpu) in enumerate([("rig-b", 0), ("rig-a", 1), ("rig-b", 1),
+                                                    ("rig-a", 1), ("rig-a", 0)])]
+    plan = plan_jobs(parse_jobs([dict(entry) for entry in entries]), "20260101-000000-aaaaaa")
+    assert plan.jobs_per_slot() == {"rig-a": 3, "rig-b": 2}
+    per_gpu = plan_jobs(parse_jobs([dict(entry) for entry in entries]),
+                        "20260101-000000-aaaaaa", SubmitOptions(per_gpu=True))
+    assert list(per_gpu.jobs_per_slot().items()) == [("rig-a.gpu0", 1), ("rig-a.gpu1", 2),
+                                                     ("rig-b.gpu0", 1), ("rig-b.gpu1", 1)]
+
+
+def after_jobs(waits: dict[str, list[str]], names: str = "abcde") -> list[dict[str, Any]]:
+    return [{"job_id": name, "script": "s.py", "node": "rig-a",
+             **({"after": waits[name]} if name in waits else {})} for name in names]
+
+
+@pytest.mark.parametrize(("waits", "expected"), [
+    ({"b": ["zz"]}, "f: job 1 (job_id 'b'): field 'after': no job 'zz' in this file"),
+    ({"c": ["c"]}, "f: job 2 (job_id 'c'): field 'after': the job waits for itself"),
+    ({"a": ["b"], "b": ["a"]},
+     "f: job 0 (job_id 'a'): field 'after': a cycle: a -> b -> a (each waits for the next)"),
+    ({"b": ["a"], "c": ["e"], "d": ["c"], "e": ["d"]},
+     "f: job 2 (job_id 'c'): field 'after': a cycle: c -> e -> d -> c (each waits for the "
+     "next)"),
+    ({"a": ["b", "b"]}, "f: job 0 (job_id 'a'): field 'after': a job is named twice"),
+    ({"a": [5]}, "f: job 0 (job_id 'a'): field 'after.0': Input should be a valid string"),
+])
+def test_after_names_jobs_of_the_file_without_a_cycle(waits: dict[str, list[Any]],
+                                                      expected: str) -> None:
+    with pytest.raises(InvalidJobsError) as raised:
+        parse_jobs(after_jobs(waits), "f")
+    assert str(raised.value) == expected
+
+
+def test_a_long_chain_and_a_diamond_are_no_cycle() -> None:
+    chain = [{"job_id": f"c{index}", "script": "s.py", "node": "rig-a",
+              **({"after": [f"c{index - 1}"]} if index else {})} for index in range(5000)]
+    assert len(parse_jobs(chain)) == 5000  # no recursion limit
+    jobs = parse_jobs(after_jobs({"b": ["a"], "c": ["a"], "d": ["b", "c"], "e": ["d", "a"]}))
+    assert [job.after for job in jobs] == [[], ["a"], ["a"], ["b", "c"], ["d", "a"]]
+
+
+def test_the_plan_shows_the_levels_of_its_waits() -> None:
+    jobs = parse_jobs(after_jobs({"c": ["a", "b"], "d": ["c"], "e": ["a"]}))
+    plan = plan_jobs(jobs, "20260101-000000-aaaaaa")
+    assert [[spec.job_id for spec in level] for level in plan.levels()] == \
+        [["a", "b"], ["c", "e"], ["d"]]
+    text = plan.describe()
+    assert text.endswith("levels (a job starts once every job it names has succeeded):\n"
+                         "  level 0: a, b\n"
+                         "  level 1: c (after a, b), e (after a)\n"
+                         "  level 2: d (after c)")
+    assert "      after a, b\n" in text
+    plain = plan_jobs(parse_jobs(after_jobs({})), "20260101-000000-aaaaaa")
+    assert "levels" not in plain.describe() and len(plain.levels()) == 1
+    # Reversed file order: a job may name one that comes later.
+    late = plan_jobs(parse_jobs(after_jobs({"a": ["e"], "e": ["d"]}, "edcba")),
+                     "20260101-000000-aaaaaa")
+    assert [[spec.job_id for spec in level] for level in late.levels()] == \
+        [["d", "c", "b"], ["e"], ["a"]]
+
+
+@pytest.mark.parametrize(("after", "expected"), [
+    ("a", "after must be a list of job ids, not str"),
+    (["a"] * 1025, "after names 1025 jobs (at most 1024)"),
+    (["a", "b", "a"], "after names a job twice"),
+    (["ok", "../x"], "after[1] '../x' is not a safe name (letters, digits, '.', '_', '-'; "
+                     "no '..')"),
+])
+def test_a_messages_after_is_checked_by_the_workers_rules(after: Any, expected: str) -> None:
+    from worker_tasks.spec import InvalidMessage, JobSpec, check_after
+
+    with pytest.raises(InvalidMessage) as raised:
+        check_after(after)
+    assert str(raised.value) == expected
+    message = {"run_id": "20260101-000000-aaaaaa", "job_id": "j", "script": "s.py",
+               "args": [], "node": "rig-a", "gpu_id": 0, "done_file": "o/j.done",
+               "log_file": "o/j.log", "after": ["x", "y"]}
+    assert JobSpec.from_message(message).after == ["x", "y"]
+    assert JobSpec.from_message({**message, "after": []}).to_message().get("after") is None

@@ -354,3 +354,17 @@ def test_java_modulo_magic_is_exact(mod: int) -> None:
     values = values[values < 2**31].astype(object)  # exact Python integers
     assert magic * (2**31 - 1) < 2**63  # the product fits a signed 64-bit register
     assert all((int(u) * magic) >> shift == int(u) // mod for u in values)
+
+
+def test_the_reference_refuses_a_history_it_cannot_line_up() -> None:
+    """The plain loop compares draw i with history entry i: histories it would silently cut
+    short (zip) are an error, not fewer matches."""
+    history = reference_draws("java_lcg", 7, 1000, 5)
+    assert reference_matches("java_lcg", 7, history, 1000) == 5
+
+    class Short(list):  # a history that claims one entry more than it yields
+        def __len__(self) -> int:
+            return super().__len__() + 1
+
+    with pytest.raises(ValueError, match="shorter"):
+        reference_matches("java_lcg", 7, Short(history), 1000)

@@ -393,3 +393,19 @@ def test_a_messages_optional_fields_and_their_defaults_are_the_contracts() -> No
                                   "retry_delay": 2.0, "per_gpu": False, "warm": None,
                                   "task_id": None, "after": []}
     assert JobSpec.defaults()["env"] is not JobSpec.defaults()["env"]  # a fresh dict each
+
+
+@pytest.mark.parametrize(("task_id", "expected"), [
+    (7, "task_id must be a string, not int"),
+    ("run.j\0.0", "task_id contains a NUL byte"),
+    ("run.j\ud800.0", "task_id is not valid text (a lone surrogate)"),
+])
+def test_a_bad_task_id_is_refused_by_name(task_id: object, expected: str) -> None:
+    from worker_tasks.spec import InvalidMessage, JobSpec
+
+    message = {"run_id": "20260101-000000-aaaaaa", "job_id": "j", "script": "s.py",
+               "args": [], "node": "rig-a", "gpu_id": 0, "done_file": "o/j.done",
+               "log_file": "o/j.log", "task_id": task_id}
+    with pytest.raises(InvalidMessage) as raised:
+        JobSpec.from_message(message)
+    assert str(raised.value) == expected

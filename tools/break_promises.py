@@ -436,6 +436,28 @@ BREAKS = [
           "        return int(self.broker.llen(queue))",
           "        return int(self.client.llen(queue))",
           (T + "test_ssh_cluster.py::test_cluster_status_reads_queue_lengths_from_the_broker",)),
+    Break("a job with \"after\" waits in its hold list, not its queue",
+          "coordinator/submission.py",
+          "                                 if spec.job_id in held else job.queue)",
+          "                                 if False else job.queue)",
+          (T + "test_dependencies.py::test_a_job_runs_only_once_every_job_it_names_succeeded",)),
+    Break("the worker that ends a job's last dependency releases it, no head needed",
+          "worker_tasks/run_job.py",
+          "        with contextlib.suppress(redis.RedisError):  # else the head's scheduler "
+          "releases\n            after_job(spec)\n", "",
+          (T + "test_dependencies.py::test_a_job_runs_only_once_every_job_it_names_succeeded",)),
+    Break("a failed dependency ends its dependents, and theirs", "worker_tasks/dependencies.py",
+          "        ended: list[str] = []\n", "        return []\n        ended: list[str] = []\n",
+          (T + "test_dependencies.py::test_a_failed_dependency_ends_its_dependents_without_"
+               "running_them",)),
+    Break("a held message moved early by hand runs nothing", "worker_tasks/run_job.py",
+          "        if pending:\n            raise Dropped(f\"delivered before",
+          "        if False:\n            raise Dropped(f\"delivered before",
+          (T + "test_dependencies.py::test_a_held_message_moved_early_by_hand_runs_nothing",)),
+    Break("cycles in after are refused at submit", "coordinator/jobs.py",
+          "    cycle = find_cycle(waits)\n", "    cycle: list[str] = []\n",
+          (T + "test_dependencies.py::test_cycles_and_unknown_ids_are_refused_and_nothing_is_"
+               "published",)),
     Break("an item in a queue that is no message does not end the worker",
           "worker_tasks/celery_app.py", "    install_transports()\n", "",
           (T + "test_reliability.py::test_a_raw_item_that_is_no_message_is_dropped_and_the_"

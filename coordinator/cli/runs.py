@@ -363,6 +363,8 @@ def job_line(job: JobRecord, node: str, alive: set[str]) -> str:
     extra += f" {job.duration_s:.1f} s" if job.duration_s is not None else ""
     if job.moved_from:
         extra += f"  (moved from {job.moved_from})"
+    if job.state is JobState.HELD:
+        extra += f"  (waits for {', '.join(job.after)})"
     error, last = job.error_lines()
     if error:
         extra += f"  {error}"
