@@ -48,6 +48,9 @@ class SubmitOptions:
         scripts_dir: where the workers' scripts are, as this machine sees them; when given,
             a job whose script is neither there nor among the built-in scripts is refused
             while planning (``--dry-run`` too), not on the worker. None: not checked here.
+        after_runs: runs this one waits for: it is recorded and published held, and starts
+            once each has succeeded (``after_any``: once each has ended, however).
+        after_any: wait for the runs of ``after_runs`` to end, not to succeed.
     """
 
     output_dir: str = DEFAULT_OUTPUT_DIR
@@ -60,8 +63,11 @@ class SubmitOptions:
     balance: bool = False
     inventory: Inventory | None = None
     scripts_dir: Path | None = None
+    after_runs: tuple[str, ...] = ()
+    after_any: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "after_runs", tuple(self.after_runs))
         object.__setattr__(self, "workdir", Path(self.workdir))
         if self.scripts_dir is not None:
             object.__setattr__(self, "scripts_dir", Path(self.scripts_dir))

@@ -170,6 +170,16 @@ class RunStatus:
         """One line for logs: ``12/36 final: 11 succeeded, 1 failed, 4 running``."""
         return f"{self.done}/{self.total} final: {self.counts_text()}"
 
+    def hold_text(self) -> str | None:
+        """What a run held by ``--after`` waits for, or why it ended without starting; None
+        for a run that waits for no run (or no longer does)."""
+        if self.info.get("ended_because"):
+            return f"ended without starting: {self.info['ended_because']}"
+        after = self.info.get("after_runs") or {}
+        if not after or self.info.get("runs_released"):
+            return None
+        return "waits for " + ", ".join(f"run {run} ({mode})" for run, mode in after.items())
+
 
 def read_info(client: redis.Redis, run_id: str) -> dict[str, Any]:
     """The run's metadata as recorded at submit time; ``RunNotFoundError`` if none."""

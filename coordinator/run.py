@@ -45,8 +45,9 @@ from coordinator.records import (
     unfinished_run_of,
 )
 from worker_tasks.connections import redis_client
+from worker_tasks.dependencies import Dependencies, run_outcome, waiters_key
 from worker_tasks.spec import gpu_of_slot, is_floating, is_safe_name, node_of_slot, slot_of_worker
-from worker_tasks.tracking import LOST_ONLY, RETRYABLE, runs_key
+from worker_tasks.tracking import LOST_ONLY, RETRYABLE, RUN_TTL_S, runs_key
 
 if TYPE_CHECKING:  # imported where used: a run's status and records need none of them
     from celery import Celery
@@ -293,7 +294,10 @@ class Run:
         """
         from coordinator.submission import cancel_run
 
-        return cancel_run(self.client, self.id)
+        cancelled = cancel_run(self.client, self.id)
+        # Held jobs (and runs waiting for this one) learn it here: no worker may see its end.
+        Dependencies(self.client, self.broker).after_run_end(self.id)
+        return cancelled
 
     def retry_failed(self, lost: bool = False) -> int:
         """Publish the failed and cancelled jobs again (``lost``: the lost ones only).
@@ -344,6 +348,11 @@ def options_of(options: SubmitOptions | None, settings: dict[str, Any]) -> Submi
 
     if "inventory" in settings:
         settings = {**settings, "inventory": load_inventory_input(settings["inventory"])}
+    if "after" in settings:  # after=run, after=[run, "20261206-..."]: the runs it waits for
+        after = settings.pop("after")
+        settings["after_runs"] = tuple(
+            item.id if isinstance(item, Run) else str(item)
+            for item in ([after] if isinstance(after, str | Run) else after or ()))
     return (options or SubmitOptions()).but(**settings)
 
 
@@ -355,7 +364,9 @@ def submit(jobs: JobsInput, options: SubmitOptions | None = None, *,
     ``jobs`` is a jobs file path or a list of job dicts (the jobs-file format).
     ``options`` (a ``SubmitOptions``), or any of its fields as keywords
     (``output_dir=``, ``workdir=``, ``retries=``, ``per_gpu=``, ``inventory=`` an
-    ``Inventory`` or its path, ...): see ``SubmitOptions``.
+    ``Inventory`` or its path, ...): see ``SubmitOptions``. ``after=`` a run (or run
+    id), or a list of them: the run is held until each has succeeded (``after_any=True``:
+    until each has ended).
     ``resume``: when a run of the same jobs, options and workdir is still under way (its
     submitter died, say), return its handle (``run.resumed``) instead of publishing it again.
     ``recover``: see ``recover``.
@@ -417,6 +428,7 @@ def publish(plan: Plan, broker_url: str | None = None, tracking_url: str | None 
         (notice or logger.warning)(
             f"{redact(url)} holds no run and no worker of scripts-coordinator: publishing the "
             f"first run there (name another broker with --broker URL or $SC_BROKER_URL)")
+    check_awaited(client, plan.options)
     done = done_jobs(plan, plan.options.workdir, cluster) if recover else set()
     before = None
     if cluster is not None and cluster.any_node_local_storage:
@@ -426,10 +438,31 @@ def publish(plan: Plan, broker_url: str | None = None, tracking_url: str | None 
             return [outcome.line() for outcome in push_inputs(cluster, plan_,
                                                                plan_.options.workdir)]
 
+    for awaited in plan.options.after_runs:  # listed first: no end of theirs goes unseen
+        client.sadd(waiters_key(awaited), plan.run_id)
+        client.expire(waiters_key(awaited), RUN_TTL_S)
     publish_run(plan, client, app, before_publish=before,
                 extra={"recovered": recover, "signed": bool(app.conf.get("sc_sign_jobs"))},
                 done=done)
-    return Run(plan.run_id, client, url, inventory=cluster)
+    run = Run(plan.run_id, client, url, inventory=cluster)
+    if plan.options.after_runs:  # they may have ended meanwhile
+        Dependencies(client, run.broker).settle_run(plan.run_id)
+    return run
+
+
+def check_awaited(client: redis.Redis, options: SubmitOptions) -> None:
+    """The runs a held run waits for are recorded, and can still come to what it waits for
+    (``InvalidJobsError`` otherwise: nothing is published)."""
+    if options.after_any and not options.after_runs:
+        raise InvalidJobsError("--after-any: give the runs to wait for with --after RUN")
+    for awaited in options.after_runs:
+        outcome = run_outcome(client, awaited)
+        if outcome is None:
+            raise RunNotFoundError(f"--after {awaited}: no such run in this Redis (expired, or "
+                                   f"a wrong id)")
+        if not options.after_any and outcome in ("failed", "cancelled"):
+            raise InvalidJobsError(f"--after {awaited}: that run {outcome}, so this one would "
+                                   f"never start (--after-any waits for it to end, however)")
 
 
 def holds_ours(client: redis.Redis) -> bool:

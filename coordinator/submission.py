@@ -37,6 +37,9 @@ from coordinator.options import DEFAULTS, SubmitOptions
 from coordinator.plan import Plan, plan_jobs
 from worker_tasks.connections import redis_client
 from worker_tasks.dependencies import (
+    AFTER_ANY,
+    AFTER_OK,
+    AFTER_RUNS_FIELD,
     DEPENDENTS_FIELD,
     RELEASE_TO_FIELD,
     Dependencies,
@@ -190,6 +193,9 @@ def record_run(client: redis.Redis, plan: Plan, extra: dict[str, Any] | None = N
         "per_gpu": plan.options.per_gpu,
         "recovered_jobs": len(done),
         "submitted_from": socket.gethostname(),
+        **({AFTER_RUNS_FIELD: dict.fromkeys(plan.options.after_runs,
+                                            AFTER_ANY if plan.options.after_any else AFTER_OK)}
+           if plan.options.after_runs else {}),
         **(extra or {}),
     }
     tracker.create_run(run_id, metadata, {JobState.QUEUED: len(plan.specs) - len(done) -
@@ -200,6 +206,8 @@ def record_run(client: redis.Redis, plan: Plan, extra: dict[str, Any] | None = N
 def held_jobs(plan: Plan, done: frozenset[str] | set[str] = frozenset()) -> set[str]:
     """The jobs that wait for a job of the run not already done (recovered ones count as
     succeeded): recorded ``held``, published into their hold lists."""
+    if plan.options.after_runs:  # the whole run waits for other runs
+        return {spec.job_id for spec in plan.specs if spec.job_id not in done}
     return {spec.job_id for spec in plan.specs
             if spec.job_id not in done and any(name not in done for name in spec.after)}
 

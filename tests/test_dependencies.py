@@ -170,3 +170,80 @@ def test_a_worker_killed_while_a_dependency_runs_still_releases_once(bench: Benc
     assert [entry[0] for entry in bench.ledger_of("next")] == ["start", "end"]
     assert done["next"].started_at >= done["base"].finished_at
     assert bench.violations() == []
+
+
+# -- runs that wait for runs (--after, --after-any) --------------------------------------------
+
+
+def test_a_run_after_another_starts_by_itself_once_that_one_succeeded(bench: Bench) -> None:
+    gate = bench.workdir / "gate"
+    first = submit([bench.job("s3", "rig-a", "--sleep", 60, "--until", gate)], output_dir="o",
+                   broker_url=bench.server.url)
+    second = submit([bench.job("s5", "rig-b"), bench.job("s5b", "rig-a", after=["s5"])],
+                    output_dir="o", broker_url=bench.server.url, after=first)
+    env = {"SC_BROKER_URL": bench.server.url}
+    status = run_cli("status", second.id, env=env)
+    assert f"waits for run {first.id} (afterok)" in status.stdout
+    assert f"({'waits for run ' + first.id} (afterok))" in run_cli("runs", env=env).stdout
+    assert {job.state for job in states_of(second.id, bench.server.url).values()} == \
+        {JobState.HELD}
+    third = submit([bench.job("s6", "rig-b")], output_dir="o", broker_url=bench.server.url,
+                   after=[second.id])
+    wait_for(lambda: len(bench.ledger_of("s3")) == 1, 30, "step 3 to start")
+    assert bench.ledger_of("s5") == [] and bench.ledger_of("s6") == []
+    gate.touch()  # nobody follows any of the three runs: the workers chain them
+    done = wait_final(third.id, bench.server.url, timeout=90)
+    assert done["s6"].state is JobState.SUCCEEDED
+    middle = states_of(second.id, bench.server.url)
+    assert middle["s5"].started_at >= states_of(first.id, bench.server.url)["s3"].finished_at
+    assert done["s6"].started_at >= max(job.finished_at for job in middle.values())
+    assert "waits for run" not in run_cli("status", second.id, env=env).stdout
+
+
+def test_a_run_after_a_failed_run_ends_cancelled_and_wait_says_so(bench: Bench) -> None:
+    gate = bench.workdir / "gate"
+    failing = submit([bench.job("bad", "rig-a", "--sleep", 60, "--until", gate,
+                                "--fail-attempts", 9)],
+                     output_dir="o", broker_url=bench.server.url)
+    held = submit([bench.job("never", "rig-b")], output_dir="o", broker_url=bench.server.url,
+                  after=failing.id)
+    anyway = submit([bench.job("cleanup", "rig-b")], output_dir="o",
+                    broker_url=bench.server.url, after=failing.id, after_any=True)
+    gate.touch()
+    env = {"SC_BROKER_URL": bench.server.url}
+    ended = wait_final(held.id, bench.server.url)["never"]
+    reason = f"run {failing.id} it waits for failed"
+    assert ended.state is JobState.CANCELLED and ended.error == reason
+    assert bench.ledger_of("never") == []
+    assert run_cli("wait", held.id, env=env).returncode == 1
+    assert f"ended without starting: {reason}" in run_cli("status", held.id, env=env).stdout
+    # afterany: it waited for the failed run to end, then ran.
+    assert wait_final(anyway.id, bench.server.url)["cleanup"].state is JobState.SUCCEEDED
+
+
+def test_after_a_run_that_cannot_satisfy_it_is_refused_and_nothing_is_published(
+        bench: Bench, tmp_path: Path) -> None:
+    failed = submit([bench.job("bad", "rig-a", "--fail-attempts", 9)], output_dir="o",
+                    broker_url=bench.server.url)
+    wait_final(failed.id, bench.server.url)
+    path = tmp_path / "jobs.json"
+    path.write_text(json.dumps([bench.job("j", "rig-b")]))
+    env = {"SC_BROKER_URL": bench.server.url}
+    client = redis.Redis.from_url(bench.server.url)
+    runs_before = client.zcard("sc:runs")
+    refused = run_cli("submit", "--jobs-file", str(path), "--after", failed.id, env=env)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (f"coordinator: error: --after {failed.id}: that run "
+                                      f"failed, so this one would never start (--after-any "
+                                      f"waits for it to end, however)")
+    unknown = run_cli("submit", "--jobs-file", str(path), "--after", "20200101-000000-abcdef",
+                      env=env)
+    assert unknown.returncode == 4, unknown.stderr
+    assert "--after 20200101-000000-abcdef: no such run" in unknown.stderr
+    lone = run_cli("submit", "--jobs-file", str(path), "--after-any", env=env)
+    assert lone.returncode == 2 and "give the runs to wait for with --after RUN" in lone.stderr
+    assert client.zcard("sc:runs") == runs_before
+    # --after-any accepts the failed run: it has ended, so the run starts at once.
+    anyway = run_cli("submit", "--jobs-file", str(path), "--after", failed.id, "--after-any",
+                     "--wait", "--timeout", "60", env=env)
+    assert anyway.returncode == 0, anyway.stderr

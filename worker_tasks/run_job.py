@@ -168,9 +168,16 @@ def after_job(spec: JobSpec) -> None:
     killed between the two steps)."""
     record = retrying("read record", lambda: tracker().record(
         spec.run_id, spec.job_id, "state", DEPENDENTS_FIELD))
-    if not record.get(DEPENDENTS_FIELD):
+    if record.get("state") is None or not JobState(record["state"]).is_final:
         return
-    state = JobState(record["state"])
+    if record.get(DEPENDENTS_FIELD):
+        end_dependents(spec, JobState(record["state"]))
+    # Its run may have ended with it (its dependents too): the runs waiting for it settle.
+    retrying("settle waiting runs", lambda: dependencies().after_run_end(spec.run_id))
+
+
+def end_dependents(spec: JobSpec, state: JobState) -> None:
+    """Release or end the jobs of its run that wait for this one, now final as ``state``."""
     if state.is_success:
         released = retrying("release", lambda: dependencies().after_success(
             spec.run_id, spec.job_id))

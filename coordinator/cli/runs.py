@@ -145,6 +145,22 @@ def add_retry_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-delay", type=float, default=DEFAULTS.retry_delay, metavar="S",
                         help="base of the exponential backoff (with jitter) between attempts "
                              "(default: %(default)s s)")
+    parser.add_argument("--after", dest="after_runs", type=run_list, metavar="RUN[,RUN]",
+                        help="hold this run until each RUN has succeeded (Slurm's afterok): it "
+                             "is recorded and published now, and starts by itself, with or "
+                             "without this command still here; if one fails, it ends "
+                             "cancelled, e.g. --after 20261206-101500-3f9a1c")
+    parser.add_argument("--after-any", action="store_true",
+                        help="with --after: start once each RUN has ended, whatever its "
+                             "outcome (afterany)")
+
+
+def run_list(text: str) -> tuple[str, ...]:
+    """``--after RUN[,RUN]``: run ids, each checked as a name."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names or not all(name.replace("-", "").isalnum() for name in names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of run ids")
+    return names
 
 
 def add_run_arg(parser: argparse.ArgumentParser) -> None:
@@ -299,7 +315,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         except RunNotFoundError:  # expired since it was listed
             continue
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.created_at))
-        print(f"{run.id}  {created}  {status.outcome:<10} {status.line()}")
+        held = f"  ({status.hold_text()})" if status.hold_text() else ""
+        print(f"{run.id}  {created}  {status.outcome:<10} {status.line()}{held}")
     return ExitCode.OK
 
 
@@ -317,9 +334,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps({"run_id": status.run_id, "state": status.state,
                           "outcome": status.outcome, "finished": status.finished,
                           "counts": {str(k): v for k, v in status.counts.items()},
+                          "after_runs": status.info.get("after_runs") or {},
+                          "hold": status.hold_text(),
                           "jobs": [vars(job) for job in status.jobs]}, default=str, indent=2))
         return status_exit(status)
     print(f"run {status.run_id} ({status.outcome}): {status.line()}")
+    if status.hold_text():
+        print(f"  {status.hold_text()}")
     # The presence registry: one read at any width (a killed worker shows for up to 10 s).
     # By node: per-GPU workers (rig-a.gpu0, rig-a.gpu1) serve their node's jobs.
     service = run.service()
