@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,36 @@ def test_the_python_api_page_runs_as_written_from_an_empty_directory(tmp_path: P
              "every process of the local cluster to end")
     assert not state.parent.exists()  # its state, its log and the workers' logs
     assert run_cli("local", "--status", cwd=work, env=env).returncode == 6
+
+
+def test_the_pipeline_example_queues_three_steps_and_leaves(tmp_path: Path) -> None:
+    """examples/pipeline.sh against a local cluster that is up: it returns once the three
+    runs are queued; they then run one after the other with nobody following them."""
+    work = tmp_path / "work"
+    work.mkdir()
+    state = tmp_path / "state" / "local-cluster.json"
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SC_")}
+    env.update(SC_LOCAL_STATE=str(state), PATH=f"{BIN}:{env.get('PATH', '')}")
+    try:
+        up = run_cli("local", "--up", "--scripts-dir", str(work), cwd=work, env=env,
+                     timeout=180)
+        assert up.returncode == 0, up.stdout + up.stderr
+        queued = subprocess.run(["bash", str(REPO / "examples" / "pipeline.sh")], cwd=work,
+                                env=env, text=True, capture_output=True, timeout=180,
+                                check=False)
+        assert queued.returncode == 0, queued.stdout + queued.stderr
+        step3, step5, step6 = re.findall(r"run (\d{8}-\d{6}-[0-9a-f]+)",
+                                         queued.stdout.splitlines()[-2])
+        runs = run_cli("runs", cwd=work, env=env).stdout
+        assert f"{step6}" in runs
+        waited = run_cli("wait", step6, cwd=work, env=env, timeout=300)
+        assert waited.returncode == 0, waited.stdout + waited.stderr
+        assert json.loads((work / "step6" / "prediction.json").read_text())
+        assert (work / "step5" / "best.json").exists()
+        summary = json.loads(run_cli("status", step5, "--json", cwd=work, env=env).stdout)
+        first_start = min(job["started_at"] for job in summary["jobs"])
+        step3_status = json.loads(run_cli("status", step3, "--json", cwd=work, env=env).stdout)
+        assert step3_status["outcome"] == "finished"
+        assert first_start >= max(job["finished_at"] for job in step3_status["jobs"])
+    finally:
+        run_cli("local", "--down", cwd=work, env=env, timeout=120)

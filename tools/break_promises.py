@@ -458,6 +458,23 @@ BREAKS = [
           "    cycle = find_cycle(waits)\n", "    cycle: list[str] = []\n",
           (T + "test_dependencies.py::test_cycles_and_unknown_ids_are_refused_and_nothing_is_"
                "published",)),
+    Break("a run held by --after waits until the runs it names succeeded",
+          "worker_tasks/dependencies.py",
+          "        if any(outcome == \"active\" for outcome in outcomes.values()):\n"
+          "            return None\n", "",
+          (T + "test_dependencies.py::test_a_run_after_another_starts_by_itself_once_that_one_"
+               "succeeded",)),
+    Break("a run after a failed run ends cancelled", "worker_tasks/dependencies.py",
+          "            if after[awaited] == AFTER_OK and outcome in (\"failed\", \"cancelled\"):",
+          "            if False:",
+          (T + "test_dependencies.py::test_a_run_after_a_failed_run_ends_cancelled_and_wait_"
+               "says_so",)),
+    Break("the worker that ends an awaited run's last job releases its waiters",
+          "worker_tasks/run_job.py",
+          "    retrying(\"settle waiting runs\", lambda: dependencies().after_run_end("
+          "spec.run_id))\n", "",
+          (T + "test_dependencies.py::test_a_run_after_another_starts_by_itself_once_that_one_"
+               "succeeded",)),
     Break("an item in a queue that is no message does not end the worker",
           "worker_tasks/celery_app.py", "    install_transports()\n", "",
           (T + "test_reliability.py::test_a_raw_item_that_is_no_message_is_dropped_and_the_"
