@@ -57,6 +57,10 @@ class Collection:
         if self.all_succeeded:
             return ExitCode.OK
         states = {job["state"] for job in self.summary["jobs"]}
+        halt = self.summary.get("halt") or {}
+        if (self.summary.get("halted") and halt.get("on") == "success"
+                and JobState.FAILED not in states):
+            return ExitCode.OK  # --halt ...,success=N: the rest was not needed
         if states <= {JobState.SUCCEEDED, JobState.SKIPPED, UNCONFIRMED}:
             return ExitCode.UNCONFIRMED
         return ExitCode.JOBS_FAILED
@@ -165,6 +169,9 @@ def build_summary(status: RunStatus, jobs: list[JobRecord],
         "nodes": dict(sorted(nodes.items())),
         # Jobs moved off a node (coordinator move, --failover): from, to, which.
         "moves": status.info.get("moves", []),
+        # --halt: the condition, and why the run halted (None while it has not).
+        "halt": status.info.get("halt"),
+        "halted": status.info.get("halted"),
         "jobs": [job_summary(job, verdict(job)) for job in jobs],
     }
 
@@ -251,6 +258,8 @@ def render(collection: Collection) -> str:
     for name, node in summary["nodes"].items():
         lines.append(f"  {name:<16} {node['jobs']:>5} {node['succeeded']:>5} "
                      f"{node['failed']:>6} {node['skipped']:>7} {node['busy_s']:>8.1f}")
+    if summary.get("halted"):
+        lines.append(f"  {summary['halted']}; the jobs left were cancelled")
     for move in summary["moves"]:
         lines.append(f"  moved {len(move['jobs'])} jobs from {move['from']} to {move['to']}")
     for job in summary["jobs"]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from coordinator.errors import InvalidJobsError
 from worker_tasks.spec import DEFAULT_RETRY_DELAY_S
 
 if TYPE_CHECKING:  # the inventory module (Fabric-free, but not needed to submit) loads lazily
@@ -51,6 +52,8 @@ class SubmitOptions:
         after_runs: runs this one waits for: it is recorded and published held, and starts
             once each has succeeded (``after_any``: once each has ended, however).
         after_any: wait for the runs of ``after_runs`` to end, not to succeed.
+        halt: ``now|soon,fail|success=N|P%`` (GNU parallel's ``--halt``): when the run stops
+            itself (``worker_tasks.halt``); None: never.
     """
 
     output_dir: str = DEFAULT_OUTPUT_DIR
@@ -65,8 +68,16 @@ class SubmitOptions:
     scripts_dir: Path | None = None
     after_runs: tuple[str, ...] = ()
     after_any: bool = False
+    halt: str | None = None
 
     def __post_init__(self) -> None:
+        if self.halt is not None:
+            from worker_tasks.halt import Halt, HaltSyntaxError
+
+            try:
+                Halt.parse(self.halt)
+            except HaltSyntaxError as err:
+                raise InvalidJobsError(str(err)) from None
         object.__setattr__(self, "after_runs", tuple(self.after_runs))
         object.__setattr__(self, "workdir", Path(self.workdir))
         if self.scripts_dir is not None:

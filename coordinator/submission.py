@@ -45,6 +45,7 @@ from worker_tasks.dependencies import (
     Dependencies,
     hold_queue,
 )
+from worker_tasks.halt import HALT_FIELD, Halt
 from worker_tasks.signing import AUTH_SERIALIZER
 from worker_tasks.spec import FLOATING_NODE, RUN_JOB_TASK, JobSpec
 from worker_tasks.tracking import (
@@ -193,6 +194,8 @@ def record_run(client: redis.Redis, plan: Plan, extra: dict[str, Any] | None = N
         "per_gpu": plan.options.per_gpu,
         "recovered_jobs": len(done),
         "submitted_from": socket.gethostname(),
+        **({HALT_FIELD: Halt.parse(plan.options.halt).as_dict()}
+           if plan.options.halt else {}),
         **({AFTER_RUNS_FIELD: dict.fromkeys(plan.options.after_runs,
                                             AFTER_ANY if plan.options.after_any else AFTER_OK)}
            if plan.options.after_runs else {}),

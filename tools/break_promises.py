@@ -475,6 +475,18 @@ BREAKS = [
           "spec.run_id))\n", "",
           (T + "test_dependencies.py::test_a_run_after_another_starts_by_itself_once_that_one_"
                "succeeded",)),
+    Break("--halt soon: no job starts once the condition is met", "worker_tasks/halt.py",
+          "    if not halt.reached(counts):\n        return None\n", "    return None\n",
+          (T + "test_halt.py::test_halt_soon_starts_no_job_once_enough_failed_and_lets_running_"
+               "ones_finish",)),
+    Break("--halt now: running jobs are killed too", "worker_tasks/halt.py",
+          "    halt_run(tracker, run_id, reason, kill=halt.when == \"now\")",
+          "    halt_run(tracker, run_id, reason, kill=False)",
+          (T + "test_halt.py::test_halt_now_kills_the_running_jobs_and_leaves_no_process",)),
+    Break("--halt ...,success=N ends the run with exit 0", "coordinator/collector.py",
+          "            return ExitCode.OK  # --halt ...,success=N: the rest was not needed",
+          "            return ExitCode.JOBS_FAILED",
+          (T + "test_halt.py::test_halt_on_success_ends_the_run_well_at_the_first_success",)),
     Break("an item in a queue that is no message does not end the worker",
           "worker_tasks/celery_app.py", "    install_transports()\n", "",
           (T + "test_reliability.py::test_a_raw_item_that_is_no_message_is_dropped_and_the_"

@@ -44,7 +44,7 @@ from celery.exceptions import Ignore
 from celery.utils.log import get_task_logger
 from celery.worker.request import Request
 
-from worker_tasks import warm
+from worker_tasks import halt, warm
 from worker_tasks.celery_app import app
 from worker_tasks.connections import redis_client
 from worker_tasks.dependencies import DEPENDENTS_FIELD, Dependencies
@@ -170,6 +170,9 @@ def after_job(spec: JobSpec) -> None:
         spec.run_id, spec.job_id, "state", DEPENDENTS_FIELD))
     if record.get("state") is None or not JobState(record["state"]).is_final:
         return
+    reason = retrying("halt", lambda: halt.check(tracker().client, spec.run_id))
+    if reason:
+        logger.warning("run %s %s", spec.run_id, reason)
     if record.get(DEPENDENTS_FIELD):
         end_dependents(spec, JobState(record["state"]))
     # Its run may have ended with it (its dependents too): the runs waiting for it settle.

@@ -23,6 +23,7 @@ message (task id), so a stale message cannot touch it.
                                                                                    succeeded)
     end_held         held                                 cancelled   either  -    (one failed
                                                                                    for good)
+    halt             queued held lost (now: + running)    cancelled   worker  -    (--halt)
     start            queued running finishing lost        running     worker  yes  (+1 attempt,
                                                                                    refused once
                                                                                    the run is
@@ -113,6 +114,8 @@ CANCELLABLE = (JobState.QUEUED, JobState.RUNNING, JobState.LOST, JobState.HELD)
 # What ``retry`` publishes again, what a ``move`` relocates, what a lost job is.
 RETRYABLE = (JobState.FAILED, JobState.CANCELLED, JobState.LOST)
 MOVABLE = (JobState.QUEUED, JobState.LOST, JobState.RUNNING)
+# What a halt ends (a ``now`` halt: running jobs too).
+HALTABLE = (JobState.QUEUED, JobState.HELD, JobState.LOST)
 LOST_ONLY = (JobState.LOST,)
 
 
@@ -425,6 +428,14 @@ class JobTracker:
     def end_held(self, run_id: str, job_id: str, reason: str) -> Transition:
         """A job it waits for failed for good or was cancelled: it ends without running."""
         return self._apply(run_id, job_id, JobState.CANCELLED, (JobState.HELD,), None,
+                           JobEvent(job_id, JobState.CANCELLED, error=reason),
+                           finished_at=now(), error=reason)
+
+    def halt(self, run_id: str, job_id: str, reason: str, kill: bool) -> Transition:
+        """The run halted (``--halt``): a job not started ends ``cancelled`` with the
+        reason; with ``kill`` a running one too (its worker kills it, as for a cancel)."""
+        allowed = (*HALTABLE, JobState.RUNNING) if kill else HALTABLE
+        return self._apply(run_id, job_id, JobState.CANCELLED, allowed, None,
                            JobEvent(job_id, JobState.CANCELLED, error=reason),
                            finished_at=now(), error=reason)
 

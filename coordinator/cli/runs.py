@@ -145,6 +145,12 @@ def add_retry_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-delay", type=float, default=DEFAULTS.retry_delay, metavar="S",
                         help="base of the exponential backoff (with jitter) between attempts "
                              "(default: %(default)s s)")
+    parser.add_argument("--halt", metavar="WHEN,WHAT=N|P%",
+                        help="stop the run by itself, as GNU parallel's --halt: soon,fail=3 (no "
+                             "job starts once 3 failed; running ones finish), now,fail=10%% "
+                             "(once 10%% of the jobs ended so far failed, at least 3 ended: "
+                             "running ones are killed too), now,success=1 (the first success "
+                             "is enough: exit 0); the jobs left end cancelled with the reason")
     parser.add_argument("--after", dest="after_runs", type=run_list, metavar="RUN[,RUN]",
                         help="hold this run until each RUN has succeeded (Slurm's afterok): it "
                              "is recorded and published now, and starts by itself, with or "
