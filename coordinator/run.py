@@ -252,6 +252,26 @@ class Run:
         self.scheduler(options).settle(light)
         return lines
 
+    def accounting(self) -> list[dict[str, Any]]:
+        """Every attempt of every job, in jobs-file order (``coordinator acct``): where and
+        when it ran, how long, its tree's CPU seconds and largest RSS, how it ended. A field
+        not known (an attempt that died with its worker, one from before 2026-12-06) is
+        None."""
+        rows = []
+        for job in self.status().jobs:
+            for entry in job.history:
+                rows.append({
+                    "job_id": job.job_id, "attempt": entry.get("attempt"),
+                    "node": entry.get("node") or job.node,
+                    "gpu": entry.get("gpu", job.gpu_id), "host": entry.get("host"),
+                    "started_at": entry.get("started_at"),
+                    "finished_at": entry.get("finished_at"),
+                    "elapsed_s": entry.get("elapsed_s", elapsed(entry)),
+                    "cpu_s": entry.get("cpu_s"), "max_rss_mb": entry.get("max_rss_mb"),
+                    "exit_code": entry.get("exit_code"), "signal": entry.get("signal"),
+                    "error": entry.get("error")})
+        return rows
+
     def timeline_input(self, workdir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
         """What ``report`` draws: the run's summary as ``collect`` would write it (nothing is
         written, nothing merged), and the run's output directory under ``workdir`` (default:
@@ -448,6 +468,13 @@ def publish(plan: Plan, broker_url: str | None = None, tracking_url: str | None 
     if plan.options.after_runs:  # they may have ended meanwhile
         Dependencies(client, run.broker).settle_run(plan.run_id)
     return run
+
+
+def elapsed(entry: dict[str, Any]) -> float | None:
+    """An attempt's elapsed seconds from its start and end, when both are known."""
+    if entry.get("started_at") is None or entry.get("finished_at") is None:
+        return None
+    return round(entry["finished_at"] - entry["started_at"], 3)
 
 
 def check_awaited(client: redis.Redis, options: SubmitOptions) -> None:

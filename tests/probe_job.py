@@ -2,7 +2,7 @@
 
     python tests/probe_job.py --ledger DIR --output-file out/x.json [--sleep S]
         [--fail-attempts N] [--child-sleep S] [--speed NODE=FACTOR,...] [--lock-per-gpu]
-        [--until PATH]
+        [--until PATH] [--burn S] [--allocate MB]
 
 Each execution appends ``start`` and, if it gets that far, ``end <exit code>`` lines
 to ``DIR/<job>.ledger``, and holds two exclusive non-blocking locks while it runs:
@@ -35,6 +35,10 @@ parser.add_argument("--child-sleep", type=float)
 parser.add_argument("--speed", default="", help="NODE=FACTOR,...: sleep longer on slow nodes")
 parser.add_argument("--lock-per-gpu", action="store_true")
 parser.add_argument("--until", metavar="PATH", help="end the sleep once PATH exists")
+parser.add_argument("--burn", type=float, default=0.0, help="busy CPU seconds, in a child "
+                    "process it waits for (its whole tree is accounted)")
+parser.add_argument("--allocate", type=int, default=0, metavar="MB",
+                    help="touch this many MiB of memory in that child")
 args = parser.parse_args()
 
 job = os.environ["SC_JOB_ID"]
@@ -66,6 +70,12 @@ note(f"{job}.ledger", f"start {attempt} {os.getpid()} {time.time():.3f} {node} {
 if args.child_sleep:
     child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({args.child_sleep})"])
     note(f"{job}.children", str(child.pid))
+if args.burn or args.allocate:
+    burner = ("import time, sys; block = bytearray(%d * 1048576); "
+              "[block.__setitem__(i, 1) for i in range(0, len(block), 4096)]; "
+              "end = time.process_time() + %f\nwhile time.process_time() < end: pass"
+              % (args.allocate, args.burn))
+    subprocess.run([sys.executable, "-c", burner], check=True)
 sleep_until = time.monotonic() + args.sleep * float(factors.get(node, "1"))
 while time.monotonic() < sleep_until and not (args.until and os.path.exists(args.until)):
     time.sleep(min(0.05, max(0.0, sleep_until - time.monotonic())))

@@ -54,8 +54,8 @@ class Break:
 T = "tests/"
 BREAKS = [
     Break("cancel terminates running jobs", "worker_tasks/run_job.py",
-          "            if not self.watch.while_running():\n                runner.kill()",
-          "            if False:\n                runner.kill()",
+          "            if not self.watch.while_running():\n                killed = runner.kill()",
+          "            if False:\n                killed = runner.kill()",
           (T + "test_reliability.py::test_cancel_kills_running_jobs_and_no_marker_appears",
            T + "test_local_cluster.py::"
                "test_cancel_stops_the_running_job_and_drops_the_queued_ones")),
@@ -487,6 +487,12 @@ BREAKS = [
           "            return ExitCode.OK  # --halt ...,success=N: the rest was not needed",
           "            return ExitCode.JOBS_FAILED",
           (T + "test_halt.py::test_halt_on_success_ends_the_run_well_at_the_first_success",)),
+    Break("acct counts the CPU of the script's whole process tree", "worker_tasks/runner.py",
+          "    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # every process of the tree, "
+          "reaped\n",
+          "    usage = resource.getrusage(resource.RUSAGE_SELF)\n",
+          (T + "test_accounting.py::test_acct_accounts_for_every_attempt_of_the_whole_process_"
+               "tree",)),
     Break("an item in a queue that is no message does not end the worker",
           "worker_tasks/celery_app.py", "    install_transports()\n", "",
           (T + "test_reliability.py::test_a_raw_item_that_is_no_message_is_dropped_and_the_"

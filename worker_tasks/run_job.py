@@ -324,15 +324,34 @@ class Attempt:
     error: str | None
     cancelled: bool = False
     log_offset: int = 0
+    usage: Usage | None = None
 
     @property
     def duration_s(self) -> float:
         return round(self.finished_at - self.started_at, 3)
 
-    def history_entry(self, host: str) -> dict[str, Any]:
-        return {"attempt": self.number, "host": host, "started_at": round(self.started_at, 3),
-                "finished_at": round(self.finished_at, 3), "exit_code": self.exit_code,
-                "error": self.error}
+    def history_entry(self, host: str, spec: JobSpec) -> dict[str, Any]:
+        """The attempt as its job's history keeps it: where and when it ran, how it ended,
+        and what it used (``coordinator acct``)."""
+        usage = self.usage or Usage()
+        return {"attempt": self.number, "host": host, "node": spec.node, "gpu": spec.gpu_id,
+                "started_at": round(self.started_at, 3),
+                "finished_at": round(self.finished_at, 3), "elapsed_s": self.duration_s,
+                "cpu_s": usage.cpu_s, "max_rss_mb": usage.max_rss_mb,
+                "exit_code": self.exit_code, "signal": usage.signal, "error": self.error}
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What an attempt's process tree used, as its runner counted it (None: not known)."""
+
+    cpu_s: float | None = None
+    max_rss_mb: float | None = None
+    signal: int | None = None
+
+    @classmethod
+    def of(cls, outcome: Outcome) -> Usage:
+        return cls(outcome.cpu_s, outcome.max_rss_mb, outcome.signal)
 
 
 @dataclass(frozen=True)
@@ -460,7 +479,7 @@ class JobExecution:
                 raise NotRun("cancelled while running; killed with all it started")
             with contextlib.suppress(redis.RedisError):  # bookkeeping for metrics only
                 tracker().add_busy(spec.node, attempt.duration_s)
-            history = [*history, attempt.history_entry(self.host)]
+            history = [*history, attempt.history_entry(self.host, spec)]
             if attempt.error is None:
                 return self.succeed(paths, attempt, history)
             self.after_failure(paths, attempt, history)
@@ -507,11 +526,12 @@ class JobExecution:
         log_line(paths.log, f"attempt {self.attempts} of {spec.job_id} on {self.host} (node "
                             f"{spec.node}, GPU {spec.gpu_id}): {spec.script} "
                             f"{' '.join(spec.args)}")
-        exit_code, error, cancelled = self.execute(paths.log, self.attempts)
+        exit_code, error, cancelled, usage = self.execute(paths.log, self.attempts)
         if error is None and not cancelled:
             error = check_output(paths.output)
         return Attempt(number=self.attempts, started_at=started, finished_at=time.time(),
-                       exit_code=exit_code, error=error, cancelled=cancelled, log_offset=offset)
+                       exit_code=exit_code, error=error, cancelled=cancelled, log_offset=offset,
+                       usage=usage)
 
     def with_tail(self, attempt: Attempt, paths: JobPaths) -> str:
         """The attempt's error with the last lines the script wrote in it."""
@@ -519,8 +539,10 @@ class JobExecution:
         tail = output_tail(paths.log, attempt.log_offset)
         return f"{attempt.error}\n{OUTPUT_TAIL_HEADER}\n{tail}" if tail else attempt.error
 
-    def execute(self, log: Path, attempt: int) -> tuple[int | None, str | None, bool]:
-        """Run the script once: (exit code, error or None, cancelled while running)."""
+    def execute(self, log: Path, attempt: int
+                ) -> tuple[int | None, str | None, bool, Usage | None]:
+        """Run the script once: (exit code, error or None, cancelled while running, what its
+        process tree used)."""
         spec = self.spec
         launch = Launch(spec.warm, spec.env, self.base, lambda text: log_line(log, text))
         limit = TimeLimit(spec.timeout)
@@ -529,20 +551,20 @@ class JobExecution:
             argv, env = [sys.executable, str(script), *spec.args], script_env(spec, attempt)
             runner = launch.before_script(argv, env, log)
         except JobRefused as err:
-            return None, str(err), False
+            return None, str(err), False, None
         except OSError as err:
-            return None, f"could not start the script: {err}", False
+            return None, f"could not start the script: {err}", False, None
         limit.when_script_starts()
         while True:
             outcome = runner.wait(limit.next_wait())
             if outcome is not None:
-                return describe(outcome)
+                return (*describe(outcome), Usage.of(outcome))
             if not limit.while_running():
-                runner.kill()
-                return None, limit.reason(), False
+                killed = runner.kill()
+                return None, limit.reason(), False, Usage.of(killed)
             if not self.watch.while_running():
-                runner.kill()
-                return None, "cancelled while running", True
+                killed = runner.kill()
+                return None, "cancelled while running", True, Usage.of(killed)
 
     def succeed(self, paths: JobPaths, attempt: Attempt,
                 history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import resource
 import select
 import signal
 import socket
@@ -37,13 +38,27 @@ REAP_TIMEOUT_S = 10.0
 EXEC_FAILED = 127
 
 
+# What the runner writes on its status pipe once its whole tree is reaped: the script's
+# wait status, then the tree's user and system CPU seconds and the largest RSS of any of its
+# processes (KiB), as getrusage(RUSAGE_CHILDREN) counts them. Killed, it writes the status
+# alone.
+STATUS_FORMAT = "=i"
+USAGE_FORMAT = "=iddq"
+# Enough for either (one write, one read: a pipe write this small is atomic).
+STATUS_READ_BYTES = 64
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """How the script ended: its exit code, or the signal that killed it (or neither)."""
+    """How the script ended: its exit code, or the signal that killed it (or neither); and,
+    when the runner could count them, the CPU seconds of its whole process tree and the
+    largest resident set of any process of it (MiB)."""
 
     exit_code: int | None
     signal: int | None = None
     error: str | None = None
+    cpu_s: float | None = None
+    max_rss_mb: float | None = None
 
 
 def prctl(option: int, value: int | ctypes.c_char_p) -> None:
@@ -120,7 +135,9 @@ def runner_main(start_script: Callable[[int, int], int], log_path: str, status_f
 
     def stop(signum: int, frame: object) -> None:
         kill_descendants()
-        os.write(status_fd, struct.pack("i", signal.SIGKILL))  # "killed by SIGKILL"
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        os.write(status_fd, struct.pack(USAGE_FORMAT, signal.SIGKILL,  # "killed by SIGKILL"
+                                        usage.ru_utime, usage.ru_stime, usage.ru_maxrss))
         os._exit(128 + signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -132,7 +149,7 @@ def runner_main(start_script: Callable[[int, int], int], log_path: str, status_f
         script = start_script(log_fd, status_fd)
     except OSError as err:
         os.write(log_fd, f"could not start the script: {err}\n".encode())
-        os.write(status_fd, struct.pack("i", EXEC_FAILED << 8))  # "exited with 127"
+        os.write(status_fd, struct.pack(STATUS_FORMAT, EXEC_FAILED << 8))  # "exited with 127"
         os._exit(0)
     os.close(log_fd)
     if waiter is not None:
@@ -142,7 +159,9 @@ def runner_main(start_script: Callable[[int, int], int], log_path: str, status_f
         if pid == script:
             break
     kill_descendants()
-    os.write(status_fd, struct.pack("i", status))
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # every process of the tree, reaped
+    os.write(status_fd, struct.pack(USAGE_FORMAT, status, usage.ru_utime, usage.ru_stime,
+                                    usage.ru_maxrss))
     os._exit(0)
 
 
@@ -173,14 +192,20 @@ def spawn_script(argv: Sequence[str], cwd: str, env: Mapping[str, str]
 
 
 def outcome_of(data: bytes, runner_status: str) -> Outcome:
-    """The script's outcome from the 4 bytes the runner wrote (its wait status)."""
-    if len(data) != 4:
+    """The script's outcome from what the runner wrote: its wait status, and its tree's
+    usage when the runner lived to count it (``USAGE_FORMAT``)."""
+    usage: dict[str, float] = {}
+    if len(data) == struct.calcsize(USAGE_FORMAT):
+        status, user, system, max_rss_kib = struct.unpack(USAGE_FORMAT, data)
+        usage = {"cpu_s": round(user + system, 3), "max_rss_mb": round(max_rss_kib / 1024, 1)}
+    elif len(data) == struct.calcsize(STATUS_FORMAT):
+        status = struct.unpack(STATUS_FORMAT, data)[0]
+    else:
         return Outcome(exit_code=None, error=f"the job's runner ended without the script's "
                                              f"status ({runner_status})")
-    status = struct.unpack("i", data)[0]
     if os.WIFSIGNALED(status):
-        return Outcome(exit_code=None, signal=os.WTERMSIG(status))
-    return Outcome(exit_code=os.WEXITSTATUS(status))
+        return Outcome(exit_code=None, signal=os.WTERMSIG(status), **usage)
+    return Outcome(exit_code=os.WEXITSTATUS(status), **usage)
 
 
 class JobProcess:
@@ -245,7 +270,7 @@ class Runner(JobProcess):
     def _collect(self) -> Outcome:
         """Reap the runner and read the script's wait status from the pipe."""
         _, runner_status = os.waitpid(self.pid, 0)
-        data = os.read(self._status_fd, 4)
+        data = os.read(self._status_fd, STATUS_READ_BYTES)
         os.close(self._status_fd)
         os.close(self._pidfd)
         return outcome_of(data, f"wait status {runner_status}")

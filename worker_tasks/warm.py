@@ -31,7 +31,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from worker_tasks.runner import JobProcess, Outcome, outcome_of
+from worker_tasks.runner import STATUS_READ_BYTES, JobProcess, Outcome, outcome_of
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class WarmRunner(JobProcess):
         self._ready_fd = self._status_fd  # readable once the runner wrote the status (or died)
 
     def _collect(self) -> Outcome:
-        data = os.read(self._status_fd, 4)
+        data = os.read(self._status_fd, STATUS_READ_BYTES)
         os.close(self._status_fd)
         os.close(self._pidfd)
         self._connection.close()

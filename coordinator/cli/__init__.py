@@ -33,7 +33,7 @@ from coordinator.errors import ExitCode
 # this table against what each group registers.
 GROUP_NAMES = ("runs", "node", "cluster", "observe", "workload")
 COMMAND_GROUPS = {
-    **dict.fromkeys(("submit", "recover", "status", "runs", "wait", "collect", "report",
+    **dict.fromkeys(("submit", "recover", "status", "runs", "wait", "collect", "report", "acct",
                      "cancel", "retry", "move"), "runs"),
     **dict.fromkeys(("worker", "local"), "node"),
     "cluster": "cluster",

@@ -62,6 +62,7 @@ WAIT_EXITS = ((E.OK, "every job succeeded"), E.JOBS_FAILED,
 COLLECT_EXITS = ((E.OK, "every job succeeded"),
                  (E.JOBS_FAILED, "at least one job failed or is not final yet"),
                  E.BROKER_UNREACHABLE, E.RUN_NOT_FOUND, E.UNCONFIRMED)
+ACCT_EXITS = ((E.OK, "printed"), E.BROKER_UNREACHABLE, E.RUN_NOT_FOUND)
 REPORT_EXITS = ((E.OK, "the page was written"), E.BROKER_UNREACHABLE, E.RUN_NOT_FOUND)
 CANCEL_EXITS = ((E.OK, "every job not yet final was cancelled (0 of a finished run)"),
                 E.BROKER_UNREACHABLE, E.RUN_NOT_FOUND)
@@ -416,6 +417,32 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return collection.exit_code
 
 
+def cmd_acct(args: argparse.Namespace) -> int:
+    rows = resolve_run(args).accounting()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return ExitCode.OK
+    print(f"{'JOB':<24} {'ATT':>3} {'NODE':<12} {'GPU':>3} {'START':<19} {'ELAPSED':>9} "
+          f"{'CPU':>9} {'MAXRSS':>9} EXIT")
+    for row in rows:
+        start = (time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(row["started_at"]))
+                 if row["started_at"] else "-")
+        exit_text = (f"signal {row['signal']}" if row["signal"] is not None else
+                     "-" if row["exit_code"] is None else str(row["exit_code"]))
+        print(f"{row['job_id']:<24} {row['attempt'] or '-':>3} {row['node']:<12} "
+              f"{row['gpu']:>3} {start:<19} {seconds(row['elapsed_s']):>9} "
+              f"{seconds(row['cpu_s']):>9} {megabytes(row['max_rss_mb']):>9} {exit_text}")
+    return ExitCode.OK
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s"
+
+
+def megabytes(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}M"
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from coordinator.report import render_png, write_report
 
@@ -524,6 +551,16 @@ def register(command: CommandFactory) -> None:
                      help="first fetch each job's output and .done from the node that ran it "
                           "(nodes with shared_storage = false); needs the inventory")
     sub.set_defaults(handler=cmd_collect)
+
+    sub = command("acct", "every attempt of a run's jobs: node, GPU, start, elapsed, CPU "
+                          "seconds of its whole process tree, its largest RSS, exit (sacct)",
+                  "coordinator acct 20261129-081500-3f9a1c --json", ACCT_EXITS)
+    add_run_arg(sub)
+    sub.add_argument("--json", action="store_true",
+                     help="a JSON list of attempts: job_id, attempt, node, gpu, host, "
+                          "started_at, finished_at, elapsed_s, cpu_s, max_rss_mb, exit_code, "
+                          "signal, error")
+    sub.set_defaults(handler=cmd_acct)
 
     sub = command("report", "where a run's time went: an HTML page with a timeline per node",
                   "coordinator report 20261129-081500-3f9a1c --out run.html --png run.png",
