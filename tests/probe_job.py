@@ -71,10 +71,9 @@ if args.child_sleep:
     child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({args.child_sleep})"])
     note(f"{job}.children", str(child.pid))
 if args.burn or args.allocate:
-    burner = ("import time, sys; block = bytearray(%d * 1048576); "
-              "[block.__setitem__(i, 1) for i in range(0, len(block), 4096)]; "
-              "end = time.process_time() + %f\nwhile time.process_time() < end: pass"
-              % (args.allocate, args.burn))
+    burner = (f"import time; block = bytearray({args.allocate} * 1048576); "
+              f"[block.__setitem__(i, 1) for i in range(0, len(block), 4096)]; "
+              f"end = time.process_time() + {args.burn}\nwhile time.process_time() < end: pass")
     subprocess.run([sys.executable, "-c", burner], check=True)
 sleep_until = time.monotonic() + args.sleep * float(factors.get(node, "1"))
 while time.monotonic() < sleep_until and not (args.until and os.path.exists(args.until)):
