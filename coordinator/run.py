@@ -17,7 +17,7 @@ from ``get_run`` knows what the one ``submit`` returned knows.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -271,6 +271,39 @@ class Run:
                     "exit_code": entry.get("exit_code"), "signal": entry.get("signal"),
                     "error": entry.get("error")})
         return rows
+
+    def log(self, job_id: str, attempt: int | None = None,
+            workdir: str | Path | None = None) -> tuple[str, str]:
+        """The job's log as it is now (``attempt``: that attempt's part only), read where it
+        was written: here, or on its node over SFTP (``coordinator log``); and where that is
+        (a path, or ``node:path``)."""
+        from coordinator.job_log import attempt_section, job_record, open_log
+
+        status = self.status()
+        job = job_record(status, job_id)
+        log = open_log(job, Path(workdir) if workdir else status.files_dir(),
+                       self.inventory, attempt)
+        try:
+            text = log.read(0).decode("utf-8", errors="replace")
+        finally:
+            log.close()
+        return (attempt_section(text, attempt) if attempt is not None else text), log.where
+
+    def follow_log(self, job_id: str, workdir: str | Path | None = None) -> Iterator[bytes]:
+        """The job's log as it grows, until the job is final (``coordinator log --follow``)."""
+        from coordinator.job_log import follow, job_record, open_log
+
+        status = self.status()
+        log = open_log(job_record(status, job_id),
+                       Path(workdir) if workdir else status.files_dir(), self.inventory)
+
+        def finished() -> bool:
+            return job_record(self.status(), job_id).state.is_final
+
+        try:
+            yield from follow(log, finished)
+        finally:
+            log.close()
 
     def timeline_input(self, workdir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
         """What ``report`` draws: the run's summary as ``collect`` would write it (nothing is

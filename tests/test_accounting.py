@@ -4,12 +4,15 @@ tree (real workers, real scripts)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import BIN, run_cli
 from test_reliability import Bench, make_bench
+from waiting import wait_for
 
 from coordinator import JobState, submit
 
@@ -57,3 +60,37 @@ def test_acct_accounts_for_every_attempt_of_the_whole_process_tree(bench: Bench)
     summary = run.summary(workdir=bench.workdir)
     attempts = {job["job_id"]: job for job in summary["jobs"]}["flaky"]
     assert "max_rss_mb" in json.dumps(attempts)
+
+
+def test_log_prints_a_jobs_log_one_attempt_of_it_or_follows_it(bench: Bench) -> None:
+    gate = bench.workdir / "gate"
+    run = submit([bench.job("flaky", "rig-a", "--fail-attempts", 1, retries=1,
+                            retry_delay=0.1),
+                  bench.job("slow", "rig-b", "--sleep", 60, "--until", gate)],
+                 output_dir="o", broker_url=bench.server.url)
+    env = {"SC_BROKER_URL": bench.server.url}
+    wait_for(lambda: len(bench.ledger_of("slow")) == 1, 30, "slow to start")
+    following = subprocess.Popen([str(BIN / "coordinator"), "log", run.id, "slow", "--follow"],
+                                 env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "flaky" in {job.job_id for job in run.status().jobs
+                                     if job.state is JobState.SUCCEEDED}, 60, "flaky to end")
+        whole = run_cli("log", run.id, "flaky", env=env)
+        assert whole.returncode == 0, whole.stderr
+        assert "attempt 1 of flaky fails on purpose" in whole.stdout
+        assert "attempt 1 of flaky on rig-a@" in whole.stdout
+        assert "attempt 2 of flaky on rig-a@" in whole.stdout
+        second = run_cli("log", run.id, "flaky", "--attempt", "2", env=env).stdout
+        assert second.startswith("[scripts-coordinator] attempt 2 of flaky on rig-a@")
+        assert "fails on purpose" not in second and "succeeded in" in second
+        missing = run_cli("log", run.id, "flaky", "--attempt", "3", env=env)
+        assert missing.returncode == 2
+        assert missing.stderr.strip().endswith(f"job flaky of run {run.id} has no attempt 3 "
+                                               f"in its log")
+        assert run_cli("log", run.id, "nope", env=env).returncode == 2
+        gate.touch()  # slow ends: --follow prints its last lines and returns by itself
+        out, _ = following.communicate(timeout=60)
+    finally:
+        following.kill()
+    assert following.returncode == 0
+    assert "attempt 1 of slow on rig-b@" in out and "succeeded in" in out

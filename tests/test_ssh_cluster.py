@@ -421,6 +421,12 @@ def test_a_job_whose_output_cannot_be_fetched_is_named_in_the_summary(
     wait_for(lambda: len(list(node_out.glob("*.done"))) == 2, 60, "both jobs to finish")
     run = get_run(run_id, env.redis.url)
     wait_for(lambda: run.status().finished, 30, "both records to settle")
+    # Its log is on rig-b's own disk: coordinator log reads it there, over SFTP.
+    log = env.cli("log", run_id, "kept")
+    assert log.returncode == 0, log.stderr
+    assert log.stdout.startswith("[scripts-coordinator] attempt 1 of kept on rig-b@")
+    assert f"log of job kept of run {run_id}: rig-b:" in log.stderr
+    assert "succeeded in" in log.stdout
     (node_out / "lost.json").unlink()  # the node lost the output after the job succeeded
     collected = env.cli("collect", run_id, "--fetch")
     assert collected.returncode == 1

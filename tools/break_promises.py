@@ -493,6 +493,15 @@ BREAKS = [
           "    usage = resource.getrusage(resource.RUSAGE_SELF)\n",
           (T + "test_accounting.py::test_acct_accounts_for_every_attempt_of_the_whole_process_"
                "tree",)),
+    Break("coordinator log reads a node-local log on its node", "coordinator/job_log.py",
+          "            and not inventory.nodes[node].config.shared_storage:",
+          "            and False:",
+          (T + "test_ssh_cluster.py::test_a_job_whose_output_cannot_be_fetched_is_named_in_the_"
+               "summary",)),
+    Break("coordinator log --attempt N shows that attempt only", "coordinator/job_log.py",
+          "        if current == attempt:", "        if current:",
+          (T + "test_accounting.py::test_log_prints_a_jobs_log_one_attempt_of_it_or_follows_"
+               "it",)),
     Break("an item in a queue that is no message does not end the worker",
           "worker_tasks/celery_app.py", "    install_transports()\n", "",
           (T + "test_reliability.py::test_a_raw_item_that_is_no_message_is_dropped_and_the_"

@@ -33,8 +33,8 @@ from coordinator.errors import ExitCode
 # this table against what each group registers.
 GROUP_NAMES = ("runs", "node", "cluster", "observe", "workload")
 COMMAND_GROUPS = {
-    **dict.fromkeys(("submit", "recover", "status", "runs", "wait", "collect", "report", "acct",
-                     "cancel", "retry", "move"), "runs"),
+    **dict.fromkeys(("submit", "recover", "status", "runs", "wait", "collect", "report",
+                     "acct", "log", "cancel", "retry", "move"), "runs"),
     **dict.fromkeys(("worker", "local"), "node"),
     "cluster": "cluster",
     **dict.fromkeys(("flower", "metrics"), "observe"),

@@ -62,6 +62,10 @@ WAIT_EXITS = ((E.OK, "every job succeeded"), E.JOBS_FAILED,
 COLLECT_EXITS = ((E.OK, "every job succeeded"),
                  (E.JOBS_FAILED, "at least one job failed or is not final yet"),
                  E.BROKER_UNREACHABLE, E.RUN_NOT_FOUND, E.UNCONFIRMED)
+LOG_EXITS = ((E.OK, "printed (--follow: the job ended, or Ctrl-C)"),
+             (E.INVALID_INPUT, "no such job in the run, or no such attempt"),
+             E.BROKER_UNREACHABLE, E.RUN_NOT_FOUND,
+             (E.CLUSTER_FAILED, "the node that holds the log could not be read"))
 ACCT_EXITS = ((E.OK, "printed"), E.BROKER_UNREACHABLE, E.RUN_NOT_FOUND)
 REPORT_EXITS = ((E.OK, "the page was written"), E.BROKER_UNREACHABLE, E.RUN_NOT_FOUND)
 CANCEL_EXITS = ((E.OK, "every job not yet final was cancelled (0 of a finished run)"),
@@ -417,6 +421,29 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return collection.exit_code
 
 
+def cmd_log(args: argparse.Namespace) -> int:
+    run = resolve_run(args)
+    if args.follow:
+        if args.attempt is not None:
+            raise InvalidJobsError("log: --follow shows every attempt as it comes; leave out "
+                                   "--attempt")
+        try:
+            for chunk in run.follow_log(args.job_id, args.workdir):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass  # the job goes on
+        return ExitCode.OK
+    text, where = run.log(args.job_id, args.attempt, args.workdir)
+    print(f"{PROG}: log of job {args.job_id} of run {run.id}: {where}", file=sys.stderr,
+          flush=True)
+    if args.attempt is not None and not text:
+        raise InvalidJobsError(f"job {args.job_id} of run {run.id} has no attempt "
+                               f"{args.attempt} in its log")
+    sys.stdout.write(text)
+    return ExitCode.OK
+
+
 def cmd_acct(args: argparse.Namespace) -> int:
     rows = resolve_run(args).accounting()
     if args.json:
@@ -551,6 +578,21 @@ def register(command: CommandFactory) -> None:
                      help="first fetch each job's output and .done from the node that ran it "
                           "(nodes with shared_storage = false); needs the inventory")
     sub.set_defaults(handler=cmd_collect)
+
+    sub = command("log", "print a job's log wherever it was written: here, or on its node "
+                         "over SSH (the inventory)",
+                  "coordinator log 20261129-081500-3f9a1c chunk_0007 --attempt 2\n"
+                  "  coordinator log 20261129-081500-3f9a1c chunk_0007 --follow", LOG_EXITS)
+    sub.add_argument("run_id", metavar="RUN", help="run id printed by submit")
+    sub.add_argument("job_id", metavar="JOB", help="the job's id in the jobs file")
+    sub.add_argument("--attempt", type=int, metavar="N",
+                     help="only attempt N (each attempt opens with a line of its own)")
+    sub.add_argument("--follow", action="store_true",
+                     help="go on printing as the job writes, until it ends (Ctrl-C stops "
+                          "following; the job goes on)")
+    add_workdir_flag(sub, "the run's log directory is")
+    add_inventory_flag(sub)
+    sub.set_defaults(handler=cmd_log)
 
     sub = command("acct", "every attempt of a run's jobs: node, GPU, start, elapsed, CPU "
                           "seconds of its whole process tree, its largest RSS, exit (sacct)",
