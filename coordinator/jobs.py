@@ -106,7 +106,7 @@ NodeName = Annotated[str, BeforeValidator(_node_name)]
 ScriptPath = Annotated[str, BeforeValidator(_script_path)]
 ArgText = Annotated[str, BeforeValidator(_arg_text)]
 GpuId = Annotated[int, Field(ge=0, le=rules.MAX_GPU_ID)]
-Timeout = Annotated[float | None, BeforeValidator(_timeout)]
+Timeout = Annotated[float | str | None, BeforeValidator(_timeout)]
 RetryDelay = Annotated[float | None, BeforeValidator(_retry_delay)]
 Retries = Annotated[int | None, Field(ge=0, le=rules.MAX_RETRIES)]
 
@@ -120,7 +120,9 @@ class Job(BaseModel):
         args: arguments, as strings (numbers are converted).
         node: the node that must run the job (queue ``node.<node>``).
         gpu_id: the GPU index, exported as ``CUDA_VISIBLE_DEVICES``.
-        timeout: optional extension: seconds before the script (and its children) is killed.
+        timeout: optional extension: seconds before the script (and its children) is killed,
+            or ``"P%"``: P percent of the median duration of the run's succeeded jobs of the
+            same script, once 3 have succeeded (before that, no limit).
         env: optional extension: extra environment variables (allow-listed names).
         retries: optional extension: failed attempts retried on the same node (default:
             the command's ``--retries``).

@@ -52,6 +52,9 @@ class SubmitOptions:
         after_runs: runs this one waits for: it is recorded and published held, and starts
             once each has succeeded (``after_any``: once each has ended, however).
         after_any: wait for the runs of ``after_runs`` to end, not to succeed.
+        job_timeout: the ``timeout`` of jobs that set none: seconds, or ``"P%"`` of the
+            median duration of the run's succeeded jobs of the same script (``--job-timeout``;
+            not ``--timeout``, which bounds how long a command waits for the run).
         halt: ``now|soon,fail|success=N|P%`` (GNU parallel's ``--halt``): when the run stops
             itself (``worker_tasks.halt``); None: never.
     """
@@ -69,8 +72,21 @@ class SubmitOptions:
     after_runs: tuple[str, ...] = ()
     after_any: bool = False
     halt: str | None = None
+    job_timeout: float | str | None = None
 
     def __post_init__(self) -> None:
+        if self.job_timeout is not None:
+            from worker_tasks.spec import InvalidMessage, check_timeout
+
+            try:
+                value = self.job_timeout
+                if isinstance(value, str) and not value.endswith("%"):
+                    value = float(value)  # --job-timeout 600 from the command line
+                object.__setattr__(self, "job_timeout", check_timeout(value, "--job-timeout"))
+            except (InvalidMessage, ValueError) as err:
+                raise InvalidJobsError(str(err) if isinstance(err, InvalidMessage) else
+                                       f"--job-timeout {self.job_timeout!r}: give seconds or "
+                                       f"a percentage of the median, e.g. 300%") from None
         if self.halt is not None:
             from worker_tasks.halt import Halt, HaltSyntaxError
 

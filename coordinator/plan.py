@@ -273,7 +273,7 @@ def plan_jobs(jobs: Iterable[Job], run_id: str, options: SubmitOptions = DEFAULT
             "output_file": output,
             "done_file": done,
             "log_file": posixpath.join(output_dir, "logs", f"{job.job_id}.log"),
-            "timeout": job.timeout,
+            "timeout": job.timeout if job.timeout is not None else options.job_timeout,
             "env": dict(job.env),
             "retries": job.retries if job.retries is not None else options.retries,
             "retry_delay": (job.retry_delay if job.retry_delay is not None

@@ -502,6 +502,11 @@ BREAKS = [
           "        if current == attempt:", "        if current:",
           (T + "test_accounting.py::test_log_prints_a_jobs_log_one_attempt_of_it_or_follows_"
                "it",)),
+    Break("a \"P%\" timeout kills a job far slower than its script's median",
+          "worker_tasks/execution.py", "            self.deadline = self.started + self.seconds",
+          "            self.deadline = None",
+          (T + "test_adaptive_timeout.py::test_a_percentage_timeout_kills_a_job_far_slower_than_"
+               "the_median",)),
     Break("an item in a queue that is no message does not end the worker",
           "worker_tasks/celery_app.py", "    install_transports()\n", "",
           (T + "test_reliability.py::test_a_raw_item_that_is_no_message_is_dropped_and_the_"

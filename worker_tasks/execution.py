@@ -75,19 +75,51 @@ class CancelWatch:
         return True
 
 
+# How often a percentage limit without a median yet asks for one (seconds).
+MEDIAN_RECHECK_S = 2.0
+# A percentage limit is never shorter than this (seconds): a median of tiny jobs.
+MIN_PERCENT_LIMIT_S = 1.0
+
+
 class TimeLimit:
     """The job's own time limit over one attempt's script.
 
     Parameters:
-        seconds: the job's ``timeout``, or None (no limit).
+        timeout: the job's ``timeout``: seconds, ``"P%"`` of the median duration of its
+            run's succeeded jobs of the same script, or None (no limit).
+        median: the median and how many it is taken over, once 3 such jobs have succeeded
+            (else None); asked again while a percentage has no median yet.
     """
 
-    def __init__(self, seconds: float | None) -> None:
-        self.seconds = seconds
+    def __init__(self, timeout: float | str | None,
+                 median: Callable[[], tuple[float, int] | None] = lambda: None) -> None:
+        self.percent = float(timeout[:-1]) if isinstance(timeout, str) else None
+        self.seconds = None if isinstance(timeout, str) else timeout
+        self.median = median
+        self.basis: tuple[float, int] | None = None  # the median the limit was set from
+        self.started: float | None = None
         self.deadline: float | None = None
+        self.asked = 0.0
 
     def when_script_starts(self) -> None:
-        self.deadline = None if self.seconds is None else time.monotonic() + self.seconds
+        self.started = time.monotonic()
+        self.deadline = None if self.seconds is None else self.started + self.seconds
+        self.resolve()
+
+    def resolve(self) -> None:
+        """A percentage becomes seconds once its median exists (looked up at most every
+        ``MEDIAN_RECHECK_S``: a job may run for hours)."""
+        if self.percent is None or self.deadline is not None or self.started is None:
+            return
+        moment = time.monotonic()
+        if moment - self.asked < MEDIAN_RECHECK_S and self.asked:
+            return
+        self.asked = moment
+        basis = self.median()
+        if basis is not None:
+            self.basis = basis
+            self.seconds = max(MIN_PERCENT_LIMIT_S, basis[0] * self.percent / 100)
+            self.deadline = self.started + self.seconds
 
     def next_wait(self, poll: float = CANCEL_POLL_S) -> float:
         """How long to wait for the script before looking again."""
@@ -97,9 +129,14 @@ class TimeLimit:
 
     def while_running(self) -> bool:
         """False once the limit has passed."""
+        self.resolve()
         return self.deadline is None or time.monotonic() < self.deadline
 
     def reason(self) -> str:
+        if self.basis is not None and self.percent is not None:
+            median, count = self.basis
+            return (f"timed out after {self.seconds:g} s ({self.percent:g}% of the median "
+                    f"{median:g} s of {count} succeeded jobs of its script); killed")
         return f"timed out after {self.seconds:g} s; killed"
 
 

@@ -545,7 +545,7 @@ class JobExecution:
         process tree used)."""
         spec = self.spec
         launch = Launch(spec.warm, spec.env, self.base, lambda text: log_line(log, text))
-        limit = TimeLimit(spec.timeout)
+        limit = TimeLimit(spec.timeout, lambda: median_of(spec))
         try:
             script = find_script(spec.script)
             argv, env = [sys.executable, str(script), *spec.args], script_env(spec, attempt)
@@ -604,7 +604,18 @@ class JobExecution:
         with contextlib.suppress(redis.RedisError):  # else the head node settles it by .done
             self.track("succeed", lambda t: t.succeed(*self.ids(), duration_s=duration,
                                                       history=history))
+        with contextlib.suppress(redis.RedisError):  # the median of "P%" timeouts
+            tracker().add_duration(spec.run_id, spec.script, duration)
         return self.result(JobState.SUCCEEDED, attempt)
+
+
+def median_of(spec: JobSpec) -> tuple[float, int] | None:
+    """The median duration of the run's succeeded jobs of this script (a ``"P%"`` timeout),
+    or None: too few yet, or Redis away (the job then runs without a limit meanwhile)."""
+    try:
+        return tracker().median(spec.run_id, spec.script)
+    except redis.RedisError:
+        return None
 
 
 def describe(outcome: Outcome) -> tuple[int | None, str | None, bool]:

@@ -39,6 +39,9 @@ MAX_GPU_ID = 255
 MAX_TIMEOUT_S = 30 * 24 * 3600.0
 # The shortest (seconds): below it the script could only be killed as it starts.
 MIN_TIMEOUT_S = 0.01
+# A timeout given as a share of the median duration ("300%"), and its largest value.
+PERCENT = re.compile(r"(\d{1,6}(?:\.\d{1,3})?)%\Z")
+MAX_TIMEOUT_PERCENT = 100_000.0
 # A script path's bounds: a file name the kernel accepts, a path that prints on one line.
 MAX_SCRIPT_CHARS = 1024
 MAX_NAME_BYTES = 255
@@ -168,8 +171,17 @@ def check_seconds(value: Any, what: str, maximum: float, allow_zero: bool = Fals
     return number
 
 
-def check_timeout(value: Any, what: str = "timeout") -> float:
-    """A job's timeout: seconds, at most ``MAX_TIMEOUT_S``, at least ``MIN_TIMEOUT_S``."""
+def check_timeout(value: Any, what: str = "timeout") -> float | str:
+    """A job's timeout: seconds, at most ``MAX_TIMEOUT_S``, at least ``MIN_TIMEOUT_S``; or
+    ``"P%"``: P percent of the median duration of the run's succeeded jobs of the same
+    script, once 3 have succeeded (GNU parallel's ``--timeout 200%``)."""
+    if isinstance(value, str):
+        match = PERCENT.match(value)
+        if match is None or not 0 < float(match.group(1)) <= MAX_TIMEOUT_PERCENT:
+            raise InvalidMessage(f"{what} {value!r} is neither seconds nor a percentage of "
+                                 f"the median (e.g. \"300%\", at most "
+                                 f"{MAX_TIMEOUT_PERCENT:g}%)")
+        return f"{float(match.group(1)):g}%"
     number = check_seconds(value, what, MAX_TIMEOUT_S)
     if number < MIN_TIMEOUT_S:
         raise InvalidMessage(f"{what} {value!r} is shorter than {MIN_TIMEOUT_S:g} s: the "
@@ -350,7 +362,7 @@ class JobSpec:
     output_file: str | None
     done_file: str
     log_file: str
-    timeout: float | None = None
+    timeout: float | str | None = None
     env: dict[str, str] = field(default_factory=dict)
     retries: int = 0
     retry_delay: float = DEFAULT_RETRY_DELAY_S

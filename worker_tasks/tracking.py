@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -72,6 +73,8 @@ import redis
 KEY_PREFIX = os.environ.get("SC_KEY_PREFIX", "sc")
 # Runs and their jobs are kept this long after the last write (seconds).
 RUN_TTL_S = int(os.environ.get("SC_RUN_TTL", str(7 * 24 * 3600)))
+# A "P%" timeout has a median once this many jobs of its script have succeeded.
+MEDIAN_MIN_JOBS = 3
 # Change-stream entries kept per run beyond its job count (approximate trimming).
 EVENTS_SLACK = 10_000
 
@@ -210,6 +213,11 @@ def events_key(run_id: str) -> str:
 def lease_key(slot: str) -> str:
     """The lease of a node, or of one GPU of it (``rig-a.gpu1``) in per-GPU mode."""
     return f"{KEY_PREFIX}:lease:node:{slot}"
+
+
+def durations_key(run_id: str, script: str) -> str:
+    """List: the durations of the run's succeeded jobs of ``script`` (``"P%"`` timeouts)."""
+    return f"{KEY_PREFIX}:run:{run_id}:durations:{script}"
 
 
 def busy_key() -> str:
@@ -519,6 +527,23 @@ class JobTracker:
     def mark(self, run_id: str, job_id: str, client: Any, **fields: Any) -> None:
         """Fields set at creation, before the run is visible (pin; a recovered job skipped)."""
         client.hset(job_key(run_id, job_id), mapping=encode(fields))
+
+    def add_duration(self, run_id: str, script: str, seconds: float) -> None:
+        """A succeeded job's duration, for the median of its script's (``median``)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(durations_key(run_id, script), seconds)
+        pipe.expire(durations_key(run_id, script), RUN_TTL_S)
+        pipe.execute()
+
+    def median(self, run_id: str, script: str,
+               at_least: int = MEDIAN_MIN_JOBS) -> tuple[float, int] | None:
+        """The median duration of the run's succeeded jobs of ``script`` and how many they
+        are, once there are ``at_least`` of them (GNU parallel's rule); else None."""
+        values = sorted(float(raw) for raw in self.client.lrange(
+            durations_key(run_id, script), 0, -1))
+        if len(values) < at_least:
+            return None
+        return statistics.median(values), len(values)
 
     def add_busy(self, node: str, seconds: float) -> None:
         self.client.hincrbyfloat(busy_key(), node, seconds)

@@ -150,6 +150,12 @@ def add_retry_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-delay", type=float, default=DEFAULTS.retry_delay, metavar="S",
                         help="base of the exponential backoff (with jitter) between attempts "
                              "(default: %(default)s s)")
+    parser.add_argument("--job-timeout", metavar="S|P%",
+                        help="kill a job's attempt after S seconds, or after P%% of the median "
+                             "duration of this run's succeeded jobs of the same script once 3 "
+                             "have succeeded (GNU parallel's --timeout 300%%), for jobs that "
+                             "set no \"timeout\"; --timeout bounds the wait of this command, "
+                             "not the jobs")
     parser.add_argument("--halt", metavar="WHEN,WHAT=N|P%",
                         help="stop the run by itself, as GNU parallel's --halt: soon,fail=3 (no "
                              "job starts once 3 failed; running ones finish), now,fail=10%% "
