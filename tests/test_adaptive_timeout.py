@@ -8,14 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
+from test_reliability import Bench, make_bench
 
 from coordinator import JobState, submit
 from coordinator.errors import InvalidJobsError
 from coordinator.jobs import parse_jobs
 from coordinator.options import SubmitOptions
 from coordinator.plan import plan_jobs
-from helpers import run_cli
-from test_reliability import Bench, make_bench
 from worker_tasks.execution import TimeLimit
 from worker_tasks.spec import InvalidMessage, check_timeout
 
