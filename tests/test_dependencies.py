@@ -247,3 +247,29 @@ def test_after_a_run_that_cannot_satisfy_it_is_refused_and_nothing_is_published(
     anyway = run_cli("submit", "--jobs-file", str(path), "--after", failed.id, "--after-any",
                      "--wait", "--timeout", "60", env=env)
     assert anyway.returncode == 0, anyway.stderr
+
+
+def test_a_release_left_undone_is_done_once_by_the_head_that_follows(bench: Bench) -> None:
+    """The window a worker killed (or a broker restarted) between a dependency's success and
+    its release leaves: the dependency succeeded, its dependent still held. Made here by
+    hiding the dependents from the worker; the head's scheduler releases it, and releasing
+    again (a second head, a redelivered message) moves nothing."""
+    from worker_tasks.dependencies import DEPENDENTS_FIELD, Dependencies
+    from worker_tasks.tracking import job_key
+
+    gate = bench.workdir / "gate"
+    run = submit([bench.job("dep", "rig-a", "--sleep", 60, "--until", gate),
+                  bench.job("later", "rig-b", after=["dep"])],
+                 output_dir="o", broker_url=bench.server.url)
+    client = redis.Redis.from_url(bench.server.url)
+    client.hdel(job_key(run.id, "dep"), DEPENDENTS_FIELD)
+    gate.touch()
+    wait_for(lambda: states_of(run.id, bench.server.url)["dep"].state is JobState.SUCCEEDED,
+             30, "the dependency to succeed")
+    assert states_of(run.id, bench.server.url)["later"].state is JobState.HELD
+    status = run.wait(timeout=90)  # the scheduler settles held jobs while the run is quiet
+    assert {job.job_id: job.state for job in status.jobs}["later"] is JobState.SUCCEEDED
+    again = Dependencies(client, client)
+    assert again.settle(run.id, ["later"]) == ([], [])
+    assert not again.release_if_ready(run.id, "later")
+    assert [entry[0] for entry in bench.ledger_of("later")] == ["start", "end"]

@@ -507,6 +507,10 @@ BREAKS = [
           "            self.deadline = None",
           (T + "test_adaptive_timeout.py::test_a_percentage_timeout_kills_a_job_far_slower_than_"
                "the_median",)),
+    Break("the head that follows a run releases a held job a worker left held",
+          "coordinator/scheduler.py", "        if held:\n            self.settle_held(held)\n", "",
+          (T + "test_dependencies.py::test_a_release_left_undone_is_done_once_by_the_head_that_"
+               "follows",)),
     Break("an item in a queue that is no message does not end the worker",
           "worker_tasks/celery_app.py", "    install_transports()\n", "",
           (T + "test_reliability.py::test_a_raw_item_that_is_no_message_is_dropped_and_the_"
