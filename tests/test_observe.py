@@ -197,3 +197,21 @@ def test_runs_lists_finished_failed_and_cancelled_runs(cluster: LocalCluster,
     assert lines[stopped.id].split()[3] == "cancelled"
     assert "1/1 final: 1 succeeded" in lines[ok.id]
 
+
+
+def test_flower_shows_why_a_halted_run_revoked_its_jobs(flower: str,
+                                                        redis_server: RedisServer) -> None:
+    jobs = [echo_job("hf_bad", "rig-d", "hf", "--sleep", "1", "--exit-code", "2"),
+            echo_job("hf_slow", "rig-c", "hf", "--sleep", "60")]
+    run = submit(jobs, output_dir="hf", broker_url=redis_server.url, halt="now,fail=1")
+    run.wait(timeout=90)
+    reason = "halted (--halt now,fail=1): 1 of 1 ended jobs failed"
+    slow_id = f"{run.id}.hf_slow.0"
+
+    def slow_task() -> object:
+        task = http(f"{flower}/api/tasks").get(slow_id)  # type: ignore[union-attr]
+        return task and (task["state"], task.get("exception"))
+
+    wait_for(lambda: slow_task() == ("REVOKED", reason), 60,
+             "Flower to show the halted job revoked, with the reason",
+             seen=lambda: str(slow_task()))

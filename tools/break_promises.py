@@ -511,6 +511,10 @@ BREAKS = [
           "coordinator/scheduler.py", "        if held:\n            self.settle_held(held)\n", "",
           (T + "test_dependencies.py::test_a_release_left_undone_is_done_once_by_the_head_that_"
                "follows",)),
+    Break("Flower shows why a halt revoked a job", "worker_tasks/run_job.py",
+          "                        exception=revoked_reason(spec, stop.why))",
+          "                        exception=stop.why)",
+          (T + "test_observe.py::test_flower_shows_why_a_halted_run_revoked_its_jobs",)),
     Break("an item in a queue that is no message does not end the worker",
           "worker_tasks/celery_app.py", "    install_transports()\n", "",
           (T + "test_reliability.py::test_a_raw_item_that_is_no_message_is_dropped_and_the_"

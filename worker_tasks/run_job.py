@@ -609,6 +609,16 @@ class JobExecution:
         return self.result(JobState.SUCCEEDED, attempt)
 
 
+def revoked_reason(spec: JobSpec, why: str) -> str:
+    """Why a delivery did not run: the record's own error when it was ended for a reason (a
+    halt, a dependency), else what the worker found."""
+    with contextlib.suppress(redis.RedisError):
+        error = tracker().record(spec.run_id, spec.job_id, "error").get("error")
+        if error and error != "cancelled":
+            return str(error)
+    return why
+
+
 def median_of(spec: JobSpec) -> tuple[float, int] | None:
     """The median duration of the run's succeeded jobs of this script (a ``"P%"`` timeout),
     or None: too few yet, or Redis away (the job then runs without a limit meanwhile)."""
@@ -682,7 +692,9 @@ def run_job(self: Any, message: Any = None, *extra: Any, **kwargs: Any) -> dict[
         # A cancelled or stale delivery: REVOKED in Flower, and no result is stored.
         logger.warning("job %s of run %s (message %s): %s", spec.job_id, spec.run_id,
                        self.request.id, stop.why)
-        self.send_event("task-revoked", terminated=False, signum=None, expired=False)
+        # Flower shows the reason (a halt, a cancel) on the REVOKED task: its "exception".
+        self.send_event("task-revoked", terminated=False, signum=None, expired=False,
+                        exception=revoked_reason(spec, stop.why))
         raise Ignore() from None
     except JobFailed:
         with contextlib.suppress(redis.RedisError):
