@@ -215,3 +215,38 @@ def test_flower_shows_why_a_halted_run_revoked_its_jobs(flower: str,
     wait_for(lambda: slow_task() == ("REVOKED", reason), 60,
              "Flower to show the halted job revoked, with the reason",
              seen=lambda: str(slow_task()))
+
+
+def test_flower_started_after_a_run_shows_its_jobs_as_they_ended(
+        redis_server: RedisServer, cluster: LocalCluster) -> None:
+    jobs = [echo_job("late_ok", "rig-a", "late"),
+            echo_job("late_bad", "rig-b", "late", "--exit-code", "4")]
+    run = submit(jobs, output_dir="late", broker_url=redis_server.url)
+    run.wait(timeout=60)
+    port = free_port()
+    env = {**os.environ, "SC_BROKER_URL": redis_server.url,
+           "FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"}
+    env.pop("FLOWER_UNAUTHENTICATED_API", None)
+    process = subprocess.Popen([str(BIN / "coordinator"), "flower", "--port", str(port)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    expected = {f"{run.id}.late_ok.0": "SUCCESS", f"{run.id}.late_bad.0": "FAILURE"}
+
+    def states() -> dict[str, str]:
+        try:
+            tasks = http(f"http://127.0.0.1:{port}/api/tasks")
+        except (OSError, urllib.error.URLError, ValueError):
+            return {}
+        return {task_id: tasks[task_id]["state"] for task_id in expected  # type: ignore[index]
+                if task_id in tasks}  # type: ignore[operator]
+
+    try:
+        wait_for(lambda: states() == expected, 90, "the new Flower to show the earlier run",
+                 seen=lambda: str(states()))
+        bad = http(f"http://127.0.0.1:{port}/api/task/info/{run.id}.late_bad.0")
+        assert "script exited with status 4" in bad["exception"]  # type: ignore[index]
+        assert bad["name"] == f"job late_bad on rig-b (run {run.id})"  # type: ignore[index]
+        assert bad["worker"].startswith("rig-b@")  # type: ignore[index]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

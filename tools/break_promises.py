@@ -515,6 +515,10 @@ BREAKS = [
           "                        exception=revoked_reason(spec, stop.why))",
           "                        exception=stop.why)",
           (T + "test_observe.py::test_flower_shows_why_a_halted_run_revoked_its_jobs",)),
+    Break("Flower started after a run shows its jobs", "coordinator/flower_replay.py",
+          "                for kind, fields in job_events(job, run_id):",
+          "                for kind, fields in []:",
+          (T + "test_observe.py::test_flower_started_after_a_run_shows_its_jobs_as_they_ended",)),
     Break("an item in a queue that is no message does not end the worker",
           "worker_tasks/celery_app.py", "    install_transports()\n", "",
           (T + "test_reliability.py::test_a_raw_item_that_is_no_message_is_dropped_and_the_"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,10 +47,17 @@ def cmd_flower(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "celery", "-A", "worker_tasks", "flower",
                f"--address={args.address}", f"--port={args.port}",
                f"--max_tasks={args.max_tasks}"]
+    from coordinator.broker import broker_client
+
+    # Beside Flower: the runs Redis holds, told again once Flower listens (flower_replay).
+    listening = broker_client(url).pubsub_numpat()
+    subprocess.Popen([sys.executable, "-m", "coordinator.flower_replay", url, str(listening),
+                      str(args.max_tasks)], env=env, stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
     print(f"{PROG}: Flower on http://{args.address}:{args.port} for broker {redact(url)}"
-          f"{'' if auth else ' (no password: loopback only)'}; it shows the runs that start "
-          f"from now on (coordinator status RUN has the earlier ones)", file=sys.stderr,
-          flush=True)
+          f"{'' if auth else ' (no password: loopback only)'}; the jobs of the runs Redis "
+          f"holds are shown as they ended, then every run live", file=sys.stderr, flush=True)
     os.execve(sys.executable, command, env)  # Flower replaces this process: signals reach it
 
 
