@@ -623,3 +623,29 @@ def test_a_messages_after_is_checked_by_the_workers_rules(after: Any, expected: 
                "log_file": "o/j.log", "after": ["x", "y"]}
     assert JobSpec.from_message(message).after == ["x", "y"]
     assert JobSpec.from_message({**message, "after": []}).to_message().get("after") is None
+
+
+def test_the_options_of_a_pipeline_step_are_checked_as_they_are_made() -> None:
+    assert SubmitOptions(after_runs=["r1", "r2"]).after_runs == ("r1", "r2")
+    assert SubmitOptions().after_runs == () and SubmitOptions().halt is None
+    assert SubmitOptions(halt="soon,fail=3").halt == "soon,fail=3"
+    with pytest.raises(InvalidJobsError) as raised:
+        SubmitOptions(halt="never")
+    assert str(raised.value).startswith("--halt 'never': give now|soon,fail=N|P%")
+    assert SubmitOptions(job_timeout="250%").job_timeout == "250%"
+    assert SubmitOptions(job_timeout="90").job_timeout == 90.0
+    assert SubmitOptions(job_timeout=5).job_timeout == 5.0
+    with pytest.raises(InvalidJobsError) as raised:
+        SubmitOptions(job_timeout="ten")
+    assert str(raised.value) == ("--job-timeout 'ten': give seconds or a percentage of the "
+                                 "median, e.g. 300%")
+    with pytest.raises(InvalidJobsError) as raised:
+        SubmitOptions(job_timeout="0%")
+    assert str(raised.value).startswith("--job-timeout '0%' is neither seconds nor")
+    jobs = parse_jobs([{"job_id": "own", "script": "s.py", "node": "rig-a", "timeout": 5},
+                       {"job_id": "default", "script": "s.py", "node": "rig-a"}])
+    plan = plan_jobs(jobs, "20260101-000000-aaaaaa", SubmitOptions(job_timeout="250%"))
+    assert [spec.timeout for spec in plan.specs] == [5.0, "250%"]
+    assert [spec.timeout for spec in plan_jobs(
+        parse_jobs([{"job_id": "d", "script": "s.py", "node": "rig-a"}]),
+        "20260101-000000-aaaaaa").specs] == [None]

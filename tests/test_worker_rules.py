@@ -409,3 +409,24 @@ def test_a_bad_task_id_is_refused_by_name(task_id: object, expected: str) -> Non
     with pytest.raises(InvalidMessage) as raised:
         JobSpec.from_message(message)
     assert str(raised.value) == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("300%", "300%"), ("12.5%", "12.5%"), ("0.001%", "0.001%"), ("100000%", "100000%"),
+    ("007%", "7%"), (30, 30.0), (0.01, 0.01),
+])
+def test_a_timeout_is_seconds_or_a_share_of_the_median(value: object, expected: object) -> None:
+    from worker_tasks.spec import check_timeout
+
+    assert check_timeout(value) == expected
+
+
+@pytest.mark.parametrize("value", ["300", "0%", "-5%", "100000.5%", "abc%", "%", "5 %",
+                                   "1234567%", "1.2345%"])
+def test_a_timeout_that_is_neither_seconds_nor_a_share_is_refused(value: str) -> None:
+    from worker_tasks.spec import InvalidMessage, check_timeout
+
+    with pytest.raises(InvalidMessage) as raised:
+        check_timeout(value, "timeout")
+    assert str(raised.value) == (f"timeout {value!r} is neither seconds nor a percentage of "
+                                 f"the median (e.g. \"300%\", at most 100000%)")
