@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +48,15 @@ def generate_scoring_jobs(
     survivors: str | Path, train_history: str, nodes: str, chunks: int, prng_type: str,
     mod: int, jobs_file: str | Path, chunk_dir: str, output_dir: str = "full_scoring_results",
     skip: int = 0, workdir: str | Path = ".", balance: bool = False,
+    balance_slots: int | None = None,
 ) -> ScoringJobs:
     """Write chunk seed files and a jobs file in the original format.
 
     Chunks are contiguous slices of the survivors, dealt round-robin over the
     nodes' GPU slots so every node gets the same share (give or take one);
-    ``balance``: every job floats instead (node ``any``: the first free slot takes it).
+    ``balance``: every job floats instead (node ``any``: the first free slot takes it),
+    and with ``balance_slots`` (how many slots will take them) the chunks shrink as they
+    go (``factoring_sizes``): the small ones come last, where the run's tail is decided.
     """
     base = Path(workdir)
     slots = parse_nodes(nodes)
@@ -67,7 +71,10 @@ def generate_scoring_jobs(
         raise InvalidJobsError(str(err)) from None
     if len(data) < chunks:
         raise InvalidJobsError(f"--chunks {chunks}: more chunks than survivors ({len(data)})")
-    bounds = np.linspace(0, len(data), chunks + 1).astype(int)
+    if balance and balance_slots:
+        bounds = np.cumsum([0, *factoring_sizes(len(data), chunks, balance_slots)])
+    else:
+        bounds = np.linspace(0, len(data), chunks + 1).astype(int)
     jobs: list[dict[str, Any]] = []
     chunk_files: list[Path] = []
     for index in range(chunks):
@@ -86,6 +93,25 @@ def generate_scoring_jobs(
                      "node": FLOATING_NODE if balance else node, "gpu_id": 0 if balance else gpu})
     jobs_path = write_json_atomically(jobs_file, jobs, indent=2)
     return ScoringJobs(jobs_file=jobs_path, chunk_files=chunk_files, jobs=jobs)
+
+
+def factoring_sizes(total: int, chunks: int, slots: int) -> list[int]:
+    """``chunks`` chunk sizes for ``total`` seeds, largest first, by factoring (Hummel,
+    Schonberg and Flynn, 1992): each batch is half of the seeds left, cut into one chunk per
+    slot; the chunks of the last batch share what is left. Every chunk holds a seed."""
+    sizes: list[int] = []
+    left = total
+    while len(sizes) < chunks:
+        still = chunks - len(sizes)
+        if still <= slots:  # the last batch: what is left, evenly
+            base, extra = divmod(left, still)
+            sizes += [base + (index < extra) for index in range(still)]
+            break
+        # Half of what is left, one chunk per slot; enough kept for the chunks to come.
+        size = min(math.ceil(left / (2 * slots)), (left - (still - slots)) // slots)
+        sizes += [size] * slots
+        left -= size * slots
+    return sorted(sizes, reverse=True)
 
 
 @dataclass(frozen=True)

@@ -143,3 +143,44 @@ def test_local_demo_finds_the_secret_seed(tmp_path: Path) -> None:
         next(line for line in result.stdout.splitlines() if "rank" in line)) + 1]
     assert str(demo.secret_seed) in top_line
     assert "local cluster: private Redis and 2 workers (rig-a, rig-b)" in result.stderr
+
+
+@pytest.mark.parametrize(("total", "chunks", "slots"), [
+    (1000, 12, 4), (1_000_000, 36, 4), (10, 10, 4), (13, 5, 4), (100, 3, 4), (7, 7, 1),
+    (5000, 40, 3)])
+def test_factoring_deals_chunks_that_shrink_and_hold_every_seed(total: int, chunks: int,
+                                                               slots: int) -> None:
+    from coordinator.scoring_jobs import factoring_sizes
+
+    sizes = factoring_sizes(total, chunks, slots)
+    assert len(sizes) == chunks and sum(sizes) == total and min(sizes) >= 1
+    assert sizes == sorted(sizes, reverse=True)
+    if chunks > 2 * slots and total >= 4 * chunks:  # the first batch: half, one per slot
+        assert abs(sum(sizes[:slots]) - total / 2) <= slots
+
+
+def test_decreasing_chunks_merge_to_the_ranking_of_a_pinned_run(
+        cluster: LocalCluster, cluster_workdir: Path) -> None:
+    work = cluster_workdir / "factoring"
+    work.mkdir()
+    demo = make_demo_data(work, candidates=6000, draws=40, prng_type="java_lcg", mod=1000)
+    rankings = []
+    for balance in (False, True):
+        name = "balanced" if balance else "pinned"
+        made = generate_scoring_jobs(demo.survivors, "factoring/train_history.json",
+                                     "rig-a,rig-b:2", 9, "java_lcg", 1000,
+                                     work / f"{name}.json", f"factoring/{name}_chunks",
+                                     f"factoring/{name}_out", workdir=cluster_workdir,
+                                     balance=balance, balance_slots=3 if balance else None)
+        sizes = [len(json.loads((cluster_workdir / job["args"][1]).read_text()))
+                 for job in made.jobs]
+        if balance:
+            assert sizes == sorted(sizes, reverse=True) and sizes[0] >= 2 * sizes[-1]
+        run = submit(made.jobs, output_dir=f"factoring/{name}_out",
+                     broker_url=cluster.broker_url, workdir=cluster_workdir)
+        assert run.wait(timeout=120).all_succeeded
+        run.summary(workdir=str(cluster_workdir))
+        merged = json.loads((work / f"{name}_out" / "survivors_with_scores.json").read_text())
+        rankings.append(merged["results"])
+    assert rankings[0] == rankings[1]
+    assert rankings[0][0]["seed"] == demo.secret_seed

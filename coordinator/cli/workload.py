@@ -27,13 +27,22 @@ def nodes_spec(args: argparse.Namespace) -> str:
 
 
 def cmd_jobs_scoring(args: argparse.Namespace) -> int:
-    from coordinator.scoring_jobs import generate_scoring_jobs
+    from coordinator.scoring_jobs import generate_scoring_jobs, parse_nodes
 
-    # Floating jobs name no node: --nodes only matters to a pinned file.
+    # Floating jobs name no node: --nodes (or the inventory) only says how many slots will
+    # take them, for chunks that shrink as they go.
+    slots = None
+    if args.balance:
+        try:
+            slots = len(parse_nodes(nodes_spec(args)))
+        except InvalidJobsError:
+            print("note: no --nodes and no inventory: equal chunks (give --nodes for chunks "
+                  "that shrink toward the end of the run)", file=sys.stderr)
     nodes = (args.nodes or "any") if args.balance else nodes_spec(args)
     result = generate_scoring_jobs(
         args.survivors, args.train_history, nodes, args.chunks, args.prng_type, args.mod,
-        args.jobs_file, args.chunk_dir, args.output_dir, args.skip, balance=args.balance)
+        args.jobs_file, args.chunk_dir, args.output_dir, args.skip, balance=args.balance,
+        balance_slots=slots)
     nodes = sorted({job["node"] for job in result.jobs})
     print(f"wrote {len(result.jobs)} jobs over {', '.join(nodes)} to {result.jobs_file}; "
           f"chunks in {args.chunk_dir}/")
@@ -179,7 +188,10 @@ def register(command: CommandFactory) -> None:
     sub.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
     sub.add_argument("--balance", action="store_true",
                      help="write floating jobs (node \"any\"): each chunk runs on the first "
-                          "free node or GPU, so fast nodes take more chunks (mixed clusters)")
+                          "free node or GPU, so fast nodes take more chunks (mixed clusters); "
+                          "with --nodes (or an inventory) the chunks shrink as they go "
+                          "(factoring: each batch half of the seeds left, one chunk per slot), "
+                          "so the last ones, where the run's end is decided, are small")
     sub.set_defaults(handler=cmd_jobs_scoring)
 
     sub = command("demo-data", "write a synthetic draw history from a secret seed, and survivors",
