@@ -55,7 +55,12 @@ class NodeLog:
         self.remote = remote
         self.path = path
         self.where = f"{remote.label}:{path}"
-        self.sftp = remote.sftp()
+        from coordinator.cluster.remote import NodeError
+
+        try:
+            self.sftp = remote.sftp()
+        except NodeError as err:
+            raise NodeFailedError(f"could not read {self.where}: {err}") from None
 
     def read(self, offset: int) -> bytes:
         try:

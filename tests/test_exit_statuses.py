@@ -113,6 +113,11 @@ def test_each_run_command_reaches_each_status_it_lists(
         echo_job("exit_slow", "rig-c", "exits_slow", "--sleep", "60")]))
     waits = str(write_jobs(tmp_path / "waits.json", [echo_job("exit_w", "rig-nobody", "w")]))
     unknown = "20000101-000000-000000"
+    # A node that keeps its files on its own disk, and no SSH server where it says.
+    unreachable = tmp_path / "unreachable.toml"
+    unreachable.write_text(f'[defaults]\nworkdir = "/srv/none"\nscripts_dir = "/srv/none"\n'
+                           f'[nodes.rig-a]\nhost = "127.0.0.9"\nport = {free_port()}\n'
+                           f'connect_timeout = 2\n')
     cases: dict[tuple[str, int], list[str]] = {
         ("submit", 0): ["submit", "--jobs-file", jobs, "--output-dir", "exits_sub", *good],
         ("submit", 1): ["submit", "--jobs-file", failing, "--wait", *good],
@@ -144,6 +149,13 @@ def test_each_run_command_reaches_each_status_it_lists(
         ("report", 0): ["report", runs["ok"], "--out", str(tmp_path / "r.html"), *good],
         ("report", 3): ["report", *dead],
         ("report", 4): ["report", unknown, *good],
+        ("acct", 0): ["acct", runs["ok"], *good],
+        ("acct", 3): ["acct", *dead],
+        ("acct", 4): ["acct", unknown, *good],
+        ("log", 0): ["log", runs["ok"], "exit_ok", *good],
+        ("log", 3): ["log", unknown, "exit_ok", *dead],
+        ("log", 4): ["log", unknown, "exit_ok", *good],
+        ("log", 6): ["log", runs["ok"], "exit_ok", "--inventory", str(unreachable), *good],
         ("cancel", 0): ["cancel", runs["ok"], *good],
         ("cancel", 3): ["cancel", *dead],
         ("cancel", 4): ["cancel", unknown, *good],

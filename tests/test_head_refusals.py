@@ -239,7 +239,7 @@ def test_an_unknown_field_is_named_once_and_not_refused(tmp_path: Path) -> None:
     (DESIGN.md): each unknown field is named once, with the first job that has it."""
     jobs = write_jobs(tmp_path / "jobs.json", [
         {"job_id": "a", "script": "examples/write_output.py", "args": [], "node": "rig-a",
-         "after": ["b"]},
+         "colour": "blue"},
         {"job_id": "b", "script": "examples/write_output.py", "args": [], "node": "rig-a",
          "retires": 2},
         {"job_id": "c", "script": "examples/write_output.py", "args": [], "node": "rig-a",
@@ -248,9 +248,9 @@ def test_an_unknown_field_is_named_once_and_not_refused(tmp_path: Path) -> None:
     assert dry.returncode == 0, dry.stderr
     named = [line for line in dry.stderr.splitlines() if "unknown field" in line]
     assert named == [
-        f"{jobs}: job 0 (job_id 'a'): unknown field 'after' ignored (this job does not wait for "
-        f"the jobs it names: it runs as soon as a worker takes it); later jobs with it are not "
-        f"named",
+        f"{jobs}: job 0 (job_id 'a'): unknown field 'colour' ignored (a typo? the fields are "
+        f"job_id, script, args, node, gpu_id, timeout, env, retries, retry_delay, pin, warm, "
+        f"after); later jobs with it are not named",
         f"{jobs}: job 1 (job_id 'b'): unknown field 'retires' ignored (a typo? the fields are "
-        f"job_id, script, args, node, gpu_id, timeout, env, retries, retry_delay, pin, warm); "
-        f"later jobs with it are not named"]
+        f"job_id, script, args, node, gpu_id, timeout, env, retries, retry_delay, pin, warm, "
+        f"after); later jobs with it are not named"]

@@ -359,7 +359,8 @@ def test_parse_jobs_and_unreadable_files_say_where(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("changes", "expected"), [
     ({"timeout": 0}, "field 'timeout': 0 must be finite, > 0 and at most 2.592e+06"),
-    ({"timeout": "9"}, "field 'timeout': must be a number of seconds, not str"),
+    ({"timeout": "9"}, "field 'timeout': '9' is neither seconds nor a percentage of the "
+                       "median (e.g. \"300%\", at most 100000%)"),
     ({"retry_delay": -1}, "field 'retry_delay': -1 must be finite, >= 0 and at most 3600"),
     ({"retry_delay": 3601}, "field 'retry_delay': 3601 must be finite, >= 0 and at most 3600"),
 ])
