@@ -268,6 +268,7 @@ class Run:
                     "finished_at": entry.get("finished_at"),
                     "elapsed_s": entry.get("elapsed_s", elapsed(entry)),
                     "cpu_s": entry.get("cpu_s"), "max_rss_mb": entry.get("max_rss_mb"),
+                    "gpu_mem_mb": entry.get("gpu_mem_mb"),
                     "exit_code": entry.get("exit_code"), "signal": entry.get("signal"),
                     "error": entry.get("error")})
         return rows

@@ -43,6 +43,8 @@ def test_acct_accounts_for_every_attempt_of_the_whole_process_tree(bench: Bench)
     assert burn["cpu_s"] >= 0.6 and burn["max_rss_mb"] >= 120
     assert burn["elapsed_s"] >= burn["cpu_s"] - 0.2 and burn["exit_code"] == 0
     assert burn["node"] == "rig-a" and burn["gpu"] == 0 and burn["host"].startswith("rig-a@")
+    # Peak GPU memory needs NVML and a GPU: none here, so none is claimed.
+    assert burn["gpu_mem_mb"] is None
     assert flaky_1["exit_code"] == 1 and flaky_2["exit_code"] == 0
     assert flaky_1["max_rss_mb"] > 0 and flaky_1["max_rss_mb"] < burn["max_rss_mb"]
     # Killed by its timeout: the runner still counted what the tree had used.

@@ -20,6 +20,7 @@ None of them reads a message field it was not given: ``run_job`` checks the mess
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -138,6 +139,55 @@ class TimeLimit:
             return (f"timed out after {self.seconds:g} s ({self.percent:g}% of the median "
                     f"{median:g} s of {count} succeeded jobs of its script); killed")
         return f"timed out after {self.seconds:g} s; killed"
+
+
+class GpuMemoryWatch:
+    """The peak GPU memory of an attempt's processes, where NVML can tell (``pynvml``, from
+    ``nvidia-ml-py``, the gpu extra): sampled each time the worker looks at the running
+    script. Without NVML or a GPU, ``peak_mb`` stays None.
+
+    Parameters:
+        group: the attempt's process group (its runner's pid): a GPU process counts when it
+            is in it (the script and what it started; a ``setsid`` child escapes the count).
+    """
+
+    def __init__(self, group: int) -> None:
+        self.group = group
+        self.peak_mb: float | None = None
+        self.nvml = nvml()
+
+    def while_running(self) -> None:
+        if self.nvml is None:
+            return
+        try:
+            used = 0
+            for index in range(self.nvml.nvmlDeviceGetCount()):
+                handle = self.nvml.nvmlDeviceGetHandleByIndex(index)
+                for process in self.nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if in_group(process.pid, self.group):
+                        used += process.usedGpuMemory or 0
+        except Exception:  # NVML errors are many and not ours: no figure rather than no job
+            return
+        self.peak_mb = max(self.peak_mb or 0.0, round(used / 2**20, 1))
+
+
+def in_group(pid: int, group: int) -> bool:
+    try:
+        return os.getpgid(pid) == group
+    except OSError:
+        return False
+
+
+@functools.cache
+def nvml() -> Any:
+    """NVML, initialised once, or None (not installed, no driver, no GPU)."""
+    try:
+        import pynvml  # type: ignore[import-not-found]
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:  # ImportError, NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded...
+        return None
 
 
 class Launch:

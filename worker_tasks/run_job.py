@@ -48,7 +48,14 @@ from worker_tasks import halt, warm
 from worker_tasks.celery_app import app
 from worker_tasks.connections import redis_client
 from worker_tasks.dependencies import DEPENDENTS_FIELD, Dependencies
-from worker_tasks.execution import CancelWatch, Launch, Marker, SlotHold, TimeLimit
+from worker_tasks.execution import (
+    CancelWatch,
+    GpuMemoryWatch,
+    Launch,
+    Marker,
+    SlotHold,
+    TimeLimit,
+)
 from worker_tasks.lease import SlotLease
 from worker_tasks.retries import Retries
 from worker_tasks.runner import Outcome
@@ -338,6 +345,7 @@ class Attempt:
                 "started_at": round(self.started_at, 3),
                 "finished_at": round(self.finished_at, 3), "elapsed_s": self.duration_s,
                 "cpu_s": usage.cpu_s, "max_rss_mb": usage.max_rss_mb,
+                "gpu_mem_mb": usage.gpu_mem_mb,
                 "exit_code": self.exit_code, "signal": usage.signal, "error": self.error}
 
 
@@ -348,10 +356,12 @@ class Usage:
     cpu_s: float | None = None
     max_rss_mb: float | None = None
     signal: int | None = None
+    gpu_mem_mb: float | None = None  # peak, where NVML can tell (GpuMemoryWatch)
 
     @classmethod
-    def of(cls, outcome: Outcome) -> Usage:
-        return cls(outcome.cpu_s, outcome.max_rss_mb, outcome.signal)
+    def of(cls, outcome: Outcome, gpu: GpuMemoryWatch | None = None) -> Usage:
+        return cls(outcome.cpu_s, outcome.max_rss_mb, outcome.signal,
+                   gpu.peak_mb if gpu is not None else None)
 
 
 @dataclass(frozen=True)
@@ -555,16 +565,18 @@ class JobExecution:
         except OSError as err:
             return None, f"could not start the script: {err}", False, None
         limit.when_script_starts()
+        gpu = GpuMemoryWatch(runner.pid)
         while True:
             outcome = runner.wait(limit.next_wait())
             if outcome is not None:
-                return (*describe(outcome), Usage.of(outcome))
+                return (*describe(outcome), Usage.of(outcome, gpu))
+            gpu.while_running()
             if not limit.while_running():
                 killed = runner.kill()
-                return None, limit.reason(), False, Usage.of(killed)
+                return None, limit.reason(), False, Usage.of(killed, gpu)
             if not self.watch.while_running():
                 killed = runner.kill()
-                return None, "cancelled while running", True, Usage.of(killed)
+                return None, "cancelled while running", True, Usage.of(killed, gpu)
 
     def succeed(self, paths: JobPaths, attempt: Attempt,
                 history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -606,8 +606,8 @@ def register(command: CommandFactory) -> None:
     add_run_arg(sub)
     sub.add_argument("--json", action="store_true",
                      help="a JSON list of attempts: job_id, attempt, node, gpu, host, "
-                          "started_at, finished_at, elapsed_s, cpu_s, max_rss_mb, exit_code, "
-                          "signal, error")
+                          "started_at, finished_at, elapsed_s, cpu_s, max_rss_mb, gpu_mem_mb "
+                          "(peak, where NVML can tell), exit_code, signal, error")
     sub.set_defaults(handler=cmd_acct)
 
     sub = command("report", "where a run's time went: an HTML page with a timeline per node",
