@@ -30,6 +30,8 @@ from coordinator.records import JobRecord
 
 if TYPE_CHECKING:  # only a caller that asks the workers passes an app
     from celery import Celery
+
+    from worker_tasks.speeds import SlotSpeed
 from worker_tasks.lease import task_of_token
 from worker_tasks.presence import serving
 from worker_tasks.spec import node_of_queue, node_of_slot, queue_for, slot_of_queue
@@ -176,6 +178,15 @@ class ClusterView:
         except (BrokerUnreachableError, redis.RedisError, OSError) as err:
             return None, f"broker {redact(broker_url(broker))} unreachable from here: {err}"
         return view, None
+
+    def speeds(self, scripts: Iterable[str] | None = None) -> dict[str, dict[str, SlotSpeed]]:
+        """script -> slot -> its learned speed (``worker_tasks.speeds``), for ``scripts`` or
+        every script with estimates."""
+        from worker_tasks.speeds import SlotSpeeds
+
+        speeds = SlotSpeeds(self.client)
+        named = speeds.scripts() if scripts is None else sorted(scripts)
+        return {script: found for script in named if (found := speeds.of(script))}
 
     def waiting(self, slot: str) -> int:
         """Messages waiting in ``slot``'s queue."""

@@ -92,6 +92,10 @@ def _timeout(value: Any) -> Any:
     return value
 
 
+def _cost(value: Any) -> Any:
+    return None if value is None else _rule(rules.check_cost, value)
+
+
 def _retry_delay(value: Any) -> Any:
     if value is not None:
         _rule(rules.check_seconds, value, "", rules.MAX_RETRY_DELAY_S, True)
@@ -131,6 +135,9 @@ class Job(BaseModel):
         warm: optional extension: false starts the script's interpreter fresh on a worker
             that runs jobs warm (``worker --warm``); true asks for a warm start (default:
             the worker's setting).
+        cost: optional extension: how much work the job is against the others of its
+            script (the seeds of a chunk, say): slot speeds are learned per unit of it, and
+            the tail of a run is placed by it (default: 1).
         after: optional extension: the job ids of this file it waits for; it runs once
             every one of them has succeeded, and ends without running if one fails for
             good or is cancelled (Slurm's ``afterok``).
@@ -150,6 +157,7 @@ class Job(BaseModel):
     pin: bool = False
     warm: bool | None = None
     after: list[SafeName] = Field(default_factory=list, max_length=rules.MAX_AFTER)
+    cost: Annotated[float | None, BeforeValidator(_cost)] = None
 
 
 class LegacyScoringJob(BaseModel):

@@ -51,6 +51,10 @@ HELP = {
     "sc_node_running": ("gauge", "1 while a job of the node holds its lease."),
     "sc_node_busy_seconds_total": ("counter", "Seconds the node's jobs have run."),
     "sc_run_jobs": ("gauge", "Jobs of a run by state."),
+    "sc_slot_speed": ("gauge", "A slot's speed for a script: the fastest slot's seconds per "
+                               "unit of work over its own (1: the fastest)."),
+    "sc_slot_seconds_per_unit": ("gauge", "A slot's average seconds per unit of a script's "
+                                          "work (EWMA of its succeeded attempts)."),
     "sc_unassigned_messages": ("gauge", "Messages in node.unassigned, which no worker "
                                         "consumes."),
     "sc_broker_master": ("gauge", "1, naming the Redis the broker's commands reach now."),
@@ -117,6 +121,11 @@ def collect(broker: redis.Redis, tracking: redis.Redis) -> str:
         for state in JobState:
             samples["sc_run_jobs"].append((label(run=run_id, state=state.value),
                                            counts.get(state.value, 0)))
+    for script, speeds in view.speeds().items():
+        for slot, speed in speeds.items():
+            samples["sc_slot_speed"].append((label(script=script, slot=slot), speed.speed))
+            samples["sc_slot_seconds_per_unit"].append((label(script=script, slot=slot),
+                                                        speed.seconds_per_unit))
     samples["sc_unassigned_messages"].append(("", broker.llen(celeryconfig.task_default_queue)))
     replication = Replication.of(broker)
     samples["sc_broker_master"].append(

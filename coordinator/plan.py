@@ -284,6 +284,8 @@ def plan_jobs(jobs: Iterable[Job], run_id: str, options: SubmitOptions = DEFAULT
         }
         if job.after:
             message["after"] = list(job.after)
+        if job.cost is not None:
+            message["cost"] = job.cost
         specs.append(checked(where, message))
         fingerprint.add(message)
     return Plan(run_id=run_id, specs=specs, options=options, pinned=frozenset(pinned),

@@ -58,6 +58,7 @@ if TYPE_CHECKING:  # imported where used: a run's status and records need none o
     from coordinator.plan import Plan
     from coordinator.scheduler import Scheduler, SchedulerOptions
     from coordinator.submission import JobsInput
+    from worker_tasks.speeds import SlotSpeed
 
 logger = logging.getLogger("coordinator")
 
@@ -178,6 +179,13 @@ class Run:
                       if not is_served(slot)},
             unassigned=int(self.broker.llen(UNASSIGNED_QUEUE)),
             refusing=[] if info.signed else verifying(self.client, everyone))
+
+    def speeds(self, info: RunInfo | None = None) -> dict[str, dict[str, SlotSpeed]]:
+        """script -> slot -> how fast the slot runs it, for this run's scripts (learned from
+        every run's attempts: ``worker_tasks.speeds``)."""
+        from coordinator.cluster_view import ClusterView
+
+        return ClusterView(self.client).speeds((info or self.info()).get("scripts", []))
 
     def workers(self, nodes: Iterable[str]) -> dict[str, list[str]]:
         """node -> the workers serving it (or its GPUs), for ``nodes``: presence, one read."""

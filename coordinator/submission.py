@@ -189,6 +189,7 @@ def record_run(client: redis.Redis, plan: Plan, extra: dict[str, Any] | None = N
         "slots": plan.slots(),
         "jobs_per_slot": plan.jobs_per_slot(),
         "jobs_file": plan.jobs_file,
+        "scripts": sorted({spec.script for spec in plan.specs}),
         "plan_digest": plan.digest(),
         "workdir": str(plan.options.workdir.resolve()),
         "per_gpu": plan.options.per_gpu,

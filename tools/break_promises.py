@@ -523,6 +523,9 @@ BREAKS = [
           "    return sorted(sizes, reverse=True)\n", "    return sorted(sizes)\n",
           (T + "test_scoring_pipeline.py::test_factoring_deals_chunks_that_shrink_and_hold_every_"
                "seed",)),
+    Break("a slot's speed is learned per unit of a job's cost", "worker_tasks/speeds.py",
+          "        per_unit = max(seconds, 0.0) / cost\n", "        per_unit = max(seconds, 0.0)\n",
+          (T + "test_speeds.py::test_an_estimate_not_updated_for_a_week_is_forgotten",)),
     Break("an item in a queue that is no message does not end the worker",
           "worker_tasks/celery_app.py", "    install_transports()\n", "",
           (T + "test_reliability.py::test_a_raw_item_that_is_no_message_is_dropped_and_the_"

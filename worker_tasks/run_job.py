@@ -67,6 +67,7 @@ from worker_tasks.spec import (
     check_name,
     slot_of_worker,
 )
+from worker_tasks.speeds import SlotSpeeds
 from worker_tasks.tracking import (
     OUTPUT_TAIL_HEADER,
     JobState,
@@ -616,8 +617,10 @@ class JobExecution:
         with contextlib.suppress(redis.RedisError):  # else the head node settles it by .done
             self.track("succeed", lambda t: t.succeed(*self.ids(), duration_s=duration,
                                                       history=history))
-        with contextlib.suppress(redis.RedisError):  # the median of "P%" timeouts
+        with contextlib.suppress(redis.RedisError):  # "P%" timeouts; slot speeds
             tracker().add_duration(spec.run_id, spec.script, duration)
+            SlotSpeeds(tracker().client).after_success(spec.script, spec.slot, duration,
+                                                       spec.cost or 1.0)
         return self.result(JobState.SUCCEEDED, attempt)
 
 

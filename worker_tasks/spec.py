@@ -55,6 +55,8 @@ MAX_RETRY_DELAY_S = 3600.0
 MAX_ARGS = 4096
 # Jobs one job may wait for ("after").
 MAX_AFTER = 1024
+# The largest cost hint a job may carry (seeds in a chunk, say).
+MAX_COST = 1e12
 MAX_ARGS_CHARS = 1 << 20
 MAX_ENV = 64
 # Environment names a job may set: a small safe set unless the operator widens it
@@ -222,6 +224,15 @@ def check_args(value: Any) -> list[str]:
     return list(value)
 
 
+def check_cost(value: Any) -> float:
+    """A job's cost: a finite number above 0, at most ``MAX_COST``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            math.isfinite(value) and 0 < value <= MAX_COST):
+        raise InvalidMessage(f"cost must be a number above 0 and at most {MAX_COST:g}, not "
+                             f"{value!r}")
+    return float(value)
+
+
 def check_after(value: Any) -> list[str]:
     """The job ids a job waits for: safe names, at most ``MAX_AFTER``, none twice."""
     if not isinstance(value, list):
@@ -351,6 +362,8 @@ class JobSpec:
         after: the jobs of the run it waits for: the worker runs it only once each has
             succeeded (left out of the message when empty, so workers of earlier versions
             read every other job).
+        cost: how much work the job is, against the others of its script (the seeds of a
+            chunk, say); None counts as 1. Slot speeds are learned per unit of it.
     """
 
     run_id: str
@@ -370,6 +383,7 @@ class JobSpec:
     warm: bool | None = None
     task_id: str | None = None
     after: list[str] = field(default_factory=list)
+    cost: float | None = None
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -404,8 +418,9 @@ class JobSpec:
     def to_message(self) -> dict[str, Any]:
         """The message (a plain dict; lists and dicts are shared, not copied)."""
         message = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        if not self.after:
-            del message["after"]
+        for name in ("after", "cost"):  # left out when unset: earlier workers read the rest
+            if not message[name]:
+                del message[name]
         return message
 
     @classmethod
@@ -450,4 +465,5 @@ class JobSpec:
             task_id=(None if message.get("task_id") is None
                      else check_text(message["task_id"], "task_id")),
             after=check_after(message.get("after", [])),
+            cost=None if message.get("cost") is None else check_cost(message["cost"]),
         )

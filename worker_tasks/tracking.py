@@ -183,7 +183,8 @@ EVENT_FIELDS = ("attempts", "host", "duration_s", "error", "task_id", "node", "n
 # The message fields a record keeps in its one ``spec`` field (JSON): the job as planned,
 # stored once. ``node`` is also a field of its own (a move changes it).
 SPEC_FIELDS = ("job_id", "script", "args", "node", "gpu_id", "output_file", "done_file",
-               "log_file", "timeout", "env", "retries", "retry_delay", "per_gpu", "after")
+               "log_file", "timeout", "env", "retries", "retry_delay", "per_gpu", "after",
+               "cost")
 
 
 def runs_key() -> str:

@@ -23,6 +23,7 @@ from coordinator.cli.common import (
     exit_table,
     formatter,
     require,
+    speeds_line,
 )
 from coordinator.cluster import inventory_path
 from coordinator.errors import BrokerUnreachableError, ExitCode, NodeFailedError
@@ -158,6 +159,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("\n".join(f"broker: {line}" for line in replication_lines(args.broker)),
               flush=True)
     print(f"signing: {trust_line()}", flush=True)
+    if view is not None:
+        for script, speeds in view.speeds().items():
+            print(speeds_line(script, speeds), flush=True)
     head_version = project_version()
 
     def one(remote: RemoteNode) -> str:

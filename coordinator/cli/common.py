@@ -148,3 +148,11 @@ def run_cli(handler: Callable[[argparse.Namespace], int], args: argparse.Namespa
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
+
+
+def speeds_line(script: str, speeds: dict[str, Any]) -> str:
+    """``speeds of S: rig-a 1.00 (0.52 s/unit, 12 jobs), rig-b 0.49 (...)``, fastest first."""
+    ranked = sorted(speeds.items(), key=lambda item: (-item[1].speed, item[0]))
+    return f"speeds of {script}: " + ", ".join(
+        f"{slot} {speed.speed:.2f} ({speed.seconds_per_unit:.3g} s/unit, {speed.samples} "
+        f"jobs)" for slot, speed in ranked)

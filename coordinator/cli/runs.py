@@ -20,6 +20,7 @@ from coordinator.cli.common import (
     existing_dir,
     exit_table,
     formatter,
+    speeds_line,
 )
 from coordinator.errors import ExitCode, InvalidJobsError, RunNotFoundError
 from coordinator.options import (
@@ -368,6 +369,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if service.unassigned:
         print(f"  warning: {service.unassigned} messages wait in {UNASSIGNED_QUEUE}, a "
               f"queue no worker consumes (published without a node's queue)")
+    for script, speeds in run.speeds().items():
+        print(f"  {speeds_line(script, speeds)}")
     by_node = status.by_node()
     served = run.workers(by_node)
     alive = {worker for workers in served.values() for worker in workers}

@@ -1,0 +1,74 @@
+"""Slot speeds learned from the attempts (``worker_tasks.speeds``), with real workers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from helpers import run_cli
+from test_reliability import Bench, make_bench
+
+from coordinator import submit
+from worker_tasks.speeds import FORGET_AFTER_S, SlotSpeeds, estimates, speeds_key
+
+
+@pytest.fixture()
+def bench(tmp_path: Path) -> Iterator[Bench]:
+    with make_bench(tmp_path, ["rig-a", "rig-b"]) as made:
+        yield made
+
+
+def test_each_slot_learns_its_speed_per_unit_of_work_and_keeps_it(bench: Bench) -> None:
+    """rig-b runs the script 3 times slower; a job twice the cost takes twice as long. The
+    estimates say so, in status, cluster-wide and as metrics, and outlive the run."""
+    speed = ["--speed", "rig-a=1,rig-b=3"]
+    jobs = [bench.job(f"j{index}", node, "--sleep", 0.3 * cost, *speed, cost=cost)
+            for index, (node, cost) in enumerate([("rig-a", 1), ("rig-b", 1), ("rig-a", 2),
+                                                  ("rig-b", 2), ("rig-a", 1), ("rig-b", 1)])]
+    run = submit(jobs, output_dir="o", broker_url=bench.server.url)
+    assert run.wait(timeout=90).all_succeeded
+    learned = run.speeds()["tests/probe_job.py"]
+    assert set(learned) == {"rig-a", "rig-b"}
+    assert learned["rig-a"].speed == 1.0 and learned["rig-a"].samples == 3
+    assert 0.25 <= learned["rig-b"].speed <= 0.45, learned  # about a third, start-up included
+    assert 0.3 <= learned["rig-a"].seconds_per_unit < 0.6, learned
+    env = {"SC_BROKER_URL": bench.server.url}
+    status = run_cli("status", run.id, env=env).stdout
+    assert "speeds of tests/probe_job.py: rig-a 1.00 (" in status and ", rig-b 0." in status
+    metrics = run_cli("metrics", "--textfile", str(bench.workdir / "m.prom"), env=env)
+    assert metrics.returncode == 0, metrics.stderr
+    text = (bench.workdir / "m.prom").read_text()
+    assert 'sc_slot_speed{script="tests/probe_job.py",slot="rig-a"} 1' in text
+    # The next run of the script starts from them, and adds to them.
+    again = submit([bench.job("more", "rig-b", "--sleep", 0.3, *speed)], output_dir="o2",
+                   broker_url=bench.server.url)
+    assert again.wait(timeout=60).all_succeeded
+    assert again.speeds()["tests/probe_job.py"]["rig-b"].samples == 4
+
+
+def test_an_estimate_not_updated_for_a_week_is_forgotten(bench: Bench) -> None:
+    client = redis.Redis.from_url(bench.server.url)
+    speeds = SlotSpeeds(client)
+    assert speeds.after_success("s.py", "rig-a", 2.0, 1.0) == 2.0
+    assert speeds.after_success("s.py", "rig-a", 4.0, 2.0) == 2.0  # same per unit
+    assert speeds.after_success("s.py", "rig-a", 3.0, 1.0) == pytest.approx(2.3)
+    stale = json.dumps({"spu": 1.0, "n": 9, "at": time.time() - FORGET_AFTER_S - 1})
+    client.hset(speeds_key("s.py"), "rig-old", stale)
+    assert set(speeds.of("s.py")) == {"rig-a"}
+    # A forgotten slot starts again from its next attempt, not from the old average.
+    assert speeds.after_success("s.py", "rig-old", 5.0, 1.0) == 5.0
+    assert speeds.of("s.py")["rig-old"].samples == 1
+    assert speeds.scripts() == ["s.py"]
+
+
+def test_speeds_are_relative_to_the_fastest_slot() -> None:
+    now = time.time()
+    raw = {b"a": json.dumps({"spu": 2.0, "n": 3, "at": now}).encode(),
+           b"b": json.dumps({"spu": 8.0, "n": 1, "at": now}).encode()}
+    found = estimates(raw, now)
+    assert (found["a"].speed, found["b"].speed) == (1.0, 0.25)
+    assert estimates({}, now) == {}
