@@ -14,6 +14,9 @@ Today's policies:
 * ``LeastLoaded``: the target with the least work waiting (its queue and its running job),
   counting each job placed, so a batch spreads instead of piling onto the first target by
   name (``move``, ``--failover``).
+* ``EarliestFinish``: the slot that would finish the job first, by the slots' learned speeds
+  (``worker_tasks.speeds``) and when each is free: the tail of a followed run, where a slow
+  slot taking the last job would make the whole run wait (``Scheduler.place_tail``).
 """
 
 from __future__ import annotations
@@ -68,6 +71,31 @@ class LeastLoaded:
         target = min(self.targets, key=lambda name: (self.loads.get(name, 0), name))
         self.loads[target] = self.loads.get(target, 0) + 1
         return target
+
+
+@dataclass
+class EarliestFinish:
+    """Each job to the slot whose finish time for it is earliest: when the slot is free,
+    plus the job's cost at the slot's seconds per unit. Equal jobs on machines of fixed,
+    known speeds: the placement that ends first.
+
+    Parameters:
+        free_at: slot -> when it is free (seconds from now: 0 when idle, else what its
+            running job has left by its estimate). Updated with every job placed.
+        seconds_per_unit: slot -> its estimate for the jobs' script.
+        costs: job id -> its cost (1 when not given).
+    """
+
+    free_at: dict[str, float]
+    seconds_per_unit: Mapping[str, float]
+    costs: Mapping[str, float] = field(default_factory=dict)
+
+    def place(self, job_id: str, node: str) -> str:
+        cost = self.costs.get(job_id, 1.0)
+        slot = min(self.free_at, key=lambda name: (
+            self.free_at[name] + cost * self.seconds_per_unit[name], name))
+        self.free_at[slot] += cost * self.seconds_per_unit[slot]
+        return slot
 
 
 def placed(policy: Placement, jobs: Sequence[tuple[str, str]]) -> dict[str, str]:

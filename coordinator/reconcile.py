@@ -183,6 +183,28 @@ def find_lost(app: Celery, client: redis.Redis, broker: redis.Redis, run_id: str
     return lost
 
 
+def place_floating(client: redis.Redis, app: Celery, broker: redis.Redis, run_id: str,
+                   jobs: Sequence[JobRecord], placement: Placement) -> dict[str, list[str]]:
+    """Queued floating jobs out of the shared queue, each onto the slot ``placement`` gives
+    it; returns slot -> job ids. A job a worker took meanwhile stays where it is: only a
+    record still queued is republished (under a new task id, so the old message, wherever
+    it is, is dropped as stale), and the old message is then deleted from the shared queue.
+    """
+    waiting = [job for job in jobs if job.floating and job.state is JobState.QUEUED]
+    plan = placed(placement, [(job.job_id, job.node) for job in waiting])
+    by_slot: dict[str, list[str]] = defaultdict(list)
+    for job in waiting:
+        slot = plan[job.job_id]
+        done = republish(client, app, run_id, [job.job_id], (JobState.QUEUED,),
+                         lambda record, slot=slot: {"node": slot},
+                         note=f"tail: placed on {slot}, where it finishes first")
+        by_slot[slot].extend(done)
+    placed_ids = {job_id for job_ids in by_slot.values() for job_id in job_ids}
+    remove_messages(broker, {FLOATING_NODE}, {job.task_id for job in waiting
+                                              if job.job_id in placed_ids and job.task_id})
+    return dict(by_slot)
+
+
 def move_jobs(client: redis.Redis, app: Celery, run_id: str, jobs: Sequence[JobRecord],
               placement: Placement, live: Liveness | None = None,
               broker: redis.Redis | None = None) -> dict[str, list[str]]:

@@ -60,6 +60,7 @@ class JobRecord:
     per_gpu: bool = False
     workdir: str | None = None  # the worker's directory, where it wrote the job's files
     after: list[str] = field(default_factory=list)  # the jobs it waits for
+    cost: float | None = None  # its cost hint (1 without one)
 
     def error_lines(self) -> tuple[str, list[str]]:
         """The error's first line, and the script's own last words under it."""
@@ -78,7 +79,7 @@ class JobRecord:
 
 # What a record's ``spec`` (the job's message) contributes to a JobRecord.
 SPEC_VALUES = ("job_id", "node", "gpu_id", "script", "args", "output_file", "done_file",
-               "log_file", "retries", "per_gpu", "after")
+               "log_file", "retries", "per_gpu", "after", "cost")
 # The record's own fields (``spec`` is read as one JSON value and unpacked).
 RECORD_FIELDS = [f.name for f in fields(JobRecord) if f.name not in SPEC_VALUES
                  or f.name == "node"] + ["spec"]

@@ -29,14 +29,17 @@ import redis
 from celery import Celery
 
 from coordinator.cluster_view import ClusterView, Liveness
-from coordinator.placement import LeastLoaded, loads_of
-from coordinator.reconcile import find_lost, move_jobs, settle
+from coordinator.placement import EarliestFinish, LeastLoaded, loads_of
+from coordinator.reconcile import find_lost, move_jobs, place_floating, settle
 from coordinator.records import FOLLOW_FIELDS, JobRecord, RunStatus, read_records, read_status
 from coordinator.submission import republish
 from worker_tasks.dependencies import Dependencies
-from worker_tasks.spec import is_floating, queue_for
+from worker_tasks.spec import FLOATING_NODE, is_floating, queue_for, slot_of_worker
+from worker_tasks.speeds import SlotSpeeds
 from worker_tasks.tracking import ACTIVE, LOST_ONLY, JobState
 
+# The tail of a run begins when no more floating jobs are queued than this per live slot.
+TAIL_PER_SLOT = 2
 # Without progress for this long, records are reconciled with workers, files and messages.
 RECONCILE_AFTER_S = float(os.environ.get("SC_RECONCILE_AFTER", "10"))
 # Liveness of nodes is checked this often when failover is on (seconds).
@@ -54,13 +57,21 @@ class SchedulerOptions:
             (default: where the run's workers wrote, ``RunStatus.files_dir``).
         failover: move a node's queued jobs after it has had no live worker this long.
         republish_lost: publish a job found lost again, once (``wait``); ``status`` only marks.
+        place_tail: give the last floating jobs to the slots that finish them first
+            (``place_tail``).
         notice: where one-line notices of each decision go (settled, lost, moved).
     """
 
     workdir: Path | None = None
     failover: float | None = None
     republish_lost: bool = True
+    place_tail: bool = True
     notice: Notice = field(default=lambda line: None)
+
+
+def cost_of(job: JobRecord) -> float:
+    """A job's cost hint from its message (1 without one)."""
+    return float(job.cost or 1.0)
 
 
 def listing(job_ids: list[str], most: int = 10) -> str:
@@ -109,12 +120,15 @@ class Scheduler:
         self.last_failover_check = 0.0
         self.unserved_since: dict[str, float] = {}
         self.published_again: set[str] = set()
+        self.tail_placed = False
 
     # -- hooks, called by the follower ------------------------------------------------------
 
     def after_progress(self, status: RunStatus) -> None:
-        """A job moved: the run is not stuck, so settling waits."""
+        """A job moved: the run is not stuck, so settling waits; the tail may have come."""
         self.quiet_since = time.monotonic()
+        if self.options.place_tail and not self.tail_placed:
+            self.place_tail(status)
 
     def while_quiet(self, status: RunStatus) -> None:
         """Nothing moved since the last poll: fail over when due, settle when quiet long
@@ -158,6 +172,47 @@ class Scheduler:
         lost = find_lost(self.app, self.client, self.broker, self.run_id, fresh, live)
         if lost:
             self.publish_again(lost)
+
+    def place_tail(self, status: RunStatus) -> None:
+        """Once the floating jobs still queued are few (``TAIL_PER_SLOT`` per live slot),
+        give each to the slot that would finish it first, by the slots' learned speeds and
+        what their running jobs have left (``EarliestFinish``): a slow slot then stays idle
+        rather than take a job a fast one would end sooner. Once per run; a run nobody
+        follows keeps first-free placement."""
+        queued = [job for job in status.jobs if job.floating and job.state is JobState.QUEUED]
+        if not queued or status.info.get("per_gpu"):
+            return
+        slots = sorted({slot_of_worker(name)
+                        for name in ClusterView(self.client).serving([FLOATING_NODE]).get(
+                            FLOATING_NODE, [])})
+        if not slots or len(queued) > TAIL_PER_SLOT * len(slots):
+            return
+        self.tail_placed = True
+        records = read_records(self.client, self.run_id,
+                               [job.job_id for job in status.jobs
+                                if job.job_id in {one.job_id for one in queued}
+                                or job.state in ACTIVE])
+        scripts = {job.script for job in records if job.job_id in {one.job_id for one in queued}}
+        if len(scripts) != 1:
+            return  # speeds are per script: a mixed tail keeps first-free placement
+        speeds = SlotSpeeds(self.client).of(scripts.pop())
+        if not set(slots) <= set(speeds):
+            return  # a slot with no estimate yet: nothing to place by
+        per_unit = {slot: speeds[slot].seconds_per_unit for slot in slots}
+        costs = {job.job_id: cost_of(job) for job in records}
+        moment = time.time()
+        free_at = dict.fromkeys(slots, 0.0)
+        for job in records:
+            if job.state in ACTIVE and job.node in free_at and job.started_at:
+                left = costs[job.job_id] * per_unit[job.node] - (moment - job.started_at)
+                free_at[job.node] = max(free_at[job.node], left, 0.0)
+        placed_on = place_floating(self.client, self.app, self.broker, self.run_id,
+                                   [job for job in records if job.state is JobState.QUEUED],
+                                   EarliestFinish(free_at, per_unit, costs))
+        if placed_on:
+            where = ", ".join(f"{slot} ({len(ids)})" for slot, ids in sorted(placed_on.items()))
+            self.options.notice(f"tail: placed the last {sum(map(len, placed_on.values()))} "
+                                f"floating jobs where each finishes first: {where}")
 
     def settle_held(self, held: list[str]) -> None:
         """Release the held jobs whose dependencies all succeeded, end those one of whose

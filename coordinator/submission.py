@@ -466,8 +466,9 @@ def republish(client: redis.Redis, app: Celery, run_id: str, job_ids: Sequence[s
         if not record or JobState(record["state"]) not in allowed:
             continue
         update = changes(record) if changes else {}
-        # A floating job floats again (retry, republish): its record names where it last ran.
-        if record.get("floating"):
+        # A floating job floats again (retry, republish): its record names where it last ran;
+        # unless this republish places it (the tail of a followed run).
+        if record.get("floating") and "node" not in update:
             update = {**update, "node": FLOATING_NODE}
         spec = spec_from_record(run_id, {**record, **update, "job_id": job_id})
         generation = int(record.get("task_id", "0").rsplit(".", 1)[-1]) + 1

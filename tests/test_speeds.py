@@ -72,3 +72,29 @@ def test_speeds_are_relative_to_the_fastest_slot() -> None:
     found = estimates(raw, now)
     assert (found["a"].speed, found["b"].speed) == (1.0, 0.25)
     assert estimates({}, now) == {}
+
+
+def test_the_tail_goes_where_it_finishes_first_and_a_slow_slot_stays_idle(
+        bench: Bench, caplog: pytest.LogCaptureFixture) -> None:
+    """rig-b runs the script 6 times slower (its estimate carried over from an earlier run).
+    Once few floating jobs are left, the head that follows the run gives each to the slot
+    that finishes it first: all to rig-a, and rig-b takes none of them."""
+    speed = ["--sleep", 0.4, "--speed", "rig-a=1,rig-b=6"]
+    warm_up = submit([bench.job(f"w{index}", "any", *speed) for index in range(4)],
+                     output_dir="w", broker_url=bench.server.url)
+    assert warm_up.wait(timeout=90).all_succeeded
+    learned = warm_up.speeds()["tests/probe_job.py"]
+    assert set(learned) == {"rig-a", "rig-b"} and learned["rig-b"].speed < 0.4, learned
+    run = submit([bench.job(f"t{index}", "any", *speed) for index in range(10)],
+                 output_dir="t", broker_url=bench.server.url)
+    with caplog.at_level("WARNING", logger="coordinator"):
+        status = run.wait(timeout=120)
+    assert status.all_succeeded
+    placed = [record.getMessage() for record in caplog.records
+              if record.getMessage().startswith("tail: placed the last ")]
+    assert len(placed) == 1 and placed[0].endswith("where each finishes first: rig-a (4)"), \
+        placed
+    # rig-b took jobs while the queue was long (first free), none of the last four.
+    last_four = [job for job in status.jobs][-4:]
+    assert {job.node for job in last_four} == {"rig-a"}, [(j.job_id, j.node) for j in last_four]
+    assert sum(job.node == "rig-b" for job in status.jobs) <= 2

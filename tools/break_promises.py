@@ -526,6 +526,13 @@ BREAKS = [
     Break("a slot's speed is learned per unit of a job's cost", "worker_tasks/speeds.py",
           "        per_unit = max(seconds, 0.0) / cost\n", "        per_unit = max(seconds, 0.0)\n",
           (T + "test_speeds.py::test_an_estimate_not_updated_for_a_week_is_forgotten",)),
+    Break("the tail of a followed run goes where it finishes first", "coordinator/placement.py",
+          "        slot = min(self.free_at, key=lambda name: (\n"
+          "            self.free_at[name] + cost * self.seconds_per_unit[name], name))",
+          "        slot = max(self.free_at, key=lambda name: (\n"
+          "            self.free_at[name] + cost * self.seconds_per_unit[name], name))",
+          (T + "test_speeds.py::test_the_tail_goes_where_it_finishes_first_and_a_slow_slot_"
+               "stays_idle",)),
     Break("an item in a queue that is no message does not end the worker",
           "worker_tasks/celery_app.py", "    install_transports()\n", "",
           (T + "test_reliability.py::test_a_raw_item_that_is_no_message_is_dropped_and_the_"
