@@ -7,7 +7,9 @@ sleeps ``work * factor`` seconds on a node of that factor (the script reads
 ``SC_NODE``). The same jobs file runs
 
 * pinned: dealt round-robin over the nodes, as ``jobs scoring`` writes it;
-* balanced: the same file with ``--balance`` (every job floats);
+* balanced: the same file with ``--balance`` (every job floats), followed by the head, whose
+  scheduler gives the tail to the slots that finish it first (by the speeds the pinned run
+  taught it);
 * GNU parallel with one slot per node, the slot's factor from ``{%}``: it too hands
   the next job to whichever slot frees first;
 
@@ -116,6 +118,13 @@ def main() -> int:
           f"{'met' if pinned / balanced >= 2 else 'NOT met'})")
     if parallel is not None:
         print(f"balanced / GNU parallel              {balanced / parallel:.2f}")
+    # Issue 30's bars: ours less the fixed cost, against the ideal and against GNU parallel.
+    net = balanced - empty
+    print(f"(balanced - fixed cost) / ideal      {net / ideal:.2f}  (target <= 1.06: "
+          f"{'met' if net / ideal <= 1.06 else 'NOT met'})")
+    if parallel is not None:
+        print(f"(balanced - fixed cost) / GNU par.   {net / parallel:.2f}  (target <= 0.93: "
+              f"{'met' if net / parallel <= 0.93 else 'NOT met'})")
     return 0
 
 
