@@ -608,7 +608,7 @@ def test_the_plan_shows_the_levels_of_its_waits() -> None:
 
 @pytest.mark.parametrize(("after", "expected"), [
     ("a", "after must be a list of job ids, not str"),
-    (["a"] * 1025, "after names 1025 jobs (at most 1024)"),
+    (["a"] * 1025, "after has 1025 entries (at most 1024)"),
     (["a", "b", "a"], "after names a job twice"),
     (["ok", "../x"], "after[1] '../x' is not a safe name (letters, digits, '.', '_', '-'; "
                      "no '..')"),

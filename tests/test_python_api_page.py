@@ -21,15 +21,21 @@ def blocks(language: str) -> list[str]:
     return [part.split("```", 1)[0] for part in text.split(f"```{language}\n")[1:]]
 
 
+def newcomer(tmp_path: Path, name: str) -> tuple[Path, Path, dict[str, str]]:
+    """An empty directory, the local-cluster state file's place (each test its own), and an
+    environment with no SC_* variable but that one: no broker is named."""
+    work = tmp_path / name
+    work.mkdir()
+    state = tmp_path / "state" / "local-cluster.json"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SC_")}
+    env.update(SC_LOCAL_STATE=str(state), PATH=f"{BIN}:{env.get('PATH', '')}")
+    return work, state, env
+
+
 def test_the_python_api_page_runs_as_written_from_an_empty_directory(tmp_path: Path) -> None:
     up_block, down_block = blocks("bash")[:2]
     (python_block,) = blocks("python")[:1]
-    work = tmp_path / "empty"
-    work.mkdir()
-    state = tmp_path / "state" / "local-cluster.json"
-    # No SC_* variable but the state file's place (each test its own): no broker is named.
-    env = {name: value for name, value in os.environ.items() if not name.startswith("SC_")}
-    env.update(SC_LOCAL_STATE=str(state), PATH=f"{BIN}:{env.get('PATH', '')}")
+    work, state, env = newcomer(tmp_path, "empty")
     try:
         for line in up_block.splitlines():
             command = line.split("#", 1)[0].strip()
@@ -71,11 +77,7 @@ def test_the_python_api_page_runs_as_written_from_an_empty_directory(tmp_path: P
 def test_the_pipeline_example_queues_three_steps_and_leaves(tmp_path: Path) -> None:
     """examples/pipeline.sh against a local cluster that is up: it returns once the three
     runs are queued; they then run one after the other with nobody following them."""
-    work = tmp_path / "work"
-    work.mkdir()
-    state = tmp_path / "state" / "local-cluster.json"
-    env = {name: value for name, value in os.environ.items() if not name.startswith("SC_")}
-    env.update(SC_LOCAL_STATE=str(state), PATH=f"{BIN}:{env.get('PATH', '')}")
+    work, _, env = newcomer(tmp_path, "work")
     try:
         up = run_cli("local", "--up", "--scripts-dir", str(work), cwd=work, env=env,
                      timeout=180)

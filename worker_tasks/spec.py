@@ -16,10 +16,13 @@ import math
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+
+# What a checked list holds (check_list).
+Item = TypeVar("Item")
 
 # The stable task name: workers and publishers of any version agree on it.
 RUN_JOB_TASK = "scripts_coordinator.run_job"
@@ -213,15 +216,10 @@ def check_env(value: Any) -> dict[str, str]:
 
 
 def check_args(value: Any) -> list[str]:
-    if not isinstance(value, list):
-        raise InvalidMessage(f"args must be a list of strings, not {type(value).__name__}")
-    if len(value) > MAX_ARGS:
-        raise InvalidMessage(f"args has {len(value)} entries (at most {MAX_ARGS})")
-    for index, arg in enumerate(value):
-        check_text(arg, f"args[{index}]")
-    if sum(len(arg) for arg in value) > MAX_ARGS_CHARS:
+    args = check_list(value, "args", "strings", MAX_ARGS, check_text)
+    if sum(len(arg) for arg in args) > MAX_ARGS_CHARS:
         raise InvalidMessage(f"args are longer than {MAX_ARGS_CHARS} characters in all")
-    return list(value)
+    return args
 
 
 def check_cost(value: Any) -> float:
@@ -235,14 +233,21 @@ def check_cost(value: Any) -> float:
 
 def check_after(value: Any) -> list[str]:
     """The job ids a job waits for: safe names, at most ``MAX_AFTER``, none twice."""
-    if not isinstance(value, list):
-        raise InvalidMessage(f"after must be a list of job ids, not {type(value).__name__}")
-    if len(value) > MAX_AFTER:
-        raise InvalidMessage(f"after names {len(value)} jobs (at most {MAX_AFTER})")
-    names = [check_name(name, f"after[{index}]") for index, name in enumerate(value)]
+    names = check_list(value, "after", "job ids", MAX_AFTER, check_name)
     if len(set(names)) != len(names):
         raise InvalidMessage("after names a job twice")
     return names
+
+
+def check_list(value: Any, what: str, items: str, most: int,
+               check_item: Callable[[Any, str], Item]) -> list[Item]:
+    """A list of at most ``most`` entries, each checked by ``check_item`` (named
+    ``what[i]`` in its error)."""
+    if not isinstance(value, list):
+        raise InvalidMessage(f"{what} must be a list of {items}, not {type(value).__name__}")
+    if len(value) > most:
+        raise InvalidMessage(f"{what} has {len(value)} entries (at most {most})")
+    return [check_item(item, f"{what}[{index}]") for index, item in enumerate(value)]
 
 
 def check_retries(value: Any) -> int:

@@ -216,11 +216,6 @@ def lease_key(slot: str) -> str:
     return f"{KEY_PREFIX}:lease:node:{slot}"
 
 
-def durations_key(run_id: str, script: str) -> str:
-    """List: the durations of the run's succeeded jobs of ``script`` (``"P%"`` timeouts)."""
-    return f"{KEY_PREFIX}:run:{run_id}:durations:{script}"
-
-
 def busy_key() -> str:
     """Hash: node -> seconds its jobs have run (every attempt, every run): for metrics."""
     return f"{KEY_PREFIX}:busy"
@@ -532,8 +527,9 @@ class JobTracker:
     def add_duration(self, run_id: str, script: str, seconds: float) -> None:
         """A succeeded job's duration, for the median of its script's (``median``)."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.rpush(durations_key(run_id, script), seconds)
-        pipe.expire(durations_key(run_id, script), RUN_TTL_S)
+        key = f"{run_key(run_id)}:durations:{script}"  # list: the script's succeeded jobs
+        pipe.rpush(key, seconds)
+        pipe.expire(key, RUN_TTL_S)
         pipe.execute()
 
     def median(self, run_id: str, script: str,
@@ -541,7 +537,7 @@ class JobTracker:
         """The median duration of the run's succeeded jobs of ``script`` and how many they
         are, once there are ``at_least`` of them (GNU parallel's rule); else None."""
         values = sorted(float(raw) for raw in self.client.lrange(
-            durations_key(run_id, script), 0, -1))
+            f"{run_key(run_id)}:durations:{script}", 0, -1))
         if len(values) < at_least:
             return None
         return statistics.median(values), len(values)
