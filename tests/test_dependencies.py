@@ -22,7 +22,11 @@ from coordinator import JobState, submit
 from coordinator.local import LocalCluster
 from coordinator.redis_server import RedisServer
 from coordinator.run import get_run
+from coordinator.submission import spec_from_record
+from worker_tasks.celery_app import make_app
 from worker_tasks.dependencies import hold_queue
+from worker_tasks.spec import RUN_JOB_TASK
+from worker_tasks.tracking import job_key
 
 
 @pytest.fixture()
@@ -140,20 +144,41 @@ def test_a_signed_cluster_releases_only_what_the_head_signed(tmp_path: Path,
                                                             ) -> None:
     ledger = tmp_path / "ledger"
     ledger.mkdir()
-    with LocalCluster(["rig-s"], scripts_dir=REPO, workdir=tmp_path, log_dir=tmp_path / "logs",
-                      signed=True) as cluster:
+    with LocalCluster(["rig-s", "rig-t"], scripts_dir=REPO, workdir=tmp_path,
+                      log_dir=tmp_path / "logs", signed=True) as cluster:
         for variable, value in cluster.head_env().items():
             monkeypatch.setenv(variable, value)
-        jobs = [{"job_id": name, "script": "tests/probe_job.py", "node": "rig-s",
-                 "args": ["--ledger", str(ledger), "--output-file", f"o/{name}.json"],
+        gate = tmp_path / "gate"
+        jobs = [{"job_id": name, "script": "tests/probe_job.py", "node": node,
+                 "args": ["--ledger", str(ledger), "--output-file", f"o/{name}.json", *extra],
                  **({"after": [after]} if after else {})}
-                for name, after in [("one", None), ("two", "one"), ("three", "two")]]
+                for name, node, after, extra in [
+                    ("one", "rig-s", None, ["--sleep", "60", "--until", str(gate)]),
+                    ("two", "rig-t", "one", []), ("three", "rig-t", "two", [])]]
         run = submit(jobs, output_dir="o", broker_url=cluster.broker_url)
+        # A forger with write access to Redis: "two" made queued, and a hand-made (unsigned)
+        # copy of its message sent to its queue, while "one" still runs.
+        client = redis.Redis.from_url(cluster.broker_url)
+        client.hset(job_key(run.id, "two"), "state", json.dumps("queued"))
+        task_id = json.loads(client.hget(job_key(run.id, "two"), "task_id"))
+        forged = spec_from_record(run.id, {
+            "spec": json.loads(client.hget(job_key(run.id, "two"), "spec")),
+            "node": "rig-t", "job_id": "two"})
+        app = make_app(cluster.broker_url)
+        app.conf.result_backend = None
+        app.send_task(RUN_JOB_TASK, args=[{**forged.to_message(), "task_id": task_id}],
+                      queue="node.rig-t", task_id=task_id, serializer="json")
+        log = tmp_path / "logs" / "worker-rig-t.log"
+        wait_for(lambda: f"refused message {task_id}" in log.read_text(), 30,
+                 "the forged message to be refused")
+        assert not (ledger / "two.ledger").exists()
+        gate.touch()
         done = wait_final(run.id, cluster.broker_url)
         assert {job.state for job in done.values()} == {JobState.SUCCEEDED}
         assert done["three"].started_at >= done["two"].finished_at >= done["one"].started_at
-        # The held messages travelled signed: nothing was refused.
-        assert "refused message" not in (tmp_path / "logs" / "worker-rig-s.log").read_text()
+        # The held messages travelled signed: only the forged one was refused.
+        refused = [line for line in log.read_text().splitlines() if "refused message" in line]
+        assert len(refused) == 1 and task_id in refused[0], refused
 
 
 def test_a_worker_killed_while_a_dependency_runs_still_releases_once(bench: Bench) -> None:
