@@ -275,6 +275,10 @@ def test_step3_over_ssh_from_init_to_down(ssh_cluster: SshCluster) -> None:
     # the head no longer holds (rig-a) cannot answer for itself: neither is "ping ok".
     (node_certs / "rig-a.crt").unlink()
     status = env.cli("cluster", "status")
+    # What each node taught the head of its speed at Step 3, from the run's own attempts.
+    speeds = next(line for line in status.stdout.splitlines()
+                  if line.startswith("speeds of full_scoring_worker.py: "))
+    assert "rig-a " in speeds and "rig-b " in speeds and " 1.00 (" in speeds
     for label in LABELS:
         line = next(line for line in status.stdout.splitlines() if line.startswith(label))
         assert "no ping answer" in line, status.stdout
