@@ -650,3 +650,32 @@ def test_the_options_of_a_pipeline_step_are_checked_as_they_are_made() -> None:
     assert [spec.timeout for spec in plan_jobs(
         parse_jobs([{"job_id": "d", "script": "s.py", "node": "rig-a"}]),
         "20260101-000000-aaaaaa").specs] == [None]
+
+
+@pytest.mark.parametrize(("waits", "order", "expected"), [
+    # A diamond met in one walk (d first): d -> b -> a, then d -> c -> a again: no cycle.
+    ({"d": ["b", "c"], "b": ["a"], "c": ["a"]}, "dbca", None),
+    # A walk that ends where an earlier one did, then a cycle further on: still found.
+    ({"a": ["b"], "b": ["c"], "x": ["y"], "y": ["x"]}, "abcxy",
+     "f: job 3 (job_id 'x'): field 'after': a cycle: x -> y -> x (each waits for the next)"),
+    # A cycle the first job leads into without being on it.
+    ({"r": ["c"], "c": ["e"], "e": ["d"], "d": ["c"]}, "rced",
+     "f: job 1 (job_id 'c'): field 'after': a cycle: c -> e -> d -> c (each waits for the "
+     "next)"),
+])
+def test_a_cycle_is_found_wherever_the_walk_meets_it(waits: dict[str, list[str]], order: str,
+                                                     expected: str | None) -> None:
+    entries = after_jobs(waits, order)
+    if expected is None:
+        assert [job.job_id for job in parse_jobs(entries, "f")] == list(order)
+        return
+    with pytest.raises(InvalidJobsError) as raised:
+        parse_jobs(entries, "f")
+    assert str(raised.value) == expected
+
+
+def test_a_job_may_wait_for_as_many_jobs_as_the_contract_allows() -> None:
+    from worker_tasks.spec import MAX_AFTER, check_after
+
+    names = [f"j{index}" for index in range(MAX_AFTER)]
+    assert check_after(names) == names
