@@ -368,3 +368,22 @@ def test_the_reference_refuses_a_history_it_cannot_line_up() -> None:
 
     with pytest.raises(ValueError, match="shorter"):
         reference_matches("java_lcg", 7, Short(history), 1000)
+
+
+def test_a_process_that_loaded_the_compiled_loops_uses_them_for_less_work(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a warm worker's zygote does (``compiled.load_all``) lowers the work from which
+    the compiled engine is chosen: 50,000 seeds of 1,000 draws is under the cold threshold
+    and over the loaded one."""
+    import sys
+
+    from scoring import compiled
+
+    work = (50_000, 1000)
+    monkeypatch.setattr(compiled, "LOADED", False)
+    assert not cpu.compiled_loaded() and cpu.choose_engine("java_lcg", *work) == "vectorized"
+    compiled.load_all()
+    assert cpu.compiled_loaded() and cpu.choose_engine("java_lcg", *work) == "compiled"
+    assert cpu.choose_engine("java_lcg", 10, 10) == "vectorized"
+    monkeypatch.delitem(sys.modules, "scoring.compiled")
+    assert not cpu.compiled_loaded()
