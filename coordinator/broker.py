@@ -181,3 +181,13 @@ def replication_lines(url: str | None = None) -> list[str]:
 def redis_ca() -> str | None:
     """The CA file the nodes need to verify the broker's TLS certificate, if one is set."""
     return os.environ.get(CA_VARIABLE) or None
+
+
+# Where kombu keeps the queues bound to the events exchange (one per listening Flower).
+EVENT_BINDINGS_KEY = "_kombu.binding.celeryev"
+
+
+def event_listeners(client: redis.Redis) -> set[bytes]:
+    """The queues bound to the events exchange on the broker: one per listening Flower (or
+    other consumer of task events)."""
+    return set(client.smembers(EVENT_BINDINGS_KEY))

@@ -1,13 +1,14 @@
 """Flower's view of the runs that started before it: their jobs, told again from the records.
 
 Flower knows a job only from the task events it receives while it runs, and events are not
-stored. ``coordinator flower`` therefore starts this module beside Flower: it waits until
-Flower's event consumer is bound on the broker, then sends, for every job of the runs Redis
+stored. ``coordinator flower`` therefore starts this module beside Flower: it waits until a
+new consumer (Flower's) is bound to the events exchange on the broker, then sends (three
+times over a few seconds: kombu binds before it subscribes), for every job of the runs Redis
 still holds, the events its attempts would have sent (received, started, and how it ended),
 each with its own time and its worker's name. A job still running goes on to send its live
 events, which Flower merges as usual.
 
-    python -m coordinator.flower_replay BROKER_URL PATTERNS_BEFORE MAX_TASKS
+    python -m coordinator.flower_replay BROKER_URL LISTENERS_BEFORE MAX_TASKS
 """
 
 from __future__ import annotations
@@ -18,30 +19,24 @@ from typing import Any
 
 import redis
 
-from coordinator.broker import connect_tracking, publisher
+from coordinator.broker import connect_tracking, event_listeners, publisher
 from coordinator.records import JobRecord, read_status, recent_run_ids
 from worker_tasks.connections import redis_client
 from worker_tasks.tracking import JobState
 
-# Where kombu keeps the queues bound to the events exchange (one per listening Flower).
-EVENT_BINDINGS_KEY = "_kombu.binding.celeryev"
 # How long the replay waits for Flower to listen (seconds), and how often it looks.
 LISTEN_TIMEOUT_S = 60.0
 LISTEN_POLL_S = 0.2
+# The replay is sent this long after Flower binds, then again after each further pause.
+REPLAY_PAUSES_S = (0.5, 2.0, 5.0)
 
 
-def patterns(client: redis.Redis) -> int:
-    """Pattern subscriptions on the broker: an events consumer adds one (kombu's fanout)."""
-    return int(client.pubsub_numpat())
-
-
-def wait_for_listener(client: redis.Redis, before: int,
+def wait_for_listener(client: redis.Redis, before: set[bytes],
                       timeout: float = LISTEN_TIMEOUT_S) -> bool:
-    """True once a new consumer listens to the events exchange: bound to it, and
-    subscribed (events published before that would reach nobody)."""
+    """True once a consumer that was not there ``before`` is bound to the events exchange."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if client.scard(EVENT_BINDINGS_KEY) and patterns(client) > before:
+        if event_listeners(client) - before:
             return True
         time.sleep(LISTEN_POLL_S)
     return False
@@ -98,10 +93,15 @@ def replay(broker_url: str, max_tasks: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    broker_url, before, max_tasks = argv[0], int(argv[1]), int(argv[2])
+    broker_url, max_tasks = argv[0], int(argv[2])
+    before = {bytes.fromhex(item) for item in argv[1].split(",") if item}
     if not wait_for_listener(redis_client(broker_url), before):
         return 1
-    replay(broker_url, max_tasks)
+    # Bound, then subscribed a moment later: events sent in between reach nobody. Flower
+    # merges a job's events by its id and time, so telling it again is harmless.
+    for pause in REPLAY_PAUSES_S:
+        time.sleep(pause)
+        replay(broker_url, max_tasks)
     return 0
 
 

@@ -218,7 +218,7 @@ def test_flower_shows_why_a_halted_run_revoked_its_jobs(flower: str,
 
 
 def test_flower_started_after_a_run_shows_its_jobs_as_they_ended(
-        redis_server: RedisServer, cluster: LocalCluster) -> None:
+        redis_server: RedisServer, cluster: LocalCluster, tmp_path: Path) -> None:
     jobs = [echo_job("late_ok", "rig-a", "late"),
             echo_job("late_bad", "rig-b", "late", "--exit-code", "4")]
     run = submit(jobs, output_dir="late", broker_url=redis_server.url)
@@ -227,9 +227,10 @@ def test_flower_started_after_a_run_shows_its_jobs_as_they_ended(
     env = {**os.environ, "SC_BROKER_URL": redis_server.url,
            "FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"}
     env.pop("FLOWER_UNAUTHENTICATED_API", None)
-    process = subprocess.Popen([str(BIN / "coordinator"), "flower", "--port", str(port)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
+    log = tmp_path / "flower.log"  # a file, not a pipe: Flower must never block on it
+    with log.open("w") as out:
+        process = subprocess.Popen([str(BIN / "coordinator"), "flower", "--port", str(port)],
+                                   env=env, stdout=out, stderr=subprocess.STDOUT)
     expected = {f"{run.id}.late_ok.0": "SUCCESS", f"{run.id}.late_bad.0": "FAILURE"}
 
     def states() -> dict[str, str]:
@@ -242,7 +243,7 @@ def test_flower_started_after_a_run_shows_its_jobs_as_they_ended(
 
     try:
         wait_for(lambda: states() == expected, 90, "the new Flower to show the earlier run",
-                 seen=lambda: str(states()))
+                 seen=lambda: f"{states()}; its log ends: {log.read_text()[-2000:]}")
         bad = http(f"http://127.0.0.1:{port}/api/task/info/{run.id}.late_bad.0")
         assert "script exited with status 4" in bad["exception"]  # type: ignore[index]
         assert bad["name"] == f"job late_bad on rig-b (run {run.id})"  # type: ignore[index]

@@ -136,7 +136,7 @@ BREAKS = [
           "gpu_id=self.gpu_id, per_gpu=gpu is not None)",
           (T + "test_placement.py::test_per_gpu_floating_jobs_get_their_slots_gpu",)),
     Break("retry of a failed floating job floats again", "coordinator/submission.py",
-          '        if record.get("floating"):\n            update',
+          '        if record.get("floating") and "node" not in update:\n            update',
           '        if False:\n            update',
           (T + "test_placement.py::test_retry_of_a_failed_floating_job_floats_again_and_move"
                "_leaves_it",)),
@@ -472,7 +472,7 @@ BREAKS = [
     Break("the worker that ends an awaited run's last job releases its waiters",
           "worker_tasks/run_job.py",
           "    retrying(\"settle waiting runs\", lambda: dependencies().after_run_end("
-          "spec.run_id))\n", "",
+          "spec.run_id),\n             AFTER_JOB_RETRY_S)\n", "",
           (T + "test_dependencies.py::test_a_run_after_another_starts_by_itself_once_that_one_"
                "succeeded",)),
     Break("--halt soon: no job starts once the condition is met", "worker_tasks/halt.py",

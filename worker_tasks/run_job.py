@@ -81,6 +81,9 @@ from worker_tasks.tracking import (
 logger = get_task_logger(__name__)
 
 LOG_TAG = "[scripts-coordinator]"
+# How long what a job's end means for others (releases, a halt) waits for Redis (seconds);
+# the head's scheduler does it too, so a worker's next job is not held up for it.
+AFTER_JOB_RETRY_S = 10.0
 # How long tracking writes are retried while Redis is away (seconds), then given up.
 TRACKING_RETRY_S = float(os.environ.get("SC_TRACKING_RETRY", "600"))
 # A failed job's error carries this much of the end of its output.
@@ -173,32 +176,36 @@ def after_job(spec: JobSpec) -> None:
     """The job's record is final, or this delivery did nothing: the jobs that wait for it
     are released (it succeeded) or ended (it failed for good, or was cancelled). Read from
     the record, so a message delivered again after its job ended releases too (a worker
-    killed between the two steps)."""
+    killed between the two steps). Redis is waited for ``AFTER_JOB_RETRY_S`` at most: the
+    head's scheduler does the same when it follows the run, and the worker's next job is not
+    held up longer."""
     record = retrying("read record", lambda: tracker().record(
-        spec.run_id, spec.job_id, "state", DEPENDENTS_FIELD))
+        spec.run_id, spec.job_id, "state", DEPENDENTS_FIELD), AFTER_JOB_RETRY_S)
     if record.get("state") is None or not JobState(record["state"]).is_final:
         return
-    reason = retrying("halt", lambda: halt.check(tracker().client, spec.run_id))
+    reason = retrying("halt", lambda: halt.check(tracker().client, spec.run_id),
+                      AFTER_JOB_RETRY_S)
     if reason:
         logger.warning("run %s %s", spec.run_id, reason)
     if record.get(DEPENDENTS_FIELD):
         end_dependents(spec, JobState(record["state"]))
     # Its run may have ended with it (its dependents too): the runs waiting for it settle.
-    retrying("settle waiting runs", lambda: dependencies().after_run_end(spec.run_id))
+    retrying("settle waiting runs", lambda: dependencies().after_run_end(spec.run_id),
+             AFTER_JOB_RETRY_S)
 
 
 def end_dependents(spec: JobSpec, state: JobState) -> None:
     """Release or end the jobs of its run that wait for this one, now final as ``state``."""
     if state.is_success:
         released = retrying("release", lambda: dependencies().after_success(
-            spec.run_id, spec.job_id))
+            spec.run_id, spec.job_id), AFTER_JOB_RETRY_S)
         if released:
             logger.info("job %s of run %s released %s", spec.job_id, spec.run_id,
                         ", ".join(released))
     elif state.is_final and state is not JobState.LOST:
         why = "failed" if state is JobState.FAILED else f"was {state}"
         retrying("end dependents", lambda: dependencies().after_failure(
-            spec.run_id, spec.job_id, why))
+            spec.run_id, spec.job_id, why), AFTER_JOB_RETRY_S)
 
 
 def retrying(what: str, call: Callable[[], T], limit: float = TRACKING_RETRY_S) -> T:
@@ -702,14 +709,14 @@ def run_job(self: Any, message: Any = None, *extra: Any, **kwargs: Any) -> dict[
             after_job(spec)
         return result
     except NotRun as stop:
-        with contextlib.suppress(redis.RedisError):
-            after_job(spec)
         # A cancelled or stale delivery: REVOKED in Flower, and no result is stored.
         logger.warning("job %s of run %s (message %s): %s", spec.job_id, spec.run_id,
                        self.request.id, stop.why)
         # Flower shows the reason (a halt, a cancel) on the REVOKED task: its "exception".
         self.send_event("task-revoked", terminated=False, signum=None, expired=False,
                         exception=revoked_reason(spec, stop.why))
+        with contextlib.suppress(redis.RedisError):
+            after_job(spec)
         raise Ignore() from None
     except JobFailed:
         with contextlib.suppress(redis.RedisError):

@@ -47,11 +47,11 @@ def cmd_flower(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "celery", "-A", "worker_tasks", "flower",
                f"--address={args.address}", f"--port={args.port}",
                f"--max_tasks={args.max_tasks}"]
-    from coordinator.broker import broker_client
+    from coordinator.broker import broker_client, event_listeners
 
     # Beside Flower: the runs Redis holds, told again once Flower listens (flower_replay).
-    listening = broker_client(url).pubsub_numpat()
-    subprocess.Popen([sys.executable, "-m", "coordinator.flower_replay", url, str(listening),
+    before = ",".join(sorted(item.hex() for item in event_listeners(broker_client(url))))
+    subprocess.Popen([sys.executable, "-m", "coordinator.flower_replay", url, before,
                       str(args.max_tasks)], env=env, stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True)
