@@ -63,6 +63,11 @@ def test_the_python_api_page_runs_as_written_from_an_empty_directory(tmp_path: P
         assert local.returncode == 0, local.stdout + local.stderr
         assert (f"jobs published to the local cluster that is up ({cluster['broker_url']})"
                 in local.stderr)
+        # So does submit --wait, with no broker named.
+        waited = run_cli("submit", "--jobs-file", "examples/hello_jobs.json", "--output-dir",
+                         "out3", "--wait", cwd=work, env=env)
+        assert waited.returncode == 0, waited.stdout + waited.stderr
+        assert (work / "out3" / "run_summary.json").exists()
     finally:
         down = subprocess.run(down_block.split("#", 1)[0].strip(), shell=True, cwd=work,
                               env=env, text=True, capture_output=True, timeout=120, check=False)
