@@ -22,7 +22,7 @@ import redis
 from coordinator.broker import connect_tracking, event_listeners, publisher
 from coordinator.records import JobRecord, read_status, recent_run_ids
 from worker_tasks.connections import redis_client
-from worker_tasks.tracking import JobState
+from worker_tasks.tracking import JobState, error_line
 
 # How long the replay waits for Flower to listen (seconds), and how often it looks.
 LISTEN_TIMEOUT_S = 60.0
@@ -42,8 +42,10 @@ def wait_for_listener(client: redis.Redis, before: set[bytes],
     return False
 
 
-def job_events(job: JobRecord, run_id: str) -> list[tuple[str, dict[str, Any]]]:
-    """The events a job's last attempt sent, as (type, fields), oldest first."""
+def job_events(job: JobRecord, run_id: str, before: float = float("inf")
+               ) -> list[tuple[str, dict[str, Any]]]:
+    """The events a job's last attempt sent before ``before``, as (type, fields), oldest
+    first (what came after reached Flower live)."""
     if not job.task_id:
         return []
     name = f"job {job.job_id} on {job.node} (run {run_id})"
@@ -61,18 +63,21 @@ def job_events(job: JobRecord, run_id: str) -> list[tuple[str, dict[str, Any]]]:
                                           "runtime": job.duration_s or 0.0,
                                           "result": repr({"state": str(job.state)})}))
     elif job.state in (JobState.FAILED, JobState.LOST):
-        events.append(("task-failed", {**base, "timestamp": end, "exception": job.error or "",
+        # As the worker tells it: the error in one line, the whole of it as the traceback.
+        events.append(("task-failed", {**base, "timestamp": end,
+                                       "exception": error_line(job.error),
+                                       "traceback": job.error or "",
                                        "runtime": job.duration_s or 0.0}))
     elif job.state is JobState.CANCELLED:
         events.append(("task-revoked", {**base, "timestamp": end, "terminated": False,
                                         "signum": None, "expired": False,
                                         "exception": job.error or "cancelled"}))
-    return events
+    return [(kind, fields) for kind, fields in events if fields["timestamp"] < before]
 
 
-def replay(broker_url: str, max_tasks: int) -> int:
-    """Send the recorded jobs' events (at most ``max_tasks``, newest runs first); returns how
-    many jobs were told."""
+def replay(broker_url: str, max_tasks: int, before: float = float("inf")) -> int:
+    """Send the recorded jobs' events from before ``before`` (at most ``max_tasks`` jobs,
+    newest runs first); returns how many jobs were told."""
     app = publisher(broker_url)
     tracking = connect_tracking(None, broker_url)
     told = 0
@@ -86,7 +91,7 @@ def replay(broker_url: str, max_tasks: int) -> int:
                 if host not in dispatchers:
                     dispatchers[host] = app.events.Dispatcher(connection, hostname=host,
                                                               enabled=True)
-                for kind, fields in job_events(job, run_id):
+                for kind, fields in job_events(job, run_id, before):
                     dispatchers[host].send(kind, **fields)
                 told += 1
     return told
@@ -97,11 +102,12 @@ def main(argv: list[str]) -> int:
     before = {bytes.fromhex(item) for item in argv[1].split(",") if item}
     if not wait_for_listener(redis_client(broker_url), before):
         return 1
+    bound = time.time()  # what ends from now on reaches Flower live: not told again
     # Bound, then subscribed a moment later: events sent in between reach nobody. Flower
     # merges a job's events by its id and time, so telling it again is harmless.
     for pause in REPLAY_PAUSES_S:
         time.sleep(pause)
-        replay(broker_url, max_tasks)
+        replay(broker_url, max_tasks, bound)
     return 0
 
 
