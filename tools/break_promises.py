@@ -516,7 +516,7 @@ BREAKS = [
           "                        exception=stop.why)",
           (T + "test_observe.py::test_flower_shows_why_a_halted_run_revoked_its_jobs",)),
     Break("Flower started after a run shows its jobs", "coordinator/flower_replay.py",
-          "                for kind, fields in job_events(job, run_id):",
+          "                for kind, fields in job_events(job, run_id, before):",
           "                for kind, fields in []:",
           (T + "test_observe.py::test_flower_started_after_a_run_shows_its_jobs_as_they_ended",)),
     Break("jobs scoring --balance deals chunks that shrink", "coordinator/scoring_jobs.py",
