@@ -679,3 +679,25 @@ def test_a_job_may_wait_for_as_many_jobs_as_the_contract_allows() -> None:
 
     names = [f"j{index}" for index in range(MAX_AFTER)]
     assert check_after(names) == names
+
+
+@pytest.mark.parametrize(("cost", "expected"), [
+    (1, 1.0), (0.5, 0.5), (250_000, 250_000.0), (1e12, 1e12), (None, None)])
+def test_a_cost_hint_travels_in_the_message(cost: Any, expected: float | None) -> None:
+    entry = {"job_id": "c", "script": "s.py", "node": "rig-a"}
+    jobs = parse_jobs([{**entry, **({"cost": cost} if cost is not None else {})}])
+    assert jobs[0].cost == expected
+    spec = plan_jobs(jobs, "20260101-000000-aaaaaa").specs[0]
+    assert spec.cost == expected and spec.to_message().get("cost") == expected
+
+
+@pytest.mark.parametrize("cost", [0, -1, 1e12 * 2, float("nan"), float("inf"), True, "5", [1]])
+def test_a_cost_hint_that_is_no_amount_of_work_is_refused(cost: Any) -> None:
+    from worker_tasks.spec import InvalidMessage, check_cost
+
+    with pytest.raises(InvalidMessage) as raised:
+        check_cost(cost)
+    assert str(raised.value) == f"cost must be a number above 0 and at most 1e+12, not {cost!r}"
+    with pytest.raises(InvalidJobsError) as refused:
+        load_jobs([{"job_id": "c", "script": "s.py", "node": "rig-a", "cost": cost}])
+    assert str(refused.value).startswith("jobs: job 0 (job_id 'c'): field 'cost': ")
