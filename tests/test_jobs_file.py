@@ -687,6 +687,7 @@ def test_a_cost_hint_travels_in_the_message(cost: Any, expected: float | None) -
     entry = {"job_id": "c", "script": "s.py", "node": "rig-a"}
     jobs = parse_jobs([{**entry, **({"cost": cost} if cost is not None else {})}])
     assert jobs[0].cost == expected
+    assert parse_jobs([{**entry, "cost": None}])[0].cost is None  # null: no hint
     spec = plan_jobs(jobs, "20260101-000000-aaaaaa").specs[0]
     assert spec.cost == expected and spec.to_message().get("cost") == expected
 
