@@ -188,11 +188,11 @@ class Scheduler:
         if not slots or len(queued) > TAIL_PER_SLOT * len(slots):
             return
         self.tail_placed = True
+        tail = {job.job_id for job in queued}
         records = read_records(self.client, self.run_id,
                                [job.job_id for job in status.jobs
-                                if job.job_id in {one.job_id for one in queued}
-                                or job.state in ACTIVE])
-        scripts = {job.script for job in records if job.job_id in {one.job_id for one in queued}}
+                                if job.job_id in tail or job.state in ACTIVE])
+        scripts = {job.script for job in records if job.job_id in tail}
         if len(scripts) != 1:
             return  # speeds are per script: a mixed tail keeps first-free placement
         speeds = SlotSpeeds(self.client).of(scripts.pop())

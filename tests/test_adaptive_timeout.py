@@ -12,12 +12,7 @@ from helpers import run_cli
 from test_reliability import Bench, make_bench
 
 from coordinator import JobState, submit
-from coordinator.errors import InvalidJobsError
-from coordinator.jobs import parse_jobs
-from coordinator.options import SubmitOptions
-from coordinator.plan import plan_jobs
 from worker_tasks.execution import TimeLimit
-from worker_tasks.spec import InvalidMessage, check_timeout
 
 
 @pytest.fixture()
@@ -47,29 +42,6 @@ def test_before_three_successes_a_percentage_sets_no_limit(bench: Bench) -> None
     run = submit([bench.job("alone", "rig-a", "--sleep", 1.5, timeout="10%")], output_dir="o",
                  broker_url=bench.server.url)
     assert run.wait(timeout=60).jobs[0].state is JobState.SUCCEEDED
-
-
-@pytest.mark.parametrize(("value", "expected"), [
-    ("300%", "300%"), ("12.5%", "12.5%"), (30, 30.0),
-])
-def test_a_timeout_is_seconds_or_a_percentage(value: object, expected: object) -> None:
-    assert check_timeout(value) == expected
-
-
-@pytest.mark.parametrize("value", ["300", "0%", "-5%", "100001%", "abc%", "%"])
-def test_a_timeout_that_is_neither_is_refused(value: str) -> None:
-    with pytest.raises(InvalidMessage, match="is neither seconds nor a percentage"):
-        check_timeout(value)
-
-
-def test_the_run_wide_job_timeout_applies_to_jobs_without_their_own() -> None:
-    jobs = parse_jobs([{"job_id": "own", "script": "s.py", "node": "rig-a", "timeout": 5},
-                       {"job_id": "default", "script": "s.py", "node": "rig-a"}])
-    plan = plan_jobs(jobs, "20260101-000000-aaaaaa", SubmitOptions(job_timeout="250%"))
-    assert [spec.timeout for spec in plan.specs] == [5.0, "250%"]
-    assert SubmitOptions(job_timeout="60").job_timeout == 60.0
-    with pytest.raises(InvalidJobsError, match="--job-timeout 'soon'"):
-        SubmitOptions(job_timeout="soon")
 
 
 def test_a_percentage_limit_waits_for_its_median_and_names_it() -> None:
