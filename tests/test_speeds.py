@@ -34,7 +34,7 @@ def test_each_slot_learns_its_speed_per_unit_of_work_and_keeps_it(bench: Bench) 
     learned = run.speeds()["tests/probe_job.py"]
     assert set(learned) == {"rig-a", "rig-b"}
     assert learned["rig-a"].speed == 1.0 and learned["rig-a"].samples == 3
-    assert 0.25 <= learned["rig-b"].speed <= 0.45, learned  # about a third, start-up included
+    assert 0.25 <= learned["rig-b"].speed <= 0.5, learned  # about a third, start-up included
     assert 0.3 <= learned["rig-a"].seconds_per_unit < 0.6, learned
     env = {"SC_BROKER_URL": bench.server.url}
     status = run_cli("status", run.id, env=env).stdout
@@ -80,7 +80,9 @@ def test_the_tail_goes_where_it_finishes_first_and_a_slow_slot_stays_idle(
     Once few floating jobs are left, the head that follows the run gives each to the slot
     that finishes it first: all to rig-a, and rig-b takes none of them."""
     speed = ["--sleep", 0.4, "--speed", "rig-a=1,rig-b=6"]
-    warm_up = submit([bench.job(f"w{index}", "any", *speed) for index in range(4)],
+    # Pinned, so that each slot runs the script at least once however busy the machine.
+    warm_up = submit([bench.job(f"w{index}", node, *speed)
+                      for index, node in enumerate(["rig-a", "rig-a", "rig-b"])],
                      output_dir="w", broker_url=bench.server.url)
     assert warm_up.wait(timeout=90).all_succeeded
     learned = warm_up.speeds()["tests/probe_job.py"]
