@@ -45,7 +45,7 @@ TABLE: dict[str, tuple[tuple[JobState, ...], JobState, Call]] = {
                       lambda t, r, j: t.wait_to_retry(r, j, TASK, HOST, 1, "boom", 3, [], 9.0)),
     "finish": ((Q, R, FIN, L), JobState.FINISHING, lambda t, r, j: t.finish(r, j, TASK, HOST, 1)),
     "succeed": ((FIN,), JobState.SUCCEEDED,
-                lambda t, r, j: t.succeed(r, j, TASK, HOST, 1, duration_s=2.0, history=[])),
+                lambda t, r, j: t.succeed(r, j, TASK, HOST, 1, duration_s=2.0, history_add=[])),
     "fail": ((Q, R, FIN, L), JobState.FAILED,
              lambda t, r, j: t.fail(r, j, TASK, HOST, 1, error="exit 3", exit_code=3)),
     "skip": ((Q, R, FIN, L, F), JobState.SKIPPED,

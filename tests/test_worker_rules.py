@@ -391,7 +391,8 @@ def test_a_messages_optional_fields_and_their_defaults_are_the_contracts() -> No
 
     assert JobSpec.defaults() == {"timeout": None, "env": {}, "retries": 0,
                                   "retry_delay": 2.0, "per_gpu": False, "warm": None,
-                                  "task_id": None, "after": [], "cost": None}
+                                  "task_id": None, "after": [], "cost": None,
+                                  "speculate": None, "copy": False}
     assert JobSpec.defaults()["env"] is not JobSpec.defaults()["env"]  # a fresh dict each
 
 

@@ -13,6 +13,9 @@ run never runs a finished job twice. On top of that:
   per node, whatever the pool size;
 * a failed attempt is retried after a backoff, up to the job's ``retries``
   (``retries.py``); each attempt is an ``Attempt`` value;
+* a job that may have a backup copy writes its output to a path of its own, moved into
+  place only once its success is claimed; a copy's delivery runs once, and claims the job
+  only if it succeeds first (``copies.py``);
 * the final state is written to Redis before the message is acknowledged,
   retrying while Redis is away, so tracking converges to what the files say.
 
@@ -47,6 +50,7 @@ from celery.worker.request import Request
 from worker_tasks import halt, warm
 from worker_tasks.celery_app import app
 from worker_tasks.connections import redis_client
+from worker_tasks.copies import may_copy, private_output, with_output
 from worker_tasks.dependencies import DEPENDENTS_FIELD, Dependencies
 from worker_tasks.execution import (
     CancelWatch,
@@ -70,6 +74,7 @@ from worker_tasks.spec import (
 from worker_tasks.speeds import SlotSpeeds
 from worker_tasks.tracking import (
     OUTPUT_TAIL_HEADER,
+    CopyState,
     JobState,
     JobTracker,
     Transition,
@@ -94,6 +99,9 @@ PRIVATE_ENV = ("SC_BROKER_URL", "SC_RESULT_BACKEND", "SC_TRACKING_URL", warm.SOC
 # Worker setting (not a message field): the CUDA device index its jobs get, when the worker
 # sees one GPU only (a per-GPU worker in a container with that device).
 GPU_DEVICE_VARIABLE = "SC_GPU_DEVICE"
+# Fault tests only: the winner of a job waits this long (seconds) between claiming its
+# success and moving its output into place, so that a kill can land there.
+PAUSE_AFTER_CLAIM_S = float(os.environ.get("SC_FAULT_PAUSE_AFTER_CLAIM", "0"))
 
 T = TypeVar("T")
 
@@ -374,11 +382,30 @@ class Usage:
 
 @dataclass(frozen=True)
 class JobPaths:
-    """The files of a job, confined to the workdir."""
+    """The files of a job, confined to the workdir.
+
+    ``written``: where this execution's script writes the output: the output itself, or,
+    for a job that may have a backup copy, a path of this message's own (``copies.py``).
+    """
 
     done: Path
     log: Path
     output: Path | None
+    written: Path | None = None
+
+
+def is_live_copy(record: dict[str, Any], task_id: str) -> bool:
+    """The record names ``task_id`` as the job's live backup copy (queued or running)."""
+    copy = record.get("copy") or {}
+    return (copy.get("task_id") == task_id and copy.get("state") in list(CopyState)
+            and CopyState(copy["state"]).is_live
+            and not JobState(record.get("state", JobState.QUEUED)).is_final)
+
+
+def as_seen_by(record: dict[str, Any], task_id: str) -> dict[str, Any]:
+    """The record as a copy's watch reads it: holding the copy's task id while it is the live
+    copy (so that a cancel, a claim by the job's own execution or the job's end stops it)."""
+    return {**record, "task_id": task_id} if is_live_copy(record, task_id) else record
 
 
 class JobExecution:
@@ -401,8 +428,9 @@ class JobExecution:
         self.base = workdir()
         self.retries = Retries(spec.retries, spec.retry_delay)
         self.attempts = 0
-        self.watch = CancelWatch(lambda: tracker().record(spec.run_id, spec.job_id, "state",
-                                                          "task_id"), task_id)
+        self.as_copy = False  # this delivery is the job's backup copy (set by ``run``)
+        self.watch = CancelWatch(lambda: as_seen_by(tracker().record(
+            spec.run_id, spec.job_id, "state", "task_id", "copy"), task_id), task_id)
 
     # -- tracking ---------------------------------------------------------------------------
 
@@ -416,7 +444,7 @@ class JobExecution:
 
     def current(self) -> dict[str, Any]:
         return retrying("read record", lambda: tracker().record(
-            self.spec.run_id, self.spec.job_id, "state", "task_id", "history"))
+            self.spec.run_id, self.spec.job_id, "state", "task_id", "copy"))
 
     def result(self, state: JobState, attempt: Attempt | None = None) -> dict[str, Any]:
         """The small JSON result the task returns."""
@@ -430,32 +458,48 @@ class JobExecution:
     def run(self) -> dict[str, Any]:
         spec = self.spec
         try:
-            paths = JobPaths(
-                done=confine(self.base, spec.done_file, "done_file"),
-                log=confine(self.base, spec.log_file, "log_file"),
-                output=(confine(self.base, spec.output_file, "output_file")
-                        if spec.output_file else None))
+            paths = self.paths()
         except JobRefused as err:
             self.refuse(str(err))
         record = self.current()
         if not record:
             raise Dropped("no tracking record (the run expired, or a forged message)")
         if record.get("task_id") != self.task_id:
-            raise Dropped(f"superseded by message {record.get('task_id')}")
+            if not (spec.copy and is_live_copy(record, self.task_id)):
+                raise Dropped(f"superseded by message {record.get('task_id')}")
+            self.as_copy = True
         if record.get("state") == JobState.CANCELLED:
             raise NotRun("cancelled; not run")
         if spec.after:
             self.check_released()
         if paths.done.exists():
+            if self.as_copy:
+                raise Dropped("a backup copy of a job whose .done exists")
             return self.skip()
         hold = SlotHold(SlotLease(tracker().client, spec.slot, self.host, self.task_id),
                         self.watch, retrying)
         if not hold.before_attempts():
             self.not_wanted()
         try:
-            return self.run_attempts(paths, record.get("history") or [])
+            return self.run_attempts(paths)
         finally:
             hold.after_attempts()
+            if paths.written != paths.output and paths.written is not None:
+                paths.written.unlink(missing_ok=True)  # a loser's or a failure's output
+
+    def paths(self) -> JobPaths:
+        """The job's files, confined to the workdir (``JobRefused`` if one is not)."""
+        spec = self.spec
+        output = confine(self.base, spec.output_file, "output_file") if spec.output_file \
+            else None
+        written = output
+        if spec.output_file and may_copy(self.floating or spec.copy, spec.speculate,
+                                         spec.per_gpu, spec.output_file, spec.args):
+            written = confine(self.base, private_output(spec.output_file, self.task_id),
+                              "output_file")
+        return JobPaths(done=confine(self.base, spec.done_file, "done_file"),
+                        log=confine(self.base, spec.log_file, "log_file"), output=output,
+                        written=written)
 
     def check_released(self) -> None:
         """Every job this one waits for (its signed ``after``) succeeded: a message moved
@@ -487,39 +531,77 @@ class JobExecution:
             raise NotRun("cancelled while waiting for its node; not run")
         raise Dropped(f"superseded by message {record.get('task_id')}")
 
-    def run_attempts(self, paths: JobPaths, history: list[dict[str, Any]]) -> dict[str, Any]:
-        """Attempts until one succeeds, the retry policy gives up, or the job is not wanted."""
+    def when_stopped(self, paths: JobPaths) -> NoReturn:
+        """The script was killed: the job was cancelled, or another execution of it (its
+        backup copy, or the job's own) claimed it; the step that did so wrote this one's
+        history entry."""
+        record = self.current()
+        if record.get("state") == JobState.CANCELLED:
+            log_line(paths.log, "cancelled while running; killed")
+            raise NotRun("cancelled while running; killed with all it started")
+        why = (f"superseded: the job ended {record.get('state')} or another execution of it "
+               f"claimed it (message {record.get('task_id')}); killed")
+        log_line(paths.log, why)
+        raise Dropped(why)
+
+    def run_attempts(self, paths: JobPaths) -> dict[str, Any]:
+        """Attempts until one succeeds, the retry policy gives up, or the job is not wanted;
+        a backup copy makes one attempt."""
         spec = self.spec
         while True:
             attempt = self.attempt(paths)
             if attempt.cancelled:
-                log_line(paths.log, "cancelled while running; killed")
-                raise NotRun("cancelled while running; killed with all it started")
+                self.when_stopped(paths)
             with contextlib.suppress(redis.RedisError):  # bookkeeping for metrics only
                 tracker().add_busy(spec.node, attempt.duration_s)
-            history = [*history, attempt.history_entry(self.host, spec)]
+            entry = attempt.history_entry(self.host, spec)
+            if self.as_copy:
+                entry.update(attempt="copy", copy=True)
             if attempt.error is None:
-                return self.succeed(paths, attempt, history)
-            self.after_failure(paths, attempt, history)
+                return self.succeed(paths, attempt, entry)
+            if self.as_copy:
+                self.after_copy_failed(paths, attempt, entry)
+            self.after_failure(paths, attempt, entry)
 
-    def after_failure(self, paths: JobPaths, attempt: Attempt,
-                      history: list[dict[str, Any]]) -> None:
-        """A failed attempt: wait for the next one (retry policy), or fail the job."""
+    def after_copy_failed(self, paths: JobPaths, attempt: Attempt,
+                          entry: dict[str, Any]) -> None:
+        """The copy's one attempt failed: the job runs on as it was; unless the copy took the
+        job over meanwhile (its own execution failed for good), when it fails the job."""
+        spec = self.spec
+        error = self.with_tail(attempt, paths)
+        log_line(paths.log, f"backup copy FAILED: {error.splitlines()[0]}")
+        ended = self.track("end copy", lambda t: t.end_copy(spec.run_id, spec.job_id,
+                                                            self.task_id, entry))
+        if ended.ok:
+            raise NotRun(f"backup copy failed ({error_line(error)}); the job runs on")
+        if self.current().get("task_id") != self.task_id:
+            self.when_stopped(paths)
+        self.as_copy = False  # it took the job over: its failure is the job's
+        self.retries = Retries(0, spec.retry_delay)
+
+    def after_failure(self, paths: JobPaths, attempt: Attempt, entry: dict[str, Any]) -> None:
+        """A failed attempt: wait for the next one (retry policy), or fail the job; unless its
+        backup copy runs, which then runs on as the job."""
         spec = self.spec
         error = self.with_tail(attempt, paths)
         log_line(paths.log, f"FAILED: {error.splitlines()[0]}")
         delay = self.retries.after_failure(attempt.number)
         if delay is None:
+            handed = self.track("hand over", lambda t: t.hand_over(
+                spec.run_id, spec.job_id, self.task_id, {**entry, "error": error_line(error)}))
+            if handed.ok:
+                log_line(paths.log, "its backup copy runs on as the job")
+                raise Dropped(f"failed ({error_line(error)}); its backup copy runs on")
             self.track("fail", lambda t: t.fail(
                 *self.ids(), error=error, exit_code=attempt.exit_code,
-                duration_s=attempt.duration_s, history=history))
+                duration_s=attempt.duration_s, history_add=[entry]))
             what = (f"job {spec.job_id} of run {spec.run_id} failed on {self.host} after "
                     f"{attempt.number} attempt(s)")
             raise JobFailed(f"{what}: {error_line(error)}", f"{what}\n{error}")
         log_line(paths.log, f"retrying in {delay:.1f} s (attempt {attempt.number + 1} of "
                             f"{spec.retries + 1})")
         self.track("retry", lambda t: t.wait_to_retry(
-            *self.ids(), error=error, exit_code=attempt.exit_code, history=history,
+            *self.ids(), error=error, exit_code=attempt.exit_code, history_add=[entry],
             retry_at=round(time.time() + delay, 3)))
         if not self.watch.while_backing_off(delay):
             self.not_wanted()
@@ -529,8 +611,12 @@ class JobExecution:
         spec = self.spec
         started = time.time()
         node = spec.node if self.floating else None
-        start = self.track("start", lambda t: t.start(*self.ids(), started_at=round(started, 3),
-                                                      node=node, workdir=str(self.base)))
+        if self.as_copy:
+            start = self.track("start copy", lambda t: t.start_copy(
+                spec.run_id, spec.job_id, self.task_id, self.host, round(started, 3)))
+        else:
+            start = self.track("start", lambda t: t.start(
+                *self.ids(), started_at=round(started, 3), node=node, workdir=str(self.base)))
         if start.outcome is TransitionOutcome.CANCELLED:
             self.track("cancel", lambda t: t.drop_cancelled(*self.ids()))
             raise NotRun("its run was cancelled; not run")
@@ -538,15 +624,16 @@ class JobExecution:
             raise Dropped(f"its record is {start.previous} ({start.outcome})")
         self.attempts = start.attempts
         paths.log.parent.mkdir(parents=True, exist_ok=True)
-        if paths.output is not None:
-            paths.output.parent.mkdir(parents=True, exist_ok=True)
+        if paths.written is not None:
+            paths.written.parent.mkdir(parents=True, exist_ok=True)
         offset = paths.log.stat().st_size if paths.log.exists() else 0
-        log_line(paths.log, f"attempt {self.attempts} of {spec.job_id} on {self.host} (node "
-                            f"{spec.node}, GPU {spec.gpu_id}): {spec.script} "
-                            f"{' '.join(spec.args)}")
-        exit_code, error, cancelled, usage = self.execute(paths.log, self.attempts)
+        what = "backup copy" if self.as_copy else f"attempt {self.attempts}"
+        args = self.args(paths)
+        log_line(paths.log, f"{what} of {spec.job_id} on {self.host} (node {spec.node}, GPU "
+                            f"{spec.gpu_id}): {spec.script} {' '.join(args)}")
+        exit_code, error, cancelled, usage = self.execute(paths.log, self.attempts, args)
         if error is None and not cancelled:
-            error = check_output(paths.output)
+            error = check_output(paths.written)
         return Attempt(number=self.attempts, started_at=started, finished_at=time.time(),
                        exit_code=exit_code, error=error, cancelled=cancelled, log_offset=offset,
                        usage=usage)
@@ -557,7 +644,15 @@ class JobExecution:
         tail = output_tail(paths.log, attempt.log_offset)
         return f"{attempt.error}\n{OUTPUT_TAIL_HEADER}\n{tail}" if tail else attempt.error
 
-    def execute(self, log: Path, attempt: int
+    def args(self, paths: JobPaths) -> list[str]:
+        """The script's arguments: its ``--output-file`` this execution's own, if it has one."""
+        spec = self.spec
+        if paths.written == paths.output or spec.output_file is None:
+            return spec.args
+        return with_output(spec.args, spec.output_file,
+                           str(paths.written.relative_to(self.base)) if paths.written else "")
+
+    def execute(self, log: Path, attempt: int, args: list[str]
                 ) -> tuple[int | None, str | None, bool, Usage | None]:
         """Run the script once: (exit code, error or None, cancelled while running, what its
         process tree used)."""
@@ -566,7 +661,7 @@ class JobExecution:
         limit = TimeLimit(spec.timeout, lambda: median_of(spec))
         try:
             script = find_script(spec.script)
-            argv, env = [sys.executable, str(script), *spec.args], script_env(spec, attempt)
+            argv, env = [sys.executable, str(script), *args], script_env(spec, attempt)
             runner = launch.before_script(argv, env, log)
         except JobRefused as err:
             return None, str(err), False, None
@@ -587,7 +682,7 @@ class JobExecution:
                 return None, "cancelled while running", True, Usage.of(killed, gpu)
 
     def succeed(self, paths: JobPaths, attempt: Attempt,
-                history: list[dict[str, Any]]) -> dict[str, Any]:
+                entry: dict[str, Any]) -> dict[str, Any]:
         """Write the marker only if the record agrees (not cancelled, still this message).
 
         Two steps, so that a record never says ``succeeded`` before the marker exists
@@ -602,7 +697,11 @@ class JobExecution:
                                "duration_s": duration, "finished_at": now()})
         marker.before_finish()
         try:
-            moved = self.track("finish", lambda t: t.finish(*self.ids()))
+            if self.as_copy:
+                moved = self.track("claim", lambda t: t.claim_copy(
+                    spec.run_id, spec.job_id, self.task_id, self.host, str(self.base)))
+            else:
+                moved = self.track("finish", lambda t: t.finish(*self.ids()))
         except redis.RedisError:
             # Redis stayed away for the whole retry window: the job did succeed, so the
             # marker (the truth) is written; the head node settles the record from it.
@@ -619,11 +718,15 @@ class JobExecution:
                     and moved.previous is JobState.CANCELLED):
                 raise NotRun("cancelled as it finished; no marker written")
             raise Dropped(f"finished after its record became {moved.previous}")
+        if paths.written != paths.output and paths.written and paths.output:
+            if PAUSE_AFTER_CLAIM_S:
+                time.sleep(PAUSE_AFTER_CLAIM_S)
+            os.replace(paths.written, paths.output)  # the winner's output, once claimed
         marker.after_finish()
         log_line(log, f"succeeded in {duration:.2f} s; wrote {done}")
         with contextlib.suppress(redis.RedisError):  # else the head node settles it by .done
             self.track("succeed", lambda t: t.succeed(*self.ids(), duration_s=duration,
-                                                      history=history))
+                                                      history_add=[entry]))
         with contextlib.suppress(redis.RedisError):  # "P%" timeouts; slot speeds
             tracker().add_duration(spec.run_id, spec.script, duration)
             SlotSpeeds(tracker().client).after_success(spec.script, spec.slot, duration,

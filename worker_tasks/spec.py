@@ -369,6 +369,10 @@ class JobSpec:
             read every other job).
         cost: how much work the job is, against the others of its script (the seeds of a
             chunk, say); None counts as 1. Slot speeds are learned per unit of it.
+        speculate: False: never start a backup copy of it (``worker_tasks.copies``); None:
+            as its run says.
+        copy: the message is a backup copy of a running job, pinned to an idle slot: it runs
+            only while it is the job's live copy, and claims the job only if it succeeds first.
     """
 
     run_id: str
@@ -389,6 +393,8 @@ class JobSpec:
     task_id: str | None = None
     after: list[str] = field(default_factory=list)
     cost: float | None = None
+    speculate: bool | None = None
+    copy: bool = False
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -423,9 +429,11 @@ class JobSpec:
     def to_message(self) -> dict[str, Any]:
         """The message (a plain dict; lists and dicts are shared, not copied)."""
         message = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        for name in ("after", "cost"):  # left out when unset: earlier workers read the rest
-            if not message[name]:
+        for name in ("after", "cost", "copy"):  # left out when unset: earlier workers read
+            if not message[name]:                # the rest
                 del message[name]
+        if message["speculate"] is None:
+            del message["speculate"]
         return message
 
     @classmethod
@@ -450,6 +458,8 @@ class JobSpec:
         if not done.endswith(".done") or not log.endswith(".log"):
             raise InvalidMessage(f"marker {done!r} / log {log!r} must end in .done / .log")
         timeout = message.get("timeout")
+        if message.get("copy") is True and message.get("node") == FLOATING_NODE:
+            raise InvalidMessage("a backup copy names the slot it runs on, not 'any'")
         return cls(
             run_id=run_id,
             job_id=check_name(message["job_id"], "job_id"),
@@ -471,4 +481,7 @@ class JobSpec:
                      else check_text(message["task_id"], "task_id")),
             after=check_after(message.get("after", [])),
             cost=None if message.get("cost") is None else check_cost(message["cost"]),
+            speculate=(None if message.get("speculate") is None
+                       else check_flag(message["speculate"], "speculate")),
+            copy=check_flag(message.get("copy", False), "copy"),
         )

@@ -40,6 +40,24 @@ message (task id), so a stale message cannot touch it.
     mark_lost        queued running finishing             lost        head    yes
     republish        one of RETRYABLE / MOVABLE / LOST    queued      head    yes  (new task id)
 
+A backup copy (``speculation``) runs beside the job's own message, under a task id of its
+own kept in the record's ``copy`` field (``CopyState``); it never changes the job's state
+until it claims the job's success:
+
+    add_copy         running, no copy ever                (copy queued)       head    yes
+    start_copy       queued running lost                  (copy running)      worker  copy
+    claim_copy       queued running lost                  finishing   worker  copy (the copy's
+                                                                              task id becomes
+                                                                              the job's)
+    end_copy         queued running lost                  (copy failed)       worker  copy
+    hand_over        queued running lost, copy running    running     worker  yes  (it failed
+                                                                              for good: the
+                                                                              copy runs on)
+
+Whichever execution claims first wins (``finish`` or ``claim_copy``, each one Lua step); the
+other is superseded, and the step that supersedes it writes its entry in the job's history,
+so a loser whose node died is accounted for too.
+
 Keys (``<p>`` is the prefix, ``sc`` by default):
     <p>:runs                      sorted set of run ids by creation time
     <p>:run:<run_id>              hash: run metadata (JSON values)
@@ -98,6 +116,21 @@ class JobState(StrEnum):
     @property
     def is_success(self) -> bool:
         return self in (JobState.SUCCEEDED, JobState.SKIPPED)
+
+
+class CopyState(StrEnum):
+    """Where a job's backup copy stands (the record's ``copy`` field)."""
+
+    QUEUED = "queued"  # published to an idle slot, not started
+    RUNNING = "running"
+    WON = "won"  # it claimed the job's success: its task id is the job's now
+    FAILED = "failed"  # its one attempt failed; the job's own execution runs on
+    TOOK_OVER = "took over"  # the job's own execution failed for good; the copy runs on as it
+    SUPERSEDED = "superseded"  # the job ended another way first (it succeeded, was cancelled)
+
+    @property
+    def is_live(self) -> bool:
+        return self in (CopyState.QUEUED, CopyState.RUNNING)
 
 
 class RunState(StrEnum):
@@ -184,7 +217,7 @@ EVENT_FIELDS = ("attempts", "host", "duration_s", "error", "task_id", "node", "n
 # stored once. ``node`` is also a field of its own (a move changes it).
 SPEC_FIELDS = ("job_id", "script", "args", "node", "gpu_id", "output_file", "done_file",
                "log_file", "timeout", "env", "retries", "retry_delay", "per_gpu", "after",
-               "cost")
+               "cost", "warm", "speculate")
 
 
 def runs_key() -> str:
@@ -239,15 +272,61 @@ def decode(raw: Mapping[bytes | str, bytes | str]) -> dict[str, Any]:
     return out
 
 
+# Lua shared by the transitions: the server's clock, and appending to a job's history
+# (appended, never rewritten: a job's own execution and its copy each add their entries).
+LUA_COMMON = """
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + math.floor(tonumber(t[2]) / 1000) / 1000
+end
+local function add_history(key, entries)
+  if #entries == 0 then return end
+  local raw = redis.call('HGET', key, 'history')
+  local history = {}
+  if raw and raw ~= 'null' then history = cjson.decode(raw) end
+  for _, entry in ipairs(entries) do table.insert(history, entry) end
+  redis.call('HSET', key, 'history', cjson.encode(history))
+end
+-- The history entry of an execution ended by someone else (a superseded copy, or the job's
+-- own execution when its copy won): what the record knows of it.
+local function ended_entry(attempt, host, node, started_at, why, copy)
+  local finished = clock()
+  local elapsed, started = cjson.null, cjson.null
+  if type(started_at) == 'number' then
+    started = started_at
+    elapsed = math.floor((finished - started_at) * 1000 + 0.5) / 1000
+  end
+  return {attempt = attempt, host = host or cjson.null, node = node or cjson.null,
+          started_at = started, finished_at = finished, elapsed_s = elapsed,
+          exit_code = cjson.null, error = why, copy = copy, superseded = true}
+end
+-- The job ended (or its own execution claimed success): a live copy is superseded, its
+-- execution, if it started, kept in the history.
+local function supersede_copy(key, state)
+  local raw = redis.call('HGET', key, 'copy')
+  if not raw then return end
+  local copy = cjson.decode(raw)
+  if copy.state ~= 'queued' and copy.state ~= 'running' then return end
+  if copy.state == 'running' then
+    local why = 'superseded: the job became ' .. state .. ' first'
+    if state == 'finishing' then why = "superseded: the job's own execution finished first" end
+    add_history(key, {ended_entry('copy', copy.host, copy.node, copy.started_at, why, true)})
+  end
+  copy.state = 'superseded'
+  redis.call('HSET', key, 'copy', cjson.encode(copy))
+end
+"""
+
 # One state change of one job, atomically (see the module docstring).
 # KEYS: job, counts, events, run.
 # ARGV: 1 new state (JSON), 2 allowed current states (JSON, space-separated), 3 the task id
 #       the record must hold (JSON) or '', 4 TTL, 5 '1' to count an attempt, 6 '1' to refuse
 #       when the run is cancelled, 7 stream entries kept beyond 4 per job, 8 job id,
-#       9 event extra (JSON), 10.. field/value pairs (JSON values).
+#       9 event extra (JSON), 10.. field/value pairs (JSON values); the field
+#       ``history_add`` (a JSON list) is appended to the history.
 # Returns {outcome, previous state (JSON or ''), attempts}; outcome is ok, missing,
 # cancelled, superseded or refused.
-TRANSITION_LUA = """
+TRANSITION_LUA = LUA_COMMON + """
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return {'missing', '', 0} end
 if ARGV[6] == '1' then
@@ -265,7 +344,14 @@ if not allowed then return {'refused', current, 0} end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 if ARGV[5] == '1' then attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
-for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 10, #ARGV, 2 do
+  if ARGV[i] == 'history_add' then add_history(KEYS[1], cjson.decode(ARGV[i + 1]))
+  else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+local state = cjson.decode(ARGV[1])
+if state ~= 'running' and state ~= 'queued' and state ~= 'held' then
+  supersede_copy(KEYS[1], state)
+end
 if current ~= ARGV[1] then
   redis.call('HINCRBY', KEYS[2], cjson.decode(current), -1)
   redis.call('HINCRBY', KEYS[2], cjson.decode(ARGV[1]), 1)
@@ -275,6 +361,108 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', keep, '*', 'job', ARGV[8], 'state', A
            'extra', ARGV[9])
 for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 return {'ok', current, attempts}
+"""
+
+
+# A backup copy's steps (see the module docstring), atomically.
+# KEYS: job, counts, events, run.
+# ARGV: 1 step (add, start, claim, end, hand_over), 2 the task id it holds (raw: the copy's;
+#       for add and hand_over, the job's own), 3 TTL, 4 job id, 5 stream entries kept beyond
+#       4 per job, 6 the step's values (JSON object).
+# Returns like TRANSITION_LUA.
+COPY_LUA = LUA_COMMON + """
+local step, holder, values = ARGV[1], ARGV[2], cjson.decode(ARGV[6])
+local current = redis.call('HGET', KEYS[1], 'state')
+if not current then return {'missing', '', 0} end
+local state = cjson.decode(current)
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local task_id = cjson.decode(redis.call('HGET', KEYS[1], 'task_id') or 'null')
+local raw = redis.call('HGET', KEYS[1], 'copy')
+local copy = raw and cjson.decode(raw) or nil
+local waiting = state == 'queued' or state == 'running' or state == 'lost'
+local function event(new_state, extra)
+  local keep = tonumber(redis.call('HGET', KEYS[4], 'jobs_total') or '0') * 4 + tonumber(ARGV[5])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', keep, '*', 'job', ARGV[4],
+             'state', cjson.encode(new_state), 'extra', cjson.encode(extra))
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+end
+local function become(new_state)
+  if new_state ~= state then
+    redis.call('HSET', KEYS[1], 'state', cjson.encode(new_state))
+    redis.call('HINCRBY', KEYS[2], state, -1)
+    redis.call('HINCRBY', KEYS[2], new_state, 1)
+  end
+end
+local function save(copy_now)
+  redis.call('HSET', KEYS[1], 'copy', cjson.encode(copy_now))
+end
+if step == 'add' then
+  if task_id ~= holder then return {'superseded', current, attempts} end
+  if copy or state ~= 'running' then return {'refused', current, attempts} end
+  save({task_id = values.task_id, node = values.node, state = 'queued',
+        queued_at = clock()})
+  event(state, {note = 'backup copy queued on ' .. values.node})
+  return {'ok', current, attempts}
+end
+if step == 'hand_over' then
+  if task_id ~= holder then return {'superseded', current, attempts} end
+  if not waiting or not copy or copy.state ~= 'running' then
+    return {'refused', current, attempts}
+  end
+  add_history(KEYS[1], {values.entry})
+  redis.call('HSET', KEYS[1], 'task_id', cjson.encode(copy.task_id), 'node',
+             cjson.encode(copy.node), 'host', cjson.encode(copy.host), 'started_at',
+             cjson.encode(copy.started_at))
+  copy.state = 'took over'
+  save(copy)
+  become('running')
+  event('running', {note = 'its own execution failed for good; its backup copy on ' ..
+                           copy.node .. ' runs on', task_id = copy.task_id, node = copy.node,
+                    host = copy.host})
+  return {'ok', current, attempts}
+end
+local mine = copy and copy.task_id == holder
+if step == 'start' then
+  if not mine or (copy.state ~= 'queued' and copy.state ~= 'running') then
+    return {'superseded', current, attempts}
+  end
+  if not waiting then return {'refused', current, attempts} end
+  copy.state, copy.host, copy.started_at = 'running', values.host, values.started_at
+  save(copy)
+  event(state, {note = 'backup copy started on ' .. copy.node, host = values.host})
+  return {'ok', current, attempts}
+end
+if step == 'end' then
+  if not mine or copy.state ~= 'running' then return {'superseded', current, attempts} end
+  add_history(KEYS[1], {values.entry})
+  copy.state = 'failed'
+  save(copy)
+  event(state, {note = 'backup copy on ' .. copy.node .. ' failed; the job runs on'})
+  return {'ok', current, attempts}
+end
+if step == 'claim' then
+  local took_over = task_id == holder
+  if not took_over and not (mine and copy.state == 'running') then
+    return {'superseded', current, attempts}
+  end
+  if not waiting then return {'refused', current, attempts} end
+  if not took_over and state == 'running' then
+    local why = 'superseded: a backup copy on ' .. copy.node .. ' finished first'
+    add_history(KEYS[1], {ended_entry(attempts, cjson.decode(redis.call('HGET', KEYS[1], 'host')
+      or 'null'), cjson.decode(redis.call('HGET', KEYS[1], 'node') or 'null'),
+      cjson.decode(redis.call('HGET', KEYS[1], 'started_at') or 'null'), why, false)})
+  end
+  redis.call('HSET', KEYS[1], 'task_id', cjson.encode(holder), 'node', cjson.encode(copy.node),
+             'host', cjson.encode(values.host), 'workdir', cjson.encode(values.workdir),
+             'started_at', cjson.encode(copy.started_at))
+  copy.state = 'won'
+  save(copy)
+  become('finishing')
+  event('finishing', {host = values.host, node = copy.node, task_id = holder,
+                      note = 'its backup copy finished first'})
+  return {'ok', current, attempts}
+end
+return redis.error_reply('unknown copy step ' .. step)
 """
 
 
@@ -344,6 +532,7 @@ class JobTracker:
         self._transition = client.register_script(TRANSITION_LUA)
         self._append_moves = client.register_script(APPEND_MOVES_LUA)
         self._create = client.register_script(CREATE_LUA)
+        self._copy = client.register_script(COPY_LUA)
 
     # -- the worker's transitions, each holding the attempt's message --------------------
 
@@ -366,13 +555,15 @@ class JobTracker:
                            exit_code=None, duration_s=None)
 
     def wait_to_retry(self, run_id: str, job_id: str, task_id: str, host: str, attempts: int,
-                      error: str, exit_code: int | None, history: list[dict[str, Any]],
+                      error: str, exit_code: int | None, history_add: list[dict[str, Any]],
                       retry_at: float) -> Transition:
-        """A failed attempt is retried after a backoff: still ``running``, its error kept."""
+        """A failed attempt is retried after a backoff: still ``running``, its error kept
+        (``history_add``: the attempt's entry, appended to the history)."""
         return self._apply(run_id, job_id, JobState.RUNNING, STARTABLE, task_id,
                            JobEvent(job_id, JobState.RUNNING, attempts=attempts, host=host,
                                     error=error),
-                           error=error, exit_code=exit_code, history=history, retry_at=retry_at)
+                           error=error, exit_code=exit_code, history_add=history_add,
+                           retry_at=retry_at)
 
     def finish(self, run_id: str, job_id: str, task_id: str, host: str,
                attempts: int) -> Transition:
@@ -381,17 +572,18 @@ class JobTracker:
                            JobEvent(job_id, JobState.FINISHING, attempts=attempts, host=host))
 
     def succeed(self, run_id: str, job_id: str, task_id: str, host: str, attempts: int,
-                duration_s: float, history: list[dict[str, Any]]) -> Transition:
-        """The marker exists: ``succeeded``."""
+                duration_s: float, history_add: list[dict[str, Any]]) -> Transition:
+        """The marker exists: ``succeeded`` (``history_add``: the attempt's entry)."""
         return self._apply(run_id, job_id, JobState.SUCCEEDED, (JobState.FINISHING,), task_id,
                            JobEvent(job_id, JobState.SUCCEEDED, attempts=attempts, host=host,
                                     duration_s=duration_s),
                            exit_code=0, error=None, duration_s=duration_s, finished_at=now(),
-                           history=history)
+                           history_add=history_add)
 
     def fail(self, run_id: str, job_id: str, task_id: str, host: str, attempts: int,
              error: str, **fields: Any) -> Transition:
-        """The job failed for good (``fields``: exit_code, duration_s, history, as known)."""
+        """The job failed for good (``fields``: exit_code, duration_s, history_add, as
+        known)."""
         return self._apply(run_id, job_id, JobState.FAILED, STARTABLE, task_id,
                            JobEvent(job_id, JobState.FAILED, attempts=attempts, host=host,
                                     duration_s=fields.get("duration_s"), error=error),
@@ -442,6 +634,44 @@ class JobTracker:
         return self._apply(run_id, job_id, JobState.CANCELLED, allowed, None,
                            JobEvent(job_id, JobState.CANCELLED, error=reason),
                            finished_at=now(), error=reason)
+
+    # -- a backup copy's steps (COPY_LUA) -------------------------------------------------
+
+    def add_copy(self, run_id: str, job_id: str, holding: str, copy_task_id: str,
+                 slot: str) -> Transition:
+        """The head queues a backup copy of a running job on ``slot``: once per job, ever."""
+        return self._copy_step("add", run_id, job_id, holding,
+                               {"task_id": copy_task_id, "node": slot})
+
+    def start_copy(self, run_id: str, job_id: str, copy_task_id: str, host: str,
+                   started_at: float) -> Transition:
+        """The copy begins on its slot (refused once the job ended)."""
+        return self._copy_step("start", run_id, job_id, copy_task_id,
+                               {"host": host, "started_at": started_at})
+
+    def claim_copy(self, run_id: str, job_id: str, copy_task_id: str, host: str,
+                   workdir: str) -> Transition:
+        """The copy succeeded first: the job is ``finishing`` under the copy's task id, on
+        its node; the job's own execution, superseded, is ended in the history."""
+        return self._copy_step("claim", run_id, job_id, copy_task_id,
+                               {"host": host, "workdir": workdir})
+
+    def end_copy(self, run_id: str, job_id: str, copy_task_id: str,
+                 entry: dict[str, Any]) -> Transition:
+        """The copy's attempt failed (``entry``: its history entry); the job runs on."""
+        return self._copy_step("end", run_id, job_id, copy_task_id, {"entry": entry})
+
+    def hand_over(self, run_id: str, job_id: str, task_id: str,
+                  entry: dict[str, Any]) -> Transition:
+        """The job's own execution failed for good while its copy runs: the copy becomes the
+        job (its task id, node and host); ``entry``: the failed attempt's history entry."""
+        return self._copy_step("hand_over", run_id, job_id, task_id, {"entry": entry})
+
+    def _copy_step(self, step: str, run_id: str, job_id: str, holding: str,
+                   values: dict[str, Any]) -> Transition:
+        keys = [job_key(run_id, job_id), counts_key(run_id), events_key(run_id), run_key(run_id)]
+        return parse_transition(self._copy(keys=keys, args=[
+            step, holding, RUN_TTL_S, job_id, EVENTS_SLACK, json.dumps(values)]))
 
     # -- the head node's transitions ------------------------------------------------------
 
