@@ -138,6 +138,8 @@ class Job(BaseModel):
         cost: optional extension: how much work the job is against the others of its
             script (the seeds of a chunk, say): slot speeds are learned per unit of it, and
             the tail of a run is placed by it (default: 1).
+        speculate: optional extension: false: never start a backup copy of it (a job whose
+            script has effects beside its output file, say); default: as the run says.
         after: optional extension: the job ids of this file it waits for; it runs once
             every one of them has succeeded, and ends without running if one fails for
             good or is cancelled (Slurm's ``afterok``).
@@ -158,6 +160,7 @@ class Job(BaseModel):
     warm: bool | None = None
     after: list[SafeName] = Field(default_factory=list, max_length=rules.MAX_AFTER)
     cost: Annotated[float | None, BeforeValidator(_cost)] = None
+    speculate: bool | None = None
 
 
 class LegacyScoringJob(BaseModel):

@@ -57,6 +57,9 @@ class SubmitOptions:
             not ``--timeout``, which bounds how long a command waits for the run).
         halt: ``now|soon,fail|success=N|P%`` (GNU parallel's ``--halt``): when the run stops
             itself (``worker_tasks.halt``); None: never.
+        speculate: while the head follows the run, a straggling floating job may get a
+            backup copy on an idle slot (``worker_tasks.copies``); False (``--no-speculate``)
+            marks every job that does not say ``"speculate"`` never to be copied.
     """
 
     output_dir: str = DEFAULT_OUTPUT_DIR
@@ -73,6 +76,7 @@ class SubmitOptions:
     after_any: bool = False
     halt: str | None = None
     job_timeout: float | str | None = None
+    speculate: bool = True
 
     def __post_init__(self) -> None:
         if self.job_timeout is not None:

@@ -17,6 +17,10 @@ Today's policies:
 * ``EarliestFinish``: the slot that would finish the job first, by the slots' learned speeds
   (``worker_tasks.speeds``) and when each is free: the tail of a followed run, where a slow
   slot taking the last job would make the whole run wait (``Scheduler.place_tail``).
+
+And one rule for jobs already running: ``backup_copies`` picks the stragglers worth a backup
+copy on an idle slot (LATE's rule: the longest time left first, onto the fastest idle slot),
+for ``Scheduler.speculate``.
 """
 
 from __future__ import annotations
@@ -96,6 +100,53 @@ class EarliestFinish:
             self.free_at[name] + cost * self.seconds_per_unit[name], name))
         self.free_at[slot] += cost * self.seconds_per_unit[slot]
         return slot
+
+
+# A copy starts only where it would end the job this many times sooner than its own slot.
+COPY_MARGIN = 1.5
+# At most this share of the slots run backup copies at once (and at least one slot may).
+COPY_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """A running job, as a backup copy is decided: where, how big, for how long so far."""
+
+    job_id: str
+    slot: str
+    cost: float
+    elapsed_s: float
+
+
+def time_left(job: RunningJob, seconds_per_unit: Mapping[str, float]) -> float:
+    """What the job has left at its slot's learned speed. Past its estimate, its slot is
+    slower than it was: it is taken to be half way (as long again as it has run)."""
+    expected = job.cost * seconds_per_unit[job.slot]
+    return expected - job.elapsed_s if job.elapsed_s < expected else job.elapsed_s
+
+
+def copy_budget(slots: int, live_copies: int) -> int:
+    """How many more backup copies may start: ``COPY_SHARE`` of the slots, at least one."""
+    return max(1, int(COPY_SHARE * slots)) - live_copies
+
+
+def backup_copies(running: Sequence[RunningJob], idle: Sequence[str],
+                  seconds_per_unit: Mapping[str, float], budget: int) -> dict[str, str]:
+    """job id -> the idle slot its backup copy goes to: the jobs with the most time left
+    first, each onto the fastest idle slot left, when that slot would finish it
+    ``COPY_MARGIN`` times sooner than its own slot; at most ``budget`` copies. Slots without
+    an estimate take no copy, and their jobs get none."""
+    free = sorted((slot for slot in idle if slot in seconds_per_unit),
+                  key=lambda slot: (seconds_per_unit[slot], slot))
+    known = [job for job in running if job.slot in seconds_per_unit]
+    chosen: dict[str, str] = {}
+    for job in sorted(known, key=lambda job: -time_left(job, seconds_per_unit)):
+        if len(chosen) >= budget or not free:
+            break
+        there = job.cost * seconds_per_unit[free[0]]
+        if time_left(job, seconds_per_unit) > COPY_MARGIN * there:
+            chosen[job.job_id] = free.pop(0)
+    return chosen
 
 
 def placed(policy: Placement, jobs: Sequence[tuple[str, str]]) -> dict[str, str]:

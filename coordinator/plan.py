@@ -21,6 +21,7 @@ from coordinator.errors import InvalidJobsError
 from coordinator.jobs import Job
 from coordinator.options import DEFAULTS, SubmitOptions
 from coordinator.placement import AsFiled, FirstFreeSlot, Placement
+from worker_tasks.copies import OUTPUT_FLAG, may_copy
 from worker_tasks.spec import (
     BUILTIN_SCRIPTS_DIR,
     InvalidMessage,
@@ -28,12 +29,12 @@ from worker_tasks.spec import (
     by_node,
     check_relative_path,
     done_path_for,
+    is_floating,
 )
 
 if TYPE_CHECKING:
     from coordinator.legacy import Conversion
 
-OUTPUT_FLAG = "--output-file"
 
 
 def flag_value(args: Sequence[str], flag: str) -> str | None:
@@ -286,6 +287,12 @@ def plan_jobs(jobs: Iterable[Job], run_id: str, options: SubmitOptions = DEFAULT
             message["after"] = list(job.after)
         if job.cost is not None:
             message["cost"] = job.cost
+        # A job that may have a backup copy says so: its worker writes its output apart.
+        wanted = job.speculate if job.speculate is not None else options.speculate
+        if may_copy(is_floating(node), wanted, options.per_gpu, output, args):
+            message["speculate"] = True
+        elif not wanted:
+            message["speculate"] = False
         specs.append(checked(where, message))
         fingerprint.add(message)
     return Plan(run_id=run_id, specs=specs, options=options, pinned=frozenset(pinned),

@@ -61,6 +61,8 @@ class JobRecord:
     workdir: str | None = None  # the worker's directory, where it wrote the job's files
     after: list[str] = field(default_factory=list)  # the jobs it waits for
     cost: float | None = None  # its cost hint (1 without one)
+    speculate: bool | None = None  # False: never copied (None: as its run says)
+    copy: dict[str, Any] | None = None  # its backup copy (worker_tasks.tracking.CopyState)
 
     def error_lines(self) -> tuple[str, list[str]]:
         """The error's first line, and the script's own last words under it."""
@@ -79,14 +81,14 @@ class JobRecord:
 
 # What a record's ``spec`` (the job's message) contributes to a JobRecord.
 SPEC_VALUES = ("job_id", "node", "gpu_id", "script", "args", "output_file", "done_file",
-               "log_file", "retries", "per_gpu", "after", "cost")
+               "log_file", "retries", "per_gpu", "after", "cost", "speculate")
 # The record's own fields (``spec`` is read as one JSON value and unpacked).
 RECORD_FIELDS = [f.name for f in fields(JobRecord) if f.name not in SPEC_VALUES
                  or f.name == "node"] + ["spec"]
 # What following a run needs of each job (not its message: cheap for 100,000 jobs).
 FOLLOW_FIELDS = ["node", "state", "attempts", "duration_s", "started_at", "finished_at",
                  "host", "error", "task_id", "pin", "exit_code", "moved_from", "floating",
-                 "workdir"]
+                 "workdir", "copy"]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ follows a run it may act on, and every such decision is made here, nowhere else:
   once more, once;
 * **fail over**: the queued jobs of a node that has had no live worker for ``failover``
   seconds move to the live nodes, where the placement policy puts them
-  (``coordinator.placement``); ``move_off`` does the same when a user asks (``move``).
+  (``coordinator.placement``); ``move_off`` does the same when a user asks (``move``);
+* **place the tail**: the last floating jobs go to the slots that finish them first;
+* **speculate**: a straggling floating job gets a backup copy on an idle slot that would
+  finish it sooner (``worker_tasks.copies``; the first execution to succeed wins).
 
 The follower (``coordinator.follow``) calls the hooks below, named for the moment they run;
 it only reads and reports.
@@ -29,14 +32,22 @@ import redis
 from celery import Celery
 
 from coordinator.cluster_view import ClusterView, Liveness
-from coordinator.placement import EarliestFinish, LeastLoaded, loads_of
+from coordinator.placement import (
+    EarliestFinish,
+    LeastLoaded,
+    RunningJob,
+    backup_copies,
+    copy_budget,
+    loads_of,
+    time_left,
+)
 from coordinator.reconcile import find_lost, move_jobs, place_floating, settle
 from coordinator.records import FOLLOW_FIELDS, JobRecord, RunStatus, read_records, read_status
-from coordinator.submission import republish
+from coordinator.submission import publish_copy, republish
 from worker_tasks.dependencies import Dependencies
 from worker_tasks.spec import FLOATING_NODE, is_floating, queue_for, slot_of_worker
 from worker_tasks.speeds import SlotSpeeds
-from worker_tasks.tracking import ACTIVE, LOST_ONLY, JobState
+from worker_tasks.tracking import ACTIVE, LOST_ONLY, CopyState, JobState, lease_key
 
 # The tail of a run begins when no more floating jobs are queued than this per live slot.
 TAIL_PER_SLOT = 2
@@ -44,6 +55,8 @@ TAIL_PER_SLOT = 2
 RECONCILE_AFTER_S = float(os.environ.get("SC_RECONCILE_AFTER", "10"))
 # Liveness of nodes is checked this often when failover is on (seconds).
 FAILOVER_CHECK_S = 5.0
+# Stragglers are looked for this often while no floating job is queued (seconds).
+SPECULATION_CHECK_S = 0.5
 
 Notice = Callable[[str], None]
 
@@ -59,6 +72,7 @@ class SchedulerOptions:
         republish_lost: publish a job found lost again, once (``wait``); ``status`` only marks.
         place_tail: give the last floating jobs to the slots that finish them first
             (``place_tail``).
+        speculate: start backup copies of stragglers on idle slots (``speculate``).
         notice: where one-line notices of each decision go (settled, lost, moved).
     """
 
@@ -66,6 +80,7 @@ class SchedulerOptions:
     failover: float | None = None
     republish_lost: bool = True
     place_tail: bool = True
+    speculate: bool = True
     notice: Notice = field(default=lambda line: None)
 
 
@@ -121,6 +136,7 @@ class Scheduler:
         self.unserved_since: dict[str, float] = {}
         self.published_again: set[str] = set()
         self.tail_placed = False
+        self.last_speculation = 0.0
 
     # -- hooks, called by the follower ------------------------------------------------------
 
@@ -129,11 +145,15 @@ class Scheduler:
         self.quiet_since = time.monotonic()
         if self.options.place_tail and not self.tail_placed:
             self.place_tail(status)
+        if self.options.speculate:
+            self.speculate(status)
 
     def while_quiet(self, status: RunStatus) -> None:
         """Nothing moved since the last poll: fail over when due, settle when quiet long
         enough. ``status`` may be a light snapshot."""
         moment = time.monotonic()
+        if self.options.speculate:
+            self.speculate(status)
         if self.options.failover is not None and moment - self.last_failover_check >= \
                 FAILOVER_CHECK_S:
             self.last_failover_check = moment
@@ -213,6 +233,59 @@ class Scheduler:
             where = ", ".join(f"{slot} ({len(ids)})" for slot, ids in sorted(placed_on.items()))
             self.options.notice(f"tail: placed the last {sum(map(len, placed_on.values()))} "
                                 f"floating jobs where each finishes first: {where}")
+
+    def speculate(self, status: RunStatus) -> None:
+        """Once no floating job is queued, give a straggler a backup copy on an idle slot that
+        would finish it ``COPY_MARGIN`` times sooner (``backup_copies``): one copy per job at
+        most, ``COPY_SHARE`` of the slots at most at once. Checked every
+        ``SPECULATION_CHECK_S``; the copies live in the records, so a head started again
+        never copies a job twice."""
+        moment = time.monotonic()
+        if moment - self.last_speculation < SPECULATION_CHECK_S or status.info.get("per_gpu"):
+            return
+        self.last_speculation = moment
+        if any(job.floating and job.state is JobState.QUEUED for job in status.jobs):
+            return
+        # Full records: a follower's snapshot knows neither start times nor copies.
+        records = read_records(self.client, self.run_id, [
+            job.job_id for job in status.jobs if job.floating and job.state in ACTIVE])
+        candidates = [job for job in records if job.state is JobState.RUNNING and job.copy is None
+                      and job.started_at and job.speculate]
+        if not candidates:
+            return
+        slots = sorted({slot_of_worker(name)
+                        for name in ClusterView(self.client).serving([FLOATING_NODE]).get(
+                            FLOATING_NODE, [])})
+        live = [job.copy for job in records
+                if job.copy and CopyState(job.copy.get("state")).is_live]
+        budget = copy_budget(len(slots), len(live))
+        if budget <= 0 or len(slots) < 2:
+            return
+        busy = {job.node for job in status.jobs if job.state in ACTIVE} | {
+            copy.get("node") for copy in live}
+        leases = self.client.mget([lease_key(slot) for slot in slots])
+        idle = [slot for slot, lease in zip(slots, leases, strict=True)
+                if not lease and slot not in busy and not self.broker.llen(queue_for(slot))]
+        if not idle:
+            return
+        now = time.time()
+        for script in sorted({job.script for job in candidates}):
+            per_unit = {slot: estimate.seconds_per_unit
+                        for slot, estimate in SlotSpeeds(self.client).of(script).items()}
+            running = [RunningJob(job.job_id, job.node, cost_of(job), now - job.started_at)
+                       for job in candidates if job.script == script]
+            chosen = backup_copies(running, idle, per_unit, budget)
+            for job_id, slot in chosen.items():
+                if publish_copy(self.client, self.app, self.run_id, job_id, slot) is None:
+                    continue
+                job = next(job for job in running if job.job_id == job_id)
+                self.options.notice(
+                    f"backup copy: job {job_id} has run {job.elapsed_s:.1f} s on {job.slot} "
+                    f"(about {time_left(job, per_unit):.1f} s left there); a copy starts on "
+                    f"idle {slot}, where it takes about {job.cost * per_unit[slot]:.1f} s; "
+                    f"the first to succeed wins")
+                idle.remove(slot)
+                budget -= 1
 
     def settle_held(self, held: list[str]) -> None:
         """Release the held jobs whose dependencies all succeeded, end those one of whose

@@ -127,6 +127,13 @@ def task_id_for(spec: JobSpec, generation: int = 0) -> str:
     return f"{spec.run_id}.{spec.job_id}.{generation}"
 
 
+def next_generation(record: dict[str, Any]) -> int:
+    """The generation of a job's next message: past its current one's and its copy's."""
+    ids = [record.get("task_id"), (record.get("copy") or {}).get("task_id")]
+    return 1 + max((int(tail) for tail in (str(task_id or "0").rsplit(".", 1)[-1]
+                                           for task_id in ids) if tail.isdigit()), default=0)
+
+
 # Message fields a record leaves out when they hold their default (smaller records): the
 # message contract's own defaults, and a job without an output file.
 UNSTORED_DEFAULTS = {**JobSpec.defaults(), "output_file": None}
@@ -471,8 +478,7 @@ def republish(client: redis.Redis, app: Celery, run_id: str, job_ids: Sequence[s
         if record.get("floating") and "node" not in update:
             update = {**update, "node": FLOATING_NODE}
         spec = spec_from_record(run_id, {**record, **update, "job_id": job_id})
-        generation = int(record.get("task_id", "0").rsplit(".", 1)[-1]) + 1
-        task_id = task_id_for(spec, generation)
+        task_id = task_id_for(spec, next_generation(record))
         result = tracker.republish(run_id, job_id, allowed, record.get("task_id"), task_id,
                                    spec.node, record.get("attempts", 0), note, update)
         if result.ok:
@@ -492,3 +498,21 @@ def republish(client: redis.Redis, app: Celery, run_id: str, job_ids: Sequence[s
         for job_id in held:  # a dependency may have succeeded meanwhile
             dependencies.release_if_ready(run_id, job_id)
     return [spec.job_id for spec, _ in moved]
+
+
+def publish_copy(client: redis.Redis, app: Celery, run_id: str, job_id: str,
+                 slot: str) -> str | None:
+    """A backup copy of running job ``job_id`` on ``slot``: recorded (once per job, while it
+    runs under the message it ran under when read), then published, signed as every job.
+    Returns the copy's task id, or None when the record refused it."""
+    tracker = JobTracker(client)
+    record = tracker.record(run_id, job_id)
+    if not record or record.get("state") != JobState.RUNNING or record.get("copy"):
+        return None
+    spec = dataclasses.replace(spec_from_record(run_id, {**record, "node": slot,
+                                                         "job_id": job_id}), copy=True)
+    task_id = task_id_for(spec, next_generation(record))
+    if not tracker.add_copy(run_id, job_id, record["task_id"], task_id, slot).ok:
+        return None
+    publish([spec], app, [task_id])
+    return task_id

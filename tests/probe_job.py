@@ -15,6 +15,10 @@ factor of the node running it (``SC_NODE``): a mixed cluster of slow and fast no
 ``--lock-per-gpu``: the slot lock is per GPU (``CUDA_VISIBLE_DEVICES``), for per-GPU runs.
 ``--until PATH``: the sleep ends early once PATH exists (a test opens the gate when it has
 seen what it waits for, instead of hoping the sleep was long enough).
+``--durations S1,S2,...``: the Nth execution of the job (a backup copy counts: executions
+are counted in the ledger) sleeps SN seconds, the last for any later one: a straggler
+whose copy is fast. ``--fail-executions N`` fails executions 1..N. The output says which
+execution wrote it.
 Start lines say ``start <attempt> <pid> <time> <node> <gpu>``.
 """
 
@@ -39,6 +43,8 @@ parser.add_argument("--burn", type=float, default=0.0, help="busy CPU seconds, i
                     "process it waits for (its whole tree is accounted)")
 parser.add_argument("--allocate", type=int, default=0, metavar="MB",
                     help="touch this many MiB of memory in that child")
+parser.add_argument("--durations", default="", help="S1,S2,...: the Nth execution sleeps SN")
+parser.add_argument("--fail-executions", type=int, default=0)
 args = parser.parse_args()
 
 job = os.environ["SC_JOB_ID"]
@@ -67,6 +73,11 @@ def lock(name: str, kind: str) -> object:
 slot = f"{node}-gpu{gpu}" if args.lock_per_gpu else node
 held = [lock(f"{job}.lock", "job"), lock(f"node-{slot}.lock", "node")]
 note(f"{job}.ledger", f"start {attempt} {os.getpid()} {time.time():.3f} {node} {gpu}")
+with open(os.path.join(args.ledger, f"{job}.ledger")) as ledger_fh:
+    execution = sum(1 for line in ledger_fh if line.startswith("start "))
+if args.durations:
+    durations = [float(value) for value in args.durations.split(",")]
+    args.sleep = durations[min(execution, len(durations)) - 1]
 if args.child_sleep:
     child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({args.child_sleep})"])
     note(f"{job}.children", str(child.pid))
@@ -78,11 +89,11 @@ if args.burn or args.allocate:
 sleep_until = time.monotonic() + args.sleep * float(factors.get(node, "1"))
 while time.monotonic() < sleep_until and not (args.until and os.path.exists(args.until)):
     time.sleep(min(0.05, max(0.0, sleep_until - time.monotonic())))
-code = 1 if attempt <= args.fail_attempts else 0
+code = 1 if attempt <= args.fail_attempts or execution <= args.fail_executions else 0
 if code == 0:
     os.makedirs(os.path.dirname(args.output_file) or ".", exist_ok=True)
     with open(args.output_file, "w") as fh:
-        json.dump({"job": job, "attempt": attempt}, fh)
+        json.dump({"job": job, "attempt": attempt, "execution": execution, "node": node}, fh)
 else:
     print(f"attempt {attempt} of {job} fails on purpose", flush=True)
 note(f"{job}.ledger", f"end {attempt} {code} {time.time():.3f}")

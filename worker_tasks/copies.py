@@ -13,6 +13,10 @@ copied only when its outputs can be kept apart this way:
   executions write where the worker says;
 * it does not say ``"speculate": false`` (nor its run ``--no-speculate``);
 * its run is not per GPU.
+
+The head decides this once, as it plans the job, and says so in its message
+(``"speculate": true``): the worker then writes that job's output apart, wherever the job
+runs, and the scheduler copies only such jobs.
 """
 
 from __future__ import annotations
@@ -37,11 +41,17 @@ def output_places(args: Sequence[str], output_file: str) -> list[int]:
     return places
 
 
-def may_copy(floating: bool, speculate: bool | None, per_gpu: bool, output_file: str | None,
+def outputs_apart(output_file: str | None, args: Sequence[str]) -> bool:
+    """Two executions of the job can be given outputs of their own: ``--output-file`` names
+    its output exactly once."""
+    return output_file is not None and len(output_places(args, output_file)) == 1
+
+
+def may_copy(floating: bool, wanted: bool, per_gpu: bool, output_file: str | None,
              args: Sequence[str]) -> bool:
-    """Whether a job may have a backup copy: its outputs can be kept apart (module docstring)."""
-    return (floating and speculate is not False and not per_gpu and output_file is not None
-            and len(output_places(args, output_file)) == 1)
+    """Whether a job may have a backup copy (module docstring); ``wanted``: neither the job
+    nor its run turned copies off."""
+    return floating and wanted and not per_gpu and outputs_apart(output_file, args)
 
 
 def private_output(output_file: str, task_id: str) -> str:

@@ -50,7 +50,7 @@ from celery.worker.request import Request
 from worker_tasks import halt, warm
 from worker_tasks.celery_app import app
 from worker_tasks.connections import redis_client
-from worker_tasks.copies import may_copy, private_output, with_output
+from worker_tasks.copies import outputs_apart, private_output, with_output
 from worker_tasks.dependencies import DEPENDENTS_FIELD, Dependencies
 from worker_tasks.execution import (
     CancelWatch,
@@ -493,8 +493,7 @@ class JobExecution:
         output = confine(self.base, spec.output_file, "output_file") if spec.output_file \
             else None
         written = output
-        if spec.output_file and may_copy(self.floating or spec.copy, spec.speculate,
-                                         spec.per_gpu, spec.output_file, spec.args):
+        if spec.output_file and spec.speculate and outputs_apart(spec.output_file, spec.args):
             written = confine(self.base, private_output(spec.output_file, self.task_id),
                               "output_file")
         return JobPaths(done=confine(self.base, spec.done_file, "done_file"),

@@ -163,6 +163,11 @@ def add_retry_flags(parser: argparse.ArgumentParser) -> None:
                              "(once 10%% of the jobs ended so far failed, at least 3 ended: "
                              "running ones are killed too), now,success=1 (the first success "
                              "is enough: exit 0); the jobs left end cancelled with the reason")
+    parser.add_argument("--no-speculate", dest="speculate", action="store_false", default=None,
+                        help="never start a backup copy of a straggling job (by default, while "
+                             "this command follows the run, a floating job that an idle slot "
+                             "would finish sooner gets one copy there; the first to succeed "
+                             "wins, see docs/step3.md); per job: \"speculate\": false")
     parser.add_argument("--after", dest="after_runs", type=run_list, metavar="RUN[,RUN]",
                         help="hold this run until each RUN has succeeded (Slurm's afterok): it "
                              "is recorded and published now, and starts by itself, with or "
