@@ -1,5 +1,5 @@
-"""Dispatch, four ways, on the same scripts: this project cold and warm, GNU parallel, and the
-old design.
+"""Dispatch, four ways, on the same scripts: this project as it starts by default (warm) and
+cold, GNU parallel, and the old design.
 
     python benchmarks/bench_dispatch.py [--sizes 36,1000] [--delays 0,0.2] [--nodes 4]
         [--scripts no-op,numpy]
@@ -8,10 +8,11 @@ Every way runs each script N times, one job at a time per node, the nodes in par
 the scripts are ``examples/write_output.py --sleep D`` (no-op: it writes a JSON output
 file) and ``benchmarks/numpy_job.py --sleep D`` (the same after ``import numpy``):
 
-* coordinator: a LocalCluster (private Redis, one Celery worker per node), then
-  submit, wait and collect, with the ``.done`` rule, tracking, lease and runner;
-* coordinator warm: the same with ``coordinator worker --warm`` workers (each job forked
-  from a zygote that imported NumPy and the Step 3 engines once);
+* coordinator (default, warm): a LocalCluster (private Redis, one Celery worker per node)
+  whose workers start as ``coordinator local`` starts them by default: each job forked from
+  a zygote that imported NumPy and the Step 3 engines once; then submit, wait and collect,
+  with the ``.done`` rule, tracking, lease and runner;
+* coordinator --cold: the same with each job's interpreter started fresh;
 * GNU parallel with one slot per node (``parallel -j NODES``), the baseline;
 * the old design (no-op script only): one thread per node running its jobs one after
   another, each over a new SSH connection (``ssh host python script ...``) to a real sshd
@@ -44,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from coordinator import submit  # noqa: E402
-from coordinator.local import LocalCluster  # noqa: E402
+from coordinator.local import LocalCluster, warm_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # The scripts, as jobs name them (under the workers' scripts directory, REPO) and their files.
@@ -52,7 +53,7 @@ SCRIPTS = {"no-op": "examples/write_output.py", "numpy": "benchmarks/numpy_job.p
 FILES = {"examples/write_output.py": REPO / "worker_tasks" / "builtin_scripts" / "examples" /
          "write_output.py", "benchmarks/numpy_job.py": REPO / "benchmarks" / "numpy_job.py"}
 SCRIPT = FILES[SCRIPTS["no-op"]]
-WAYS = ("coordinator", "coordinator warm", "GNU parallel", "old: SSH per job")
+WAYS = ("coordinator (default)", "coordinator --cold", "GNU parallel", "old: SSH per job")
 
 
 def jobs_for(count: int, nodes: list[str], sleep: float, tag: str,
@@ -188,9 +189,9 @@ def main() -> int:
         alone = script_alone(work)
         host = SshHost(work / "ssh") if have_ssh else None
         try:
-            for way, env in (("coordinator", {}), ("coordinator warm", {"SC_WARM": "1"})):
+            for way, env in ((WAYS[0], warm_env(None)), (WAYS[1], {})):
                 with LocalCluster(nodes, scripts_dir=REPO, workdir=work / "cluster",
-                                  log_dir=work / "logs" / way.replace(" ", "-"),
+                                  log_dir=work / "logs" / way.split()[-1].strip("()-"),
                                   extra_env=env, die_with_parent=True) as cluster:
                     for name in scripts:
                         for delay in delays:
@@ -221,7 +222,7 @@ def main() -> int:
 
     print(f"{len(nodes)} nodes, one job at a time per node; the no-op script alone takes "
           f"{alone * 1000:.0f} ms (Python start-up and its work)")
-    print(f"{'way':<18} {'script':<7} {'N':>5} {'D s':>5} {'makespan s':>11} {'jobs/s':>8} "
+    print(f"{'way':<21} {'script':<7} {'N':>5} {'D s':>5} {'makespan s':>11} {'jobs/s':>8} "
           f"{'overhead/job ms':>16}")
     for name in scripts:
         for delay in delays:
@@ -231,7 +232,7 @@ def main() -> int:
                         continue
                     seconds = results[way, name, size, delay]
                     overhead = (seconds * len(nodes) / size - delay) * 1000
-                    print(f"{way:<18} {name:<7} {size:>5} {delay:>5.1f} {seconds:>11.2f} "
+                    print(f"{way:<21} {name:<7} {size:>5} {delay:>5.1f} {seconds:>11.2f} "
                           f"{size / seconds:>8.1f} {overhead:>16.0f}")
     small, large = min(sizes), max(sizes)
     print("marginal cost of one more job (per node slot, between N = "
@@ -245,7 +246,7 @@ def main() -> int:
             base = slopes.get("GNU parallel")
             for way, slope in slopes.items():
                 ratio = f"  {slope / base:.2f}x GNU parallel" if base else ""
-                print(f"  {name:<7} D = {delay:g} s  {way:<18} {slope * 1000:>7.1f} ms{ratio}")
+                print(f"  {name:<7} D = {delay:g} s  {way:<21} {slope * 1000:>7.1f} ms{ratio}")
     for way, profile in profiles.items():
         print(f"{way}, {scripts[0]}, N = {large}, D = 0: {profile}")
     for way in WAYS[2:]:

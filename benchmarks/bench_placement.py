@@ -16,11 +16,17 @@ sleeps ``work * factor`` seconds on a node of that factor (the script reads
 and prints each makespan beside the ideal (total work over total speed), the
 fixed cost of an empty run (4 no-op jobs), and the ratios the issue asks for:
 balanced within 15% of ideal + fixed cost, and at least 2x faster than pinned.
+
+Then a straggler: four equal nodes, and rig-d (GNU parallel's slot 4) turns 16 times slower
+once 20 jobs have started (a throttled GPU, say). Ours runs it balanced and followed, so the
+head may start a backup copy of the straggler's job on an idle slot; GNU parallel waits for
+it. The script is another file (``steady.py``), so that its slot speeds start from nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,16 +46,34 @@ args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 factors = [float(f) for f in args["--factors"].split(",")]
 nodes = args["--nodes"].split(",")
 slot = int(args["--slot"]) - 1 if "--slot" in args else nodes.index(os.environ["SC_NODE"])
-time.sleep(float(args["--work"]) * factors[slot])
+factor = factors[slot]
+if "--straggle" in args:  # SLOT:AFTER:FACTOR: that slot slows down once AFTER jobs started
+    import fcntl
+    slow, after, slower = args["--straggle"].split(":")
+    with open(args["--count-file"], "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        started = len(fh.readlines())
+        fh.write("started\n")
+    if slot == int(slow) - 1 and started >= int(after):
+        factor *= float(slower)
+time.sleep(float(args["--work"]) * factor)
 with open(args["--output-file"], "w") as fh:
     json.dump({"slot": slot}, fh)
 '''
 
 
-def jobs_for(count: int, work: float, factors: str, tag: str) -> list[dict]:
-    return [{"job_id": f"{tag}_{index:03d}", "script": "speedy.py", "node": NODES[index % 4],
+# The straggler: slot 4 (rig-d) turns 16 times slower once 20 jobs have started.
+STRAGGLE = "4:20:16"
+
+
+def jobs_for(count: int, work: float, factors: str, tag: str,
+             straggle: str | None = None) -> list[dict]:
+    extra = ["--straggle", straggle, "--count-file", f"{tag}-count"] if straggle else []
+    return [{"job_id": f"{tag}_{index:03d}", "script": "steady.py" if straggle else "speedy.py",
+             "node": NODES[index % 4],
              "args": ["--output-file", f"{tag}/{tag}_{index:03d}.json", "--work", str(work),
-                      "--factors", factors, "--nodes", ",".join(NODES)]}
+                      "--factors", factors, "--nodes", ",".join(NODES), *extra]}
             for index in range(count)]
 
 
@@ -63,15 +87,17 @@ def coordinator_run(cluster: LocalCluster, jobs: list[dict], work_dir: Path, tag
     return time.perf_counter() - start
 
 
-def parallel_run(jobs: list[dict], work_dir: Path) -> float | None:
+def parallel_run(jobs: list[dict], work_dir: Path, tag: str = "pin") -> float | None:
     if not ensure_debian_package("parallel", "parallel"):
         return None
     (work_dir / "par").mkdir(exist_ok=True)
-    lines = "".join(" ".join(job["args"]).replace("pin/", "par/") + "\n" for job in jobs)
+    (work_dir / "par-count").unlink(missing_ok=True)
+    lines = "".join(" ".join(job["args"]).replace(f"{tag}/", "par/").replace(
+        f"{tag}-count", "par-count") + "\n" for job in jobs)
+    columns = [f"{{{index + 1}}}" for index in range(len(jobs[0]["args"]))]
     start = time.perf_counter()
     subprocess.run(["parallel", "--will-cite", "-j", str(len(NODES)), "--colsep", " ",
-                    sys.executable, str(work_dir / "speedy.py"), "{1}", "{2}", "{3}", "{4}",
-                    "{5}", "{6}", "{7}", "{8}", "--slot", "{%}"],
+                    sys.executable, str(work_dir / jobs[0]["script"]), *columns, "--slot", "{%}"],
                    input=lines, text=True, cwd=work_dir, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 
@@ -82,6 +108,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=40)
     parser.add_argument("--work", type=float, default=0.5, help="seconds at factor 1")
     parser.add_argument("--factors", default="1,1,2,4", help="slowness of rig-a..rig-d")
+    parser.add_argument("--no-straggler", action="store_true",
+                        help="leave out the straggler scenario")
     args = parser.parse_args()
     factors = [float(value) for value in args.factors.split(",")]
     assert len(factors) == len(NODES), "one factor per node"
@@ -91,6 +119,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-placement-") as tmp:
         work_dir = Path(tmp)
         (work_dir / "speedy.py").write_text(SCRIPT)
+        shutil.copy(work_dir / "speedy.py", work_dir / "steady.py")
+        straggler_jobs = jobs_for(args.jobs, args.work, "1,1,1,1", "strag", STRAGGLE)
         with LocalCluster(NODES, scripts_dir=work_dir, workdir=work_dir,
                           log_dir=work_dir / "logs", die_with_parent=True) as cluster:
             empty = coordinator_run(cluster, jobs_for(4, 0.0, args.factors, "empty"), work_dir,
@@ -99,7 +129,11 @@ def main() -> int:
                                                        "pin"), work_dir, "pin", balance=False)
             balanced = coordinator_run(cluster, jobs_for(args.jobs, args.work, args.factors,
                                                          "bal"), work_dir, "bal", balance=True)
+            straggled = None if args.no_straggler else coordinator_run(
+                cluster, straggler_jobs, work_dir, "strag", balance=True)
         parallel = parallel_run(jobs_for(args.jobs, args.work, args.factors, "pin"), work_dir)
+        parallel_straggled = None if args.no_straggler else parallel_run(
+            straggler_jobs, work_dir, "strag")
     print(f"{args.jobs} jobs of {args.work:g} s at factor 1 over {len(NODES)} nodes with "
           f"factors {args.factors}")
     print(f"  ideal (total work / total speed)   {ideal:7.2f} s")
@@ -125,6 +159,15 @@ def main() -> int:
     if parallel is not None:
         print(f"(balanced - fixed cost) / GNU par.   {net / parallel:.2f}  (target <= 0.93: "
               f"{'met' if net / parallel <= 0.93 else 'NOT met'})")
+    if straggled is not None:
+        print(f"a straggler: {args.jobs} jobs of {args.work:g} s over 4 equal nodes; rig-d "
+              f"(slot 4) 16x slower once 20 jobs started")
+        print(f"  ours, balanced and followed         {straggled:7.2f} s")
+        if parallel_straggled is not None:
+            ratio = (straggled - empty) / parallel_straggled
+            print(f"  GNU parallel, one slot per node     {parallel_straggled:7.2f} s")
+            print(f"(ours - fixed cost) / GNU parallel   {ratio:.2f}  (target <= 0.75: "
+                  f"{'met' if ratio <= 0.75 else 'NOT met'})")
     return 0
 
 

@@ -224,7 +224,9 @@ class Scheduler:
         free_at = dict.fromkeys(slots, 0.0)
         for job in records:
             if job.state in ACTIVE and job.node in free_at and job.started_at:
-                left = costs[job.job_id] * per_unit[job.node] - (moment - job.started_at)
+                # A job past its estimate is a straggler's: its slot is not free soon.
+                left = time_left(RunningJob(job.job_id, job.node, costs[job.job_id],
+                                            moment - job.started_at), per_unit)
                 free_at[job.node] = max(free_at[job.node], left, 0.0)
         placed_on = place_floating(self.client, self.app, self.broker, self.run_id,
                                    [job for job in records if job.state is JobState.QUEUED],

@@ -250,7 +250,7 @@ def test_an_unknown_field_is_named_once_and_not_refused(tmp_path: Path) -> None:
     assert named == [
         f"{jobs}: job 0 (job_id 'a'): unknown field 'colour' ignored (a typo? the fields are "
         f"job_id, script, args, node, gpu_id, timeout, env, retries, retry_delay, pin, warm, "
-        f"after, cost); later jobs with it are not named",
+        f"after, cost, speculate); later jobs with it are not named",
         f"{jobs}: job 1 (job_id 'b'): unknown field 'retires' ignored (a typo? the fields are "
         f"job_id, script, args, node, gpu_id, timeout, env, retries, retry_delay, pin, warm, "
-        f"after, cost); later jobs with it are not named"]
+        f"after, cost, speculate); later jobs with it are not named"]

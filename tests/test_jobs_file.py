@@ -472,10 +472,10 @@ def test_unknown_fields_are_named_once_each_and_kept_harmless(
     assert [record.getMessage() for record in caplog.records] == [
         "f.json: job 0 (job_id 'j0'): unknown field 'retires' ignored (a typo? the fields are "
         "job_id, script, args, node, gpu_id, timeout, env, retries, retry_delay, pin, warm, "
-        "after, cost); later jobs with it are not named",
+        "after, cost, speculate); later jobs with it are not named",
         "f.json: job 1 (job_id 'j1'): unknown field 'colour' ignored (a typo? the fields are "
         "job_id, script, args, node, gpu_id, timeout, env, retries, retry_delay, pin, warm, "
-        "after, cost); later jobs with it are not named"]
+        "after, cost, speculate); later jobs with it are not named"]
 
 
 def test_a_plans_digest_is_its_messages_and_output_settings_not_its_run_id(

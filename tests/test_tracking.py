@@ -160,3 +160,80 @@ def test_moves_appended_by_two_writers_are_both_kept(tracker: JobTracker) -> Non
     tracker.add_moves(run_id, first)
     other.add_moves(run_id, second)
     assert json.loads(tracker.client.hget(run_key(run_id), "moves")) == first + second
+
+
+COPY = "run.job.1"
+
+
+def a_copied_job(tracker: JobTracker, copy_state: str = "running") -> tuple[str, str]:
+    """A running job (message ``TASK``, attempt 1 on rig-t) with a backup copy ``COPY`` on
+    rig-u, queued or started."""
+    run_id, job_id = a_job_in(tracker, JobState.QUEUED)
+    assert tracker.start(run_id, job_id, TASK, HOST, 0, started_at=100.0, node="rig-t").ok
+    assert tracker.add_copy(run_id, job_id, TASK, COPY, "rig-u").ok
+    if copy_state == "running":
+        assert tracker.start_copy(run_id, job_id, COPY, "rig-u@box", 200.0).ok
+    return run_id, job_id
+
+
+def test_a_job_gets_one_backup_copy_ever_and_only_while_it_runs(tracker: JobTracker) -> None:
+    run_id, job_id = a_copied_job(tracker)
+    assert tracker.add_copy(run_id, job_id, TASK, "run.job.2", "rig-v").outcome == "refused"
+    assert tracker.record(run_id, job_id)["copy"]["task_id"] == COPY
+    queued_id, queued_job = a_job_in(tracker, JobState.QUEUED)
+    assert tracker.add_copy(queued_id, queued_job, TASK, COPY, "rig-u").outcome == "refused"
+    stale = a_job_in(tracker, JobState.RUNNING)
+    assert tracker.add_copy(*stale, "run.job.9", COPY, "rig-u").outcome == "superseded"
+
+
+def test_the_copy_that_claims_first_takes_the_job_and_the_original_is_superseded(
+        tracker: JobTracker) -> None:
+    run_id, job_id = a_copied_job(tracker)
+    claim = tracker.claim_copy(run_id, job_id, COPY, "rig-u@box", "/data")
+    assert claim.ok and claim.previous is JobState.RUNNING
+    record = tracker.record(run_id, job_id)
+    assert (record["state"], record["task_id"], record["node"], record["host"]) == (
+        "finishing", COPY, "rig-u", "rig-u@box")
+    assert record["copy"]["state"] == "won"
+    (entry,) = record["history"]
+    assert (entry["attempt"], entry["node"], entry["superseded"]) == (1, "rig-t", True)
+    # The original finishes a moment later: too late, under a message no longer current.
+    assert tracker.finish(run_id, job_id, TASK, HOST, 1).outcome == "superseded"
+    assert tracker.claim_copy(run_id, job_id, COPY, "rig-u@box", "/data").outcome == "refused"
+    assert tracker.succeed(run_id, job_id, COPY, "rig-u@box", 1, duration_s=1.0,
+                           history_add=[{"attempt": "copy"}]).ok
+    assert [e["attempt"] for e in tracker.record(run_id, job_id)["history"]] == [1, "copy"]
+
+
+def test_the_original_that_finishes_first_supersedes_its_copy(tracker: JobTracker) -> None:
+    run_id, job_id = a_copied_job(tracker)
+    assert tracker.finish(run_id, job_id, TASK, HOST, 1).ok
+    record = tracker.record(run_id, job_id)
+    assert record["copy"]["state"] == "superseded"
+    (entry,) = record["history"]
+    assert (entry["attempt"], entry["node"], entry["copy"]) == ("copy", "rig-u", True)
+    assert "own execution finished first" in entry["error"]
+    assert tracker.claim_copy(run_id, job_id, COPY, "rig-u@box", "/d").outcome == "superseded"
+    # A copy that never started leaves no execution to account for.
+    queued = a_copied_job(tracker, copy_state="queued")
+    assert tracker.cancel(*queued).ok
+    assert tracker.record(*queued).get("history") is None
+    assert tracker.start_copy(*queued, COPY, "rig-u@box", 1.0).outcome == "superseded"
+
+
+def test_a_failed_copy_leaves_the_job_running_and_a_failed_original_hands_over(
+        tracker: JobTracker) -> None:
+    run_id, job_id = a_copied_job(tracker)
+    assert tracker.end_copy(run_id, job_id, COPY, {"attempt": "copy", "exit_code": 1}).ok
+    record = tracker.record(run_id, job_id)
+    assert (record["state"], record["task_id"], record["copy"]["state"]) == (
+        "running", TASK, "failed")
+    assert tracker.hand_over(run_id, job_id, TASK, {"attempt": 1}).outcome == "refused"
+    run_id, job_id = a_copied_job(tracker)
+    assert tracker.hand_over(run_id, job_id, TASK, {"attempt": 1, "exit_code": 1}).ok
+    record = tracker.record(run_id, job_id)
+    assert (record["state"], record["task_id"], record["node"], record["copy"]["state"]) == (
+        "running", COPY, "rig-u", "took over")
+    # The copy now is the job: its claim holds, and the original's message is stale.
+    assert tracker.fail(run_id, job_id, TASK, HOST, 1, error="x").outcome == "superseded"
+    assert tracker.claim_copy(run_id, job_id, COPY, "rig-u@box", "/d").ok

@@ -235,12 +235,15 @@ def test_step3_on_a_warm_worker_scores_with_the_engine_loaded_ahead(
 
 def test_worker_warm_flags(redis_server: RedisServer, tmp_path: Path) -> None:
     args = ["worker", "--node", ALONE, "--workdir", str(tmp_path), "--broker", redis_server.url]
-    alone = run_cli(*args, "--preload", "json", "--detach")
-    assert alone.returncode == 2 and "--preload: give --warm too" in alone.stderr
+    cold = run_cli(*args, "--cold", "--preload", "json", "--detach")
+    assert cold.returncode == 2 and "--preload: not with --cold" in cold.stderr
+    both = run_cli(*args, "--cold", "--warm", "--detach")
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
     bad = run_cli(*args, "--warm", "--preload", "json,not-a-module", "--detach")
     assert bad.returncode == 2 and "'not-a-module' is not a module name" in bad.stderr
     try:
-        started = run_cli(*args, "--warm", "--preload", "json", "--detach")
+        # Warm by default: no --warm needed.
+        started = run_cli(*args, "--preload", "json", "--detach")
         assert started.returncode == 0, started.stderr
         log = tmp_path / ".scripts-coordinator" / f"worker-{ALONE}.log"
         wait_for(lambda: "warm: zygote pid" in log.read_text(), 30, "the zygote ready")
@@ -254,3 +257,14 @@ def test_worker_warm_flags(redis_server: RedisServer, tmp_path: Path) -> None:
         assert run.status().jobs[0].state is JobState.SUCCEEDED
     finally:
         run_cli(*args, "--stop", "--now")
+
+
+@pytest.mark.parametrize(("flags", "warm"), [((), True), (("--cold",), False)])
+def test_local_runs_jobs_warm_by_default_and_cold_with_cold(
+        tmp_path: Path, flags: tuple[str, ...], warm: bool) -> None:
+    assert run_cli("examples", str(tmp_path)).returncode == 0
+    done = run_cli("local", "--jobs-file", "examples/hello_jobs.json", "--output-dir", "out",
+                   *flags, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    logs = "".join(path.read_text() for path in (tmp_path / "out" / "logs").glob("worker-*"))
+    assert ("warm: zygote pid" in logs) is warm, logs[-2000:]

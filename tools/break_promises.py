@@ -533,6 +533,28 @@ BREAKS = [
           "            self.free_at[name] + cost * self.seconds_per_unit[name], name))",
           (T + "test_speeds.py::test_the_tail_goes_where_it_finishes_first_and_a_slow_slot_"
                "stays_idle",)),
+    Break("a straggler gets a backup copy on an idle slot", "coordinator/placement.py",
+          "        if time_left(job, seconds_per_unit) > COPY_MARGIN * there:",
+          "        if time_left(job, seconds_per_unit) > 1e9 * there:",
+          (T + "test_speculation.py::test_a_straggler_gets_a_copy_on_the_idle_slot_and_the_"
+               "copy_wins",)),
+    Break("the first execution to succeed takes the job, once", "worker_tasks/tracking.py",
+          "  if not waiting then return {'refused', current, attempts} end\n"
+          "  if not took_over and state == 'running' then",
+          "  if not took_over and state == 'running' then",
+          (T + "test_tracking.py::test_the_copy_that_claims_first_takes_the_job_and_the_"
+               "original_is_superseded",)),
+    Break("the loser is killed and its execution kept as superseded", "worker_tasks/tracking.py",
+          "  supersede_copy(KEYS[1], state)\n", "",
+          (T + "test_tracking.py::test_the_original_that_finishes_first_supersedes_its_copy",
+           T + "test_speculation.py::test_the_original_wins_when_it_ends_first_and_the_copy_is_"
+               "killed")),
+    Break("a copy's output is kept apart until its claim", "worker_tasks/run_job.py",
+          "            written = confine(self.base, private_output(spec.output_file, "
+          "self.task_id),",
+          "            written = confine(self.base, spec.output_file,",
+          (T + "test_speculation.py::test_the_winner_killed_between_its_claim_and_its_output_"
+               "runs_again",)),
     Break("an item in a queue that is no message does not end the worker",
           "worker_tasks/celery_app.py", "    install_transports()\n", "",
           (T + "test_reliability.py::test_a_raw_item_that_is_no_message_is_dropped_and_the_"

@@ -85,7 +85,7 @@ def cmd_local(args: argparse.Namespace) -> int:
                            warm_env(args))
     if args.up:
         cluster = local.keep_up(local.node_list(args.nodes), Path(args.scripts_dir).resolve(),
-                                Path(args.workdir).resolve(), warm=args.warm)
+                                Path(args.workdir).resolve(), warm=not args.cold)
         print("\n".join(["local cluster up:", *(f"  {line}" for line in cluster.lines())]))
         return ExitCode.OK
     if args.down:
@@ -164,15 +164,20 @@ def environment(values: dict[str, str]) -> Iterator[None]:
 
 
 def add_warm_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--warm", action="store_true",
-                        help="fork each job's interpreter from a warm parent that has imported "
-                             "--preload once (no interpreter start per job; a job says "
-                             "\"warm\": false to start fresh); a failed preload is one line in "
-                             "the worker log, and jobs then run cold")
+    temper = parser.add_mutually_exclusive_group()
+    temper.add_argument("--warm", action="store_true",
+                        help="the default: fork each job's interpreter from a warm parent that "
+                             "has imported --preload once (no interpreter start per job; a job "
+                             "says \"warm\": false to start fresh); a failed preload is one "
+                             "line in the worker log, and jobs then run cold")
+    temper.add_argument("--cold", action="store_true",
+                        help="start each job's interpreter fresh, as a shell would (no warm "
+                             "parent: for scripts that must not share one, e.g. --cold when a "
+                             "preloaded module misbehaves after fork)")
     parser.add_argument("--preload", metavar="MODULES", type=module_list,
-                        help="with --warm: the modules the warm parent imports, comma-"
-                             "separated (default: numpy,scoring.warm_engines, the Step 3 "
-                             "script's engines), e.g. --preload numpy,torch")
+                        help="the modules the warm parent imports, comma-separated (default: "
+                             "numpy,scoring.warm_engines, the Step 3 script's engines), e.g. "
+                             "--preload numpy,torch")
 
 
 def module_list(text: str) -> list[str]:
@@ -184,13 +189,13 @@ def module_list(text: str) -> list[str]:
 
 
 def warm_env(args: argparse.Namespace) -> dict[str, str]:
-    """The workers' environment for ``--warm`` / ``--preload`` (empty without ``--warm``)."""
-    if args.preload is not None and not args.warm:
-        raise InvalidJobsError("--preload: give --warm too (it says what the warm parent "
+    """The workers' environment: warm (``--preload``) unless ``--cold``."""
+    if args.preload is not None and args.cold:
+        raise InvalidJobsError("--preload: not with --cold (it says what the warm parent "
                                "imports)")
     from coordinator.local import warm_env as worker_settings
 
-    return worker_settings(args.preload) if args.warm else {}
+    return {} if args.cold else worker_settings(args.preload)
 
 
 def add_place_flags(parser: argparse.ArgumentParser) -> None:
@@ -298,8 +303,6 @@ def register(command: CommandFactory) -> None:
                        help="stop the local cluster and all it started (no process, no "
                             "directory left)")
     stays.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    sub.add_argument("--cold", action="store_true",
-                     help="start each job's interpreter fresh (the default, until warm is)")
     for action in sub._actions:  # noqa: SLF001 (--up/--status/--down need no jobs file)
         if "--jobs-file" in action.option_strings:
             action.required = False

@@ -83,7 +83,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo: {args.candidates} candidates, {args.draws} draws of java_lcg mod 1000, "
           f"{args.chunks} chunks over {nodes}, in {work}", file=sys.stderr, flush=True)
     plan = prepare(work / "scoring_jobs.json", SubmitOptions(workdir=work, scripts_dir=work))
-    worker_env = warm_env(None) if args.warm else {}
+    worker_env = {} if args.cold else warm_env(None)
     following = argparse.Namespace(timeout=None, workdir=str(work), failover=None, joblog=None)
     code = run_local(plan, work, None, worker_env, following)
     secret = json.loads(demo.secret.read_text())["secret_seed"]
@@ -137,9 +137,12 @@ def register(command: CommandFactory) -> None:
     sub.add_argument("--chunks", type=int, default=36, help="jobs (default: 36)")
     sub.add_argument("--draws", type=int, default=100, help="history length (default: 100)")
     sub.add_argument("--rng-seed", type=int, default=2026, help="makes the data reproducible")
-    sub.add_argument("--warm", action="store_true",
-                     help="warm workers: each chunk's interpreter forked with NumPy and the "
-                          "compiled engine already loaded (coordinator worker --warm)")
+    temper = sub.add_mutually_exclusive_group()
+    temper.add_argument("--warm", action="store_true",
+                        help="the default: warm workers, each chunk's interpreter forked with "
+                             "NumPy and the compiled engine already loaded")
+    temper.add_argument("--cold", action="store_true",
+                        help="start each chunk's interpreter fresh (coordinator worker --cold)")
     sub.set_defaults(handler=cmd_demo)
 
     sub = command("examples", "copy the example jobs files and scripts into DIR/examples",

@@ -77,8 +77,8 @@ class NodeConfig(BaseModel):
             ``cluster up --per-gpu`` starts that many workers).
         extras: the pip extras ``deploy --project`` installs (``worker``: Numba;
             ``gpu``: CuPy); default ``["worker"]``.
-        warm: ``cluster up`` starts the node's workers with ``--warm`` (each job's
-            interpreter forked from a warm parent).
+        warm: ``cluster up`` starts the node's workers warm (each job's interpreter forked
+            from a warm parent; the default), or with ``--cold`` (false).
         connect_timeout: seconds before an SSH connection attempt fails.
         strict_host_keys: refuse hosts missing from known_hosts (default: accept new ones).
     """
@@ -96,7 +96,7 @@ class NodeConfig(BaseModel):
     shared_storage: bool = False
     gpus: int = Field(default=1, ge=1, le=64)
     extras: Extras = DEFAULT_EXTRAS
-    warm: bool = False
+    warm: bool = True
     connect_timeout: float = Field(default=10.0, gt=0, le=600)
     strict_host_keys: bool = False
 
@@ -278,7 +278,8 @@ broker = "redis://zeus:6379/0"    # Redis as the nodes reach it; a password may 
 shared_storage = false            # true if this head node sees each node's workdir (NFS)
 extras = ["worker", "gpu"]        # installed with the project by deploy --project: worker
                                   # (Numba: the fast CPU engine), gpu (CuPy); CPU nodes: ["worker"]
-# warm = true                     # jobs' interpreters forked warm (worker --warm): no start-up
+# warm = false                    # start jobs' interpreters fresh (worker --cold); by default
+                                  # they fork from a warm parent: no start-up per job
 # connect_timeout = 10            # seconds before an SSH connection attempt fails
 # strict_host_keys = false        # true: refuse hosts missing from ~/.ssh/known_hosts
 

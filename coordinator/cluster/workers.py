@@ -112,7 +112,7 @@ def worker_args(node: Node, slot: str | None = None) -> list[str]:
     return ["worker", "--node", node.label, *(["--gpu", str(gpu)] if gpu is not None else []),
             "--scripts-dir", node.config.scripts_dir, "--workdir", node.config.workdir,
             "--pidfile", node.pidfile(slot), "--logfile", node.logfile(slot),
-            "--env-file", node.envfile, *(["--warm"] if node.config.warm else [])]
+            "--env-file", node.envfile, *([] if node.config.warm else ["--cold"])]
 
 
 def up(remote: RemoteNode, head_broker: str, per_gpu: bool = False) -> str:
