@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_dispatch import ensure_debian_package  # noqa: E402
 from coordinator import submit  # noqa: E402
-from coordinator.local import LocalCluster  # noqa: E402
+from coordinator.local import LocalCluster, warm_env  # noqa: E402
 
 NODES = ["rig-a", "rig-b", "rig-c", "rig-d"]
 SCRIPT = '''\
@@ -54,7 +54,7 @@ if "--straggle" in args:  # SLOT:AFTER:FACTOR: that slot slows down once AFTER j
         fcntl.flock(fh, fcntl.LOCK_EX)
         fh.seek(0)
         started = len(fh.readlines())
-        fh.write("started\n")
+        fh.write("started\\n")
     if slot == int(slow) - 1 and started >= int(after):
         factor *= float(slower)
 time.sleep(float(args["--work"]) * factor)
@@ -83,7 +83,7 @@ def coordinator_run(cluster: LocalCluster, jobs: list[dict], work_dir: Path, tag
     run = submit(jobs, output_dir=tag, broker_url=cluster.broker_url, workdir=work_dir,
                  balance=balance)
     status = run.wait(timeout=600, workdir=work_dir)
-    assert status.all_succeeded, status.line()
+    assert status.all_succeeded, (status.line(), [job.error for job in status.jobs][:1])
     return time.perf_counter() - start
 
 
@@ -121,8 +121,13 @@ def main() -> int:
         (work_dir / "speedy.py").write_text(SCRIPT)
         shutil.copy(work_dir / "speedy.py", work_dir / "steady.py")
         straggler_jobs = jobs_for(args.jobs, args.work, "1,1,1,1", "strag", STRAGGLE)
+        # Warm workers, as ``coordinator local`` starts them by default.
         with LocalCluster(NODES, scripts_dir=work_dir, workdir=work_dir,
-                          log_dir=work_dir / "logs", die_with_parent=True) as cluster:
+                          log_dir=work_dir / "logs", die_with_parent=True,
+                          extra_env=warm_env(None)) as cluster:
+            # Measured second: the first run also waits for the workers' zygotes.
+            coordinator_run(cluster, jobs_for(4, 0.0, args.factors, "first"), work_dir,
+                            "first", balance=False)
             empty = coordinator_run(cluster, jobs_for(4, 0.0, args.factors, "empty"), work_dir,
                                     "empty", balance=False)
             pinned = coordinator_run(cluster, jobs_for(args.jobs, args.work, args.factors,
