@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,7 +25,9 @@ import redis
 from test_reliability import Bench, make_bench, waiter_of
 
 from coordinator import JobState, Run, submit
+from coordinator.local import LocalCluster
 from coordinator.records import RunStatus
+from tests.helpers import REPO
 from tests.waiting import wait_for
 from worker_tasks.run_job import PAUSE_AFTER_CLAIM_S  # noqa: F401 (the fault hook exists)
 from worker_tasks.tracking import JobTracker
@@ -232,3 +235,22 @@ def test_the_head_killed_mid_tail_and_started_again_never_copies_twice(bench: Be
     assert found["copy"]["task_id"] == copied and found["copy"]["state"] == "superseded"
     assert output_of(bench)["execution"] == 1 and dones(bench) == ["s.json.done"]
     assert len([entry for entry in bench.ledger_of("s") if entry[0] == "start"]) == 2
+
+
+def test_on_a_signed_cluster_the_copy_is_signed_by_the_head_and_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers run only what the head signed: the copy too, published with its key."""
+    (tmp_path / "ledger").mkdir()
+    with LocalCluster(["rig-a", "rig-b"], scripts_dir=REPO, workdir=tmp_path,
+                      log_dir=tmp_path / "worker-logs", signed=True) as cluster:
+        for name, value in cluster.head_env().items():
+            monkeypatch.setenv(name, value)
+        bench = Bench(cluster, SimpleNamespace(url=cluster.broker_url), tmp_path / "ledger",
+                      tmp_path)  # type: ignore[arg-type]
+        learn_speeds(bench)
+        run = straggler(bench, "60,0.3")
+        assert run.wait(timeout=60).all_succeeded
+        assert record(bench, run)["copy"]["state"] == "won"
+        assert output_of(bench)["execution"] == 2 and dones(bench) == ["s.json.done"]
+    logs = "".join(path.read_text() for path in (tmp_path / "worker-logs").glob("*.log"))
+    assert "refused" not in logs

@@ -387,8 +387,9 @@ def test_down_is_warm_by_default_and_now_kills_the_job(workers_up: SshCluster,
 
     assert env.cli("cluster", "up", "rig-a").returncode == 0
     pid = env.worker_pid("rig-a")
-    submit([echo_job("hard", "rig-a", "down", "--sleep", "60", "--child-sleep", "60")],
-            output_dir="down", broker_url=env.redis.url)
+    # Cold, so that the script's command line names it (a warm fork's is its zygote's).
+    submit([{**echo_job("hard", "rig-a", "down", "--sleep", "60", "--child-sleep", "60"),
+             "warm": False}], output_dir="down", broker_url=env.redis.url)
     wait_for(lambda: len([line for line in processes_under(workdir)
                           if "write_output" in line]) == 2, 60, "the script and its child")
     down = env.cli("cluster", "down", "rig-a", "--now")

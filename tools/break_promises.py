@@ -555,6 +555,11 @@ BREAKS = [
           "            written = confine(self.base, spec.output_file,",
           (T + "test_speculation.py::test_the_winner_killed_between_its_claim_and_its_output_"
                "runs_again",)),
+    Break("workers are warm by default", "coordinator/cli/node.py",
+          "    return {} if args.cold else worker_settings(args.preload)\n",
+          "    return {}\n",
+          (T + "test_warm.py::test_local_runs_jobs_warm_by_default_and_cold_with_cold",
+           T + "test_warm.py::test_worker_warm_flags")),
     Break("an item in a queue that is no message does not end the worker",
           "worker_tasks/celery_app.py", "    install_transports()\n", "",
           (T + "test_reliability.py::test_a_raw_item_that_is_no_message_is_dropped_and_the_"
