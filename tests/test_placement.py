@@ -164,3 +164,26 @@ def test_local_starts_the_named_nodes_for_a_file_of_floating_jobs(tmp_path: Path
     summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
     assert {job["node"] for job in summary["jobs"]} <= {"rig-la", "rig-lb"}
     assert summary["succeeded"] == 4
+
+
+def test_backup_copies_go_to_the_longest_straggler_first_onto_the_fastest_idle_slot() -> None:
+    from coordinator.placement import RunningJob, backup_copies, copy_budget, time_left
+
+    per_unit = {"rig-a": 1.0, "rig-b": 1.0, "rig-c": 2.0, "rig-d": 4.0}
+    # Before its estimate: what is left; past it: as long again as it has run.
+    assert time_left(RunningJob("j", "rig-d", 1.0, 1.0), per_unit) == 3.0
+    assert time_left(RunningJob("j", "rig-a", 1.0, 3.0), per_unit) == 3.0
+    running = [RunningJob("short", "rig-c", 1.0, 0.5),   # 1.5 s left, 1 s elsewhere: no copy
+               RunningJob("long", "rig-d", 1.0, 0.5),    # 3.5 s left
+               RunningJob("over", "rig-a", 1.0, 3.2)]    # past its 1 s: 3.2 s left
+    assert backup_copies(running, ["rig-c", "rig-b"], per_unit, budget=2) == {
+        "long": "rig-b", "over": "rig-c"}
+    assert backup_copies(running, ["rig-b"], per_unit, budget=2) == {"long": "rig-b"}
+    assert backup_copies(running, ["rig-b"], per_unit, budget=0) == {}
+    assert backup_copies(running, ["rig-q"], per_unit, budget=2) == {}  # no estimate there
+    # The margin: 1.5x sooner, not merely sooner.
+    assert backup_copies([RunningJob("j", "rig-c", 1.0, 0.6)], ["rig-a"], per_unit, 1) == {}
+    assert backup_copies([RunningJob("j", "rig-c", 1.0, 0.4)], ["rig-a"], per_unit, 1) == {
+        "j": "rig-a"}
+    assert [copy_budget(slots, 0) for slots in (1, 4, 8, 9)] == [1, 1, 2, 2]
+    assert copy_budget(8, 2) == 0 and copy_budget(4, 1) == 0

@@ -431,3 +431,51 @@ def test_a_timeout_that_is_neither_seconds_nor_a_share_is_refused(value: str) ->
         check_timeout(value, "timeout")
     assert str(raised.value) == (f"timeout {value!r} is neither seconds nor a percentage of "
                                  f"the median (e.g. \"300%\", at most 100000%)")
+
+
+def test_which_jobs_may_be_copied_and_where_each_execution_writes() -> None:
+    from worker_tasks.copies import (
+        may_copy,
+        output_places,
+        outputs_apart,
+        private_output,
+        with_output,
+    )
+
+    args = ["--seeds", "s.json", "--output-file", "o/x.json", "--mod", "7"]
+    assert output_places(args, "o/x.json") == [3]
+    assert output_places(["--output-file=o/x.json"], "o/x.json") == [0]
+    assert output_places(["--output-file"], "o/x.json") == []  # no value
+    assert not outputs_apart("o/x.json", [*args, "--output-file=o/x.json"])  # named twice
+    assert not outputs_apart(None, args) and outputs_apart("o/x.json", args)
+    assert may_copy(True, True, False, "o/x.json", args)
+    assert not may_copy(False, True, False, "o/x.json", args)  # pinned
+    assert not may_copy(True, False, False, "o/x.json", args)  # speculate false
+    assert not may_copy(True, True, True, "o/x.json", args)  # per GPU
+    assert not may_copy(True, True, False, "o/y.json", args)  # not named by --output-file
+    assert private_output("o/x.json", "run.x.3") == "o/.x.json.part-3.json"
+    assert private_output("x.npz", "r.x.12") == ".x.npz.part-12.npz"
+    odd = private_output("o/x.json", "../../etc/passwd")  # a task id of another shape
+    assert odd.startswith("o/.x.json.part-") and "/" not in odd[2:] and odd.endswith(".json")
+    assert len(odd) == len("o/.x.json.part-.json") + 12
+    assert with_output(args, "o/x.json", "o/.p.json") == [
+        "--seeds", "s.json", "--output-file", "o/.p.json", "--mod", "7"]
+    assert with_output(["--output-file=o/x.json"], "o/x.json", "o/.p.json") == [
+        "--output-file=o/.p.json"]
+
+
+def test_a_delivery_is_the_jobs_live_copy_only_while_the_record_says_so() -> None:
+    from worker_tasks.run_job import as_seen_by, is_live_copy
+
+    record = {"state": "running", "task_id": "r.j.0",
+              "copy": {"task_id": "r.j.1", "state": "running"}}
+    assert is_live_copy(record, "r.j.1") and not is_live_copy(record, "r.j.0")
+    assert as_seen_by(record, "r.j.1")["task_id"] == "r.j.1"
+    assert as_seen_by(record, "r.j.9")["task_id"] == "r.j.0"
+    for copy_state in ("won", "failed", "superseded", "took over", "bogus"):
+        assert not is_live_copy({**record, "copy": {"task_id": "r.j.1", "state": copy_state}},
+                                "r.j.1")
+    assert not is_live_copy({**record, "state": "succeeded"}, "r.j.1")
+    assert is_live_copy({**record, "state": "queued",
+                         "copy": {"task_id": "r.j.1", "state": "queued"}}, "r.j.1")
+    assert not is_live_copy({"state": "running", "task_id": "r.j.0"}, "r.j.1")
