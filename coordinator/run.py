@@ -278,7 +278,9 @@ class Run:
                     "cpu_s": entry.get("cpu_s"), "max_rss_mb": entry.get("max_rss_mb"),
                     "gpu_mem_mb": entry.get("gpu_mem_mb"),
                     "exit_code": entry.get("exit_code"), "signal": entry.get("signal"),
-                    "error": entry.get("error")})
+                    "error": entry.get("error"),
+                    # A backup copy's attempt says "copy"; one another execution beat says so.
+                    "superseded": bool(entry.get("superseded"))})
         return rows
 
     def log(self, job_id: str, attempt: int | None = None,

@@ -27,7 +27,7 @@ from test_reliability import Bench, make_bench, waiter_of
 from coordinator import JobState, Run, submit
 from coordinator.local import LocalCluster
 from coordinator.records import RunStatus
-from tests.helpers import REPO
+from tests.helpers import REPO, run_cli
 from tests.waiting import wait_for
 from worker_tasks.run_job import PAUSE_AFTER_CLAIM_S  # noqa: F401 (the fault hook exists)
 from worker_tasks.tracking import JobTracker
@@ -111,6 +111,10 @@ def test_a_straggler_gets_a_copy_on_the_idle_slot_and_the_copy_wins(
         (1, True), ("copy", False)], history
     assert history[0]["node"] == first_node and "backup copy on" in history[0]["error"]
     assert history[1]["exit_code"] == 0 and history[1]["copy"] is True
+    acct = run_cli("acct", run.id, env={"SC_BROKER_URL": bench.server.url})
+    rows = [line.split() for line in acct.stdout.splitlines()[1:]]
+    assert [(row[1], row[2], row[-1]) for row in rows] == [
+        ("1", first_node, "superseded"), ("copy", found["node"], "0")], acct.stdout
 
 
 def test_the_original_wins_when_it_ends_first_and_the_copy_is_killed(bench: Bench) -> None:

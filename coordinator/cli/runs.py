@@ -468,7 +468,8 @@ def cmd_acct(args: argparse.Namespace) -> int:
     for row in rows:
         start = (time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(row["started_at"]))
                  if row["started_at"] else "-")
-        exit_text = (f"signal {row['signal']}" if row["signal"] is not None else
+        exit_text = ("superseded" if row["superseded"] else
+                     f"signal {row['signal']}" if row["signal"] is not None else
                      "-" if row["exit_code"] is None else str(row["exit_code"]))
         print(f"{row['job_id']:<24} {row['attempt'] or '-':>3} {row['node']:<12} "
               f"{row['gpu']:>3} {start:<19} {seconds(row['elapsed_s']):>9} "
