@@ -667,3 +667,67 @@ def test_a_balanced_step3_run_comes_home_from_whichever_node_ran_each_chunk(
     balanced = json.loads((head / "bal" / "survivors_with_scores.json").read_text())
     on_local = json.loads((head / "local_bal" / "survivors_with_scores.json").read_text())
     assert balanced == on_local and balanced["results"][0]["seed"] == 987654321
+
+
+STRAGGLE = '''\
+import json, os, sys, time
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+node = os.environ["SC_NODE"]
+fast = os.path.exists(f"fast-{node}")  # in the node's own workdir
+time.sleep(0.3 if fast else 60)
+with open(args["--output-file"], "w") as fh:
+    json.dump({"node": node}, fh)
+'''
+
+
+def test_a_backup_copys_output_comes_home_from_the_node_that_won(
+        workers_up: SshCluster) -> None:
+    """Node-local disks: the straggler's copy wins on the other node, and the head fetches
+    the output and .done from there; the loser's node keeps neither, nor a hidden output."""
+    env = workers_up
+    (env.head / "scripts" / "straggle.py").write_text(STRAGGLE)
+    assert env.cli("cluster", "deploy", "--scripts-dir", "scripts").returncode == 0
+    for label, host in env.hosts.items():
+        (host.workdir / f"fast-{label}").write_text("")
+    learn = write_jobs(env.head / "learn.json", [
+        {"job_id": f"learn-{label}", "script": "straggle.py", "node": label,
+         "args": ["--output-file", f"learn/learn-{label}.json"]} for label in LABELS])
+    taught = env.cli("--jobs-file", str(learn), "--output-dir", "learn",
+                     tool="scripts-coordinator")
+    assert taught.returncode == 0, taught.stdout + taught.stderr
+    for label, host in env.hosts.items():  # now the first execution straggles, wherever
+        (host.workdir / f"fast-{label}").unlink()
+    jobs = write_jobs(env.head / "straggler.json", [
+        {"job_id": "s", "script": "straggle.py", "node": "any",
+         "args": ["--output-file", "copied/s.json"]}])
+    client = redis.Redis.from_url(env.redis.url)
+    with (env.head / "straggler.out").open("w") as out:
+        head = subprocess.Popen(
+            [str(BIN / "scripts-coordinator"), "--jobs-file", str(jobs), "--output-dir",
+             "copied"], cwd=env.head, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "SC_BROKER_URL": env.redis.url,
+                 "SC_INVENTORY": str(env.inventory)})
+    try:
+        def running_on() -> str | None:
+            newest = client.zrange("sc:runs", -1, -1)
+            if not newest:
+                return None
+            job = get_run(newest[0].decode(), env.redis.url).status().jobs[0]
+            return job.node if job.state is JobState.RUNNING and job.node != "any" else None
+
+        wait_for(running_on, 60, "the straggler to start")
+        loser = running_on()
+        winner = next(label for label in LABELS if label != loser)
+        (env.hosts[winner].workdir / f"fast-{winner}").write_text("")
+        assert head.wait(timeout=120) == 0, (env.head / "straggler.out").read_text()
+    finally:
+        if head.poll() is None:
+            head.kill()
+    said = (env.head / "straggler.out").read_text()
+    assert f"a copy starts on idle {winner}" in said, said
+    assert json.loads((env.head / "copied" / "s.json").read_text()) == {"node": winner}
+    assert (env.head / "copied" / "s.json.done").exists()
+    assert (env.hosts[winner].workdir / "copied" / "s.json.done").exists()
+    assert not (env.hosts[loser].workdir / "copied" / "s.json.done").exists()
+    wait_for(lambda: list((env.hosts[loser].workdir / "copied").glob(".s.json.part-*")) == [],
+             10, "the loser's hidden output removed")
