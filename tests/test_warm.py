@@ -252,6 +252,11 @@ def test_worker_warm_flags(redis_server: RedisServer, tmp_path: Path) -> None:
         run = submit([probe("finishes", "--sleep", "3", node=ALONE)], output_dir="w",
                      workdir=tmp_path, broker_url=redis_server.url)
         wait_for(lambda: run.status().jobs[0].state is JobState.RUNNING, 30, "the job to run")
+        # ps names the warm script by its own command line, as a cold start's would.
+        wait_for(lambda: any(b"tests/warm_probe.py --output-file w/finishes.json" in
+                             Path(f"/proc/{pid}/cmdline").read_bytes()
+                             for pid in job_processes("finishes")), 10,
+                 "the warm script titled with its command line")
         stopped = run_cli(*args, "--stop")
         assert "(warm: its running job finished first)" in stopped.stdout, stopped.stdout
         assert run.status().jobs[0].state is JobState.SUCCEEDED

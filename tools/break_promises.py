@@ -560,6 +560,9 @@ BREAKS = [
           "    return {}\n",
           (T + "test_warm.py::test_local_runs_jobs_warm_by_default_and_cold_with_cold",
            T + "test_warm.py::test_worker_warm_flags")),
+    Break("ps names a warm script by its own command line", "worker_tasks/zygote.py",
+          "    name_process(shlex.join(argv), WARM_JOB_NAME)\n", "",
+          (T + "test_warm.py::test_worker_warm_flags",)),
     Break("an item in a queue that is no message does not end the worker",
           "worker_tasks/celery_app.py", "    install_transports()\n", "",
           (T + "test_reliability.py::test_a_raw_item_that_is_no_message_is_dropped_and_the_"

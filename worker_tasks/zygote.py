@@ -24,6 +24,7 @@ import json
 import os
 import runpy
 import select
+import shlex
 import signal
 import socket
 import sys
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from worker_tasks.daemon import WARM_JOB_NAME
-from worker_tasks.runner import PR_SET_PDEATHSIG, job_title, prctl, runner_main
+from worker_tasks.runner import PR_SET_PDEATHSIG, job_title, name_process, prctl, runner_main
 
 # The largest request accepted (argv, env and paths of one job), bytes.
 MAX_REQUEST_BYTES = 1 << 20
@@ -93,6 +94,8 @@ def run_script(argv: list[str], cwd: str, env: dict[str, str]) -> NoReturn:
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    # ps shows the script's command line, as for a cold start (not its zygote's).
+    name_process(shlex.join(argv), WARM_JOB_NAME)
     script = argv[1]
     sys.argv = argv[1:]
     sys.path[0] = os.path.dirname(os.path.realpath(script))
