@@ -258,3 +258,26 @@ def test_on_a_signed_cluster_the_copy_is_signed_by_the_head_and_runs(
         assert output_of(bench)["execution"] == 2 and dones(bench) == ["s.json.done"]
     logs = "".join(path.read_text() for path in (tmp_path / "worker-logs").glob("*.log"))
     assert "refused" not in logs
+
+
+def test_a_hand_made_copy_message_runs_nothing(bench: Bench) -> None:
+    """A message that says it is a copy, sent straight into the idle slot's queue, is not the
+    job's live copy (the record names none): it is dropped without running."""
+    from dataclasses import replace
+
+    from coordinator.submission import spec_from_record
+    from test_reliability import send_raw
+
+    run = straggler(bench, "4,0.3", speculate=False)
+    wait_for(lambda: record(bench, run).get("state") == "running", 30, "the job to start")
+    found = record(bench, run)
+    idle = next(node for node in ("rig-a", "rig-b") if node != found["node"])
+    forged = replace(spec_from_record(run.id, {**found, "node": idle, "job_id": "s"}),
+                     copy=True)
+    send_raw(bench.server, forged.to_message(), queue=f"node.{idle}", task_id=f"{run.id}.s.9")
+    log = bench.workdir / "worker-logs" / f"worker-{idle}.log"
+    wait_for(lambda: f"{run.id}.s.9): superseded by message" in log.read_text(), 30,
+             "the forged copy to be dropped", seen=lambda: log.read_text()[-1500:])
+    assert run.wait(timeout=60).all_succeeded
+    assert [entry[0] for entry in bench.ledger_of("s")] == ["start", "end"]
+    assert output_of(bench)["execution"] == 1 and "copy" not in record(bench, run)
