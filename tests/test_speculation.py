@@ -265,8 +265,9 @@ def test_a_hand_made_copy_message_runs_nothing(bench: Bench) -> None:
     job's live copy (the record names none): it is dropped without running."""
     from dataclasses import replace
 
-    from coordinator.submission import spec_from_record
     from test_reliability import send_raw
+
+    from coordinator.submission import spec_from_record
 
     run = straggler(bench, "4,0.3", speculate=False)
     wait_for(lambda: record(bench, run).get("state") == "running", 30, "the job to start")
