@@ -202,9 +202,7 @@ class Scheduler:
         queued = [job for job in status.jobs if job.floating and job.state is JobState.QUEUED]
         if not queued or status.info.get("per_gpu"):
             return
-        slots = sorted({slot_of_worker(name)
-                        for name in ClusterView(self.client).serving([FLOATING_NODE]).get(
-                            FLOATING_NODE, [])})
+        slots = self.floating_slots()
         if not slots or len(queued) > TAIL_PER_SLOT * len(slots):
             return
         self.tail_placed = True
@@ -255,19 +253,14 @@ class Scheduler:
                       and job.started_at and job.speculate]
         if not candidates:
             return
-        slots = sorted({slot_of_worker(name)
-                        for name in ClusterView(self.client).serving([FLOATING_NODE]).get(
-                            FLOATING_NODE, [])})
+        slots = self.floating_slots()
         live = [job.copy for job in records
                 if job.copy and CopyState(job.copy.get("state")).is_live]
         budget = copy_budget(len(slots), len(live))
         if budget <= 0 or len(slots) < 2:
             return
-        busy = {job.node for job in status.jobs if job.state in ACTIVE} | {
-            copy.get("node") for copy in live}
-        leases = self.client.mget([lease_key(slot) for slot in slots])
-        idle = [slot for slot, lease in zip(slots, leases, strict=True)
-                if not lease and slot not in busy and not self.broker.llen(queue_for(slot))]
+        idle = self.idle_slots(slots, {job.node for job in status.jobs if job.state in ACTIVE}
+                               | {copy.get("node") for copy in live})
         if not idle:
             return
         now = time.time()
@@ -288,6 +281,18 @@ class Scheduler:
                     f"the first to succeed wins")
                 idle.remove(slot)
                 budget -= 1
+
+    def floating_slots(self) -> list[str]:
+        """The slots whose live workers take floating jobs, by name."""
+        serving = ClusterView(self.client).serving([FLOATING_NODE]).get(FLOATING_NODE, [])
+        return sorted({slot_of_worker(name) for name in serving})
+
+    def idle_slots(self, slots: list[str], busy: set[str]) -> list[str]:
+        """The slots of ``slots`` that run nothing (no lease held, not in ``busy``) and have
+        nothing queued of their own."""
+        leases = self.client.mget([lease_key(slot) for slot in slots])
+        return [slot for slot, lease in zip(slots, leases, strict=True)
+                if not lease and slot not in busy and not self.broker.llen(queue_for(slot))]
 
     def settle_held(self, held: list[str]) -> None:
         """Release the held jobs whose dependencies all succeeded, end those one of whose
