@@ -723,13 +723,14 @@ class JobExecution:
             os.replace(paths.written, paths.output)  # the winner's output, once claimed
         marker.after_finish()
         log_line(log, f"succeeded in {duration:.2f} s; wrote {done}")
-        with contextlib.suppress(redis.RedisError):  # else the head node settles it by .done
-            self.track("succeed", lambda t: t.succeed(*self.ids(), duration_s=duration,
-                                                      history_add=[entry]))
+        # Before the record says succeeded: whoever sees the success sees what it taught.
         with contextlib.suppress(redis.RedisError):  # "P%" timeouts; slot speeds
             tracker().add_duration(spec.run_id, spec.script, duration)
             SlotSpeeds(tracker().client).after_success(spec.script, spec.slot, duration,
                                                        spec.cost or 1.0)
+        with contextlib.suppress(redis.RedisError):  # else the head node settles it by .done
+            self.track("succeed", lambda t: t.succeed(*self.ids(), duration_s=duration,
+                                                      history_add=[entry]))
         return self.result(JobState.SUCCEEDED, attempt)
 
 
