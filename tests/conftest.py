@@ -27,6 +27,7 @@ from coordinator.redis_server import RedisServer
 from coordinator.standing import STATE_VARIABLE
 from tests.helpers import NODES, REPO
 from worker_tasks.signing import KEYS_DIR_VARIABLE
+from worker_tasks.warm import PRELOAD_VARIABLE
 
 # The external references, by the fixture that brings each one in: the summary line at the
 # end of a run says how many of their tests passed (CI's proof that they ran, not skipped).
@@ -71,6 +72,10 @@ def pytest_configure(config: pytest.Config) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     # No head key of the user's (~/.config) signs the suite's jobs, and none the suite
     # makes (cluster init) outlives the test that made it (see ``own_keys_dir``).
+    # Workers the suite starts run warm, as by default, but their zygotes import json only:
+    # NumPy and Numba in each of them cost the suite about a CPU second a worker. The
+    # default preload has its own test (test_warm's Step 3 on a warm worker).
+    os.environ.setdefault(PRELOAD_VARIABLE, "json")
     os.environ[KEYS_DIR_VARIABLE] = tempfile.mkdtemp(prefix="sc-test-keys-")
     os.environ[STATE_VARIABLE] = str(Path(tempfile.mkdtemp(prefix="sc-test-state-")) / "local.json")
 

@@ -20,6 +20,7 @@ from coordinator.redis_server import RedisServer
 from tests.helpers import REPO, run_cli
 from tests.waiting import alive, wait_for
 from worker_tasks.daemon import WARM_JOB_NAME
+from worker_tasks.warm import DEFAULT_PRELOAD, PRELOAD_VARIABLE
 
 NODE = "rig-warm"
 ALONE = "rig-warm-alone"  # a node of its own, for the workers a test kills or breaks
@@ -217,9 +218,10 @@ def test_step3_on_a_warm_worker_scores_with_the_engine_loaded_ahead(
     chunks = [{"job_id": f"chunk_{mode}", "script": "full_scoring_worker.py", "node": ALONE,
                "args": [*args, "--output-file", f"w/chunk_{mode}.json"],
                "warm": mode == "warm"} for mode in ("warm", "cold")]
-    # The default preload: the Step 3 script's engines.
+    # The default preload: the Step 3 script's engines (the suite sets a light one).
     with LocalCluster([ALONE], scripts_dir=REPO, workdir=tmp_path, broker_url=redis_server.url,
-                      extra_env={"SC_WARM": "1"}) as cluster:
+                      extra_env={"SC_WARM": "1", PRELOAD_VARIABLE: ",".join(DEFAULT_PRELOAD)}
+                      ) as cluster:
         jobs = run_jobs(cluster, chunks)
         worker_log = (cluster.log_dir / f"worker-{ALONE}.log").read_text()
     assert {job.state for job in jobs.values()} == {JobState.SUCCEEDED}, jobs
