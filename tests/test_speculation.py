@@ -29,7 +29,6 @@ from coordinator.local import LocalCluster
 from coordinator.records import RunStatus
 from tests.helpers import REPO, run_cli
 from tests.waiting import wait_for
-from worker_tasks.run_job import PAUSE_AFTER_CLAIM_S  # noqa: F401 (the fault hook exists)
 from worker_tasks.tracking import JobTracker
 
 PAUSE_VARIABLE = "SC_FAULT_PAUSE_AFTER_CLAIM"

@@ -221,6 +221,16 @@ def test_the_original_that_finishes_first_supersedes_its_copy(tracker: JobTracke
     assert tracker.start_copy(*queued, COPY, "rig-u@box", 1.0).outcome == "superseded"
 
 
+def test_a_copy_delivered_again_keeps_the_execution_that_died_in_the_history(
+        tracker: JobTracker) -> None:
+    run_id, job_id = a_copied_job(tracker)
+    assert tracker.start_copy(run_id, job_id, COPY, "rig-u@box", 300.0).ok  # its worker died
+    (entry,) = tracker.record(run_id, job_id)["history"]
+    assert (entry["attempt"], entry["host"], entry["started_at"]) == ("copy", "rig-u@box", 200.0)
+    assert "died with its worker" in entry["error"] and entry["superseded"] is False
+    assert tracker.record(run_id, job_id)["copy"]["started_at"] == 300.0
+
+
 def test_a_failed_copy_leaves_the_job_running_and_a_failed_original_hands_over(
         tracker: JobTracker) -> None:
     run_id, job_id = a_copied_job(tracker)

@@ -289,7 +289,7 @@ local function add_history(key, entries)
 end
 -- The history entry of an execution ended by someone else (a superseded copy, or the job's
 -- own execution when its copy won): what the record knows of it.
-local function ended_entry(attempt, host, node, started_at, why, copy)
+local function ended_entry(attempt, host, node, started_at, why, copy, died)
   local finished = clock()
   local elapsed, started = cjson.null, cjson.null
   if type(started_at) == 'number' then
@@ -298,7 +298,7 @@ local function ended_entry(attempt, host, node, started_at, why, copy)
   end
   return {attempt = attempt, host = host or cjson.null, node = node or cjson.null,
           started_at = started, finished_at = finished, elapsed_s = elapsed,
-          exit_code = cjson.null, error = why, copy = copy, superseded = true}
+          exit_code = cjson.null, error = why, copy = copy, superseded = not died}
 end
 -- The job ended (or its own execution claimed success): a live copy is superseded, its
 -- execution, if it started, kept in the history.
@@ -427,6 +427,10 @@ if step == 'start' then
     return {'superseded', current, attempts}
   end
   if not waiting then return {'refused', current, attempts} end
+  if copy.state == 'running' then  -- delivered again: the execution before died with its worker
+    add_history(KEYS[1], {ended_entry('copy', copy.host, copy.node, copy.started_at,
+                                      'died with its worker; the copy started again', true, true)})
+  end
   copy.state, copy.host, copy.started_at = 'running', values.host, values.started_at
   save(copy)
   event(state, {note = 'backup copy started on ' .. copy.node, host = values.host})
