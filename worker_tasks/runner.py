@@ -29,6 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+try:  # imported here, not in each forked runner: an import there costs a job milliseconds
+    import setproctitle
+except ImportError:  # optional (the worker extra): ps then shows the forking process's title
+    setproctitle = None
+
 PR_SET_PDEATHSIG = 1  # prctl: signal this process when its parent dies
 PR_SET_CHILD_SUBREAPER = 36  # prctl: orphaned descendants are re-parented to this process
 PR_SET_NAME = 15  # prctl: this process's name (comm), as ps and /proc show it
@@ -77,11 +82,7 @@ def name_process(title: str, comm: str | None = None) -> None:
     """Name this process in ``ps``: ``title`` as its command line (where setproctitle is
     installed; a forked runner would otherwise show its pool process's title), and
     ``comm`` as its short name (``/proc/PID/comm``), when given."""
-    try:
-        import setproctitle
-    except ImportError:
-        pass
-    else:
+    if setproctitle is not None:
         setproctitle.setproctitle(title)  # on Linux it sets comm too: set ours after it
     if comm is not None:
         prctl(PR_SET_NAME, ctypes.c_char_p(comm.encode()))

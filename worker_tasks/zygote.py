@@ -22,6 +22,7 @@ import contextlib
 import importlib
 import json
 import os
+import pkgutil  # noqa: F401 (runpy.run_path imports it per call: here once, not in each job)
 import runpy
 import select
 import shlex
