@@ -5,6 +5,7 @@ suite's Redis; the jobs run ``tests/warm_probe.py``, which reports what it sees.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -204,8 +205,7 @@ def test_a_killed_worker_takes_its_warm_job_and_a_failed_preload_runs_jobs_cold(
 
 def test_a_zygote_that_dies_is_restarted_saying_so(warm_cluster: LocalCluster) -> None:
     log = warm_cluster.log_dir / f"worker-{NODE}.log"
-    zygote = int(next(line for line in reversed(log.read_text().splitlines())
-                      if "warm: zygote pid" in line).split("zygote pid ")[1].split()[0])
+    zygote = zygote_of(warm_cluster)
     os.kill(zygote, signal.SIGKILL)
     wait_for(lambda: f"warm: the zygote (pid {zygote}) died" in log.read_text(), 15,
              "the restart line")
@@ -214,6 +214,58 @@ def test_a_zygote_that_dies_is_restarted_saying_so(warm_cluster: LocalCluster) -
     jobs = run_jobs(warm_cluster, [probe("after_restart")])
     assert jobs["after_restart"].state is JobState.SUCCEEDED
     assert report(warm_cluster, "after_restart")["warm"]
+
+
+def zygote_of(cluster: LocalCluster, node: str = NODE) -> int:
+    """The pid of the node's zygote, from its worker's last report."""
+    log = cluster.log_dir / f"worker-{node}.log"
+    return int(next(line for line in reversed(log.read_text().splitlines())
+                    if "warm: zygote pid" in line).split("zygote pid ")[1].split()[0])
+
+
+def live_children(pid: int) -> list[int]:
+    try:
+        found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(child) for child in found if alive(int(child))]
+
+
+def spare_of(zygote: int) -> tuple[int, int] | None:
+    """The zygote's spare: a runner with its script's process waiting under it, no job yet
+    (its name is still the zygote's)."""
+    for runner in live_children(zygote):
+        waiting = live_children(runner)
+        with contextlib.suppress(OSError):
+            if len(waiting) == 1 and Path(f"/proc/{runner}/comm").read_text().strip() != \
+                    WARM_JOB_NAME:
+                return runner, waiting[0]
+    return None
+
+
+def test_a_spare_killed_while_it_waits_is_replaced(warm_cluster: LocalCluster) -> None:
+    # The next job's runner and script process are forked ahead, so no fork of the zygote
+    # lies on a job's path; whoever kills them meanwhile costs the next job only that fork.
+    zygote = zygote_of(warm_cluster)
+    spare: list[tuple[int, int]] = []
+    wait_for(lambda: spare.append(spare_of(zygote)) or spare[-1] is not None, 15,
+             "the zygote's spare runner and its waiting script process")
+    runner, script = spare[-1]
+    os.kill(script, signal.SIGKILL)
+    jobs = run_jobs(warm_cluster, [probe("after_script_killed")])
+    assert jobs["after_script_killed"].state is JobState.SUCCEEDED
+    assert report(warm_cluster, "after_script_killed")["warm"]
+    wait_for(lambda: not alive(runner), 15, "the spare that ran it gone")
+    spare.clear()
+    wait_for(lambda: spare.append(spare_of(zygote)) or spare[-1] is not None, 15,
+             "the next spare")
+    runner, script = spare[-1]
+    os.kill(runner, signal.SIGKILL)
+    wait_for(lambda: not alive(script), 15, "the killed runner's waiting process gone")
+    jobs = run_jobs(warm_cluster, [probe("after_runner_killed")])
+    assert jobs["after_runner_killed"].state is JobState.SUCCEEDED
+    assert report(warm_cluster, "after_runner_killed")["warm"]
+    assert "not warm" not in log_of(warm_cluster, "after_runner_killed")
 
 
 def test_step3_on_a_warm_worker_scores_with_the_engine_loaded_ahead(

@@ -78,6 +78,14 @@ def job_title(env: Mapping[str, str]) -> str:
             f"{env.get('SC_ATTEMPT', '?')}")
 
 
+def prepare_titles() -> None:
+    """Let processes forked from this one take titles even after clearing their environment
+    (a warm script's does): setproctitle finds the memory of argv by that of environ, so it
+    must look while both are as exec left them."""
+    if setproctitle is not None:
+        setproctitle.getproctitle()
+
+
 def name_process(title: str, comm: str | None = None) -> None:
     """Name this process in ``ps``: ``title`` as its command line (where setproctitle is
     installed; a forked runner would otherwise show its pool process's title), and
@@ -116,20 +124,10 @@ def kill_descendants() -> None:
         time.sleep(0.01)
 
 
-def runner_main(start_script: Callable[[int, int], int], log_path: str, status_fd: int,
-                parent: int, waiter: socket.socket | None = None, title: str | None = None,
-                comm: str | None = None) -> NoReturn:
-    """The runner's whole life (in a forked child); never returns.
-
-    ``start_script(log_fd, status_fd)`` starts the script as a child of this process and
-    returns its pid: a fresh interpreter (``spawn_script``) or a fork of a warm one
-    (``zygote.fork_script``); the runner around it is the same. ``waiter``: a connection
-    to the process waiting for this job when that is not the parent (a warm job's pool
-    process); once it closes, the job is stopped as if the parent had died. ``title`` and
-    ``comm``: its name in ``ps`` (``job_title``).
-    """
-    if title is not None:
-        name_process(title, comm)
+def arm(status_fd: int, parent: int) -> None:
+    """Make this forked process a job's runner: its own process group, the subreaper of all
+    the script starts, stopped (every descendant killed, "killed" on ``status_fd``) by
+    SIGTERM, SIGINT, SIGHUP or the death of ``parent``."""
     os.setpgid(0, 0)
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -145,14 +143,11 @@ def runner_main(start_script: Callable[[int, int], int], log_path: str, status_f
         signal.signal(signum, stop)
     if os.getppid() != parent:  # the parent died before PDEATHSIG was armed
         os._exit(128 + signal.SIGTERM)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        script = start_script(log_fd, status_fd)
-    except OSError as err:
-        os.write(log_fd, f"could not start the script: {err}\n".encode())
-        os.write(status_fd, struct.pack(STATUS_FORMAT, EXEC_FAILED << 8))  # "exited with 127"
-        os._exit(0)
-    os.close(log_fd)
+
+
+def supervise(script: int, status_fd: int, waiter: socket.socket | None = None) -> NoReturn:
+    """The rest of an armed runner's life: wait for ``script`` (stopping it if ``waiter``
+    closes), kill and reap whatever it left, write its status and usage, exit."""
     if waiter is not None:
         threading.Thread(target=stop_when_closed, args=(waiter,), daemon=True).start()
     while True:
@@ -164,6 +159,27 @@ def runner_main(start_script: Callable[[int, int], int], log_path: str, status_f
     os.write(status_fd, struct.pack(USAGE_FORMAT, status, usage.ru_utime, usage.ru_stime,
                                     usage.ru_maxrss))
     os._exit(0)
+
+
+def runner_main(start_script: Callable[[int, int], int], log_path: str, status_fd: int,
+                parent: int, title: str | None = None) -> NoReturn:
+    """A cold job's runner, its whole life (in a child forked from the pool process); never
+    returns. ``start_script(log_fd, status_fd)`` starts the script as a child of this
+    process and returns its pid (``spawn_script``); ``title``: its name in ``ps``
+    (``job_title``). A warm job's runner is the same but for how its script starts
+    (``zygote.spare_main``)."""
+    if title is not None:
+        name_process(title)
+    arm(status_fd, parent)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        script = start_script(log_fd, status_fd)
+    except OSError as err:
+        os.write(log_fd, f"could not start the script: {err}\n".encode())
+        os.write(status_fd, struct.pack(STATUS_FORMAT, EXEC_FAILED << 8))  # "exited with 127"
+        os._exit(0)
+    os.close(log_fd)
+    supervise(script, status_fd)
 
 
 def stop_when_closed(waiter: socket.socket) -> None:

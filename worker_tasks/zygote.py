@@ -4,12 +4,15 @@ from which each job's interpreter is forked instead of started.
 ``python -m worker_tasks.zygote SOCKET MODULES`` imports ``MODULES`` (comma-separated),
 prints one JSON line (``{"ready": true, ...}`` or ``{"ready": false, "failed": ...}``),
 and serves requests on the Unix socket ``SOCKET``: each is one job (argv, cwd, env, log
-path). For each, it forks a runner (``runner.runner_main``: own process group, subreaper,
-killed with its parent) that forks the script's process, which sets up what ``python
-script.py`` would have (environment, working directory, ``sys.argv``, ``sys.path[0]``,
-stdio on the job's log, default signal handlers, fresh random seeds) and runs the script
-as ``__main__``. The reply hands the worker the runner's pidfd and the pipe its wait
-status comes on (``SCM_RIGHTS``), so the worker waits and kills exactly as for a cold job.
+path). Each job goes to a spare runner forked ahead of it (``Spare``; ``runner.arm``: own
+process group, subreaper, killed with its parent), under which the script's process is
+already forked and waiting: so no fork of this large process lies on a job's path (two
+forks of a 140 MiB zygote cost a job about 9 ms). The script's process sets up what
+``python script.py`` would have (environment, working directory, ``sys.argv``,
+``sys.path[0]``, stdio on the job's log, default signal handlers, fresh random seeds) and
+runs the script as ``__main__``. The reply hands the worker the runner's pidfd and the pipe
+its wait status comes on (``SCM_RIGHTS``), so the worker waits and kills exactly as for a
+cold job; then the next spare is forked.
 
 The zygote is single-threaded and never runs job code, so every job starts from the same
 state; it never initialises CUDA (importing CuPy does not; a device query would, and CUDA
@@ -28,15 +31,27 @@ import select
 import shlex
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from worker_tasks.daemon import WARM_JOB_NAME
-from worker_tasks.runner import PR_SET_PDEATHSIG, job_title, name_process, prctl, runner_main
+from worker_tasks.runner import (
+    EXEC_FAILED,
+    PR_SET_PDEATHSIG,
+    STATUS_FORMAT,
+    arm,
+    job_title,
+    kill_descendants,
+    name_process,
+    prctl,
+    prepare_titles,
+    supervise,
+)
 
 # The largest request accepted (argv, env and paths of one job), bytes.
 MAX_REQUEST_BYTES = 1 << 20
@@ -140,36 +155,143 @@ def finish(status: int) -> int:
     return status
 
 
-def fork_script(argv: list[str], cwd: str, env: dict[str, str],
-                waiter: socket.socket) -> Callable[[int, int], int]:
-    """A warm start for ``runner_main``: fork, point stdio at the job's log, run the script
-    (which keeps none of the runner's descriptors)."""
-    def start(log_fd: int, status_fd: int) -> int:
-        sys.stdout.flush()
-        sys.stderr.flush()
+def receive(connection: socket.socket) -> tuple[bytes, list[int]]:
+    """One message up to the end of its stream (``MAX_REQUEST_BYTES`` at most) and the
+    descriptors that came with its first bytes; ``b""`` when the other end closed first."""
+    data, fds, _, _ = socket.recv_fds(connection, 65536, 1)
+    while data and len(data) <= MAX_REQUEST_BYTES:
+        chunk = connection.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data, fds
+
+
+def await_job(from_runner: socket.socket) -> NoReturn:
+    """A spare script process: wait for the job (argv, cwd, env; the log's descriptor) from
+    its runner, point stdio at the log, run it. A runner that goes first ends it too."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # not the runner's handler
+        signal.signal(signum, signal.SIG_DFL)
+    data, fds = receive(from_runner)
+    from_runner.close()
+    if not data or len(fds) != 1:
+        os._exit(0)
+    argv, cwd, env, _ = check_request(json.loads(data))
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(fds[0], 1)
+    os.dup2(fds[0], 2)
+    os.close(null)
+    os.close(fds[0])
+    for stream in (sys.stdout, sys.stderr):  # as PYTHONUNBUFFERED=1 would
+        stream.reconfigure(line_buffering=True, write_through=True)
+    run_script(argv, cwd, env)
+
+
+def fork_waiting_script(status_fd: int, control: socket.socket | None = None
+                        ) -> tuple[int, socket.socket]:
+    """(In a runner.) Fork the script's process, to wait for its job (``await_job``); its
+    pid and where to send the job. It keeps none of the runner's descriptors."""
+    to_script, from_runner = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if control is not None:
+                control.close()
+            to_script.close()
+            os.close(status_fd)
+            await_job(from_runner)
+        finally:
+            os._exit(1)
+    from_runner.close()
+    return pid, to_script
+
+
+def spare_main(control: socket.socket, status_fd: int, parent: int) -> NoReturn:
+    """A spare runner's life (forked from the zygote before its job is known): armed as every
+    runner is, its script's process forked and waiting under it; then the job from the zygote
+    (its request, and the pool process's connection), handed down to the script. A zygote
+    that closes ``control`` first ends both."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    arm(status_fd, parent)
+    script, to_script = fork_waiting_script(status_fd, control)
+    data, fds = receive(control)
+    control.close()
+    if not data or len(fds) != 1:
+        kill_descendants()
+        os._exit(0)
+    waiter = socket.socket(fileno=fds[0])
+    _, _, env, log = check_request(json.loads(data))
+    name_process(job_title(env), WARM_JOB_NAME)
+    try:
+        log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:  # nowhere to say why: the job fails as a script that could not start
+        os.write(status_fd, struct.pack(STATUS_FORMAT, EXEC_FAILED << 8))  # "exited with 127"
+        kill_descendants()
+        os._exit(0)
+    try:
+        socket.send_fds(to_script, [data], [log_fd])
+    except OSError:  # its waiting process was killed meanwhile: another, forked now
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(script, 0)
+        script, to_script = fork_waiting_script(status_fd)
+        socket.send_fds(to_script, [data], [log_fd])
+    to_script.close()
+    os.close(log_fd)
+    supervise(script, status_fd, waiter)
+
+
+@dataclass
+class Spare:
+    """A runner forked ahead of its job, its script's process under it, both waiting: a job
+    handed to it starts without a fork of the zygote (a large process) on its path.
+
+    Parameters:
+        pid: the runner's pid (its process group).
+        pidfd: refers to the runner, for the pool process to signal and wait on.
+        status_fd: the read end of the runner's status pipe (``runner.STATUS_FORMAT``).
+        control: where the zygote hands it its job.
+    """
+
+    pid: int
+    pidfd: int
+    status_fd: int
+    control: socket.socket
+
+    @classmethod
+    def fork(cls, listener: socket.socket) -> Spare:
+        control, theirs = socket.socketpair()
+        read_fd, write_fd = os.pipe()
+        me = os.getpid()
         pid = os.fork()
         if pid == 0:
             try:
-                waiter.close()
-                os.close(status_fd)
-                null = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(null, 0)
-                os.dup2(log_fd, 1)
-                os.dup2(log_fd, 2)
-                os.close(null)
-                os.close(log_fd)
-                for stream in (sys.stdout, sys.stderr):  # as PYTHONUNBUFFERED=1 would
-                    stream.reconfigure(line_buffering=True, write_through=True)
-                run_script(argv, cwd, env)
+                listener.close()
+                control.close()
+                os.close(read_fd)
+                spare_main(theirs, write_fd, me)
             finally:
-                os._exit(1)
-        return pid
+                os._exit(127)
+        theirs.close()
+        os.close(write_fd)
+        return cls(pid, os.pidfd_open(pid), read_fd, control)
 
-    return start
+    def hand(self, request: bytes, waiter: socket.socket) -> None:
+        """Give it its job; ``OSError`` if it is gone."""
+        socket.send_fds(self.control, [request], [waiter.fileno()])
+        self.control.close()
+
+    def close(self) -> None:
+        """Let go of it (a spare not handed a job ends, its script's process with it)."""
+        self.control.close()
+        os.close(self.status_fd)
+        os.close(self.pidfd)
 
 
 class Zygote:
-    """The serving loop: accept a job, fork its runner, hand back its pidfd and status pipe.
+    """The serving loop: accept a job, hand it to the spare runner, reply with the runner's
+    pidfd and status pipe, fork the next spare.
 
     Parameters:
         listener: the bound, listening Unix socket.
@@ -179,9 +301,12 @@ class Zygote:
     def __init__(self, listener: socket.socket, parent: int) -> None:
         self.listener = listener
         self.parent = parent
+        self.spare: Spare | None = None
 
     def serve(self) -> NoReturn:
         while True:
+            if self.spare is None:  # after a job's reply, off that job's path
+                self.spare = Spare.fork(self.listener)
             ready, _, _ = select.select([self.listener], [], [], IDLE_POLL_S)
             self.reap()
             if os.getppid() != self.parent:
@@ -205,33 +330,37 @@ class Zygote:
                 if not chunk:
                     break
                 data += chunk
-            argv, cwd, env, log = check_request(json.loads(data))
+            check_request(json.loads(data))
         except (OSError, ValueError) as err:  # BadRequest and bad JSON are ValueErrors
             with contextlib.suppress(OSError):
                 connection.sendall(json.dumps({"error": str(err)[:500]}).encode() + b"\n")
             return
-        read_fd, write_fd = os.pipe()
-        me = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                self.listener.close()
-                os.close(read_fd)
-                runner_main(fork_script(argv, cwd, env, connection), log, write_fd, me,
-                            waiter=connection, title=job_title(env), comm=WARM_JOB_NAME)
-            finally:
-                os._exit(127)
-        os.close(write_fd)
-        pidfd = os.pidfd_open(pid)
+        spare = self.take_spare(data, connection)
         try:
-            socket.send_fds(connection, [json.dumps({"pid": pid}).encode() + b"\n"],
-                            [read_fd, pidfd])
+            socket.send_fds(connection, [json.dumps({"pid": spare.pid}).encode() + b"\n"],
+                            [spare.status_fd, spare.pidfd])
         except OSError:  # the worker went away: nobody waits for this job
             with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+                signal.pidfd_send_signal(spare.pidfd, signal.SIGTERM)
         finally:
-            os.close(read_fd)
-            os.close(pidfd)
+            spare.close()
+
+    def take_spare(self, request: bytes, connection: socket.socket) -> Spare:
+        """The spare, handed this job; a fresh one if it died meanwhile."""
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            try:
+                spare.hand(request, connection)
+                return spare
+            except OSError:
+                spare.close()
+        spare = Spare.fork(self.listener)
+        try:
+            spare.hand(request, connection)
+        except OSError:
+            spare.close()
+            raise
+        return spare
 
 
 def preload(modules: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -250,6 +379,7 @@ def preload(modules: list[str]) -> tuple[list[str], dict[str, str]]:
 def main(argv: list[str]) -> NoReturn:
     socket_path, modules = argv[0], [name for name in argv[1].split(",") if name]
     parent = os.getppid()
+    prepare_titles()
     prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:
         os._exit(0)
