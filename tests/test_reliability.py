@@ -397,6 +397,24 @@ def test_cancel_kills_running_jobs_and_no_marker_appears(bench: Bench) -> None:
     assert "Traceback" not in log
 
 
+def test_a_job_longer_than_the_visibility_timeout_runs_once(tmp_path: Path) -> None:
+    # kombu hands an unacknowledged message out again after the visibility timeout, even while
+    # its job runs: the idle slot that takes it waits for the running execution instead.
+    with make_bench(tmp_path, ["rig-a", "rig-b"], env={"SC_VISIBILITY_TIMEOUT": "2"}) as bench:
+        gate = tmp_path / "gate"
+        run = submit([bench.job("long", "any", "--sleep", 120, "--until", gate)],
+                     output_dir="o", broker_url=bench.server.url)
+        logs = [bench.cluster.log_dir / f"worker-{node}.log" for node in ("rig-a", "rig-b")]
+        wait_for(lambda: any("was delivered again while it runs" in log.read_text()
+                             for log in logs if log.exists()), 60,
+                 "the message delivered again, to the idle slot")
+        gate.touch()
+        job = run.wait(timeout=60).jobs[0]
+    assert job.state is JobState.SUCCEEDED and job.attempts == 1, job
+    assert [entry[0] for entry in bench.ledger_of("long")] == ["start", "end"]
+    assert bench.violations() == []
+
+
 def test_a_worker_killed_mid_job_takes_the_scripts_children_with_it(bench: Bench) -> None:
     run = submit([bench.job("orphan", "rig-b", "--sleep", "60", "--child-sleep", "60")],
                  output_dir="o", broker_url=bench.server.url)

@@ -31,8 +31,9 @@ from typing import Any
 import redis
 
 from worker_tasks import warm
-from worker_tasks.lease import SlotLease
+from worker_tasks.lease import SlotLease, task_holding
 from worker_tasks.runner import JobProcess, Runner
+from worker_tasks.spec import slot_of_worker
 from worker_tasks.tracking import JobState
 from worker_tasks.warm import WarmRunner
 
@@ -249,6 +250,63 @@ class Marker:
 
     def when_refused(self) -> None:
         self.pending.unlink(missing_ok=True)
+
+
+# How often a delivery waiting for its message's other delivery looks again (seconds).
+ELSEWHERE_POLL_S = 1.0
+
+
+class OneDelivery:
+    """One execution of a message at a time, across slots. kombu hands a message out again
+    once it has been unacknowledged for the visibility timeout, even while its first delivery
+    still runs (a job longer than ``SC_VISIBILITY_TIMEOUT``); another slot would then run the
+    same job beside it. So a delivery whose record is running under its own message on
+    another slot waits while that slot's lease names the message (its worker is alive), then
+    goes on with the record as it then is: ended (nothing to run), or still running with the
+    lease gone (that worker died, and this delivery runs the job).
+
+    Parameters:
+        client: the tracking Redis.
+        read: the job's record (``state``, ``task_id``, ``host``).
+        task_id: this delivery's message.
+        slot: this delivery's slot.
+        note: a line into the worker's log, once, when it waits.
+    """
+
+    def __init__(self, client: redis.Redis, read: Callable[[], dict[str, Any]], task_id: str,
+                 slot: str, note: Note) -> None:
+        self.client = client
+        self.read = read
+        self.task_id = task_id
+        self.slot = slot
+        self.note = note
+
+    def elsewhere(self, record: dict[str, Any]) -> str | None:
+        """The other slot where this message runs, alive; None if there is none."""
+        if record.get("state") not in (JobState.RUNNING, JobState.FINISHING) or \
+                record.get("task_id") != self.task_id:
+            return None
+        slot = slot_of_worker(str(record.get("host") or ""))
+        if not slot or slot == self.slot:
+            return None  # on this slot, the lease itself keeps two from overlapping
+        try:
+            holder = task_holding(self.client, slot)
+        except redis.RedisError:
+            return None  # Redis away: as before this check; the record's steps still judge
+        return slot if holder == self.task_id else None
+
+    def before_lease(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Wait while this message runs elsewhere; the record once it does not."""
+        said = False
+        while (slot := self.elsewhere(record)) is not None:
+            if not said:
+                self.note(f"message {self.task_id} was delivered again while it runs on "
+                          f"{slot} (a job longer than the broker's visibility timeout, "
+                          f"SC_VISIBILITY_TIMEOUT): waiting for that execution to end")
+                said = True
+            time.sleep(ELSEWHERE_POLL_S)
+            record = self.read()
+        return record
 
 
 class SlotHold:

@@ -64,6 +64,12 @@ def task_of_token(token: str) -> str:
     return parse_token(token)[2]
 
 
+def task_holding(client: redis.Redis, slot: str) -> str | None:
+    """The task id of the attempt that holds ``slot``'s lease, or None when nobody does."""
+    token = client.get(lease_key(slot))
+    return task_of_token(token.decode(errors="replace")) if token is not None else None
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -57,6 +57,7 @@ from worker_tasks.execution import (
     GpuMemoryWatch,
     Launch,
     Marker,
+    OneDelivery,
     SlotHold,
     TimeLimit,
 )
@@ -444,7 +445,7 @@ class JobExecution:
 
     def current(self) -> dict[str, Any]:
         return retrying("read record", lambda: tracker().record(
-            self.spec.run_id, self.spec.job_id, "state", "task_id", "copy"))
+            self.spec.run_id, self.spec.job_id, "state", "task_id", "copy", "host"))
 
     def result(self, state: JobState, attempt: Attempt | None = None) -> dict[str, Any]:
         """The small JSON result the task returns."""
@@ -461,7 +462,8 @@ class JobExecution:
             paths = self.paths()
         except JobRefused as err:
             self.refuse(str(err))
-        record = self.current()
+        record = OneDelivery(tracker().client, self.current, self.task_id, spec.slot,
+                             logger.warning).before_lease(self.current())
         if not record:
             raise Dropped("no tracking record (the run expired, or a forged message)")
         if record.get("task_id") != self.task_id:
