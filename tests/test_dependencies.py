@@ -76,7 +76,8 @@ def test_a_failed_dependency_ends_its_dependents_without_running_them(bench: Ben
     broker = redis.Redis.from_url(bench.server.url)
     assert not broker.exists(hold_queue(run.id, "g"), hold_queue(run.id, "h"))
     # wait says how it ended: a failed run.
-    assert run_cli("wait", run.id, env={"SC_BROKER_URL": bench.server.url}).returncode == 1
+    assert run_cli("wait", run.id, env={"SC_BROKER_URL": bench.server.url},
+                   cwd=bench.workdir).returncode == 1
 
 
 @pytest.mark.parametrize(("after", "expected"), [
@@ -240,7 +241,7 @@ def test_a_run_after_a_failed_run_ends_cancelled_and_wait_says_so(bench: Bench) 
     reason = f"run {failing.id} it waits for failed"
     assert ended.state is JobState.CANCELLED and ended.error == reason
     assert bench.ledger_of("never") == []
-    assert run_cli("wait", held.id, env=env).returncode == 1
+    assert run_cli("wait", held.id, env=env, cwd=bench.workdir).returncode == 1
     assert f"ended without starting: {reason}" in run_cli("status", held.id, env=env).stdout
     # afterany: it waited for the failed run to end, then ran.
     assert wait_final(anyway.id, bench.server.url)["cleanup"].state is JobState.SUCCEEDED

@@ -47,7 +47,7 @@ def test_halt_soon_starts_no_job_once_enough_failed_and_lets_running_ones_finish
         if bench.ledger_of(job_id) and job_id not in ("f1", "f2"):
             assert state is JobState.SUCCEEDED
     env = {"SC_BROKER_URL": bench.server.url}
-    assert run_cli("wait", run.id, env=env).returncode == 1
+    assert run_cli("wait", run.id, env=env, cwd=bench.workdir).returncode == 1
     collected = run_cli("collect", run.id, "--workdir", str(bench.workdir), env=env)
     assert "halted (--halt soon,fail=2)" in collected.stdout
     status = json.loads(run_cli("status", run.id, "--json", env=env).stdout)
@@ -77,7 +77,8 @@ def test_halt_on_success_ends_the_run_well_at_the_first_success(bench: Bench) ->
     run = submit(jobs, output_dir="o", broker_url=bench.server.url, halt="now,success=1")
     done = final_jobs(run.id, bench.server.url)
     assert done["fast"].state is JobState.SUCCEEDED and done["slow"].state is JobState.CANCELLED
-    assert run_cli("wait", run.id, env={"SC_BROKER_URL": bench.server.url}).returncode == 0
+    assert run_cli("wait", run.id, env={"SC_BROKER_URL": bench.server.url},
+                   cwd=bench.workdir).returncode == 0
 
 
 @pytest.mark.parametrize(("text", "counts", "reached"), [

@@ -296,7 +296,8 @@ def test_wait_timeout_exits_5_and_cancel_ends_the_run(cluster: LocalCluster,
     assert "rig-a" not in submitted.stderr.split("warning", 1)[1]
     run = get_run(submitted.stdout.strip(), cluster.broker_url)
     started = time.monotonic()
-    result = run_cli("wait", run.id, "--timeout", "1.5", "--broker", cluster.broker_url)
+    result = run_cli("wait", run.id, "--timeout", "1.5", "--broker", cluster.broker_url,
+                     cwd=cluster.workdir)
     assert result.returncode == 5
     assert time.monotonic() - started < 30
     assert f"run {run.id}: not finished after 1.5 s (" in result.stderr
