@@ -232,7 +232,7 @@ def test_a_run_after_a_failed_run_ends_cancelled_and_wait_says_so(bench: Bench) 
                                 "--fail-attempts", 9)],
                      output_dir="o", broker_url=bench.server.url)
     held = submit([bench.job("never", "rig-b")], output_dir="o", broker_url=bench.server.url,
-                  after=failing.id)
+                  after=failing.id, workdir=bench.workdir)
     anyway = submit([bench.job("cleanup", "rig-b")], output_dir="o",
                     broker_url=bench.server.url, after=failing.id, after_any=True)
     gate.touch()
