@@ -59,6 +59,9 @@ MAX_REQUEST_BYTES = 1 << 20
 REQUEST_TIMEOUT_S = 5.0
 # How often the zygote reaps finished runners and looks whether its parent is alive (s).
 IDLE_POLL_S = 1.0
+# What ps shows for a spare runner and its script's process until their job comes.
+SPARE_RUNNER_TITLE = "scripts-coordinator spare runner: waiting for a warm job"
+SPARE_SCRIPT_TITLE = "scripts-coordinator spare interpreter: waiting for a warm job"
 
 
 class BadRequest(ValueError):
@@ -196,6 +199,7 @@ def fork_waiting_script(status_fd: int, control: socket.socket | None = None
     pid = os.fork()
     if pid == 0:
         try:
+            name_process(SPARE_SCRIPT_TITLE)
             if control is not None:
                 control.close()
             to_script.close()
@@ -214,6 +218,7 @@ def spare_main(control: socket.socket, status_fd: int, parent: int) -> NoReturn:
     that closes ``control`` first ends both."""
     sys.stdout.flush()
     sys.stderr.flush()
+    name_process(SPARE_RUNNER_TITLE)
     arm(status_fd, parent)
     script, to_script = fork_waiting_script(status_fd, control)
     data, fds = receive(control)
