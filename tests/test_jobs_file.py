@@ -454,6 +454,33 @@ def test_balance_floats_every_job_but_the_pinned_and_the_plan_says_so() -> None:
     assert unbalanced.specs[0].node == "rig-a"
 
 
+def test_the_plan_says_which_jobs_may_have_a_backup_copy() -> None:
+    # A floating job whose output file is named once may be copied unless it or its run says
+    # no; a run or job that says no says so to its workers; nothing else is marked.
+    jobs = [with_(job_id="f", args=["--output-file", "f.json"]),
+            with_(job_id="off", args=["--output-file", "off.json"], speculate=False),
+            with_(job_id="on", args=["--output-file", "on.json"], speculate=True),
+            with_(job_id="pin", args=["--output-file", "pin.json"], pin=True),
+            with_(job_id="bare", args=[]),
+            with_(job_id="twice", args=["--output-file", "t.json", "--output-file=t.json"])]
+
+    def marks(**options: object) -> dict[str, bool | None]:
+        plan = plan_jobs(load_jobs(jobs), "run10", SubmitOptions(output_dir="o", **options))
+        return {spec.job_id: spec.speculate for spec in plan.specs}
+
+    assert marks(balance=True) == {"f": True, "off": False, "on": True, "pin": None,
+                                   "bare": None, "twice": None}
+    assert marks(balance=True, speculate=False) == {
+        "f": False, "off": False, "on": True, "pin": False, "bare": False, "twice": False}
+    assert marks(balance=True, per_gpu=True)["f"] is None
+    assert marks() == {"f": None, "off": False, "on": None, "pin": None, "bare": None,
+                       "twice": None}
+
+
+def test_a_plan_without_jobs_has_no_levels() -> None:
+    assert plan_jobs(iter([]), "run11", SubmitOptions(output_dir="o")).levels() == []
+
+
 def test_options_convert_their_workdir_and_change_by_copy() -> None:
     options = SubmitOptions(workdir="w")  # type: ignore[arg-type]
     assert options.workdir == Path("w")

@@ -226,6 +226,9 @@ def test_the_error_tail_is_this_attempts_output_only(tmp_path: Path) -> None:
     ({"run_id": 7}, "run_id must be a string, not int"),
     ({"per_gpu": "yes"}, "per_gpu must be true or false, not 'yes'"),
     ({"warm": 1}, "warm must be true or false, not 1"),
+    ({"speculate": "yes"}, "speculate must be true or false, not 'yes'"),
+    ({"copy": 1}, "copy must be true or false, not 1"),
+    ({"copy": True, "node": "any"}, "a backup copy names the slot it runs on, not 'any'"),
     ({"retry_delay": -1}, "retry_delay -1 must be finite, >= 0 and at most 3600"),
     ({"retry_delay": "2"}, "retry_delay must be a number of seconds, not str"),
     ({"retries": 101}, "retries must be an integer in 0..100, not 101"),
@@ -267,6 +270,18 @@ def test_a_message_reads_back_field_for_field_at_the_bounds() -> None:
                                                           None)
     assert (plain.queue, plain.slot) == ("node.rig-a", "rig-a")
     assert (spec.queue, spec.slot) == ("node.rig-a.gpu255", "rig-a.gpu255")
+
+
+def test_speculate_and_copy_read_back() -> None:
+    # speculate: the head's word on backup copies (None: as the run says); copy: this message
+    # is a job's backup copy, pinned to the slot it runs on.
+    for speculate in (True, False):
+        spec = JobSpec.from_message({**MESSAGE, "speculate": speculate, "copy": True})
+        assert (spec.speculate, spec.copy) == (speculate, True)
+        assert JobSpec.from_message(spec.to_message()) == spec
+    plain = JobSpec.from_message(MESSAGE)
+    assert (plain.speculate, plain.copy) == (None, False)
+    assert JobSpec.from_message({**MESSAGE, "node": "any", "copy": False}).copy is False
 
 
 def test_queue_names_and_the_done_rule() -> None:
