@@ -156,3 +156,31 @@ def speeds_line(script: str, speeds: dict[str, Any]) -> str:
     return f"speeds of {script}: " + ", ".join(
         f"{slot} {speed.speed:.2f} ({speed.seconds_per_unit:.3g} s/unit, {speed.samples} "
         f"jobs)" for slot, speed in ranked)
+
+
+def add_warm_flags(parser: argparse.ArgumentParser, preload: bool = True) -> None:
+    """``--warm`` (the default) and ``--cold``; and ``--preload`` where the user picks it."""
+    temper = parser.add_mutually_exclusive_group()
+    temper.add_argument("--warm", action="store_true",
+                        help="the default: fork each job's interpreter from a warm parent that "
+                             "has imported its preload once (no interpreter start per job; a job "
+                             "says \"warm\": false to start fresh); a failed preload is one "
+                             "line in the worker log, and jobs then run cold")
+    temper.add_argument("--cold", action="store_true",
+                        help="start each job's interpreter fresh, as a shell would (no warm "
+                             "parent: for scripts that must not share one, e.g. --cold when a "
+                             "preloaded module misbehaves after fork)")
+    if not preload:
+        return
+    parser.add_argument("--preload", metavar="MODULES", type=module_list,
+                        help="the modules the warm parent imports, comma-separated (default: "
+                             "numpy,scoring.warm_engines, the Step 3 script's engines), e.g. "
+                             "--preload numpy,torch")
+
+
+def module_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    bad = [name for name in names if not all(part.isidentifier() for part in name.split("."))]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]!r} is not a module name")
+    return names

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from coordinator import project_version
-from coordinator.cli.common import PROG, CommandFactory, existing_dir
+from coordinator.cli.common import PROG, CommandFactory, add_warm_flags, existing_dir
 from coordinator.cli.runs import (
     add_original_flags,
     add_retry_flags,
@@ -161,31 +161,6 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-def add_warm_flags(parser: argparse.ArgumentParser) -> None:
-    temper = parser.add_mutually_exclusive_group()
-    temper.add_argument("--warm", action="store_true",
-                        help="the default: fork each job's interpreter from a warm parent that "
-                             "has imported --preload once (no interpreter start per job; a job "
-                             "says \"warm\": false to start fresh); a failed preload is one "
-                             "line in the worker log, and jobs then run cold")
-    temper.add_argument("--cold", action="store_true",
-                        help="start each job's interpreter fresh, as a shell would (no warm "
-                             "parent: for scripts that must not share one, e.g. --cold when a "
-                             "preloaded module misbehaves after fork)")
-    parser.add_argument("--preload", metavar="MODULES", type=module_list,
-                        help="the modules the warm parent imports, comma-separated (default: "
-                             "numpy,scoring.warm_engines, the Step 3 script's engines), e.g. "
-                             "--preload numpy,torch")
-
-
-def module_list(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    bad = [name for name in names if not all(part.isidentifier() for part in name.split("."))]
-    if bad:
-        raise argparse.ArgumentTypeError(f"{bad[0]!r} is not a module name")
-    return names
 
 
 def warm_env(args: argparse.Namespace) -> dict[str, str]:

@@ -8,7 +8,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from coordinator.cli.common import CommandFactory, add_inventory_flag, exit_table, formatter
+from coordinator.cli.common import (
+    CommandFactory,
+    add_inventory_flag,
+    add_warm_flags,
+    exit_table,
+    formatter,
+)
 from coordinator.errors import ExitCode, InvalidJobsError
 from coordinator.options import DEFAULT_CHUNK_DIR, DEFAULT_OUTPUT_DIR
 
@@ -137,12 +143,7 @@ def register(command: CommandFactory) -> None:
     sub.add_argument("--chunks", type=int, default=36, help="jobs (default: 36)")
     sub.add_argument("--draws", type=int, default=100, help="history length (default: 100)")
     sub.add_argument("--rng-seed", type=int, default=2026, help="makes the data reproducible")
-    temper = sub.add_mutually_exclusive_group()
-    temper.add_argument("--warm", action="store_true",
-                        help="the default: warm workers, each chunk's interpreter forked with "
-                             "NumPy and the compiled engine already loaded")
-    temper.add_argument("--cold", action="store_true",
-                        help="start each chunk's interpreter fresh (coordinator worker --cold)")
+    add_warm_flags(sub, preload=False)
     sub.set_defaults(handler=cmd_demo)
 
     sub = command("examples", "copy the example jobs files and scripts into DIR/examples",
