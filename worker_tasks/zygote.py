@@ -170,6 +170,13 @@ def receive(connection: socket.socket) -> tuple[bytes, list[int]]:
     return data, fds
 
 
+def send_with_fd(connection: socket.socket, data: bytes, fd: int) -> None:
+    """All of ``data``, the descriptor ``fd`` riding on its first bytes."""
+    sent = socket.send_fds(connection, [data], [fd])
+    if sent < len(data):
+        connection.sendall(data[sent:])
+
+
 def await_job(from_runner: socket.socket) -> NoReturn:
     """A spare script process: wait for the job (argv, cwd, env; the log's descriptor) from
     its runner, point stdio at the log, run it. A runner that goes first ends it too."""
@@ -236,12 +243,12 @@ def spare_main(control: socket.socket, status_fd: int, parent: int) -> NoReturn:
         kill_descendants()
         os._exit(0)
     try:
-        socket.send_fds(to_script, [data], [log_fd])
+        send_with_fd(to_script, data, log_fd)
     except OSError:  # its waiting process was killed meanwhile: another, forked now
         with contextlib.suppress(ChildProcessError):
             os.waitpid(script, 0)
         script, to_script = fork_waiting_script(status_fd)
-        socket.send_fds(to_script, [data], [log_fd])
+        send_with_fd(to_script, data, log_fd)
     to_script.close()
     os.close(log_fd)
     supervise(script, status_fd, waiter)
@@ -284,7 +291,7 @@ class Spare:
 
     def hand(self, request: bytes, waiter: socket.socket) -> None:
         """Give it its job; ``OSError`` if it is gone."""
-        socket.send_fds(self.control, [request], [waiter.fileno()])
+        send_with_fd(self.control, request, waiter.fileno())
         self.control.close()
 
     def close(self) -> None:
@@ -340,7 +347,12 @@ class Zygote:
             with contextlib.suppress(OSError):
                 connection.sendall(json.dumps({"error": str(err)[:500]}).encode() + b"\n")
             return
-        spare = self.take_spare(data, connection)
+        try:
+            spare = self.take_spare(data, connection)
+        except OSError as err:  # no runner could take it: the job runs cold, saying why
+            with contextlib.suppress(OSError):
+                connection.sendall(json.dumps({"error": f"no runner: {err}"}).encode() + b"\n")
+            return
         try:
             socket.send_fds(connection, [json.dumps({"pid": spare.pid}).encode() + b"\n"],
                             [spare.status_fd, spare.pidfd])
