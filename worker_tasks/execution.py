@@ -4,6 +4,8 @@
 watch on the way is here, each concern with hooks named for the moment it acts (as
 Dramatiq's middleware are):
 
+* ``OneDelivery``: a message delivered again while its first delivery still runs on
+  another slot waits for it ``before_lease``;
 * ``SlotHold``: the slot's lease, taken ``before_attempts`` and given back
   ``after_attempts``: one job at a time per slot, whatever the pool size;
 * ``CancelWatch``: whether the job is still wanted (not cancelled, still this message),
