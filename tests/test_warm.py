@@ -37,10 +37,11 @@ def probe(job_id: str, *extra: str, node: str = NODE, **fields: Any) -> dict[str
 @pytest.fixture(scope="module")
 def warm_cluster(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[LocalCluster]:
-    """One warm worker whose zygote has imported ``json`` (the probe marks it)."""
+    """One warm worker whose zygote has imported ``json`` (the probe marks it) and
+    ``colorsys`` (which neither the zygote's code nor a probe imports)."""
     work = tmp_path_factory.mktemp("warm")
     with LocalCluster([NODE], scripts_dir=REPO, workdir=work, broker_url=redis_server.url,
-                      extra_env={"SC_WARM": "1", "SC_PRELOAD": "json"},
+                      extra_env={"SC_WARM": "1", "SC_PRELOAD": "json,colorsys"},
                       die_with_parent=True) as cluster:
         yield cluster
 
@@ -69,6 +70,8 @@ def test_a_warm_job_sees_what_a_cold_one_sees(warm_cluster: LocalCluster) -> Non
     assert {job.state for job in jobs.values()} == {JobState.SUCCEEDED}
     warm, cold = report(warm_cluster, "warm_a"), report(warm_cluster, "cold_a")
     assert (warm.pop("warm"), cold.pop("warm")) == (True, False)
+    # The one difference: the preload is already imported.
+    assert (warm.pop("colorsys_loaded"), cold.pop("colorsys_loaded")) == (True, False)
     # Field by field: __name__, argv, sys.path[0], cwd, the environment, descriptors, threads.
     assert warm == cold
     assert warm["name"] == "__main__" and warm["path0"] == str(REPO / "tests")
@@ -197,9 +200,10 @@ def test_a_killed_worker_takes_its_warm_job_and_a_failed_preload_runs_jobs_cold(
     assert jobs["cold_anyway"].state is JobState.SUCCEEDED
     assert not report(cluster, "cold_anyway")["warm"]
     lines = [line for line in worker_log.splitlines() if "warm:" in line]
-    assert len(lines) == 1 and lines[0].endswith(
+    assert len(lines) == 2 and lines[0].endswith(
         "warm: preload no_such_module failed: ModuleNotFoundError: No module named "
         "'no_such_module'; jobs run cold"), lines
+    assert "warm: bare zygote pid" in lines[1] and lines[1].endswith("preloaded nothing")
     assert "not warm: the zygote did not answer" in log_of(cluster, "cold_anyway")
 
 
@@ -216,11 +220,27 @@ def test_a_zygote_that_dies_is_restarted_saying_so(warm_cluster: LocalCluster) -
     assert report(warm_cluster, "after_restart")["warm"]
 
 
-def zygote_of(cluster: LocalCluster, node: str = NODE) -> int:
-    """The pid of the node's zygote, from its worker's last report."""
+def zygote_of(cluster: LocalCluster, node: str = NODE, name: str = "zygote") -> int:
+    """The pid of the node's zygote (``name``: or its bare one), from its worker's last
+    report."""
     log = cluster.log_dir / f"worker-{node}.log"
     return int(next(line for line in reversed(log.read_text().splitlines())
-                    if "warm: zygote pid" in line).split("zygote pid ")[1].split()[0])
+                    if f"warm: {name} pid" in line).split("zygote pid ")[1].split()[0])
+
+
+def test_a_script_that_cannot_use_the_preload_is_forked_from_the_bare_zygote(
+        warm_cluster: LocalCluster) -> None:
+    # Forking a large preload costs each job in proportion to its size: a script that imports
+    # only the standard library, none of it preloaded, pays nothing for it.
+    bare = {"job_id": "bare", "script": "tests/bare_probe.py", "node": NODE,
+            "args": ["--output-file", "w/bare.json"]}
+    jobs = run_jobs(warm_cluster, [bare, probe("preloaded")])
+    assert {job.state for job in jobs.values()} == {JobState.SUCCEEDED}, jobs
+    forked = json.loads((warm_cluster.workdir / "w" / "bare.json").read_text())
+    assert forked == {"warm": True, "preloaded": False,
+                      "zygote": zygote_of(warm_cluster, name="bare zygote")}
+    assert report(warm_cluster, "preloaded")["colorsys_loaded"]
+    assert "not warm" not in log_of(warm_cluster, "bare")
 
 
 def live_children(pid: int) -> list[int]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.waiting import alive, wait_for
+from worker_tasks import warm
 from worker_tasks.daemon import PidFileState, read_pidfile
 from worker_tasks.run_job import (
     JobRefused,
@@ -494,3 +495,31 @@ def test_a_delivery_is_the_jobs_live_copy_only_while_the_record_says_so() -> Non
     assert is_live_copy({**record, "state": "queued",
                          "copy": {"task_id": "r.j.1", "state": "queued"}}, "r.j.1")
     assert not is_live_copy({"state": "running", "task_id": "r.j.0"}, "r.j.1")
+
+
+@pytest.mark.parametrize(("source", "uses"), [
+    ("import os, sys\nfrom collections import abc\n", False),
+    ("import os.path\ndef main():\n    import json\n", False),  # imports anywhere count
+    ("import os\nimport numpy as np\n", True),  # preloaded
+    ("import wave\n", True),  # a standard-library module, preloaded
+    ("import scipy\n", True),  # not preloaded, but may import what is (NumPy)
+    ("from scoring.vectorized import score\n", True),  # a module of a preloaded package
+    ("from . import helper\n", True),  # relative: the script's own package
+    ("import importlib\nimportlib.import_module('os')\n", True),  # named at run time
+    ("__import__('os')\n", True),
+    ("import os\ndef broken(:\n", True),  # cannot be read: as if it used it
+])
+def test_a_script_uses_the_preload_unless_it_imports_only_the_rest_of_the_stdlib(
+        tmp_path: Path, source: str, uses: bool) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(source)
+    assert warm.uses_preload(script, ["numpy", "scoring.warm_engines", "wave"]) is uses
+
+
+def test_a_scripts_imports_are_read_again_once_it_changes(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text("import os\n")
+    assert not warm.uses_preload(script, ["numpy"])
+    script.write_text("import numpy\n")  # another size: another version of the file
+    assert warm.uses_preload(script, ["numpy"])
+    assert warm.uses_preload(tmp_path / "missing.py", ["numpy"])

@@ -6,7 +6,8 @@
 The report (the output file): ``__name__``, ``sys.argv``, ``sys.path[0]``, the working
 directory, the environment, the open descriptors, the threads, whether it was forked warm
 (the zygote's modules are loaded), and what an earlier job may have left behind (a mark on
-the preloaded ``json`` module, the ``wave`` module, a variable). ``--leave-state`` leaves
+the preloaded ``json`` module, the ``wave`` module, a variable), and whether ``colorsys``
+(preloaded by the suite) is loaded. ``--leave-state`` leaves
 all of those behind, plus an open file and a thread. The exit options end it the ways a
 script can end: a status, an uncaught exception, ``sys.exit(text)``, a segfault.
 """
@@ -15,7 +16,7 @@ import sys
 
 warm = "worker_tasks.runner" in sys.modules  # the zygote's; before this script imports any
 left_before = {"json_mark": getattr(sys.modules.get("json"), "MARK", None),
-               "wave_loaded": "wave" in sys.modules}
+               "wave_loaded": "wave" in sys.modules, "colorsys_loaded": "colorsys" in sys.modules}
 
 import argparse  # noqa: E402
 import ctypes  # noqa: E402

@@ -572,6 +572,18 @@ BREAKS = [
           "    except OSError:  # its waiting process was killed meanwhile: another, forked now\n",
           "    except ZeroDivisionError:\n",
           (T + "test_warm.py::test_a_spare_killed_while_it_waits_is_replaced",)),
+    Break("a script that cannot use the preload is forked from the bare zygote",
+          "worker_tasks/warm.py",
+          "    if bare and not uses_preload(script, preload_modules()):\n",
+          "    if False:\n",
+          (T + "test_warm.py::test_a_script_that_cannot_use_the_preload_is_forked_from_the_"
+               "bare_zygote",)),
+    Break("a script that imports a preloaded module uses the preload", "worker_tasks/warm.py",
+          "    return not (imported <= STANDARD_LIBRARY) or bool(imported & preloaded)\n",
+          "    return not (imported <= STANDARD_LIBRARY)\n",
+          (T + "test_worker_rules.py::test_a_script_uses_the_preload_unless_it_imports_only_"
+               "the_rest_of_the_stdlib", T + "test_warm.py::test_a_script_that_cannot_use_the_"
+                                             "preload_is_forked_from_the_bare_zygote")),
     Break("a warm script's title survives its cleared environment", "worker_tasks/zygote.py",
           "    prepare_titles()\n", "",
           (T + "test_warm.py::test_worker_warm_flags",)),

@@ -217,7 +217,7 @@ class Launch:
     def warm(self, argv: list[str], env: dict[str, str], log: Path) -> WarmRunner | None:
         if not self.wanted:
             return None
-        socket_path = os.environ.get(warm.SOCKET_VARIABLE)
+        socket_path = warm.socket_for(Path(argv[1]))
         why = (warm.cold_reason(self.job_env) or
                (None if socket_path else "this worker keeps no warm interpreter "
                                          "(coordinator worker --warm): ran cold"))

@@ -96,7 +96,8 @@ TRACKING_RETRY_S = float(os.environ.get("SC_TRACKING_RETRY", "600"))
 TAIL_LINES = 20
 TAIL_BYTES = 4096
 # Worker settings a script must not inherit (they may hold the broker's password).
-PRIVATE_ENV = ("SC_BROKER_URL", "SC_RESULT_BACKEND", "SC_TRACKING_URL", warm.SOCKET_VARIABLE)
+PRIVATE_ENV = ("SC_BROKER_URL", "SC_RESULT_BACKEND", "SC_TRACKING_URL", warm.SOCKET_VARIABLE,
+               warm.BARE_SOCKET_VARIABLE)
 # Worker setting (not a message field): the CUDA device index its jobs get, when the worker
 # sees one GPU only (a per-GPU worker in a container with that device).
 GPU_DEVICE_VARIABLE = "SC_GPU_DEVICE"

@@ -8,15 +8,24 @@ one log line and jobs then run cold; a zygote that dies is restarted, saying so.
 process asks it for each job (``WarmRunner``, the cold ``Runner``'s interface: ``wait``,
 ``kill``); when it cannot answer, the job runs cold and its log says why.
 
+Beside it runs a bare zygote, which imports nothing: a script that cannot use the preload
+(``uses_preload``: it imports only standard-library modules, none of them preloaded) is
+forked from there. Every fork, exit and first write of a large process costs in proportion
+to its memory (the default preload is 140 MiB; forking it costs a job about 7 ms more than
+forking the bare one), and such a script would pay it for nothing.
+
 Parameters (environment, set by ``coordinator worker``):
     SC_WARM       1: jobs run warm unless they say ``"warm": false``
     SC_PRELOAD    modules the zygote imports (comma-separated; default ``DEFAULT_PRELOAD``)
     SC_WARM_SOCKET  (set by the worker) where its zygote listens
+    SC_WARM_BARE_SOCKET  (set by the worker) where its bare zygote listens
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -38,6 +47,7 @@ logger = logging.getLogger(__name__)
 WARM_VARIABLE = "SC_WARM"
 PRELOAD_VARIABLE = "SC_PRELOAD"
 SOCKET_VARIABLE = "SC_WARM_SOCKET"
+BARE_SOCKET_VARIABLE = "SC_WARM_BARE_SOCKET"
 # The Step 3 script's engines: NumPy, the Numba-compiled loops loaded, CuPy (where installed).
 DEFAULT_PRELOAD = ("numpy", "scoring.warm_engines")
 # How long the zygote may take to import its modules and answer (seconds).
@@ -85,6 +95,74 @@ def cold_reason(env: Mapping[str, str]) -> str | None:
     return None
 
 
+def start_zygotes(env: Mapping[str, str]) -> list[Supervisor]:
+    """(In the worker's main process, before its pool starts.) The zygote with the preload,
+    and the bare one beside it when there is a preload; each one's socket goes into this
+    process's environment, for the pool processes to find."""
+    modules = preload_modules()
+    supervisors = [(SOCKET_VARIABLE, Supervisor(modules, env))]
+    if modules:
+        supervisors.append((BARE_SOCKET_VARIABLE, Supervisor([], env, name="bare zygote")))
+    for variable, supervisor in supervisors:
+        os.environ[variable] = supervisor.socket_path
+        supervisor.start()
+    return [supervisor for _, supervisor in supervisors]
+
+
+def socket_for(script: Path) -> str | None:
+    """Where the zygote that should fork ``script`` listens (None: this worker keeps none):
+    the bare one when the script cannot use the preload."""
+    bare = os.environ.get(BARE_SOCKET_VARIABLE)
+    if bare and not uses_preload(script, preload_modules()):
+        return bare
+    return os.environ.get(SOCKET_VARIABLE)
+
+
+def uses_preload(script: Path, preload: Sequence[str]) -> bool:
+    """Whether ``script`` may use a preloaded module: True unless its source shows it imports
+    only standard-library modules, none of them preloaded (a third-party import may pull in
+    a preloaded one: SciPy imports NumPy). An import the source does not name (relative,
+    ``__import__``, ``importlib``) or a script that cannot be read counts as using it."""
+    try:
+        stat = script.stat()
+    except OSError:
+        return True
+    imported = imports_of(str(script), stat.st_mtime_ns, stat.st_size)
+    if imported is None:
+        return True
+    preloaded = {name.split(".")[0] for name in preload}
+    return not (imported <= STANDARD_LIBRARY) or bool(imported & preloaded)
+
+
+# Top-level names of the standard library's modules (sys.stdlib_module_names has them all).
+STANDARD_LIBRARY = frozenset(sys.stdlib_module_names)
+# Calls that import a module named at run time: their module cannot be read from the source.
+DYNAMIC_IMPORTS = frozenset({"__import__", "import_module"})
+
+
+@functools.lru_cache(maxsize=256)
+def imports_of(path: str, mtime_ns: int, size: int) -> frozenset[str] | None:
+    """The top-level modules the script at ``path`` names in its imports (one version of
+    the file: its mtime and size are the cache's key); None when they cannot all be read."""
+    try:
+        tree = ast.parse(Path(path).read_bytes(), filename=path)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level or not node.module:
+                return None
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call) and (
+                getattr(node.func, "id", None) in DYNAMIC_IMPORTS
+                or getattr(node.func, "attr", None) in DYNAMIC_IMPORTS):
+            return None
+    return frozenset(names)
+
+
 class Supervisor:
     """The worker's zygote: started, watched and restarted from one thread of the main
     process (the zygote dies with that process, even SIGKILLed: its death signal).
@@ -92,11 +170,14 @@ class Supervisor:
     Parameters:
         modules: what the zygote imports before serving.
         env: its environment (the worker's, without the broker's secrets).
+        name: what the worker log calls it.
     """
 
-    def __init__(self, modules: Sequence[str], env: Mapping[str, str]) -> None:
+    def __init__(self, modules: Sequence[str], env: Mapping[str, str],
+                 name: str = "zygote") -> None:
         self.modules = list(modules)
         self.env = dict(env)
+        self.name = name
         self.directory = tempfile.mkdtemp(prefix="sc-warm-")  # mode 0700
         self.socket_path = os.path.join(self.directory, "zygote.sock")
         self.process: subprocess.Popen[str] | None = None
@@ -119,11 +200,11 @@ class Supervisor:
             deaths = [moment for moment in deaths if time.monotonic() - moment
                       < RESTART_WINDOW_S] + [time.monotonic()]
             if len(deaths) > MAX_RESTARTS:
-                logger.error("warm: the zygote died %d times within %.0f s; jobs run cold",
-                             len(deaths), RESTART_WINDOW_S)
+                logger.error("warm: the %s died %d times within %.0f s; jobs run cold",
+                             self.name, len(deaths), RESTART_WINDOW_S)
                 return
-            logger.warning("warm: the zygote (pid %d) died (status %s); restarting it",
-                           self.process.pid, status)
+            logger.warning("warm: the %s (pid %d) died (status %s); restarting it",
+                           self.name, self.process.pid, status)
 
     def launch(self) -> bool:
         """Start one zygote and wait for its report; False if it cannot serve."""
@@ -149,10 +230,10 @@ class Supervisor:
                 why = (f"the preloaded modules started {report['threads'] - 1} threads (a "
                        f"fork keeps only one)")
             else:
-                why = f"the zygote gave no report within {READY_TIMEOUT_S:g} s"
+                why = f"the {self.name} gave no report within {READY_TIMEOUT_S:g} s"
             logger.error("warm: %s; jobs run cold", why)
             return False
-        logger.info("warm: zygote pid %d ready in %.2f s, preloaded %s", report["pid"],
+        logger.info("warm: %s pid %d ready in %.2f s, preloaded %s", self.name, report["pid"],
                     report["seconds"], ", ".join(report["loaded"]) or "nothing")
         return True
 

@@ -26,13 +26,13 @@ presence.connect_hooks()  # workers keep their nodes' presence in Redis
 __all__ = ["app", "run_job"]
 
 logger = get_logger(__name__)
-_supervisor: list[warm.Supervisor] = []  # this worker's zygote, when it runs warm
+_supervisor: list[warm.Supervisor] = []  # this worker's zygotes, when it runs warm
 
 
 @worker_init.connect
 def load_worker_only_parts(**kwargs: Any) -> None:
     """In a worker (not on the head node): refuse pool_grow, autoscale, add_consumer; with
-    ``SC_WARM``, start the zygote before the pool (its processes inherit where it listens)."""
+    ``SC_WARM``, start the zygotes before the pool (its processes inherit where they listen)."""
     from worker_tasks import control  # noqa: F401
     from worker_tasks.signing import Part, register
 
@@ -40,10 +40,7 @@ def load_worker_only_parts(**kwargs: Any) -> None:
 
     if warm.enabled() and not _supervisor:
         env = {name: value for name, value in os.environ.items() if name not in PRIVATE_ENV}
-        supervisor = warm.Supervisor(warm.preload_modules(), env)
-        os.environ[warm.SOCKET_VARIABLE] = supervisor.socket_path
-        supervisor.start()
-        _supervisor.append(supervisor)
+        _supervisor.extend(warm.start_zygotes(env))
 
 
 @worker_ready.connect
