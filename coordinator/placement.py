@@ -118,11 +118,19 @@ class RunningJob:
     elapsed_s: float
 
 
+# A job past its estimate by at most this share of it is about to end (its record says so a
+# little after its script does); further past, its slot is slower than it was.
+ENDING_MARGIN = 0.25
+
+
 def time_left(job: RunningJob, seconds_per_unit: Mapping[str, float]) -> float:
-    """What the job has left at its slot's learned speed. Past its estimate, its slot is
-    slower than it was: it is taken to be half way (as long again as it has run)."""
+    """What the job has left at its slot's learned speed. Just past its estimate (within
+    ``ENDING_MARGIN``), nothing: it is ending. Further past, its slot is slower than it was:
+    it is taken to be half way (as long again as it has run)."""
     expected = job.cost * seconds_per_unit[job.slot]
-    return expected - job.elapsed_s if job.elapsed_s < expected else job.elapsed_s
+    if job.elapsed_s < expected:
+        return expected - job.elapsed_s
+    return 0.0 if job.elapsed_s <= expected * (1 + ENDING_MARGIN) else job.elapsed_s
 
 
 def copy_budget(slots: int, live_copies: int) -> int:

@@ -170,8 +170,11 @@ def test_backup_copies_go_to_the_longest_straggler_first_onto_the_fastest_idle_s
     from coordinator.placement import RunningJob, backup_copies, copy_budget, time_left
 
     per_unit = {"rig-a": 1.0, "rig-b": 1.0, "rig-c": 2.0, "rig-d": 4.0}
-    # Before its estimate: what is left; past it: as long again as it has run.
+    # Before its estimate: what is left; just past it: ending; well past it: as long again
+    # as it has run.
     assert time_left(RunningJob("j", "rig-d", 1.0, 1.0), per_unit) == 3.0
+    assert time_left(RunningJob("j", "rig-a", 1.0, 1.2), per_unit) == 0.0
+    assert time_left(RunningJob("j", "rig-a", 1.0, 1.3), per_unit) == 1.3
     assert time_left(RunningJob("j", "rig-a", 1.0, 3.0), per_unit) == 3.0
     running = [RunningJob("short", "rig-c", 1.0, 0.5),   # 1.5 s left, 1 s elsewhere: no copy
                RunningJob("long", "rig-d", 1.0, 0.5),    # 3.5 s left
@@ -187,3 +190,16 @@ def test_backup_copies_go_to_the_longest_straggler_first_onto_the_fastest_idle_s
         "j": "rig-a"}
     assert [copy_budget(slots, 0) for slots in (1, 4, 8, 9)] == [1, 1, 2, 2]
     assert copy_budget(8, 2) == 0 and copy_budget(4, 1) == 0
+
+
+def test_a_fast_slot_whose_job_is_just_past_its_estimate_is_about_to_be_free() -> None:
+    # The record of a job ends a little after its script does: a fast slot's job just past
+    # its 0.5 s estimate is ending, not a straggler's, and the tail stays off the slow slot.
+    from coordinator.placement import EarliestFinish, RunningJob, placed, time_left
+
+    per_unit = {"rig-a": 0.5, "rig-d": 2.0}
+    free_at = {"rig-a": time_left(RunningJob("now", "rig-a", 1.0, 0.52), per_unit),
+               "rig-d": 0.0}
+    tail = [(f"t{index}", "any") for index in range(3)]
+    assert placed(EarliestFinish(free_at, per_unit), tail) == dict.fromkeys(
+        ["t0", "t1", "t2"], "rig-a")

@@ -584,6 +584,11 @@ BREAKS = [
           (T + "test_worker_rules.py::test_a_script_uses_the_preload_unless_it_imports_only_"
                "the_rest_of_the_stdlib", T + "test_warm.py::test_a_script_that_cannot_use_the_"
                                              "preload_is_forked_from_the_bare_zygote")),
+    Break("a job just past its estimate is ending, not a straggler's", "coordinator/placement.py",
+          "    return 0.0 if job.elapsed_s <= expected * (1 + ENDING_MARGIN) else job.elapsed_s\n",
+          "    return job.elapsed_s\n",
+          (T + "test_placement.py::test_a_fast_slot_whose_job_is_just_past_its_estimate_is_"
+               "about_to_be_free",)),
     Break("a warm script's title survives its cleared environment", "worker_tasks/zygote.py",
           "    prepare_titles()\n", "",
           (T + "test_warm.py::test_worker_warm_flags",)),

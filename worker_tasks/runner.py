@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import resource
 import select
@@ -68,7 +69,14 @@ class Outcome:
 
 def prctl(option: int, value: int | ctypes.c_char_p) -> None:
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+        libc().prctl(option, value, 0, 0, 0)
+
+
+@functools.cache
+def libc() -> ctypes.CDLL:
+    """The C library, opened once (forked processes inherit it, and do not open it again on
+    a job's path)."""
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def job_title(env: Mapping[str, str]) -> str:
@@ -111,6 +119,8 @@ def kill_descendants() -> None:
     deadline = time.monotonic() + REAP_TIMEOUT_S
     me = os.getpid()
     while time.monotonic() < deadline:
+        if not has_children():  # the common case, without reading /proc
+            return
         pids = children(me)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -122,6 +132,16 @@ def kill_descendants() -> None:
         if not pids and not reaped:
             return
         time.sleep(0.01)
+
+
+def has_children() -> bool:
+    """Whether this process has a child, live or not yet reaped (a subreaper's orphaned
+    descendants are its children)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
 
 
 def arm(status_fd: int, parent: int) -> None:

@@ -118,7 +118,6 @@ def run_script(argv: list[str], cwd: str, env: dict[str, str]) -> NoReturn:
     script = argv[1]
     sys.argv = argv[1:]
     sys.path[0] = os.path.dirname(os.path.realpath(script))
-    reseed_after_fork()
     status = 0
     try:
         runpy.run_path(script, run_name="__main__")
@@ -178,23 +177,26 @@ def send_with_fd(connection: socket.socket, data: bytes, fd: int) -> None:
 
 
 def await_job(from_runner: socket.socket) -> NoReturn:
-    """A spare script process: wait for the job (argv, cwd, env; the log's descriptor) from
-    its runner, point stdio at the log, run it. A runner that goes first ends it too."""
+    """A spare script process: what does not depend on the job done ahead of it (default
+    signal handlers, stdin, unbuffered stdio, fresh random seeds); then wait for the job
+    (argv, cwd, env; the log's descriptor) from its runner, point stdout and stderr at the
+    log, run it. A runner that goes first ends it too."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # not the runner's handler
         signal.signal(signum, signal.SIG_DFL)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    for stream in (sys.stdout, sys.stderr):  # as PYTHONUNBUFFERED=1 would
+        stream.reconfigure(line_buffering=True, write_through=True)
+    reseed_after_fork()
     data, fds = receive(from_runner)
     from_runner.close()
     if not data or len(fds) != 1:
         os._exit(0)
     argv, cwd, env, _ = check_request(json.loads(data))
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
     os.dup2(fds[0], 1)
     os.dup2(fds[0], 2)
-    os.close(null)
     os.close(fds[0])
-    for stream in (sys.stdout, sys.stderr):  # as PYTHONUNBUFFERED=1 would
-        stream.reconfigure(line_buffering=True, write_through=True)
     run_script(argv, cwd, env)
 
 
@@ -235,7 +237,6 @@ def spare_main(control: socket.socket, status_fd: int, parent: int) -> NoReturn:
         os._exit(0)
     waiter = socket.socket(fileno=fds[0])
     _, _, env, log = check_request(json.loads(data))
-    name_process(job_title(env), WARM_JOB_NAME)
     try:
         log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     except OSError:  # nowhere to say why: the job fails as a script that could not start
@@ -251,6 +252,7 @@ def spare_main(control: socket.socket, status_fd: int, parent: int) -> NoReturn:
         send_with_fd(to_script, data, log_fd)
     to_script.close()
     os.close(log_fd)
+    name_process(job_title(env), WARM_JOB_NAME)  # after the hand-over: off the job's path
     supervise(script, status_fd, waiter)
 
 
