@@ -77,6 +77,19 @@ def jobs_for(count: int, work: float, factors: str, tag: str,
             for index in range(count)]
 
 
+def wait_for_zygotes(cluster: LocalCluster, timeout: float = 300.0) -> None:
+    """Until each worker's log says both its zygotes are ready (bounded)."""
+    deadline = time.monotonic() + timeout
+    logs = [cluster.log_dir / f"worker-{node}.log" for node in NODES]
+    while time.monotonic() < deadline:
+        texts = [log.read_text() if log.exists() else "" for log in logs]
+        if all("warm: zygote pid" in text and "warm: bare zygote pid" in text
+               for text in texts):
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"the workers' zygotes were not ready within {timeout:g} s")
+
+
 def coordinator_run(cluster: LocalCluster, jobs: list[dict], work_dir: Path, tag: str,
                     balance: bool) -> float:
     start = time.perf_counter()
@@ -125,9 +138,12 @@ def main() -> int:
         with LocalCluster(NODES, scripts_dir=work_dir, workdir=work_dir,
                           log_dir=work_dir / "logs", die_with_parent=True,
                           extra_env=warm_env(None)) as cluster:
-            # Measured second: the first run also waits for the workers' zygotes.
+            # Measured once every zygote is ready: the bench's script forks from the bare one,
+            # so the first run does not wait for the preloaded one's imports, which would
+            # otherwise run beside the empty run and swell the fixed cost.
             coordinator_run(cluster, jobs_for(4, 0.0, args.factors, "first"), work_dir,
                             "first", balance=False)
+            wait_for_zygotes(cluster)
             empty = coordinator_run(cluster, jobs_for(4, 0.0, args.factors, "empty"), work_dir,
                                     "empty", balance=False)
             pinned = coordinator_run(cluster, jobs_for(args.jobs, args.work, args.factors,
