@@ -589,9 +589,6 @@ BREAKS = [
           "    return job.elapsed_s\n",
           (T + "test_placement.py::test_a_fast_slot_whose_job_is_just_past_its_estimate_is_"
                "about_to_be_free",)),
-    Break("a warm script's title survives its cleared environment", "worker_tasks/zygote.py",
-          "    prepare_titles()\n", "",
-          (T + "test_warm.py::test_worker_warm_flags",)),
     Break("a message delivered again while its job runs elsewhere waits for it",
           "worker_tasks/execution.py",
           "        return slot if holder == self.task_id else None\n",

@@ -554,8 +554,9 @@ class JobExecution:
             attempt = self.attempt(paths)
             if attempt.cancelled:
                 self.when_stopped(paths)
-            with contextlib.suppress(redis.RedisError):  # bookkeeping for metrics only
-                tracker().add_busy(spec.node, attempt.duration_s)
+            if attempt.error is not None:  # a success's is sent with what it teaches
+                with contextlib.suppress(redis.RedisError):  # bookkeeping for metrics only
+                    tracker().add_busy(spec.node, attempt.duration_s)
             entry = attempt.history_entry(self.host, spec)
             if self.as_copy:
                 entry.update(attempt="copy", copy=True)
@@ -727,10 +728,13 @@ class JobExecution:
         marker.after_finish()
         log_line(log, f"succeeded in {duration:.2f} s; wrote {done}")
         # Before the record says succeeded: whoever sees the success sees what it taught.
-        with contextlib.suppress(redis.RedisError):  # "P%" timeouts; slot speeds
-            tracker().add_duration(spec.run_id, spec.script, duration)
+        with contextlib.suppress(redis.RedisError):  # busy time; "P%" timeouts; slot speeds
+            teach = tracker().client.pipeline(transaction=False)  # one round trip for all
+            tracker().add_busy(spec.node, duration, teach)
+            tracker().add_duration(spec.run_id, spec.script, duration, teach)
             SlotSpeeds(tracker().client).after_success(spec.script, spec.slot, duration,
-                                                       spec.cost or 1.0)
+                                                       spec.cost or 1.0, teach)
+            teach.execute()
         with contextlib.suppress(redis.RedisError):  # else the head node settles it by .done
             self.track("succeed", lambda t: t.succeed(*self.ids(), duration_s=duration,
                                                       history_add=[entry]))

@@ -86,18 +86,12 @@ def job_title(env: Mapping[str, str]) -> str:
             f"{env.get('SC_ATTEMPT', '?')}")
 
 
-def prepare_titles() -> None:
-    """Let processes forked from this one take titles even after clearing their environment
-    (a warm script's does): setproctitle finds the memory of argv by that of environ, so it
-    must look while both are as exec left them."""
-    if setproctitle is not None:
-        setproctitle.getproctitle()
-
-
 def name_process(title: str, comm: str | None = None) -> None:
     """Name this process in ``ps``: ``title`` as its command line (where setproctitle is
     installed; a forked runner would otherwise show its pool process's title), and
-    ``comm`` as its short name (``/proc/PID/comm``), when given."""
+    ``comm`` as its short name (``/proc/PID/comm``), when given. setproctitle finds the
+    memory of argv by that of environ, so its first call in a process (or an ancestor) must
+    come before the environment is cleared: a spare names itself before its job clears it."""
     if setproctitle is not None:
         setproctitle.setproctitle(title)  # on Linux it sets comm too: set ours after it
     if comm is not None:

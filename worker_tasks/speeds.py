@@ -77,13 +77,16 @@ class SlotSpeeds:
         self.client = client
         self._record = client.register_script(RECORD_LUA)
 
-    def after_success(self, script: str, slot: str, seconds: float, cost: float) -> float:
+    def after_success(self, script: str, slot: str, seconds: float, cost: float,
+                      pipe: redis.client.Pipeline | None = None) -> float | None:
         """An attempt of ``script`` on ``slot`` succeeded in ``seconds`` for ``cost`` units:
-        the slot's new seconds per unit."""
+        the slot's new seconds per unit (None when queued on ``pipe``, for its caller to
+        execute)."""
         per_unit = max(seconds, 0.0) / cost
-        return float(self._record(keys=[speeds_key(script)], args=[
-            slot, per_unit, EWMA_WEIGHT, time.time(), FORGET_AFTER_S,
-            int(FORGET_AFTER_S)]))
+        new = self._record(keys=[speeds_key(script)], args=[
+            slot, per_unit, EWMA_WEIGHT, time.time(), FORGET_AFTER_S, int(FORGET_AFTER_S)],
+            client=pipe)
+        return None if pipe is not None else float(new)
 
     def of(self, script: str) -> dict[str, SlotSpeed]:
         """slot -> its estimate for ``script`` (forgotten ones left out)."""

@@ -758,13 +758,16 @@ class JobTracker:
         """Fields set at creation, before the run is visible (pin; a recovered job skipped)."""
         client.hset(job_key(run_id, job_id), mapping=encode(fields))
 
-    def add_duration(self, run_id: str, script: str, seconds: float) -> None:
-        """A succeeded job's duration, for the median of its script's (``median``)."""
-        pipe = self.client.pipeline(transaction=False)
+    def add_duration(self, run_id: str, script: str, seconds: float,
+                     pipe: redis.client.Pipeline | None = None) -> None:
+        """A succeeded job's duration, for the median of its script's (``median``); queued on
+        ``pipe`` when given (its caller executes it)."""
+        batch = pipe if pipe is not None else self.client.pipeline(transaction=False)
         key = f"{run_key(run_id)}:durations:{script}"  # list: the script's succeeded jobs
-        pipe.rpush(key, seconds)
-        pipe.expire(key, RUN_TTL_S)
-        pipe.execute()
+        batch.rpush(key, seconds)
+        batch.expire(key, RUN_TTL_S)
+        if pipe is None:
+            batch.execute()
 
     def median(self, run_id: str, script: str,
                at_least: int = MEDIAN_MIN_JOBS) -> tuple[float, int] | None:
@@ -776,8 +779,10 @@ class JobTracker:
             return None
         return statistics.median(values), len(values)
 
-    def add_busy(self, node: str, seconds: float) -> None:
-        self.client.hincrbyfloat(busy_key(), node, seconds)
+    def add_busy(self, node: str, seconds: float,
+                 pipe: redis.client.Pipeline | None = None) -> None:
+        """An attempt's seconds on ``node`` (the busy metric); queued on ``pipe`` when given."""
+        (pipe if pipe is not None else self.client).hincrbyfloat(busy_key(), node, seconds)
 
     def update(self, run_id: str, job_id: str, **fields: Any) -> None:
         """Set fields of a record without changing its state (bookkeeping only)."""

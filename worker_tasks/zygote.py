@@ -49,7 +49,6 @@ from worker_tasks.runner import (
     kill_descendants,
     name_process,
     prctl,
-    prepare_titles,
     supervise,
 )
 
@@ -398,7 +397,6 @@ def preload(modules: list[str]) -> tuple[list[str], dict[str, str]]:
 def main(argv: list[str]) -> NoReturn:
     socket_path, modules = argv[0], [name for name in argv[1].split(",") if name]
     parent = os.getppid()
-    prepare_titles()
     prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:
         os._exit(0)
