@@ -226,6 +226,7 @@ def zygote_of(cluster: LocalCluster, node: str = NODE, name: str = "zygote") -> 
     """The pid of the node's zygote (``name``: or its bare one), from its worker's last
     report."""
     log = cluster.log_dir / f"worker-{node}.log"
+    wait_for(lambda: f"warm: {name} pid" in log.read_text(), 30, f"the {name} ready")
     return int(next(line for line in reversed(log.read_text().splitlines())
                     if f"warm: {name} pid" in line).split("zygote pid ")[1].split()[0])
 

@@ -563,9 +563,9 @@ BREAKS = [
     Break("ps names a warm script by its own command line", "worker_tasks/zygote.py",
           "    name_process(shlex.join(argv), WARM_JOB_NAME)\n", "",
           (T + "test_warm.py::test_worker_warm_flags",)),
-    Break("a warm job goes to a runner forked ahead of it", "worker_tasks/zygote.py",
-          "            if self.spare is None:  # after a job's reply, off that job's path\n",
-          "            if False:\n",
+    Break("a warm job goes to a runner forked ahead of it", "worker_tasks/warm.py",
+          "        reservations.ask(socket_path)  # the next job's spare, forked while this one "
+          "runs\n", "",
           (T + "test_warm.py::test_a_spare_killed_while_it_waits_is_replaced",)),
     Break("a spare whose waiting script process was killed forks another",
           "worker_tasks/zygote.py",

@@ -5,8 +5,10 @@ Opt-in per worker (``coordinator worker --warm``, which sets ``SC_WARM``) and pe
 ``warm`` field; default: the worker's setting). The worker's main process starts the
 zygote at worker start and keeps it (``Supervisor``, a thread): a preload that fails is
 one log line and jobs then run cold; a zygote that dies is restarted, saying so. The pool
-process asks it for each job (``WarmRunner``, the cold ``Runner``'s interface: ``wait``,
-``kill``); when it cannot answer, the job runs cold and its log says why.
+process hands each job to the spare runner it reserved from the zygote as its previous job
+started (``Reservations``), or, without one, asks the zygote (``WarmRunner``, the cold
+``Runner``'s interface: ``wait``, ``kill``); when the zygote cannot answer, the job runs cold
+and its log says why.
 
 Beside it runs a bare zygote, which imports nothing: a script that cannot use the preload
 (``uses_preload``: it imports only standard-library modules, none of them preloaded) is
@@ -38,9 +40,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from worker_tasks.runner import STATUS_READ_BYTES, JobProcess, Outcome, outcome_of
+from worker_tasks.zygote import RESERVE_REQUEST
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +56,9 @@ BARE_SOCKET_VARIABLE = "SC_WARM_BARE_SOCKET"
 DEFAULT_PRELOAD = ("numpy", "scoring.warm_engines")
 # How long the zygote may take to import its modules and answer (seconds).
 READY_TIMEOUT_S = 300.0
+# How long a pool process's start waits for its zygotes to listen (they do before any
+# import; seconds).
+LISTEN_TIMEOUT_S = 5.0
 # A zygote that dies this many times within RESTART_WINDOW_S is not restarted again.
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
@@ -255,6 +262,92 @@ class Supervisor:
             os.rmdir(self.directory)
 
 
+@dataclass
+class Reserved:
+    """A spare runner a pool process holds for its next job (``zygote.Spare``, as its reply
+    carried it): the job goes to ``control``, which then stays open as the runner's waiter."""
+
+    pid: int
+    control: socket.socket
+    status_fd: int
+    pidfd: int
+
+    def hand(self, request: bytes) -> None:
+        """Give it the job; ``OSError`` if it is gone (killed, or its zygote died)."""
+        self.control.sendall(request)
+
+    def close(self) -> None:
+        self.control.close()
+        os.close(self.status_fd)
+        os.close(self.pidfd)
+
+
+class Reservations:
+    """(In a pool process.) The spare of its next job, asked of each zygote as a job starts
+    and read when the next job comes, so that neither a fork nor a round trip through the
+    zygote lies on a job's path. A spare held while its zygote dies dies with it: its job
+    then goes through the zygote as without a reservation."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, socket.socket] = {}  # zygote socket -> where its reply comes
+
+    def ask(self, socket_path: str) -> None:
+        """Ask that zygote for a spare (its reply is read by ``take``)."""
+        self.drop(socket_path)
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            connection.settimeout(REQUEST_TIMEOUT_S)
+            connection.connect(socket_path)
+            connection.sendall(RESERVE_REQUEST)
+        except OSError:
+            connection.close()
+            return
+        self.pending[socket_path] = connection
+
+    def take(self, socket_path: str) -> Reserved | None:
+        """The spare that zygote reserved for this job; None without one."""
+        connection = self.pending.pop(socket_path, None)
+        if connection is None:
+            return None
+        with connection:
+            try:
+                message, fds, _, _ = socket.recv_fds(connection, 4096, 3)
+            except OSError:
+                return None
+        try:
+            pid = int(json.loads(message)["pid"])
+        except (ValueError, KeyError, TypeError):
+            pid = None
+        if pid is None or len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            return None
+        return Reserved(pid, socket.socket(fileno=fds[0]), fds[1], fds[2])
+
+    def drop(self, socket_path: str) -> None:
+        pending = self.pending.pop(socket_path, None)
+        if pending is not None:
+            pending.close()
+
+
+# This pool process's reservations (a worker's pool process runs one job at a time).
+reservations = Reservations()
+
+
+def reserve_ahead() -> None:
+    """(As a pool process starts.) A spare from each of the worker's zygotes, for its first
+    job, once each listens (its socket appears then; a zygote still importing answers once
+    it is done)."""
+    deadline = time.monotonic() + LISTEN_TIMEOUT_S
+    for variable in (SOCKET_VARIABLE, BARE_SOCKET_VARIABLE):
+        socket_path = os.environ.get(variable)
+        if not socket_path:
+            continue
+        while not os.path.exists(socket_path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        reservations.ask(socket_path)
+
+
 class WarmRunner(JobProcess):
     """A job forked from the zygote at ``socket_path``; the same ``wait``/``kill`` as the cold
     ``Runner`` (the runner in between is the same code). Raises ``WarmUnavailable`` if the
@@ -270,6 +363,23 @@ class WarmRunner(JobProcess):
                  env: Mapping[str, str], log_path: Path) -> None:
         request = json.dumps({"argv": list(argv), "cwd": str(cwd), "env": dict(env),
                               "log": str(log_path.resolve())}).encode() + b"\n"
+        spare = reservations.take(socket_path)
+        if spare is not None:
+            try:
+                spare.hand(request)
+            except OSError:
+                spare.close()
+                spare = None
+        if spare is not None:
+            # Its control socket, held open while the job runs, is the runner's waiter.
+            self.pid, self._connection = spare.pid, spare.control
+            self._status_fd, self._pidfd = spare.status_fd, spare.pidfd
+        else:
+            self._ask_zygote(socket_path, request)
+        self._ready_fd = self._status_fd  # readable once the runner wrote the status (or died)
+        reservations.ask(socket_path)  # the next job's spare, forked while this one runs
+
+    def _ask_zygote(self, socket_path: str, request: bytes) -> None:
         # Held open while the job runs: the runner stops the job once it closes (this
         # process died), as a cold runner does when its parent dies.
         self._connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -292,7 +402,6 @@ class WarmRunner(JobProcess):
             raise WarmUnavailable(f"the zygote refused the job: {reply.get('error', message)}")
         self.pid = int(reply["pid"])
         self._status_fd, self._pidfd = fds
-        self._ready_fd = self._status_fd  # readable once the runner wrote the status (or died)
 
     def _collect(self) -> Outcome:
         data = os.read(self._status_fd, STATUS_READ_BYTES)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 from celery.utils.log import get_logger
 
 from worker_tasks import (
@@ -41,6 +41,13 @@ def load_worker_only_parts(**kwargs: Any) -> None:
     if warm.enabled() and not _supervisor:
         env = {name: value for name, value in os.environ.items() if name not in PRIVATE_ENV}
         _supervisor.extend(warm.start_zygotes(env))
+
+
+@worker_process_init.connect
+def reserve_spares(**kwargs: Any) -> None:
+    """In each pool process of a warm worker: its first job's spare runners, asked now."""
+    if warm.enabled():
+        warm.reserve_ahead()
 
 
 @worker_ready.connect

@@ -3,16 +3,18 @@ from which each job's interpreter is forked instead of started.
 
 ``python -m worker_tasks.zygote SOCKET MODULES`` imports ``MODULES`` (comma-separated),
 prints one JSON line (``{"ready": true, ...}`` or ``{"ready": false, "failed": ...}``),
-and serves requests on the Unix socket ``SOCKET``: each is one job (argv, cwd, env, log
-path). Each job goes to a spare runner forked ahead of it (``Spare``; ``runner.arm``: own
-process group, subreaper, killed with its parent), under which the script's process is
-already forked and waiting: so no fork of this large process lies on a job's path (two
-forks of a 140 MiB zygote cost a job about 9 ms). The script's process sets up what
+and serves requests on the Unix socket ``SOCKET``, one JSON line each: a reservation
+(``{"reserve": true}``), answered with a spare runner (``Spare``; ``runner.arm``: own process
+group, subreaper, killed with its parent) under which the script's process is already forked
+and waiting; or one job (argv, cwd, env, log path), handed to a spare forked for it. A pool
+process reserves the spare for its next job as each job starts and hands that job straight to
+it: neither a fork of this large process (two forks of a 140 MiB zygote cost a job about
+9 ms) nor a round trip through it lies on a job's path. The script's process sets up what
 ``python script.py`` would have (environment, working directory, ``sys.argv``,
 ``sys.path[0]``, stdio on the job's log, default signal handlers, fresh random seeds) and
 runs the script as ``__main__``. The reply hands the worker the runner's pidfd and the pipe
-its wait status comes on (``SCM_RIGHTS``), so the worker waits and kills exactly as for a
-cold job; then the next spare is forked.
+its wait status comes on (``SCM_RIGHTS``; for a reservation, also the socket its job goes
+to), so the worker waits and kills exactly as for a cold job.
 
 The zygote is single-threaded and never runs job code, so every job starts from the same
 state; it never initialises CUDA (importing CuPy does not; a device query would, and CUDA
@@ -54,6 +56,8 @@ from worker_tasks.runner import (
 
 # The largest request accepted (argv, env and paths of one job), bytes.
 MAX_REQUEST_BYTES = 1 << 20
+# What a pool process sends for the spare of its next job (one line, as every request).
+RESERVE_REQUEST = b'{"reserve": true}\n'
 # How long a connected worker may take to send its request (seconds).
 REQUEST_TIMEOUT_S = 5.0
 # How often the zygote reaps finished runners and looks whether its parent is alive (s).
@@ -157,10 +161,11 @@ def finish(status: int) -> int:
 
 
 def receive(connection: socket.socket) -> tuple[bytes, list[int]]:
-    """One message up to the end of its stream (``MAX_REQUEST_BYTES`` at most) and the
-    descriptors that came with its first bytes; ``b""`` when the other end closed first."""
+    """One request: a line (``MAX_REQUEST_BYTES`` at most), and the descriptors that came
+    with its first bytes; ``b""`` when the other end closed first. The connection stays
+    open (a pool process that handed the job itself keeps it, as its waiter)."""
     data, fds, _, _ = socket.recv_fds(connection, 65536, 1)
-    while data and len(data) <= MAX_REQUEST_BYTES:
+    while data and not data.endswith(b"\n") and len(data) <= MAX_REQUEST_BYTES:
         chunk = connection.recv(65536)
         if not chunk:
             break
@@ -221,20 +226,24 @@ def fork_waiting_script(status_fd: int, control: socket.socket | None = None
 
 def spare_main(control: socket.socket, status_fd: int, parent: int) -> NoReturn:
     """A spare runner's life (forked from the zygote before its job is known): armed as every
-    runner is, its script's process forked and waiting under it; then the job from the zygote
-    (its request, and the pool process's connection), handed down to the script. A zygote
-    that closes ``control`` first ends both."""
+    runner is, its script's process forked and waiting under it; then the job, handed down to
+    the script: from the pool process that reserved it, on ``control``, which that process
+    keeps open while it waits (its waiter); or from the zygote, with the pool process's
+    connection to the zygote as the waiter. Whoever closes ``control`` first ends both."""
     sys.stdout.flush()
     sys.stderr.flush()
     name_process(SPARE_RUNNER_TITLE)
     arm(status_fd, parent)
     script, to_script = fork_waiting_script(status_fd, control)
     data, fds = receive(control)
-    control.close()
-    if not data or len(fds) != 1:
+    if not data or len(fds) > 1:
         kill_descendants()
         os._exit(0)
-    waiter = socket.socket(fileno=fds[0])
+    if fds:  # from the zygote: the pool process's connection to it
+        waiter = socket.socket(fileno=fds[0])
+        control.close()
+    else:  # from the pool process that reserved this spare
+        waiter = control
     _, _, env, log = check_request(json.loads(data))
     try:
         log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -264,7 +273,8 @@ class Spare:
         pid: the runner's pid (its process group).
         pidfd: refers to the runner, for the pool process to signal and wait on.
         status_fd: the read end of the runner's status pipe (``runner.STATUS_FORMAT``).
-        control: where the zygote hands it its job.
+        control: where its job is handed to it (by the zygote, or by the pool process that
+            reserved it).
     """
 
     pid: int
@@ -273,14 +283,17 @@ class Spare:
     control: socket.socket
 
     @classmethod
-    def fork(cls, listener: socket.socket) -> Spare:
+    def fork(cls, *zygotes: socket.socket) -> Spare:
+        """Fork one; ``zygotes``: the zygote's own sockets (its listener, the connection it
+        answers), which the spare must not keep."""
         control, theirs = socket.socketpair()
         read_fd, write_fd = os.pipe()
         me = os.getpid()
         pid = os.fork()
         if pid == 0:
             try:
-                listener.close()
+                for own in zygotes:
+                    own.close()
                 control.close()
                 os.close(read_fd)
                 spare_main(theirs, write_fd, me)
@@ -296,15 +309,21 @@ class Spare:
         self.control.close()
 
     def close(self) -> None:
-        """Let go of it (a spare not handed a job ends, its script's process with it)."""
+        """Let go of it (a spare not handed a job, nor reserved, ends, its script's process
+        with it)."""
         self.control.close()
         os.close(self.status_fd)
         os.close(self.pidfd)
 
+    def fds(self) -> list[int]:
+        """What a reservation's reply carries: its control socket, status pipe and pidfd."""
+        return [self.control.fileno(), self.status_fd, self.pidfd]
+
 
 class Zygote:
-    """The serving loop: accept a job, hand it to the spare runner, reply with the runner's
-    pidfd and status pipe, fork the next spare.
+    """The serving loop: accept a request; for a reservation, fork a spare runner and hand it
+    over; for a job (a pool process without a reservation), fork a spare, hand it the job
+    and reply with the runner's pidfd and status pipe.
 
     Parameters:
         listener: the bound, listening Unix socket.
@@ -314,12 +333,9 @@ class Zygote:
     def __init__(self, listener: socket.socket, parent: int) -> None:
         self.listener = listener
         self.parent = parent
-        self.spare: Spare | None = None
 
     def serve(self) -> NoReturn:
         while True:
-            if self.spare is None:  # after a job's reply, off that job's path
-                self.spare = Spare.fork(self.listener)
             ready, _, _ = select.select([self.listener], [], [], IDLE_POLL_S)
             self.reap()
             if os.getppid() != self.parent:
@@ -343,6 +359,9 @@ class Zygote:
                 if not chunk:
                     break
                 data += chunk
+            if data == RESERVE_REQUEST:
+                self.reserve(connection)
+                return
             check_request(json.loads(data))
         except (OSError, ValueError) as err:  # BadRequest and bad JSON are ValueErrors
             with contextlib.suppress(OSError):
@@ -363,16 +382,22 @@ class Zygote:
         finally:
             spare.close()
 
+    def reserve(self, connection: socket.socket) -> None:
+        """A spare for the next job of the pool process on ``connection``, handed over: it
+        goes with that process (or with this zygote)."""
+        spare = Spare.fork(self.listener, connection)
+        try:
+            socket.send_fds(connection, [json.dumps({"pid": spare.pid}).encode() + b"\n"],
+                            spare.fds())
+        except OSError:  # the pool process went away: nobody will hand it a job
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(spare.pidfd, signal.SIGTERM)
+        finally:
+            spare.close()
+
     def take_spare(self, request: bytes, connection: socket.socket) -> Spare:
-        """The spare, handed this job; a fresh one if it died meanwhile."""
-        spare, self.spare = self.spare, None
-        if spare is not None:
-            try:
-                spare.hand(request, connection)
-                return spare
-            except OSError:
-                spare.close()
-        spare = Spare.fork(self.listener)
+        """A spare forked for this job (its pool process had none reserved), handed it."""
+        spare = Spare.fork(self.listener, connection)
         try:
             spare.hand(request, connection)
         except OSError:
@@ -400,16 +425,19 @@ def main(argv: list[str]) -> NoReturn:
     prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:
         os._exit(0)
-    # Listening before the imports: a job that comes meanwhile waits for them, not cold.
+    # Listening before the imports: a job that comes meanwhile waits for them, not cold. The
+    # socket appears at its path only once it listens (bound aside, then renamed there).
+    aside = f"{socket_path}.{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(socket_path)
+        os.unlink(aside)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # the socket: this user only
     try:
-        listener.bind(socket_path)
+        listener.bind(aside)
     finally:
         os.umask(old_umask)
     listener.listen(16)
+    os.replace(aside, socket_path)
     started = time.monotonic()
     loaded, failed = preload(modules)
     threads = threading.active_count()
