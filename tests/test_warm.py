@@ -270,6 +270,8 @@ def test_a_spare_killed_while_it_waits_is_replaced(warm_cluster: LocalCluster) -
     # The next job's runner and script process are forked ahead, so no fork of the zygote
     # lies on a job's path; whoever kills them meanwhile costs the next job only that fork.
     zygote = zygote_of(warm_cluster)
+    # Each job's pool process reserves the next job's spare as the job starts.
+    assert run_jobs(warm_cluster, [probe("before")])["before"].state is JobState.SUCCEEDED
     spare: list[tuple[int, int]] = []
     wait_for(lambda: spare.append(spare_of(zygote)) or spare[-1] is not None, 15,
              "the zygote's spare runner and its waiting script process")

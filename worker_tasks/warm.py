@@ -56,9 +56,6 @@ BARE_SOCKET_VARIABLE = "SC_WARM_BARE_SOCKET"
 DEFAULT_PRELOAD = ("numpy", "scoring.warm_engines")
 # How long the zygote may take to import its modules and answer (seconds).
 READY_TIMEOUT_S = 300.0
-# How long a pool process's start waits for its zygotes to listen (they do before any
-# import; seconds).
-LISTEN_TIMEOUT_S = 5.0
 # A zygote that dies this many times within RESTART_WINDOW_S is not restarted again.
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
@@ -335,17 +332,14 @@ reservations = Reservations()
 
 
 def reserve_ahead() -> None:
-    """(As a pool process starts.) A spare from each of the worker's zygotes, for its first
-    job, once each listens (its socket appears then; a zygote still importing answers once
-    it is done)."""
-    deadline = time.monotonic() + LISTEN_TIMEOUT_S
+    """(As a pool process starts.) A spare from each of the worker's zygotes that listens
+    already, for its first job (a zygote still importing answers once it is done). Never
+    waits: Celery kills a pool process that is not up within 4 s. A zygote not listening
+    yet gets asked as the first job starts."""
     for variable in (SOCKET_VARIABLE, BARE_SOCKET_VARIABLE):
         socket_path = os.environ.get(variable)
-        if not socket_path:
-            continue
-        while not os.path.exists(socket_path) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        reservations.ask(socket_path)
+        if socket_path and os.path.exists(socket_path):
+            reservations.ask(socket_path)
 
 
 class WarmRunner(JobProcess):
