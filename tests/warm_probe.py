@@ -5,7 +5,8 @@
 
 The report (the output file): ``__name__``, ``sys.argv``, ``sys.path[0]``, the working
 directory, the environment, the open descriptors, the threads, whether it was forked warm
-(the zygote's modules are loaded), and what an earlier job may have left behind (a mark on
+(the zygote's modules are loaded), its runner's pid, and what an earlier job may have left
+behind (a mark on
 the preloaded ``json`` module, the ``wave`` module, a variable), and whether ``colorsys``
 (preloaded by the suite) is loaded. ``--leave-state`` leaves
 all of those behind, plus an open file and a thread. The exit options end it the ways a
@@ -40,7 +41,7 @@ args = parser.parse_args()
 report = {
     "name": __name__, "argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(),
     "env": dict(os.environ), "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
-    "threads": threading.active_count(), "warm": warm,
+    "threads": threading.active_count(), "warm": warm, "runner": os.getppid(),
     "leftover_env": os.environ.get("LEFT_BY_EARLIER_JOB"), **left_before,
 }
 if args.leave_state:

@@ -567,6 +567,10 @@ BREAKS = [
           "        reservations.ask(socket_path)  # the next job's spare, forked while this one "
           "runs\n", "",
           (T + "test_warm.py::test_a_spare_killed_while_it_waits_is_replaced",)),
+    Break("a job goes straight to the spare its pool process reserved", "worker_tasks/warm.py",
+          "        connection = self.pending.pop(socket_path, None)\n",
+          "        self.pending.pop(socket_path, None)\n        connection = None\n",
+          (T + "test_warm.py::test_a_spare_killed_while_it_waits_is_replaced",)),
     Break("a spare whose waiting script process was killed forks another",
           "worker_tasks/zygote.py",
           "    except OSError:  # its waiting process was killed meanwhile: another, forked now\n",

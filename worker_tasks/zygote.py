@@ -368,7 +368,7 @@ class Zygote:
                 connection.sendall(json.dumps({"error": str(err)[:500]}).encode() + b"\n")
             return
         try:
-            spare = self.take_spare(data, connection)
+            spare = self.fork_for(data, connection)
         except OSError as err:  # no runner could take it: the job runs cold, saying why
             with contextlib.suppress(OSError):
                 connection.sendall(json.dumps({"error": f"no runner: {err}"}).encode() + b"\n")
@@ -395,7 +395,7 @@ class Zygote:
         finally:
             spare.close()
 
-    def take_spare(self, request: bytes, connection: socket.socket) -> Spare:
+    def fork_for(self, request: bytes, connection: socket.socket) -> Spare:
         """A spare forked for this job (its pool process had none reserved), handed it."""
         spare = Spare.fork(self.listener, connection)
         try:
