@@ -9,6 +9,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -366,3 +368,44 @@ def test_local_runs_jobs_warm_by_default_and_cold_with_cold(
     assert done.returncode == 0, done.stderr
     logs = "".join(path.read_text() for path in (tmp_path / "out" / "logs").glob("worker-*"))
     assert ("warm: zygote pid" in logs) is warm, logs[-2000:]
+
+
+WATCHDOG_PROBE = '''
+import json, os, sys, tempfile, time
+from pathlib import Path
+from worker_tasks import shutdown, warm
+
+def until(check, what, seconds=30):
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            sys.exit(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+zygote = warm.Supervisor(["json"], dict(os.environ))
+zygote.start()
+until(lambda: os.path.exists(zygote.socket_path), "the zygote")
+work = Path(tempfile.mkdtemp())
+(work / "job.py").write_text("import time; time.sleep(2)\\n")
+warm.reservations.ask(zygote.socket_path)
+until(lambda: len(shutdown.parents()) and any(
+    shutdown.parents().get(pid) == zygote.process.pid for pid in shutdown.parents()), "a spare")
+seen = {"spares_only": shutdown.job_running()}
+job = warm.WarmRunner(zygote.socket_path, [sys.executable, str(work / "job.py")], work,
+                      {"PATH": os.environ["PATH"]}, work / "log")
+until(shutdown.job_running, "the warm job counted")
+seen["job_ended"] = job.wait(30).exit_code
+until(lambda: not shutdown.job_running(), "the job no longer counted")
+zygote.stop()
+print(json.dumps(seen))
+'''
+
+
+def test_a_stopping_worker_waits_for_its_warm_jobs_not_for_its_spares(tmp_path: Path) -> None:
+    # A worker whose broker is gone exits on its own once no job runs: a zygote's spare
+    # runners, always there, are no job; a warm job's runner is one while it runs.
+    probe_run = subprocess.run([sys.executable, "-c", WATCHDOG_PROBE], cwd=REPO,
+                               capture_output=True, text=True, timeout=120)
+    assert probe_run.returncode == 0, probe_run.stderr
+    assert json.loads(probe_run.stdout.splitlines()[-1]) == {"spares_only": False,
+                                                             "job_ended": 0}

@@ -22,9 +22,12 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from celery.signals import worker_shutting_down
+
+from worker_tasks.daemon import WARM_JOB_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +51,30 @@ def parents() -> dict[int, int]:
 
 
 def job_running() -> bool:
-    """A job's script still runs: a pool process of this worker has a child (its runner).
+    """A job's script still runs: a pool process of this worker has a child (a cold job's
+    runner), or its zygote has a warm job's runner (named so: a spare waiting for its job
+    is no job, and a zygote always keeps some).
 
     Not Celery's own count of active requests: with the broker gone, a finished job's
     request is never completed, and that count stays at one for ever.
     """
     family = parents()
-    pool = {pid for pid, parent in family.items() if parent == os.getpid()}
-    return any(parent in pool for parent in family.values())
+    children = {pid for pid, parent in family.items() if parent == os.getpid()}
+    zygotes = {pid for pid in children if is_zygote(pid)}
+    return any(parent in children and (parent not in zygotes or is_warm_job(pid))
+               for pid, parent in family.items())
+
+
+def is_zygote(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return b"worker_tasks.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    return False
+
+
+def is_warm_job(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/comm").read_text().strip() == WARM_JOB_NAME
+    return False
 
 
 def kill_children() -> None:

@@ -24,6 +24,7 @@ state does not survive a fork). It dies with the worker process that started it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import json
 import os
@@ -44,6 +45,7 @@ from typing import Any, NoReturn
 from worker_tasks.daemon import WARM_JOB_NAME
 from worker_tasks.runner import (
     EXEC_FAILED,
+    PR_SET_NAME,
     PR_SET_PDEATHSIG,
     STATUS_FORMAT,
     arm,
@@ -245,6 +247,8 @@ def spare_main(control: socket.socket, status_fd: int, parent: int) -> NoReturn:
     else:  # from the pool process that reserved this spare
         waiter = control
     _, _, env, log = check_request(json.loads(data))
+    # A job's runner from now on (the worker's stop waits for it; a spare it does not).
+    prctl(PR_SET_NAME, ctypes.c_char_p(WARM_JOB_NAME.encode()))
     try:
         log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     except OSError:  # nowhere to say why: the job fails as a script that could not start
