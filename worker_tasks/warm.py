@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker_tasks.runner import STATUS_READ_BYTES, JobProcess, Outcome, outcome_of
-from worker_tasks.zygote import RESERVE_REQUEST
+from worker_tasks.zygote import RESERVE_REQUEST, listen
 
 logger = logging.getLogger(__name__)
 
@@ -185,10 +185,13 @@ class Supervisor:
         self.directory = tempfile.mkdtemp(prefix="sc-warm-")  # mode 0700
         self.socket_path = os.path.join(self.directory, "zygote.sock")
         self.process: subprocess.Popen[str] | None = None
+        self.listener: socket.socket | None = None  # made by ``start``, taken by ``launch``
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.keep, name="sc-zygote", daemon=True)
 
     def start(self) -> None:
+        """Listen at ``socket_path`` now (the zygote takes the socket over), then start it."""
+        self.listener = listen(self.socket_path)
         self.thread.start()
 
     def keep(self) -> None:
@@ -212,11 +215,14 @@ class Supervisor:
 
     def launch(self) -> bool:
         """Start one zygote and wait for its report; False if it cannot serve."""
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker_tasks.zygote", self.socket_path,
-             ",".join(self.modules)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, env=self.env,
-            cwd=self.directory)
+        # The socket made at start for the first zygote, a fresh one for each restart.
+        listener, self.listener = self.listener or listen(self.socket_path), None
+        with listener:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "worker_tasks.zygote", self.socket_path,
+                 ",".join(self.modules), str(listener.fileno())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, env=self.env,
+                cwd=self.directory, pass_fds=(listener.fileno(),))
         assert self.process.stdout is not None
         ready, _, _ = select.select([self.process.stdout], [], [], READY_TIMEOUT_S)
         line = self.process.stdout.readline() if ready else ""

@@ -423,25 +423,29 @@ def preload(modules: list[str]) -> tuple[list[str], dict[str, str]]:
     return loaded, failed
 
 
+def listen(socket_path: str) -> socket.socket:
+    """The zygote's socket, bound at ``socket_path`` (this user only) and listening. The
+    worker makes it before its pool starts, so no job can come before it listens; jobs that
+    come while the zygote imports wait for it in the backlog, not cold."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(socket_path)  # in a 0700 directory; then this user only (not umask: a
+    os.chmod(socket_path, 0o600)  # worker's other threads would see it change)
+    listener.listen(16)
+    return listener
+
+
 def main(argv: list[str]) -> NoReturn:
+    """``SOCKET MODULES [FD]``: FD, the listening socket its worker made (``listen``);
+    without it, the zygote makes it."""
     socket_path, modules = argv[0], [name for name in argv[1].split(",") if name]
     parent = os.getppid()
     prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:
         os._exit(0)
-    # Listening before the imports: a job that comes meanwhile waits for them, not cold. The
-    # socket appears at its path only once it listens (bound aside, then renamed there).
-    aside = f"{socket_path}.{os.getpid()}"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(aside)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # the socket: this user only
-    try:
-        listener.bind(aside)
-    finally:
-        os.umask(old_umask)
-    listener.listen(16)
-    os.replace(aside, socket_path)
+    listener = (socket.socket(fileno=int(argv[2])) if len(argv) > 2
+                else listen(socket_path))
     started = time.monotonic()
     loaded, failed = preload(modules)
     threads = threading.active_count()
