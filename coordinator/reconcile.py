@@ -9,7 +9,10 @@ job's current task id, so a live attempt is never overruled):
 
 * a ``running`` job whose ``.done`` exists here is ``succeeded``;
 * a ``running`` job that does not hold its node's lease (its worker died) is
-  ``queued`` again (its unacknowledged message comes back);
+  ``queued`` again; once no worker holds its unacknowledged message, the message goes back
+  to its queue (kombu's own restore: what the visibility timeout, 12 h by default, would do
+  then), so a floating job runs on the first free node and a pinned one as soon as its
+  node's worker is back;
 * a ``queued`` or ``running`` job whose message is in no queue, not in flight
   and not run by any worker is ``lost`` (``coordinator retry --lost``).
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,7 @@ from coordinator.dead_attempts import (
 from coordinator.placement import Placement, placed
 from coordinator.records import JobRecord
 from coordinator.submission import republish
+from worker_tasks.presence import alive
 from worker_tasks.spec import FLOATING_NODE, queue_for
 from worker_tasks.tracking import ACTIVE, MOVABLE, JobState, JobTracker
 from worker_tasks.tracking import now as timestamp
@@ -84,6 +88,58 @@ def settle(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord], live: Li
                     dead.append(DeadAttempt(job.task_id, job.host, dead_reason(record), True))
     announce(app, dead)
     return notes
+
+
+def return_dead_messages(client: redis.Redis, app: Celery, jobs: Sequence[JobRecord]
+                         ) -> list[str]:
+    """The queued jobs whose attempt died with its worker (``requeued_dead``): their
+    unacknowledged messages back in their queues, once no worker holds them (the worker is
+    gone from the presence registry, or one of its name is up again, a new process that
+    knows nothing of its predecessor's message); returns a line for each."""
+    waiting = [job for job in jobs if job.state is JobState.QUEUED and job.task_id
+               and job.started_at and requeued_dead(job)]
+    if not waiting:
+        return []
+    living = set(alive(client, {job.host for job in waiting if job.host}))
+    held = ClusterView(client, app).in_flight() if any(
+        job.host in living for job in waiting) else set()
+    orphans = {job.task_id: job.started_at for job in waiting
+               if job.task_id and job.started_at and job.task_id not in held}
+    returned = return_unacked(app, orphans)
+    return [f"{job.job_id}: its message, left unacknowledged by worker {job.host}, is back "
+            f"in its queue" for job in waiting if job.task_id in returned]
+
+
+def return_unacked(app: Celery, delivered_before: Mapping[str, float]) -> set[str]:
+    """Put the unacknowledged messages of the task ids in ``delivered_before`` back in their
+    queues, next to be taken, with kombu's own restore (what its visibility timeout does,
+    12 h later by default); each only if kombu delivered it before that time, so a later,
+    live delivery of it stays. Returns the task ids whose message went back."""
+    if not delivered_before:
+        return set()
+    returned: set[str] = set()
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        broker = channel.client
+        for tag, entry in broker.hgetall(channel.unacked_key).items():
+            task_id = unacked_task_id(entry)
+            if task_id not in delivered_before:
+                continue
+            delivered = broker.zscore(channel.unacked_index_key, tag)
+            if delivered is None or delivered > delivered_before[task_id]:
+                continue
+            channel.qos.restore_by_tag(tag, client=broker)
+            returned.add(task_id)
+    return returned
+
+
+def unacked_task_id(entry: bytes) -> str | None:
+    """The task id of an entry of kombu's unacknowledged set (``[message, exchange, routing
+    key]``); None if it cannot be read."""
+    try:
+        return str(json.loads(entry)[0]["headers"]["id"])
+    except (ValueError, LookupError, TypeError):
+        return None
 
 
 def queue_keys(node: str, broker: redis.Redis | None = None) -> list[str]:

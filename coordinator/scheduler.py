@@ -5,7 +5,9 @@ atomic, and records converge to the ``.done`` files. What the head learns while 
 follows a run it may act on, and every such decision is made here, nowhere else:
 
 * **settle**: a record that disagrees with a ``.done`` file or with a dead worker is put
-  right (``coordinator.reconcile`` does the reading and the transitions);
+  right (``coordinator.reconcile`` does the reading and the transitions), and the message
+  of a job whose worker is gone goes back to its queue rather than wait for the visibility
+  timeout;
 * **publish again**: a job whose message vanished (a broker restarted empty) is published
   once more, once;
 * **fail over**: the queued jobs of a node that has had no live worker for ``failover``
@@ -41,7 +43,13 @@ from coordinator.placement import (
     loads_of,
     time_left,
 )
-from coordinator.reconcile import find_lost, move_jobs, place_floating, settle
+from coordinator.reconcile import (
+    find_lost,
+    move_jobs,
+    place_floating,
+    return_dead_messages,
+    settle,
+)
 from coordinator.records import FOLLOW_FIELDS, JobRecord, RunStatus, read_records, read_status
 from coordinator.submission import publish_copy, republish
 from worker_tasks.dependencies import Dependencies
@@ -189,6 +197,8 @@ class Scheduler:
             self.options.notice(line)
         fresh = ([job for job in status.jobs if not job.state.is_final] if not settled
                  else read_records(self.client, self.run_id, waiting_ids, FOLLOW_FIELDS))
+        for line in return_dead_messages(self.client, self.app, fresh):
+            self.options.notice(line)
         lost = find_lost(self.app, self.client, self.broker, self.run_id, fresh, live)
         if lost:
             self.publish_again(lost)

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -216,6 +217,63 @@ def test_purged_messages_make_jobs_lost_and_retry_lost_runs_them(tmp_path: Path)
         assert retried.returncode == 0, retried.stdout + retried.stderr
         assert "published 3 lost jobs again" in retried.stdout
         assert [bench.successes(f"p{i}") for i in range(3)] == [1, 1, 1]
+
+
+def test_a_killed_workers_job_runs_once_its_node_is_back_not_after_the_visibility_timeout(
+        tmp_path: Path) -> None:
+    """kombu's own default stays (12 h), and a worker started again knows nothing of the
+    message its predecessor left unacknowledged: the head that follows the run puts it back
+    in the node's queue, and the job runs again, once."""
+    with make_bench(tmp_path, ["rig-a"],
+                    env={"SC_VISIBILITY_TIMEOUT": "43200", "SC_LEASE_TTL": "4"}) as bench:
+        run = submit([bench.job("back", "rig-a", "--sleep", "2")], output_dir="o",
+                     broker_url=bench.server.url)
+        wait_for(lambda: len(bench.ledger_of("back")) == 1, 60, "the job to start")
+        bench.cluster.kill_worker("rig-a")  # SIGKILL: its message stays unacknowledged
+        bench.cluster.start_worker("rig-a")
+        bench.cluster.wait_ready(["rig-a"])
+        notices: list[str] = []
+        status = run.wait(timeout=90, notice=notices.append)
+        assert status.all_succeeded, (status.line(), notices)
+        assert any(line.startswith("back: its message, left unacknowledged by worker rig-a@")
+                   and line.endswith("is back in its queue") for line in notices), notices
+        assert [entry[0] for entry in bench.ledger_of("back")] == ["start", "start", "end"]
+        assert bench.successes("back") == 1 and bench.violations() == []
+
+
+# A consumer that takes one message from node.rig-q unacknowledged and dies at once: kombu's
+# tidy close would put it back itself (a SIGKILLed worker's does not).
+TAKE_AND_DIE = """
+import os, sys
+from worker_tasks.celery_app import make_app
+with make_app(sys.argv[1]).connection_for_write() as connection:
+    message = connection.default_channel.basic_get("node.rig-q", no_ack=False)
+    print(message.headers["id"], flush=True)
+    os._exit(0)
+"""
+
+
+def test_only_a_message_delivered_before_the_dead_attempt_started_goes_back(
+        redis_server: RedisServer) -> None:
+    """``return_unacked`` restores a dead worker's delivery, never a later (live) one."""
+    from coordinator.reconcile import return_unacked
+
+    app = make_app(redis_server.url)
+    broker = redis.Redis.from_url(redis_server.url)
+    broker.delete("node.rig-q")
+    before = time.time()
+    app.send_task(RUN_JOB_TASK, args=[{}], queue="node.rig-q", task_id="held-1")
+    taken = subprocess.run([sys.executable, "-c", TAKE_AND_DIE, redis_server.url],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert taken.stdout.strip() == "held-1", taken.stderr
+    assert broker.llen("node.rig-q") == 0 and broker.hlen("unacked") >= 1
+    # Delivered after the attempt "started": a live delivery, left alone.
+    assert return_unacked(app, {"held-1": before}) == set()
+    assert broker.llen("node.rig-q") == 0
+    assert return_unacked(app, {"held-1": time.time()}) == {"held-1"}
+    assert broker.llen("node.rig-q") == 1
+    assert all(b"held-1" not in entry for entry in broker.hvals("unacked"))
+    assert return_unacked(app, {"held-1": time.time()}) == set()  # once
 
 
 def test_wait_publishes_a_vanished_message_again_once(tmp_path: Path) -> None:

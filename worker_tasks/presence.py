@@ -50,10 +50,21 @@ def verifying_key(prefix: str = KEY_PREFIX) -> str:
 
 def verifying(client: redis.Redis, workers: Iterable[str]) -> list[str]:
     """Those of ``workers`` seen lately holding a trust store: they refuse unsigned jobs."""
+    return seen_lately(client, verifying_key(), workers)
+
+
+def alive(client: redis.Redis, workers: Iterable[str]) -> list[str]:
+    """Those of ``workers`` seen lately, serving any node: one missing stopped or died."""
+    return seen_lately(client, seen_key(), workers)
+
+
+def seen_lately(client: redis.Redis, key: str, workers: Iterable[str]) -> list[str]:
+    """Those of ``workers`` whose last sighting in the sorted set ``key`` is within
+    ``PRESENCE_TTL_S``."""
     names = sorted(set(workers))
     if not names:
         return []
-    seen = client.zmscore(verifying_key(), names)
+    seen = client.zmscore(key, names)
     cutoff = time.time() - PRESENCE_TTL_S
     return [name for name, score in zip(names, seen, strict=True)
             if score is not None and score >= cutoff]
