@@ -46,7 +46,7 @@ from coordinator.placement import Placement, placed
 from coordinator.records import JobRecord
 from coordinator.submission import republish
 from worker_tasks.presence import alive
-from worker_tasks.spec import FLOATING_NODE, queue_for
+from worker_tasks.spec import FLOATING_NODE, is_floating, queue_for
 from worker_tasks.tracking import ACTIVE, MOVABLE, JobState, JobTracker
 from worker_tasks.tracking import now as timestamp
 
@@ -258,6 +258,27 @@ def place_floating(client: redis.Redis, app: Celery, broker: redis.Redis, run_id
     placed_ids = {job_id for job_ids in by_slot.values() for job_id in job_ids}
     remove_messages(broker, {FLOATING_NODE}, {job.task_id for job in waiting
                                               if job.job_id in placed_ids and job.task_id})
+    return dict(by_slot)
+
+
+def float_again(client: redis.Redis, app: Celery, broker: redis.Redis, run_id: str,
+                jobs: Sequence[JobRecord], live_slots: Iterable[str]) -> dict[str, list[str]]:
+    """Queued floating jobs the tail placed on a slot not in ``live_slots`` (its worker is
+    gone) back to the shared queue, under a new task id, the old message deleted from the
+    slot's queue; returns slot -> job ids. A job a worker took meanwhile stays."""
+    live = set(live_slots)
+    stranded = [job for job in jobs if job.floating and job.state is JobState.QUEUED
+                and not is_floating(job.node) and job.node not in live]
+    by_slot: dict[str, list[str]] = defaultdict(list)
+    for job in stranded:
+        by_slot[job.node] += republish(
+            client, app, run_id, [job.job_id], (JobState.QUEUED,),
+            lambda record: {"node": FLOATING_NODE},
+            note=f"back to the shared queue: no worker serves {job.node}, where the tail "
+                 f"placed it")
+    floated = {job_id for job_ids in by_slot.values() for job_id in job_ids}
+    remove_messages(broker, set(by_slot), {job.task_id for job in stranded
+                                           if job.job_id in floated and job.task_id})
     return dict(by_slot)
 
 

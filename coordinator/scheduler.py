@@ -13,7 +13,8 @@ follows a run it may act on, and every such decision is made here, nowhere else:
 * **fail over**: the queued jobs of a node that has had no live worker for ``failover``
   seconds move to the live nodes, where the placement policy puts them
   (``coordinator.placement``); ``move_off`` does the same when a user asks (``move``);
-* **place the tail**: the last floating jobs go to the slots that finish them first;
+* **place the tail**: the last floating jobs go to the slots that finish them first; one
+  placed on a slot whose worker is gone since goes back to the shared queue;
 * **speculate**: a straggling floating job gets a backup copy on an idle slot that would
   finish it sooner (``worker_tasks.copies``; the first execution to succeed wins).
 
@@ -45,6 +46,7 @@ from coordinator.placement import (
 )
 from coordinator.reconcile import (
     find_lost,
+    float_again,
     move_jobs,
     place_floating,
     return_dead_messages,
@@ -144,6 +146,7 @@ class Scheduler:
         self.unserved_since: dict[str, float] = {}
         self.published_again: set[str] = set()
         self.tail_placed = False
+        self.last_tail_check = 0.0
         self.last_speculation = 0.0
 
     # -- hooks, called by the follower ------------------------------------------------------
@@ -153,6 +156,7 @@ class Scheduler:
         self.quiet_since = time.monotonic()
         if self.options.place_tail and not self.tail_placed:
             self.place_tail(status)
+        self.rescue_tail(status)
         if self.options.speculate:
             self.speculate(status)
 
@@ -160,6 +164,7 @@ class Scheduler:
         """Nothing moved since the last poll: fail over when due, settle when quiet long
         enough. ``status`` may be a light snapshot."""
         moment = time.monotonic()
+        self.rescue_tail(status)
         if self.options.speculate:
             self.speculate(status)
         if self.options.failover is not None and moment - self.last_failover_check >= \
@@ -243,6 +248,25 @@ class Scheduler:
             where = ", ".join(f"{slot} ({len(ids)})" for slot, ids in sorted(placed_on.items()))
             self.options.notice(f"tail: placed the last {sum(map(len, placed_on.values()))} "
                                 f"floating jobs where each finishes first: {where}")
+
+    def rescue_tail(self, status: RunStatus) -> None:
+        """A floating job the tail placed on a slot whose worker is gone since goes back to
+        the shared queue (``float_again``), where the first free slot takes it. Checked
+        every ``FAILOVER_CHECK_S`` once the tail is placed."""
+        moment = time.monotonic()
+        if not self.tail_placed or moment - self.last_tail_check < FAILOVER_CHECK_S:
+            return
+        self.last_tail_check = moment
+        placed_jobs = [job for job in status.jobs if job.floating and job.state is
+                       JobState.QUEUED and not is_floating(job.node)]
+        if not placed_jobs:
+            return
+        floated = float_again(self.client, self.app, self.broker, self.run_id, placed_jobs,
+                              self.floating_slots())
+        for slot, job_ids in sorted(floated.items()):
+            self.options.notice(f"tail: no worker serves {slot} now; {len(job_ids)} floating "
+                                f"jobs placed there go back to the shared queue: "
+                                f"{listing(job_ids)}")
 
     def speculate(self, status: RunStatus) -> None:
         """Once no floating job is queued, give a straggler a backup copy on an idle slot that

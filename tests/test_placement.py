@@ -4,6 +4,7 @@ workers and Redis; every job runs exactly once by the probe's own ledger."""
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -97,6 +98,37 @@ def test_a_worker_killed_mid_job_loses_no_floating_job_and_runs_none_twice(
         # The killed attempt ran again elsewhere, once; no job succeeded twice.
         assert ran_on(bench, victim.job_id)[-1] == "rig-fa"
         assert all(bench.successes(f"k{index}") == 1 for index in range(8))
+        assert bench.violations() == []
+
+
+def test_a_tail_job_placed_on_a_node_that_dies_goes_back_to_the_shared_queue(
+        tmp_path: Path) -> None:
+    """The tail placed a job on rig-fc; rig-fc's worker is then SIGKILLed: the following head
+    floats that job again, and a live node runs it (no --failover, no backup copies)."""
+    with make_bench(tmp_path, ["rig-fa", "rig-fb", "rig-fc"], env={"SC_LEASE_TTL": "4"}) \
+            as bench:
+        taught = [floating(bench, f"t{index}", "--sleep", "0.5") for index in range(6)]
+        assert submit(taught, output_dir="o", workdir=tmp_path,
+                      broker_url=bench.server.url).wait(timeout=60).all_succeeded
+        jobs = [floating(bench, f"p{index}", "--sleep", "3") for index in range(6)]
+        run = submit(jobs, output_dir="o", workdir=tmp_path, broker_url=bench.server.url,
+                     speculate=False)
+        notices: list[str] = []
+        waiting = threading.Thread(target=lambda: notices.append(
+            run.wait(timeout=120, notice=notices.append).line()))
+        waiting.start()
+        wait_for(lambda: any(line.startswith("tail: placed") for line in notices), 60,
+                 "the tail to be placed", seen=lambda: notices)
+        stranded = [job.job_id for job in run.status().jobs
+                    if job.state is JobState.QUEUED and job.node == "rig-fc"]
+        assert len(stranded) == 1, run.status().jobs
+        bench.cluster.kill_worker("rig-fc")
+        waiting.join(timeout=150)
+        assert notices[-1] == "6/6 final: 6 succeeded", notices
+        assert f"tail: no worker serves rig-fc now; 1 floating jobs placed there go back to " \
+               f"the shared queue: {stranded[0]}" in notices
+        assert ran_on(bench, stranded[0]) in (["rig-fa"], ["rig-fb"])
+        assert all(bench.successes(f"p{index}") == 1 for index in range(6))
         assert bench.violations() == []
 
 

@@ -627,6 +627,11 @@ BREAKS = [
           "            if delivered is None:\n",
           (T + "test_reliability.py::test_only_a_message_delivered_before_the_dead_attempt_"
                "started_goes_back",)),
+    Break("a tail job placed on a slot that died floats again", "coordinator/reconcile.py",
+          "                and not is_floating(job.node) and job.node not in live]\n",
+          "                and False]\n",
+          (T + "test_placement.py::test_a_tail_job_placed_on_a_node_that_dies_goes_back_to_"
+               "the_shared_queue",)),
 ]
 
 
