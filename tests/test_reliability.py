@@ -135,13 +135,16 @@ def test_redis_killed_mid_run_with_persistence_converges_and_wait_returns(
         tmp_path: Path) -> None:
     """Jobs that finish while Redis is away keep their final state and wait returns."""
     with make_bench(tmp_path, ["rig-a", "rig-b"], persistent=True) as bench:
-        jobs = [bench.job(f"j{i}", ("rig-a", "rig-b")[i % 2], "--sleep", "3") for i in range(4)]
+        # 6 s: the waiter, a fresh process, may take seconds to print on a loaded machine.
+        jobs = [bench.job(f"j{i}", ("rig-a", "rig-b")[i % 2], "--sleep", "6") for i in range(4)]
         run = submit(jobs, output_dir="o", broker_url=bench.server.url)
         with waiter_of(bench, run.id, 120) as (waiter, out, err):
             # The waiter follows the run (it printed the running jobs) before Redis dies.
             wait_for(lambda: err.read_text().count(" running") >= 2, 60,
                      "the waiter to see the first jobs run")
             bench.server.kill()  # the broker and tracking Redis crash mid-run
+            assert bench.successes("j0") == 0 and bench.successes("j1") == 0, \
+                "the jobs ended before Redis died: the kill did not land mid-job"
             wait_for(lambda: bench.successes("j0") == 1 and bench.successes("j1") == 1, 30,
                      "the running scripts to finish while Redis is down")
             # Their workers hold the final state (and the marker) until Redis answers.

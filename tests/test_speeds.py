@@ -23,9 +23,9 @@ def bench(tmp_path: Path) -> Iterator[Bench]:
 
 
 def test_each_slot_learns_its_speed_per_unit_of_work_and_keeps_it(bench: Bench) -> None:
-    """rig-b runs the script 3 times slower; a job twice the cost takes twice as long. The
+    """rig-b runs the script 4 times slower; a job twice the cost takes twice as long. The
     estimates say so, in status, cluster-wide and as metrics, and outlive the run."""
-    speed = ["--speed", "rig-a=1,rig-b=3"]
+    speed = ["--speed", "rig-a=1,rig-b=4"]
     jobs = [bench.job(f"j{index}", node, "--sleep", 0.3 * cost, *speed, cost=cost)
             for index, (node, cost) in enumerate([("rig-a", 1), ("rig-b", 1), ("rig-a", 2),
                                                   ("rig-b", 2), ("rig-a", 1), ("rig-b", 1)])]
@@ -34,8 +34,10 @@ def test_each_slot_learns_its_speed_per_unit_of_work_and_keeps_it(bench: Bench) 
     learned = run.speeds()["tests/probe_job.py"]
     assert set(learned) == {"rig-a", "rig-b"}
     assert learned["rig-a"].speed == 1.0 and learned["rig-a"].samples == 3
-    assert 0.25 <= learned["rig-b"].speed <= 0.5, learned  # about a third, start-up included
-    assert 0.3 <= learned["rig-a"].seconds_per_unit < 0.6, learned
+    # About a quarter; each job's start-up and bookkeeping (0.1 to 0.3 s on a loaded 2-core
+    # machine) count at both speeds and pull it towards 1.
+    assert 0.2 <= learned["rig-b"].speed <= 0.5, learned
+    assert 0.3 <= learned["rig-a"].seconds_per_unit < 0.8, learned
     env = {"SC_BROKER_URL": bench.server.url}
     status = run_cli("status", run.id, env=env).stdout
     assert "speeds of tests/probe_job.py: rig-a 1.00 (" in status and ", rig-b 0." in status
