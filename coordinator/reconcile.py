@@ -24,6 +24,7 @@ of this is the scheduler's decision (``coordinator.scheduler``), not this module
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -53,6 +54,10 @@ from worker_tasks.tracking import now as timestamp
 # A message missing from every place is checked again after this long before the job is
 # called lost: kombu moves a message from its queue to the unacked set in two steps.
 LOST_RECHECK_S = 1.5
+# A worker unseen this long (seconds) is taken for dead, and a message it left unacknowledged
+# goes back to its queue. Much shorter, and a worker only frozen (SIGSTOP, a paused VM) would
+# wake to run the job beside its new delivery; kombu itself waits SC_VISIBILITY_TIMEOUT.
+RETURN_AFTER_S = float(os.environ.get("SC_RETURN_AFTER", "60"))
 # kombu's Redis transport keys (its defaults) and priority queue suffixes.
 UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
@@ -93,18 +98,21 @@ def settle(client: redis.Redis, run_id: str, jobs: Sequence[JobRecord], live: Li
 def return_dead_messages(client: redis.Redis, app: Celery, jobs: Sequence[JobRecord]
                          ) -> list[str]:
     """The queued jobs whose attempt died with its worker (``requeued_dead``): their
-    unacknowledged messages back in their queues, once no worker holds them (the worker is
-    gone from the presence registry, or one of its name is up again, a new process that
-    knows nothing of its predecessor's message); returns a line for each."""
+    unacknowledged messages back in their queues, once no worker holds them: the worker has
+    not been seen for ``RETURN_AFTER_S``, or one of its name is up again (a new process,
+    which knows nothing of its predecessor's message) and neither it nor any other runs or
+    holds the task. Returns a line for each."""
     waiting = [job for job in jobs if job.state is JobState.QUEUED and job.task_id
                and job.started_at and requeued_dead(job)]
     if not waiting:
         return []
-    living = set(alive(client, {job.host for job in waiting if job.host}))
-    held = ClusterView(client, app).in_flight() if any(
-        job.host in living for job in waiting) else set()
+    hosts = {job.host for job in waiting if job.host}
+    present = set(alive(client, hosts))
+    unseen_long = hosts - set(alive(client, hosts, within=RETURN_AFTER_S))
+    held = ClusterView(client, app).in_flight() if present else set()
     orphans = {job.task_id: job.started_at for job in waiting
-               if job.task_id and job.started_at and job.task_id not in held}
+               if job.task_id and job.started_at and job.task_id not in held
+               and (job.host in present or job.host in unseen_long)}
     returned = return_unacked(app, orphans)
     return [f"{job.job_id}: its message, left unacknowledged by worker {job.host}, is back "
             f"in its queue" for job in waiting if job.task_id in returned]

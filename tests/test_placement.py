@@ -4,13 +4,15 @@ workers and Redis; every job runs exactly once by the probe's own ledger."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from coordinator import JobState, submit
+from coordinator import JobState, reconcile, submit
 from coordinator.errors import InvalidJobsError
 from coordinator.options import SubmitOptions
 from coordinator.submission import prepare
@@ -102,9 +104,11 @@ def test_a_worker_killed_mid_job_loses_no_floating_job_and_runs_none_twice(
 
 
 def test_a_tail_job_placed_on_a_node_that_dies_goes_back_to_the_shared_queue(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tail placed a job on rig-fc; rig-fc's worker is then SIGKILLed: the following head
     floats that job again, and a live node runs it (no --failover, no backup copies)."""
+    # The job that was running there comes back once its worker is unseen this long.
+    monkeypatch.setattr(reconcile, "RETURN_AFTER_S", 15.0)
     with make_bench(tmp_path, ["rig-fa", "rig-fb", "rig-fc"], env={"SC_LEASE_TTL": "4"}) \
             as bench:
         taught = [floating(bench, f"t{index}", "--sleep", "0.5") for index in range(6)]
@@ -130,6 +134,34 @@ def test_a_tail_job_placed_on_a_node_that_dies_goes_back_to_the_shared_queue(
         assert ran_on(bench, stranded[0]) in (["rig-fa"], ["rig-fb"])
         assert all(bench.successes(f"p{index}") == 1 for index in range(6))
         assert bench.violations() == []
+
+
+def test_a_worker_frozen_past_its_lease_wakes_and_no_second_delivery_runs_beside_it(
+        tmp_path: Path) -> None:
+    """SIGSTOP a worker mid-job (a paused VM, say) for longer than its lease: the head
+    requeues the job's record, but a worker unseen for less than ``RETURN_AFTER_S`` keeps
+    its message; woken, it finishes the job, which runs once."""
+    with make_bench(tmp_path, ["rig-fa", "rig-fb"],
+                    env={"SC_VISIBILITY_TIMEOUT": "43200", "SC_LEASE_TTL": "4"}) as bench:
+        run = submit([floating(bench, "frozen", "--sleep", "2")], output_dir="o",
+                     workdir=tmp_path, broker_url=bench.server.url)
+        wait_for(lambda: len(bench.ledger_of("frozen")) == 1, 60, "the job to start")
+        node = ran_on(bench, "frozen")[0]
+        worker = bench.cluster.workers[node].pid
+        notices: list[str] = []
+        os.killpg(worker, signal.SIGSTOP)
+        try:
+            waiting = threading.Thread(target=lambda: notices.append(
+                run.wait(timeout=120, notice=notices.append).line()))
+            waiting.start()
+            wait_for(lambda: any(line.startswith("frozen: requeued") for line in notices), 60,
+                     "the head to requeue the frozen worker's job", seen=lambda: notices)
+        finally:
+            os.killpg(worker, signal.SIGCONT)
+        waiting.join(timeout=150)
+        assert notices[-1] == "1/1 final: 1 succeeded", notices
+        assert not any("is back in its queue" in line for line in notices), notices
+        assert ran_on(bench, "frozen") == [node] and bench.successes("frozen") == 1
 
 
 def test_a_node_joining_mid_run_takes_floating_jobs_at_once(tmp_path: Path) -> None:

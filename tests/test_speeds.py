@@ -78,10 +78,12 @@ def test_speeds_are_relative_to_the_fastest_slot() -> None:
 
 def test_the_tail_goes_where_it_finishes_first_and_a_slow_slot_stays_idle(
         bench: Bench, caplog: pytest.LogCaptureFixture) -> None:
-    """rig-b runs the script 6 times slower (its estimate carried over from an earlier run).
+    """rig-b runs the script 12 times slower (its estimate carried over from an earlier run).
     Once few floating jobs are left, the head that follows the run gives each to the slot
-    that finishes it first: all to rig-a, and rig-b takes none of them."""
-    speed = ["--sleep", 0.4, "--speed", "rig-a=1,rig-b=6"]
+    that finishes it first: all to rig-a, and rig-b takes none of them. (At 6 times, a loaded
+    machine's 0.3 s of start-up per job on both slots made one of the four finish first on
+    rig-b, rightly.)"""
+    speed = ["--sleep", 0.4, "--speed", "rig-a=1,rig-b=12"]
     # Pinned, so that each slot runs the script at least once however busy the machine.
     warm_up = submit([bench.job(f"w{index}", node, *speed)
                       for index, node in enumerate(["rig-a", "rig-a", "rig-b"])],

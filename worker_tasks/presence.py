@@ -53,19 +53,21 @@ def verifying(client: redis.Redis, workers: Iterable[str]) -> list[str]:
     return seen_lately(client, verifying_key(), workers)
 
 
-def alive(client: redis.Redis, workers: Iterable[str]) -> list[str]:
-    """Those of ``workers`` seen lately, serving any node: one missing stopped or died."""
-    return seen_lately(client, seen_key(), workers)
+def alive(client: redis.Redis, workers: Iterable[str], within: float = PRESENCE_TTL_S
+          ) -> list[str]:
+    """Those of ``workers`` seen serving any node within the last ``within`` seconds."""
+    return seen_lately(client, seen_key(), workers, within)
 
 
-def seen_lately(client: redis.Redis, key: str, workers: Iterable[str]) -> list[str]:
-    """Those of ``workers`` whose last sighting in the sorted set ``key`` is within
-    ``PRESENCE_TTL_S``."""
+def seen_lately(client: redis.Redis, key: str, workers: Iterable[str],
+                within: float = PRESENCE_TTL_S) -> list[str]:
+    """Those of ``workers`` whose last sighting in the sorted set ``key`` is within the
+    last ``within`` seconds."""
     names = sorted(set(workers))
     if not names:
         return []
     seen = client.zmscore(key, names)
-    cutoff = time.time() - PRESENCE_TTL_S
+    cutoff = time.time() - within
     return [name for name, score in zip(names, seen, strict=True)
             if score is not None and score >= cutoff]
 
