@@ -24,6 +24,7 @@ of this is the scheduler's decision (``coordinator.scheduler``), not this module
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import defaultdict
@@ -33,6 +34,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from coordinator.cluster_view import ClusterView, Liveness
 from coordinator.dead_attempts import (
@@ -50,6 +52,8 @@ from worker_tasks.presence import alive
 from worker_tasks.spec import FLOATING_NODE, is_floating, queue_for
 from worker_tasks.tracking import ACTIVE, MOVABLE, JobState, JobTracker
 from worker_tasks.tracking import now as timestamp
+
+logger = logging.getLogger("coordinator")
 
 # A message missing from every place is checked again after this long before the job is
 # called lost: kombu moves a message from its queue to the unacked set in two steps.
@@ -126,18 +130,21 @@ def return_unacked(app: Celery, delivered_before: Mapping[str, float]) -> set[st
     if not delivered_before:
         return set()
     returned: set[str] = set()
-    with app.connection_for_write() as connection:
-        channel = connection.default_channel
-        broker = channel.client
-        for tag, entry in broker.hgetall(channel.unacked_key).items():
-            task_id = unacked_task_id(entry)
-            if task_id not in delivered_before:
-                continue
-            delivered = broker.zscore(channel.unacked_index_key, tag)
-            if delivered is None or delivered > delivered_before[task_id]:
-                continue
-            channel.qos.restore_by_tag(tag, client=broker)
-            returned.add(task_id)
+    try:
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            broker = channel.client
+            for tag, entry in broker.hgetall(channel.unacked_key).items():
+                task_id = unacked_task_id(entry)
+                if task_id not in delivered_before:
+                    continue
+                delivered = broker.zscore(channel.unacked_index_key, tag)
+                if delivered is None or delivered > delivered_before[task_id]:
+                    continue
+                channel.qos.restore_by_tag(tag, client=broker)
+                returned.add(task_id)
+    except (OperationalError, redis.RedisError) as err:  # the next settle tries again
+        logger.warning("could not return unacknowledged messages (broker away?): %s", err)
     return returned
 
 

@@ -28,7 +28,7 @@ import redis
 
 from coordinator import JobState, get_run, submit
 from coordinator.local import LocalCluster, worker_name
-from coordinator.redis_server import RedisServer
+from coordinator.redis_server import RedisServer, free_port
 from tests.helpers import BIN, REPO, default_sigint, run_cli, write_jobs
 from tests.waiting import alive, wait_for
 from worker_tasks.celery_app import make_app
@@ -277,6 +277,14 @@ def test_only_a_message_delivered_before_the_dead_attempt_started_goes_back(
     assert broker.llen("node.rig-q") == 1
     assert all(b"held-1" not in entry for entry in broker.hvals("unacked"))
     assert return_unacked(app, {"held-1": time.time()}) == set()  # once
+
+
+def test_returning_messages_while_the_broker_is_away_returns_none_and_raises_nothing() -> None:
+    """The head's next settle tries again; ``wait`` must not die of it."""
+    from coordinator.reconcile import return_unacked
+
+    dead = make_app(f"redis://127.0.0.1:{free_port()}/0")
+    assert return_unacked(dead, {"held-1": time.time()}) == set()
 
 
 def test_wait_publishes_a_vanished_message_again_once(tmp_path: Path) -> None:
