@@ -638,7 +638,8 @@ BREAKS = [
           (T + "test_placement.py::test_a_worker_frozen_past_its_lease_wakes_and_no_second_"
                "delivery_runs_beside_it",)),
     Break("returning messages with the broker away raises nothing", "coordinator/reconcile.py",
-          "    except (OperationalError, redis.RedisError) as err:  # the next settle tries again\n",
+          "    except (OperationalError, redis.RedisError) as err:  # the next settle tries "
+          "again\n",
           "    except ZeroDivisionError as err:\n",
           (T + "test_reliability.py::test_returning_messages_while_the_broker_is_away_returns_"
                "none_and_raises_nothing",)),
