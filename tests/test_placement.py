@@ -164,6 +164,42 @@ def test_a_worker_frozen_past_its_lease_wakes_and_no_second_delivery_runs_beside
         assert ran_on(bench, "frozen") == [node] and bench.successes("frozen") == 1
 
 
+def test_a_worker_frozen_past_the_grace_wakes_and_stops_its_overtaken_attempt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGSTOP a worker mid-job for longer than ``RETURN_AFTER_S``: its job's message goes
+    back and another node runs the job. The frozen worker's script ran on meanwhile (a
+    runner has a process group of its own); woken, the worker kills it at its next look,
+    rather than letting two executions of one job write on side by side for the rest of
+    its hour."""
+    monkeypatch.setattr(reconcile, "RETURN_AFTER_S", 2.0)
+    with make_bench(tmp_path, ["rig-fa", "rig-fb"],
+                    env={"SC_VISIBILITY_TIMEOUT": "43200", "SC_LEASE_TTL": "4"}) as bench:
+        run = submit([floating(bench, "thawed", "--durations", "120,1")], output_dir="o",
+                     workdir=tmp_path, broker_url=bench.server.url, speculate=False)
+        wait_for(lambda: len(bench.ledger_of("thawed")) == 1, 60, "the job to start")
+        node = ran_on(bench, "thawed")[0]
+        first = int(bench.ledger_of("thawed")[0][2])
+        worker = bench.cluster.workers[node].pid
+        notices: list[str] = []
+        os.killpg(worker, signal.SIGSTOP)
+        try:
+            waiting = threading.Thread(target=lambda: notices.append(
+                run.wait(timeout=150, notice=notices.append).line()))
+            waiting.start()
+            wait_for(lambda: len(ran_on(bench, "thawed")) == 2, 90,
+                     "the job to run again on the other node", seen=lambda: notices)
+            assert os.path.exists(f"/proc/{first}")  # the frozen worker's script ran on
+        finally:
+            os.killpg(worker, signal.SIGCONT)
+        # Woken, the worker looks within CANCEL_POLL_S and kills its attempt (of 120 s).
+        wait_for(lambda: not os.path.exists(f"/proc/{first}"), 20,
+                 "the overtaken attempt to be killed")
+        waiting.join(timeout=150)
+        assert notices[-1] == "1/1 final: 1 succeeded", notices
+        assert ran_on(bench, "thawed")[1] != node and bench.successes("thawed") == 1
+        log = (tmp_path / "o" / "logs" / "thawed.log").read_text()
+        assert "overtaken: attempt 2 of the job started on" in log, log
+
 def test_a_node_joining_mid_run_takes_floating_jobs_at_once(tmp_path: Path) -> None:
     with make_bench(tmp_path, ["rig-fa"]) as bench:
         jobs = [floating(bench, f"j{index}", "--sleep", "1") for index in range(10)]

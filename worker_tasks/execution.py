@@ -47,27 +47,39 @@ Note = Callable[[str], None]
 
 class CancelWatch:
     """Whether the job is still wanted: its run not cancelled, its message still the current
-    one.
+    one, no later attempt of it started.
 
     Parameters:
-        read: the job's record (at least ``state`` and ``task_id``); may raise
+        read: the job's record (at least ``state``, ``task_id`` and ``attempts``); may raise
             ``redis.RedisError``.
         task_id: this delivery's message.
+        attempt: this delivery's attempt number (0 before its first, and for a backup copy,
+            which counts none).
     """
 
-    def __init__(self, read: Callable[[], dict[str, Any]], task_id: str) -> None:
+    def __init__(self, read: Callable[[], dict[str, Any]], task_id: str,
+                 attempt: Callable[[], int] = lambda: 0) -> None:
         self.read = read
         self.task_id = task_id
+        self.attempt = attempt
 
     def while_running(self) -> bool:
-        """False once the job was cancelled or its message superseded."""
+        """False once the job was cancelled, its message superseded, or it was overtaken."""
         try:
             record = self.read()
         except redis.RedisError:
             return True  # Redis away: keep running; the final write waits for it
         if not record:
             return True  # the record vanished (Redis lost its data): nothing says stop
-        return record.get("state") != JobState.CANCELLED and record.get("task_id") == self.task_id
+        return (record.get("state") != JobState.CANCELLED
+                and record.get("task_id") == self.task_id and not self.overtaken(record))
+
+    def overtaken(self, record: dict[str, Any]) -> bool:
+        """A later attempt of the job started: this one's worker was taken for dead (frozen
+        past ``SC_RETURN_AFTER``, a paused VM) and its message delivered again elsewhere."""
+        mine = self.attempt()
+        theirs = record.get("attempts")
+        return bool(mine) and isinstance(theirs, int) and theirs > mine
 
     def while_backing_off(self, seconds: float) -> bool:
         """Wait out a backoff; False if the job is cancelled or superseded meanwhile."""

@@ -432,7 +432,8 @@ class JobExecution:
         self.attempts = 0
         self.as_copy = False  # this delivery is the job's backup copy (set by ``run``)
         self.watch = CancelWatch(lambda: as_seen_by(tracker().record(
-            spec.run_id, spec.job_id, "state", "task_id", "copy"), task_id), task_id)
+            spec.run_id, spec.job_id, "state", "task_id", "copy", "attempts"), task_id),
+            task_id, lambda: 0 if self.as_copy else self.attempts)
 
     # -- tracking ---------------------------------------------------------------------------
 
@@ -446,7 +447,7 @@ class JobExecution:
 
     def current(self) -> dict[str, Any]:
         return retrying("read record", lambda: tracker().record(
-            self.spec.run_id, self.spec.job_id, "state", "task_id", "copy", "host"))
+            self.spec.run_id, self.spec.job_id, "state", "task_id", "copy", "host", "attempts"))
 
     def result(self, state: JobState, attempt: Attempt | None = None) -> dict[str, Any]:
         """The small JSON result the task returns."""
@@ -541,6 +542,12 @@ class JobExecution:
         if record.get("state") == JobState.CANCELLED:
             log_line(paths.log, "cancelled while running; killed")
             raise NotRun("cancelled while running; killed with all it started")
+        if self.watch.overtaken(record):
+            why = (f"overtaken: attempt {record['attempts']} of the job started on "
+                   f"{record.get('host')} (this worker was taken for dead); attempt "
+                   f"{self.attempts} killed")
+            log_line(paths.log, why)
+            raise Dropped(why)
         why = (f"superseded: the job ended {record.get('state')} or another execution of it "
                f"claimed it (message {record.get('task_id')}); killed")
         log_line(paths.log, why)
