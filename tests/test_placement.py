@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import JobState, reconcile, submit
+from coordinator import JobState, Run, reconcile, submit
 from coordinator.errors import InvalidJobsError
 from coordinator.options import SubmitOptions
 from coordinator.submission import prepare
@@ -164,6 +164,27 @@ def test_a_worker_frozen_past_its_lease_wakes_and_no_second_delivery_runs_beside
         assert ran_on(bench, "frozen") == [node] and bench.successes("frozen") == 1
 
 
+def frozen_until_run_again(bench: Bench, run: Run, job_id: str
+                           ) -> tuple[str, threading.Thread, list[str]]:
+    """SIGSTOP the worker running ``job_id`` (a paused VM) until the head, following ``run``,
+    has given its message back and another node started the job; then SIGCONT it. Returns
+    the frozen node, the thread that follows the run and the notices it printed."""
+    wait_for(lambda: len(bench.ledger_of(job_id)) == 1, 60, "the job to start")
+    node = ran_on(bench, job_id)[0]
+    worker = bench.cluster.workers[node].pid
+    notices: list[str] = []
+    waiting = threading.Thread(target=lambda: notices.append(
+        run.wait(timeout=150, notice=notices.append).line()))
+    os.killpg(worker, signal.SIGSTOP)
+    try:
+        waiting.start()
+        wait_for(lambda: len(ran_on(bench, job_id)) == 2, 90,
+                 "the job to run again on the other node", seen=lambda: notices)
+    finally:
+        os.killpg(worker, signal.SIGCONT)
+    return node, waiting, notices
+
+
 def test_a_worker_frozen_past_the_grace_wakes_and_stops_its_overtaken_attempt(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGSTOP a worker mid-job for longer than ``RETURN_AFTER_S``: its job's message goes
@@ -172,25 +193,12 @@ def test_a_worker_frozen_past_the_grace_wakes_and_stops_its_overtaken_attempt(
     rather than letting two executions of one job write on side by side for the rest of
     its hour."""
     monkeypatch.setattr(reconcile, "RETURN_AFTER_S", 2.0)
-    with make_bench(tmp_path, ["rig-fa", "rig-fb"],
-                    env={"SC_VISIBILITY_TIMEOUT": "43200", "SC_LEASE_TTL": "4"}) as bench:
+    with make_bench(tmp_path, ["rig-fa", "rig-fb"], env={"SC_LEASE_TTL": "4"}) as bench:
         run = submit([floating(bench, "thawed", "--durations", "120,1")], output_dir="o",
                      workdir=tmp_path, broker_url=bench.server.url, speculate=False)
         wait_for(lambda: len(bench.ledger_of("thawed")) == 1, 60, "the job to start")
-        node = ran_on(bench, "thawed")[0]
         first = int(bench.ledger_of("thawed")[0][2])
-        worker = bench.cluster.workers[node].pid
-        notices: list[str] = []
-        os.killpg(worker, signal.SIGSTOP)
-        try:
-            waiting = threading.Thread(target=lambda: notices.append(
-                run.wait(timeout=150, notice=notices.append).line()))
-            waiting.start()
-            wait_for(lambda: len(ran_on(bench, "thawed")) == 2, 90,
-                     "the job to run again on the other node", seen=lambda: notices)
-            assert os.path.exists(f"/proc/{first}")  # the frozen worker's script ran on
-        finally:
-            os.killpg(worker, signal.SIGCONT)
+        node, waiting, notices = frozen_until_run_again(bench, run, "thawed")
         # Woken, the worker looks within CANCEL_POLL_S and kills its attempt (of 120 s).
         wait_for(lambda: not os.path.exists(f"/proc/{first}"), 20,
                  "the overtaken attempt to be killed")
@@ -199,6 +207,29 @@ def test_a_worker_frozen_past_the_grace_wakes_and_stops_its_overtaken_attempt(
         assert ran_on(bench, "thawed")[1] != node and bench.successes("thawed") == 1
         log = (tmp_path / "o" / "logs" / "thawed.log").read_text()
         assert "overtaken: attempt 2 of the job started on" in log, log
+
+
+def test_an_overtaken_attempt_that_succeeded_while_frozen_writes_no_marker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frozen worker's script succeeded while the worker was frozen, and the job runs
+    again elsewhere: woken, the worker finds its attempt overtaken (the same message, a
+    later attempt) and claims nothing; the later attempt's success is the job's."""
+    monkeypatch.setattr(reconcile, "RETURN_AFTER_S", 2.0)
+    with make_bench(tmp_path, ["rig-fa", "rig-fb"], env={"SC_LEASE_TTL": "4"}) as bench:
+        run = submit([floating(bench, "early", "--durations", "1,6")], output_dir="o",
+                     workdir=tmp_path, broker_url=bench.server.url, speculate=False)
+        node, waiting, notices = frozen_until_run_again(bench, run, "early")
+        waiting.join(timeout=150)
+        assert notices[-1] == "1/1 final: 1 succeeded", notices
+        other = ran_on(bench, "early")[1]
+        assert other != node and bench.successes("early") == 2  # both scripts ran to the end
+        marker = json.loads((tmp_path / "o" / "early.json.done").read_text())
+        record = run.status().jobs[0]
+        assert marker["host"].startswith(f"{other}@") and record.host == marker["host"]
+        assert record.attempts == 2
+        log = (tmp_path / "o" / "logs" / "early.log").read_text()
+        assert "(superseded): no marker written" in log, log
+
 
 def test_a_node_joining_mid_run_takes_floating_jobs_at_once(tmp_path: Path) -> None:
     with make_bench(tmp_path, ["rig-fa"]) as bench:

@@ -36,18 +36,25 @@ Q, R, FIN, S, F, SK, C, L, H = (JobState.QUEUED, JobState.RUNNING, JobState.FINI
                                 JobState.SUCCEEDED, JobState.FAILED, JobState.SKIPPED,
                                 JobState.CANCELLED, JobState.LOST, JobState.HELD)
 
+def on(tracker: JobTracker, run_id: str, job_id: str) -> int:
+    """The attempt the job's record is on: what its worker's own steps say."""
+    return int(tracker.record(run_id, job_id, "attempts")["attempts"])
+
+
 # method -> (from states, the state it leads to, the call), spelled out as in the module
 # docstring's table (not taken from the module: a changed rule must turn this red).
 TABLE: dict[str, tuple[tuple[JobState, ...], JobState, Call]] = {
     "start": ((Q, R, FIN, L), JobState.RUNNING,
               lambda t, r, j: t.start(r, j, TASK, HOST, 0, started_at=1.0)),
     "wait_to_retry": ((Q, R, FIN, L), JobState.RUNNING,
-                      lambda t, r, j: t.wait_to_retry(r, j, TASK, HOST, 1, "boom", 3, [], 9.0)),
-    "finish": ((Q, R, FIN, L), JobState.FINISHING, lambda t, r, j: t.finish(r, j, TASK, HOST, 1)),
+                      lambda t, r, j: t.wait_to_retry(r, j, TASK, HOST, on(t, r, j), "boom", 3,
+                                                      [], 9.0)),
+    "finish": ((Q, R, FIN, L), JobState.FINISHING,
+               lambda t, r, j: t.finish(r, j, TASK, HOST, on(t, r, j))),
     "succeed": ((FIN,), JobState.SUCCEEDED,
                 lambda t, r, j: t.succeed(r, j, TASK, HOST, 1, duration_s=2.0, history_add=[])),
     "fail": ((Q, R, FIN, L), JobState.FAILED,
-             lambda t, r, j: t.fail(r, j, TASK, HOST, 1, error="exit 3", exit_code=3)),
+             lambda t, r, j: t.fail(r, j, TASK, HOST, on(t, r, j), error="exit 3", exit_code=3)),
     "skip": ((Q, R, FIN, L, F), JobState.SKIPPED,
              lambda t, r, j: t.skip(r, j, TASK, HOST, 0)),
     "drop_cancelled": ((Q, R, FIN, L), JobState.CANCELLED,
@@ -80,7 +87,8 @@ def tracker(redis_server: RedisServer) -> JobTracker:
 
 
 def a_job_in(tracker: JobTracker, state: JobState) -> tuple[str, str]:
-    """A fresh run with one job recorded in ``state``, holding message ``TASK``."""
+    """A fresh run with one job recorded in ``state``, holding message ``TASK`` (past queued:
+    on its first attempt)."""
     run_id = f"table-{next(_runs)}"
     client = tracker.client
     pipe = client.pipeline(transaction=False)
@@ -90,6 +98,7 @@ def a_job_in(tracker: JobTracker, state: JobState) -> tuple[str, str]:
     tracker.create_run(run_id, {"jobs_total": 1}, {JobState.QUEUED: 1}, 1.0)
     tracker.set_run_state(run_id, RunState.ACTIVE)
     if state is not JobState.QUEUED:
+        client.hset(job_key(run_id, "j"), "attempts", 1)
         client.hset(job_key(run_id, "j"), "state", json.dumps(str(state)))
         client.hset(counts_key(run_id), mapping={str(JobState.QUEUED): 0, str(state): 1})
     return run_id, "j"
@@ -141,14 +150,30 @@ def test_the_event_carries_what_followers_read(tracker: JobTracker) -> None:
     tracker.republish(run_id, job_id, LOST_ONLY, TASK, "run.job.1", "rig-u", 2, "again",
                       {"node": "rig-u"})
     tracker.start(run_id, job_id, "run.job.1", HOST, 2, started_at=5.0)
-    tracker.fail(run_id, job_id, "run.job.1", HOST, 3, error="first line\nsecond line")
+    tracker.fail(run_id, job_id, "run.job.1", HOST, 2, error="first line\nsecond line")
     events = [JobEvent.from_stream(fields) for _, fields in
               tracker.client.xrange(events_key(run_id))]
     assert events == [
         JobEvent(job_id, JobState.QUEUED, attempts=2, task_id="run.job.1", node="rig-u"),
         JobEvent(job_id, JobState.RUNNING, attempts=2, host=HOST),
-        JobEvent(job_id, JobState.FAILED, attempts=3, host=HOST, error="first line")]
-    assert tracker.record(run_id, job_id, "node", "attempts") == {"node": "rig-u", "attempts": 1}
+        JobEvent(job_id, JobState.FAILED, attempts=2, host=HOST, error="first line")]
+    assert tracker.record(run_id, job_id, "node", "attempts") == {"node": "rig-u", "attempts": 2}
+
+
+def test_an_overtaken_attempt_ends_nothing(tracker: JobTracker) -> None:
+    """Attempt 1's worker was taken for dead and attempt 2 started elsewhere (same message):
+    attempt 1 can neither finish, fail nor retry the job; attempt 2 can."""
+    run_id, job_id = a_job_in(tracker, JobState.RUNNING)
+    tracker.client.hset(job_key(run_id, job_id), "attempts", 2)
+    before = tracker.record(run_id, job_id)
+    for step in (lambda attempt: tracker.finish(run_id, job_id, TASK, HOST, attempt),
+                 lambda attempt: tracker.fail(run_id, job_id, TASK, HOST, attempt, error="x"),
+                 lambda attempt: tracker.wait_to_retry(run_id, job_id, TASK, HOST, attempt,
+                                                       "boom", 3, [], 9.0)):
+        moved = step(1)
+        assert (moved.outcome, moved.previous) == ("superseded", JobState.RUNNING)
+        assert tracker.record(run_id, job_id) == before
+    assert tracker.finish(run_id, job_id, TASK, HOST, 2).ok
 
 
 def test_moves_appended_by_two_writers_are_both_kept(tracker: JobTracker) -> None:

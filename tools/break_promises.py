@@ -648,6 +648,11 @@ BREAKS = [
           "        return False\n",
           (T + "test_placement.py::test_a_worker_frozen_past_the_grace_wakes_and_stops_its_"
                "overtaken_attempt",)),
+    Break("an overtaken attempt claims nothing", "worker_tasks/tracking.py",
+          "if ARGV[10] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[10] then\n",
+          "if false then\n",
+          (T + "test_placement.py::test_an_overtaken_attempt_that_succeeded_while_frozen_writes_"
+               "no_marker", T + "test_tracking.py::test_an_overtaken_attempt_ends_nothing")),
 ]
 
 

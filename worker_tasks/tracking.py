@@ -322,8 +322,10 @@ end
 # ARGV: 1 new state (JSON), 2 allowed current states (JSON, space-separated), 3 the task id
 #       the record must hold (JSON) or '', 4 TTL, 5 '1' to count an attempt, 6 '1' to refuse
 #       when the run is cancelled, 7 stream entries kept beyond 4 per job, 8 job id,
-#       9 event extra (JSON), 10.. field/value pairs (JSON values); the field
-#       ``history_add`` (a JSON list) is appended to the history.
+#       9 event extra (JSON), 10 the attempt the record must be on or '' (an attempt
+#       overtaken by a later one, its worker taken for dead, ends nothing), 11.. field/value
+#       pairs (JSON values); the field ``history_add`` (a JSON list) is appended to the
+#       history.
 # Returns {outcome, previous state (JSON or ''), attempts}; outcome is ok, missing,
 # cancelled, superseded or refused.
 TRANSITION_LUA = LUA_COMMON + """
@@ -341,10 +343,13 @@ for state in string.gmatch(ARGV[2], '%S+') do
   if state == current then allowed = true end
 end
 if not allowed then return {'refused', current, 0} end
+if ARGV[10] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[10] then
+  return {'superseded', current, 0}
+end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 if ARGV[5] == '1' then attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
-for i = 10, #ARGV, 2 do
+for i = 11, #ARGV, 2 do
   if ARGV[i] == 'history_add' then add_history(KEYS[1], cjson.decode(ARGV[i + 1]))
   else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
@@ -565,7 +570,7 @@ class JobTracker:
         (``history_add``: the attempt's entry, appended to the history)."""
         return self._apply(run_id, job_id, JobState.RUNNING, STARTABLE, task_id,
                            JobEvent(job_id, JobState.RUNNING, attempts=attempts, host=host,
-                                    error=error),
+                                    error=error), on_attempt=attempts,
                            error=error, exit_code=exit_code, history_add=history_add,
                            retry_at=retry_at)
 
@@ -573,7 +578,8 @@ class JobTracker:
                attempts: int) -> Transition:
         """The script succeeded and its marker is being written: a cancel is refused now."""
         return self._apply(run_id, job_id, JobState.FINISHING, STARTABLE, task_id,
-                           JobEvent(job_id, JobState.FINISHING, attempts=attempts, host=host))
+                           JobEvent(job_id, JobState.FINISHING, attempts=attempts, host=host),
+                           on_attempt=attempts)
 
     def succeed(self, run_id: str, job_id: str, task_id: str, host: str, attempts: int,
                 duration_s: float, history_add: list[dict[str, Any]]) -> Transition:
@@ -591,7 +597,7 @@ class JobTracker:
         return self._apply(run_id, job_id, JobState.FAILED, STARTABLE, task_id,
                            JobEvent(job_id, JobState.FAILED, attempts=attempts, host=host,
                                     duration_s=fields.get("duration_s"), error=error),
-                           error=error, finished_at=now(), **fields)
+                           on_attempt=attempts, error=error, finished_at=now(), **fields)
 
     def skip(self, run_id: str, job_id: str, task_id: str, host: str,
              attempts: int) -> Transition:
@@ -725,15 +731,17 @@ class JobTracker:
 
     def _apply(self, run_id: str, job_id: str, state: JobState, allowed: Iterable[JobState],
                holding: str | None, event: JobEvent, count_attempt: bool = False,
-               unless_cancelled: bool = False, client: Any = None,
+               unless_cancelled: bool = False, client: Any = None, on_attempt: int = 0,
                **fields: Any) -> Transition | Any:
+        """``on_attempt``: the attempt the record must be on (0: any)."""
         pairs: list[str] = []
         for name, value in encode(fields).items():
             pairs += [name, value]
         args = [json.dumps(str(state)), states_arg(allowed),
                 json.dumps(holding) if holding else "", RUN_TTL_S,
                 "1" if count_attempt else "0", "1" if unless_cancelled else "0",
-                EVENTS_SLACK, job_id, event.extra(), *pairs]
+                EVENTS_SLACK, job_id, event.extra(), str(on_attempt) if on_attempt else "",
+                *pairs]
         keys = [job_key(run_id, job_id), counts_key(run_id), events_key(run_id), run_key(run_id)]
         result = self._transition(keys=keys, args=args, client=client)
         if client is not None:
