@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import redis
+from kombu.exceptions import OperationalError
 
 from coordinator.broker import redact
 from coordinator.errors import (
@@ -245,6 +246,9 @@ def follow(client: redis.Redis, run_id: str, on_progress: Callable[[RunStatus], 
                     scheduler.while_quiet(status)
             except redis.ConnectionError as err:
                 reconnect(client, err, options)
+            except OperationalError as err:  # kombu's: publishing or asking the workers
+                options.notice(f"the broker did not answer the scheduler ({err}); it tries "
+                               f"again on a later poll")
         if deadline is not None and time.monotonic() >= deadline:
             raise WaitTimeoutError(
                 f"run {run_id}: not finished after {options.timeout:g} s ({status.line()})")

@@ -134,6 +134,29 @@ def test_wait_reports_a_broker_gone_for_good_as_exit_3(tmp_path: Path) -> None:
     assert "Traceback" not in stderr
 
 
+def test_a_broker_error_from_kombu_mid_command_is_one_line_and_exit_3(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """kombu's ``OperationalError`` (a publish, or a question to the workers, on a broker that
+    went away) is no redis-py error: a command that meets it ends as one that lost Redis."""
+    import argparse
+    import signal
+
+    from kombu.exceptions import OperationalError
+
+    from coordinator.cli.common import run_cli as run_handler
+
+    def handler(args: argparse.Namespace) -> int:
+        raise OperationalError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert run_handler(handler, argparse.Namespace()) == 3
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert capsys.readouterr().err == ("coordinator: error: lost the connection to Redis: Error "
+                                       "111 connecting to 127.0.0.1:1. Connection refused.\n")
+
+
 def test_passwords_are_masked_in_errors() -> None:
     assert redact("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
     assert redact("redis://user:s3cret@127.0.0.1/0") == "redis://user:***@127.0.0.1/0"

@@ -287,6 +287,30 @@ def test_returning_messages_while_the_broker_is_away_returns_none_and_raises_not
     assert return_unacked(dead, {"held-1": time.time()}) == set()
 
 
+def test_a_broker_that_fails_the_scheduler_costs_wait_a_notice_not_its_life(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tracking Redis answers, the broker does not (kombu's ``OperationalError``, which
+    is no redis-py error): the follower says so and goes on polling, to its own timeout."""
+    from coordinator import scheduler
+    from coordinator.errors import WaitTimeoutError
+    from coordinator.follow import FollowOptions, follow
+    from coordinator.scheduler import Scheduler, SchedulerOptions
+
+    monkeypatch.setattr(scheduler, "RECONCILE_AFTER_S", 0.5)
+    run = submit([{"job_id": "j", "script": "examples/write_output.py", "node": "rig-q",
+                   "args": ["--output-file", "o/j.json"]}], output_dir="o",
+                 broker_url=redis_server.url)
+    client = redis.Redis.from_url(redis_server.url)
+    assert client.delete("node.rig-q") == 1  # lost: the settle publishes it again, and fails
+    notices: list[str] = []
+    dead = make_app(f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(WaitTimeoutError):
+        follow(client, run.id, None, FollowOptions(timeout=4, notice=notices.append),
+               Scheduler(client, dead, client, run.id, SchedulerOptions(notice=notices.append)))
+    assert any(line.startswith("the broker did not answer the scheduler (") and
+               line.endswith("it tries again on a later poll") for line in notices), notices
+
+
 def test_wait_publishes_a_vanished_message_again_once(tmp_path: Path) -> None:
     """A broker crash mid-delivery loses the message (kombu pops, then records): wait heals it.
 

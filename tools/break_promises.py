@@ -653,6 +653,17 @@ BREAKS = [
           "if false then\n",
           (T + "test_placement.py::test_an_overtaken_attempt_that_succeeded_while_frozen_writes_"
                "no_marker", T + "test_tracking.py::test_an_overtaken_attempt_ends_nothing")),
+    Break("a broker error in the scheduler costs wait a notice", "coordinator/follow.py",
+          "            except OperationalError as err:  # kombu's: publishing or asking the "
+          "workers\n",
+          "            except ZeroDivisionError as err:\n",
+          (T + "test_reliability.py::test_a_broker_that_fails_the_scheduler_costs_wait_a_notice_"
+               "not_its_life",)),
+    Break("a kombu error ends a command in one line", "coordinator/cli/common.py",
+          "    except (redis_error(), kombu_error()) as err:",
+          "    except redis_error() as err:",
+          (T + "test_faults.py::test_a_broker_error_from_kombu_mid_command_is_one_line_and_"
+               "exit_3",)),
 ]
 
 

@@ -122,6 +122,13 @@ def redis_error() -> type[Exception]:
     return module.RedisError if module is not None else _NeverRaised
 
 
+def kombu_error() -> type[Exception]:
+    """kombu's ``OperationalError`` (publishing, or asking the workers, on a broker that went
+    away) once kombu is loaded, as ``redis_error`` does for redis-py."""
+    module = sys.modules.get("kombu.exceptions")
+    return module.OperationalError if module is not None else _NeverRaised
+
+
 def _terminate(signum: int, frame: Any) -> NoReturn:
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
 
@@ -139,7 +146,7 @@ def run_cli(handler: Callable[[argparse.Namespace], int], args: argparse.Namespa
         # Point stdout at /dev/null so the interpreter's final flush says nothing either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return int(ExitCode.OK)
-    except redis_error() as err:  # Redis went away after the first contact
+    except (redis_error(), kombu_error()) as err:  # Redis went away after the first contact
         print(f"{prog}: error: lost the connection to Redis: {err}", file=sys.stderr)
         return int(ExitCode.BROKER_UNREACHABLE)
     except OSError as err:  # a file or directory the command needed; no traceback
