@@ -311,6 +311,37 @@ def test_a_broker_that_fails_the_scheduler_costs_wait_a_notice_not_its_life(
                line.endswith("it tries again on a later poll") for line in notices), notices
 
 
+def test_a_hand_edited_record_never_leaves_a_script_running_beside_the_next_job(
+        bench: Bench) -> None:
+    """Anyone who can write to Redis can edit a running job's record. A field the worker's
+    watch cannot use (``copy`` that is no object) ends the job as a worker error, its script
+    killed with it, before the next job takes the node; a field that is not JSON at all
+    (``attempts``) is read as no field, and the job runs to its success."""
+    from worker_tasks.tracking import job_key
+
+    jobs = [bench.job("edited", "rig-a", "--sleep", "60"), bench.job("next", "rig-a"),
+            bench.job("garbled", "rig-b", "--sleep", "3")]
+    run = submit(jobs, output_dir="o", broker_url=bench.server.url, workdir=bench.workdir)
+    client = redis.Redis.from_url(bench.server.url)
+    wait_for(lambda: len(bench.ledger_of("edited")) == 1 and len(bench.ledger_of("garbled")) == 1,
+             60, "both jobs to start")
+    script = int(bench.ledger_of("edited")[0][2])
+    client.hset(job_key(run.id, "edited"), "copy", "5")
+    client.hset(job_key(run.id, "garbled"), "attempts", "abc{")
+
+    def state(job_id: str) -> str:
+        return json.loads(client.hget(job_key(run.id, job_id), "state"))
+
+    # The watch looks every second; the script dies with the worker error, not 60 s later.
+    wait_for(lambda: not alive(script), 20, "the edited job's script to be killed")
+    wait_for(lambda: state("next") == "succeeded" and state("garbled") == "succeeded", 60,
+             "the next job and the garbled one to succeed")
+    edited = json.loads(client.hget(job_key(run.id, "edited"), "error"))
+    assert state("edited") == "failed" and edited.startswith("worker error: AttributeError")
+    assert [entry[0] for entry in bench.ledger_of("edited")] == ["start"]  # killed mid-sleep
+    assert bench.successes("garbled") == 1 and bench.violations() == []
+
+
 def test_wait_publishes_a_vanished_message_again_once(tmp_path: Path) -> None:
     """A broker crash mid-delivery loses the message (kombu pops, then records): wait heals it.
 

@@ -679,17 +679,25 @@ class JobExecution:
             return None, f"could not start the script: {err}", False, None
         limit.when_script_starts()
         gpu = GpuMemoryWatch(runner.pid)
-        while True:
-            outcome = runner.wait(limit.next_wait())
-            if outcome is not None:
-                return (*describe(outcome), Usage.of(outcome, gpu))
-            gpu.while_running()
-            if not limit.while_running():
-                killed = runner.kill()
-                return None, limit.reason(), False, Usage.of(killed, gpu)
-            if not self.watch.while_running():
-                killed = runner.kill()
-                return None, "cancelled while running", True, Usage.of(killed, gpu)
+        try:
+            while True:
+                outcome = runner.wait(limit.next_wait())
+                if outcome is not None:
+                    return (*describe(outcome), Usage.of(outcome, gpu))
+                gpu.while_running()
+                if not limit.while_running():
+                    killed = runner.kill()
+                    return None, limit.reason(), False, Usage.of(killed, gpu)
+                if not self.watch.while_running():
+                    killed = runner.kill()
+                    return None, "cancelled while running", True, Usage.of(killed, gpu)
+        except BaseException:
+            # Whatever ends this loop early (a hand-made record the watch cannot read, a
+            # bug), the script ends with it: the slot's lease is given back next, and a
+            # script left running would share its node with the next job.
+            with contextlib.suppress(Exception):  # the error that got here is the one to tell
+                runner.kill()
+            raise
 
     def succeed(self, paths: JobPaths, attempt: Attempt,
                 entry: dict[str, Any]) -> dict[str, Any]:

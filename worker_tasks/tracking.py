@@ -343,10 +343,11 @@ for state in string.gmatch(ARGV[2], '%S+') do
   if state == current then allowed = true end
 end
 if not allowed then return {'refused', current, 0} end
-if ARGV[10] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[10] then
+local on = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '')
+if ARGV[10] ~= '' and on and on ~= tonumber(ARGV[10]) then
   return {'superseded', current, 0}
 end
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '') or 0
 if ARGV[5] == '1' then attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
 for i = 11, #ARGV, 2 do
@@ -380,7 +381,7 @@ local step, holder, values = ARGV[1], ARGV[2], cjson.decode(ARGV[6])
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return {'missing', '', 0} end
 local state = cjson.decode(current)
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '') or 0
 local task_id = cjson.decode(redis.call('HGET', KEYS[1], 'task_id') or 'null')
 local raw = redis.call('HGET', KEYS[1], 'copy')
 local copy = raw and cjson.decode(raw) or nil
