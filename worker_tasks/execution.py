@@ -69,8 +69,6 @@ class CancelWatch:
             record = self.read()
         except redis.RedisError:
             return True  # Redis away: keep running; the final write waits for it
-        except ValueError:
-            return True  # a field that is not JSON (a hand-made edit): nothing says stop
         if not record:
             return True  # the record vanished (Redis lost its data): nothing says stop
         return (record.get("state") != JobState.CANCELLED
