@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_dispatch import ensure_debian_package  # noqa: E402
 from coordinator import submit  # noqa: E402
 from coordinator.local import LocalCluster, warm_env  # noqa: E402
+from coordinator.records import JobRecord  # noqa: E402
 
 NODES = ["rig-a", "rig-b", "rig-c", "rig-d"]
 SCRIPT = '''\
@@ -91,13 +93,53 @@ def wait_for_zygotes(cluster: LocalCluster, timeout: float = 300.0) -> None:
 
 
 def coordinator_run(cluster: LocalCluster, jobs: list[dict], work_dir: Path, tag: str,
-                    balance: bool) -> float:
+                    balance: bool, records: list[JobRecord] | None = None) -> float:
+    """The run's makespan; its job records appended to ``records`` when given."""
     start = time.perf_counter()
     run = submit(jobs, output_dir=tag, broker_url=cluster.broker_url, workdir=work_dir,
                  balance=balance)
     status = run.wait(timeout=600, workdir=work_dir)
     assert status.all_succeeded, (status.line(), [job.error for job in status.jobs][:1])
+    if records is not None:
+        records += status.jobs
     return time.perf_counter() - start
+
+
+def integer_optimum(count: int, work: float, factors: list[float]) -> tuple[float, int]:
+    """The shortest makespan of ``count`` equal jobs at no cost per job (earliest finish for
+    each job in turn, optimal for equal jobs on slots of fixed speeds), and how many jobs
+    the slot that ends last runs."""
+    ends = [0.0] * len(factors)
+    runs = [0] * len(factors)
+    for _ in range(count):
+        slot = min(range(len(factors)), key=lambda index: ends[index] + work * factors[index])
+        ends[slot] += work * factors[slot]
+        runs[slot] += 1
+    last = max(range(len(factors)), key=lambda index: ends[index])
+    return ends[last], runs[last]
+
+
+def cycle_line(records: list[JobRecord], work: float, factors: list[float]) -> str:
+    """What a job costs a factor-1 slot beyond its work, from the run's own records: inside
+    its attempt (hand-over, script start and exit, our steps) and between two jobs (Celery's
+    acknowledgement and next message, our steps), medians and means."""
+    fast = {node for node, factor in zip(NODES, factors, strict=True) if factor == 1}
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for job in records:
+        if job.node in fast and job.started_at and job.finished_at:
+            spans.setdefault(job.node, []).append((job.started_at, job.finished_at))
+    inside, between = [], []
+    for node_spans in spans.values():
+        node_spans.sort()
+        inside += [(end - begin - work) * 1000 for begin, end in node_spans]
+        between += [(later[0] - earlier[1]) * 1000
+                    for earlier, later in zip(node_spans, node_spans[1:], strict=False)]
+    if not inside or not between:
+        return "a fast slot's cycle: no factor-1 slot ran two jobs"
+    return (f"a fast slot's cost per job beyond its work: {statistics.median(inside):.1f} ms "
+            f"inside an attempt and {statistics.median(between):.1f} ms between two jobs "
+            f"(medians; means {statistics.mean(inside):.1f} and {statistics.mean(between):.1f} "
+            f"ms)")
 
 
 def parallel_run(jobs: list[dict], work_dir: Path, tag: str = "pin") -> float | None:
@@ -148,8 +190,10 @@ def main() -> int:
                                     "empty", balance=False)
             pinned = coordinator_run(cluster, jobs_for(args.jobs, args.work, args.factors,
                                                        "pin"), work_dir, "pin", balance=False)
+            balanced_records: list[JobRecord] = []
             balanced = coordinator_run(cluster, jobs_for(args.jobs, args.work, args.factors,
-                                                         "bal"), work_dir, "bal", balance=True)
+                                                         "bal"), work_dir, "bal", balance=True,
+                                       records=balanced_records)
             straggled = None if args.no_straggler else coordinator_run(
                 cluster, straggler_jobs, work_dir, "strag", balance=True)
         parallel = parallel_run(jobs_for(args.jobs, args.work, args.factors, "pin"), work_dir)
@@ -180,6 +224,12 @@ def main() -> int:
     if parallel is not None:
         print(f"(balanced - fixed cost) / GNU par.   {net / parallel:.2f}  (target <= 0.93: "
               f"{'met' if net / parallel <= 0.93 else 'NOT met'})")
+    # Jobs do not divide: the best schedule at no cost per job, and what 1.06 leaves for it.
+    optimum, last_runs = integer_optimum(args.jobs, args.work, factors)
+    print(f"best schedule at no cost per job      {optimum:.2f} s = {optimum / ideal:.3f} of the "
+          f"ideal ({last_runs} jobs on the slot that ends last): 1.06 leaves "
+          f"{(1.06 * ideal - optimum) / last_runs * 1000:.1f} ms a job")
+    print(cycle_line(balanced_records, args.work, factors))
     if straggled is not None:
         print(f"a straggler: {args.jobs} jobs of {args.work:g} s over 4 equal nodes; rig-d "
               f"(slot 4) 16x slower once 20 jobs started")
