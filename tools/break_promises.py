@@ -54,8 +54,9 @@ class Break:
 T = "tests/"
 BREAKS = [
     Break("cancel terminates running jobs", "worker_tasks/run_job.py",
-          "            if not self.watch.while_running():\n                killed = runner.kill()",
-          "            if False:\n                killed = runner.kill()",
+          "                if not self.watch.while_running():\n"
+          "                    killed = runner.kill()",
+          "                if False:\n                    killed = runner.kill()",
           (T + "test_reliability.py::test_cancel_kills_running_jobs_and_no_marker_appears",
            T + "test_local_cluster.py::"
                "test_cancel_stops_the_running_job_and_drops_the_queued_ones")),
