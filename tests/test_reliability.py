@@ -634,6 +634,35 @@ def test_a_raw_item_that_is_no_message_is_dropped_and_the_worker_lives_on(
     assert bench.cluster.workers["rig-a"] is worker  # the same process, never restarted
 
 
+# Envelopes kombu reads well whose body is not Celery's [args, kwargs, options]: Celery
+# unpacks the body outside its error handling, and each used to end the worker.
+BAD_BODIES = [({"x": 1}, True), ([1, 2], True), (["a", {}, {}], True), ([[], [], {}], True),
+              ([[], {}, {}], False)]
+
+
+def test_a_message_of_the_wrong_shape_is_refused_and_the_worker_lives_on(
+        bench: Bench) -> None:
+    worker = bench.cluster.workers["rig-a"]
+    app = make_app(bench.server.url)
+    with app.producer_or_acquire() as producer:
+        for index, (body, with_headers) in enumerate(BAD_BODIES):
+            headers = {"task": RUN_JOB_TASK, "id": f"shape-{index}"} if with_headers else {}
+            producer.publish(body, routing_key="node.rig-a", serializer="json",
+                             headers=headers)
+    log = bench.workdir / "worker-logs" / "worker-rig-a.log"
+    wait_for(lambda: log.read_text().count("refused message") == len(BAD_BODIES) or
+             worker.poll() is not None, 60, "every malformed message to be refused")
+    assert worker.poll() is None, "the worker died of a malformed message"
+    text = log.read_text()
+    assert text.count("its body is not a task's [args, kwargs, options]; nothing run") == 4
+    assert text.count("not a task message (no task and id headers); nothing run") == 1
+    assert "Unrecoverable error" not in text and "Traceback" not in text
+    run = submit([bench.job("after-shape", "rig-a")], output_dir="o",
+                 broker_url=bench.server.url)
+    assert run.wait(timeout=60).jobs[0].state is JobState.SUCCEEDED
+    assert bench.cluster.workers["rig-a"] is worker  # the same process, never restarted
+
+
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "rediss://127.0.0.1:1/0",
                                  "sentinel://127.0.0.1:1;sentinel://127.0.0.1:2"])
 def test_every_broker_scheme_reads_through_the_checking_transport(url: str) -> None:

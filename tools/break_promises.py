@@ -664,6 +664,11 @@ BREAKS = [
           "        except ZeroDivisionError:\n            continue\n",
           (T + "test_reliability.py::test_a_hand_edited_record_never_leaves_a_script_running_"
                "beside_the_next_job",)),
+    Break("a message of the wrong shape ends no worker", "worker_tasks/admission.py",
+          "        return shape_refusal(message, body)\n",
+          "        return None\n",
+          (T + "test_reliability.py::test_a_message_of_the_wrong_shape_is_refused_and_the_"
+               "worker_lives_on",)),
     Break("a broker error in the scheduler costs wait a notice", "coordinator/follow.py",
           "            except OperationalError as err:  # kombu's: publishing or asking the "
           "workers\n",

@@ -1,5 +1,10 @@
 """Admission: which messages a worker lets Celery see (signed jobs, for this worker).
 
+Every worker takes only task messages of Celery's protocol 2: a ``task`` and an ``id``
+header, and a body of ``[args, kwargs, options]``. Celery unpacks that body outside any of
+its error handling, so a hand-made message of another shape ended the worker
+("Unrecoverable error"): anyone who can write to the broker could stop it with one ``LPUSH``.
+
 A worker given a trust store runs only messages signed by a trusted key, for the task that
 runs jobs, for a queue it consumes, under the task id they were signed with; every other one
 is refused in one line before Celery decodes it (``worker_tasks.consumer`` calls ``admit``).
@@ -27,7 +32,11 @@ def admit(message: Any, queues: set[str]) -> str | None:
         if content_type == SIGNED_CONTENT_TYPE:
             return ("signed, and this worker has no trust store to verify it: start it with "
                     "--trusted-certs DIR (cluster deploy installs the head's certificate)")
-        return None
+        try:
+            body = message.decode()
+        except Exception:  # Celery's own decoding refuses it, in one line (on_decode_error)
+            return None
+        return shape_refusal(message, body)
     from worker_tasks.spec import RUN_JOB_TASK
 
     try:
@@ -40,6 +49,9 @@ def admit(message: Any, queues: set[str]) -> str | None:
         body = message.decode()
     except Exception as err:  # celery's SecurityError and whatever a forged body raises
         return f"its signature does not verify: {err}"
+    refusal = shape_refusal(message, body)
+    if refusal is not None:
+        return refusal
     headers = getattr(message, "headers", None) or {}
     if headers.get("task") != RUN_JOB_TASK:
         return f"signed, but for task {headers.get('task')!r}, not {RUN_JOB_TASK}"
@@ -59,4 +71,17 @@ def admit(message: Any, queues: set[str]) -> str | None:
     from kombu.serialization import dumps
 
     message.content_type, message.content_encoding, message.body = dumps(body, "json")
+    return None
+
+
+def shape_refusal(message: Any, body: Any) -> str | None:
+    """Why ``message`` is no task message of Celery's protocol 2 (see the module docstring),
+    or None."""
+    headers = getattr(message, "headers", None)
+    if not isinstance(headers, dict) or not headers.get("task") or not headers.get("id"):
+        return "not a task message (no task and id headers)"
+    if not (isinstance(body, list | tuple) and len(body) == 3
+            and isinstance(body[0], list | tuple) and isinstance(body[1], dict)
+            and isinstance(body[2], dict)):
+        return "its body is not a task's [args, kwargs, options]"
     return None
