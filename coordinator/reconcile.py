@@ -284,17 +284,21 @@ def float_again(client: redis.Redis, app: Celery, broker: redis.Redis, run_id: s
     live = set(live_slots)
     stranded = [job for job in jobs if job.floating and job.state is JobState.QUEUED
                 and not is_floating(job.node) and job.node not in live]
-    by_slot: dict[str, list[str]] = defaultdict(list)
+    on_slot: dict[str, list[str]] = defaultdict(list)
     for job in stranded:
-        by_slot[job.node] += republish(
-            client, app, run_id, [job.job_id], (JobState.QUEUED,),
-            lambda record: {"node": FLOATING_NODE},
-            note=f"back to the shared queue: no worker serves {job.node}, where the tail "
-                 f"placed it")
-    floated = {job_id for job_ids in by_slot.values() for job_id in job_ids}
+        on_slot[job.node].append(job.job_id)
+    by_slot: dict[str, list[str]] = {}
+    for slot, job_ids in on_slot.items():  # one publish per slot
+        floated = republish(client, app, run_id, job_ids, (JobState.QUEUED,),
+                            lambda record: {"node": FLOATING_NODE},
+                            note=f"back to the shared queue: no worker serves {slot}, where "
+                                 f"the tail placed it")
+        if floated:
+            by_slot[slot] = floated
+    moved = {job_id for job_ids in by_slot.values() for job_id in job_ids}
     remove_messages(broker, set(by_slot), {job.task_id for job in stranded
-                                           if job.job_id in floated and job.task_id})
-    return dict(by_slot)
+                                           if job.job_id in moved and job.task_id})
+    return by_slot
 
 
 def move_jobs(client: redis.Redis, app: Celery, run_id: str, jobs: Sequence[JobRecord],
