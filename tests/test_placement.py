@@ -205,8 +205,9 @@ def test_a_worker_frozen_past_the_grace_wakes_and_stops_its_overtaken_attempt(
         waiting.join(timeout=150)
         assert notices[-1] == "1/1 final: 1 succeeded", notices
         assert ran_on(bench, "thawed")[1] != node and bench.successes("thawed") == 1
-        log = (tmp_path / "o" / "logs" / "thawed.log").read_text()
-        assert "overtaken: attempt 2 of the job started on" in log, log
+        log = tmp_path / "o" / "logs" / "thawed.log"
+        wait_for(lambda: "overtaken: attempt 2 of the job started on" in log.read_text(), 30,
+                 "the woken worker to log why it killed its attempt", seen=log.read_text)
 
 
 def test_an_overtaken_attempt_that_succeeded_while_frozen_writes_no_marker(
@@ -227,8 +228,9 @@ def test_an_overtaken_attempt_that_succeeded_while_frozen_writes_no_marker(
         record = run.status().jobs[0]
         assert marker["host"].startswith(f"{other}@") and record.host == marker["host"]
         assert record.attempts == 2
-        log = (tmp_path / "o" / "logs" / "early.log").read_text()
-        assert "(superseded): no marker written" in log, log
+        log = tmp_path / "o" / "logs" / "early.log"
+        wait_for(lambda: "(superseded): no marker written" in log.read_text(), 30,
+                 "the woken worker to log that it claimed nothing", seen=log.read_text)
 
 
 def test_a_node_joining_mid_run_takes_floating_jobs_at_once(tmp_path: Path) -> None:
