@@ -219,10 +219,10 @@ def main() -> int:
         print(f"balanced / GNU parallel              {balanced / parallel:.2f}")
     # Issue 30's bars: ours less the fixed cost, against the ideal and against GNU parallel.
     net = balanced - empty
-    print(f"(balanced - fixed cost) / ideal      {net / ideal:.2f}  (target <= 1.06: "
+    print(f"(balanced - fixed cost) / ideal      {net / ideal:.3f}  (target <= 1.06: "
           f"{'met' if net / ideal <= 1.06 else 'NOT met'})")
     if parallel is not None:
-        print(f"(balanced - fixed cost) / GNU par.   {net / parallel:.2f}  (target <= 0.93: "
+        print(f"(balanced - fixed cost) / GNU par.   {net / parallel:.3f}  (target <= 0.93: "
               f"{'met' if net / parallel <= 0.93 else 'NOT met'})")
     # Jobs do not divide: the best schedule at no cost per job, and what 1.06 leaves for it.
     optimum, last_runs = integer_optimum(args.jobs, args.work, factors)

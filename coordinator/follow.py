@@ -130,8 +130,8 @@ class RunFollower:
 
     def apply(self, fields: dict[bytes, bytes]) -> bool:
         event = JobEvent.from_stream(fields)
-        job = self.jobs.get(event.job)
-        if job is None:
+        job = self.jobs.get(event.job) if event is not None else None
+        if event is None or job is None:  # a hand-made entry, or one of no job of the run
             return False
         updates: dict[str, object] = {"state": event.state}
         for name in ("attempts", "host", "duration_s", "error", "task_id", "node"):

@@ -6,6 +6,7 @@ collector, the progress display and the CLI all work from its ``RunStatus``.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -14,18 +15,23 @@ from typing import Any
 import redis
 
 from coordinator.errors import RunNotFoundError
+from worker_tasks.kinds import checks_of, fits, of_kind
 from worker_tasks.spec import by_node
 from worker_tasks.tracking import (
     RETRYABLE,
+    CopyState,
     JobState,
     RunState,
     counts_key,
+    counts_of,
     decode,
+    entry_of,
     error_lines,
     job_key,
     jobs_key,
     run_key,
     runs_key,
+    state_of,
 )
 
 
@@ -70,12 +76,26 @@ class JobRecord:
 
     @classmethod
     def from_redis(cls, raw: dict[str, Any]) -> JobRecord:
-        spec = raw.get("spec") or {}
-        values = {name: spec[name] for name in SPEC_VALUES if name in spec}
+        """The record as ``decode`` read it. A field of another kind than this class declares
+        (a record edited by hand) is read as no field; a state that is none of this
+        version's makes the job lost, its error saying so (no worker moves such a record)."""
+        checks = checks_of(cls)
+        spec = raw.get("spec")
+        values = {name: spec[name] for name in SPEC_VALUES if name in spec
+                  and checks[name](spec[name])} if isinstance(spec, dict) else {}
         values.update((name, value) for name, value in raw.items()
-                      if name in RECORD_FIELDS and name != "spec")
+                      if name in OWN_FIELDS and checks[name](value))
+        values.setdefault("node", "")  # neither the record nor its message names one
+        written = raw.get("state", JobState.QUEUED)
+        state = values["state"] = state_of(written) or JobState.LOST
+        if state is JobState.LOST and written != JobState.LOST:
+            values["error"] = (f"its record's state {json.dumps(written)} is none this "
+                               f"version knows (edited by hand, or written by a newer one)")
+        if "copy" in values and not fits(values["copy"].get("state"), CopyState):
+            del values["copy"]  # a copy with no state of its own: as if none was recorded
+        if values.get("history"):
+            values["history"] = [entry_of(entry) for entry in values["history"]]
         values["job_id"] = raw["job_id"]
-        values["state"] = JobState(values.get("state", JobState.QUEUED))
         return cls(**values)
 
 
@@ -85,6 +105,9 @@ SPEC_VALUES = ("job_id", "node", "gpu_id", "script", "args", "output_file", "don
 # The record's own fields (``spec`` is read as one JSON value and unpacked).
 RECORD_FIELDS = [f.name for f in fields(JobRecord) if f.name not in SPEC_VALUES
                  or f.name == "node"] + ["spec"]
+# The record's own fields a reader takes as they are (of their kind): all but its message,
+# its state (read apart: one that is none of ours makes the job lost) and its name.
+OWN_FIELDS = frozenset(RECORD_FIELDS) - {"spec", "state", "job_id"}
 # What following a run needs of each job (not its message: cheap for 100,000 jobs).
 FOLLOW_FIELDS = ["node", "state", "attempts", "duration_s", "started_at", "finished_at",
                  "host", "error", "task_id", "pin", "exit_code", "moved_from", "floating",
@@ -279,16 +302,18 @@ def read_status(client: redis.Redis, run_id: str,
 
 
 def status_from(run_id: str, info: dict[str, Any], jobs: list[JobRecord]) -> RunStatus:
-    return RunStatus(run_id=run_id, state=RunState(info["state"]),
-                     output_dir=info["output_dir"], created_at=info["created_at"], jobs=jobs,
-                     info=info)
+    """The run's snapshot. Fields of its record of another kind than ``RunStatus`` declares
+    (edited by hand) are read as none: a state this version does not know as ``active``
+    (its jobs' states say how it ends), no output directory, no creation time."""
+    known = of_kind(RunStatus, info)
+    return RunStatus(run_id=run_id, state=RunState(known.get("state", RunState.ACTIVE)),
+                     output_dir=known.get("output_dir", ""),
+                     created_at=known.get("created_at", 0.0), jobs=jobs, info=info)
 
 
 def read_counts(client: redis.Redis, run_id: str) -> Counter[JobState]:
     """Jobs per state, as the transitions counted them (one small read)."""
-    raw = client.hgetall(counts_key(run_id))
-    return Counter({JobState(name.decode()): int(value) for name, value in raw.items()
-                    if int(value)})
+    return counts_of(client.hgetall(counts_key(run_id)))
 
 
 def latest_run_id(client: redis.Redis) -> str | None:

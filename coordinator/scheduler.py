@@ -61,7 +61,9 @@ from worker_tasks.tracking import ACTIVE, LOST_ONLY, CopyState, JobState, lease_
 
 # The tail of a run begins when no more floating jobs are queued than this per live slot.
 TAIL_PER_SLOT = 2
-# Without progress for this long, records are reconciled with workers, files and messages.
+# Without progress for this long, records are reconciled with workers, files and messages;
+# while jobs move, the running ones are still settled this often (a worker killed mid-job is
+# seen dead without waiting for the run to go quiet).
 RECONCILE_AFTER_S = float(os.environ.get("SC_RECONCILE_AFTER", "10"))
 # Liveness of nodes is checked this often when failover is on (seconds).
 FAILOVER_CHECK_S = 5.0
@@ -152,13 +154,18 @@ class Scheduler:
     # -- hooks, called by the follower ------------------------------------------------------
 
     def after_progress(self, status: RunStatus) -> None:
-        """A job moved: the run is not stuck, so settling waits; the tail may have come."""
-        self.quiet_since = time.monotonic()
+        """A job moved: the run is not stuck, so the search for lost jobs waits, but the
+        running records are settled when due (a worker that died mid-job while others
+        work); the tail may have come."""
+        moment = self.quiet_since = time.monotonic()
         if self.options.place_tail and not self.tail_placed:
             self.place_tail(status)
         self.rescue_tail(status)
         if self.options.speculate:
             self.speculate(status)
+        if moment - self.last_settle >= RECONCILE_AFTER_S:
+            self.last_settle = moment
+            self.settle_running(status, dead_only=True)
 
     def while_quiet(self, status: RunStatus) -> None:
         """Nothing moved since the last poll: fail over when due, settle when quiet long
@@ -185,17 +192,31 @@ class Scheduler:
         ``status`` may be a light snapshot: only the running jobs' full records (their
         ``.done`` paths) are read.
         """
-        waiting_ids = [job.job_id for job in status.jobs if not job.state.is_final]
-        if not waiting_ids:
+        if not any(not job.state.is_final for job in status.jobs):
             return
         held = [job.job_id for job in status.jobs if job.state is JobState.HELD]
         if held:
             self.settle_held(held)
+        fresh, live = self.settle_running(status)
+        lost = find_lost(self.app, self.client, self.broker, self.run_id, fresh, live)
+        if lost:
+            self.publish_again(lost)
+
+    def settle_running(self, status: RunStatus, dead_only: bool = False
+                       ) -> tuple[list[JobRecord], Liveness]:
+        """Settle the running records by their ``.done`` and their worker (an attempt whose
+        worker died is requeued), and return the messages such workers left unacknowledged
+        once it is safe; the jobs not final as they now are (light records), and who is
+        alive. ``dead_only`` (while jobs move): only the records whose worker is gone, so
+        as not to race a live worker between its ``.done`` and its last write."""
+        waiting_ids = [job.job_id for job in status.jobs if not job.state.is_final]
         running_ids = [job.job_id for job in status.jobs
                        if job.state in (JobState.RUNNING, JobState.FINISHING)]
         running = read_records(self.client, self.run_id, running_ids)
         live = ClusterView(self.client, self.app).liveness(
             {job.node for job in status.jobs if not job.state.is_final})
+        if dead_only:
+            running = [job for job in running if not live.running(job)]
         settled = settle(self.client, self.run_id, running, live,
                          self.options.workdir or status.files_dir(), self.app)
         for line in settled:
@@ -204,9 +225,7 @@ class Scheduler:
                  else read_records(self.client, self.run_id, waiting_ids, FOLLOW_FIELDS))
         for line in return_dead_messages(self.client, self.app, fresh):
             self.options.notice(line)
-        lost = find_lost(self.app, self.client, self.broker, self.run_id, fresh, live)
-        if lost:
-            self.publish_again(lost)
+        return fresh, live
 
     def place_tail(self, status: RunStatus) -> None:
         """Once the floating jobs still queued are few (``TAIL_PER_SLOT`` per live slot),

@@ -161,3 +161,51 @@ def test_passwords_are_masked_in_errors() -> None:
     assert redact("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
     assert redact("redis://user:s3cret@127.0.0.1/0") == "redis://user:***@127.0.0.1/0"
     assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+# Fields of a finished run's records rewritten by hand: valid JSON of the wrong kind.
+WRONG_KINDS = {
+    "attempts": {"attempts": '"abc"'},
+    "times": {"started_at": '"x"', "finished_at": "[1]", "duration_s": '"d"'},
+    "history": {"history": '[{"elapsed_s": "x", "cpu_s": [], "attempt": [2], '
+                           '"exit_code": "e", "started_at": "q", "node": 5}]'},
+    "copy": {"copy": '{"state": "nope", "task_id": 5}'},
+    "error": {"error": '{"a": 1}', "exit_code": '"q"', "host": "5"},
+    "spec": {"spec": '{"args": 5, "gpu_id": "x", "log_file": 3, "output_file": []}'},
+    "node": {"node": "5"},
+}
+
+
+def test_records_edited_by_hand_with_json_of_the_wrong_kind_cost_no_command_its_life(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """Anyone who can write to Redis can rewrite a record. A field of the wrong kind is read as
+    no field, a state that is none of this version's makes its job lost (the record says
+    nothing a worker can move on from), a counter or a run state of the wrong kind is
+    ignored: every command that reads the run ends as the jobs' states say, without a
+    traceback."""
+    from worker_tasks.tracking import counts_key, job_key, run_key
+
+    names = [*WRONG_KINDS, "state"]
+    run = submit([echo_job(name, "rig-nowhere", "o") for name in names], output_dir="o",
+                 broker_url=redis_server.url, workdir=tmp_path)
+    client = redis.Redis.from_url(redis_server.url)
+    for name, fields in WRONG_KINDS.items():
+        client.hset(job_key(run.id, name), mapping={"state": '"failed"', **fields})
+    client.hset(job_key(run.id, "state"), "state", '"zzz"')
+    client.hset(run_key(run.id), mapping={"state": "5", "created_at": '"x"'})
+    client.hset(counts_key(run.id), mapping={"zzz": "3", "queued": "abc"})
+
+    broker = ("--broker", redis_server.url)
+    outputs = {command[0]: run_cli(*command, *broker, cwd=tmp_path) for command in (
+        ("status", run.id), ("wait", run.id, "--timeout", "30"), ("acct", run.id),
+        ("collect", run.id, "--workdir", str(tmp_path)),
+        ("report", run.id, "--out", str(tmp_path / "report.html")))}
+    for command, result in outputs.items():
+        shown = result.stdout + result.stderr
+        assert "Traceback" not in shown, (command, shown)
+    assert (outputs["status"].returncode, outputs["wait"].returncode) == (1, 1)
+    assert 'its record\'s state "zzz" is none this version knows' in outputs["status"].stdout
+    states = {job.job_id: job.state for job in run.status().jobs}
+    assert states == {**dict.fromkeys(WRONG_KINDS, JobState.FAILED), "state": JobState.LOST}
+    history = next(job.history for job in run.status().jobs if job.job_id == "history")
+    assert history == [{}]  # each field of its one entry was of the wrong kind

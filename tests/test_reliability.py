@@ -30,7 +30,7 @@ from coordinator import JobState, get_run, submit
 from coordinator.local import LocalCluster, worker_name
 from coordinator.redis_server import RedisServer, free_port
 from tests.helpers import BIN, REPO, default_sigint, run_cli, write_jobs
-from tests.waiting import alive, wait_for
+from tests.waiting import alive, pool_process, wait_for
 from worker_tasks.celery_app import make_app
 from worker_tasks.spec import RUN_JOB_TASK
 
@@ -129,6 +129,33 @@ def waiter_of(bench: Bench, run_id: str, reconnect_s: int, **env: str) -> Iterat
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_worker_killed_while_its_run_is_busy_is_seen_dead_without_waiting_for_quiet(
+        tmp_path: Path) -> None:
+    """``wait`` settles the running records while other jobs keep moving: a node killed
+    mid-job has its attempt requeued (its message returned) once its lease lapses, not only
+    once the whole run goes quiet, so the job runs again while the run still has work."""
+    with make_bench(tmp_path, ["rig-a", "rig-b"], env={"SC_LEASE_TTL": "4"}) as bench:
+        jobs = [bench.job("doomed", "rig-a", "--durations", "60,0.2"),
+                *(bench.job(f"steady{i:02d}", "rig-b", "--sleep", "0.5") for i in range(40))]
+        run = submit(jobs, output_dir="o", broker_url=bench.server.url)
+        with waiter_of(bench, run.id, 60, SC_RECONCILE_AFTER="1", SC_RETURN_AFTER="2") as (
+                waiter, out, err):
+            wait_for(lambda: len(bench.ledger_of("doomed")) == 1, 60, "the doomed job to start")
+            bench.cluster.kill_worker("rig-a")
+            wait_for(lambda: "doomed: requeued" in err.read_text(), 30,
+                     "wait to requeue the killed worker's job", seen=err.read_text)
+            left = [job.job_id for job in run.status().jobs
+                    if job.job_id.startswith("steady") and not job.state.is_final]
+            assert left, "rig-b's jobs all ended first: the run was not busy"
+            bench.cluster.start_worker("rig-a")
+            waiter.wait(timeout=120)
+        assert waiter.returncode == 0, out.read_text() + err.read_text()
+        doomed = next(job for job in run.status().jobs if job.job_id == "doomed")
+        assert doomed.state is JobState.SUCCEEDED
+        assert "died with its worker" in doomed.history[0]["error"], doomed.history
+        assert bench.successes("doomed") == 1 and bench.violations() == []
 
 
 def test_redis_killed_mid_run_with_persistence_converges_and_wait_returns(
@@ -311,33 +338,56 @@ def test_a_broker_that_fails_the_scheduler_costs_wait_a_notice_not_its_life(
                line.endswith("it tries again on a later poll") for line in notices), notices
 
 
-def test_a_hand_edited_record_never_leaves_a_script_running_beside_the_next_job(
-        bench: Bench) -> None:
-    """Anyone who can write to Redis can edit a running job's record. A field the worker's
-    watch cannot use (``copy`` that is no object) ends the job as a worker error, its script
-    killed with it, before the next job takes the node; a field that is not JSON at all
-    (``attempts``) is read as no field, and the job runs to its success."""
-    from worker_tasks.tracking import job_key
+def test_a_script_never_outlives_the_loop_that_watches_it(bench: Bench) -> None:
+    """Whatever ends the worker's watch over a running script ends the script too, before the
+    slot's lease is given back and the node's next job starts. Here it is a Celery soft time
+    limit (an operator's ``--soft-time-limit``), which raises ``SoftTimeLimitExceeded`` in
+    the pool process wherever it is: sent as Celery sends it, SIGUSR1 to the pool process,
+    mid-watch. The job fails as a worker error, its script killed at once."""
+    jobs = [bench.job("limited", "rig-a", "--sleep", "60"), bench.job("next", "rig-a")]
+    run = submit(jobs, output_dir="o", broker_url=bench.server.url, workdir=bench.workdir)
+    wait_for(lambda: len(bench.ledger_of("limited")) == 1, 60, "the job to start")
+    script = int(bench.ledger_of("limited")[0][2])
+    os.kill(pool_process(bench.cluster.workers["rig-a"].pid), signal.SIGUSR1)
+    # The script dies with the watch, not 60 s later.
+    wait_for(lambda: not alive(script), 20, "the limited job's script to be killed")
+    jobs = {job.job_id: job for job in run.wait(timeout=60).jobs}
+    assert jobs["limited"].state is JobState.FAILED
+    assert jobs["limited"].error.startswith("worker error: SoftTimeLimitExceeded"), \
+        jobs["limited"]
+    assert jobs["next"].state is JobState.SUCCEEDED
+    assert [entry[0] for entry in bench.ledger_of("limited")] == ["start"]  # killed mid-sleep
+    assert bench.violations() == []
 
-    jobs = [bench.job("edited", "rig-a", "--sleep", "60"), bench.job("next", "rig-a"),
+
+def test_a_running_job_edited_by_hand_ends_as_its_script_did(bench: Bench) -> None:
+    """Anyone who can write to Redis can rewrite a running job's record. A field that is not
+    JSON (``attempts``) or is JSON of the wrong kind (``copy``, ``history``), a slot speed or
+    a duration of its script garbled: the worker's watch, its transitions and the head read
+    each as no field. Both jobs run to their success, once, their records final."""
+    from worker_tasks.speeds import SlotSpeeds, speeds_key
+    from worker_tasks.tracking import job_key, run_key
+
+    script = "tests/probe_job.py"
+    jobs = [bench.job("edited", "rig-a", "--sleep", "3"),
             bench.job("garbled", "rig-b", "--sleep", "3")]
     run = submit(jobs, output_dir="o", broker_url=bench.server.url, workdir=bench.workdir)
     client = redis.Redis.from_url(bench.server.url)
     wait_for(lambda: len(bench.ledger_of("edited")) == 1 and len(bench.ledger_of("garbled")) == 1,
              60, "both jobs to start")
-    script = int(bench.ledger_of("edited")[0][2])
-    client.hset(job_key(run.id, "edited"), "copy", "5")
+    client.hset(job_key(run.id, "edited"), mapping={"copy": "5", "history": '"x"'})
     client.hset(job_key(run.id, "garbled"), "attempts", "abc{")
+    client.hset(speeds_key(script), mapping={"rig-a": '"fast"', "rig-b": "[1]"})
+    client.rpush(f"{run_key(run.id)}:durations:{script}", "abc")
+    assert SlotSpeeds(client).of(script) == {}  # the garbled speeds: as if never measured
 
-    # The watch looks every second; the script dies with the worker error, not 60 s later.
-    wait_for(lambda: not alive(script), 20, "the edited job's script to be killed")
-    # The head reads the garbled record too (as no attempts field), and follows to the end.
     jobs = {job.job_id: job for job in run.wait(timeout=60).jobs}
-    assert (jobs["next"].state, jobs["garbled"].state) == (JobState.SUCCEEDED,) * 2
-    assert jobs["edited"].state is JobState.FAILED
-    assert jobs["edited"].error.startswith("worker error: AttributeError"), jobs["edited"]
-    assert [entry[0] for entry in bench.ledger_of("edited")] == ["start"]  # killed mid-sleep
-    assert bench.successes("garbled") == 1 and bench.violations() == []
+    assert (jobs["edited"].state, jobs["garbled"].state) == (JobState.SUCCEEDED,) * 2, jobs
+    # The edited history is read as none: the attempt's own entry starts a new one.
+    assert [entry["attempt"] for entry in jobs["edited"].history] == [1]
+    assert set(SlotSpeeds(client).of(script)) == {"rig-a", "rig-b"}  # measured afresh
+    assert bench.successes("edited") == 1 and bench.successes("garbled") == 1
+    assert bench.violations() == []
 
 
 def test_wait_publishes_a_vanished_message_again_once(tmp_path: Path) -> None:

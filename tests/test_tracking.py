@@ -160,6 +160,23 @@ def test_the_event_carries_what_followers_read(tracker: JobTracker) -> None:
     assert tracker.record(run_id, job_id, "node", "attempts") == {"node": "rig-u", "attempts": 2}
 
 
+def test_a_hand_made_stream_entry_is_read_as_no_event_or_without_its_wrong_fields(
+        tracker: JobTracker) -> None:
+    """Anyone who can write to Redis can add to a run's change stream: an entry naming no
+    job, or no state of this version, is no event; fields of the wrong kind are left out."""
+    run_id, job_id = a_job_in(tracker, JobState.QUEUED)
+    key = events_key(run_id)
+    for fields in ({"job": job_id, "state": '"zzz"'}, {"state": '"running"'},
+                   {"job": job_id, "state": "5"}, {"job": job_id, "state": "not json"}):
+        tracker.client.xadd(key, fields)
+    tracker.client.xadd(key, {"job": job_id, "state": '"running"', "extra": "[1]"})
+    tracker.client.xadd(key, {"job": job_id, "state": '"running"',
+                              "extra": '{"attempts": "abc", "host": 5, "node": "rig-z"}'})
+    events = [JobEvent.from_stream(fields) for _, fields in tracker.client.xrange(key)]
+    assert events == [None] * 4 + [JobEvent(job_id, JobState.RUNNING),
+                                   JobEvent(job_id, JobState.RUNNING, node="rig-z")]
+
+
 def test_an_overtaken_attempt_ends_nothing(tracker: JobTracker) -> None:
     """Attempt 1's worker was taken for dead and attempt 2 started elsewhere (same message):
     attempt 1 can neither finish, fail nor retry the job; attempt 2 can."""

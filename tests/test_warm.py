@@ -21,7 +21,7 @@ from coordinator import JobState, submit
 from coordinator.local import LocalCluster
 from coordinator.redis_server import RedisServer
 from tests.helpers import REPO, run_cli
-from tests.waiting import alive, wait_for
+from tests.waiting import alive, pool_process, wait_for
 from worker_tasks.daemon import WARM_JOB_NAME
 from worker_tasks.warm import DEFAULT_PRELOAD, PRELOAD_VARIABLE
 
@@ -133,29 +133,6 @@ def job_processes(job_id: str) -> list[int]:
                              f"SC_JOB_ID={job_id}".encode() in environ.split(b"\0")):
             found.append(int(entry.name))
     return found
-
-
-def pool_process(main: int) -> int:
-    """The worker's pool process (concurrency 1): the child of ``main`` Celery titles so
-    (looked for until it is seen: on a loaded machine its title may come late)."""
-    found: list[int] = []
-
-    def seen() -> bool:
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(stat[1]) == main and b"ForkPoolWorker" in cmdline:
-                found.append(int(entry.name))
-                return True
-        return False
-
-    wait_for(seen, 10, f"worker {main}'s pool process")
-    return found[0]
 
 
 def test_a_timed_out_or_cancelled_warm_job_takes_everything_it_started(

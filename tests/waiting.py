@@ -29,3 +29,24 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+def pool_process(main: int) -> int:
+    """The worker's pool process (concurrency 1): the child of ``main`` Celery titles so
+    (looked for until it is seen: on a loaded machine its title may come late)."""
+    found: list[int] = []
+
+    def seen() -> bool:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat[1]) == main and b"ForkPoolWorker" in cmdline:
+                found.append(int(entry.name))
+                return True
+        return False
+
+    wait_for(seen, 10, f"worker {main}'s pool process")
+    return found[0]

@@ -40,9 +40,12 @@ from worker_tasks.tracking import (
     JobTracker,
     RunState,
     counts_key,
+    counts_of,
+    decode,
     job_key,
     jobs_key,
     run_key,
+    state_of,
 )
 
 logger = logging.getLogger("worker_tasks.dependencies")
@@ -93,8 +96,7 @@ def run_outcome(tracking: redis.Redis, run_id: str) -> str | None:
     state = tracking.hget(run_key(run_id), "state")
     if state is None:
         return None
-    counts = {JobState(name.decode()): int(value)
-              for name, value in tracking.hgetall(counts_key(run_id)).items() if int(value)}
+    counts = counts_of(tracking.hgetall(counts_key(run_id)))
     if any(not job_state.is_final for job_state in counts):
         return "active"
     if json.loads(state) == RunState.CANCELLED:
@@ -257,10 +259,13 @@ class Dependencies:
 
     def waited_states(self, run_id: str, job_id: str) -> dict[str, JobState | None]:
         """The state of each job ``job_id`` waits for (None: no record)."""
-        raw = self.tracking.hget(job_key(run_id, job_id), "spec")
-        after = json.loads(raw).get(AFTER_FIELD, []) if raw else []
+        spec = decode({"spec": self.tracking.hget(job_key(run_id, job_id), "spec") or b""})
+        after = spec["spec"].get(AFTER_FIELD) if isinstance(spec.get("spec"), dict) else None
+        # A record edited by hand may name no list of names: it waits for nothing it can say.
+        names = [name for name in after if isinstance(name, str)] \
+            if isinstance(after, list) else []
         pipe = self.tracking.pipeline(transaction=False)
-        for name in after:
+        for name in names:
             pipe.hget(job_key(run_id, name), "state")
-        return {name: JobState(json.loads(value)) if value is not None else None
-                for name, value in zip(after, pipe.execute(), strict=True)}
+        return {name: state_of(decode({"state": value}).get("state")) if value is not None
+                else None for name, value in zip(names, pipe.execute(), strict=True)}

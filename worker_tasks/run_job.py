@@ -61,6 +61,7 @@ from worker_tasks.execution import (
     SlotHold,
     TimeLimit,
 )
+from worker_tasks.kinds import fits
 from worker_tasks.lease import SlotLease
 from worker_tasks.retries import Retries
 from worker_tasks.runner import Outcome
@@ -82,6 +83,7 @@ from worker_tasks.tracking import (
     TransitionOutcome,
     error_line,
     now,
+    state_of,
 )
 
 logger = get_task_logger(__name__)
@@ -191,14 +193,15 @@ def after_job(spec: JobSpec) -> None:
     held up longer."""
     record = retrying("read record", lambda: tracker().record(
         spec.run_id, spec.job_id, "state", DEPENDENTS_FIELD), AFTER_JOB_RETRY_S)
-    if record.get("state") is None or not JobState(record["state"]).is_final:
+    state = state_of(record.get("state"))
+    if state is None or not state.is_final:
         return
     reason = retrying("halt", lambda: halt.check(tracker().client, spec.run_id),
                       AFTER_JOB_RETRY_S)
     if reason:
         logger.warning("run %s %s", spec.run_id, reason)
     if record.get(DEPENDENTS_FIELD):
-        end_dependents(spec, JobState(record["state"]))
+        end_dependents(spec, state)
     # Its run may have ended with it (its dependents too): the runs waiting for it settle.
     retrying("settle waiting runs", lambda: dependencies().after_run_end(spec.run_id),
              AFTER_JOB_RETRY_S)
@@ -398,10 +401,11 @@ class JobPaths:
 
 def is_live_copy(record: dict[str, Any], task_id: str) -> bool:
     """The record names ``task_id`` as the job's live backup copy (queued or running)."""
-    copy = record.get("copy") or {}
-    return (copy.get("task_id") == task_id and copy.get("state") in list(CopyState)
-            and CopyState(copy["state"]).is_live
-            and not JobState(record.get("state", JobState.QUEUED)).is_final)
+    copy = record.get("copy")
+    state = state_of(record.get("state", JobState.QUEUED))
+    return (isinstance(copy, dict) and copy.get("task_id") == task_id
+            and fits(copy.get("state"), CopyState) and CopyState(copy["state"]).is_live
+            and state is not None and not state.is_final)
 
 
 def as_seen_by(record: dict[str, Any], task_id: str) -> dict[str, Any]:

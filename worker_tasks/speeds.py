@@ -13,14 +13,14 @@ fastest; 0.5: half as fast).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import redis
 
-from worker_tasks.tracking import KEY_PREFIX
+from worker_tasks.kinds import fits
+from worker_tasks.tracking import KEY_PREFIX, decode
 
 # Weight of the newest attempt in the average (higher: a slowed slot is seen sooner).
 EWMA_WEIGHT = 0.3
@@ -34,8 +34,9 @@ FORGET_AFTER_S = 7 * 24 * 3600.0
 RECORD_LUA = """
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 local spu, n = tonumber(ARGV[2]), 1
-if raw then
-  local old = cjson.decode(raw)
+local ok, old = pcall(cjson.decode, raw or 'null')
+if ok and type(old) == 'table' and type(old.at) == 'number' and type(old.spu) == 'number'
+    and type(old.n) == 'number' then  -- else none yet, or edited by hand: start again
   if tonumber(ARGV[4]) - old.at < tonumber(ARGV[5]) then
     spu = old.spu + tonumber(ARGV[3]) * (spu - old.spu)
     n = old.n + 1
@@ -101,10 +102,12 @@ class SlotSpeeds:
 
 def estimates(raw: Mapping[bytes, bytes], now: float) -> dict[str, SlotSpeed]:
     fresh = {}
-    for slot, value in raw.items():
-        entry = json.loads(value)
-        if now - float(entry["at"]) < FORGET_AFTER_S and float(entry["spu"]) > 0:
-            fresh[slot.decode()] = (float(entry["spu"]), int(entry["n"]))
+    for slot, entry in decode(raw).items():
+        if not (isinstance(entry, dict) and all(fits(entry.get(name), float)
+                                                for name in ("at", "spu", "n"))):
+            continue  # edited by hand: as if never measured
+        if now - entry["at"] < FORGET_AFTER_S and entry["spu"] > 0:
+            fresh[slot] = (float(entry["spu"]), int(entry["n"]))
     if not fresh:
         return {}
     fastest = min(spu for spu, _ in fresh.values())

@@ -76,10 +76,12 @@ Keys (``<p>`` is the prefix, ``sc`` by default):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -87,6 +89,8 @@ from typing import Any
 
 import orjson
 import redis
+
+from worker_tasks.kinds import check_for, of_kind
 
 KEY_PREFIX = os.environ.get("SC_KEY_PREFIX", "sc")
 # Runs and their jobs are kept this long after the last write (seconds).
@@ -204,10 +208,17 @@ class JobEvent:
         return json.dumps(fields)
 
     @classmethod
-    def from_stream(cls, fields: Mapping[bytes, bytes]) -> JobEvent:
-        extra = json.loads(fields.get(b"extra", b"{}"))
-        return cls(job=fields[b"job"].decode(), state=JobState(json.loads(fields[b"state"])),
-                   **{name: extra.get(name) for name in EVENT_FIELDS})
+    def from_stream(cls, fields: Mapping[bytes, bytes]) -> JobEvent | None:
+        """The entry's event; None for one that names no job or no state of this version (a
+        hand-made entry). Its other fields of the wrong kind are read as not written."""
+        raw = decode(fields)
+        extra = raw.get("extra")
+        state = state_of(raw.get("state"))
+        job = fields.get(b"job", b"").decode(errors="replace")
+        if state is None or not job:
+            return None
+        known = of_kind(cls, extra) if isinstance(extra, dict) else {}
+        return cls(job=job, state=state, **{name: known.get(name) for name in EVENT_FIELDS})
 
 
 EVENT_FIELDS = ("attempts", "host", "duration_s", "error", "task_id", "node", "note")
@@ -276,6 +287,50 @@ def decode(raw: Mapping[bytes | str, bytes | str]) -> dict[str, Any]:
     return out
 
 
+def state_of(value: Any) -> JobState | None:
+    """The job state ``value`` names; None if it names none (a record edited by hand, or
+    written by a newer version)."""
+    return JobState(value) if isinstance(value, str) and value in STATE_NAMES else None
+
+
+STATE_NAMES = frozenset(state.value for state in JobState)
+
+
+def counts_of(raw: Mapping[bytes, bytes]) -> Counter[JobState]:
+    """A run's counters (``counts_key``) as jobs per state; a name that is no state, or a count
+    that is no integer (edits by hand), is left out, as are zeros."""
+    counts: Counter[JobState] = Counter()
+    for name, value in raw.items():
+        state = state_of(name.decode(errors="replace"))
+        try:
+            count = int(value)
+        except ValueError:
+            continue
+        if state is not None and count:
+            counts[state] = count
+    return counts
+
+
+# What each field of a history entry holds (``Attempt.history_entry``, the Lua's
+# ``ended_entry`` and the head's dead attempts write them): read with ``entry_of``.
+HISTORY_KINDS: dict[str, Any] = {
+    "attempt": int | str, "host": str | None, "node": str | None, "gpu": int | None,
+    "started_at": float | None, "finished_at": float | None, "elapsed_s": float | None,
+    "cpu_s": float | None, "max_rss_mb": float | None, "gpu_mem_mb": float | None,
+    "exit_code": int | None, "signal": int | None, "error": str | None, "copy": bool,
+    "superseded": bool}
+
+
+HISTORY_CHECKS = {name: check_for(kind) for name, kind in HISTORY_KINDS.items()}
+
+
+def entry_of(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A history entry with each field of another kind than ``HISTORY_KINDS`` says (edited by
+    hand) read as none."""
+    return {name: value for name, value in entry.items()
+            if name not in HISTORY_CHECKS or HISTORY_CHECKS[name](value)}
+
+
 # Lua shared by the transitions: the server's clock, and appending to a job's history
 # (appended, never rewritten: a job's own execution and its copy each add their entries).
 LUA_COMMON = """
@@ -283,11 +338,16 @@ local function clock()
   local t = redis.call('TIME')
   return tonumber(t[1]) + math.floor(tonumber(t[2]) / 1000) / 1000
 end
+-- A field's JSON value; nil when absent or not JSON (a record edited by hand).
+local function field(key, name)
+  local ok, value = pcall(cjson.decode, redis.call('HGET', key, name) or 'null')
+  if ok and value ~= cjson.null then return value end
+  return nil
+end
 local function add_history(key, entries)
   if #entries == 0 then return end
-  local raw = redis.call('HGET', key, 'history')
-  local history = {}
-  if raw and raw ~= 'null' then history = cjson.decode(raw) end
+  local history = field(key, 'history')
+  if type(history) ~= 'table' then history = {} end  -- none, or edited by hand
   for _, entry in ipairs(entries) do table.insert(history, entry) end
   redis.call('HSET', key, 'history', cjson.encode(history))
 end
@@ -307,9 +367,8 @@ end
 -- The job ended (or its own execution claimed success): a live copy is superseded, its
 -- execution, if it started, kept in the history.
 local function supersede_copy(key, state)
-  local raw = redis.call('HGET', key, 'copy')
-  if not raw then return end
-  local copy = cjson.decode(raw)
+  local copy = field(key, 'copy')
+  if type(copy) ~= 'table' then return end
   if copy.state ~= 'queued' and copy.state ~= 'running' then return end
   if copy.state == 'running' then
     local why = 'superseded: the job became ' .. state .. ' first'
@@ -384,11 +443,11 @@ COPY_LUA = LUA_COMMON + """
 local step, holder, values = ARGV[1], ARGV[2], cjson.decode(ARGV[6])
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return {'missing', '', 0} end
-local state = cjson.decode(current)
+local state = field(KEYS[1], 'state')
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '') or 0
-local task_id = cjson.decode(redis.call('HGET', KEYS[1], 'task_id') or 'null')
-local raw = redis.call('HGET', KEYS[1], 'copy')
-local copy = raw and cjson.decode(raw) or nil
+local task_id = field(KEYS[1], 'task_id')
+local copy = field(KEYS[1], 'copy')
+if type(copy) ~= 'table' then copy = nil end  -- none, or edited by hand
 local waiting = state == 'queued' or state == 'running' or state == 'lost'
 local function event(new_state, extra)
   local keep = tonumber(redis.call('HGET', KEYS[4], 'jobs_total') or '0') * 4 + tonumber(ARGV[5])
@@ -462,9 +521,8 @@ if step == 'claim' then
   if not waiting then return {'refused', current, attempts} end
   if not took_over and state == 'running' then
     local why = 'superseded: a backup copy on ' .. copy.node .. ' finished first'
-    add_history(KEYS[1], {ended_entry(attempts, cjson.decode(redis.call('HGET', KEYS[1], 'host')
-      or 'null'), cjson.decode(redis.call('HGET', KEYS[1], 'node') or 'null'),
-      cjson.decode(redis.call('HGET', KEYS[1], 'started_at') or 'null'), why, false)})
+    add_history(KEYS[1], {ended_entry(attempts, field(KEYS[1], 'host'), field(KEYS[1], 'node'),
+                                      field(KEYS[1], 'started_at'), why, false)})
   end
   redis.call('HSET', KEYS[1], 'task_id', cjson.encode(holder), 'node', cjson.encode(copy.node),
              'host', cjson.encode(values.host), 'workdir', cjson.encode(values.workdir),
@@ -496,8 +554,8 @@ return (#ARGV - 3) / 4
 
 # Append JSON entries to a run's ``moves`` list in one step (no read-then-write race).
 APPEND_MOVES_LUA = """
-local raw = redis.call('HGET', KEYS[1], 'moves')
-local moves = raw and cjson.decode(raw) or {}
+local ok, moves = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'moves') or '[]')
+if not ok or type(moves) ~= 'table' then moves = {} end  -- edited by hand
 for _, move in ipairs(cjson.decode(ARGV[1])) do table.insert(moves, move) end
 redis.call('HSET', KEYS[1], 'moves', cjson.encode(moves))
 return #moves
@@ -786,8 +844,11 @@ class JobTracker:
                at_least: int = MEDIAN_MIN_JOBS) -> tuple[float, int] | None:
         """The median duration of the run's succeeded jobs of ``script`` and how many they
         are, once there are ``at_least`` of them (GNU parallel's rule); else None."""
-        values = sorted(float(raw) for raw in self.client.lrange(
-            f"{run_key(run_id)}:durations:{script}", 0, -1))
+        values = []
+        for raw in self.client.lrange(f"{run_key(run_id)}:durations:{script}", 0, -1):
+            with contextlib.suppress(ValueError):  # an entry edited by hand is left out
+                values.append(float(raw))
+        values.sort()
         if len(values) < at_least:
             return None
         return statistics.median(values), len(values)
@@ -832,10 +893,9 @@ class JobTracker:
         pipe.zremrangebyscore(runs_key(), 0, created_at - RUN_TTL_S)  # runs whose records expired
         pipe.execute()
 
-    def counts(self, run_id: str) -> dict[JobState, int]:
+    def counts(self, run_id: str) -> Counter[JobState]:
         """Jobs per state, from the run's counters (kept by every transition)."""
-        return {JobState(name.decode()): int(value)
-                for name, value in self.client.hgetall(counts_key(run_id)).items()}
+        return counts_of(self.client.hgetall(counts_key(run_id)))
 
     def set_run_state(self, run_id: str, state: RunState) -> None:
         self.client.hset(run_key(run_id), "state", json.dumps(str(state)))
