@@ -22,6 +22,7 @@ textfile collector (``--textfile /var/lib/node_exporter/sc.prom``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -96,8 +97,10 @@ def collect(broker: redis.Redis, tracking: redis.Redis) -> str:
     samples: dict[str, list[tuple[str, float]]] = {name: [] for name in HELP}
     queues = node_queues(broker)
     nodes = set(queues.values())
-    busy = {node.decode(): float(value) for node, value in
-            tracking.hgetall(busy_key()).items()}
+    busy = {}
+    for node, value in tracking.hgetall(busy_key()).items():
+        with contextlib.suppress(ValueError):  # a value edited by hand: no sample
+            busy[node.decode(errors="replace")] = float(value)
     nodes |= set(busy) | known_nodes(tracking)
     # A known node's empty queue is a 0, not a missing sample (Redis keeps no empty list).
     for node in nodes - set(queues.values()):

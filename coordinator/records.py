@@ -91,7 +91,7 @@ class JobRecord:
         if state is JobState.LOST and written != JobState.LOST:
             values["error"] = (f"its record's state {json.dumps(written)} is none this "
                                f"version knows (edited by hand, or written by a newer one)")
-        if "copy" in values and not fits(values["copy"].get("state"), CopyState):
+        if values.get("copy") is not None and not fits(values["copy"].get("state"), CopyState):
             del values["copy"]  # a copy with no state of its own: as if none was recorded
         if values.get("history"):
             values["history"] = [entry_of(entry) for entry in values["history"]]

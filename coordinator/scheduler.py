@@ -7,7 +7,7 @@ follows a run it may act on, and every such decision is made here, nowhere else:
 * **settle**: a record that disagrees with a ``.done`` file or with a dead worker is put
   right (``coordinator.reconcile`` does the reading and the transitions), and the message
   of a job whose worker is gone goes back to its queue rather than wait for the visibility
-  timeout;
+  timeout (the records of dead workers while jobs move, everything once the run is quiet);
 * **publish again**: a job whose message vanished (a broker restarted empty) is published
   once more, once;
 * **fail over**: the queued jobs of a node that has had no live worker for ``failover``

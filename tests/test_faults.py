@@ -183,7 +183,7 @@ def test_records_edited_by_hand_with_json_of_the_wrong_kind_cost_no_command_its_
     nothing a worker can move on from), a counter or a run state of the wrong kind is
     ignored: every command that reads the run ends as the jobs' states say, without a
     traceback."""
-    from worker_tasks.tracking import counts_key, job_key, run_key
+    from worker_tasks.tracking import busy_key, counts_key, job_key, run_key
 
     names = [*WRONG_KINDS, "state"]
     run = submit([echo_job(name, "rig-nowhere", "o") for name in names], output_dir="o",
@@ -194,16 +194,22 @@ def test_records_edited_by_hand_with_json_of_the_wrong_kind_cost_no_command_its_
     client.hset(job_key(run.id, "state"), "state", '"zzz"')
     client.hset(run_key(run.id), mapping={"state": "5", "created_at": '"x"'})
     client.hset(counts_key(run.id), mapping={"zzz": "3", "queued": "abc"})
+    client.hset(busy_key(), "rig-garbled", "abc")  # a node's busy seconds, for metrics
 
     broker = ("--broker", redis_server.url)
-    outputs = {command[0]: run_cli(*command, *broker, cwd=tmp_path) for command in (
-        ("status", run.id), ("wait", run.id, "--timeout", "30"), ("acct", run.id),
-        ("collect", run.id, "--workdir", str(tmp_path)),
-        ("report", run.id, "--out", str(tmp_path / "report.html")))}
+    try:
+        outputs = {command[0]: run_cli(*command, *broker, cwd=tmp_path) for command in (
+            ("status", run.id), ("wait", run.id, "--timeout", "30"), ("acct", run.id),
+            ("collect", run.id, "--workdir", str(tmp_path)),
+            ("report", run.id, "--out", str(tmp_path / "report.html")),
+            ("metrics", "--textfile", str(tmp_path / "metrics.prom")))}
+    finally:
+        client.hdel(busy_key(), "rig-garbled")
     for command, result in outputs.items():
         shown = result.stdout + result.stderr
         assert "Traceback" not in shown, (command, shown)
     assert (outputs["status"].returncode, outputs["wait"].returncode) == (1, 1)
+    assert outputs["metrics"].returncode == 0, outputs["metrics"].stderr
     assert 'its record\'s state "zzz" is none this version knows' in outputs["status"].stdout
     states = {job.job_id: job.state for job in run.status().jobs}
     assert states == {**dict.fromkeys(WRONG_KINDS, JobState.FAILED), "state": JobState.LOST}

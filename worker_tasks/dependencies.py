@@ -34,6 +34,7 @@ from collections.abc import Iterable
 
 import redis
 
+from worker_tasks.kinds import fits
 from worker_tasks.tracking import (
     KEY_PREFIX,
     JobState,
@@ -41,11 +42,11 @@ from worker_tasks.tracking import (
     RunState,
     counts_key,
     counts_of,
-    decode,
     job_key,
     jobs_key,
     run_key,
     state_of,
+    value_of,
 )
 
 logger = logging.getLogger("worker_tasks.dependencies")
@@ -259,13 +260,11 @@ class Dependencies:
 
     def waited_states(self, run_id: str, job_id: str) -> dict[str, JobState | None]:
         """The state of each job ``job_id`` waits for (None: no record)."""
-        spec = decode({"spec": self.tracking.hget(job_key(run_id, job_id), "spec") or b""})
-        after = spec["spec"].get(AFTER_FIELD) if isinstance(spec.get("spec"), dict) else None
-        # A record edited by hand may name no list of names: it waits for nothing it can say.
-        names = [name for name in after if isinstance(name, str)] \
-            if isinstance(after, list) else []
+        spec = value_of(self.tracking.hget(job_key(run_id, job_id), "spec"))
+        after = spec.get(AFTER_FIELD) if isinstance(spec, dict) else None
+        names = after if fits(after, list[str]) else []  # else edited by hand: none it can name
         pipe = self.tracking.pipeline(transaction=False)
         for name in names:
             pipe.hget(job_key(run_id, name), "state")
-        return {name: state_of(decode({"state": value}).get("state")) if value is not None
-                else None for name, value in zip(names, pipe.execute(), strict=True)}
+        return {name: state_of(value_of(value)) if value is not None else None
+                for name, value in zip(names, pipe.execute(), strict=True)}

@@ -287,6 +287,14 @@ def decode(raw: Mapping[bytes | str, bytes | str]) -> dict[str, Any]:
     return out
 
 
+def value_of(raw: bytes | str | None) -> Any:
+    """One field's JSON value; None when absent or not JSON (a hand-made edit)."""
+    try:
+        return orjson.loads(raw) if raw is not None else None
+    except orjson.JSONDecodeError:
+        return None
+
+
 def state_of(value: Any) -> JobState | None:
     """The job state ``value`` names; None if it names none (a record edited by hand, or
     written by a newer version)."""
