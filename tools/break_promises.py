@@ -661,9 +661,9 @@ BREAKS = [
           "        except orjson.JSONDecodeError:\n            continue\n",
           "        except ZeroDivisionError:\n            continue\n",
           (T + "test_reliability.py::test_a_running_job_edited_by_hand_ends_as_its_script_did",)),
-    Break("a record field of the wrong kind is read as no field", "worker_tasks/tracking.py",
-          "            if name in hints and fits(value, hints[name])}\n",
-          "            if name in hints}\n",
+    Break("a record field of the wrong kind is read as no field", "worker_tasks/kinds.py",
+          "    origin, args = typing.get_origin(hint), typing.get_args(hint)\n",
+          "    return lambda value: True\n",
           (T + "test_faults.py::test_records_edited_by_hand_with_json_of_the_wrong_kind_cost_no_"
                "command_its_life",
            T + "test_reliability.py::test_a_running_job_edited_by_hand_ends_as_its_script_did")),
