@@ -38,6 +38,7 @@ from worker_tasks.tracking import (
     JobState,
     busy_key,
     counts_key,
+    counts_of,
     run_key,
     runs_key,
 )
@@ -119,11 +120,10 @@ def collect(broker: redis.Redis, tracking: redis.Redis) -> str:
         samples["sc_node_running"].append((label(node=node), 1 if live.held(node) else 0))
         samples["sc_node_busy_seconds_total"].append((label(node=node), busy.get(node, 0.0)))
     for run_id in recent_runs(tracking):
-        raw = tracking.hgetall(counts_key(run_id))
-        counts = {name.decode(): int(value) for name, value in raw.items()}
+        counts = counts_of(tracking.hgetall(counts_key(run_id)))
         for state in JobState:
             samples["sc_run_jobs"].append((label(run=run_id, state=state.value),
-                                           counts.get(state.value, 0)))
+                                           counts.get(state, 0)))
     for script, speeds in view.speeds().items():
         for slot, speed in speeds.items():
             samples["sc_slot_speed"].append((label(script=script, slot=slot), speed.speed))
