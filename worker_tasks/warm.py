@@ -63,9 +63,10 @@ RESTART_WINDOW_S = 60.0
 # still imports waits for it); then it runs cold.
 REQUEST_TIMEOUT_S = 120.0
 # How long after a job is handed over its pool process asks for the next job's spare
-# (seconds): the spare's fork and setup, run at once, took the CPU from this job's start
-# (its hand-over 3.3 ms on a loaded 2-core VM, 1.7 ms with the spare asked for later).
-RESERVE_AFTER_S = 0.1
+# (seconds): the spare's fork and set-up, run at once, took the CPU from this job's start
+# (its hand-over 3.3 ms on a loaded 2-core VM, 2.2 ms with the spare asked for 0.1 s later);
+# not much later, so that a short job's next spare is still forked while it runs.
+RESERVE_AFTER_S = 0.02
 # A job whose env sets one of these runs cold: preloaded modules read them at import.
 IMPORT_TIME_ENV = re.compile(r"(OMP|MKL|OPENBLAS|NUMEXPR|NUMBA)_")
 
