@@ -213,8 +213,10 @@ class Scheduler:
         running_ids = [job.job_id for job in status.jobs
                        if job.state in (JobState.RUNNING, JobState.FINISHING)]
         running = read_records(self.client, self.run_id, running_ids)
+        # The running records' own nodes too: a light snapshot's may lag (a floating job's).
         live = ClusterView(self.client, self.app).liveness(
-            {job.node for job in status.jobs if not job.state.is_final})
+            {job.node for job in status.jobs if not job.state.is_final}
+            | {job.node for job in running})
         if dead_only:
             running = [job for job in running if not live.running(job)]
         settled = settle(self.client, self.run_id, running, live,
