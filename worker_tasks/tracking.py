@@ -288,11 +288,8 @@ def decode(raw: Mapping[bytes | str, bytes | str]) -> dict[str, Any]:
 
 
 def value_of(raw: bytes | str | None) -> Any:
-    """One field's JSON value; None when absent or not JSON (a hand-made edit)."""
-    try:
-        return orjson.loads(raw) if raw is not None else None
-    except orjson.JSONDecodeError:
-        return None
+    """One field's JSON value, read as ``decode`` reads it; None when absent or not JSON."""
+    return decode({"": raw}).get("") if raw is not None else None
 
 
 def state_of(value: Any) -> JobState | None:
