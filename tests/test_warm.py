@@ -6,6 +6,7 @@ suite's Redis; the jobs run ``tests/warm_probe.py``, which reports what it sees.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import signal
@@ -101,6 +102,23 @@ def test_warm_and_cold_jobs_end_with_the_same_statuses(warm_cluster: LocalCluste
     assert (f'Traceback (most recent call last):\n  File "{REPO / "tests" / "warm_probe.py"}"'
             in log and "ValueError: the probe raised on purpose" in log), log
     assert "zygote.py" not in log and "runpy" not in log
+
+
+def test_a_warm_job_writes_out_the_files_it_left_open_as_a_cold_one_does(
+        warm_cluster: LocalCluster) -> None:
+    # Only the interpreter's exit writes these (see the probe's --unclosed): a warm script
+    # that leaves its output file open, in a script with a function, once ended with an
+    # empty file where a cold one wrote its data.
+    jobs = run_jobs(warm_cluster, [probe("open_warm", "--unclosed"),
+                                   probe("open_cold", "--unclosed", warm=False)])
+    assert {job.state for job in jobs.values()} == {JobState.SUCCEEDED}
+    for job_id in ("open_warm", "open_cold"):
+        output = warm_cluster.workdir / "w" / f"{job_id}.json"
+        held = {kind: Path(f"{output}.{kind}").read_text()
+                for kind in ("main", "imported", "preloaded")}
+        assert held == dict.fromkeys(held, "kept\n"), (job_id, held)
+        assert gzip.decompress(Path(f"{output}.gz").read_bytes()) == b"kept\n", job_id
+    assert report(warm_cluster, "open_warm")["warm"]
 
 
 def test_what_a_job_leaves_behind_does_not_reach_the_next(warm_cluster: LocalCluster) -> None:

@@ -1,7 +1,7 @@
 """A job script that reports what its interpreter looks like, for warm versus cold tests.
 
     python tests/warm_probe.py --output-file out/x.json [--exit N] [--raise] [--exit-text T]
-        [--segfault] [--leave-state] [--sleep S] [--child-sleep S]
+        [--segfault] [--leave-state] [--sleep S] [--child-sleep S] [--unclosed]
 
 The report (the output file): ``__name__``, ``sys.argv``, ``sys.path[0]``, the working
 directory, the environment, the open descriptors, the threads, whether it was forked warm
@@ -11,6 +11,10 @@ the preloaded ``json`` module, the ``wave`` module, a variable), and whether ``c
 (preloaded by the suite) is loaded. ``--leave-state`` leaves
 all of those behind, plus an open file and a thread. The exit options end it the ways a
 script can end: a status, an uncaught exception, ``sys.exit(text)``, a segfault.
+``--unclosed`` writes "kept" into files it never closes, which only the interpreter's exit
+writes out: one held by the script's globals (which its functions refer to), a gzip file
+(whose trailer only its close writes), one held by a module it imported, one held by the
+preloaded ``json`` module.
 """
 
 import sys
@@ -36,6 +40,7 @@ parser.add_argument("--segfault", action="store_true")
 parser.add_argument("--leave-state", action="store_true")
 parser.add_argument("--sleep", type=float, default=0.0)
 parser.add_argument("--child-sleep", type=float)
+parser.add_argument("--unclosed", action="store_true")
 args = parser.parse_args()
 
 report = {
@@ -43,6 +48,7 @@ report = {
     "env": dict(os.environ), "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
     "threads": threading.active_count(), "warm": warm, "runner": os.getppid(),
     "leftover_env": os.environ.get("LEFT_BY_EARLIER_JOB"), **left_before,
+    "loader": type(__loader__).__name__, "package": __package__, "spec": __spec__,  # noqa: F821
 }
 if args.leave_state:
     json.MARK = os.environ["SC_JOB_ID"]
@@ -52,6 +58,21 @@ if args.leave_state:
     threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
 if args.child_sleep:
     subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({args.child_sleep})"])
+if args.unclosed:
+    import gzip
+    import wave
+
+    def unclosed(kind, opener=open):  # a function: it and the globals refer to each other
+        return opener(f"{args.output_file}.{kind}", "wt")
+
+    held_by_main = unclosed("main")
+    held_by_main.write("kept\n")
+    gzipped = unclosed("gz", gzip.open)
+    gzipped.write("kept\n")
+    wave.HELD = unclosed("imported")
+    wave.HELD.write("kept\n")
+    json.HELD = unclosed("preloaded")
+    json.HELD.write("kept\n")
 time.sleep(args.sleep)
 with open(args.output_file, "w") as out:
     json.dump(report, out)

@@ -303,6 +303,20 @@ BREAKS = [
           "    while tb is not None and tb.tb_frame.f_code.co_filename != script:\n"
           "        tb = tb.tb_next\n", "",
           (T + "test_warm.py::test_warm_and_cold_jobs_end_with_the_same_statuses",)),
+    Break("a warm job's exit clears its globals, so the files it left open are written out",
+          "worker_tasks/zygote.py", "            clear_globals(module.__dict__)\n",
+          "            pass\n",
+          (T + "test_warm.py::test_a_warm_job_writes_out_the_files_it_left_open_as_a_cold_"
+               "one_does",)),
+    Break("a warm job's exit flushes the files left open in a preloaded module",
+          "worker_tasks/zygote.py", "                    thing.flush()\n",
+          "                    pass\n",
+          (T + "test_warm.py::test_a_warm_job_writes_out_the_files_it_left_open_as_a_cold_"
+               "one_does",)),
+    Break("a warm job's module is what python script.py makes", "worker_tasks/zygote.py",
+          "                         __loader__=SourceFileLoader(\"__main__\", script))\n",
+          "                         __loader__=None)\n",
+          (T + "test_warm.py::test_a_warm_job_sees_what_a_cold_one_sees",)),
     Break("a warm job dies when the pool process waiting for it goes", "worker_tasks/runner.py",
           "        threading.Thread(target=stop_when_closed, args=(waiter,), daemon=True).start()",
           "        pass",

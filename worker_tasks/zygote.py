@@ -23,13 +23,15 @@ state does not survive a fork). It dies with the worker process that started it.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import ctypes
+import gc
 import importlib
+import io
 import json
 import os
-import pkgutil  # noqa: F401 (runpy.run_path imports it per call: here once, not in each job)
-import runpy
+import pkgutil
 import select
 import shlex
 import signal
@@ -39,7 +41,9 @@ import sys
 import threading
 import time
 import traceback
+import types
 from dataclasses import dataclass
+from importlib.machinery import SourceFileLoader
 from typing import Any, NoReturn
 
 from worker_tasks.daemon import WARM_JOB_NAME
@@ -128,9 +132,11 @@ def run_script(argv: list[str], cwd: str, env: dict[str, str]) -> NoReturn:
     script = argv[1]
     sys.argv = argv[1:]
     sys.path[0] = os.path.dirname(os.path.realpath(script))
+    imported_before = set(sys.modules)
+    main = types.ModuleType("__main__")
     status = 0
     try:
-        runpy.run_path(script, run_name="__main__")
+        run_as_main(script, main)
     except SystemExit as exit_:
         status = exit_status_of(exit_)
     except KeyboardInterrupt as err:  # as Python does: die of SIGINT
@@ -141,30 +147,94 @@ def run_script(argv: list[str], cwd: str, env: dict[str, str]) -> NoReturn:
     except BaseException as err:  # an uncaught exception: its traceback, status 1
         print_uncaught(err, script)
         status = 1
-    os._exit(finish(status))
+    os._exit(finish(status, main, imported_before))
+
+
+def run_as_main(script: str, main: types.ModuleType, install: bool = True) -> None:
+    """Run ``script`` as ``python script`` does: its code (source, or compiled) in ``main``,
+    installed as ``__main__`` (``install``), which keeps its globals until the exit clears
+    them (``let_go``)."""
+    with io.open_code(script) as handle:
+        code = pkgutil.read_code(handle)
+    if code is None:
+        with io.open_code(script) as handle:
+            code = compile(handle.read(), script, "exec")
+    main.__dict__.update(__file__=script, __cached__=None, __builtins__=builtins,
+                         __loader__=SourceFileLoader("__main__", script))
+    if install:
+        sys.modules["__main__"] = main
+    exec(code, main.__dict__)
 
 
 def print_uncaught(err: BaseException, script: str) -> None:
     """The traceback ``python script.py`` prints: from the script's own frames on (this
-    module's and runpy's are not the job's)."""
+    module's are not the job's)."""
     tb = err.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != script:
         tb = tb.tb_next
     traceback.print_exception(type(err), err, tb or err.__traceback__)
 
 
-def finish(status: int) -> int:
-    """What the interpreter does at exit: join non-daemon threads, run atexit, flush."""
+def finish(status: int, main: types.ModuleType | None = None,
+           imported_before: set[str] | None = None) -> int:
+    """What the interpreter does at exit: join non-daemon threads, run atexit, let go of the
+    script's objects (``let_go``), flush."""
     with contextlib.suppress(Exception):
         threading._shutdown()  # type: ignore[attr-defined]
     import atexit
 
     with contextlib.suppress(Exception):
         atexit._run_exitfuncs()
+    if main is not None:
+        with contextlib.suppress(Exception):
+            let_go(main, imported_before or set(sys.modules))
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
     return status
+
+
+def let_go(main: types.ModuleType, imported_before: set[str]) -> None:
+    """What a cold interpreter's exit does for the files a script left open, which
+    ``os._exit`` does not: first whatever the job's open files buffered is written (text
+    files first: flushing one fills the buffered file under it). Then, unless a daemon thread
+    still runs (a cold exit stops those; here they would see the globals vanish), the globals
+    of ``__main__`` and of the modules the script imported are cleared as a cold exit clears
+    them, so each object is freed in turn and each file closed (a gzip file writes its
+    trailer). The zygote froze its own objects before the fork (``freeze_heap``), so the walk
+    and the collection see the job's objects only."""
+    for kind in (io.TextIOBase, io.BufferedIOBase):
+        for thing in gc.get_objects():
+            if isinstance(thing, kind) and not thing.closed:
+                with contextlib.suppress(Exception):
+                    thing.flush()
+    if threading.active_count() > 1:
+        return
+    new = (sys.modules.get(name) for name in set(sys.modules) - imported_before)
+    for module in (main, *new):
+        if isinstance(module, types.ModuleType):
+            clear_globals(module.__dict__)
+    gc.collect()
+
+
+def clear_globals(namespace: dict[str, Any]) -> None:
+    """As CPython clears a module at exit: its names set to None, those that start with one
+    underscore first, ``__builtins__`` kept (a ``__del__`` may still look names up)."""
+    for first in (True, False):
+        for name in list(namespace):
+            if name != "__builtins__" and (name.startswith("_")
+                                           and not name.startswith("__")) is first:
+                namespace[name] = None
+
+
+def freeze_heap() -> None:
+    """(In the zygote, before a fork.) Its objects out of the garbage collector's sight: a job
+    forked from it collects its own objects only, without a first write to the pages of the
+    zygote's (copy on write), and its exit can afford a collection (``let_go``). Its garbage
+    is collected first, so that none is frozen; cheap after the first time, when only what
+    was made since the last freeze is looked at."""
+    gc.collect()
+    gc.freeze()
 
 
 def receive(connection: socket.socket) -> tuple[bytes, list[int]]:
@@ -200,7 +270,7 @@ def rehearse(script: bool) -> None:
     nothing: a forked process pays for the first write to each page it shares with the
     zygote (copy on write), some 600 page faults and 3 ms on a 2-core VM for a script's
     start, and a rehearsal pays them while the spare waits instead of on the job's path.
-    ``script``: in the script's process (the environment and ``runpy`` too), else in the
+    ``script``: in the script's process (the environment and ``run_as_main`` too), else in the
     runner (the request only)."""
     environ = dict(os.environ)  # the job's is much the same
     request = json.dumps({"argv": REHEARSAL_ARGV, "cwd": os.sep, "env": environ,
@@ -212,7 +282,7 @@ def rehearse(script: bool) -> None:
     os.environ.clear()  # then put back as it was: the job's own replaces it
     os.environ.update(env)
     os.path.dirname(os.path.realpath(argv[1]))
-    runpy.run_path(argv[1], run_name="__rehearsal__")
+    run_as_main(argv[1], types.ModuleType("__rehearsal__"), install=False)
 
 
 def await_job(from_runner: socket.socket) -> NoReturn:
@@ -328,6 +398,7 @@ class Spare:
         control, theirs = socket.socketpair()
         read_fd, write_fd = os.pipe()
         me = os.getpid()
+        freeze_heap()
         pid = os.fork()
         if pid == 0:
             try:
