@@ -58,7 +58,8 @@ def run_jobs(cluster: LocalCluster, jobs: list[dict[str, Any]]) -> dict[str, Any
 
 def report(cluster: LocalCluster, job_id: str) -> dict[str, Any]:
     data = json.loads((cluster.workdir / "w" / f"{job_id}.json").read_text())
-    data["argv"] = [arg.replace(job_id, "JOB") for arg in data["argv"]]
+    for name in ("argv", "orig_argv"):
+        data[name] = [arg.replace(job_id, "JOB") for arg in data[name]]
     data["env"] = {name: value for name, value in data["env"].items()
                    if name not in OWN_FIELDS}
     data.pop("runner")  # each job's own

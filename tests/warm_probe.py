@@ -44,7 +44,8 @@ parser.add_argument("--unclosed", action="store_true")
 args = parser.parse_args()
 
 report = {
-    "name": __name__, "argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(),
+    "name": __name__, "argv": sys.argv, "orig_argv": sys.orig_argv, "path0": sys.path[0],
+    "cwd": os.getcwd(),
     "env": dict(os.environ), "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
     "threads": threading.active_count(), "warm": warm, "runner": os.getppid(),
     "leftover_env": os.environ.get("LEFT_BY_EARLIER_JOB"), **left_before,

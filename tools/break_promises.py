@@ -309,8 +309,8 @@ BREAKS = [
           (T + "test_warm.py::test_a_warm_job_writes_out_the_files_it_left_open_as_a_cold_"
                "one_does",)),
     Break("a warm job's exit flushes the files left open in a preloaded module",
-          "worker_tasks/zygote.py", "                    thing.flush()\n",
-          "                    pass\n",
+          "worker_tasks/zygote.py", "                file.flush()\n",
+          "                pass\n",
           (T + "test_warm.py::test_a_warm_job_writes_out_the_files_it_left_open_as_a_cold_"
                "one_does",)),
     Break("a warm job's module is what python script.py makes", "worker_tasks/zygote.py",

@@ -28,10 +28,11 @@ import contextlib
 import ctypes
 import gc
 import importlib
+import importlib.util
 import io
 import json
+import marshal
 import os
-import pkgutil
 import select
 import shlex
 import signal
@@ -130,7 +131,7 @@ def run_script(argv: list[str], cwd: str, env: dict[str, str]) -> NoReturn:
     # ps shows the script's command line, as for a cold start (not its zygote's).
     name_process(shlex.join(argv), WARM_JOB_NAME)
     script = argv[1]
-    sys.argv = argv[1:]
+    sys.argv, sys.orig_argv = argv[1:], list(argv)
     sys.path[0] = os.path.dirname(os.path.realpath(script))
     imported_before = set(sys.modules)
     main = types.ModuleType("__main__")
@@ -155,10 +156,11 @@ def run_as_main(script: str, main: types.ModuleType, install: bool = True) -> No
     installed as ``__main__`` (``install``), which keeps its globals until the exit clears
     them (``let_go``)."""
     with io.open_code(script) as handle:
-        code = pkgutil.read_code(handle)
-    if code is None:
-        with io.open_code(script) as handle:
-            code = compile(handle.read(), script, "exec")
+        source = handle.read()
+    if source[:4] == importlib.util.MAGIC_NUMBER:  # compiled (16 bytes of header)
+        code = marshal.loads(source[16:])
+    else:
+        code = compile(source, script, "exec")
     main.__dict__.update(__file__=script, __cached__=None, __builtins__=builtins,
                          __loader__=SourceFileLoader("__main__", script))
     if install:
@@ -196,18 +198,14 @@ def finish(status: int, main: types.ModuleType | None = None,
 
 def let_go(main: types.ModuleType, imported_before: set[str]) -> None:
     """What a cold interpreter's exit does for the files a script left open, which
-    ``os._exit`` does not: first whatever the job's open files buffered is written (text
-    files first: flushing one fills the buffered file under it). Then, unless a daemon thread
-    still runs (a cold exit stops those; here they would see the globals vanish), the globals
-    of ``__main__`` and of the modules the script imported are cleared as a cold exit clears
-    them, so each object is freed in turn and each file closed (a gzip file writes its
-    trailer). The zygote froze its own objects before the fork (``freeze_heap``), so the walk
-    and the collection see the job's objects only."""
-    for kind in (io.TextIOBase, io.BufferedIOBase):
-        for thing in gc.get_objects():
-            if isinstance(thing, kind) and not thing.closed:
-                with contextlib.suppress(Exception):
-                    thing.flush()
+    ``os._exit`` does not: first whatever the job's open files buffered is written
+    (``flush_files``). Then, unless a daemon thread still runs (a cold exit stops those; here
+    they would see the globals vanish), the globals of ``__main__`` and of the modules the
+    script imported are cleared as a cold exit clears them, so each object is freed in turn
+    and each file closed (a gzip file writes its trailer). The zygote froze its own objects
+    before the fork (``freeze_heap``), so the walk and the collection see the job's objects
+    only."""
+    flush_files()
     if threading.active_count() > 1:
         return
     new = (sys.modules.get(name) for name in set(sys.modules) - imported_before)
@@ -215,6 +213,17 @@ def let_go(main: types.ModuleType, imported_before: set[str]) -> None:
         if isinstance(module, types.ModuleType):
             clear_globals(module.__dict__)
     gc.collect()
+
+
+def flush_files() -> None:
+    """Every open file of the job's flushed, text files first (flushing one fills the
+    buffered file under it). Its own frame: the references it takes end with it."""
+    files = [thing for thing in gc.get_objects() if isinstance(thing, io.IOBase)]
+    files.sort(key=lambda file: not isinstance(file, io.TextIOBase))
+    for file in files:
+        with contextlib.suppress(Exception):
+            if not file.closed and file.writable():
+                file.flush()
 
 
 def clear_globals(namespace: dict[str, Any]) -> None:
