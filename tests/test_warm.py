@@ -86,7 +86,7 @@ def test_a_warm_job_sees_what_a_cold_one_sees(warm_cluster: LocalCluster) -> Non
 
 def test_warm_and_cold_jobs_end_with_the_same_statuses(warm_cluster: LocalCluster) -> None:
     endings = {"status": ("--exit", "3"), "raise": ("--raise",), "text": ("--exit-text", "bye"),
-               "segv": ("--segfault",)}
+               "segv": ("--segfault",), "hook": ("--raise", "--excepthook")}
     jobs = run_jobs(warm_cluster, [probe(f"{kind}_{mode}", *args, warm=mode == "warm")
                                    for kind, args in endings.items()
                                    for mode in ("warm", "cold")])
@@ -103,6 +103,10 @@ def test_warm_and_cold_jobs_end_with_the_same_statuses(warm_cluster: LocalCluste
     assert (f'Traceback (most recent call last):\n  File "{REPO / "tests" / "warm_probe.py"}"'
             in log and "ValueError: the probe raised on purpose" in log), log
     assert "zygote.py" not in log and "runpy" not in log
+    # A script's own sys.excepthook is what reports it, as in a cold interpreter.
+    hooked = log_of(warm_cluster, "hook_warm")
+    assert ("the probe's hook: ValueError: the probe raised on purpose" in hooked
+            and "Traceback" not in hooked), hooked
 
 
 def test_a_warm_job_writes_out_the_files_it_left_open_as_a_cold_one_does(

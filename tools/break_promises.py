@@ -313,6 +313,10 @@ BREAKS = [
           "                pass\n",
           (T + "test_warm.py::test_a_warm_job_writes_out_the_files_it_left_open_as_a_cold_"
                "one_does",)),
+    Break("a warm job's uncaught exception goes to the script's sys.excepthook",
+          "worker_tasks/zygote.py", "    if sys.excepthook is not sys.__excepthook__:\n",
+          "    if False:\n",
+          (T + "test_warm.py::test_warm_and_cold_jobs_end_with_the_same_statuses",)),
     Break("a warm job's module is what python script.py makes", "worker_tasks/zygote.py",
           "                         __loader__=SourceFileLoader(\"__main__\", script))\n",
           "                         __loader__=None)\n",

@@ -169,12 +169,22 @@ def run_as_main(script: str, main: types.ModuleType, install: bool = True) -> No
 
 
 def print_uncaught(err: BaseException, script: str) -> None:
-    """The traceback ``python script.py`` prints: from the script's own frames on (this
+    """What ``python script.py`` prints for an uncaught exception: the script's
+    ``sys.excepthook`` called, or the traceback from the script's own frames on (this
     module's are not the job's)."""
     tb = err.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != script:
         tb = tb.tb_next
-    traceback.print_exception(type(err), err, tb or err.__traceback__)
+    tb = tb or err.__traceback__
+    if sys.excepthook is not sys.__excepthook__:
+        try:
+            sys.excepthook(type(err), err.with_traceback(tb), tb)
+            return
+        except BaseException as hook_error:  # noqa: BLE001 (as Python: said, then the default)
+            print("Error in sys.excepthook:", file=sys.stderr)
+            traceback.print_exception(hook_error)
+            print("\nOriginal exception was:", file=sys.stderr)
+    traceback.print_exception(type(err), err, tb)
 
 
 def finish(status: int, main: types.ModuleType | None = None,
