@@ -208,21 +208,23 @@ def finish(status: int, main: types.ModuleType | None = None,
 
 def let_go(main: types.ModuleType, imported_before: set[str]) -> None:
     """What a cold interpreter's exit does for the files a script left open, which
-    ``os._exit`` does not: first whatever the job's open files buffered is written
-    (``flush_files``). Then, unless a daemon thread still runs (a cold exit stops those; here
-    they would see the globals vanish), the globals of ``__main__`` and of the modules the
-    script imported are cleared as a cold exit clears them, so each object is freed in turn
-    and each file closed (a gzip file writes its trailer). The zygote froze its own objects
-    before the fork (``freeze_heap``), so the walk and the collection see the job's objects
-    only."""
+    ``os._exit`` does not. The globals of ``__main__`` and of the modules the script imported
+    are cleared as a cold exit clears them, so each object they held is freed in turn and
+    each file closed (a gzip file writes its trailer); unless a daemon thread still runs (a
+    cold exit stops those first; here they would see their globals vanish). Whatever file of
+    the job's is still open then (held by a module the zygote had, or by a reference cycle)
+    is flushed (``flush_files``), and the cycles are collected. The zygote froze its own
+    objects before the fork (``freeze_heap``), so the walk and the collection see the job's
+    objects only, and few of them once the globals are gone."""
+    cleared = threading.active_count() == 1
+    if cleared:
+        new = (sys.modules.get(name) for name in set(sys.modules) - imported_before)
+        for module in (main, *new):
+            if isinstance(module, types.ModuleType):
+                clear_globals(module.__dict__)
     flush_files()
-    if threading.active_count() > 1:
-        return
-    new = (sys.modules.get(name) for name in set(sys.modules) - imported_before)
-    for module in (main, *new):
-        if isinstance(module, types.ModuleType):
-            clear_globals(module.__dict__)
-    gc.collect()
+    if cleared:
+        gc.collect()
 
 
 def flush_files() -> None:
