@@ -10,11 +10,11 @@ and waiting; or one job (argv, cwd, env, log path), handed to a spare forked for
 process reserves the spare for its next job as each job starts and hands that job straight to
 it: neither a fork of this large process (two forks of a 140 MiB zygote cost a job about
 9 ms) nor a round trip through it lies on a job's path. The script's process sets up what
-``python script.py`` would have (environment, working directory, ``sys.argv``,
-``sys.path[0]``, stdio on the job's log, default signal handlers, fresh random seeds) and
-runs the script as ``__main__``. The reply hands the worker the runner's pidfd and the pipe
-its wait status comes on (``SCM_RIGHTS``; for a reservation, also the socket its job goes
-to), so the worker waits and kills exactly as for a cold job.
+``python script.py`` would have (stdio on the job's log, default signal handlers, fresh
+random seeds) and runs the script as that command would (``forked_script``). The reply
+hands the worker the runner's pidfd and the pipe its wait status comes on (``SCM_RIGHTS``;
+for a reservation, also the socket its job goes to), so the worker waits and kills exactly
+as for a cold job.
 
 The zygote is single-threaded and never runs job code, so every job starts from the same
 state; it never initialises CUDA (importing CuPy does not; a device query would, and CUDA
@@ -23,15 +23,11 @@ state does not survive a fork). It dies with the worker process that started it.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import ctypes
 import gc
 import importlib
-import importlib.util
-import io
 import json
-import marshal
 import os
 import select
 import shlex
@@ -41,13 +37,12 @@ import struct
 import sys
 import threading
 import time
-import traceback
 import types
 from dataclasses import dataclass
-from importlib.machinery import SourceFileLoader
 from typing import Any, NoReturn
 
 from worker_tasks.daemon import WARM_JOB_NAME
+from worker_tasks.forked_script import reseed_after_fork, run_as_main, run_script
 from worker_tasks.runner import (
     EXEC_FAILED,
     PR_SET_NAME,
@@ -97,155 +92,6 @@ def check_request(request: Any) -> tuple[list[str], str, dict[str, str], str]:
             and os.path.isabs(log)):
         raise BadRequest("cwd and log must be absolute paths")
     return argv, cwd, env, log
-
-
-def exit_status_of(exit_: SystemExit) -> int:
-    """The status ``python script.py`` ends with for this ``SystemExit`` (None: 0, an int:
-    itself, anything else: printed to stderr, 1)."""
-    code = exit_.code
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code & 0xFF
-    print(code, file=sys.stderr)
-    return 1
-
-
-def reseed_after_fork() -> None:
-    """Every job its own random numbers, as a fresh interpreter would draw them: ``random``
-    reseeds itself at fork; NumPy's legacy global generator does not."""
-    numpy_random = sys.modules.get("numpy.random")
-    if numpy_random is not None:
-        with contextlib.suppress(Exception):
-            numpy_random.seed()
-
-
-def run_script(argv: list[str], cwd: str, env: dict[str, str]) -> NoReturn:
-    """The script's process (forked from the runner): ``python argv[1] argv[2:]``, warm."""
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
-    # ps shows the script's command line, as for a cold start (not its zygote's).
-    name_process(shlex.join(argv), WARM_JOB_NAME)
-    script = argv[1]
-    sys.argv, sys.orig_argv = argv[1:], list(argv)
-    sys.path[0] = os.path.dirname(os.path.realpath(script))
-    imported_before = set(sys.modules)
-    main = types.ModuleType("__main__")
-    status = 0
-    try:
-        run_as_main(script, main)
-    except SystemExit as exit_:
-        status = exit_status_of(exit_)
-    except KeyboardInterrupt as err:  # as Python does: die of SIGINT
-        print_uncaught(err, script)
-        sys.stderr.flush()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-    except BaseException as err:  # an uncaught exception: its traceback, status 1
-        print_uncaught(err, script)
-        status = 1
-    os._exit(finish(status, main, imported_before))
-
-
-def run_as_main(script: str, main: types.ModuleType, install: bool = True) -> None:
-    """Run ``script`` as ``python script`` does: its code (source, or compiled) in ``main``,
-    installed as ``__main__`` (``install``), which keeps its globals until the exit clears
-    them (``let_go``)."""
-    with io.open_code(script) as handle:
-        source = handle.read()
-    if source[:4] == importlib.util.MAGIC_NUMBER:  # compiled (16 bytes of header)
-        code = marshal.loads(source[16:])
-    else:
-        code = compile(source, script, "exec")
-    main.__dict__.update(__file__=script, __cached__=None, __builtins__=builtins,
-                         __loader__=SourceFileLoader("__main__", script))
-    if install:
-        sys.modules["__main__"] = main
-    exec(code, main.__dict__)
-
-
-def print_uncaught(err: BaseException, script: str) -> None:
-    """What ``python script.py`` prints for an uncaught exception: the script's
-    ``sys.excepthook`` called, or the traceback from the script's own frames on (this
-    module's are not the job's)."""
-    tb = err.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename != script:
-        tb = tb.tb_next
-    tb = tb or err.__traceback__
-    if sys.excepthook is not sys.__excepthook__:
-        try:
-            sys.excepthook(type(err), err.with_traceback(tb), tb)
-            return
-        except BaseException as hook_error:  # noqa: BLE001 (as Python: said, then the default)
-            print("Error in sys.excepthook:", file=sys.stderr)
-            traceback.print_exception(hook_error)
-            print("\nOriginal exception was:", file=sys.stderr)
-    traceback.print_exception(type(err), err, tb)
-
-
-def finish(status: int, main: types.ModuleType | None = None,
-           imported_before: set[str] | None = None) -> int:
-    """What the interpreter does at exit: join non-daemon threads, run atexit, let go of the
-    script's objects (``let_go``), flush."""
-    with contextlib.suppress(Exception):
-        threading._shutdown()  # type: ignore[attr-defined]
-    import atexit
-
-    with contextlib.suppress(Exception):
-        atexit._run_exitfuncs()
-    if main is not None:
-        with contextlib.suppress(Exception):
-            let_go(main, imported_before or set(sys.modules))
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    return status
-
-
-def let_go(main: types.ModuleType, imported_before: set[str]) -> None:
-    """What a cold interpreter's exit does for the files a script left open, which
-    ``os._exit`` does not. The globals of ``__main__`` and of the modules the script imported
-    are cleared as a cold exit clears them, so each object they held is freed in turn and
-    each file closed (a gzip file writes its trailer); unless a daemon thread still runs (a
-    cold exit stops those first; here they would see their globals vanish). Whatever file of
-    the job's is still open then (held by a module the zygote had, or by a reference cycle)
-    is flushed (``flush_files``), and the cycles are collected. The zygote froze its own
-    objects before the fork (``freeze_heap``), so the walk and the collection see the job's
-    objects only, and few of them once the globals are gone."""
-    cleared = threading.active_count() == 1
-    if cleared:
-        new = (sys.modules.get(name) for name in set(sys.modules) - imported_before)
-        for module in (main, *new):
-            if isinstance(module, types.ModuleType):
-                clear_globals(module.__dict__)
-    flush_files()
-    if cleared:
-        gc.collect()
-
-
-def flush_files() -> None:
-    """Every open file of the job's flushed, text files first (flushing one fills the
-    buffered file under it). Its own frame: the references it takes end with it."""
-    files = [thing for thing in gc.get_objects() if isinstance(thing, io.IOBase)]
-    files.sort(key=lambda file: not isinstance(file, io.TextIOBase))
-    for file in files:
-        with contextlib.suppress(Exception):
-            if not file.closed and file.writable():
-                file.flush()
-
-
-def clear_globals(namespace: dict[str, Any]) -> None:
-    """As CPython clears a module at exit: its names set to None, those that start with one
-    underscore first, ``__builtins__`` kept (a ``__del__`` may still look names up)."""
-    for first in (True, False):
-        for name in list(namespace):
-            if name != "__builtins__" and (name.startswith("_")
-                                           and not name.startswith("__")) is first:
-                namespace[name] = None
 
 
 def freeze_heap() -> None:
