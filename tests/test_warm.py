@@ -409,3 +409,38 @@ def test_a_stopping_worker_waits_for_its_warm_jobs_not_for_its_spares(tmp_path: 
     assert probe_run.returncode == 0, probe_run.stderr
     assert json.loads(probe_run.stdout.splitlines()[-1]) == {"spares_only": False,
                                                              "job_ended": 0}
+
+
+ZIPAPP_PROBE = '''
+import json, os, sys, tempfile, time, zipapp
+from pathlib import Path
+from worker_tasks import warm
+
+work = Path(tempfile.mkdtemp())
+(work / "app").mkdir()
+(work / "app" / "__main__.py").write_text(
+    "import sys\\nopen(sys.argv[1], 'w').write(f'{__name__} {sys.argv[1:]}')\\n")
+zipapp.create_archive(work / "app", work / "app.pyz")
+zygote = warm.Supervisor([], dict(os.environ), name="bare zygote")
+zygote.start()
+deadline = time.monotonic() + 30
+while not os.path.exists(zygote.socket_path) and time.monotonic() < deadline:
+    time.sleep(0.05)
+job = warm.WarmRunner(zygote.socket_path, [sys.executable, str(work / "app.pyz"), "warm.txt"],
+                      work, {"PATH": os.environ["PATH"]}, work / "log")
+ended = job.wait(30)
+zygote.stop()
+cold = __import__("subprocess").run([sys.executable, str(work / "app.pyz"), "cold.txt"],
+                                    cwd=work)
+print(json.dumps({"warm": [ended.exit_code, (work / "warm.txt").read_text()],
+                  "cold": [cold.returncode, (work / "cold.txt").read_text()]}))
+'''
+
+
+def test_a_zip_application_runs_warm_as_python_runs_it() -> None:
+    # ``python app.pyz`` runs the archive's __main__.py: so does a warm job of it.
+    probe_run = subprocess.run([sys.executable, "-c", ZIPAPP_PROBE], cwd=REPO,
+                               capture_output=True, text=True, timeout=120)
+    assert probe_run.returncode == 0, probe_run.stderr
+    seen = json.loads(probe_run.stdout.splitlines()[-1])
+    assert seen == {"warm": [0, "__main__ ['warm.txt']"], "cold": [0, "__main__ ['cold.txt']"]}

@@ -20,6 +20,7 @@ import importlib.util
 import io
 import marshal
 import os
+import runpy
 import shlex
 import signal
 import sys
@@ -32,6 +33,10 @@ from typing import Any, NoReturn
 from worker_tasks.daemon import WARM_JOB_NAME
 from worker_tasks.runner import name_process
 
+# A zip application (``python app.pyz``) ends with a zip's end-of-directory record: its
+# signature, within the record's 22 bytes and a comment of up to 64 KiB from the end.
+ZIP_END = b"PK\x05\x06"
+ZIP_TAIL_BYTES = 22 + 65535
 
 def exit_status_of(exit_: SystemExit) -> int:
     """The status ``python script.py`` ends with for this ``SystemExit`` (None: 0, an int:
@@ -88,9 +93,12 @@ def run_script(argv: list[str], cwd: str, env: dict[str, str]) -> NoReturn:
 def run_as_main(script: str, main: types.ModuleType, install: bool = True) -> None:
     """Run ``script`` as ``python script`` does: its code (source, or compiled) in ``main``,
     installed as ``__main__`` (``install``), which keeps its globals until the exit clears
-    them (``let_go``)."""
+    them (``let_go``); a zip application's ``__main__`` from the archive."""
     with io.open_code(script) as handle:
         source = handle.read()
+    if ZIP_END in source[-ZIP_TAIL_BYTES:]:  # a zip application: runpy finds its __main__
+        runpy.run_path(script, run_name="__main__")
+        return
     if source[:4] == importlib.util.MAGIC_NUMBER:  # compiled (16 bytes of header)
         code = marshal.loads(source[16:])
     else:
