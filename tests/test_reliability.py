@@ -679,6 +679,9 @@ def test_a_raw_item_that_is_no_message_is_dropped_and_the_worker_lives_on(
     assert worker.poll() is None, "the worker died of a raw item"
     text = log.read_text()
     assert "Unrecoverable error" not in text and "Connection to broker lost" not in text
+    # Each line names the queue the item was found in, the ones that are not JSON too.
+    drops = [line for line in text.splitlines() if "that is no message" in line]
+    assert all("queue node.rig-a that" in line for line in drops), drops
     run = submit([bench.job("after-raw", "rig-a")], output_dir="o", broker_url=bench.server.url)
     assert run.wait(timeout=60).jobs[0].state is JobState.SUCCEEDED
     assert bench.cluster.workers["rig-a"] is worker  # the same process, never restarted

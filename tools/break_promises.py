@@ -634,6 +634,10 @@ BREAKS = [
           "worker_tasks/celery_app.py", "    install_transports()\n", "",
           (T + "test_reliability.py::test_a_raw_item_that_is_no_message_is_dropped_and_the_"
                "worker_lives_on",)),
+    Break("a dropped item's log line names its queue", "worker_tasks/transport.py",
+          "            drop(self._queue_cycle.last, ", "            drop(None, ",
+          (T + "test_reliability.py::test_a_raw_item_that_is_no_message_is_dropped_and_the_"
+               "worker_lives_on",)),
     Break("the CLI reaches the worker's side only through the head's rooms",
           "coordinator/cli/node.py",
           "    from coordinator.node_worker import NodeWorker, load_env_file\n",

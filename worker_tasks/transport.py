@@ -64,15 +64,40 @@ def drop(queue: str | None, why: str) -> None:
                  queue or "?", why)
 
 
+class LastQueue:
+    """kombu's cycle of a channel's queues, remembering the queue it was last told an item
+    came from: kombu tells it as it pops the item, before it decodes it.
+
+    Parameters:
+        cycle: the channel's own cycle (``round_robin`` by default), which does the work.
+    """
+
+    def __init__(self, cycle: Any) -> None:
+        self.cycle = cycle
+        self.last: str | None = None
+
+    def rotate(self, last_used: str) -> Any:
+        self.last = last_used
+        return self.cycle.rotate(last_used)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cycle, name)
+
+
 class Channel(kombu_redis.Channel):
     """kombu's Redis channel; an item that is not JSON is dropped, not fatal."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._queue_cycle = LastQueue(self._queue_cycle)
+
     def _brpop_read(self, **options: Any) -> bool:
+        self._queue_cycle.last = None
         try:
             return bool(super()._brpop_read(**options))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             # Popped already (BRPOP): nothing is left to acknowledge or restore.
-            drop(None, f"not JSON: {str(err)[:QUOTED_CHARS]}")
+            drop(self._queue_cycle.last, f"not JSON: {str(err)[:QUOTED_CHARS]}")
             raise Empty() from None
 
 
