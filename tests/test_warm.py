@@ -269,6 +269,17 @@ def spare_of(zygote: int) -> tuple[int, int] | None:
     return None
 
 
+def test_a_script_that_sets_an_import_time_variable_imports_the_preload_itself(
+        warm_cluster: LocalCluster) -> None:
+    # os.environ["OMP_NUM_THREADS"] = "1" before import numpy: a zygote that had NumPy
+    # loaded would ignore it. Such a script is forked from the bare zygote.
+    job = {"job_id": "threads", "script": "tests/threads_probe.py", "node": NODE,
+           "args": ["--output-file", "w/threads.json"]}
+    assert run_jobs(warm_cluster, [job])["threads"].state is JobState.SUCCEEDED
+    seen = json.loads((warm_cluster.workdir / "w" / "threads.json").read_text())
+    assert seen == {"imported_before": False, "warm": True}
+
+
 def test_a_spare_killed_while_it_waits_is_replaced(warm_cluster: LocalCluster) -> None:
     # The next job's runner and script process are forked ahead, so no fork of the zygote
     # lies on a job's path; whoever kills them meanwhile costs the next job only that fork.

@@ -508,6 +508,10 @@ def test_a_delivery_is_the_jobs_live_copy_only_while_the_record_says_so() -> Non
     ("import importlib\nimportlib.import_module('os')\n", True),  # named at run time
     ("__import__('os')\n", True),
     ("import os\ndef broken(:\n", True),  # cannot be read: as if it used it
+    # It sets what preloaded modules read at import: its own import of NumPy must read it.
+    ("import os\nos.environ['OMP_NUM_THREADS'] = '1'\nimport numpy\n", False),
+    ("import os\nos.environ.setdefault('NUMBA_NUM_THREADS', '2')\nimport importlib\n", False),
+    ('"""Set OMP_NUM_THREADS before you run it."""\nimport numpy\n', True),  # prose
 ])
 def test_a_script_uses_the_preload_unless_it_imports_only_the_rest_of_the_stdlib(
         tmp_path: Path, source: str, uses: bool) -> None:

@@ -614,9 +614,17 @@ BREAKS = [
           "    if False:\n",
           (T + "test_warm.py::test_a_script_that_cannot_use_the_preload_is_forked_from_the_"
                "bare_zygote",)),
+    Break("a script that sets an import-time variable imports the preload itself",
+          "worker_tasks/warm.py", "    if source.names_import_time_env:\n        return False\n",
+          "",
+          (T + "test_warm.py::test_a_script_that_sets_an_import_time_variable_imports_the_"
+               "preload_itself",
+           T + "test_worker_rules.py::test_a_script_uses_the_preload_unless_it_imports_only_"
+               "the_rest_of_the_stdlib")),
     Break("a script that imports a preloaded module uses the preload", "worker_tasks/warm.py",
-          "    return not (imported <= STANDARD_LIBRARY) or bool(imported & preloaded)\n",
-          "    return not (imported <= STANDARD_LIBRARY)\n",
+          "    return not (source.imports <= STANDARD_LIBRARY) or bool(source.imports & "
+          "preloaded)\n",
+          "    return not (source.imports <= STANDARD_LIBRARY)\n",
           (T + "test_worker_rules.py::test_a_script_uses_the_preload_unless_it_imports_only_"
                "the_rest_of_the_stdlib", T + "test_warm.py::test_a_script_that_cannot_use_the_"
                                              "preload_is_forked_from_the_bare_zygote")),

@@ -12,7 +12,9 @@ and its log says why.
 
 Beside it runs a bare zygote, which imports nothing: a script that cannot use the preload
 (``uses_preload``: it imports only standard-library modules, none of them preloaded) is
-forked from there. Every fork, exit and first write of a large process costs in proportion
+forked from there, and so is one whose source names a variable that preloaded modules read
+at import (``OMP_NUM_THREADS``), so that its own import reads what it set. Every fork,
+exit and first write of a large process costs in proportion
 to its memory (the default preload is 140 MiB; forking it costs a job about 7 ms more than
 forking the bare one), and such a script would pay it for nothing.
 
@@ -67,8 +69,9 @@ REQUEST_TIMEOUT_S = 120.0
 # (its hand-over 3.3 ms on a loaded 2-core VM, 2.2 ms with the spare asked for 0.1 s later);
 # not much later, so that a short job's next spare is still forked while it runs.
 RESERVE_AFTER_S = 0.02
-# A job whose env sets one of these runs cold: preloaded modules read them at import.
-IMPORT_TIME_ENV = re.compile(r"(OMP|MKL|OPENBLAS|NUMEXPR|NUMBA)_")
+# A job whose env sets one of these runs cold, and a script that names one in its source
+# is forked from the bare zygote: preloaded modules read them at import.
+IMPORT_TIME_ENV = re.compile(r"(OMP|MKL|OPENBLAS|NUMEXPR|NUMBA)_[A-Z0-9_]+")
 
 
 class WarmUnavailable(OSError):
@@ -130,17 +133,24 @@ def socket_for(script: Path) -> str | None:
 def uses_preload(script: Path, preload: Sequence[str]) -> bool:
     """Whether ``script`` may use a preloaded module: True unless its source shows it imports
     only standard-library modules, none of them preloaded (a third-party import may pull in
-    a preloaded one: SciPy imports NumPy). An import the source does not name (relative,
-    ``__import__``, ``importlib``) or a script that cannot be read counts as using it."""
+    a preloaded one: SciPy imports NumPy), or names a variable that preloaded modules read at
+    import (``os.environ["OMP_NUM_THREADS"] = "1"`` before ``import numpy``: from the bare
+    zygote, the script's own import reads it, as in a cold start). An import the source does
+    not name (relative, ``__import__``, ``importlib``) or a script that cannot be read counts
+    as using it."""
     try:
         stat = script.stat()
     except OSError:
         return True
-    imported = imports_of(str(script), stat.st_mtime_ns, stat.st_size)
-    if imported is None:
+    source = read_source(str(script), stat.st_mtime_ns, stat.st_size)
+    if source is None:
+        return True
+    if source.names_import_time_env:
+        return False
+    if source.imports is None:
         return True
     preloaded = {name.split(".")[0] for name in preload}
-    return not (imported <= STANDARD_LIBRARY) or bool(imported & preloaded)
+    return not (source.imports <= STANDARD_LIBRARY) or bool(source.imports & preloaded)
 
 
 # Top-level names of the standard library's modules (sys.stdlib_module_names has them all).
@@ -149,27 +159,48 @@ STANDARD_LIBRARY = frozenset(sys.stdlib_module_names)
 DYNAMIC_IMPORTS = frozenset({"__import__", "import_module"})
 
 
+@dataclass(frozen=True)
+class Source:
+    """What a script's source says about its imports.
+
+    Parameters:
+        imports: the top-level modules it names in its imports; None when they cannot all
+            be read from the source (relative, named at run time).
+        names_import_time_env: a string of it names a variable that preloaded modules read
+            at import (``IMPORT_TIME_ENV``), which the script may set before it imports them.
+    """
+
+    imports: frozenset[str] | None
+    names_import_time_env: bool
+
+
 @functools.lru_cache(maxsize=256)
-def imports_of(path: str, mtime_ns: int, size: int) -> frozenset[str] | None:
-    """The top-level modules the script at ``path`` names in its imports (one version of
-    the file: its mtime and size are the cache's key); None when they cannot all be read."""
+def read_source(path: str, mtime_ns: int, size: int) -> Source | None:
+    """What the script at ``path`` says (one version of the file: its mtime and size are the
+    cache's key); None when it cannot be parsed."""
     try:
         tree = ast.parse(Path(path).read_bytes(), filename=path)
     except (OSError, SyntaxError, ValueError):
         return None
-    names = set()
+    names: set[str] | None = set()
+    names_env = False
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names_env = names_env or IMPORT_TIME_ENV.fullmatch(node.value) is not None
+        elif names is None:
+            continue
+        elif isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level or not node.module:
-                return None
-            names.add(node.module.split(".")[0])
+                names = None
+            else:
+                names.add(node.module.split(".")[0])
         elif isinstance(node, ast.Call) and (
                 getattr(node.func, "id", None) in DYNAMIC_IMPORTS
                 or getattr(node.func, "attr", None) in DYNAMIC_IMPORTS):
-            return None
-    return frozenset(names)
+            names = None
+    return Source(None if names is None else frozenset(names), names_env)
 
 
 class Supervisor:
