@@ -14,9 +14,9 @@ Beside it runs a bare zygote, which imports nothing: a script that cannot use th
 (``uses_preload``: it imports only standard-library modules, none of them preloaded) is
 forked from there, and so is one whose source names a variable that preloaded modules read
 at import (``OMP_NUM_THREADS``), so that its own import reads what it set. Every fork,
-exit and first write of a large process costs in proportion
-to its memory (the default preload is 140 MiB; forking it costs a job about 7 ms more than
-forking the bare one), and such a script would pay it for nothing.
+exit and first write of a large process costs in proportion to its memory (the default
+preload is 140 MiB; forking it costs a job about 7 ms more than forking the bare one), and
+a script of the first kind would pay it for nothing.
 
 Parameters (environment, set by ``coordinator worker``):
     SC_WARM       1: jobs run warm unless they say ``"warm": false``
