@@ -421,6 +421,7 @@ def main(argv: list[str]) -> NoReturn:
                 else listen(socket_path))
     started = time.monotonic()
     loaded, failed = preload(modules)
+    freeze_heap()  # the first freeze looks at every object: here, not on a job's path
     threads = threading.active_count()
     ready = not failed and threads == 1  # a fork keeps only the forking thread
     report = {"ready": ready, "pid": os.getpid(), "loaded": loaded, "failed": failed,
