@@ -114,10 +114,18 @@ def test_a_warm_job_writes_out_the_files_it_left_open_as_a_cold_one_does(
     # Only the interpreter's exit writes these (see the probe's --unclosed): a warm script
     # that leaves its output file open, in a script with a function, once ended with an
     # empty file where a cold one wrote its data.
+    # So does an exit by an uncaught KeyboardInterrupt (Python's exit, then SIGINT).
     jobs = run_jobs(warm_cluster, [probe("open_warm", "--unclosed"),
-                                   probe("open_cold", "--unclosed", warm=False)])
-    assert {job.state for job in jobs.values()} == {JobState.SUCCEEDED}
-    for job_id in ("open_warm", "open_cold"):
+                                   probe("open_cold", "--unclosed", warm=False),
+                                   probe("open_int_warm", "--unclosed", "--interrupt"),
+                                   probe("open_int_cold", "--unclosed", "--interrupt",
+                                         warm=False)])
+    assert {jobs[job_id].state for job_id in ("open_warm", "open_cold")} == {
+        JobState.SUCCEEDED}
+    interrupted = [(jobs[job_id].state, jobs[job_id].exit_code)
+                   for job_id in ("open_int_warm", "open_int_cold")]
+    assert interrupted == [(JobState.FAILED, -2)] * 2, interrupted
+    for job_id in jobs:
         output = warm_cluster.workdir / "w" / f"{job_id}.json"
         held = {kind: Path(f"{output}.{kind}").read_text()
                 for kind in ("main", "imported", "preloaded")}

@@ -2,7 +2,7 @@
 
     python tests/warm_probe.py --output-file out/x.json [--exit N] [--raise] [--exit-text T]
         [--segfault] [--leave-state] [--sleep S] [--child-sleep S] [--unclosed]
-        [--excepthook]
+        [--excepthook] [--interrupt]
 
 The report (the output file): ``__name__``, ``sys.argv``, ``sys.path[0]``, the working
 directory, the environment, the open descriptors, the threads, whether it was forked warm
@@ -12,7 +12,8 @@ the preloaded ``json`` module, the ``wave`` module, a variable), and whether ``c
 (preloaded by the suite) is loaded. ``--leave-state`` leaves
 all of those behind, plus an open file and a thread. The exit options end it the ways a
 script can end: a status, an uncaught exception, ``sys.exit(text)``, a segfault.
-``--excepthook`` sets a ``sys.excepthook`` that prints one line of its own.
+``--interrupt`` ends it with an uncaught ``KeyboardInterrupt``. ``--excepthook`` sets a
+``sys.excepthook`` that prints one line of its own.
 ``--unclosed`` writes "kept" into files it never closes, which only the interpreter's exit
 writes out: one held by the script's globals (which its functions refer to), a gzip file
 (whose trailer only its close writes), one held by a module it imported, one held by the
@@ -44,6 +45,7 @@ parser.add_argument("--sleep", type=float, default=0.0)
 parser.add_argument("--child-sleep", type=float)
 parser.add_argument("--unclosed", action="store_true")
 parser.add_argument("--excepthook", action="store_true")
+parser.add_argument("--interrupt", action="store_true")
 args = parser.parse_args()
 
 report = {
@@ -87,6 +89,8 @@ if args.exit is not None:
     sys.exit(args.exit)
 if args.raise_:
     raise ValueError("the probe raised on purpose")
+if args.interrupt:
+    raise KeyboardInterrupt
 if args.exit_text:
     sys.exit(args.exit_text)
 if args.segfault:

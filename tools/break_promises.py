@@ -314,6 +314,10 @@ BREAKS = [
           "                pass\n",
           (T + "test_warm.py::test_a_warm_job_writes_out_the_files_it_left_open_as_a_cold_"
                "one_does",)),
+    Break("a warm job ended by KeyboardInterrupt writes out its files first",
+          "worker_tasks/forked_script.py", "        finish(1, main, imported_before)\n", "",
+          (T + "test_warm.py::test_a_warm_job_writes_out_the_files_it_left_open_as_a_cold_"
+               "one_does",)),
     Break("a warm job's uncaught exception goes to the script's sys.excepthook",
           "worker_tasks/forked_script.py", "    if sys.excepthook is not sys.__excepthook__:\n",
           "    if False:\n",

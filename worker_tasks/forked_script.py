@@ -38,6 +38,7 @@ from worker_tasks.runner import name_process
 ZIP_END = b"PK\x05\x06"
 ZIP_TAIL_BYTES = 22 + 65535
 
+
 def exit_status_of(exit_: SystemExit) -> int:
     """The status ``python script.py`` ends with for this ``SystemExit`` (None: 0, an int:
     itself, anything else: printed to stderr, 1)."""
@@ -79,9 +80,9 @@ def run_script(argv: list[str], cwd: str, env: dict[str, str]) -> NoReturn:
         run_as_main(script, main)
     except SystemExit as exit_:
         status = exit_status_of(exit_)
-    except KeyboardInterrupt as err:  # as Python does: die of SIGINT
+    except KeyboardInterrupt as err:  # as Python does: the exit's work, then die of SIGINT
         print_uncaught(err, script)
-        sys.stderr.flush()
+        finish(1, main, imported_before)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     except BaseException as err:  # an uncaught exception: its traceback, status 1
@@ -156,8 +157,8 @@ def let_go(main: types.ModuleType, imported_before: set[str]) -> None:
     cold exit stops those first; here they would see their globals vanish). Whatever file of
     the job's is still open then (held by a module the zygote had, or by a reference cycle)
     is flushed (``flush_files``), and the cycles are collected. The zygote froze its own
-    objects before the fork (``zygote.freeze_heap``), so the walk and the collection see the job's
-    objects only, and few of them once the globals are gone."""
+    objects before the fork (``zygote.freeze_heap``), so the walk and the collection see the
+    job's objects only, and few of them once the globals are gone."""
     cleared = threading.active_count() == 1
     if cleared:
         new = (sys.modules.get(name) for name in set(sys.modules) - imported_before)
