@@ -105,8 +105,8 @@ def test_a_worker_killed_mid_job_loses_no_floating_job_and_runs_none_twice(
 
 def test_a_tail_job_placed_on_a_node_that_dies_goes_back_to_the_shared_queue(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tail placed a job on rig-fc; rig-fc's worker is then SIGKILLed: the following head
-    floats that job again, and a live node runs it (no --failover, no backup copies)."""
+    """The tail placed a job on a node; that node's worker is then SIGKILLed: the following
+    head floats that job again, and a live node runs it (no --failover, no backup copies)."""
     # The job that was running there comes back once its worker is unseen this long.
     monkeypatch.setattr(reconcile, "RETURN_AFTER_S", 15.0)
     with make_bench(tmp_path, ["rig-fa", "rig-fb", "rig-fc"], env={"SC_LEASE_TTL": "4"}) \
@@ -123,15 +123,22 @@ def test_a_tail_job_placed_on_a_node_that_dies_goes_back_to_the_shared_queue(
         waiting.start()
         wait_for(lambda: any(line.startswith("tail: placed") for line in notices), 60,
                  "the tail to be placed", seen=lambda: notices)
-        stranded = [job.job_id for job in run.status().jobs
-                    if job.state is JobState.QUEUED and job.node == "rig-fc"]
-        assert len(stranded) == 1, run.status().jobs
-        bench.cluster.kill_worker("rig-fc")
+        placed: dict[str, list[str]] = {}
+        for job in run.status().jobs:
+            if job.state is JobState.QUEUED and job.node:
+                placed.setdefault(job.node, []).append(job.job_id)
+        # The node that dies: one the tail gave one job (which nodes get one depends on the
+        # speeds the first run taught, which a loaded machine skews).
+        victim = next((node for node, ids in sorted(placed.items()) if len(ids) == 1), None)
+        assert victim is not None, (notices, run.status().jobs)
+        stranded = placed[victim]
+        bench.cluster.kill_worker(victim)
         waiting.join(timeout=150)
         assert notices[-1] == "6/6 final: 6 succeeded", notices
-        assert f"tail: no worker serves rig-fc now; 1 floating jobs placed there go back to " \
+        assert f"tail: no worker serves {victim} now; 1 floating jobs placed there go back to " \
                f"the shared queue: {stranded[0]}" in notices
-        assert ran_on(bench, stranded[0]) in (["rig-fa"], ["rig-fb"])
+        live = [node for node in ("rig-fa", "rig-fb", "rig-fc") if node != victim]
+        assert ran_on(bench, stranded[0]) in ([live[0]], [live[1]])
         assert all(bench.successes(f"p{index}") == 1 for index in range(6))
         assert bench.violations() == []
 

@@ -151,7 +151,12 @@ def test_step3_over_ssh_from_init_to_down(ssh_cluster: SshCluster) -> None:
     listed = env.cli("cluster", "unit", "rig-b", inventory=env.root / "example.toml")
     assert listed.returncode == 0 and "gpu-node-2.lan" in listed.stdout
 
-    # deploy: scripts to every node; a second deploy moves nothing.
+    # deploy: scripts to every node; a second deploy moves nothing. (Whichever test of this
+    # module ran first may have deployed, and added scripts: the counts are of a first deploy
+    # of what the head holds now.)
+    for host in env.hosts.values():
+        shutil.rmtree(host.scripts_dir, ignore_errors=True)
+    scripts = sum(path.is_file() for path in (env.head / "scripts").rglob("*"))
     deployed = env.cli("cluster", "deploy", "--scripts-dir", "scripts")
     assert deployed.returncode == 0, deployed.stderr
     for label, host in env.hosts.items():
@@ -159,13 +164,13 @@ def test_step3_over_ssh_from_init_to_down(ssh_cluster: SshCluster) -> None:
         assert (host.scripts_dir / "examples" / "write_output.py").is_file()
         assert (host.scripts_dir / "full_scoring_worker.py").read_bytes() == \
             (REPO / "full_scoring_worker.py").read_bytes()
-    assert "sent 2 files" in deployed.stdout
+    assert f"sent {scripts} files" in deployed.stdout
     for host in env.hosts.values():  # the certificate, never the key, in each trust store
         trusted = host.workdir / ".scripts-coordinator" / "trusted"
         assert [path.name for path in trusted.iterdir()] == ["head.crt"]
         assert (trusted / "head.crt").read_bytes() == head_cert.read_bytes()
     again = env.cli("cluster", "deploy", "--scripts-dir", "scripts")
-    assert again.stdout.count("nothing to send; 2 files unchanged") == 2
+    assert again.stdout.count(f"nothing to send; {scripts} files unchanged") == 2
 
     # up: one detached worker per node, pid file and log on the node; idempotent.
     up = env.cli("cluster", "up")
