@@ -130,8 +130,7 @@ def print_uncaught(err: BaseException, script: str) -> None:
     traceback.print_exception(type(err), err, tb)
 
 
-def finish(status: int, main: types.ModuleType | None = None,
-           imported_before: set[str] | None = None) -> int:
+def finish(status: int, main: types.ModuleType, imported_before: set[str]) -> int:
     """What the interpreter does at exit: join non-daemon threads, run atexit, let go of the
     script's objects (``let_go``), flush."""
     with contextlib.suppress(Exception):
@@ -140,9 +139,8 @@ def finish(status: int, main: types.ModuleType | None = None,
 
     with contextlib.suppress(Exception):
         atexit._run_exitfuncs()
-    if main is not None:
-        with contextlib.suppress(Exception):
-            let_go(main, imported_before or set(sys.modules))
+    with contextlib.suppress(Exception):
+        let_go(main, imported_before)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
