@@ -50,6 +50,12 @@ if TYPE_CHECKING:
 POLL_INTERVAL_S = 0.5
 # Stream entries read per poll at most (the rest come on the next poll).
 EVENTS_PER_POLL = 50_000
+# Once a blocking read wakes on a change, how long the follower reads on before it reports
+# (seconds). A job's end and the next one's start come as a burst of transitions, on
+# several slots at once: read as one, they cost the head one poll instead of one each, and
+# its reads stay off the CPU the workers need for them (a head on a machine it shares with
+# workers, as under `coordinator local`). Not once the run is over: its end is told at once.
+BURST_S = 0.02
 # How long a follower keeps reconnecting to a Redis that went away (seconds).
 RECONNECT_TIMEOUT_S = float(os.environ.get("SC_RECONNECT_TIMEOUT", "300"))
 # How often a follower looks whether any worker serves the run's waiting jobs (seconds).
@@ -95,12 +101,15 @@ class RunFollower:
         """Apply what changed since the last poll; True if anything did.
 
         ``block``: wait up to that many seconds for a change (a blocking stream read
-        that returns the moment a job moves).
+        that returns the moment a job moves), then read on for ``BURST_S``.
         """
         if not self.loaded:
             self.load()
             return True
         changed = self.read_events(block)
+        if changed and block and not self.over():
+            time.sleep(BURST_S)  # the rest of the burst, read with it
+            self.read_events()
         state = self.client.hget(run_key(self.run_id), "state")
         if state is None:
             read_info(self.client, self.run_id)  # raises RunNotFoundError
@@ -142,6 +151,10 @@ class RunFollower:
 
     def counts(self) -> Counter[JobState]:
         return Counter(job.state for job in self.jobs.values())
+
+    def over(self) -> bool:
+        """Whether every job is final, as far as the stream has told."""
+        return all(job.state.is_final for job in self.jobs.values())
 
     def status(self) -> RunStatus:
         return status_from(self.run_id, self.info, list(self.jobs.values()))

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import itertools
 import re
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import redis
 
+from coordinator import follow
 from coordinator.cluster_view import Liveness
 from coordinator.follow import RunFollower
 from coordinator.options import SubmitOptions
@@ -62,6 +64,48 @@ def test_a_follower_applies_each_transition_from_the_stream(client: redis.Redis,
     assert (jobs["j1"].state, jobs["j1"].error) == (JobState.FAILED, "exit 3")
     assert jobs["j2"].state is JobState.QUEUED
     assert follower.counts() == read_status(client, run_id, FOLLOW_FIELDS).counts
+
+
+def test_a_follower_reads_a_burst_of_transitions_in_one_poll(
+        client: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A change wakes the follower, which reads on for BURST_S (long here) before it reports:
+    # the transitions that follow within it come with the first, in the same poll.
+    monkeypatch.setattr(follow, "BURST_S", 1.0)
+    run_id, tasks = recorded_run(client, tmp_path)
+    follower = RunFollower(client, run_id)
+    follower.poll()
+    tracker = JobTracker(client)
+
+    def burst() -> None:
+        tracker.start(run_id, "j0", tasks[0], HOST, 0, started_at=1.0)
+        deadline = time.monotonic() + 10
+        while follower.jobs["j0"].state is not JobState.RUNNING and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.3)  # well after the poll woke: only a read that goes on sees what follows
+        for index in (1, 2):
+            tracker.start(run_id, f"j{index}", tasks[index], HOST, 0, started_at=1.0)
+
+    writer = threading.Thread(target=burst)
+    writer.start()
+    try:
+        assert follower.poll(block=10) is True
+    finally:
+        writer.join(timeout=15)
+    assert [job.state for job in follower.status().jobs] == [JobState.RUNNING] * 3
+
+
+def test_a_follower_tells_the_end_of_a_run_without_reading_on(
+        client: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(follow, "BURST_S", 30.0)
+    run_id, tasks = recorded_run(client, tmp_path, count=1)
+    follower = RunFollower(client, run_id)
+    follower.poll()
+    tracker = JobTracker(client)
+    tracker.start(run_id, "j0", tasks[0], HOST, 0, started_at=1.0)
+    tracker.fail(run_id, "j0", tasks[0], HOST, 0, error="exit 1")
+    start = time.monotonic()
+    assert follower.poll(block=10) is True
+    assert follower.over() and time.monotonic() - start < 15  # not the 30 s of a burst
 
 
 def test_a_follower_reloads_when_the_stream_was_trimmed(client: redis.Redis,
