@@ -331,8 +331,8 @@ BREAKS = [
           "                         __loader__=None)\n",
           (T + "test_warm.py::test_a_warm_job_sees_what_a_cold_one_sees",)),
     Break("a warm job dies when the pool process waiting for it goes", "worker_tasks/runner.py",
-          "        threading.Thread(target=stop_when_closed, args=(waiter,), daemon=True).start()",
-          "        pass",
+          "            if closed:\n                os.kill(os.getpid(), signal.SIGTERM)",
+          "            if closed:\n                select.select([script_fd], [], [])",
           (T + "test_warm.py::test_a_killed_worker_takes_its_warm_job_and_a_failed_preload_"
                "runs_jobs_cold",)),
     Break("a failed preload runs jobs cold", "worker_tasks/zygote.py",
