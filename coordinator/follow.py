@@ -41,7 +41,14 @@ from coordinator.records import (
     status_from,
 )
 from worker_tasks.presence import serving
-from worker_tasks.tracking import JobEvent, JobState, events_key, run_key
+from worker_tasks.tracking import (
+    JobEvent,
+    JobState,
+    counts_key,
+    counts_of,
+    events_key,
+    run_key,
+)
 
 if TYPE_CHECKING:
     from coordinator.scheduler import Scheduler
@@ -110,18 +117,23 @@ class RunFollower:
         if changed and block and not self.over():
             time.sleep(BURST_S)  # the rest of the burst, read with it
             self.read_events()
-        state = self.client.hget(run_key(self.run_id), "state")
+        reads = self.client.pipeline(transaction=False)  # one round trip for both
+        reads.hget(run_key(self.run_id), "state")
+        reads.hgetall(counts_key(self.run_id))
+        state, raw_counts = reads.execute()
         if state is None:
             read_info(self.client, self.run_id)  # raises RunNotFoundError
         elif json.loads(state) != self.info.get("state"):
             self.info = {**self.info, "state": json.loads(state)}
             changed = True
+        counts = counts_of(raw_counts)
         for _ in range(CATCH_UP_READS):
-            if read_counts(self.client, self.run_id) == self.counts():
+            if counts == self.counts():
                 return changed
             if not self.read_events():  # counts moved on and no event says why:
                 break                   # the stream was trimmed past us
             changed = True
+            counts = read_counts(self.client, self.run_id)
         else:
             return changed  # a busy run: the next poll goes on reading
         self.load()  # read everything again (rare: a re-read replays newer events over it)

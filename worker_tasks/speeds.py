@@ -84,10 +84,13 @@ class SlotSpeeds:
         the slot's new seconds per unit (None when queued on ``pipe``, for its caller to
         execute)."""
         per_unit = max(seconds, 0.0) / cost
-        new = self._record(keys=[speeds_key(script)], args=[
-            slot, per_unit, EWMA_WEIGHT, time.time(), FORGET_AFTER_S, int(FORGET_AFTER_S)],
-            client=pipe)
-        return None if pipe is not None else float(new)
+        args = [slot, per_unit, EWMA_WEIGHT, time.time(), FORGET_AFTER_S, int(FORGET_AFTER_S)]
+        if pipe is not None:
+            # By its body: a pipeline asks Redis first whether each script it sends by hash
+            # is loaded (one more round trip after every job); Redis caches it by hash anyway.
+            pipe.eval(RECORD_LUA, 1, speeds_key(script), *args)
+            return None
+        return float(self._record(keys=[speeds_key(script)], args=args))
 
     def of(self, script: str) -> dict[str, SlotSpeed]:
         """slot -> its estimate for ``script`` (forgotten ones left out)."""
