@@ -114,24 +114,31 @@ def test_a_warm_job_writes_out_the_files_it_left_open_as_a_cold_one_does(
     # Only the interpreter's exit writes these (see the probe's --unclosed): a warm script
     # that leaves its output file open, in a script with a function, once ended with an
     # empty file where a cold one wrote its data.
-    # So does an exit by an uncaught KeyboardInterrupt (Python's exit, then SIGINT).
+    # So does an exit by an uncaught KeyboardInterrupt (Python's exit, then SIGINT), and one
+    # with a daemon thread still running (a cold exit stops it, then closes the files).
     jobs = run_jobs(warm_cluster, [probe("open_warm", "--unclosed"),
                                    probe("open_cold", "--unclosed", warm=False),
                                    probe("open_int_warm", "--unclosed", "--interrupt"),
                                    probe("open_int_cold", "--unclosed", "--interrupt",
+                                         warm=False),
+                                   probe("open_daemon_warm", "--unclosed", "--daemon"),
+                                   probe("open_daemon_cold", "--unclosed", "--daemon",
                                          warm=False)])
-    assert {jobs[job_id].state for job_id in ("open_warm", "open_cold")} == {
-        JobState.SUCCEEDED}
+    assert {jobs[job_id].state for job_id in ("open_warm", "open_cold", "open_daemon_warm",
+                                              "open_daemon_cold")} == {JobState.SUCCEEDED}
     interrupted = [(jobs[job_id].state, jobs[job_id].exit_code)
                    for job_id in ("open_int_warm", "open_int_cold")]
     assert interrupted == [(JobState.FAILED, -2)] * 2, interrupted
     for job_id in jobs:
         output = warm_cluster.workdir / "w" / f"{job_id}.json"
         held = {kind: Path(f"{output}.{kind}").read_text()
-                for kind in ("main", "imported", "preloaded")}
+                for kind in ("main", "imported", "preloaded")
+                + (("del",) if "daemon" not in job_id else ())}  # a cold exit's __del__ too
         assert held == dict.fromkeys(held, "kept\n"), (job_id, held)
-        assert gzip.decompress(Path(f"{output}.gz").read_bytes()) == b"kept\n", job_id
+        for kind in ("gz", "gzb"):  # only a close writes a gzip file's trailer
+            assert gzip.decompress(Path(f"{output}.{kind}").read_bytes()) == b"kept\n", job_id
     assert report(warm_cluster, "open_warm")["warm"]
+    assert report(warm_cluster, "open_daemon_warm")["warm"]
 
 
 def test_what_a_job_leaves_behind_does_not_reach_the_next(warm_cluster: LocalCluster) -> None:

@@ -2,7 +2,7 @@
 
     python tests/warm_probe.py --output-file out/x.json [--exit N] [--raise] [--exit-text T]
         [--segfault] [--leave-state] [--sleep S] [--child-sleep S] [--unclosed]
-        [--excepthook] [--interrupt]
+        [--excepthook] [--interrupt] [--daemon]
 
 The report (the output file): ``__name__``, ``sys.argv``, ``sys.path[0]``, the working
 directory, the environment, the open descriptors, the threads, whether it was forked warm
@@ -17,7 +17,9 @@ script can end: a status, an uncaught exception, ``sys.exit(text)``, a segfault.
 ``--unclosed`` writes "kept" into files it never closes, which only the interpreter's exit
 writes out: one held by the script's globals (which its functions refer to), a gzip file
 (whose trailer only its close writes), one held by a module it imported, one held by the
-preloaded ``json`` module.
+preloaded ``json`` module, and a binary gzip file held by it too; and a global whose
+``__del__`` writes "kept" into its file. ``--daemon`` starts a
+daemon thread first, which is still running (asleep) as the script ends.
 """
 
 import sys
@@ -46,6 +48,7 @@ parser.add_argument("--child-sleep", type=float)
 parser.add_argument("--unclosed", action="store_true")
 parser.add_argument("--excepthook", action="store_true")
 parser.add_argument("--interrupt", action="store_true")
+parser.add_argument("--daemon", action="store_true")
 args = parser.parse_args()
 
 report = {
@@ -66,6 +69,8 @@ if args.child_sleep:
     subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({args.child_sleep})"])
 if args.excepthook:
     sys.excepthook = lambda kind, error, tb: print(f"the probe's hook: {kind.__name__}: {error}")
+if args.daemon:
+    threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
 if args.unclosed:
     import gzip
     import wave
@@ -81,6 +86,18 @@ if args.unclosed:
     wave.HELD.write("kept\n")
     json.HELD = unclosed("preloaded")
     json.HELD.write("kept\n")
+    json.GZIPPED = gzip.open(f"{args.output_file}.gzb", "wb")  # noqa: SIM115 (left open)
+    json.GZIPPED.write(b"kept\n")
+
+    class Farewell:  # a global whose __del__ writes: a cold exit frees it as it clears __main__
+        def __init__(self, path):
+            self.out = open(path, "w")  # noqa: SIM115 (written and closed by __del__)
+
+        def __del__(self):
+            self.out.write("kept\n")
+            self.out.close()
+
+    farewell = Farewell(f"{args.output_file}.del")
 time.sleep(args.sleep)
 with open(args.output_file, "w") as out:
     json.dump(report, out)

@@ -304,14 +304,18 @@ BREAKS = [
           "    while tb is not None and tb.tb_frame.f_code.co_filename != script:\n"
           "        tb = tb.tb_next\n", "",
           (T + "test_warm.py::test_warm_and_cold_jobs_end_with_the_same_statuses",)),
-    Break("a warm job's exit clears its globals, so the files it left open are written out",
-          "worker_tasks/forked_script.py", "            clear_globals(module.__dict__)\n",
-          "            pass\n",
+    Break("a warm job's exit clears its globals, so what they held is freed as in a cold exit",
+          "worker_tasks/forked_script.py", "        clear_globals(main.__dict__)\n",
+          "        pass\n",
           (T + "test_warm.py::test_a_warm_job_writes_out_the_files_it_left_open_as_a_cold_"
                "one_does",)),
-    Break("a warm job's exit flushes the files left open in a preloaded module",
-          "worker_tasks/forked_script.py", "                file.flush()\n",
-          "                pass\n",
+    Break("a warm job's exit closes the files left open in a preloaded module",
+          "worker_tasks/forked_script.py", "                file.close()\n",
+          "                file.flush()\n",
+          (T + "test_warm.py::test_a_warm_job_writes_out_the_files_it_left_open_as_a_cold_"
+               "one_does",)),
+    Break("a warm job's exit closes outer files before the files under them",
+          "worker_tasks/forked_script.py", "    files.sort(key=file_layer)\n", "",
           (T + "test_warm.py::test_a_warm_job_writes_out_the_files_it_left_open_as_a_cold_"
                "one_does",)),
     Break("a warm job ended by KeyboardInterrupt writes out its files first",

@@ -149,34 +149,56 @@ def finish(status: int, main: types.ModuleType, imported_before: set[str]) -> in
 
 def let_go(main: types.ModuleType, imported_before: set[str]) -> None:
     """What a cold interpreter's exit does for the files a script left open, which
-    ``os._exit`` does not. The globals of ``__main__`` and of the modules the script imported
-    are cleared as a cold exit clears them, so each object they held is freed in turn and
-    each file closed (a gzip file writes its trailer); unless a daemon thread still runs (a
-    cold exit stops those first; here they would see their globals vanish). Whatever file of
-    the job's is still open then (held by a module the zygote had, or by a reference cycle)
-    is flushed (``flush_files``), and the cycles are collected. The zygote froze its own
-    objects before the fork (``zygote.freeze_heap``), so the walk and the collection see the
-    job's objects only, and few of them once the globals are gone."""
+    ``os._exit`` does not. The globals of ``__main__`` are cleared as a cold exit clears
+    them, so each object they held is freed in turn and each file closed (a gzip file writes
+    its trailer). Whatever file of the job's is still open then (held by a module, or by a
+    reference cycle) is closed (``close_files``) while the modules whose code closes it still
+    have their globals; then those of the modules the script imported are cleared too, and
+    the cycles collected. A daemon thread still running keeps every global (a cold exit
+    stops it first; here it could wake to find them gone): its job's files are closed all
+    the same. The zygote froze its own objects before the fork (``zygote.freeze_heap``), so
+    the walk and the collection see the job's objects only, and few of them once the
+    globals are gone."""
     cleared = threading.active_count() == 1
     if cleared:
+        clear_globals(main.__dict__)
+    close_files()
+    if cleared:
         new = (sys.modules.get(name) for name in set(sys.modules) - imported_before)
-        for module in (main, *new):
+        for module in new:
             if isinstance(module, types.ModuleType):
                 clear_globals(module.__dict__)
-    flush_files()
-    if cleared:
         gc.collect()
 
 
-def flush_files() -> None:
-    """Every open file of the job's flushed, text files first (flushing one fills the
-    buffered file under it). Its own frame: the references it takes end with it."""
-    files = [thing for thing in gc.get_objects() if isinstance(thing, io.IOBase)]
-    files.sort(key=lambda file: not isinstance(file, io.TextIOBase))
+def close_files() -> None:
+    """Every open file of the job's closed, as a cold exit's teardown closes them: outer
+    layers first (``file_layer``), so that each writes what it holds into the one under it
+    before that one closes, and a compressed file writes its trailer. The interpreter's own
+    streams stay open (``finish`` flushes them). Its own frame: the references it takes end
+    with it."""
+    streams = {id(stream) for stream in (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__,
+                                         sys.__stdout__, sys.__stderr__)}
+    files = [thing for thing in gc.get_objects()
+             if isinstance(thing, io.IOBase) and id(thing) not in streams]
+    files.sort(key=file_layer)
     for file in files:
         with contextlib.suppress(Exception):
-            if not file.closed and file.writable():
-                file.flush()
+            if not file.closed:
+                file.close()
+
+
+def file_layer(file: io.IOBase) -> int:
+    """How far out a file object sits in a stack of them: text (0) over a compressor such as
+    a gzip file (1) over a buffer (2) over a raw file (3)."""
+    if isinstance(file, io.TextIOBase):
+        return 0
+    if isinstance(file, (io.BufferedWriter, io.BufferedReader, io.BufferedRandom,
+                         io.BufferedRWPair, io.BytesIO)):
+        return 2
+    if isinstance(file, io.BufferedIOBase):
+        return 1
+    return 3
 
 
 def clear_globals(namespace: dict[str, Any]) -> None:
