@@ -263,13 +263,16 @@ def place_floating(client: redis.Redis, app: Celery, broker: redis.Redis, run_id
     """
     waiting = [job for job in jobs if job.floating and job.state is JobState.QUEUED]
     plan = placed(placement, [(job.job_id, job.node) for job in waiting])
-    by_slot: dict[str, list[str]] = defaultdict(list)
+    on_slot: dict[str, list[str]] = defaultdict(list)
     for job in waiting:
-        slot = plan[job.job_id]
-        done = republish(client, app, run_id, [job.job_id], (JobState.QUEUED,),
+        on_slot[plan[job.job_id]].append(job.job_id)
+    by_slot: dict[str, list[str]] = {}
+    for slot, job_ids in on_slot.items():  # one publish per slot (each opens a connection)
+        done = republish(client, app, run_id, job_ids, (JobState.QUEUED,),
                          lambda record, slot=slot: {"node": slot},
                          note=f"tail: placed on {slot}, where it finishes first")
-        by_slot[slot].extend(done)
+        if done:
+            by_slot[slot] = done
     placed_ids = {job_id for job_ids in by_slot.values() for job_id in job_ids}
     remove_messages(broker, {FLOATING_NODE}, {job.task_id for job in waiting
                                               if job.job_id in placed_ids and job.task_id})
